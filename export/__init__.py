@@ -1,0 +1,1 @@
+"""ONNX / TensorRT export (imported as lvmae_fast.export)."""

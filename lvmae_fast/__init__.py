@@ -1,0 +1,1 @@
+"""lvmae_fast: packed-sequence LV-MAE."""

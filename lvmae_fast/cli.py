@@ -1,0 +1,51 @@
+"""`lvmae` / `python -m lvmae_fast`: one argparse CLI; each feature module registers its subcommands."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Each module exposes register(subparsers) and sets `func` on the parsers it adds.
+COMMAND_MODULES = [
+    "lvmae_fast.checkpoint",   # convert-reference
+    "lvmae_fast.store_cli",    # store import|info|verify
+    "lvmae_fast.train",        # pretrain
+    "lvmae_fast.extract",      # extract
+    "lvmae_fast.demo",         # demo
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lvmae", description="LV-MAE: long-video masked-embedding autoencoders, packed and fast.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # feature not built yet in this checkout
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        print(f"lvmae {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Token masking over packed batches (torch reference implementation; Triton versions live in kernels/).
+
+Every strategy reduces to "per video, mask the k_i rows with the lowest score, ties to the lower row":
+- random: scores are uniform noise (MAE);
+- semantic (paper, default): scores are the cosine similarity of each embedding with its predecessor,
+  so the most distinct segments (lowest similarity) are masked;
+- semantic_inverted (amazon-science/lv-mae code): scores are the negated similarity, so the most
+  redundant segments are masked.
+The first token of a video has no predecessor; its similarity is defined as 0.0 (as the reference code
+does). A zero vector has similarity 0.0 with anything (no NaN).
+k_i = L_i - keep_i with keep_i = max(1, int(L_i * (1 - ratio))).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .packing import keep_counts, video_of_rows
+
+MASKING_STRATEGIES = ("random", "semantic", "semantic_inverted")
+COSINE_EPS = 1e-8
+
+
+def adjacent_cosine(x_Td: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """fp32 [T]: cos(x_t, x_{t-1}) inside each video; 0.0 for each video's first row and for zero vectors."""
+    x = x_Td.float()
+    sim = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    if x.shape[0] > 1:
+        dot = (x[1:] * x[:-1]).sum(-1)
+        norm = x.norm(dim=-1)
+        sim[1:] = dot / (norm[1:] * norm[:-1]).clamp_min(COSINE_EPS)
+    sim[cu_seqlens[:-1].long()] = 0.0
+    return sim
+
+
+def mask_lowest(scores_T: torch.Tensor, cu_seqlens: torch.Tensor, num_masked: torch.Tensor) -> torch.Tensor:
+    """bool [T]: per video, True for the num_masked[b] rows with the lowest score (ties: lower row first)."""
+    T = scores_T.shape[0]
+    video_T = video_of_rows(cu_seqlens, T)
+    # Two stable sorts = lexicographic sort by (video, score, row) without a per-video loop.
+    by_score = torch.sort(scores_T, stable=True).indices
+    order = by_score[torch.sort(video_T[by_score], stable=True).indices]
+    rank_sorted = torch.arange(T, device=scores_T.device) - cu_seqlens.long()[video_T[order]]
+    masked = torch.empty(T, dtype=torch.bool, device=scores_T.device)
+    masked[order] = rank_sorted < num_masked.to(scores_T.device)[video_T[order]]
+    return masked
+
+
+def _num_masked(cu_seqlens: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    keep = keep_counts(lengths, mask_ratio)
+    return torch.tensor([n - k for n, k in zip(lengths, keep)], dtype=torch.int64, device=cu_seqlens.device)
+
+
+def random_mask(cu_seqlens: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None,
+                device=None) -> torch.Tensor:
+    device = device if device is not None else cu_seqlens.device
+    T = int(cu_seqlens[-1])
+    noise = torch.rand(T, generator=generator, device=generator.device if generator is not None else device)
+    return mask_lowest(noise.to(device), cu_seqlens.to(device), _num_masked(cu_seqlens, mask_ratio).to(device))
+
+
+def semantic_mask_torch(x_Td: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float,
+                        inverted: bool = False) -> torch.Tensor:
+    """Paper semantics (mask lowest adjacent similarity); inverted=True reproduces the reference code."""
+    sim = adjacent_cosine(x_Td, cu_seqlens)
+    scores = -sim if inverted else sim
+    return mask_lowest(scores, cu_seqlens, _num_masked(cu_seqlens, mask_ratio).to(x_Td.device))
+
+
+def make_mask(strategy: str, x_Td: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float,
+              generator: torch.Generator | None = None, kernels: str = "torch") -> torch.Tensor:
+    """Dispatch one masking strategy. kernels='triton'/'auto' routes semantic masking to kernels/."""
+    if strategy not in MASKING_STRATEGIES:
+        raise ValueError(f"unknown masking strategy {strategy!r}; choose one of {MASKING_STRATEGIES}")
+    if strategy == "random":
+        return random_mask(cu_seqlens, mask_ratio, generator=generator, device=x_Td.device)
+    inverted = strategy == "semantic_inverted"
+    if kernels != "torch":
+        from . import kernels as K  # local import: triton is optional
+        if K.use_triton(kernels, x_Td):
+            return K.semantic_mask(x_Td, cu_seqlens, mask_ratio, inverted=inverted)
+    return semantic_mask_torch(x_Td, cu_seqlens, mask_ratio, inverted=inverted)
+
+
+def masked_counts(masked_T: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]:
+    video_T = video_of_rows(cu_seqlens, masked_T.shape[0])
+    return torch.bincount(video_T[masked_T], minlength=cu_seqlens.shape[0] - 1).tolist()
+
+
+
+
+def build_masked_batch(x_Td: torch.Tensor, cu_seqlens: torch.Tensor, lengths: Sequence[int], strategy: str,
+                       mask_ratio: float, generator: torch.Generator | None = None, kernels: str = "torch"):
+    """Mask a packed batch and build its PackedBatch (works on CPU in DataLoader workers or on CUDA)."""
+    from .packing import PackedBatch
+
+    masked = make_mask(strategy, x_Td, cu_seqlens, mask_ratio, generator=generator, kernels=kernels)
+    return PackedBatch.from_mask(x_Td, cu_seqlens, lengths, masked, keep=keep_counts(lengths, mask_ratio))

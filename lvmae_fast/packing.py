@@ -1,0 +1,159 @@
+"""The packed batch: the one data type that flows from the sampler to the loss.
+
+Shape legend (torchtitan style): T = total tokens of all videos, B = videos, d = input embedding dim,
+Tv / Tm = visible / masked tokens, Te = encoder stream (B CLS + Tv), Td = decoder stream (B CLS + T).
+
+A batch holds ragged videos concatenated row-wise (no padding). `cu_seqlens` are int32 offsets
+[B+1] as flash-attn expects; `max_seqlen` is a Python int so no kernel launch needs a host sync.
+The index tensors move rows between the input, the encoder stream (CLS + visible tokens per video)
+and the decoder stream (CLS + every token per video). They are built with vectorised index ops only,
+so the same code runs on CPU (DataLoader workers) and on CUDA (after a GPU masking kernel).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import torch
+
+
+def keep_counts(lengths: Sequence[int], mask_ratio: float) -> list[int]:
+    """Visible tokens per video: max(1, int(L * (1 - ratio))) — at least one token always enters the encoder."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return [max(1, int(n * (1.0 - mask_ratio))) for n in lengths]
+
+
+def cu_seqlens_from_lengths(lengths: Sequence[int], device=None) -> torch.Tensor:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.as_tensor(list(lengths), dtype=torch.int64), 0).to(torch.int32)
+    return cu.to(device) if device is not None else cu
+
+
+def validate_sequences(seqs, in_dim: int | None = None, max_len: int | None = None) -> None:
+    """Raise ValueError naming the problem for anything the packed model would get silently wrong."""
+    if not isinstance(seqs, (list, tuple)) or len(seqs) == 0:
+        raise ValueError("empty batch: expected a non-empty list of [L_i, d] tensors")
+    for i, s in enumerate(seqs):
+        if not isinstance(s, torch.Tensor):
+            raise ValueError(f"sequence {i}: expected a torch.Tensor, got {type(s).__name__}")
+        if s.dim() != 2:
+            raise ValueError(f"sequence {i}: expected shape [L, d], got {tuple(s.shape)}")
+        if s.shape[0] == 0:
+            raise ValueError(f"sequence {i}: zero-length sequence (L=0); drop empty videos before packing")
+        if in_dim is not None and s.shape[1] != in_dim:
+            raise ValueError(f"sequence {i}: embedding dim {s.shape[1]} does not match the model's input dim {in_dim}")
+        if max_len is not None and s.shape[0] > max_len:
+            raise ValueError(f"sequence {i}: length {s.shape[0]} exceeds the configured maximum max_len={max_len}")
+        if not torch.is_floating_point(s):
+            raise ValueError(f"sequence {i}: expected a floating-point tensor, got {s.dtype}")
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"sequence {i}: contains NaN or Inf values")
+
+
+def pack_sequences(seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Concatenate [L_i, d] tensors into x_Td with int32 cu_seqlens; returns (x_Td, cu_seqlens, lengths)."""
+    lengths = [int(s.shape[0]) for s in seqs]
+    x_Td = torch.cat(list(seqs), dim=0)
+    return x_Td, cu_seqlens_from_lengths(lengths, x_Td.device), lengths
+
+
+def video_of_rows(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 [T]: which video each packed row belongs to (output_size given, so no host sync on CUDA)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=total)
+
+
+@dataclass
+class PackedBatch:
+    """Rows of B ragged videos plus everything the encoder/decoder/loss need to move them around.
+
+    x: [T, d] input embeddings (already L2-normalised by the sampler; they are also the targets).
+    masked: bool [T], True = hidden from the encoder and reconstructed by the decoder.
+    positions: int64 [T], position of each row inside its video (0-based; pos-table row = position + 1).
+    visible_rows / masked_rows: int64 [Tv] / [Tm] row ids, ascending.
+    enc_token_slots: int64 [Tv], where each visible row sits in the encoder stream; enc_cls_slots [B].
+    dec_token_slots: int64 [T], where each row sits in the decoder stream; dec_cls_slots [B].
+    """
+
+    x: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    lengths: list[int]
+    masked: torch.Tensor
+    positions: torch.Tensor
+    visible_rows: torch.Tensor
+    masked_rows: torch.Tensor
+    enc_cu_seqlens: torch.Tensor
+    enc_max_seqlen: int
+    enc_token_slots: torch.Tensor
+    enc_cls_slots: torch.Tensor
+    dec_cu_seqlens: torch.Tensor
+    dec_max_seqlen: int
+    dec_token_slots: torch.Tensor
+    dec_cls_slots: torch.Tensor
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def num_visible(self) -> int:
+        return int(self.visible_rows.shape[0])
+
+    @classmethod
+    def from_mask(cls, x_Td: torch.Tensor, cu_seqlens: torch.Tensor, lengths: Sequence[int],
+                  masked_T: torch.Tensor, keep: Sequence[int] | None = None) -> "PackedBatch":
+        """Build every index tensor from a row mask. `keep` (visible count per video, host ints) lets
+        CUDA callers skip the one host sync needed to size the visible/masked index tensors."""
+        lengths = [int(n) for n in lengths]
+        device = x_Td.device
+        T, B = int(x_Td.shape[0]), len(lengths)
+        if masked_T.shape != (T,) or masked_T.dtype != torch.bool:
+            raise ValueError(f"masked must be a bool tensor of shape ({T},), got {masked_T.dtype} {tuple(masked_T.shape)}")
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        video_T = video_of_rows(cu, T)
+        positions_T = torch.arange(T, device=device) - cu.long()[video_T]
+        if keep is None:
+            keep = torch.bincount(video_T[~masked_T], minlength=B).tolist()
+        keep = [int(k) for k in keep]
+        if min(keep) < 1:
+            raise ValueError("every video needs at least one visible token; a mask hid a whole video")
+        num_visible = sum(keep)
+        # Stable argsort of the mask puts visible rows first, then masked rows, each in ascending order.
+        order = torch.argsort(masked_T.to(torch.int8), stable=True)
+        visible_rows, masked_rows = order[:num_visible], order[num_visible:]
+        enc_lengths = [k + 1 for k in keep]
+        dec_lengths = [n + 1 for n in lengths]
+        enc_cu = cu_seqlens_from_lengths(enc_lengths, device)
+        dec_cu = cu_seqlens_from_lengths(dec_lengths, device)
+        vis_video = video_T[visible_rows]
+        # k-th visible row of video b sits after b CLS tokens and k earlier visible rows, plus its own CLS.
+        enc_token_slots = torch.arange(num_visible, device=device) + vis_video + 1
+        dec_token_slots = torch.arange(T, device=device) + video_T + 1
+        return cls(
+            x=x_Td, cu_seqlens=cu, max_seqlen=max(lengths), lengths=lengths, masked=masked_T,
+            positions=positions_T, visible_rows=visible_rows, masked_rows=masked_rows,
+            enc_cu_seqlens=enc_cu, enc_max_seqlen=max(enc_lengths), enc_token_slots=enc_token_slots,
+            enc_cls_slots=enc_cu[:-1].long(), dec_cu_seqlens=dec_cu, dec_max_seqlen=max(dec_lengths),
+            dec_token_slots=dec_token_slots, dec_cls_slots=dec_cu[:-1].long(),
+        )
+
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=non_blocking)
+        return replace(self, **moved)
+
+    def pin_memory(self) -> "PackedBatch":
+        # DataLoader(pin_memory=True) calls this on custom batch types.
+        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in pinned.items():
+            if isinstance(value, torch.Tensor):
+                pinned[name] = value.pin_memory()
+        return replace(self, **pinned)

@@ -1,0 +1,34 @@
+"""lvmae_fast: packed-sequence LV-MAE (long-video masked-embedding autoencoders).
+
+kernels/ and export/ sit at the repository top level (product layout) but install *inside* the package
+as lvmae_fast.kernels and lvmae_fast.export, so no generic top-level `kernels`/`export` module lands in
+site-packages.
+"""
+from setuptools import setup
+
+CORE = ["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.7",
+        "tensorboard>=2.12"]
+EXTRAS = {
+    "triton": ["triton>=3.0"],
+    "video": ["av>=12"],
+    "dali": ["nvidia-dali-cuda130>=1.50"],
+    "flash": ["flash-attn>=2.6"],
+    "distributed": ["deepspeed>=0.15"],
+    "export": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"],
+    "export-gpu": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime-gpu>=1.18"],
+    "tensorrt": ["tensorrt>=10"],
+    "encoders": ["transformers>=4.40"],
+}
+EXTRAS["test"] = ["pytest>=7", "triton>=3.0", "av>=12"]
+
+setup(
+    name="lvmae_fast",
+    version="0.1.0",
+    description="Packed-sequence LV-MAE: long-video masked-embedding autoencoders, fast",
+    python_requires=">=3.10",
+    packages=["lvmae_fast", "lvmae_fast.kernels", "lvmae_fast.export"],
+    package_dir={"lvmae_fast": "lvmae_fast", "lvmae_fast.kernels": "kernels", "lvmae_fast.export": "export"},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["lvmae = lvmae_fast.cli:main"]},
+)
