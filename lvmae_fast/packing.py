@@ -74,6 +74,11 @@ class PackedBatch:
     visible_rows / masked_rows: int64 [Tv] / [Tm] row ids, ascending.
     enc_token_slots: int64 [Tv], where each visible row sits in the encoder stream; enc_cls_slots [B].
     dec_token_slots: int64 [T], where each row sits in the decoder stream; dec_cls_slots [B].
+    Gather indices (built here, in the DataLoader worker, so the model step is pure gathers):
+    enc_src [Te]: row of cat([cls, visible tokens]) that fills each encoder slot (0 = CLS);
+    enc_pos / dec_pos [Te] / [Td]: positional-table row of each slot (0 = CLS row);
+    dec_src [Td]: row of cat([encoder stream, mask token]) that fills each decoder slot (Te = mask token);
+    dec_masked_slots [Tm]: decoder slots of the masked rows (the only rows the loss decodes).
     """
 
     x: torch.Tensor
@@ -92,6 +97,11 @@ class PackedBatch:
     dec_max_seqlen: int
     dec_token_slots: torch.Tensor
     dec_cls_slots: torch.Tensor
+    enc_src: torch.Tensor
+    enc_pos: torch.Tensor
+    dec_src: torch.Tensor
+    dec_pos: torch.Tensor
+    dec_masked_slots: torch.Tensor
 
     @property
     def num_videos(self) -> int:
@@ -135,12 +145,24 @@ class PackedBatch:
         # k-th visible row of video b sits after b CLS tokens and k earlier visible rows, plus its own CLS.
         enc_token_slots = torch.arange(num_visible, device=device) + vis_video + 1
         dec_token_slots = torch.arange(T, device=device) + video_T + 1
+        enc_cls_slots, dec_cls_slots = enc_cu[:-1].long(), dec_cu[:-1].long()
+        Te, Td = num_visible + B, T + B
+        enc_src = torch.zeros(Te, dtype=torch.long, device=device)
+        enc_src[enc_token_slots] = torch.arange(1, num_visible + 1, device=device)
+        enc_pos = torch.zeros(Te, dtype=torch.long, device=device)
+        enc_pos[enc_token_slots] = positions_T[visible_rows] + 1
+        dec_src = torch.full((Td,), Te, dtype=torch.long, device=device)
+        dec_src[dec_cls_slots] = enc_cls_slots
+        dec_src[dec_token_slots[visible_rows]] = enc_token_slots
+        dec_pos = torch.zeros(Td, dtype=torch.long, device=device)
+        dec_pos[dec_token_slots] = positions_T + 1
         return cls(
             x=x_Td, cu_seqlens=cu, max_seqlen=max(lengths), lengths=lengths, masked=masked_T,
             positions=positions_T, visible_rows=visible_rows, masked_rows=masked_rows,
             enc_cu_seqlens=enc_cu, enc_max_seqlen=max(enc_lengths), enc_token_slots=enc_token_slots,
-            enc_cls_slots=enc_cu[:-1].long(), dec_cu_seqlens=dec_cu, dec_max_seqlen=max(dec_lengths),
-            dec_token_slots=dec_token_slots, dec_cls_slots=dec_cu[:-1].long(),
+            enc_cls_slots=enc_cls_slots, dec_cu_seqlens=dec_cu, dec_max_seqlen=max(dec_lengths),
+            dec_token_slots=dec_token_slots, dec_cls_slots=dec_cls_slots, enc_src=enc_src, enc_pos=enc_pos,
+            dec_src=dec_src, dec_pos=dec_pos, dec_masked_slots=dec_token_slots[masked_rows],
         )
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":

@@ -1,0 +1,147 @@
+"""Model directories (config.json + model.safetensors) and import of amazon-science/lv-mae checkpoints.
+
+Our parameter names equal the reference's state-dict keys, so conversion copies tensors; the fixed
+sin-cos tables (`pos_embed`, `decoder_pos_embed`) are not stored: they are recomputed and checked
+against the reference's copy so a checkpoint with unexpected positions is refused, not silently changed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write via a temp file in the same directory + os.replace, so readers never see a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model_dir(model, directory) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    # config.json last: a directory with a config always has the weights that go with it.
+    config_text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True)
+    atomic_write_bytes(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+
+
+def load_model_dir(directory, map_location="cpu", **overrides):
+    from .model import LVMAE, LVMAEConfig
+
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a model directory: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = LVMAEConfig.from_dict({**json.loads(config_path.read_text()), **overrides})
+    model = LVMAE(config)
+    state = load_file(str(weights_path), device=str(map_location) if not isinstance(map_location, str) else map_location)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not match its config: missing {missing}, unexpected {unexpected}")
+    return model.to(map_location)
+
+
+# ---- reference import -----------------------------------------------------------------------------
+def _load_reference_state(path) -> dict:
+    """torch.load with weights_only=True; argparse.Namespace (the reference saves its args) allow-listed."""
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an unpickling error names the offending global: say so, never fall back to pickle
+        raise ValueError(f"{path}: cannot be loaded safely with weights_only=True ({err}); "
+                         "only amazon-science/lv-mae checkpoints (state dict under 'model') are supported") from err
+    if isinstance(ckpt, dict) and "model" in ckpt:
+        return ckpt["model"], ckpt.get("args")
+    if isinstance(ckpt, dict) and "cls_token" in ckpt:
+        return ckpt, None
+    raise ValueError(f"{path}: no reference state dict found (expected a dict with key 'model')")
+
+
+def _count_blocks(state: dict, prefix: str) -> int:
+    ids = {int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
+    return max(ids) + 1 if ids else 0
+
+
+def config_from_reference(state: dict, args=None, num_heads: int | None = None, decoder_num_heads: int | None = None,
+                          max_len: int | None = None, **overrides):
+    """Infer widths/depths from shapes; heads (not visible in shapes) from args, flags, or the reference's 16/16."""
+    from .model import LVMAEConfig
+
+    required = ["cls_token", "mask_token", "decoder_pred.weight", "blocks.0.attn.qkv.weight", "pos_embed"]
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"reference state dict lacks keys {missing}")
+    D = state["cls_token"].shape[-1]
+    Dd = state["mask_token"].shape[-1]
+    in_dim = state["decoder_pred.weight"].shape[0]
+    mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    heads = num_heads or getattr(args, "num_heads", None) or 16
+    dec_heads = decoder_num_heads or getattr(args, "decoder_num_heads", None) or 16
+    return LVMAEConfig(in_dim=in_dim, embed_dim=D, depth=_count_blocks(state, "blocks"), num_heads=heads,
+                       decoder_embed_dim=Dd, decoder_depth=_count_blocks(state, "decoder_blocks"),
+                       decoder_num_heads=dec_heads, mlp_ratio=mlp_hidden / D,
+                       max_len=max_len or state["pos_embed"].shape[1] - 1, masking="semantic_inverted", **overrides)
+
+
+def convert_reference(ckpt_path, out_dir=None, **config_overrides):
+    """Load a reference checkpoint into an LVMAE (and write it as a model dir when out_dir is given)."""
+    from .model import LVMAE, sincos_table
+
+    state, args = _load_reference_state(ckpt_path)
+    state = {k: v.float() for k, v in state.items()}
+    config = config_from_reference(state, args, **config_overrides)
+    for key, width in (("pos_embed", config.embed_dim), ("decoder_pos_embed", config.decoder_embed_dim)):
+        if key in state:
+            ref_table = state.pop(key)[0]
+            ours = sincos_table(width, ref_table.shape[0] - 1)
+            if not torch.allclose(ref_table, ours, atol=1e-5):
+                raise ValueError(f"{ckpt_path}: {key} is not the fixed 1-D sin-cos table this model uses")
+    if config.in_dim != config.embed_dim:
+        raise ValueError("reference checkpoints have encoder width == embedding dim; got a mismatch")
+    model = LVMAE(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_path}: keys do not match the reference layout: missing {missing}, unexpected {unexpected}")
+    if out_dir is not None:
+        save_model_dir(model, out_dir)
+    return model
+
+
+def _run_convert(args) -> int:
+    model = convert_reference(args.checkpoint, args.out, num_heads=args.num_heads,
+                              decoder_num_heads=args.decoder_num_heads, max_len=args.max_len)
+    c = model.config
+    print(f"converted {args.checkpoint} -> {args.out} ({model.num_params() / 1e6:.1f}M params, "
+          f"encoder {c.embed_dim}x{c.depth}/{c.num_heads}h, decoder {c.decoder_embed_dim}x{c.decoder_depth}/{c.decoder_num_heads}h)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert-reference", help="import an amazon-science/lv-mae checkpoint",
+                       description="Convert an amazon-science/lv-mae checkpoint (.pth, state dict under 'model') into "
+                                   "DIR/config.json + DIR/model.safetensors, loadable with LVMAE.from_pretrained(DIR).")
+    p.add_argument("checkpoint", help="reference checkpoint (.pth)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--num-heads", type=int, default=None, help="encoder heads (default: from saved args, else 16)")
+    p.add_argument("--decoder-num-heads", type=int, default=None, help="decoder heads (default: from saved args, else 16)")
+    p.add_argument("--max-len", type=int, default=None, help="max sequence length (default: the reference's table size)")
+    p.set_defaults(func=_run_convert)

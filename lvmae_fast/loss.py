@@ -1,0 +1,40 @@
+"""Masked reconstruction loss: per-token mean over dims, then mean over masked tokens (as the reference).
+
+The model decodes only the masked rows, so the loss takes pred_rows [Tm, d] plus the row ids of their
+targets in x [T, d]. With kernels='auto' on CUDA (or 'triton'), the fused Triton kernel reads targets in
+place and writes the gradient directly; otherwise this torch path runs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("mse", "cosine")
+
+
+def standardise_targets(target: torch.Tensor) -> torch.Tensor:
+    """MAE's norm_pix_loss: each target token to zero mean / unit variance over its dims."""
+    mean = target.mean(-1, keepdim=True)
+    var = target.var(-1, keepdim=True, unbiased=True)
+    return (target - mean) / (var + 1e-6).sqrt()
+
+
+def masked_reconstruction_loss(pred_rows: torch.Tensor, x_Td: torch.Tensor, masked_rows: torch.Tensor,
+                               loss: str = "mse", norm_targets: bool = False, kernels: str = "torch") -> torch.Tensor:
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    if pred_rows.shape[0] == 0:
+        # Nothing masked (ratio 0 or only 1-token videos): zero loss that still back-propagates.
+        return pred_rows.sum() * 0.0
+    # Accumulate in at least fp32 (bf16/fp16 activations are upcast; fp64 stays fp64 for exact tests).
+    acc_dtype = torch.promote_types(pred_rows.dtype, torch.float32)
+    target = standardise_targets(x_Td.to(acc_dtype)) if norm_targets else x_Td
+    if kernels != "torch":
+        from . import kernels as K
+        if K.use_triton(kernels, pred_rows):
+            return K.masked_mse_rows(pred_rows, target, masked_rows, loss=loss)
+    pred = pred_rows.to(acc_dtype)
+    tgt = target.index_select(0, masked_rows).to(acc_dtype)
+    if loss == "cosine":
+        return (1.0 - F.cosine_similarity(pred, tgt, dim=-1)).mean()
+    return (pred - tgt).pow(2).mean(-1).mean()

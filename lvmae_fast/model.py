@@ -1,0 +1,291 @@
+"""LV-MAE over packed (varlen) sequences: the model and its config, top to bottom.
+
+Math follows the paper and the amazon-science/lv-mae reference (MAE-derived): the encoder sees a CLS
+token plus the *visible* embeddings only, with fixed 1-D sin-cos positions (table row 0 = CLS, all
+zeros); pre-norm blocks (LayerNorm eps 1e-6, qkv bias, MLP ratio 4, GELU); the decoder embeds the
+encoder output, puts a shared learnable mask token at every masked position, adds its own sin-cos
+positions to all tokens, runs shallower blocks, a norm and a linear head back to the input dim.
+Parameter names equal the reference's state-dict keys, so conversion is a rename-free copy.
+
+Shape legend: T tokens in the batch, Tv visible, Tm masked, Te = B + Tv (encoder stream),
+Td = B + T (decoder stream), d input dim, D encoder width, Dd decoder width, H heads, Dh head dim.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import ATTN_IMPLS, varlen_attention
+from .loss import LOSSES, masked_reconstruction_loss
+from .masking import MASKING_STRATEGIES
+from .packing import PackedBatch, cu_seqlens_from_lengths, pack_sequences, validate_sequences
+
+PRESETS: dict[str, dict] = {
+    # The paper's model (Table 5 / reference): ~0.4B parameters.
+    "paper": dict(embed_dim=1024, depth=32, num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "base": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16),
+    # For CPU tests and the demo.
+    "tiny": dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4),
+}
+
+
+@dataclass
+class LVMAEConfig:
+    in_dim: int = 1024                # embedding dim of the frozen short-video encoder
+    embed_dim: int = 1024
+    depth: int = 32
+    num_heads: int = 16
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    max_len: int = 8192               # longest sequence accepted; positions are computed for any length
+    mask_ratio: float = 0.5
+    masking: str = "semantic"         # random | semantic (paper) | semantic_inverted (reference code)
+    loss: str = "mse"                 # mse | cosine
+    norm_targets: bool = False        # per-token standardised targets (MAE's norm_pix_loss)
+    attn_impl: str = "auto"           # auto | flash | torch_varlen | sdpa
+    kernels: str = "auto"             # auto | triton | torch (semantic masking + masked loss)
+
+    def __post_init__(self):
+        for name, value, choices in (("masking", self.masking, MASKING_STRATEGIES), ("loss", self.loss, LOSSES),
+                                     ("attn_impl", self.attn_impl, ATTN_IMPLS),
+                                     ("kernels", self.kernels, ("auto", "triton", "torch"))):
+            if value not in choices:
+                raise ValueError(f"config: {name}={value!r} is not one of {choices}")
+        for width, heads, what in ((self.embed_dim, self.num_heads, "embed_dim/num_heads"),
+                                   (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim/decoder_num_heads")):
+            if heads < 1 or width % heads:
+                raise ValueError(f"config: {what} = {width}/{heads} must divide evenly")
+        if self.embed_dim % 2 or self.decoder_embed_dim % 2:
+            raise ValueError("config: sin-cos positions need even embed_dim and decoder_embed_dim")
+        if min(self.in_dim, self.depth, self.decoder_depth, self.max_len) < 1:
+            raise ValueError("config: in_dim, depth, decoder_depth and max_len must be >= 1")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"config: mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+    @classmethod
+    def from_preset(cls, name: str, in_dim: int, **overrides) -> "LVMAEConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(in_dim=in_dim, **{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LVMAEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sincos_table(dim: int, num_positions: int) -> torch.Tensor:
+    """[num_positions + 1, dim]: row 0 zeros (CLS), row p+1 = [sin(p w), cos(p w)], w_i = 10000^(-i/(dim/2)).
+    Computed in float64 then rounded to fp32, exactly as MAE's numpy get_1d_sincos_pos_embed."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * omega[None, :]
+    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat([angles.sin(), angles.cos()], 1)], 0)
+    return table.float()
+
+
+class VarlenMeta:
+    """cu_seqlens + max_seqlen of one stream, plus the padded layout the sdpa backend builds once per step."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int):
+        self.cu_seqlens, self.max_seqlen, self.total = cu_seqlens, max_seqlen, total
+
+    @functools.cached_property
+    def layout(self):
+        from .attention import _padded_layout
+        return _padded_layout(self.cu_seqlens, self.total, self.max_seqlen)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_impl: str):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_impl = num_heads, dim // num_heads, attn_impl
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_TD: torch.Tensor, meta: VarlenMeta) -> torch.Tensor:
+        T, D = x_TD.shape
+        q_THD, k_THD, v_THD = self.qkv(x_TD).view(T, 3, self.num_heads, self.head_dim).unbind(1)
+        impl = self.attn_impl
+        layout = meta.layout if impl == "sdpa" or (impl == "auto" and not x_TD.is_cuda) else None
+        o_THD = varlen_attention(q_THD, k_THD, v_THD, meta.cu_seqlens, meta.max_seqlen, impl, layout=layout)
+        return self.proj(o_THD.reshape(T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_impl: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_impl)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x_TD, meta: VarlenMeta):
+        x_TD = x_TD + self.attn(self.norm1(x_TD), meta)
+        return x_TD + self.mlp(self.norm2(x_TD))
+
+
+class LVMAE(nn.Module):
+    def __init__(self, config: LVMAEConfig):
+        super().__init__()
+        self.config = c = config
+        D, Dd = c.embed_dim, c.decoder_embed_dim
+        # Input projection only when the encoder is wider/narrower than the embeddings (reference: none).
+        self.input_proj = nn.Linear(c.in_dim, D) if c.in_dim != D else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.blocks = nn.ModuleList(Block(D, c.num_heads, c.mlp_ratio, c.attn_impl) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.decoder_embed = nn.Linear(D, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_blocks = nn.ModuleList(Block(Dd, c.decoder_num_heads, c.mlp_ratio, c.attn_impl) for _ in range(c.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+        self.decoder_pred = nn.Linear(Dd, c.in_dim)
+        # Fixed positions are derived, not learned: not saved in checkpoints (persistent=False).
+        self.register_buffer("pos_embed", sincos_table(D, c.max_len), persistent=False)
+        self.register_buffer("decoder_pos_embed", sincos_table(Dd, c.max_len), persistent=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        # MAE init: xavier-uniform Linear, zero bias, LayerNorm 1/0, tokens ~ N(0, 0.02).
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ---- packed forward pieces -------------------------------------------------------------------
+    def _check_batch(self, batch: PackedBatch):
+        if batch.x.dim() != 2 or batch.x.shape[1] != self.config.in_dim:
+            raise ValueError(f"batch rows have shape {tuple(batch.x.shape)}, model expects [T, {self.config.in_dim}]")
+        if batch.max_seqlen > self.config.max_len:
+            raise ValueError(f"batch holds a sequence of length {batch.max_seqlen} > max_len={self.config.max_len}")
+
+    def forward_encoder(self, batch: PackedBatch) -> torch.Tensor:
+        """Encoder stream after the final norm: [Te, D] (CLS at enc_cls_slots, tokens at enc_token_slots)."""
+        tokens = batch.x.index_select(0, batch.visible_rows)
+        if self.input_proj is not None:
+            tokens = self.input_proj(tokens)
+        src = torch.cat([self.cls_token.view(1, -1).to(tokens.dtype), tokens], 0)
+        h = src.index_select(0, batch.enc_src) + self.pos_embed.index_select(0, batch.enc_pos)
+        meta = VarlenMeta(batch.enc_cu_seqlens, batch.enc_max_seqlen, h.shape[0])
+        for block in self.blocks:
+            h = block(h, meta)
+        return self.norm(h)
+
+    def forward_decoder(self, batch: PackedBatch, enc_out: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Decoder predictions [len(slots), d] for the given decoder-stream slots."""
+        e = self.decoder_embed(enc_out)
+        src = torch.cat([e, self.mask_token.view(1, -1).to(e.dtype)], 0)
+        h = src.index_select(0, batch.dec_src) + self.decoder_pos_embed.index_select(0, batch.dec_pos)
+        meta = VarlenMeta(batch.dec_cu_seqlens, batch.dec_max_seqlen, h.shape[0])
+        for block in self.decoder_blocks:
+            h = block(h, meta)
+        # The norm and head are per-token: run them only on the rows asked for.
+        return self.decoder_pred(self.decoder_norm(h.index_select(0, slots)))
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Masked-reconstruction loss of a packed batch (scalar)."""
+        self._check_batch(batch)
+        enc_out = self.forward_encoder(batch)
+        pred_rows = self.forward_decoder(batch, enc_out, batch.dec_masked_slots)
+        return masked_reconstruction_loss(pred_rows, batch.x, batch.masked_rows, loss=self.config.loss,
+                                          norm_targets=self.config.norm_targets, kernels=self.config.kernels)
+
+    # ---- list-of-sequences API -------------------------------------------------------------------
+    def _batch_from(self, seqs: Sequence[torch.Tensor], masked_T: torch.Tensor | None) -> PackedBatch:
+        validate_sequences(seqs, self.config.in_dim, self.config.max_len)
+        device = self.cls_token.device
+        x_Td, _, lengths = pack_sequences([s.to(device=device, dtype=self.cls_token.dtype) for s in seqs])
+        cu = cu_seqlens_from_lengths(lengths, device)
+        if masked_T is None:
+            masked_T = torch.zeros(x_Td.shape[0], dtype=torch.bool, device=device)
+        return PackedBatch.from_mask(x_Td, cu, lengths, masked_T.to(device))
+
+    @torch.no_grad()
+    def encode(self, seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """No masking: (cls [B, D], tokens [sum L_i, D]) after the encoder's final LayerNorm, input order."""
+        batch = self._batch_from(seqs, None)
+        enc_out = self.forward_encoder(batch)
+        return enc_out.index_select(0, batch.enc_cls_slots), enc_out.index_select(0, batch.enc_token_slots)
+
+    @torch.no_grad()
+    def reconstruct(self, seqs: Sequence[torch.Tensor], visible: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Decoder predictions (after decoder_pred) for every position given an explicit visible set."""
+        if len(visible) != len(seqs):
+            raise ValueError(f"got {len(seqs)} sequences but {len(visible)} visible masks")
+        for i, (s, v) in enumerate(zip(seqs, visible)):
+            if v.dtype != torch.bool or v.shape != (s.shape[0],):
+                raise ValueError(f"visible[{i}] must be a bool tensor of shape ({s.shape[0]},), got {v.dtype} {tuple(v.shape)}")
+            if not bool(v.any()):
+                raise ValueError(f"visible[{i}] has no visible token; the encoder needs at least one")
+        masked_T = ~torch.cat([v.to(self.cls_token.device) for v in visible])
+        batch = self._batch_from(seqs, masked_T)
+        pred = self.forward_decoder(batch, self.forward_encoder(batch), batch.dec_token_slots)
+        return list(pred.split(batch.lengths, 0))
+
+    # ---- training helpers ------------------------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no decay on biases, norms and the cls/mask tokens (as MAE/reference)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or name in ("cls_token", "mask_token") else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def save_pretrained(self, directory) -> None:
+        from .checkpoint import save_model_dir
+        save_model_dir(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location="cpu", **overrides) -> "LVMAE":
+        from .checkpoint import load_model_dir
+        return load_model_dir(directory, map_location=map_location, **overrides)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def matmul_flops_per_token(config: LVMAEConfig, enc_tokens: int, dec_tokens: int, seq_sq_enc: int,
+                           seq_sq_dec: int, pred_tokens: int) -> int:
+    """Forward matmul FLOPs for a batch, counting real tokens only (no padding): 2*m*n*k per matmul.
+    seq_sq_* = sum over sequences of L^2 for the attention score and value products."""
+    c = config
+
+    def stack(tokens, sq, width, depth, mlp_ratio):
+        per_block = 2 * tokens * width * (3 * width + width + 2 * int(width * mlp_ratio)) + 2 * 2 * sq * width
+        return depth * per_block
+
+    flops = stack(enc_tokens, seq_sq_enc, c.embed_dim, c.depth, c.mlp_ratio)
+    flops += stack(dec_tokens, seq_sq_dec, c.decoder_embed_dim, c.decoder_depth, c.mlp_ratio)
+    flops += 2 * enc_tokens * c.embed_dim * c.decoder_embed_dim          # decoder_embed
+    flops += 2 * pred_tokens * c.decoder_embed_dim * c.in_dim           # decoder_pred
+    if c.in_dim != c.embed_dim:
+        flops += 2 * (enc_tokens) * c.in_dim * c.embed_dim
+    return flops

@@ -1,0 +1,73 @@
+"""Varlen attention backends vs a per-sequence naive softmax attention."""
+import pytest
+import torch
+
+from lvmae_fast.attention import available_impls, resolve_impl, varlen_attention
+from lvmae_fast.packing import cu_seqlens_from_lengths
+
+LENGTHS = [1, 2, 17, 300, 5]
+
+
+def naive_attention(q, k, v, lengths):
+    out, start = [], 0
+    for n in lengths:
+        qs, ks, vs = (t[start:start + n].transpose(0, 1).double() for t in (q, k, v))  # [H, n, Dh]
+        p = ((qs @ ks.transpose(-1, -2)) * qs.shape[-1] ** -0.5).softmax(-1)
+        out.append((p @ vs).transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+def qkv(device="cpu", dtype=torch.float32, H=4, Dh=16):
+    torch.manual_seed(0)
+    T = sum(LENGTHS)
+    return [torch.randn(T, H, Dh, device=device, dtype=dtype) for _ in range(3)]
+
+
+def test_sdpa_matches_naive_cpu():
+    q, k, v = qkv()
+    cu = cu_seqlens_from_lengths(LENGTHS)
+    out = varlen_attention(q, k, v, cu, max(LENGTHS), "sdpa")
+    torch.testing.assert_close(out.double(), naive_attention(q, k, v, LENGTHS), rtol=1e-5, atol=1e-5)
+    assert varlen_attention(q, k, v, cu, max(LENGTHS), "auto").equal(out)
+
+
+def test_auto_on_cpu_picks_sdpa_and_explicit_gpu_backends_fail_clearly():
+    assert available_impls(torch.device("cpu"), torch.float32) == ["sdpa"]
+    assert resolve_impl("auto", torch.device("cpu"), torch.float32) == "sdpa"
+    with pytest.raises(RuntimeError, match="needs"):
+        resolve_impl("torch_varlen", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="unknown attn_impl"):
+        resolve_impl("xformers", torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_backends_agree(dtype):
+    q, k, v = qkv("cuda", dtype, H=16, Dh=64)
+    cu = cu_seqlens_from_lengths(LENGTHS, "cuda")
+    ref = naive_attention(q.float(), k.float(), v.float(), LENGTHS)
+    # Tolerance: 2x the error of a same-dtype padded SDPA (flash-attention's rule), plus a floor.
+    sdpa_err = (varlen_attention(q, k, v, cu, max(LENGTHS), "sdpa").double() - ref).abs().max().item()
+    impls = [i for i in available_impls(q.device, dtype) if i != "sdpa"]
+    assert "torch_varlen" in impls or "flash" in impls
+    for impl in impls:
+        err = (varlen_attention(q, k, v, cu, max(LENGTHS), impl).double() - ref).abs().max().item()
+        assert err <= 2 * sdpa_err + 1e-3, (impl, err, sdpa_err)
+
+
+@pytest.mark.gpu
+def test_gpu_model_step_matches_cpu_fp32():
+    from lvmae_fast.masking import build_masked_batch
+    from lvmae_fast.model import LVMAE, LVMAEConfig
+    from lvmae_fast.packing import pack_sequences
+
+    torch.manual_seed(0)
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=32, kernels="torch"))
+    x, cu, lengths = pack_sequences([torch.randn(n, 32) for n in LENGTHS])
+    batch = build_masked_batch(x, cu, lengths, "random", 0.5, torch.Generator().manual_seed(0))
+    loss_cpu = model(batch)
+    model_gpu = model.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_gpu = model_gpu(batch.to("cuda"))
+    assert abs(loss_gpu.item() - loss_cpu.item()) < 2e-2 * abs(loss_cpu.item())

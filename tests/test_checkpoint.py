@@ -1,0 +1,109 @@
+"""Reference checkpoint import: key names/shapes of amazon-science/lv-mae, round trip, safe loading."""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lvmae_fast.checkpoint import convert_reference
+from lvmae_fast.model import LVMAE, LVMAEConfig
+
+from naive_lvmae import naive_forward, naive_sincos
+
+
+def reference_state_dict(D=32, depth=2, Dd=16, ddepth=1, N=256, seed=0):
+    """A state dict with the reference's key names and shapes, built by hand (not from our model)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.1
+    sd = {"cls_token": r(1, 1, D), "mask_token": r(1, 1, Dd),
+          "pos_embed": naive_sincos(D, N).float()[None], "decoder_pos_embed": naive_sincos(Dd, N).float()[None]}
+
+    def blocks(prefix, n, w):
+        for i in range(n):
+            p = f"{prefix}.{i}"
+            sd.update({f"{p}.norm1.weight": 1 + r(w), f"{p}.norm1.bias": r(w), f"{p}.attn.qkv.weight": r(3 * w, w),
+                       f"{p}.attn.qkv.bias": r(3 * w), f"{p}.attn.proj.weight": r(w, w), f"{p}.attn.proj.bias": r(w),
+                       f"{p}.norm2.weight": 1 + r(w), f"{p}.norm2.bias": r(w), f"{p}.mlp.fc1.weight": r(4 * w, w),
+                       f"{p}.mlp.fc1.bias": r(4 * w), f"{p}.mlp.fc2.weight": r(w, 4 * w), f"{p}.mlp.fc2.bias": r(w)})
+
+    blocks("blocks", depth, D)
+    blocks("decoder_blocks", ddepth, Dd)
+    sd.update({"norm.weight": 1 + r(D), "norm.bias": r(D), "decoder_embed.weight": r(Dd, D), "decoder_embed.bias": r(Dd),
+               "decoder_norm.weight": 1 + r(Dd), "decoder_norm.bias": r(Dd), "decoder_pred.weight": r(D, Dd),
+               "decoder_pred.bias": r(D)})
+    return sd
+
+
+def save_reference(path, sd, **args):
+    torch.save({"model": sd, "optimizer": {}, "epoch": 3, "scaler": {},
+                "args": argparse.Namespace(model="mae_lvmae", **args)}, path)
+
+
+def test_convert_round_trip_matches_reference_math(tmp_path):
+    sd = reference_state_dict()
+    save_reference(tmp_path / "ref.pth", sd, num_heads=4, decoder_num_heads=2)
+    model = convert_reference(tmp_path / "ref.pth", tmp_path / "out")
+    c = model.config
+    assert (c.embed_dim, c.depth, c.num_heads, c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads, c.in_dim,
+            c.max_len) == (32, 2, 4, 16, 1, 2, 32, 256)
+    loaded = LVMAE.from_pretrained(tmp_path / "out")
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert set(json.loads((tmp_path / "out" / "config.json").read_text())) >= {"embed_dim", "depth", "in_dim"}
+
+    torch.manual_seed(1)
+    seqs = [torch.randn(n, 32) for n in (3, 40, 1)]
+    visible = [torch.tensor([True, False, True]), torch.rand(40) < 0.6, torch.tensor([True])]
+    visible[1][0] = True
+    ref_cfg = argparse.Namespace(depth=2, num_heads=4, decoder_depth=1, decoder_num_heads=2)
+    enc_ref, pred_ref = naive_forward(sd, ref_cfg, seqs, visible)
+    preds = loaded.reconstruct(seqs, visible)
+    for p, r in zip(preds, pred_ref):
+        torch.testing.assert_close(p, r, rtol=1e-4, atol=1e-5)
+    cls, _ = loaded.encode(seqs)
+    enc_all, _ = naive_forward(sd, ref_cfg, seqs, [torch.ones(len(s), dtype=torch.bool) for s in seqs])
+    torch.testing.assert_close(cls, torch.stack([e[0] for e in enc_all]), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_convert_and_python_m_are_one_cli(tmp_path):
+    save_reference(tmp_path / "ref.pth", reference_state_dict(N=64))
+    out = subprocess.run([sys.executable, "-m", "lvmae_fast", "convert-reference", str(tmp_path / "ref.pth"),
+                          "--out", str(tmp_path / "m"), "--num-heads", "8", "--decoder-num-heads", "4"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (cfg["num_heads"], cfg["decoder_num_heads"], cfg["max_len"]) == (8, 4, 64)
+
+
+class Evil:
+    """Any non-allow-listed global: weights_only loading must refuse it (no blind pickle fallback)."""
+
+
+def test_refuses_unsafe_pickles_and_wrong_positions(tmp_path):
+    torch.save({"model": reference_state_dict(), "args": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="weights_only"):
+        convert_reference(tmp_path / "evil.pth")
+    sd = reference_state_dict()
+    sd["pos_embed"] = torch.randn_like(sd["pos_embed"])
+    save_reference(tmp_path / "bad.pth", sd)
+    with pytest.raises(ValueError, match="sin-cos"):
+        convert_reference(tmp_path / "bad.pth")
+    sd = reference_state_dict()
+    del sd["decoder_pred.weight"]
+    save_reference(tmp_path / "missing.pth", sd)
+    with pytest.raises(ValueError, match="lacks keys"):
+        convert_reference(tmp_path / "missing.pth")
+
+
+def test_save_load_round_trip_and_missing_dir(tmp_path):
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=12))
+    model.save_pretrained(tmp_path / "m")
+    again = LVMAE.from_pretrained(tmp_path / "m")
+    assert again.config == model.config
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not list(tmp_path.glob("m/*.tmp"))
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        LVMAE.from_pretrained(tmp_path / "nope")

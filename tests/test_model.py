@@ -1,0 +1,145 @@
+"""Packed LV-MAE vs the naive padded implementation: same loss, same gradients, same encoder outputs."""
+import pytest
+import torch
+
+from lvmae_fast.model import LVMAE, LVMAEConfig, sincos_table
+from lvmae_fast.packing import PackedBatch, pack_sequences
+
+from naive_lvmae import naive_forward, naive_loss, naive_sincos
+
+LENGTHS = [1, 2, 7, 300, 33]
+
+
+def make_case(in_dim=24, preset_overrides=None, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    cfg = LVMAEConfig.from_preset("tiny", in_dim=in_dim, kernels="torch", attn_impl="sdpa", **(preset_overrides or {}))
+    model = LVMAE(cfg).to(dtype)
+    seqs = [torch.randn(n, in_dim, dtype=dtype) for n in LENGTHS]
+    # A visible set with at least one visible token per video, some masked where possible.
+    visible = [torch.rand(n) < 0.5 for n in LENGTHS]
+    for v in visible:
+        v[0] = True
+    return model, seqs, visible
+
+
+def packed_batch(seqs, visible):
+    x, cu, lengths = pack_sequences(seqs)
+    return PackedBatch.from_mask(x, cu, lengths, ~torch.cat(visible))
+
+
+@pytest.mark.parametrize("in_dim", [24, 64])  # 64 == embed_dim: no input projection (reference layout)
+def test_loss_and_grads_match_naive_fp64(in_dim):
+    model, seqs, visible = make_case(in_dim)
+    loss = model(packed_batch(seqs, visible))
+    loss.backward()
+    packed_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
+    ref = naive_loss(params, model.config, seqs, visible)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    assert (model.input_proj is None) == (in_dim == 64)
+    for k, p in params.items():
+        torch.testing.assert_close(packed_grads[k], p.grad, rtol=1e-8, atol=1e-10, msg=f"grad of {k}")
+
+
+def test_loss_matches_naive_fp32():
+    model, seqs, visible = make_case(dtype=torch.float32)
+    loss = model(packed_batch(seqs, visible))
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    ref = naive_loss(params, model.config, seqs, visible)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_encode_and_reconstruct_match_naive():
+    model, seqs, visible = make_case()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    cls, tokens = model.encode(seqs)
+    enc_ref, _ = naive_forward(params, model.config, seqs, [torch.ones(n, dtype=torch.bool) for n in LENGTHS])
+    torch.testing.assert_close(cls, torch.stack([e[0] for e in enc_ref]))
+    torch.testing.assert_close(tokens, torch.cat([e[1:] for e in enc_ref]))
+    preds = model.reconstruct(seqs, visible)
+    _, pred_ref = naive_forward(params, model.config, seqs, visible)
+    assert [p.shape for p in preds] == [(n, 24) for n in LENGTHS]
+    for p, r in zip(preds, pred_ref):
+        torch.testing.assert_close(p, r)
+
+
+def test_no_cross_sequence_leakage():
+    model, seqs, visible = make_case()
+    cls, tokens = model.encode(seqs)
+    changed = [s.clone() for s in seqs]
+    changed[3] = torch.randn_like(changed[3]) * 5
+    cls2, tokens2 = model.encode(changed)
+    torch.testing.assert_close(cls2[[0, 1, 2, 4]], cls[[0, 1, 2, 4]])
+    start, end = sum(LENGTHS[:3]), sum(LENGTHS[:4])
+    torch.testing.assert_close(tokens2[:start], tokens[:start])
+    torch.testing.assert_close(tokens2[end:], tokens[end:])
+    assert not torch.allclose(cls2[3], cls[3])
+
+
+def test_sincos_table_matches_independent_formula_and_long_lengths():
+    torch.testing.assert_close(sincos_table(16, 40).double(), naive_sincos(16, 40), rtol=0, atol=1e-6)
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, max_len=9000, kernels="torch"))
+    cls, tokens = model.encode([torch.randn(8200, 8)])  # far past the paper's 256
+    assert cls.shape == (1, 64) and tokens.shape == (8200, 64) and torch.isfinite(tokens).all()
+
+
+def test_presets():
+    paper = LVMAEConfig.from_preset("paper", in_dim=1024)
+    assert (paper.embed_dim, paper.depth, paper.num_heads) == (1024, 32, 16)
+    assert (paper.decoder_embed_dim, paper.decoder_depth, paper.decoder_num_heads) == (512, 8, 16)
+    with torch.device("meta"):
+        n = LVMAE(paper).num_params()
+    # 32 blocks x 12.6M + 8 x 3.15M + embeddings/head: the reference's ~0.43B.
+    assert 420e6 < n < 440e6
+    with pytest.raises(ValueError, match="unknown preset"):
+        LVMAEConfig.from_preset("huge", in_dim=8)
+    with pytest.raises(ValueError, match="unknown keys"):
+        LVMAEConfig.from_dict({"in_dim": 8, "depthh": 3})
+
+
+def test_param_groups_exclude_norms_biases_tokens():
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8))
+    decay, no_decay = model.param_groups(0.05)
+    names = {id(p): k for k, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert all(names[id(p)].endswith("weight") and "norm" not in names[id(p)] for p in decay["params"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "empty batch"),
+    ([torch.zeros(0, 8)], "zero-length"),
+    ([torch.randn(4, 9)], "embedding dim 9"),
+    ([torch.tensor([[float("nan")] * 8])], "NaN or Inf"),
+    ([torch.randn(3, 8), torch.full((2, 8), float("inf"))], "sequence 1: contains NaN or Inf"),
+    ([torch.randn(33, 8)], "exceeds the configured maximum"),
+])
+def test_bad_input_is_a_clear_value_error(bad, match):
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, max_len=32))
+    with pytest.raises(ValueError, match=match):
+        model.encode(bad)
+
+
+def test_bad_forward_batch_dim():
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, kernels="torch"))
+    seqs = [torch.randn(5, 9)]
+    with pytest.raises(ValueError, match="model expects"):
+        model(packed_batch(seqs, [torch.ones(5, dtype=torch.bool)]))
+
+
+def test_norm_targets_and_cosine_loss_against_hand_formula():
+    model, seqs, visible = make_case()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    _, preds = naive_forward(params, model.config, seqs, visible)
+    pred = torch.cat([p[~v] for p, v in zip(preds, visible)])
+    tgt = torch.cat([s[~v] for s, v in zip(seqs, visible)])
+    batch = packed_batch(seqs, visible)
+    model.config.loss = "cosine"
+    cos = torch.nn.functional.cosine_similarity(pred, tgt, dim=-1)
+    torch.testing.assert_close(model(batch), (1 - cos).mean())
+    model.config.loss, model.config.norm_targets = "mse", True
+    z = (tgt - tgt.mean(-1, keepdim=True)) / (tgt.var(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(model(batch), ((pred - z) ** 2).mean())
