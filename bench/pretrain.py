@@ -1,0 +1,238 @@
+"""Pretraining-step benchmark: packed LV-MAE vs a faithful padded re-implementation of the reference.
+
+Both run on the same batches (lengths ~ U[min_len, max_len], L2-normalised random embeddings) in one
+process; the table reports samples/s, tokens/s, useful TFLOP/s (matmul FLOPs on real tokens only,
+x3 for forward+backward), step time, peak memory and the packed/padded ratio. A "long" row runs
+batch 1 at --long-len segments (packed only) to check the memory ceiling.
+
+  python bench/pretrain.py --preset paper --device cuda --batch-sizes 16,256 --json out.json
+  python bench/pretrain.py --preset tiny --device cpu --steps 2 --warmup 1      # CI-size smoke
+  python bench/pretrain.py --mode data ...                                      # data-path mode
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling bench modules
+
+from lvmae_fast.masking import build_masked_batch  # noqa: E402
+from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops_per_token  # noqa: E402
+from lvmae_fast.packing import keep_counts, pack_sequences  # noqa: E402
+from reference_padded import ReferencePaddedMAE, pad_batch  # noqa: E402
+
+
+def make_batches(n_batches, batch_size, in_dim, min_len, max_len, seed):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        lengths = torch.randint(min_len, max_len + 1, (batch_size,), generator=g).tolist()
+        seqs = [torch.nn.functional.normalize(torch.randn(n, in_dim, generator=g), dim=-1) for n in lengths]
+        batches.append(seqs)
+    return batches
+
+
+def useful_flops(config, lengths, mask_ratio):
+    keep = keep_counts(lengths, mask_ratio)
+    fwd = matmul_flops_per_token(config, enc_tokens=sum(keep) + len(lengths), dec_tokens=sum(lengths) + len(lengths),
+                                 seq_sq_enc=sum((k + 1) ** 2 for k in keep), seq_sq_dec=sum((n + 1) ** 2 for n in lengths),
+                                 pred_tokens=sum(lengths) - sum(keep))
+    return 3 * fwd  # backward = 2x forward
+
+
+class Timer:
+    def __init__(self, device):
+        self.device = device
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def __enter__(self):
+        self.sync()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.t0
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+
+
+def run_packed(config, batches, device, steps, warmup, compile_model=False, profile_path=None):
+    with torch.device(device):  # init on the GPU: a 0.4B-parameter CPU init costs seconds
+        model = LVMAE(config)
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    step_model = torch.compile(model, dynamic=True) if compile_model else model
+    g = torch.Generator().manual_seed(0)
+    packed = []
+    for seqs in batches:  # masking/packing is the data loader's job: built before timing (see --mode data)
+        x, cu, lengths = pack_sequences(seqs)
+        packed.append(build_masked_batch(x, cu, lengths, "random", config.mask_ratio, g).to(device))
+
+    def step(batch):
+        with autocast(device, torch.bfloat16):
+            loss = step_model(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    result = _time_steps(step, packed, device, steps, warmup)
+    if profile_path and result["status"] == "ok":
+        write_profile(step, packed, device, profile_path)
+    return result
+
+
+def write_profile(step, items, device, path):
+    """Kernel/op table of 3 steps, to see whether a step is launch-bound or compute-bound."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(3):
+            step(items[i % len(items)])
+        Timer(device).sync()
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    Path(path).write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40))
+
+
+def run_padded(config, batches, device, steps, warmup):
+    with torch.device(device):
+        model = ReferencePaddedMAE(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")  # the reference: fp16 + GradScaler
+    padded = [(x.to(device), lengths) for x, lengths in map(pad_batch, batches)]
+
+    def step(item):
+        x, lengths = item
+        with autocast(device, torch.float16):
+            loss = model(x, lengths, config.mask_ratio)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return _time_steps(step, padded, device, steps, warmup)
+
+
+def _time_steps(step, items, device, steps, warmup):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for i in range(warmup):
+            step(items[i % len(items)])
+        with Timer(device) as t:
+            for i in range(steps):
+                loss = step(items[(warmup + i) % len(items)])
+        loss = float(loss)
+    except torch.OutOfMemoryError:
+        return {"status": "out of memory"}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"status": "ok", "seconds": t.seconds, "steps": steps, "peak_gib": peak, "loss": loss}
+
+
+def summarise(name, result, batches, config, warmup, steps):
+    row = {"impl": name, "batch": len(batches[0]), **{k: result.get(k) for k in ("status", "peak_gib")}}
+    if result["status"] != "ok":
+        return row
+    timed = [batches[(warmup + i) % len(batches)] for i in range(steps)]
+    samples = sum(len(b) for b in timed)
+    tokens = sum(s.shape[0] for b in timed for s in b)
+    flops = sum(useful_flops(config, [s.shape[0] for s in b], config.mask_ratio) for b in timed)
+    sec = result["seconds"]
+    row.update(samples_per_s=samples / sec, tokens_per_s=tokens / sec, useful_tflops=flops / sec / 1e12,
+               step_ms=1e3 * sec / steps, loss=result["loss"])
+    return row
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows):
+    print("| impl | batch | samples/s | tokens/s | useful TFLOP/s | step ms | peak GiB | packed/padded |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("status") != "ok":
+            print(f"| {r['impl']} | {r['batch']} | {r.get('status')} | | | | | |")
+            continue
+        print(f"| {r['impl']} | {r['batch']} | {fmt(r['samples_per_s'], '.1f')} | {fmt(r['tokens_per_s'], '.0f')} | "
+              f"{fmt(r['useful_tflops'], '.2f')} | {fmt(r['step_ms'], '.1f')} | {fmt(r['peak_gib'], '.2f')} | "
+              f"{fmt(r.get('speedup'), '.2f')} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["step", "data"], default="step", help="step: packed vs padded; data: full loop vs step")
+    p.add_argument("--preset", default="paper", choices=["paper", "base", "tiny"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--in-dim", type=int, default=None, help="embedding dim (default: the preset's width)")
+    p.add_argument("--batch-sizes", default="16,256")
+    p.add_argument("--min-len", type=int, default=2)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--mask-ratio", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--long-len", type=int, default=8192, help="batch-1 length for the memory row (0 = skip)")
+    p.add_argument("--skip-padded", action="store_true")
+    p.add_argument("--padded-max-batch", type=int, default=64, help="skip the padded baseline above this batch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the packed model")
+    p.add_argument("--attn-impl", default="auto")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="masked-loss kernels")
+    p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of the first packed batch size here")
+    args, rest = p.parse_known_args(argv)
+    if args.mode == "data":
+        from pretrain_data import main as data_main
+        return data_main(rest + [f"--preset={args.preset}", f"--device={args.device}"])
+
+    device = torch.device(args.device)
+    width = LVMAEConfig.from_preset(args.preset, in_dim=8).embed_dim
+    in_dim = args.in_dim or width
+    config = LVMAEConfig.from_preset(args.preset, in_dim=in_dim, max_len=max(args.max_len, args.long_len),
+                                     mask_ratio=args.mask_ratio, masking="random", attn_impl=args.attn_impl,
+                                     kernels=args.kernels)
+    torch.manual_seed(0)
+    rows = []
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        batches = make_batches(4, bs, in_dim, args.min_len, args.max_len, seed=bs)
+        profile = args.profile if not rows else None
+        packed = summarise("packed", run_packed(config, batches, device, args.steps, args.warmup, args.compile, profile),
+                           batches, config, args.warmup, args.steps)
+        rows.append(packed)
+        if not args.skip_padded and bs <= args.padded_max_batch:
+            padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),
+                               batches, config, args.warmup, args.steps)
+            rows.append(padded)
+            if packed["status"] == padded["status"] == "ok":
+                packed["speedup"] = packed["samples_per_s"] / padded["samples_per_s"]
+    if args.long_len:
+        batches = make_batches(2, 1, in_dim, args.long_len, args.long_len, seed=1)
+        steps = max(1, min(args.steps, 3))
+        rows.append(summarise(f"packed, L={args.long_len}", run_packed(config, batches, device, steps, 1),
+                              batches, config, 1, steps))
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "preset": args.preset, "in_dim": in_dim, "mask_ratio": args.mask_ratio,
+            "lengths": [args.min_len, args.max_len], "steps": args.steps, "warmup": args.warmup,
+            "compile": args.compile, "attn_impl": args.attn_impl, "kernels": args.kernels}
+    print(f"\n## pretrain step: {meta['device']}, preset {args.preset}, torch {torch.__version__}\n")
+    print_table(rows)
+    result = {"meta": meta, "rows": rows}
+    print("\n" + json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
