@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling bench modules
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # sibling bench modules; the checkout if not installed
 
 from lvmae_fast.masking import build_masked_batch  # noqa: E402
 from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops_per_token  # noqa: E402
@@ -134,7 +135,7 @@ def _time_steps(step, items, device, steps, warmup):
         with Timer(device) as t:
             for i in range(steps):
                 loss = step(items[(warmup + i) % len(items)])
-        loss = float(loss)
+        loss = float(loss.detach())
     except torch.OutOfMemoryError:
         return {"status": "out of memory"}
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -84,9 +84,9 @@ class ReferencePaddedMAE(nn.Module):
         dec_in = []
         masked = torch.zeros(B, N, dtype=torch.bool, device=device)
         for i, n in enumerate(lengths):
-            full = self.mask_token[0].expand(n, -1).clone()
+            full = self.mask_token[0].to(e.dtype).expand(n, -1).clone()
             full[ids_keep[i, :keep[i]]] = e[i, 1:keep[i] + 1]
-            row = torch.cat([e[i, :1], full, self.mask_token[0].new_zeros(N - n, e.shape[-1])], 0)
+            row = torch.cat([e[i, :1], full, e.new_zeros(N - n, e.shape[-1])], 0)
             dec_in.append(row)
             masked[i, ids_shuffle[i, keep[i]:n]] = True
         y = torch.stack(dec_in) + self.decoder_pos_embed[:, :N + 1]

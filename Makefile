@@ -1,0 +1,33 @@
+# The README's two commands: `make test` and `make demo`. Both create .venv and install into it.
+# TORCH: which torch to install first. The default is the CPU wheel used by CI; on a GPU host use e.g.
+#   make test TORCH="torch"     (or any torch>=2.4 already matching your CUDA)
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+EXTRAS ?= test
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: install test demo bench-smoke clean
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first: anything that depends on torch would otherwise pull a multi-GB CUDA build.
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(STAMP)
+
+# pytest exits 5 when it collected no tests: that is a broken suite, not a pass.
+test: install
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+demo: install
+	$(PY) -m lvmae_fast demo --out runs/demo
+
+bench-smoke: install
+	$(PY) bench/pretrain.py --preset tiny --device cpu --steps 2 --warmup 1 --batch-sizes 4,16 --long-len 1024
+
+clean:
+	rm -rf $(VENV) runs *.egg-info
