@@ -96,9 +96,10 @@ def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, layout=None):
     return out.transpose(1, 2).reshape(B * max_seqlen, H, Dh)[slot]
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, attn_impl: str = "auto", layout=None):
-    """q, k, v: [T, H, Dh] packed; returns [T, H, Dh]."""
-    impl = resolve_impl(attn_impl, q.device, q.dtype)
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, attn_impl: str = "auto", layout=None, resolved=False):
+    """q, k, v: [T, H, Dh] packed; returns [T, H, Dh]. resolved=True: attn_impl is already a concrete
+    backend (the model resolves once per step, outside any torch.compile region)."""
+    impl = attn_impl if resolved else resolve_impl(attn_impl, q.device, q.dtype)
     if impl == "flash":
         return _flash_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0)
     if impl == "torch_varlen":

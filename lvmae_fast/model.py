@@ -12,8 +12,6 @@ Td = B + T (decoder stream), d input dim, D encoder width, Dd decoder width, H h
 """
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
@@ -21,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import ATTN_IMPLS, varlen_attention
+from .attention import ATTN_IMPLS, _padded_layout, resolve_impl, varlen_attention
 from .loss import LOSSES, masked_reconstruction_loss
 from .masking import MASKING_STRATEGIES
 from .packing import PackedBatch, cu_seqlens_from_lengths, pack_sequences, validate_sequences
@@ -98,30 +96,35 @@ def sincos_table(dim: int, num_positions: int) -> torch.Tensor:
 
 
 class VarlenMeta:
-    """cu_seqlens + max_seqlen of one stream, plus the padded layout the sdpa backend builds once per step."""
+    """One stream's varlen metadata: cu_seqlens, max_seqlen, the concrete attention backend (resolved
+    once per step, outside any compiled region) and, for sdpa, the padded layout built once per step."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int):
-        self.cu_seqlens, self.max_seqlen, self.total = cu_seqlens, max_seqlen, total
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, attn_impl: str,
+                 device: torch.device, dtype: torch.dtype):
+        self.cu_seqlens, self.max_seqlen = cu_seqlens, max_seqlen
+        self.impl = resolve_impl(attn_impl, device, dtype)
+        self.layout = _padded_layout(cu_seqlens, total, max_seqlen) if self.impl == "sdpa" else None
 
-    @functools.cached_property
-    def layout(self):
-        from .attention import _padded_layout
-        return _padded_layout(self.cu_seqlens, self.total, self.max_seqlen)
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype the attention inputs will have: the autocast dtype when autocast is on for x's device."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, attn_impl: str):
+    def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.num_heads, self.head_dim, self.attn_impl = num_heads, dim // num_heads, attn_impl
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x_TD: torch.Tensor, meta: VarlenMeta) -> torch.Tensor:
         T, D = x_TD.shape
         q_THD, k_THD, v_THD = self.qkv(x_TD).view(T, 3, self.num_heads, self.head_dim).unbind(1)
-        impl = self.attn_impl
-        layout = meta.layout if impl == "sdpa" or (impl == "auto" and not x_TD.is_cuda) else None
-        o_THD = varlen_attention(q_THD, k_THD, v_THD, meta.cu_seqlens, meta.max_seqlen, impl, layout=layout)
+        o_THD = varlen_attention(q_THD, k_THD, v_THD, meta.cu_seqlens, meta.max_seqlen, meta.impl,
+                                 layout=meta.layout, resolved=True)
         return self.proj(o_THD.reshape(T, D))
 
 
@@ -135,10 +138,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_impl: str):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, attn_impl)
+        self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -155,11 +158,11 @@ class LVMAE(nn.Module):
         # Input projection only when the encoder is wider/narrower than the embeddings (reference: none).
         self.input_proj = nn.Linear(c.in_dim, D) if c.in_dim != D else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.blocks = nn.ModuleList(Block(D, c.num_heads, c.mlp_ratio, c.attn_impl) for _ in range(c.depth))
+        self.blocks = nn.ModuleList(Block(D, c.num_heads, c.mlp_ratio) for _ in range(c.depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.decoder_embed = nn.Linear(D, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.decoder_blocks = nn.ModuleList(Block(Dd, c.decoder_num_heads, c.mlp_ratio, c.attn_impl) for _ in range(c.decoder_depth))
+        self.decoder_blocks = nn.ModuleList(Block(Dd, c.decoder_num_heads, c.mlp_ratio) for _ in range(c.decoder_depth))
         self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
         self.decoder_pred = nn.Linear(Dd, c.in_dim)
         # Fixed positions are derived, not learned: not saved in checkpoints (persistent=False).
@@ -193,7 +196,8 @@ class LVMAE(nn.Module):
             tokens = self.input_proj(tokens)
         src = torch.cat([self.cls_token.view(1, -1).to(tokens.dtype), tokens], 0)
         h = src.index_select(0, batch.enc_src) + self.pos_embed.index_select(0, batch.enc_pos)
-        meta = VarlenMeta(batch.enc_cu_seqlens, batch.enc_max_seqlen, h.shape[0])
+        meta = VarlenMeta(batch.enc_cu_seqlens, batch.enc_max_seqlen, h.shape[0], self.config.attn_impl,
+                          h.device, _compute_dtype(h))
         for block in self.blocks:
             h = block(h, meta)
         return self.norm(h)
@@ -203,7 +207,8 @@ class LVMAE(nn.Module):
         e = self.decoder_embed(enc_out)
         src = torch.cat([e, self.mask_token.view(1, -1).to(e.dtype)], 0)
         h = src.index_select(0, batch.dec_src) + self.decoder_pos_embed.index_select(0, batch.dec_pos)
-        meta = VarlenMeta(batch.dec_cu_seqlens, batch.dec_max_seqlen, h.shape[0])
+        meta = VarlenMeta(batch.dec_cu_seqlens, batch.dec_max_seqlen, h.shape[0], self.config.attn_impl,
+                          h.device, _compute_dtype(h))
         for block in self.decoder_blocks:
             h = block(h, meta)
         # The norm and head are per-token: run them only on the rows asked for.
@@ -267,6 +272,14 @@ class LVMAE(nn.Module):
     def from_pretrained(cls, directory, map_location="cpu", **overrides) -> "LVMAE":
         from .checkpoint import load_model_dir
         return load_model_dir(directory, map_location=map_location, **overrides)
+
+    def compile_blocks(self, **compile_kwargs) -> "LVMAE":
+        """torch.compile each transformer block (torchtitan-style): fuses norms/GELU/residuals and cuts
+        the per-op launch cost that bounds small-batch steps. dynamic=True: packed sizes vary per batch,
+        one graph serves all of them."""
+        for block in list(self.blocks) + list(self.decoder_blocks):
+            block.compile(**{"dynamic": True, **compile_kwargs})
+        return self
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
