@@ -4,7 +4,7 @@ kernels/ and export/ sit at the repository top level (product layout) but instal
 as lvmae_fast.kernels and lvmae_fast.export, so no generic top-level `kernels`/`export` module lands in
 site-packages.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CORE = ["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.7",
         "tensorboard>=2.12"]
@@ -19,15 +19,17 @@ EXTRAS = {
     "tensorrt": ["tensorrt>=10"],
     "encoders": ["transformers>=4.40"],
 }
-EXTRAS["test"] = ["pytest>=7", "triton>=3.0", "av>=12"]
+# CI exercises every CPU path for real: Triton interpreter, PyAV, DALI's CPU pipeline (VP9), transformers encoders.
+EXTRAS["test"] = ["pytest>=7", "triton>=3.0", "av>=12", "transformers>=4.40", "nvidia-dali-cuda130>=2.0"]
 
 setup(
     name="lvmae_fast",
     version="0.1.0",
     description="Packed-sequence LV-MAE: long-video masked-embedding autoencoders, fast",
     python_requires=">=3.10",
-    packages=["lvmae_fast", "lvmae_fast.kernels", "lvmae_fast.export"],
+    packages=find_packages(include=["lvmae_fast", "lvmae_fast.*"]) + ["lvmae_fast.kernels", "lvmae_fast.export"],
     package_dir={"lvmae_fast": "lvmae_fast", "lvmae_fast.kernels": "kernels", "lvmae_fast.export": "export"},
+    package_data={"lvmae_fast": ["configs/*.yaml"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["lvmae = lvmae_fast.cli:main"]},

@@ -1,0 +1,183 @@
+"""Ingestion benchmark: decode frames/s (DALI GPU vs PyAV CPU, same files), encoder windows/s, end-to-end
+video-seconds per wall-second (x realtime), on H.264 test videos written by lvmae_fast.synth.
+
+    python bench/extract.py                      # 1080p30 H.264, ViT-L/14-sized encoder (random weights), fp16
+    python bench/extract.py --quick --device cpu # smoke: small videos, tiny encoder, < 1 min
+    python bench/extract.py --json results.json
+
+A path that cannot run here (no CUDA, no nvidia-dali, no transformers) is reported as "not measured":
+nothing is estimated. Target on one H100: end-to-end >= 100x realtime.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lvmae_fast import synth
+from lvmae_fast.extract import extract_videos, pyav_events, resolve_device
+from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
+
+NOT_MEASURED = "not measured"
+
+
+def vit_l14_encoder():
+    """CLIP ViT-L/14 image tower (304M params), random weights, averaged over T frames (clip-mean)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from lvmae_fast.video.encoders.hf import CLIPMeanEncoder
+
+    text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=224, patch_size=14)
+    enc = CLIPMeanEncoder.__new__(CLIPMeanEncoder)
+    torch.nn.Module.__init__(enc)
+    enc.model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).eval()
+    enc.dim, enc.image_size, enc.name = 768, 224, "clip-mean-vit-l14-random"
+    from lvmae_fast.video.encoders.base import CLIP_MEAN, CLIP_STD
+    enc.mean, enc.std = CLIP_MEAN, CLIP_STD
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    return enc
+
+
+def make_videos(folder: Path, count: int, duration: float, size, fps: float) -> list[Path]:
+    paths = []
+    for i in range(count):
+        v = synth.write_video(folder / f"bench{i}.mp4", duration=duration, fps=fps, size=size, codec="h264",
+                              gop=int(fps * 2), seed=i)
+        paths.append(v.path)
+    return paths
+
+
+def bench_pyav_decode(paths, spec) -> dict:
+    frames = windows = 0
+    t0 = time.perf_counter()
+    for p in paths:
+        job = prepare_job(VideoJob(p.stem, str(p)), spec)
+        frames += job.index.num_frames  # a sequential decode decodes every frame
+        windows += sum(isinstance(e, Window) for e in pyav_events(job))
+    dt = time.perf_counter() - t0
+    return {"frames_per_s": frames / dt, "windows_per_s": windows / dt, "seconds": dt}
+
+
+def bench_dali_decode(paths, spec, readers: int, batch_size: int) -> dict | str:
+    if not torch.cuda.is_available():
+        return NOT_MEASURED + " (no CUDA)"
+    try:
+        from lvmae_fast.video.decode_dali import decode_windows_dali
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return NOT_MEASURED + " (nvidia-dali not installed)"
+    jobs = [prepare_job(VideoJob(p.stem, str(p)), spec) for p in paths]
+    frames = sum(j.index.num_frames for j in jobs)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    windows = 0
+    for ev in decode_windows_dali(jobs, spec, device="gpu", device_id=torch.cuda.current_device(),
+                                  readers=readers, batch_size=batch_size):
+        windows += isinstance(ev, Window)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"frames_per_s": frames / dt, "windows_per_s": windows / dt, "seconds": dt, "readers": readers,
+            "windows": windows}
+
+
+def bench_encoder(model, device, dtype, T: int, batch: int, iters: int) -> dict:
+    x = torch.randn(batch, T, 3, model.image_size, model.image_size, device=device, dtype=dtype)
+    with torch.inference_mode():
+        model.encode_video(x)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model.encode_video(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"windows_per_s": batch * iters / dt, "images_per_s": batch * iters * T / dt, "batch": batch}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small videos + tiny encoder: a < 1 min smoke run")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--videos", type=int, default=None)
+    ap.add_argument("--duration", type=float, default=None, help="seconds per test video")
+    ap.add_argument("--readers", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    device = resolve_device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if args.quick:
+        count, duration, size, fps = args.videos or 2, args.duration or 10.0, (320, 180), 30.0
+    else:
+        count, duration, size, fps = args.videos or 4, args.duration or 30.0, (1920, 1080), 30.0
+    spec = WindowSpec(seconds=5.0, frames=8)
+    batch = args.batch_size or (8 if args.quick else 64)
+    results = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+               "dtype": str(dtype).replace("torch.", ""), "videos": count, "video_seconds_each": duration,
+               "resolution": f"{size[0]}x{size[1]}", "fps": fps, "codec": "h264", "window_seconds": spec.seconds,
+               "frames_per_window": spec.frames, "python": platform.python_version(), "torch": torch.__version__}
+
+    with tempfile.TemporaryDirectory(prefix="lvmae_bench_") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        paths = make_videos(tmp / "videos", count, duration, size, fps)
+        results["synth_seconds"] = round(time.perf_counter() - t0, 2)
+
+        results["decode_pyav"] = bench_pyav_decode(paths, spec)
+        results["decode_dali_gpu"] = bench_dali_decode(paths, spec, args.readers, batch)
+
+        if args.quick:
+            from lvmae_fast.video.encoders import build_encoder
+            model, enc_name = build_encoder("tiny"), "tiny (meaningless, smoke only)"
+        else:
+            try:
+                model, enc_name = vit_l14_encoder(), "ViT-L/14 clip-mean, random weights"
+            except ImportError:
+                model, enc_name = None, None
+        results["encoder"] = enc_name or NOT_MEASURED + " (transformers not installed)"
+        if model is not None:
+            model = model.to(device=device, dtype=dtype)
+            results["encoder_fp"] = bench_encoder(model, device, dtype, spec.frames, batch, 3 if args.quick else 20)
+            summary = extract_videos([(p.stem, str(p)) for p in paths], tmp / "store", encoder=model,
+                                     seconds=spec.seconds, frames=spec.frames, batch_size=batch,
+                                     device=str(device), readers=args.readers)
+            results["end_to_end"] = {k: summary[k] for k in ("decoder", "windows", "video_seconds", "wall_seconds",
+                                                              "realtime_factor", "done", "failed")}
+        else:
+            results["encoder_fp"] = results["end_to_end"] = NOT_MEASURED + " (no encoder)"
+
+    def cell(r, key, fmt="{:.0f}"):
+        return fmt.format(r[key]) if isinstance(r, dict) else r
+
+    e2e = results["end_to_end"]
+    print(f"\n### Ingestion benchmark ({results['resolution']} H.264 @ {fps:g} fps, {count} x {duration:g} s; "
+          f"{results['device']} {results['gpu'] or ''}; T={spec.frames}, S={spec.seconds:g} s)\n")
+    print("| measurement | value |")
+    print("|---|---|")
+    print(f"| decode, PyAV CPU (frames/s, all frames decoded) | {cell(results['decode_pyav'], 'frames_per_s')} |")
+    print(f"| decode, DALI GPU, {args.readers} readers (frames/s) | {cell(results['decode_dali_gpu'], 'frames_per_s')} |")
+    print(f"| encoder {results['encoder']}, {results['dtype']} (windows/s) | {cell(results['encoder_fp'], 'windows_per_s')} |")
+    print(f"| end to end ({e2e['decoder'] if isinstance(e2e, dict) else '-'}) (x realtime) | "
+          f"{cell(e2e, 'realtime_factor', '{:.1f}')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

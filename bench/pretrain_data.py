@@ -1,0 +1,157 @@
+"""Data-path benchmark: samples/s of the full loop (store -> sampler workers -> step) vs the model step
+alone on the same batches already resident on the device. Target: full loop >= 95% of step-only.
+
+    python bench/pretrain_data.py --preset tiny --device cpu --steps 30      # quick smoke
+    python bench/pretrain_data.py --preset paper --device cuda --store STORE  # the real thing
+
+Without --store a synthetic store is built in a temp dir. Prints a markdown table and a JSON line
+(also written to --json-out). `main(argv)` returns the result dict.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from lvmae_fast.model import LVMAE, LVMAEConfig
+from lvmae_fast.sampler import LongVideoSampler, SamplerConfig
+from lvmae_fast.store import Store
+from lvmae_fast.store_cli import import_embeddings
+from lvmae_fast.synthetic import synthetic_corpus, write_corpus
+from lvmae_fast.train_config import PRESETS
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _make_store(tmp: Path, videos: int, dim: int, seed: int) -> Path:
+    write_corpus(synthetic_corpus(videos, dim, seed=seed, max_segments=600), tmp / "emb")
+    import_embeddings(tmp / "emb", tmp / "store", encoder="synthetic")
+    return tmp / "store"
+
+
+def run(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(args.store or _make_store(Path(tmp), args.videos, args.dim, args.seed))
+        recipe = PRESETS[args.preset]
+        model_cfg = LVMAEConfig.from_preset(args.preset, in_dim=store.dim)
+        scfg = SamplerConfig(duration_min=recipe["duration_min"], duration_max=recipe["duration_max"],
+                             max_len=recipe["max_len"], batch_videos=args.batch_videos or recipe["batch_videos"],
+                             max_tokens=args.max_tokens, mask_ratio=model_cfg.mask_ratio, masking=model_cfg.masking,
+                             seed=args.seed)
+        sampler = LongVideoSampler(store, store.video_ids, scfg)
+        torch.manual_seed(args.seed)
+        model = LVMAE(model_cfg).to(device).train()
+        opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+        bf16 = device.type == "cuda"
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+        pin = device.type == "cuda"
+
+        def step(batch):
+            with autocast():
+                loss = model(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def batches():  # endless: epoch after epoch
+            epoch = 0
+            while True:
+                yield from sampler.loader(epoch, num_workers=args.num_workers, pin_memory=pin,
+                                          prefetch_factor=args.prefetch_factor)
+                epoch += 1
+
+        # Full loop: the loader's workers read, normalise, pack and mask while the model steps.
+        it = batches()
+        for _ in range(args.warmup):
+            step(next(it).to(device, non_blocking=pin))
+        _sync(device)
+        kept, samples = [], 0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            batch = next(it).to(device, non_blocking=pin)
+            step(batch)
+            kept.append(batch)
+            samples += batch.num_videos
+        _sync(device)
+        full_s = time.perf_counter() - t0
+        del it
+
+        # Model step alone: the very same batches, already on the device.
+        for b in kept[: args.warmup]:
+            step(b)
+        _sync(device)
+        t0 = time.perf_counter()
+        for b in kept:
+            step(b)
+        _sync(device)
+        step_s = time.perf_counter() - t0
+
+    tokens = sum(b.num_tokens for b in kept)
+    result = {
+        "preset": args.preset, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "steps": args.steps, "num_workers": args.num_workers, "batch_videos": scfg.batch_videos, "max_tokens": scfg.max_tokens,
+        "tokens_per_batch": round(tokens / len(kept), 1),
+        "full_loop_samples_per_s": round(samples / full_s, 2), "step_only_samples_per_s": round(samples / step_s, 2),
+        "full_loop_tokens_per_s": round(tokens / full_s, 1), "step_only_tokens_per_s": round(tokens / step_s, 1),
+    }
+    result["ratio"] = round(result["full_loop_samples_per_s"] / result["step_only_samples_per_s"], 4)
+    result["target_met"] = result["ratio"] >= 0.95
+    return result
+
+
+def markdown(r: dict) -> str:
+    return "\n".join([
+        f"data-path benchmark: preset {r['preset']} on {r['device_name']}, {r['steps']} steps, "
+        f"{r['num_workers']} workers, {r['tokens_per_batch']} tokens/batch",
+        "",
+        "| path | samples/s | tokens/s |",
+        "|---|---|---|",
+        f"| full loop (store -> sampler -> step) | {r['full_loop_samples_per_s']} | {r['full_loop_tokens_per_s']} |",
+        f"| model step alone (same batches) | {r['step_only_samples_per_s']} | {r['step_only_tokens_per_s']} |",
+        f"| ratio (target >= 0.95) | {r['ratio']} ({'met' if r['target_met'] else 'NOT met'}) | |",
+    ])
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--store", help="existing store (default: a synthetic one in a temp dir)")
+    p.add_argument("--videos", type=int, default=256, help="synthetic videos")
+    p.add_argument("--dim", type=int, default=64, help="synthetic embedding dim")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch-videos", type=int, default=0, help="default: the preset's")
+    p.add_argument("--max-tokens", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--prefetch-factor", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", help="also write the JSON result here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    print(markdown(result))
+    print(json.dumps(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

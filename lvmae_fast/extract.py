@@ -1,0 +1,365 @@
+"""`lvmae extract`: long videos -> S-second windows -> T frames each -> frozen encoder -> embedding store.
+
+Python API for the demo and scripts::
+
+    from lvmae_fast.extract import extract_videos
+    summary = extract_videos("videos/", "runs/store", encoder="tiny")   # -> dict (done/skipped/failed...)
+
+Robustness contract: a file that cannot be ingested (zero-byte, not media, truncated beyond repair,
+audio-only, too short for one window, ...) is written to STORE/failures.jsonl as one JSON object
+{"path", "video_id", "reason"} and skipped; the job still finishes (exit 0). Videos are committed to
+the store only when all their windows are embedded (commit after each encoder batch that completes
+one), so a killed run loses at most the work in flight, and re-running resumes: ids already in the
+store are not redone. failures.jsonl lists the failures of the latest run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
+from .video.probe import VideoError
+
+log = logging.getLogger("lvmae_fast.extract")
+
+FAILURES_NAME = "failures.jsonl"
+DECODERS = ("auto", "dali", "pyav")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here")
+    return dev
+
+
+def resolve_dtype(precision: str, device):
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    if precision == "auto":  # fp16 on GPU (tensor cores), fp32 on CPU (fp16/bf16 matmuls crawl there)
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def resolve_decoder(decoder: str, device) -> str:
+    from .video.decode_dali import dali_available
+
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}")
+    if decoder == "auto":
+        return "dali" if device.type == "cuda" and dali_available() else "pyav"
+    if decoder == "dali" and not dali_available():
+        raise ValueError("--decoder dali: nvidia-dali is not installed (pip install 'lvmae_fast[dali]')")
+    if decoder == "pyav":
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise ValueError("--decoder pyav: PyAV is not installed (pip install 'lvmae_fast[video]')") from None
+    return decoder
+
+
+def expand_inputs(inputs) -> list[tuple[str, str]]:
+    """INPUT(s) -> [(video_id, path)]; also accepts ready (video_id, path) pairs."""
+    from .video.inputs import list_videos
+
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    items, seen = [], {}
+    for item in inputs:
+        pairs = [tuple(item)] if isinstance(item, (tuple, list)) else list_videos(item)
+        for vid, path in pairs:
+            if vid in seen:
+                if seen[vid] != str(path):
+                    raise ValueError(f"video id {vid!r} names two files: {seen[vid]} and {path}")
+                continue
+            seen[vid] = str(path)
+            items.append((str(vid), str(path)))
+    return items
+
+
+# -------------------------------------------------------------------------------------------- producers
+def in_background(gen_fn, maxsize: int = 4) -> Iterator:
+    """Run a generator in a daemon thread (decode overlaps the encoder; PyAV and torch drop the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=maxsize)
+    end = object()
+
+    def work():
+        try:
+            for item in gen_fn():
+                q.put(item)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer thread
+            q.put(("__error__", err))
+        q.put(end)
+
+    threading.Thread(target=work, daemon=True, name="lvmae-decode").start()
+    while True:
+        item = q.get()
+        if item is end:
+            return
+        if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
+            raise item[1]
+        yield item
+
+
+def prepared(jobs: Iterable[VideoJob], spec: WindowSpec) -> Iterator[VideoJob | Failed]:
+    for job in jobs:
+        try:
+            yield prepare_job(job, spec)
+        except VideoError as err:
+            yield Failed(job, str(err))
+        except Exception as err:  # noqa: BLE001 - one odd file must not end the job
+            yield Failed(job, f"probe error: {type(err).__name__}: {err}")
+
+
+def pyav_events(job: VideoJob) -> Iterator[Window | Failed]:
+    from .video.decode_pyav import decode_windows_pyav
+
+    try:
+        for w, frames, times in decode_windows_pyav(job.index, job.plan):
+            yield Window(job, w, frames, times)
+    except VideoError as err:
+        yield Failed(job, str(err))
+    except Exception as err:  # noqa: BLE001
+        yield Failed(job, f"decode error: {type(err).__name__}: {err}")
+
+
+def pyav_producer(jobs, spec):
+    for item in prepared(jobs, spec):
+        if isinstance(item, Failed):
+            yield item
+        else:
+            yield from pyav_events(item)
+
+
+def dali_producer(jobs, spec, device, readers, batch_size):
+    from .video.decode_dali import decode_windows_dali
+
+    dali_device = "gpu" if device.type == "cuda" else "cpu"
+    device_id = (device.index or 0) if device.type == "cuda" else None
+    # Probing (a demux of every file) runs ahead in a thread while DALI decodes the previous chunk.
+    probed = in_background(lambda: prepared(jobs, spec), maxsize=256)
+    for event in decode_windows_dali(probed, spec, device=dali_device, device_id=device_id, readers=readers,
+                                     batch_size=max(1, batch_size)):
+        if isinstance(event, VideoJob):  # DALI could not take it: PyAV decodes it (any codec)
+            yield from pyav_events(event)
+        else:
+            yield event
+
+
+# --------------------------------------------------------------------------------------------- the loop
+class _Progress:
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="video", dynamic_ncols=True, desc="extract")
+        self.start = time.perf_counter()
+        self.windows = 0
+        self.video_seconds = 0.0
+
+    def update(self, videos: int = 0, windows: int = 0, video_seconds: float = 0.0):
+        self.windows += windows
+        self.video_seconds += video_seconds
+        if self.bar is not None:
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            if videos:
+                self.bar.update(videos)
+            self.bar.set_postfix_str(f"{self.windows / elapsed:.1f} win/s, "
+                                     f"{self.video_seconds / elapsed:.1f} video-s/s", refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, seconds: float = 5.0,
+                   frames: int = 8, sampling: str = "time", min_last: float = 0.5, decoder: str = "auto",
+                   batch_size: int = 32, device: str = "auto", precision: str = "auto", readers: int = 4,
+                   seed: int = 0, progress: bool = False) -> dict:
+    """Extract window embeddings of every input video into the store at `out_store`; return a summary.
+
+    inputs: a folder, glob, video file, .txt/.csv list, or a list of those / of (video_id, path) pairs.
+    See `lvmae extract --help` for the meaning of each option.
+    """
+    import torch
+
+    from .store import StoreWriter
+    from .video.encoders import build_encoder
+    from .video.preprocess import frames_to_input
+
+    if seconds <= 0:
+        raise ValueError("window seconds must be > 0")
+    if frames < 1 or batch_size < 1:
+        raise ValueError("frames per window and batch size must be >= 1")
+    spec = WindowSpec(seconds=float(seconds), frames=int(frames), rule=sampling, min_last=float(min_last))
+    items = expand_inputs(inputs)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(precision, dev)
+    backend = resolve_decoder(decoder, dev)
+    # An encoder object is accepted too (benchmarks, notebooks); the store records its name.
+    model = encoder if isinstance(encoder, torch.nn.Module) else build_encoder(encoder, weights=weights, seed=seed)
+    encoder = model.name
+    model.check_frames(spec.frames)
+    model = model.to(device=dev, dtype=dtype)
+
+    out = Path(out_store)
+    started = time.perf_counter()
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds) as writer:
+        failures = open(out / FAILURES_NAME, "w")  # this run's failures (re-runs retry failed files)
+        todo = []
+        for vid, path in items:
+            if writer.contains(vid):
+                counts["skipped"] += 1
+            else:
+                todo.append(VideoJob(video_id=vid, path=path))
+        bar = _Progress(len(items), counts["skipped"], progress)
+        log.info("extract: %d videos (%d already in %s), encoder %s (d=%d) on %s %s, decoder %s",
+                 len(items), counts["skipped"], out, encoder, model.dim, dev, str(dtype).replace("torch.", ""),
+                 backend)
+
+        state: dict[int, dict] = {}          # id(job) -> {"emb": [n, d], "filled": bool[n], "failed": bool}
+        batch: list[Window] = []
+
+        def fail(job: VideoJob, reason: str):
+            st = state.get(id(job))
+            if st is not None and st.get("failed"):
+                return
+            state[id(job)] = {"failed": True}
+            counts["failed"] += 1
+            log.warning("skip %s: %s", job.path, reason)
+            failures.write(json.dumps({"path": job.path, "video_id": job.video_id, "reason": reason}) + "\n")
+            failures.flush()
+            bar.update(videos=1)
+
+        def encode(windows: list[Window]):
+            groups: dict[tuple, list[int]] = {}
+            for i, win in enumerate(windows):
+                groups.setdefault(tuple(win.frames.shape), []).append(i)
+            emb = np.empty((len(windows), model.dim), dtype=np.float32)
+            with torch.inference_mode():
+                for idx in groups.values():
+                    raw = torch.stack([torch.as_tensor(windows[i].frames) for i in idx]).to(dev, non_blocking=True)
+                    x = frames_to_input(raw, model.image_size, model.mean, model.std, dtype)
+                    emb[idx] = model.encode_video(x).float().cpu().numpy()
+            completed = False
+            for win, e in zip(windows, emb):
+                st = state.get(id(win.job))
+                if st is None or st.get("failed") or st.get("done"):
+                    continue
+                st["emb"][win.window] = e
+                st["filled"][win.window] = True
+                if st["filled"].all():
+                    job = win.job
+                    writer.add(job.video_id, st["emb"], source_path=job.path, window_times=job.plan.times)
+                    st["done"] = True
+                    st.pop("emb")
+                    counts["done"] += 1
+                    completed = True
+                    bar.update(videos=1, video_seconds=job.index.duration)
+            bar.update(windows=len(windows))
+            if completed:
+                writer.commit()  # only complete videos are ever committed
+
+        if backend == "pyav":
+            events = in_background(lambda: pyav_producer(todo, spec), maxsize=2 * batch_size)
+        else:
+            events = dali_producer(todo, spec, dev, readers, batch_size)
+        try:
+            for event in events:
+                if isinstance(event, Failed):
+                    fail(event.job, event.reason)
+                    continue
+                st = state.get(id(event.job))
+                if st is None:
+                    n = event.job.num_windows
+                    st = state[id(event.job)] = {"emb": np.zeros((n, model.dim), np.float32),
+                                                 "filled": np.zeros(n, bool)}
+                if st.get("failed") or st.get("done"):
+                    continue
+                batch.append(event)
+                if len(batch) >= batch_size:
+                    encode(batch)
+                    batch = []
+            if batch:
+                encode(batch)
+        finally:
+            bar.close()
+            failures.close()
+        # A job whose decoder stopped without an error or all its windows is a failure too.
+        for job in todo:
+            st = state.get(id(job))
+            if st is not None and not st.get("failed") and not st.get("done"):
+                with open(out / FAILURES_NAME, "a") as fh:
+                    fh.write(json.dumps({"path": job.path, "video_id": job.video_id,
+                                         "reason": "decoder returned only some windows"}) + "\n")
+                counts["failed"] += 1
+
+    wall = time.perf_counter() - started
+    summary = {**counts, "total": len(items), "windows": bar.windows, "video_seconds": round(bar.video_seconds, 3),
+               "wall_seconds": round(wall, 3), "realtime_factor": round(bar.video_seconds / max(wall, 1e-9), 2),
+               "store": str(out), "failures": str(out / FAILURES_NAME), "encoder": encoder, "decoder": backend,
+               "device": str(dev)}
+    log.info("extract finished: %d done, %d skipped (already in store), %d failed (see %s); %d windows, "
+             "%.1f video-s in %.1f s (%.1fx realtime)", counts["done"], counts["skipped"], counts["failed"],
+             summary["failures"], bar.windows, bar.video_seconds, wall, summary["realtime_factor"])
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "extract", help="embed long videos window by window into an embedding store",
+        description="Cut each video into S-second windows [0,S), [S,2S), ... (a trailing partial window is kept "
+                    "when it covers >= --min-last of a window), decode T frames per window, embed them with a "
+                    "frozen encoder and write one row per window to STORE. Unreadable files are listed in "
+                    "STORE/failures.jsonl and skipped; re-running resumes.")
+    p.add_argument("input", help="folder (recursive), glob (quote it), video file, or .txt/.csv list of videos")
+    p.add_argument("--encoder", required=True, help="tiny | clip-mean | xclip | languagebind | internvideo2")
+    p.add_argument("--weights", default=None, help="local checkpoint dir (never downloaded); tiny needs none")
+    p.add_argument("--out", required=True, help="embedding store directory (created or resumed)")
+    p.add_argument("--seconds", type=float, default=5.0, help="window length S in seconds (default 5; 10/15 ok)")
+    p.add_argument("--frames", type=int, default=8, help="frames per window T (default 8)")
+    p.add_argument("--sampling", choices=("time", "index"), default="time",
+                   help="time: T frames at equal time steps (VFR-correct, default); index: DALI-style linspace "
+                        "over the window's frame indices")
+    p.add_argument("--min-last", type=float, default=0.5,
+                   help="keep the trailing partial window if it is at least this fraction of S (default 0.5; "
+                        "1 drops it)")
+    p.add_argument("--decoder", choices=DECODERS, default="auto",
+                   help="auto: DALI on GPU when installed, else PyAV; dali on --device cpu = DALI CPU (VP8/VP9/MJPEG, "
+                        "other codecs fall back to PyAV)")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per encoder batch (default 32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = fp16 on GPU, fp32 on CPU")
+    p.add_argument("--readers", type=int, default=4, help="parallel DALI readers (NVDEC sessions), default 4")
+    p.add_argument("--seed", type=int, default=0, help="init seed of the tiny encoder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    summary = extract_videos(args.input, args.out, encoder=args.encoder, weights=args.weights, seconds=args.seconds,
+                             frames=args.frames, sampling=args.sampling, min_last=args.min_last,
+                             decoder=args.decoder, batch_size=args.batch_size, device=args.device,
+                             precision=args.precision, readers=args.readers, seed=args.seed,
+                             progress=not args.no_progress)
+    print(f"extract: {summary['done']} done, {summary['skipped']} skipped (already in store), "
+          f"{summary['failed']} failed (see {summary['failures']}); {summary['windows']} windows, "
+          f"{summary['realtime_factor']}x realtime")
+    return 0

@@ -1,0 +1,230 @@
+"""Long-video sampler: random-duration crops from the store, packed and masked into PackedBatch.
+
+Recipe (paper + amazon-science/lv-mae data/CombinedData.py): for every video, every epoch, draw a
+duration ~ U[duration_min, duration_max] seconds (continuous here; the reference draws whole seconds),
+take L = duration // segment_seconds segments (at least 1, at most the video and max_len) from a
+random start, L2-normalise each embedding. Short videos (policy "repeat", the reference's): a crop of
+a video with < 2 segments is tiled x8, with < 5 segments x3 (then cut to max_len); "keep" uses them
+as they are, "drop" leaves videos with < 2 segments out.
+
+Determinism: everything is a pure function of (seed, epoch, rank, batch index), never of worker
+count or timing. The plan for an epoch (order, crops, batch boundaries) is computed up front in the
+main process from (seed, epoch); each batch is then built (read, normalise, pack, mask) in a DataLoader
+worker with a mask generator seeded from (seed, epoch, rank, batch index). Resuming at batch i of epoch
+e therefore reproduces exactly the batches an uninterrupted run would have seen.
+Ranks: the epoch's video order is split round-robin (padded by wrapping, like DistributedSampler),
+and with a token budget every rank gets the same number of batches (the minimum over ranks).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .masking import MASKING_STRATEGIES, build_masked_batch
+from .packing import PackedBatch, cu_seqlens_from_lengths
+
+SHORT_VIDEO_POLICIES = ("repeat", "keep", "drop")
+VAL_EPOCH = -1  # the validation plan is "epoch -1": fixed crops, fixed masks, every evaluation alike
+
+
+@dataclass
+class SamplerConfig:
+    duration_min: float = 10.0        # seconds
+    duration_max: float = 1280.0      # seconds (reference default; 1280 s / 5 s = 256 segments)
+    max_len: int = 256                # segments per crop (paper: 256 tokens)
+    short_video_policy: str = "repeat"
+    batch_videos: int = 16            # videos per batch when max_tokens is 0
+    max_tokens: int = 0               # >0: fill each batch up to this many segments instead
+    mask_ratio: float = 0.5
+    masking: str = "semantic"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.duration_min <= self.duration_max:
+            raise ValueError(f"need 0 < duration_min <= duration_max, got duration_min={self.duration_min} "
+                             f"duration_max={self.duration_max}")
+        if self.short_video_policy not in SHORT_VIDEO_POLICIES:
+            raise ValueError(f"short_video_policy={self.short_video_policy!r} is not one of {SHORT_VIDEO_POLICIES}")
+        if self.masking not in MASKING_STRATEGIES:
+            raise ValueError(f"masking={self.masking!r} is not one of {MASKING_STRATEGIES}")
+        if self.max_len < 1 or self.batch_videos < 1 or self.max_tokens < 0:
+            raise ValueError("max_len and batch_videos must be >= 1 and max_tokens >= 0")
+        if self.max_tokens and self.max_tokens < self.max_len:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= max_len={self.max_len} so every crop fits a batch")
+
+
+def repeats_for(num_segments: np.ndarray, policy: str) -> np.ndarray:
+    """Reference tiling of short videos: x8 below 2 segments, x3 below 5, else x1 (policy 'repeat')."""
+    if policy != "repeat":
+        return np.ones_like(num_segments)
+    return np.where(num_segments < 2, 8, np.where(num_segments < 5, 3, 1))
+
+
+@dataclass
+class Crop:
+    """Rows [start, start + length) of one video, tiled `repeats` times and cut to `out_len` rows."""
+    video: int
+    start: int
+    length: int
+    repeats: int
+    out_len: int
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([k % (1 << 32) for k in key]))
+
+
+def plan_crops(num_segments: np.ndarray, segment_seconds: np.ndarray, cfg: SamplerConfig, epoch: int) -> list[Crop]:
+    """One crop per video, in this epoch's shuffled order (the validation epoch keeps store order)."""
+    rng = _rng(cfg.seed, epoch, 0xC0)
+    n = np.asarray(num_segments, dtype=np.int64)
+    order = np.arange(len(n)) if epoch == VAL_EPOCH else rng.permutation(len(n))
+    duration = rng.uniform(cfg.duration_min, cfg.duration_max, size=len(n))
+    u = rng.random(len(n))
+    length = np.clip(np.floor(duration / np.asarray(segment_seconds, dtype=np.float64)).astype(np.int64), 1, None)
+    length = np.minimum(np.minimum(length, n), cfg.max_len)
+    start = np.minimum(np.floor(u * (n - length + 1)).astype(np.int64), n - length)
+    repeats = repeats_for(n, cfg.short_video_policy)
+    out_len = np.minimum(length * repeats, cfg.max_len)
+    return [Crop(int(v), int(start[v]), int(length[v]), int(repeats[v]), int(out_len[v])) for v in order]
+
+
+def split_batches(crops: list[Crop], cfg: SamplerConfig) -> list[list[Crop]]:
+    if not cfg.max_tokens:
+        return [crops[i: i + cfg.batch_videos] for i in range(0, len(crops), cfg.batch_videos)]
+    batches, current, tokens = [], [], 0
+    for c in crops:  # greedy in order: the next crop starts a new batch when it would overflow the budget
+        if current and tokens + c.out_len > cfg.max_tokens:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(c)
+        tokens += c.out_len
+    if current:
+        batches.append(current)
+    return batches
+
+
+def plan_epoch(num_segments, segment_seconds, cfg: SamplerConfig, epoch: int, rank: int = 0,
+               world: int = 1) -> list[list[Crop]]:
+    """This rank's batches for one epoch (pure function of its arguments)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside world size {world}")
+    crops = plan_crops(num_segments, segment_seconds, cfg, epoch)
+    if not crops:
+        return []
+    per_rank = math.ceil(len(crops) / world)
+    padded = (crops * math.ceil(per_rank * world / len(crops)))[: per_rank * world]
+    ranks = [split_batches(padded[r::world], cfg) for r in range(world)]
+    common = min(len(b) for b in ranks)  # token budgets give ranks different counts; all must step together
+    return ranks[rank][:common]
+
+
+def mask_seed(seed: int, epoch: int, rank: int, batch_index: int) -> int:
+    return int(np.random.SeedSequence([seed % (1 << 32), epoch % (1 << 32), rank, batch_index, 0x3A5]).generate_state(1)[0])
+
+
+class CropBatches(Dataset):
+    """Map-style dataset whose item i is the finished PackedBatch i of one epoch's plan."""
+
+    def __init__(self, store, video_ids: list[str], batches: list[list[Crop]], cfg: SamplerConfig, epoch: int, rank: int):
+        self.store, self.video_ids, self.batches = store, video_ids, batches
+        self.cfg, self.epoch, self.rank = cfg, epoch, rank
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def crop_rows(self, crop: Crop) -> np.ndarray:
+        rows = np.asarray(self.store.get(self.video_ids[crop.video])[crop.start: crop.start + crop.length], dtype=np.float32)
+        return np.tile(rows, (crop.repeats, 1))[: crop.out_len] if crop.repeats > 1 else rows
+
+    def __getitem__(self, i: int):
+        crops = self.batches[i]
+        x_Td = torch.from_numpy(np.concatenate([self.crop_rows(c) for c in crops]))
+        x_Td = F.normalize(x_Td, p=2.0, dim=-1)  # targets are the L2-normalised embeddings
+        lengths = [c.out_len for c in crops]
+        generator = torch.Generator().manual_seed(mask_seed(self.cfg.seed, self.epoch, self.rank, i))
+        batch = build_masked_batch(x_Td, cu_seqlens_from_lengths(lengths), lengths, self.cfg.masking,
+                                   self.cfg.mask_ratio, generator=generator, kernels="torch")
+        return share_storages(batch)
+
+
+def share_storages(batch: PackedBatch) -> PackedBatch:
+    """The same batch with its tensors as views into one buffer per dtype.
+
+    A worker hands tensors to the main process one shared-memory segment per storage; a PackedBatch
+    has ~20 small tensors, and that per-tensor cost, not the work, dominated small batches."""
+    tensors = {f.name: getattr(batch, f.name) for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, t in tensors.items():
+        by_dtype.setdefault(t.dtype, []).append(name)
+    views = {}
+    for dtype, names in by_dtype.items():
+        if len(names) == 1:
+            continue
+        flat = torch.cat([tensors[n].reshape(-1) for n in names])
+        offset = 0
+        for n in names:
+            views[n] = flat[offset: offset + tensors[n].numel()].view(tensors[n].shape)
+            offset += tensors[n].numel()
+    return replace(batch, **views)
+
+
+def _worker_init(_):
+    # Workers only gather, normalise and mask: one thread each, leave the cores to the model.
+    torch.set_num_threads(1)
+
+
+class LongVideoSampler:
+    """Plans epochs over a subset of a store's videos and serves them as PackedBatch DataLoaders."""
+
+    def __init__(self, store, video_ids: list[str], cfg: SamplerConfig, rank: int = 0, world: int = 1):
+        self.store, self.cfg, self.rank, self.world = store, cfg, rank, world
+        n = np.array([store.num_segments(v) for v in video_ids], dtype=np.int64)
+        keep = n >= 2 if cfg.short_video_policy == "drop" else np.ones(len(n), dtype=bool)
+        self.video_ids = [v for v, k in zip(video_ids, keep) if k]
+        self.num_segments = n[keep]
+        self.segment_seconds = np.array([store.meta(v)["segment_seconds"] for v in self.video_ids], dtype=np.float64)
+        if not self.video_ids:
+            raise ValueError("no videos to sample from (empty store or split, or every video dropped as too short)")
+        self._plans: dict[int, list[list[Crop]]] = {}
+
+    def batches(self, epoch: int) -> list[list[Crop]]:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(self.num_segments, self.segment_seconds, self.cfg, epoch, self.rank, self.world)}
+        return self._plans[epoch]
+
+    def num_batches(self, epoch: int) -> int:
+        if not self.cfg.max_tokens:  # fixed-size batches: no need to plan
+            return math.ceil(math.ceil(len(self.video_ids) / self.world) / self.cfg.batch_videos)
+        return len(self.batches(epoch))
+
+    def dataset(self, epoch: int) -> CropBatches:
+        return CropBatches(self.store, self.video_ids, self.batches(epoch), self.cfg, epoch, self.rank)
+
+    def loader(self, epoch: int, start_batch: int = 0, num_workers: int = 2, pin_memory: bool = False,
+               prefetch_factor: int = 4) -> DataLoader:
+        """Batches start_batch.. of an epoch, built in worker processes and prefetched."""
+        dataset = self.dataset(epoch)
+        extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
+        return DataLoader(dataset, batch_size=None, sampler=range(start_batch, len(dataset)), num_workers=num_workers,
+                          pin_memory=pin_memory, **extra)
+
+    def mean_videos_per_batch(self) -> float:
+        if not self.cfg.max_tokens:
+            return float(self.cfg.batch_videos)
+        plan = self.batches(0)
+        return sum(len(b) for b in plan) / max(1, len(plan))
+
+
+def split_videos(video_ids: list[str], val_videos: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train ids, held-out val ids): a fixed, seed-determined choice of val_videos videos."""
+    if val_videos < 0 or val_videos >= len(video_ids) > 0:
+        raise ValueError(f"val_videos={val_videos} must be >= 0 and leave training videos ({len(video_ids)} in the store)")
+    order = _rng(seed, 0x7A1).permutation(len(video_ids))
+    held = set(order[:val_videos].tolist())
+    return ([v for i, v in enumerate(video_ids) if i not in held], [v for i, v in enumerate(video_ids) if i in held])

@@ -1,0 +1,409 @@
+"""Embedding store: one d-dim embedding per S-second segment per video, written once, read many times.
+
+Layout (numpy + json are enough to read it; see docs/store.md)::
+
+    STORE/
+      index.json                 the committed index; written last, atomically (temp file + rename)
+      shards/emb-00000.npy       float16 [rows, dim]: one contiguous matrix, np.load(..., mmap_mode="r")
+      shards/times-00000.npy     float32 [rows, 2]: start/end seconds of each row's window
+      shards/...                 one pair per shard
+
+    index.json = {"format": "lvmae-embedding-store", "version": 1, "dim": 1024, "encoder": "languagebind",
+                  "segment_seconds": 5.0, "dtype": "float16",
+                  "shards": [{"emb": "shards/emb-00000.npy", "times": "shards/times-00000.npy", "rows": 8123}],
+                  "videos": [{"id": "abc", "shard": 0, "offset": 0, "n": 120, "segment_seconds": 5.0,
+                              "source": "/data/abc.mp4"}, ...]}
+
+Video v's embeddings are rows [offset, offset + n) of shard `shard` (a video never spans shards), so a
+random crop is one contiguous slice of a memory map. Reading without this package::
+
+    index = json.load(open("STORE/index.json"))
+    v = index["videos"][0]
+    shard = index["shards"][v["shard"]]
+    emb = np.load("STORE/" + shard["emb"], mmap_mode="r")[v["offset"]: v["offset"] + v["n"]]
+
+Writers (StoreWriter) buffer videos and write whole shards, each via temp file + rename, then rewrite
+index.json (again temp + rename). A shard that no committed index names is garbage from a killed
+writer: readers never see it and the next writer deletes it. Re-opening a store with StoreWriter
+resumes: `contains(video_id)` tells an importer what to skip.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write_bytes
+
+INDEX_NAME = "index.json"
+SHARD_DIR = "shards"
+STORE_FORMAT, STORE_VERSION = "lvmae-embedding-store", 1
+EMB_DTYPE, TIMES_DTYPE = np.dtype(np.float16), np.dtype(np.float32)
+DEFAULT_SHARD_ROWS = 1 << 16  # 128 MiB per shard at d=1024 in float16
+
+
+def _fsynced_write(tmp_path: str, write_to_file) -> None:
+    # fsync before the rename: after a crash the renamed name never points at unwritten blocks.
+    with open(tmp_path, "wb") as f:
+        write_to_file(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write_bytes(path, lambda tmp: _fsynced_write(tmp, lambda f: np.save(f, array, allow_pickle=False)))
+
+
+def _atomic_save_json(path: Path, obj) -> None:
+    text = json.dumps(obj, separators=(",", ":")).encode()
+    atomic_write_bytes(path, lambda tmp: _fsynced_write(tmp, lambda f: f.write(text)))
+
+
+def read_npy_header(path: Path) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of a .npy file without reading or mapping its data."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in reader:
+            raise ValueError(f"{path}: unsupported .npy version {version}")
+        shape, fortran_order, dtype = reader[version](f)
+    if fortran_order:
+        raise ValueError(f"{path}: Fortran-ordered array; shards must be C-contiguous")
+    return shape, dtype
+
+
+def default_window_times(n: int, segment_seconds: float) -> np.ndarray:
+    """[n, 2] float32: row i covers [i*S, (i+1)*S) seconds."""
+    starts = np.arange(n, dtype=np.float64) * segment_seconds
+    return np.stack([starts, starts + segment_seconds], 1).astype(TIMES_DTYPE)
+
+
+def load_index(path) -> dict:
+    index_path = Path(path) / INDEX_NAME
+    if not index_path.is_file():
+        raise FileNotFoundError(f"no embedding store at {path} ({INDEX_NAME} missing); "
+                                f"create one with `lvmae store import`")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index_path} is not valid JSON: {err}") from None
+    if not isinstance(index, dict) or index.get("format") != STORE_FORMAT:
+        raise ValueError(f"{index_path} is not an lvmae embedding store index")
+    if index.get("version") != STORE_VERSION:
+        raise ValueError(f"{index_path}: store version {index.get('version')} is not supported (expected {STORE_VERSION})")
+    for key in ("dim", "encoder", "segment_seconds", "shards", "videos"):
+        if key not in index:
+            raise ValueError(f"{index_path}: missing key {key!r}")
+    return index
+
+
+class StoreWriter:
+    """Create or resume a store; add videos; commit atomically. See the module docstring for the layout."""
+
+    def __init__(self, path, dim: int, encoder: str = "unknown", segment_seconds: float = 5.0,
+                 shard_rows: int = DEFAULT_SHARD_ROWS):
+        if int(dim) < 1 or shard_rows < 1 or not segment_seconds > 0:
+            raise ValueError(f"dim ({dim}), shard_rows ({shard_rows}) and segment_seconds ({segment_seconds}) must be > 0")
+        self.path, self.dim, self.encoder = Path(path), int(dim), str(encoder)
+        self.segment_seconds, self.shard_rows = float(segment_seconds), int(shard_rows)
+        if (self.path / INDEX_NAME).exists():
+            self._index = load_index(self.path)
+            if self._index["dim"] != self.dim or self._index["encoder"] != self.encoder:
+                raise ValueError(f"store {self.path} holds dim={self._index['dim']} encoder={self._index['encoder']!r}; "
+                                 f"cannot add dim={self.dim} encoder={self.encoder!r}")
+        else:
+            self._index = {"format": STORE_FORMAT, "version": STORE_VERSION, "dim": self.dim, "encoder": self.encoder,
+                           "segment_seconds": self.segment_seconds, "dtype": EMB_DTYPE.name, "shards": [], "videos": []}
+        (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        self._remove_uncommitted_files()
+        self._committed_ids = {v["id"] for v in self._index["videos"]}
+        self._pending: list[tuple[dict, np.ndarray, np.ndarray]] = []  # (video entry, emb f16, times f32)
+        self._pending_rows = 0
+        self._closed = False
+
+    def _remove_uncommitted_files(self) -> None:
+        # Shards written by a killed writer after its last index commit: unreachable, so safe to delete.
+        referenced = {Path(s[k]).name for s in self._index["shards"] for k in ("emb", "times")}
+        for f in (self.path / SHARD_DIR).iterdir():
+            if f.name not in referenced:
+                f.unlink()
+
+    def __len__(self) -> int:
+        return len(self._committed_ids) + len(self._pending)
+
+    def contains(self, video_id: str) -> bool:
+        return video_id in self._committed_ids or any(e["id"] == video_id for e, _, _ in self._pending)
+
+    def add(self, video_id: str, emb: np.ndarray, source_path: str = "", window_times: np.ndarray | None = None) -> None:
+        """Buffer one video's embeddings [n, dim]; written at the next commit (or when a shard fills up)."""
+        if self._closed:
+            raise ValueError("store writer is closed")
+        if not isinstance(video_id, str) or not video_id:
+            raise ValueError(f"video id must be a non-empty string, got {video_id!r}")
+        if self.contains(video_id):
+            raise ValueError(f"video {video_id!r} is already in the store")
+        emb = np.asarray(emb)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise ValueError(f"video {video_id!r}: embeddings must have shape [n, {self.dim}], got {list(emb.shape)}")
+        n = emb.shape[0]
+        if n < 1:
+            raise ValueError(f"video {video_id!r}: no segments (n=0); a video needs at least one embedding")
+        if not np.issubdtype(emb.dtype, np.floating):
+            raise ValueError(f"video {video_id!r}: embeddings must be floating point, got {emb.dtype}")
+        with np.errstate(over="ignore"):
+            emb16 = emb.astype(EMB_DTYPE)
+        # Checked after the cast: float32 values beyond float16's range (65504) would become Inf.
+        if not np.isfinite(emb16).all():
+            bad = np.flatnonzero(~np.isfinite(emb16).all(1))
+            raise ValueError(f"video {video_id!r}: non-finite embedding values (NaN/Inf, or beyond float16 range) "
+                             f"in rows {bad[:10].tolist()}")
+        if window_times is None:
+            times = default_window_times(n, self.segment_seconds)
+        else:
+            times = np.asarray(window_times, dtype=np.float64)
+            if times.shape != (n, 2) or not np.isfinite(times).all() or (times[:, 1] < times[:, 0]).any():
+                raise ValueError(f"video {video_id!r}: window_times must be finite [n={n}, 2] (start, end) "
+                                 f"with end >= start, got shape {list(times.shape)}")
+            times = times.astype(TIMES_DTYPE)
+        entry = {"id": video_id, "n": int(n), "segment_seconds": self.segment_seconds, "source": str(source_path)}
+        self._pending.append((entry, emb16, times))
+        self._pending_rows += n
+        if self._pending_rows >= self.shard_rows:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write every buffered video into new shards, then the index that makes them visible."""
+        if not self._pending:
+            return
+        groups, current, rows = [], [], 0
+        for item in self._pending:  # pack videos into shards of at most shard_rows rows (big videos alone)
+            n = item[0]["n"]
+            if current and rows + n > self.shard_rows:
+                groups.append(current)
+                current, rows = [], 0
+            current.append(item)
+            rows += n
+        groups.append(current)
+        index = json.loads(json.dumps(self._index))  # the live index is only replaced once everything is on disk
+        for group in groups:
+            shard_id = len(index["shards"])
+            emb_name, times_name = f"{SHARD_DIR}/emb-{shard_id:05d}.npy", f"{SHARD_DIR}/times-{shard_id:05d}.npy"
+            _atomic_save_npy(self.path / emb_name, np.concatenate([e for _, e, _ in group]))
+            _atomic_save_npy(self.path / times_name, np.concatenate([t for _, _, t in group]))
+            offset = 0
+            for entry, _, _ in group:
+                index["videos"].append({**entry, "shard": shard_id, "offset": offset})
+                offset += entry["n"]
+            index["shards"].append({"emb": emb_name, "times": times_name, "rows": offset})
+        _atomic_save_json(self.path / INDEX_NAME, index)
+        self._index = index
+        self._committed_ids.update(e["id"] for e, _, _ in self._pending)
+        self._pending, self._pending_rows = [], 0
+
+    def close(self) -> None:
+        if not self._closed:
+            self.commit()
+            # An empty store still gets an index, so it reads as a (valid, empty) store.
+            if not (self.path / INDEX_NAME).exists():
+                _atomic_save_json(self.path / INDEX_NAME, self._index)
+            self._closed = True
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Every buffered video passed validation in add(), so committing on an exception keeps only
+        # complete videos; a re-run resumes after them.
+        self.close()
+
+
+class Store:
+    """Read-only view of a committed store. get()/window_times() return memory-mapped slices.
+    `fingerprint` (sha256 of the index) identifies the exact committed content, for resume checks."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        index = load_index(self.path)
+        self.fingerprint = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
+        self.dim, self.encoder = int(index["dim"]), str(index["encoder"])
+        self.segment_seconds = float(index["segment_seconds"])
+        self._shards = index["shards"]
+        self._entries = {}
+        for v in index["videos"]:
+            if v["id"] in self._entries:
+                raise ValueError(f"store {self.path}: video id {v['id']!r} appears twice in the index")
+            self._entries[v["id"]] = v
+        self.video_ids = [v["id"] for v in index["videos"]]
+        problems = check_structure(self.path, index)
+        if problems:
+            raise ValueError(f"store {self.path} is inconsistent ({len(problems)} problems; run `lvmae store verify`): "
+                             + "; ".join(str(p) for p in problems[:5]))
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self._entries
+
+    def __getstate__(self):
+        # DataLoader workers re-open the memory maps themselves instead of pickling them.
+        return {**self.__dict__, "_maps": {}}
+
+    def _entry(self, video_id: str) -> dict:
+        try:
+            return self._entries[video_id]
+        except KeyError:
+            raise KeyError(f"video {video_id!r} is not in store {self.path}") from None
+
+    def _map(self, shard: int, kind: str) -> np.ndarray:
+        key = (shard, kind)
+        if key not in self._maps:
+            self._maps[key] = np.load(self.path / self._shards[shard][kind], mmap_mode="r")
+        return self._maps[key]
+
+    def num_segments(self, video_id: str) -> int:
+        return int(self._entry(video_id)["n"])
+
+    def get(self, video_id: str) -> np.ndarray:
+        """float16 [n, dim] memory-mapped rows of one video (slice it further before copying)."""
+        v = self._entry(video_id)
+        return self._map(v["shard"], "emb")[v["offset"]: v["offset"] + v["n"]]
+
+    def window_times(self, video_id: str) -> np.ndarray:
+        """float32 [n, 2] start/end seconds of each row's window."""
+        v = self._entry(video_id)
+        return self._map(v["shard"], "times")[v["offset"]: v["offset"] + v["n"]]
+
+    def meta(self, video_id: str) -> dict:
+        v = self._entry(video_id)
+        return {"id": v["id"], "shard": v["shard"], "offset": v["offset"], "n": v["n"],
+                "segment_seconds": v["segment_seconds"], "source": v["source"], "encoder": self.encoder, "dim": self.dim}
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a store; video_id is None for store-level problems."""
+    video_id: str | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.video_id}: {self.message}" if self.video_id is not None else self.message
+
+
+def check_structure(path, index: dict) -> list[Problem]:
+    """Cheap checks (headers only, no data read): shard files, dtypes, dims, index vs shard sizes."""
+    path, problems = Path(path), []
+    shard_rows: dict[int, int] = {}  # shards whose headers are sound -> actual rows
+    for i, shard in enumerate(index["shards"]):
+        try:
+            emb_shape, emb_dtype = read_npy_header(path / shard["emb"])
+            times_shape, times_dtype = read_npy_header(path / shard["times"])
+        except (OSError, ValueError) as err:
+            problems.append(Problem(None, f"shard {i}: cannot read: {err}"))
+            continue
+        bad = []
+        if emb_dtype != EMB_DTYPE:
+            bad.append(f"dtype {emb_dtype}, expected {EMB_DTYPE}")
+        if len(emb_shape) != 2 or emb_shape[1] != index["dim"]:
+            bad.append(f"shape {list(emb_shape)}, expected [rows, {index['dim']}]")
+        if emb_shape[:1] != (shard["rows"],):
+            bad.append(f"{emb_shape[0] if emb_shape else 0} rows on disk, index says {shard['rows']}")
+        if times_dtype != TIMES_DTYPE or times_shape != (emb_shape[0] if emb_shape else -1, 2):
+            bad.append(f"window times {times_dtype} {list(times_shape)} do not match the embeddings")
+        if bad:
+            problems.append(Problem(None, f"shard {i} ({shard['emb']}): " + "; ".join(bad)))
+        if emb_shape and len(emb_shape) == 2 and emb_shape[1] == index["dim"] and emb_dtype == EMB_DTYPE:
+            shard_rows[i] = int(emb_shape[0])
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    for v in index["videos"]:
+        vid, shard, offset, n = v.get("id"), v.get("shard"), v.get("offset"), v.get("n")
+        if not all(isinstance(x, int) for x in (shard, offset, n)):
+            problems.append(Problem(vid, f"malformed index entry {v}"))
+            continue
+        if n < 1:
+            problems.append(Problem(vid, f"has {n} segments"))
+        elif not 0 <= shard < len(index["shards"]):
+            problems.append(Problem(vid, f"points to shard {shard}, but the store has {len(index['shards'])} shards"))
+        elif shard not in shard_rows:
+            problems.append(Problem(vid, f"lives in unreadable or mismatched shard {shard}"))
+        elif offset < 0 or offset + n > shard_rows[shard]:
+            problems.append(Problem(vid, f"rows [{offset}, {offset + n}) point past shard {shard} ({shard_rows[shard]} rows)"))
+        else:
+            spans.setdefault(shard, []).append((offset, offset + n, vid))
+    for shard, rows in spans.items():
+        rows.sort()
+        for (_, end_a, a), (start_b, _, b) in zip(rows, rows[1:]):
+            if start_b < end_a:
+                problems.append(Problem(b, f"rows overlap video {a!r} in shard {shard}"))
+    return problems
+
+
+def scan_nonfinite(store: Store, chunk_rows: int = 1 << 16) -> dict[str, int]:
+    """{video_id: number of rows with NaN/Inf} over the whole store (one sequential read of every shard)."""
+    bad: dict[str, int] = {}
+    by_shard: dict[int, list[dict]] = {}
+    for vid in store.video_ids:
+        v = store._entry(vid)
+        by_shard.setdefault(v["shard"], []).append(v)
+    for shard, videos in by_shard.items():
+        emb = store._map(shard, "emb")
+        bad_rows = [start + np.flatnonzero(~np.isfinite(emb[start: start + chunk_rows]).all(1))
+                    for start in range(0, emb.shape[0], chunk_rows)]
+        bad_rows = np.concatenate(bad_rows) if bad_rows else np.zeros(0, np.int64)
+        if bad_rows.size == 0:
+            continue
+        for v in videos:
+            count = int(np.count_nonzero((bad_rows >= v["offset"]) & (bad_rows < v["offset"] + v["n"])))
+            if count:
+                bad[v["id"]] = count
+    return bad
+
+
+@dataclass
+class VerifyReport:
+    num_videos: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def bad_videos(self) -> list[str]:
+        return sorted({p.video_id for p in self.problems if p.video_id is not None})
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_store(path) -> VerifyReport:
+    """Every check a reader relies on, reporting (not raising) what is wrong and which videos it hits."""
+    index = load_index(path)
+    report = VerifyReport(num_videos=len(index["videos"]))
+    report.problems += check_structure(path, index)
+    if report.problems:
+        return report  # the data scan needs sound shards
+    store = Store(path)
+    for vid, count in scan_nonfinite(store).items():
+        report.problems.append(Problem(vid, f"{count} of {store.num_segments(vid)} rows hold NaN/Inf"))
+    for vid in store.video_ids:
+        times = store.window_times(vid)
+        if not np.isfinite(times).all() or (times[:, 1] < times[:, 0]).any():
+            report.problems.append(Problem(vid, "window times are non-finite or end before they start"))
+    return report
+
+
+def summarize(store: Store) -> dict:
+    """Numbers for `lvmae store info`."""
+    lengths = np.array([store.num_segments(v) for v in store.video_ids], dtype=np.int64)
+    size = sum((store.path / s[k]).stat().st_size for s in store._shards for k in ("emb", "times"))
+    hours = float(sum(store.num_segments(v) * store._entry(v)["segment_seconds"] for v in store.video_ids)) / 3600
+    return {
+        "path": str(store.path), "videos": len(store), "dim": store.dim, "encoder": store.encoder,
+        "segment_seconds": store.segment_seconds, "segments": int(lengths.sum()), "hours": round(hours, 3),
+        "shards": len(store._shards), "bytes_on_disk": int(size),
+        "segments_per_video": ({"min": int(lengths.min()), "median": float(np.median(lengths)),
+                                "max": int(lengths.max())} if len(lengths) else None),
+    }

@@ -1,0 +1,185 @@
+"""`lvmae store import|info|verify`: fill an embedding store from arrays on disk, describe it, check it.
+
+Import sources:
+- a directory of `<video_id>.npy` or `<video_id>.pt` arrays [n_segments, dim] (float16/32; a .pt may hold
+  a tensor or {'embedding': tensor});
+- the amazon-science/lv-mae preprocessed layout: a CSV whose `segment_paths` column lists one `.pt` file
+  per segment holding {'embedding': tensor [dim]}; the video id comes from `video_filename` (or
+  `video_id`, else the row number). The list is parsed as JSON or as a Python list of string literals
+  by a small parser of our own: CSV fields are never evaluated.
+Import resumes: videos already in the store are skipped. Files that fail validation are reported and
+skipped; the exit code is then 1 and everything valid is committed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .store import Store, StoreWriter, load_index, summarize, verify_store
+
+_PY_STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""
+_PY_LIST = re.compile(rf"^\[\s*(?:(?:{_PY_STRING})\s*(?:,\s*(?:{_PY_STRING})\s*)*,?\s*)?\]$", re.S)
+_ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "t": "\t"}
+
+
+def parse_path_list(text: str) -> list[str]:
+    """A JSON list of strings, or a Python list repr of string literals (what pandas writes for a list)."""
+    text = text.strip()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        if not _PY_LIST.match(text):
+            raise ValueError(f"segment_paths is neither a JSON list nor a list of quoted strings: {text[:80]!r}") from None
+        value = [re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), "\\" + m.group(1)), s[1:-1])
+                 for s in re.findall(_PY_STRING, text)]
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ValueError(f"segment_paths must be a list of paths, got {text[:80]!r}")
+    return value
+
+
+def _load_torch_embedding(path: Path):
+    import torch  # only .pt sources need torch here
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)  # never a blind pickle load
+    if isinstance(obj, dict):
+        if "embedding" not in obj:
+            raise ValueError(f"{path}: dict without an 'embedding' key (keys {sorted(obj)[:5]})")
+        obj = obj["embedding"]
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: expected a tensor or {{'embedding': tensor}}, got {type(obj).__name__}")
+    return obj.detach().float().numpy()
+
+
+def load_array(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    return _load_torch_embedding(path)
+
+
+def iter_directory(src: Path):
+    """(video_id, source path, loader) for each <video_id>.npy / .pt in a directory, sorted by id."""
+    files = sorted(p for p in src.iterdir() if p.suffix in (".npy", ".pt") and p.is_file())
+    ids = [p.stem for p in files]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"{src}: video ids with both .npy and .pt files: {dupes[:10]}")
+    for p in files:
+        yield p.stem, str(p), (lambda p=p: load_array(p))
+
+
+def iter_reference_csv(csv_path: Path):
+    """(video_id, source, loader) per row of an amazon-science/lv-mae segments CSV."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "segment_paths" not in rows[0]:
+        raise ValueError(f"{csv_path}: no `segment_paths` column (columns: {sorted(rows[0])})")
+    for i, row in enumerate(rows):
+        video_id = row.get("video_filename") or row.get("video_id") or str(i)
+
+        def load(row=row, video_id=video_id):
+            paths = [Path(p) if Path(p).is_absolute() else csv_path.parent / p for p in parse_path_list(row["segment_paths"])]
+            if row.get("number_of_segments") not in (None, "") and int(row["number_of_segments"]) != len(paths):
+                raise ValueError(f"number_of_segments={row['number_of_segments']} but {len(paths)} segment paths")
+            if not paths:
+                raise ValueError("no segments")
+            segs = [load_array(p).reshape(-1) for p in paths]
+            if len({s.shape for s in segs}) > 1:
+                raise ValueError(f"segments have mixed dims {sorted({s.shape[0] for s in segs})}")
+            return np.stack(segs)
+
+        yield video_id, f"{csv_path}#row={i}", load
+
+
+def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float = 5.0,
+                      shard_rows: int | None = None) -> tuple[int, int, list[str]]:
+    """Import into `out` (created or resumed). Returns (added, skipped as already present, failures)."""
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(f"import source {src} does not exist")
+    items = iter_reference_csv(src) if src.is_file() and src.suffix == ".csv" else iter_directory(src)
+    writer, added, skipped, failures = None, 0, 0, []
+    kwargs = {"shard_rows": shard_rows} if shard_rows else {}
+    try:
+        if (out / "index.json").exists():  # resume: the existing store fixes dim and encoder
+            index = load_index(out)
+            writer = StoreWriter(out, index["dim"], encoder=encoder, segment_seconds=segment_seconds, **kwargs)
+        for video_id, source, load in items:
+            if writer is not None and writer.contains(video_id):
+                skipped += 1
+                continue
+            try:
+                emb = load()
+                if writer is None:  # the first readable array fixes the store's dim
+                    if emb.ndim != 2:
+                        raise ValueError(f"expected [n_segments, dim], got shape {list(emb.shape)}")
+                    writer = StoreWriter(out, emb.shape[1], encoder=encoder, segment_seconds=segment_seconds, **kwargs)
+                writer.add(video_id, emb, source_path=source)
+                added += 1
+            except (ValueError, OSError, RuntimeError) as err:
+                failures.append(f"{video_id} ({source}): {err}")
+    finally:
+        if writer is not None:
+            writer.close()
+    return added, skipped, failures
+
+
+def _run_import(args) -> int:
+    added, skipped, failures = import_embeddings(args.src, args.out, encoder=args.encoder,
+                                                 segment_seconds=args.segment_seconds, shard_rows=args.shard_rows)
+    if added + skipped == 0 and not failures:
+        raise ValueError(f"{args.src} holds no <video_id>.npy/.pt files")
+    print(f"imported {added} videos into {args.out} ({skipped} already present)")
+    for line in failures:
+        print(f"  failed: {line}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} videos failed and were not imported", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _run_info(args) -> int:
+    info = summarize(Store(args.store))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        print(f"{key:>20}: {value}")
+    return 0
+
+
+def _run_verify(args) -> int:
+    report = verify_store(args.store)
+    if report.ok:
+        print(f"{args.store}: OK ({report.num_videos} videos)")
+        return 0
+    for problem in report.problems:
+        print(f"  {problem}")
+    bad = report.bad_videos
+    print(f"{args.store}: {len(report.problems)} problems; bad videos ({len(bad)}): {' '.join(bad)}")
+    return 2
+
+
+def register(sub) -> None:
+    store = sub.add_parser("store", help="embedding store: import, info, verify")
+    store_sub = store.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
+
+    p = store_sub.add_parser("import", help="import <video_id>.npy/.pt arrays (or a reference segments CSV) into a store")
+    p.add_argument("src", help="directory of <video_id>.npy/.pt arrays [n_segments, dim], or a reference CSV")
+    p.add_argument("--out", required=True, help="store directory (created, or resumed if it exists)")
+    p.add_argument("--encoder", default="unknown", help="name of the short-video encoder that made the embeddings")
+    p.add_argument("--segment-seconds", type=float, default=5.0, help="seconds per segment (default 5)")
+    p.add_argument("--shard-rows", type=int, default=None, help="rows per shard file")
+    p.set_defaults(func=_run_import)
+
+    p = store_sub.add_parser("info", help="describe a store")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run_info)
+
+    p = store_sub.add_parser("verify", help="check dims, dtypes, NaN/Inf and index vs shards; exit 2 and name bad videos")
+    p.add_argument("store")
+    p.set_defaults(func=_run_verify)

@@ -1,0 +1,165 @@
+"""Synthetic test videos: real encoded files (H.264 mp4, VP9 webm/mkv) with known timing and content.
+
+Each video is a sequence of scenes; a scene is a solid colour with a scene-specific pattern (a
+checkerboard whose cell size changes per scene), so scene changes are visible to any encoder and land
+at known times. Frame timestamps are chosen exactly (constant or variable frame rate) and expressed in
+the container's time base, so tests can compare decoded timestamps against hand-computed ones.
+
+Also writes the non-videos of the failure corpus (zero-byte, truncated, audio-only, text, too short).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+# Distinct, saturated colours: consecutive scenes differ strongly in every channel.
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+# codec name (our word) -> (PyAV encoder, default container suffix, pixel format)
+CODECS = {
+    "h264": ("libx264", ".mp4", "yuv420p"),
+    "vp9": ("libvpx-vp9", ".webm", "yuv420p"),
+    "vp8": ("libvpx", ".webm", "yuv420p"),
+    "mjpeg": ("mjpeg", ".mkv", "yuvj420p"),
+}
+
+
+@dataclasses.dataclass
+class SynthVideo:
+    path: Path
+    frame_times: np.ndarray      # presentation time of each frame, seconds (as stored, container-rounded)
+    duration: float              # last frame time + its display duration
+    scene_starts: list[float]    # time each scene begins (first is 0.0)
+    codec: str
+
+
+def frame_times_for(duration: float, fps: float, vfr: bool = False, seed: int = 0) -> np.ndarray:
+    """Frame start times in [0, duration). CFR: k/fps. VFR: intervals drawn from {0.5, 1, 2}/fps."""
+    if not vfr:
+        n = int(np.floor(duration * fps + 1e-9))
+        return np.arange(n, dtype=np.float64) / fps
+    rng = np.random.default_rng(seed)
+    times, t = [], 0.0
+    while t < duration - 1e-9:
+        times.append(t)
+        t += float(rng.choice([0.5, 1.0, 2.0])) / fps
+    return np.asarray(times, dtype=np.float64)
+
+
+def _scene_image(scene: int, width: int, height: int) -> np.ndarray:
+    colour = np.asarray(PALETTE[scene % len(PALETTE)], dtype=np.uint8)
+    cell = 4 + 4 * (scene % 4)
+    yy, xx = np.mgrid[0:height, 0:width]
+    checker = ((yy // cell + xx // cell) % 2).astype(bool)
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    img[:] = colour
+    img[checker] = colour // 2  # same hue, darker cells: pattern without changing the scene colour
+    return img
+
+
+def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int, int] = (64, 48),
+                codec: str = "h264", scene_starts: list[float] | None = None, vfr: bool = False,
+                seed: int = 0, gop: int = 12, audio: bool = False) -> SynthVideo:
+    """Encode a video of `duration` seconds at `fps` (nominal when vfr) and `size` = (width, height).
+
+    `scene_starts` (seconds, first must be 0) default to one scene per 2 seconds. Returns the frame
+    times exactly as stored, i.e. rounded to the container's time base.
+    """
+    import av  # optional dependency: only the video tools need it
+
+    path = Path(path)
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose from {sorted(CODECS)}")
+    encoder_name, _, pix_fmt = CODECS[codec]
+    width, height = size
+    if width % 2 or height % 2:
+        raise ValueError("width and height must be even (4:2:0 chroma)")
+    scene_starts = list(scene_starts) if scene_starts is not None else list(np.arange(0.0, duration, 2.0))
+    if not scene_starts or scene_starts[0] != 0.0:
+        raise ValueError("scene_starts must begin with 0.0")
+    times = frame_times_for(duration, fps, vfr=vfr, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(encoder_name, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        # A fine encoder time base lets VFR timestamps be exact; the muxer may still round (webm: 1 ms).
+        stream.codec_context.time_base = Fraction(1, 90000)
+        stream.codec_context.gop_size = gop
+        if codec == "h264":
+            # No B-frames: presentation order == decode order, pts start at 0 (no edit-list shift).
+            stream.codec_context.max_b_frames = 0
+            stream.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        elif codec in ("vp9", "vp8"):
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+        audio_stream = container.add_stream("aac", rate=16000) if audio else None
+        # One converted frame per scene, re-sent with new timestamps (the encoder keeps its own reference).
+        scene_frames = [av.VideoFrame.from_ndarray(_scene_image(i, width, height), format="rgb24").reformat(format=pix_fmt)
+                        for i in range(len(scene_starts))]
+        scene_of = np.searchsorted(np.asarray(scene_starts), times, side="right") - 1
+        for t, scene in zip(times, scene_of):
+            frame = scene_frames[scene]
+            frame.pts = int(round(t * 90000))
+            frame.time_base = Fraction(1, 90000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if audio_stream is not None:
+            _write_silence(container, audio_stream, duration)
+        time_base = stream.time_base
+
+    # Report what the container stores: times rounded to its time base.
+    stored = np.round(times / float(time_base)) * float(time_base)
+    last_interval = (times[-1] - times[-2]) if len(times) > 1 else 1.0 / fps
+    return SynthVideo(path=path, frame_times=stored, duration=float(stored[-1] + last_interval),
+                      scene_starts=[float(s) for s in scene_starts], codec=codec)
+
+
+def _write_silence(container, stream, duration: float) -> None:
+    import av
+
+    samples_per_frame = 1024
+    n_frames = int(np.ceil(duration * stream.rate / samples_per_frame))
+    for i in range(n_frames):
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, samples_per_frame), dtype=np.float32),
+                                           format="fltp", layout="mono")
+        frame.sample_rate = stream.rate
+        frame.pts = i * samples_per_frame
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
+def write_audio_only(path, duration: float = 2.0) -> Path:
+    import av
+
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        _write_silence(container, container.add_stream("aac", rate=16000), duration)
+    return path
+
+
+def write_failure_corpus(folder) -> dict[str, Path]:
+    """Files a robust extractor must skip with a reason: name -> path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    out["zero_byte"] = folder / "zero_byte.mp4"
+    out["zero_byte"].write_bytes(b"")
+    out["not_a_video"] = folder / "notes.mp4"
+    out["not_a_video"].write_text("this is a text file, not a video\n" * 20)
+    good = write_video(folder / "_whole.mp4", duration=4.0, fps=10, codec="h264").path
+    data = good.read_bytes()
+    out["truncated"] = folder / "truncated.mp4"
+    out["truncated"].write_bytes(data[: len(data) // 3])  # mp4: moov atom at the end is cut off
+    os.remove(good)
+    out["audio_only"] = write_audio_only(folder / "audio_only.mp4")
+    out["too_short"] = write_video(folder / "too_short.mp4", duration=0.2, fps=10, codec="h264").path
+    return out

@@ -1,0 +1,488 @@
+"""`lvmae pretrain`: LV-MAE pretraining on an embedding store, with exact resume.
+
+Run directory (RUN = --out)::
+
+    RUN/config.yaml                  resolved PretrainConfig (what --resume starts from)
+    RUN/config.json, model.safetensors   latest model: LVMAE.from_pretrained(RUN)
+    RUN/metrics.jsonl                one JSON object per logged step: step, epoch, loss, lr, tokens_per_s,
+                                     samples_per_s, time_s (+ val_loss at evaluation steps)
+    RUN/tb/                          TensorBoard events
+    RUN/loss.png                     loss curve, drawn at the end
+    RUN/checkpoints/step-XXXXXXXX/   config.json + model.safetensors + train_state.pt (optimizer, progress,
+                                     RNG, config, store fingerprint); RUN/checkpoints/latest names the newest
+
+A checkpoint directory is built under a temp name and renamed into place, then `latest` is replaced
+(temp + rename), then the model files are linked into RUN; a kill at any point leaves the previous
+checkpoint intact. Checkpoints are written every ckpt_every steps, at the end, on SIGINT/SIGTERM and on a
+non-finite loss. Resume is exact: the sampler is a pure function of (seed, epoch, batch index), the lr
+of (epoch, batch index), and model/optimizer/RNG state is restored bit for bit, so an interrupted and
+resumed run logs the same losses as an uninterrupted one. metrics.jsonl lines written after the
+checkpoint a run resumes from are dropped (they are recomputed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from . import train_config as tc
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
+from .model import LVMAE, LVMAEConfig
+from .sampler import VAL_EPOCH, LongVideoSampler, SamplerConfig, split_videos
+from .store import Store, scan_nonfinite
+
+log = logging.getLogger(__name__)
+STATE_NAME, LATEST_NAME = "train_state.pt", "latest"
+EXIT_NONFINITE, EXIT_SIGNAL = 3, {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+# ---- learning rate ------------------------------------------------------------------------------
+def lr_at(epoch_progress: float, base_lr: float, cfg: tc.PretrainConfig) -> float:
+    """MAE schedule, per iteration: linear warmup, then half-cycle cosine to min_lr (epoch_progress in epochs)."""
+    if epoch_progress < cfg.warmup_epochs:
+        return base_lr * epoch_progress / cfg.warmup_epochs
+    span = cfg.epochs - cfg.warmup_epochs
+    t = (epoch_progress - cfg.warmup_epochs) / span if span > 0 else 0.0
+    return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def _atomic_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / LATEST_NAME
+    if not pointer.is_file():
+        return None
+    path = out / "checkpoints" / pointer.read_text().strip()
+    if not (path / STATE_NAME).is_file():
+        raise ValueError(f"{pointer} names {path.name}, which is missing or incomplete")
+    return path
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    random.setstate(state["python"])
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # no second copy of the weights where the filesystem allows
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.PretrainConfig,
+                    store_fingerprint: str) -> Path:
+    ckpt_root = out / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{progress['step']:08d}"
+    final, pointer = ckpt_root / name, ckpt_root / LATEST_NAME
+    if final.exists() and pointer.is_file() and pointer.read_text().strip() == name:
+        return final  # this exact state is already the latest checkpoint
+    tmp = ckpt_root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    state = {"progress": dict(progress), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+             "config": cfg.to_dict(), "model_config": model.config.to_dict(), "store_fingerprint": store_fingerprint}
+    torch.save(state, tmp / STATE_NAME)
+    shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step from a killed run
+    os.replace(tmp, final)
+    _atomic_text(pointer, name)
+    for f in (WEIGHTS_NAME, CONFIG_NAME):  # config last, as save_pretrained does
+        _link_or_copy(final / f, out / f)
+    steps = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in steps[:-cfg.keep_checkpoints]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_train_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def read_metrics(path: Path) -> list[dict]:
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a kill: it and anything after is not trusted
+    return records
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only records up to `step` (the checkpoint we resume from); later ones will be recomputed."""
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    _atomic_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_loss(run: Path) -> Path | None:
+    records = read_metrics(run / "metrics.jsonl")
+    if not records:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train loss")
+    val = [r for r in records if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (fixed crops/masks)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("masked reconstruction loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class Throughput:
+    """Tokens/s and samples/s since the last report (synchronising CUDA first, so the numbers are real)."""
+
+    def __init__(self, sync=None):
+        self.sync, self.start = sync, time.perf_counter()
+        self.t, self.tokens, self.samples = self.start, 0, 0
+
+    def add(self, batch) -> None:
+        self.tokens += batch.num_tokens
+        self.samples += batch.num_videos
+
+    def rates(self) -> dict:
+        if self.sync is not None:
+            self.sync()
+        now = time.perf_counter()
+        elapsed = max(now - self.t, 1e-9)
+        rates = {"tokens_per_s": round(self.tokens / elapsed, 1), "samples_per_s": round(self.samples / elapsed, 2),
+                 "time_s": round(now - self.start, 3)}
+        self.t, self.tokens, self.samples = now, 0, 0
+        return rates
+
+
+def log_metrics(record: dict, metrics_file, tb) -> None:
+    """One line of metrics.jsonl (flushed: a killed run keeps what it logged) and the TensorBoard scalars."""
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if tb is not None:
+        for key, value in record.items():
+            if key not in ("step", "epoch", "time_s"):
+                tb.add_scalar("val/loss" if key == "val_loss" else f"train/{key}", value, record["step"])
+
+
+# ---- signals ------------------------------------------------------------------------------------
+class StopFlag:
+    """First SIGINT/SIGTERM asks for a checkpoint and a clean exit; a second one interrupts at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: saving a checkpoint after the current step", signal.Signals(signum).name)
+
+    @contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self._handle) for s in EXIT_SIGNAL}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but CUDA is not available")
+    return device
+
+
+def build_model_config(cfg: tc.PretrainConfig, in_dim: int) -> LVMAEConfig:
+    allowed = {f.name for f in fields(LVMAEConfig)} - {"in_dim"}
+    unknown = sorted(set(cfg.model) - allowed)
+    if unknown:
+        raise ValueError(f"model: unknown keys {unknown} (allowed: {sorted(allowed)})")
+    return LVMAEConfig.from_preset(cfg.preset, in_dim=in_dim, **cfg.model)
+
+
+def training_videos(store: Store, cfg: tc.PretrainConfig) -> list[str]:
+    """Store ids minus videos with NaN/Inf rows (bad_videos=skip); bad_videos=error refuses to train."""
+    bad = scan_nonfinite(store)
+    if not bad:
+        return list(store.video_ids)
+    names = ", ".join(sorted(bad)[:20]) + (" ..." if len(bad) > 20 else "")
+    if cfg.bad_videos == "error":
+        raise ValueError(f"{len(bad)} videos in {store.path} hold NaN/Inf rows ({names}); see `lvmae store verify`, "
+                         f"or pass --set bad_videos=skip to train without them")
+    log.warning("skipping %d videos with NaN/Inf rows: %s", len(bad), names)
+    return [v for v in store.video_ids if v not in bad]
+
+
+def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: int) -> float:
+    """Mean masked loss over the held-out videos (fixed crops and masks), weighted by masked tokens."""
+    model.eval()
+    total, weight = 0.0, 0
+    with torch.no_grad():
+        for batch in sampler.loader(VAL_EPOCH, num_workers=num_workers):
+            with autocast():
+                loss = model(batch.to(device))
+            n = int(batch.masked_rows.numel())
+            total, weight = total + float(loss) * n, weight + n
+    model.train()
+    return total / max(weight, 1)
+
+
+def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
+    """Train per cfg; returns an exit code (0 done, 3 non-finite loss, 130/143 interrupted)."""
+    if not cfg.store or not cfg.out:
+        raise ValueError("pretrain needs --store STORE and --out RUN")
+    out = Path(cfg.out)
+    store = Store(cfg.store)
+    if len(store) == 0:
+        raise ValueError(f"store {cfg.store} holds no videos")
+
+    # Everything that can refuse the run is checked before anything is written to RUN.
+    ckpt = latest_checkpoint(out) if out.exists() else None
+    state = None
+    if not resume and (ckpt is not None or (out / "metrics.jsonl").exists()):
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and ckpt is not None:
+        state = load_train_state(ckpt)
+        conflicts = tc.resume_conflicts(state["config"], cfg)
+        if conflicts:
+            raise ValueError(f"cannot resume {out}: its checkpoint was trained with another config: " + "; ".join(conflicts))
+        if state["store_fingerprint"] != store.fingerprint:
+            raise ValueError(f"cannot resume {out}: store {cfg.store} is not the store it was trained on "
+                             f"(index fingerprint differs)")
+        changed = [k for k in tc.RESUME_MUTABLE if k not in ("store", "out") and state["config"].get(k) != getattr(cfg, k)]
+        if changed:
+            log.info("resuming with changed settings: %s", ", ".join(sorted(changed)))
+    model_cfg = build_model_config(cfg, store.dim)
+    if state is not None and state["model_config"] != model_cfg.to_dict():
+        raise ValueError(f"cannot resume {out}: checkpoint model config {state['model_config']} differs from {model_cfg.to_dict()}")
+    scfg = SamplerConfig(duration_min=cfg.duration_min, duration_max=cfg.duration_max, max_len=cfg.max_len,
+                         short_video_policy=cfg.short_video_policy, batch_videos=cfg.batch_videos,
+                         max_tokens=cfg.max_tokens, mask_ratio=model_cfg.mask_ratio, masking=model_cfg.masking,
+                         seed=cfg.seed)
+    train_ids, val_ids = split_videos(training_videos(store, cfg), cfg.val_videos, cfg.seed)
+    sampler = LongVideoSampler(store, train_ids, scfg)
+    val_sampler = LongVideoSampler(store, val_ids, scfg) if val_ids else None
+    device = resolve_device(cfg.device)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    torch.manual_seed(cfg.seed)
+    model = LVMAE(model_cfg)
+    if state is not None:
+        model.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME)))
+    model.to(device).train()
+    effective_batch = sampler.mean_videos_per_batch()
+    base_lr = cfg.lr or cfg.blr * effective_batch / 256
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=base_lr, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type == "cuda")
+    progress = {"step": 0, "epoch": 0, "batch": 0}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        progress = dict(state["progress"])
+    if cfg.compile:
+        model.compile_blocks()  # per-block, in place: state-dict names and checkpoints are unchanged
+
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / "config.yaml", tc.dump_yaml(cfg))
+    metrics_path = out / "metrics.jsonl"
+    if resume:  # drop records logged after the checkpoint (all of them when there is none yet)
+        truncate_metrics(metrics_path, progress["step"])
+    tb = None
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(str(out / "tb"), purge_step=progress["step"] + 1 if resume else None)
+
+    total_steps = sum(sampler.num_batches(e) for e in range(cfg.epochs))
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    log.info("pretraining %s (%.2fM params, in_dim %d) on %d videos (%d held out) from %s; %d steps, lr %.3g, device %s%s",
+             cfg.preset, model.num_params() / 1e6, store.dim, len(train_ids), len(val_ids), store.path, total_steps,
+             base_lr, device, f", resuming at step {progress['step']}" if state is not None else "")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    pin = device.type == "cuda"
+
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=progress["step"], unit="step", dynamic_ncols=True, disable=not cfg.progress,
+               file=sys.stderr)
+    stop, exit_code = StopFlag(), 0
+    meter = Throughput(sync=torch.cuda.synchronize if device.type == "cuda" else None)
+
+    def checkpoint():
+        return save_checkpoint(out, model, optimizer, progress, cfg, store.fingerprint)
+
+    with stop.installed(), open(metrics_path, "a") as metrics:
+        epoch = progress["epoch"]
+        while epoch < cfg.epochs and progress["step"] < total_steps and stop.signum is None:
+            num_batches = sampler.num_batches(epoch)
+            loader = sampler.loader(epoch, progress["batch"], num_workers=cfg.num_workers, pin_memory=pin,
+                                    prefetch_factor=cfg.prefetch_factor)
+            batches = iter(loader)
+            for i in range(progress["batch"], num_batches):
+                try:
+                    batch = next(batches)
+                except RuntimeError:
+                    if stop.signum is not None:  # a terminal's Ctrl-C also reached the loader's workers
+                        break
+                    raise
+                lr = lr_at(epoch + i / num_batches, base_lr, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = batch.to(device, non_blocking=pin)
+                with autocast():
+                    loss = model(batch)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    path = checkpoint()  # parameters are still those before this step
+                    msg = (f"non-finite loss ({loss_value}) at step {progress['step'] + 1} (epoch {epoch}, batch {i}). "
+                           f"Saved the state before this step to {path}. Try a lower lr (--set blr=...), gradient "
+                           f"clipping (--set grad_clip=1.0), or check the data with `lvmae store verify {cfg.store}`; "
+                           f"then continue with --resume.")
+                    log.error(msg)
+                    print(f"lvmae pretrain: error: {msg}", file=sys.stderr)
+                    exit_code = EXIT_NONFINITE
+                    break
+                loss.backward()
+                grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                             if cfg.grad_clip > 0 else None)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.update(step=progress["step"] + 1, batch=i + 1)
+                step = progress["step"]
+                meter.add(batch)
+                bar.update(1)
+
+                val_loss = None
+                if val_sampler is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                    val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
+                if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
+                    record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, **meter.rates()}
+                    record.update({k: v for k, v in (("grad_norm", grad_norm), ("val_loss", val_loss)) if v is not None})
+                    log_metrics(record, metrics, tb)
+                    bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                if step % cfg.ckpt_every == 0:
+                    checkpoint()
+                if stop.signum is not None or step >= total_steps:
+                    break
+            del batches, loader
+            if exit_code or stop.signum is not None or progress["step"] >= total_steps:
+                break
+            epoch += 1
+            progress.update(epoch=epoch, batch=0)
+    bar.close()
+
+    if exit_code == 0:
+        path = checkpoint()
+        if stop.signum is not None:
+            exit_code = EXIT_SIGNAL[stop.signum]
+            print(f"interrupted at step {progress['step']}; checkpoint {path}; continue with --resume", file=sys.stderr)
+        elif val_sampler is not None:
+            val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
+            log.info("final val loss %.5g", val_loss)
+            if tb is not None:
+                tb.add_scalar("val/loss", val_loss, progress["step"])
+            _atomic_text(out / "val.json", json.dumps({"step": progress["step"], "val_loss": val_loss}) + "\n")
+    if tb is not None:
+        tb.close()
+    plot = plot_loss(out)
+    print(f"run dir: {out}\n  metrics: {metrics_path}\n  loss curve: {plot}\n"
+          f"  model (LVMAE.from_pretrained): {out}\n  checkpoint: {latest_checkpoint(out)}")
+    return exit_code
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+# Explicit flags: (flag, config key, type). Anything else goes through --set key=value.
+FLAGS = [("--preset", "preset", str), ("--store", "store", str), ("--out", "out", str), ("--epochs", "epochs", int),
+         ("--max-steps", "max_steps", int), ("--seed", "seed", int), ("--device", "device", str),
+         ("--batch-videos", "batch_videos", int), ("--max-tokens", "max_tokens", int),
+         ("--num-workers", "num_workers", int), ("--blr", "blr", float), ("--lr", "lr", float),
+         ("--grad-clip", "grad_clip", float), ("--precision", "precision", str),
+         ("--bad-videos", "bad_videos", str), ("--val-videos", "val_videos", int),
+         ("--ckpt-every", "ckpt_every", int)]
+
+
+def config_from_args(args) -> tc.PretrainConfig:
+    layers = []
+    if args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+        layers.append((f"{args.out}/config.yaml", tc.load_yaml(Path(args.out) / "config.yaml")))
+    if args.config:
+        layers.append((args.config, tc.load_yaml(args.config)))
+    layers.append(("--set", tc.parse_set(args.set)))
+    flags = {key: getattr(args, key) for _, key, _ in FLAGS if getattr(args, key) is not None}
+    if args.compile:
+        flags["compile"] = True
+    if args.no_progress:
+        flags["progress"] = False
+    layers.append(("flags", flags))
+    return tc.resolve(layers)
+
+
+def _run(args) -> int:
+    cfg = config_from_args(args)
+    if args.print_config:  # a starting point for --config files
+        print(tc.dump_yaml(cfg), end="")
+        return 0
+    return pretrain(cfg, resume=args.resume)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain LV-MAE on an embedding store",
+                       description="Pretrain LV-MAE. Config precedence: preset < --config < --set < flags. "
+                                   "Run dir layout: see lvmae_fast/train.py.")
+    p.add_argument("--config", help="YAML file of config keys (see lvmae_fast/train_config.py)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable); model.KEY sets a model config field")
+    for flag, key, kind in FLAGS:
+        p.add_argument(flag, dest=key, type=kind, default=None, help=f"config key {key}")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (starts fresh if it has none)")
+    p.set_defaults(func=_run)

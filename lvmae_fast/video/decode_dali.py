@@ -1,0 +1,212 @@
+"""DALI decoding (GPU: NVDEC, frames stay on the GPU; CPU: VP8/VP9/MJPEG only) of planned windows.
+
+Uses DALI's current reader, fn.experimental.readers.video (variable-frame-rate safe), fed a file_list
+with exact frame ranges (file_list_format="frames"):
+- rule "index": one line per window `path label a b`, sequence_length=T, uniform_sample=True; DALI
+  picks round_half_up(linspace(a, b-1, T)), which windows.uniform_index_sample reproduces;
+- rule "time": one line per distinct sampled frame `path label f f+1`, sequence_length=1 (DALI cannot
+  take arbitrary indices in one sample). Lines are in frame order, and DALI keeps one decoder per file
+  and decodes forward without seeking inside a GOP, so this decodes what the per-window form decodes.
+Labels are our slot ids, so every decoded sample maps back to (video, window/frame) even if DALI
+skips a file it cannot open (it does so with only a warning).
+
+Throughput: videos are split over several readers (one pipeline each: NVDEC decodes sessions in
+parallel), each pipeline prefetches (DALI runs ahead asynchronously), so the next batches decode
+while the encoder works on this one. Videos are processed in chunks (pipelines rebuilt per chunk).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .jobs import Failed, VideoJob, Window, WindowSpec
+
+log = logging.getLogger(__name__)
+
+DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg", "libvpx", "libvpx-vp9"}
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def split_over_readers(jobs: list[VideoJob], readers: int) -> list[list[VideoJob]]:
+    """Whole videos per reader (each reader walks its files forward), balanced by window count."""
+    shards = [[] for _ in range(max(1, min(readers, len(jobs))))]
+    load = [0] * len(shards)
+    for job in sorted(jobs, key=lambda j: -j.num_windows):
+        k = int(np.argmin(load))
+        shards[k].append(job)
+        load[k] += job.num_windows
+    order = {id(j): i for i, j in enumerate(jobs)}
+    for shard in shards:  # restore input order inside a shard: commits come out in a stable order
+        shard.sort(key=lambda j: order[id(j)])
+    return [s for s in shards if s]
+
+
+class _Shard:
+    """One reader: its file_list, the label -> (job, item) map, and progress through its epoch."""
+
+    def __init__(self, jobs: list[VideoJob], rule: str, folder: str, k: int):
+        self.jobs, self.rule = jobs, rule
+        self.slots: list[tuple[VideoJob, int]] = []   # label -> (job, window or frame index)
+        lines = []
+        for job in jobs:
+            path = os.path.abspath(job.path)
+            if " " in path:
+                raise ValueError("DALI file_list cannot hold paths with spaces")
+            if rule == "index":
+                for w, (a, b) in enumerate(job.plan.ranges):
+                    lines.append(f"{path} {len(self.slots)} {int(a)} {int(b)}")
+                    self.slots.append((job, w))
+            else:
+                for f in np.unique(job.plan.frames):
+                    lines.append(f"{path} {len(self.slots)} {int(f)} {int(f) + 1}")
+                    self.slots.append((job, int(f)))
+        self.file_list = os.path.join(folder, f"reader{k}.txt")
+        with open(self.file_list, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        self.seen = 0
+        self.epoch = 0
+        self.pipe = None
+
+
+def _build_pipe(file_list: str, seq_len: int, device: str, batch_size: int, device_id, threads: int):
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=2,
+                  exec_dynamic=True)
+    def pipe():
+        video, label, times = fn.experimental.readers.video(
+            device=device, file_list=file_list, file_list_format="frames", file_list_include_end=False,
+            sequence_length=seq_len, uniform_sample=True, random_shuffle=False, enable_timestamps=True,
+            name="reader")
+        return video, label, times
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def _host_array(tensor_list) -> np.ndarray:
+    if hasattr(tensor_list, "as_cpu"):
+        tensor_list = tensor_list.as_cpu()
+    return np.asarray(tensor_list.as_array())
+
+
+def _to_torch(sample, device: str):
+    import torch
+
+    if device == "gpu":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        out = torch.empty(tuple(sample.shape()), dtype=torch.uint8, device="cuda")
+        feed_ndarray(sample, out, cuda_stream=torch.cuda.current_stream())  # device-to-device copy
+        return out
+    return torch.from_numpy(np.array(sample))
+
+
+def decode_windows_dali(jobs: Iterable[VideoJob], spec: WindowSpec, device: str = "gpu", device_id=0,
+                        readers: int = 4, batch_size: int = 32, chunk_windows: int = 8192,
+                        threads: int = 2) -> Iterator[Window | Failed | VideoJob]:
+    """Yield Window events (torch uint8 [T,H,W,3]) and Failed events; a VideoJob event means "decode
+    this one elsewhere" (DALI cannot: codec unsupported on CPU, or DALI errored on its chunk)."""
+    chunk, size = [], 0
+    for job in jobs:
+        if isinstance(job, Failed):
+            yield job
+            continue
+        if device == "cpu" and job.index.codec not in DALI_CPU_CODECS:
+            yield job  # DALI's CPU decoder has no H.264/HEVC/AV1: PyAV takes it
+            continue
+        chunk.append(job)
+        size += job.num_windows
+        if size >= chunk_windows:
+            yield from _decode_chunk(chunk, spec, device, device_id, readers, batch_size, threads)
+            chunk, size = [], 0
+    if chunk:
+        yield from _decode_chunk(chunk, spec, device, device_id, readers, batch_size, threads)
+
+
+def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
+    rule, T = spec.rule, spec.frames
+    seq_len = T if rule == "index" else 1
+    with tempfile.TemporaryDirectory(prefix="lvmae_dali_") as folder:
+        shards = [_Shard(s, rule, folder, k) for k, s in enumerate(split_over_readers(jobs, readers))]
+        # rule "time": frames wait here until their window is complete; windows complete in order.
+        cache: dict[int, dict[int, object]] = {id(j): {} for j in jobs}
+        next_window = {id(j): 0 for j in jobs}
+        done_jobs: set[int] = set()
+        broken: list[VideoJob] = []
+        for shard in shards:
+            try:
+                shard.pipe = _build_pipe(shard.file_list, seq_len, device, batch_size,
+                                         device_id if device == "gpu" else None, threads)
+                shard.total = shard.pipe.epoch_size("reader")
+            except Exception as err:  # noqa: BLE001 - DALI raises RuntimeError subclasses freely
+                log.warning("DALI could not open reader %d (%s); its videos go to PyAV", len(broken), err)
+                broken.extend(shard.jobs)
+                shard.pipe = None
+        active = [s for s in shards if s.pipe is not None]
+        while active:
+            for shard in list(active):
+                try:
+                    video, label, stamps = shard.pipe.run()
+                except Exception as err:  # noqa: BLE001
+                    log.warning("DALI failed on a batch (%s); unfinished videos of that reader go to PyAV", err)
+                    broken.extend(j for j in shard.jobs if id(j) not in done_jobs)
+                    active.remove(shard)
+                    continue
+                labels = _host_array(label).reshape(-1)
+                stamps = _host_array(stamps).reshape(len(labels), -1)  # seconds since the first frame
+                for i in range(len(labels)):
+                    if shard.seen >= shard.total:
+                        break  # the rest of the batch wraps around into the next epoch
+                    shard.seen += 1
+                    job, item = shard.slots[int(labels[i])]
+                    if id(job) in done_jobs:
+                        continue
+                    frames = _to_torch(video[i], device)
+                    if rule == "index":
+                        yield Window(job, item, frames, stamps[i].astype(np.float64))
+                        if item == job.num_windows - 1:
+                            done_jobs.add(id(job))
+                        continue
+                    cache[id(job)][item] = (frames[0], float(stamps[i, 0]))
+                    yield from _complete_windows(job, cache[id(job)], next_window, done_jobs)
+                if shard.seen >= shard.total:
+                    active.remove(shard)
+            # a reader that never produced a window for a job (DALI skipped its file) -> PyAV
+        for shard in shards:
+            shard.pipe = None
+        broken_ids = {id(j) for j in broken}
+        leftovers = [j for j in jobs if id(j) not in done_jobs and id(j) not in broken_ids]
+        for job in broken + leftovers:
+            yield job
+
+
+def _complete_windows(job, frames_by_index, next_window, done_jobs):
+    import torch
+
+    plan = job.plan
+    w = next_window[id(job)]
+    while w < len(plan) and all(int(f) in frames_by_index for f in plan.frames[w]):
+        picked = [frames_by_index[int(f)] for f in plan.frames[w]]
+        yield Window(job, w, torch.stack([p[0] for p in picked]), np.asarray([p[1] for p in picked]))
+        w += 1
+        # Frames before the next window's first frame are not needed again (frames are sorted).
+        if w < len(plan):
+            keep_from = int(plan.frames[w].min())
+            for f in [f for f in frames_by_index if f < keep_from]:
+                del frames_by_index[f]
+    next_window[id(job)] = w
+    if w == len(plan):
+        done_jobs.add(id(job))
+        frames_by_index.clear()

@@ -1,0 +1,40 @@
+"""What every frozen short-video encoder provides: a video tower and a text tower in one space."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class VideoEncoder(nn.Module):
+    """Subclasses set the attributes below and implement the two towers.
+
+    name: registry name (recorded in the store); dim: embedding width; image_size: square input side;
+    mean/std: per-channel normalisation of [0,1] pixels; num_frames: frames per window the model
+    requires (None: any T works).
+    """
+    name: str = "unknown"
+    dim: int
+    image_size: int
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+    num_frames: int | None = None
+
+    def encode_video(self, pixels_NTCHW: torch.Tensor) -> torch.Tensor:
+        """Normalised frames [N, T, 3, S, S] -> [N, dim] window embeddings."""
+        raise NotImplementedError
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Captions -> [len(texts), dim] in the same space as encode_video."""
+        raise NotImplementedError
+
+    def check_frames(self, T: int) -> None:
+        if self.num_frames is not None and T != self.num_frames:
+            raise ValueError(f"encoder {self.name!r} needs {self.num_frames} frames per window, got T={T}")
+
+
+def pooled(output) -> torch.Tensor:
+    """transformers < 5 returns a tensor from get_*_features, 5.x a ModelOutput with pooler_output."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output

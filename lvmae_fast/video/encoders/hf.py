@@ -1,0 +1,124 @@
+"""transformers-based encoders (`clip-mean`, `xclip`): weights only from a local directory.
+
+The directory is what `save_pretrained` writes (config.json + model.safetensors / pytorch_model.bin),
+plus tokenizer files for the text tower and optionally preprocessor_config.json (mean/std/size).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .base import CLIP_MEAN, CLIP_STD, VideoEncoder, pooled
+
+
+def offline_transformers():
+    """Import transformers with the hub switched off: weights never download at run time."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import transformers
+    except ImportError as err:
+        raise ValueError("this encoder needs transformers: pip install 'lvmae_fast[encoders]'") from err
+    return transformers
+
+
+def require_dir(weights, name: str) -> Path:
+    if not weights:
+        raise ValueError(f"encoder {name!r} needs --weights DIR (a local checkpoint directory; "
+                         "nothing is downloaded)")
+    path = Path(weights)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"encoder {name!r}: {path}/config.json not found (expected a "
+                                "save_pretrained directory)")
+    return path
+
+
+def normalisation(path: Path, default_size: int) -> tuple[tuple, tuple, int]:
+    """mean, std, size from preprocessor_config.json when present, CLIP's constants otherwise."""
+    cfg_file = path / "preprocessor_config.json"
+    if not cfg_file.is_file():
+        return CLIP_MEAN, CLIP_STD, default_size
+    cfg = json.loads(cfg_file.read_text())
+    crop = cfg.get("crop_size", default_size)
+    size = crop.get("height", default_size) if isinstance(crop, dict) else int(crop)
+    return tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)), size
+
+
+class HFTextTower:
+    """Lazy tokenizer: only needed for retrieval, so a video-only checkpoint dir still extracts."""
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.name, self._tok = path, name, None
+
+    def tokenize(self, texts, device, max_length: int):
+        if self._tok is None:
+            transformers = offline_transformers()
+            try:
+                self._tok = transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"encoder {self.name!r}: no tokenizer in {self.path} ({err})") from None
+        batch = self._tok(list(texts), padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+        return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+class CLIPMeanEncoder(VideoEncoder):
+    """CLIP image features of each of the T frames, averaged: a strong frame-level baseline."""
+    name = "clip-mean"
+
+    def __init__(self, weights):
+        super().__init__()
+        path = require_dir(weights, self.name)
+        transformers = offline_transformers()
+        self.model = transformers.CLIPModel.from_pretrained(str(path), local_files_only=True).eval()
+        cfg = self.model.config
+        self.dim = cfg.projection_dim
+        self.mean, self.std, self.image_size = normalisation(path, cfg.vision_config.image_size)
+        self.text = HFTextTower(path, self.name)
+        self.max_text = cfg.text_config.max_position_embeddings
+
+    def encode_video(self, pixels_NTCHW):
+        N, T = pixels_NTCHW.shape[:2]
+        feats = pooled(self.model.get_image_features(pixel_values=pixels_NTCHW.flatten(0, 1)))
+        return feats.reshape(N, T, -1).mean(dim=1)
+
+    def encode_text(self, texts):
+        batch = self.text.tokenize(texts, self.model.device, self.max_text)
+        return pooled(self.model.get_text_features(**batch))
+
+
+class XCLIPEncoder(VideoEncoder):
+    """X-CLIP video features (cross-frame attention + multi-frame integration); T fixed by the config."""
+    name = "xclip"
+
+    def __init__(self, weights):
+        super().__init__()
+        path = require_dir(weights, self.name)
+        transformers = offline_transformers()
+        self.model = transformers.XCLIPModel.from_pretrained(str(path), local_files_only=True).eval()
+        cfg = self.model.config
+        self.dim = cfg.projection_dim
+        self.num_frames = cfg.vision_config.num_frames
+        self.mean, self.std, self.image_size = normalisation(path, cfg.vision_config.image_size)
+        self.text = HFTextTower(path, self.name)
+        self.max_text = cfg.text_config.max_position_embeddings
+
+    def encode_video(self, pixels_NTCHW):
+        return pooled(self.model.get_video_features(pixel_values=pixels_NTCHW))
+
+    def encode_text(self, texts):
+        # X-CLIP's full model conditions text on the video (prompt generator); the retrieval space
+        # here is the unconditioned text projection, comparable across videos.
+        batch = self.text.tokenize(texts, self.model.device, self.max_text)
+        return pooled(self.model.get_text_features(**batch))
+
+
+def build_clip_mean(weights=None, **_):
+    return CLIPMeanEncoder(weights)
+
+
+def build_xclip(weights=None, **_):
+    return XCLIPEncoder(weights)

@@ -1,0 +1,66 @@
+"""`internvideo2`: InternVideo2 towers exported as TorchScript (its model code is not on PyPI).
+
+InternVideo2 needs OpenGVLab's repository code to instantiate; we do not vendor it. Export once where
+that code is installed, then point --weights at the directory:
+  video_tower.pt   torch.jit.save of a module: float [N, T, 3, S, S] -> [N, dim]
+                   (or video_tower.pt2 / text_tower.pt2: torch.export.save of the same towers)
+  text_tower.pt    torch.jit.save of a module: (input_ids [n, L], attention_mask [n, L]) -> [n, dim]
+  internvideo2.json {"dim": 512, "image_size": 224, "num_frames": 8, "mean": [...], "std": [...]}
+  tokenizer files for the text tower (AutoTokenizer-loadable, e.g. the BERT tokenizer it uses)
+Anything else raises a ValueError explaining this layout. Unverified against real InternVideo2 exports.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .base import CLIP_MEAN, CLIP_STD, VideoEncoder
+from .hf import HFTextTower
+
+LAYOUT = ("expected --weights DIR with video_tower.pt, text_tower.pt (TorchScript exports of the "
+          "InternVideo2 towers) and internvideo2.json {dim, image_size, num_frames, mean, std}; see "
+          "lvmae_fast/video/encoders/internvideo2.py")
+
+
+def _load_tower(file: Path):
+    if file.suffix == ".pt2":  # torch.export archive (TorchScript is deprecated in recent torch)
+        return torch.export.load(str(file)).module()
+    return torch.jit.load(str(file), map_location="cpu").eval()
+
+
+class InternVideo2Encoder(VideoEncoder):
+    name = "internvideo2"
+
+    def __init__(self, weights):
+        super().__init__()
+        if not weights:
+            raise ValueError(f"encoder 'internvideo2' needs --weights DIR: {LAYOUT}")
+        path = Path(weights)
+        meta_file = path / "internvideo2.json"
+        video_file = next((f for f in (path / "video_tower.pt2", path / "video_tower.pt") if f.is_file()), None)
+        if not meta_file.is_file() or video_file is None:
+            raise ValueError(f"internvideo2 checkpoint not loadable from {path}: {LAYOUT}")
+        meta = json.loads(meta_file.read_text())
+        self.dim, self.image_size = int(meta["dim"]), int(meta.get("image_size", 224))
+        self.num_frames = meta.get("num_frames")
+        self.mean, self.std = tuple(meta.get("mean", CLIP_MEAN)), tuple(meta.get("std", CLIP_STD))
+        self.video_tower = _load_tower(video_file)
+        text_file = next((f for f in (path / "text_tower.pt2", path / "text_tower.pt") if f.is_file()), None)
+        self.text_tower = _load_tower(text_file) if text_file is not None else None
+        self.text = HFTextTower(path, self.name)
+
+    def encode_video(self, pixels_NTCHW):
+        return self.video_tower(pixels_NTCHW)
+
+    def encode_text(self, texts):
+        if self.text_tower is None:
+            raise ValueError(f"internvideo2: no text_tower.pt; {LAYOUT}")
+        device = next(iter(self.text_tower.parameters()), torch.empty(0)).device
+        batch = self.text.tokenize(texts, device, 40)
+        return self.text_tower(batch["input_ids"], batch["attention_mask"])
+
+
+def build_internvideo2(weights=None, **_):
+    return InternVideo2Encoder(weights)

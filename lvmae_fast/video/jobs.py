@@ -1,0 +1,60 @@
+"""One video's work item and the events decoders emit for the extraction loop."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .probe import VideoError, VideoIndex, probe_video
+from .windows import WindowPlan, plan_windows
+
+
+@dataclasses.dataclass(eq=False)  # identity semantics: jobs are keyed by id() and compared by `is`
+class VideoJob:
+    video_id: str
+    path: str
+    index: VideoIndex | None = None
+    plan: WindowPlan | None = None
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.plan) if self.plan is not None else 0
+
+
+@dataclasses.dataclass
+class WindowSpec:
+    """How every video is cut and sampled (the CLI's window options)."""
+    seconds: float = 5.0
+    frames: int = 8
+    rule: str = "time"
+    min_last: float = 0.5
+
+
+@dataclasses.dataclass
+class Window:
+    """Decoded frames of one window: uint8 [T, H, W, 3] (numpy from PyAV, torch from DALI)."""
+    job: VideoJob
+    window: int
+    frames: object
+    times: np.ndarray | None = None   # seconds (since the first frame) of each decoded frame
+
+
+@dataclasses.dataclass
+class Failed:
+    job: VideoJob
+    reason: str
+
+
+def prepare_job(job: VideoJob, spec: WindowSpec) -> VideoJob:
+    """Probe and plan; raises VideoError (too short included) with the reason to record."""
+    job.index = probe_video(job.path)
+    job.plan = plan_windows(job.index.times, job.index.duration, spec.seconds, spec.frames, spec.rule,
+                            spec.min_last)
+    if len(job.plan) == 0:
+        raise VideoError(f"too short: {job.index.duration:.3f} s of video, a window needs "
+                         f">= {spec.min_last * spec.seconds:g} s (window {spec.seconds:g} s)")
+    return job
+
+
+def unique_frames(plan: WindowPlan) -> np.ndarray:
+    return np.unique(plan.frames)

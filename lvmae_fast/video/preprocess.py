@@ -1,0 +1,28 @@
+"""Frames -> encoder input, in torch on whatever device the frames are on (GPU frames stay on GPU).
+
+CLIP-style: resize the shorter side to the encoder's size (bilinear, antialiased), centre crop,
+scale to [0,1], normalise with the encoder's mean/std. Shared by every decoder backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Shapes: N windows, T frames, H/W pixels, C=3 channels.
+
+
+def frames_to_input(frames_NTHWC: torch.Tensor, size: int, mean, std,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N, T, H, W, 3] -> dtype [N, T, 3, size, size], normalised."""
+    N, T, H, W, C = frames_NTHWC.shape
+    x = frames_NTHWC.reshape(N * T, H, W, C).permute(0, 3, 1, 2).float().div_(255.0)
+    scale = size / min(H, W)
+    new_h, new_w = max(size, round(H * scale)), max(size, round(W * scale))
+    if (new_h, new_w) != (H, W):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[:, :, top:top + size, left:left + size]
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean_t) / std_t
+    return x.to(dtype).reshape(N, T, C, size, size)

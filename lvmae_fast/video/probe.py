@@ -1,0 +1,95 @@
+"""Frame index of a video from its packets (no decoding): what windows and decoders agree on.
+
+The index mirrors the one DALI's experimental video reader builds (frames_decoder_base.cc, BuildIndex):
+packets of the best video stream, pts (dts when pts is missing), negative pts dropped, sorted by pts;
+frame i is the i-th entry; time 0 is the first entry's pts. Using the same definition is what lets
+our frame indices be handed to DALI verbatim.
+"""
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+
+class VideoError(Exception):
+    """A file that cannot be ingested; the message is the reason recorded in failures.jsonl."""
+
+
+@dataclasses.dataclass
+class VideoIndex:
+    path: str
+    codec: str
+    width: int
+    height: int
+    time_base: Fraction
+    pts: np.ndarray          # int64 [n] container pts, sorted (frame i's presentation timestamp)
+    times: np.ndarray        # float64 [n] seconds since the first frame
+    keyframe: np.ndarray     # bool [n]
+    duration: float          # seconds from the first frame's start to the last frame's end
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.pts.shape[0])
+
+
+def pts_to_seconds(pts: np.ndarray, pts0: int, time_base: Fraction) -> np.ndarray:
+    # Integer numerator first, one division last: exact for timestamps that are exact in seconds
+    # (k/fps in a 1/90000 base stays exact), which keeps frames on window boundaries on the right side.
+    return ((pts - pts0) * time_base.numerator).astype(np.float64) / time_base.denominator
+
+
+def probe_video(path) -> VideoIndex:
+    """Demux every packet of the video stream; raise VideoError with a readable reason on bad input."""
+    import av
+
+    path = str(path)
+    if not Path(path).is_file():
+        raise VideoError("file not found")
+    if Path(path).stat().st_size == 0:
+        raise VideoError("zero-byte file")
+    try:
+        container = av.open(path, mode="r")
+    except av.FFmpegError as err:
+        raise VideoError(f"not a readable media file ({type(err).__name__}: {err.strerror or err})") from None
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise VideoError(f"no video stream (streams: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        width, height = stream.codec_context.width, stream.codec_context.height
+        time_base = stream.time_base
+        pts, durations, keys = [], [], []
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:          # the demuxer's end-of-stream flush packet
+                    continue
+                p = packet.pts if packet.pts is not None else packet.dts
+                if p is None or p < 0:
+                    continue
+                pts.append(p)
+                durations.append(packet.duration or 0)
+                keys.append(bool(packet.is_keyframe))
+        except av.FFmpegError as err:
+            if not pts:
+                raise VideoError(f"unreadable video data ({err.strerror or err})") from None
+            # A damaged tail: keep what was demuxed (DALI's index stops at the same point).
+    if not pts:
+        raise VideoError("video stream has no frames")
+    if width <= 0 or height <= 0:
+        raise VideoError("video stream has no frame size")
+    order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
+    pts_arr = np.asarray(pts, dtype=np.int64)[order]
+    dur_arr = np.asarray(durations, dtype=np.int64)[order]
+    times = pts_to_seconds(pts_arr, int(pts_arr[0]), time_base)
+    # Last frame's display duration: its packet duration, else the median frame interval.
+    last = int(dur_arr[-1])
+    if last <= 0:
+        last = int(np.median(np.diff(pts_arr))) if len(pts_arr) > 1 else 0
+    duration = float(pts_to_seconds(np.asarray([pts_arr[-1] + last]), int(pts_arr[0]), time_base)[0])
+    return VideoIndex(path=path, codec=codec, width=width, height=height, time_base=time_base,
+                      pts=pts_arr, times=times, keyframe=np.asarray(keys, dtype=bool)[order],
+                      duration=duration)

@@ -1,0 +1,146 @@
+"""Long-video sampler: the crop recipe, batch contents vs a numpy reference, determinism, ranks, budgets."""
+import numpy as np
+import pytest
+import torch
+
+from lvmae_fast.packing import keep_counts
+from lvmae_fast.sampler import (VAL_EPOCH, LongVideoSampler, SamplerConfig, plan_crops, plan_epoch,
+                                split_videos)
+from lvmae_fast.store import Store, StoreWriter
+
+LENGTHS = [1, 3, 4, 5, 40, 120, 300, 2, 77, 9, 16, 250]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "s"
+    rng = np.random.default_rng(0)
+    with StoreWriter(path, 12, shard_rows=200) as w:
+        for i, n in enumerate(LENGTHS):
+            w.add(f"v{i:02d}", rng.standard_normal((n, 12)).astype(np.float32) * (i + 1))
+    return Store(path)
+
+
+def test_crop_rules_hold_for_every_crop():
+    n = np.array(LENGTHS)
+    cfg = SamplerConfig(duration_min=10, duration_max=1280, max_len=256)
+    for epoch in range(50):
+        crops = plan_crops(n, np.full(len(n), 5.0), cfg, epoch)
+        assert sorted(c.video for c in crops) == list(range(len(n)))  # each video exactly once
+        for c in crops:
+            size = n[c.video]
+            # duration >= 10 s -> at least 2 segments (when the video has them); <= 1280 s -> at most 256
+            assert min(2, size) <= c.length <= min(size, 256)
+            assert 0 <= c.start <= size - c.length
+            assert c.repeats == (8 if size < 2 else 3 if size < 5 else 1)  # reference short-video tiling
+            assert c.out_len == min(c.length * c.repeats, 256)
+
+
+def test_duration_and_start_distribution():
+    # One 10000-segment video: L = floor(d / 5) with d ~ U[10, 1280], so E[L] = 645/5 - 1/2 = 128.5 (sd of the
+    # mean over 4000 draws ~1.2); the start is uniform on [0, n - L].
+    cfg = SamplerConfig(duration_min=10, duration_max=1280, max_len=100000)
+    crops = [plan_crops(np.array([10000]), np.array([5.0]), cfg, e)[0] for e in range(4000)]
+    lengths = np.array([c.length for c in crops])
+    assert lengths.min() >= 2 and lengths.max() <= 256
+    assert abs(lengths.mean() - 128.5) < 3.5
+    rel_start = np.array([c.start / (10000 - c.length) for c in crops])
+    assert abs(rel_start.mean() - 0.5) < 0.02 and rel_start.min() < 0.01 and rel_start.max() > 0.99
+    # segment_seconds scales L: 10 s segments give E[L] = 64.5 - 1/2 = 64 (sd of the mean ~0.6)
+    crops10 = [plan_crops(np.array([10000]), np.array([10.0]), cfg, e)[0] for e in range(4000)]
+    assert abs(np.mean([c.length for c in crops10]) - 64.0) < 1.8
+
+
+def test_batch_rows_match_numpy_reference(store):
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=5, mask_ratio=0.5)
+    sampler = LongVideoSampler(store, store.video_ids, cfg)
+    plan, dataset = sampler.batches(3), sampler.dataset(3)
+    assert len(dataset) == 3  # ceil(12 / 5)
+    for i, crops in enumerate(plan):
+        batch = dataset[i]
+        rows = []
+        for c in crops:
+            emb = store.get(store.video_ids[c.video]).astype(np.float32)[c.start: c.start + c.length]
+            emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+            rows.append(np.concatenate([emb] * c.repeats)[: c.out_len])
+        np.testing.assert_allclose(batch.x.numpy(), np.concatenate(rows), rtol=1e-6, atol=1e-7)
+        assert batch.lengths == [len(r) for r in rows]
+        assert batch.cu_seqlens.dtype == torch.int32 and batch.cu_seqlens.tolist() == np.cumsum([0] + batch.lengths).tolist()
+        per_video = [int(m.sum()) for m in batch.masked.split(batch.lengths)]
+        assert per_video == [L - k for L, k in zip(batch.lengths, keep_counts(batch.lengths, 0.5))]
+    one_segment = [c for crops in plan for c in crops if LENGTHS[c.video] == 1][0]
+    assert one_segment.out_len == 8
+
+
+def test_deterministic_and_worker_independent(store):
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=4, masking="random", seed=7)
+    a = LongVideoSampler(store, store.video_ids, cfg)
+    b = LongVideoSampler(store, store.video_ids, cfg)
+    serial = list(a.loader(2, num_workers=0))
+    parallel = list(b.loader(2, num_workers=2))
+    tail = list(a.loader(2, start_batch=1, num_workers=0))
+    assert len(serial) == len(parallel) == 3 and len(tail) == 2
+    for x, y in zip(serial, parallel):
+        assert torch.equal(x.x, y.x) and torch.equal(x.masked, y.masked) and x.lengths == y.lengths
+    for x, y in zip(serial[1:], tail):
+        assert torch.equal(x.x, y.x) and torch.equal(x.masked, y.masked)
+    other_epoch = list(a.loader(3, num_workers=0))
+    assert [b.lengths for b in other_epoch] != [b.lengths for b in serial]  # a new epoch draws new crops
+    reseeded = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=4, masking="random", seed=8)
+    assert [c.__dict__ for c in plan_epoch(np.array(LENGTHS), np.full(12, 5.0), reseeded, 2)[0]] != \
+        [c.__dict__ for c in a.batches(2)[0]]
+
+
+def test_ranks_partition_the_epoch():
+    n, seg = np.array(LENGTHS), np.full(len(LENGTHS), 5.0)
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=2)
+    per_rank = [[c.video for b in plan_epoch(n, seg, cfg, 5, rank=r, world=3) for c in b] for r in range(3)]
+    assert sorted(sum(per_rank, [])) == list(range(len(n)))  # 12 videos / 3 ranks: disjoint and complete
+    uneven = [[c.video for b in plan_epoch(n[:11], seg[:11], cfg, 5, rank=r, world=3) for c in b] for r in range(3)]
+    assert [len(v) for v in uneven] == [4, 4, 4] and set(sum(uneven, [])) == set(range(11))  # padded by wrapping
+    tokens = SamplerConfig(duration_min=10, duration_max=600, max_len=64, max_tokens=70)
+    counts = {len(plan_epoch(n, seg, tokens, 5, rank=r, world=2)) for r in range(2)}
+    assert len(counts) == 1  # every rank steps the same number of times
+    with pytest.raises(ValueError):
+        plan_epoch(n, seg, cfg, 0, rank=3, world=3)
+
+
+def test_token_budget_batches_are_full_and_bounded():
+    n, seg = np.array(LENGTHS * 4), np.full(len(LENGTHS) * 4, 5.0)
+    cfg = SamplerConfig(duration_min=10, duration_max=1280, max_len=64, max_tokens=100)
+    for epoch in range(5):
+        plan = plan_epoch(n, seg, cfg, epoch)
+        assert sorted(c.video for b in plan for c in b) == list(range(len(n)))
+        for b, nxt in zip(plan, plan[1:]):
+            assert sum(c.out_len for c in b) <= 100
+            assert sum(c.out_len for c in b) + nxt[0].out_len > 100  # greedy: the next crop did not fit
+        assert sum(c.out_len for c in plan[-1]) <= 100
+
+
+def test_short_video_policies_and_bad_configs(store):
+    keep = LongVideoSampler(store, store.video_ids, SamplerConfig(short_video_policy="keep", max_len=64))
+    assert all(c.repeats == 1 for b in keep.batches(0) for c in b)
+    assert [c.out_len for b in keep.batches(0) for c in b if LENGTHS[c.video] == 1] == [1]
+    drop = LongVideoSampler(store, store.video_ids, SamplerConfig(short_video_policy="drop", max_len=64))
+    assert "v00" not in drop.video_ids and len(drop.video_ids) == len(LENGTHS) - 1
+    with pytest.raises(ValueError, match="duration_min"):
+        SamplerConfig(duration_min=100, duration_max=50)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplerConfig(max_len=64, max_tokens=32)
+    with pytest.raises(ValueError):
+        SamplerConfig(short_video_policy="pad")
+    with pytest.raises(ValueError, match="no videos"):
+        LongVideoSampler(store, ["v00"], SamplerConfig(short_video_policy="drop"))
+
+
+def test_validation_split_and_fixed_crops(store):
+    train, val = split_videos(store.video_ids, 3, seed=1)
+    assert len(val) == 3 and len(train) == 9 and not set(train) & set(val) and set(train) | set(val) == set(store.video_ids)
+    assert split_videos(store.video_ids, 3, seed=1) == (train, val)
+    with pytest.raises(ValueError):
+        split_videos(store.video_ids, 12, seed=1)
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=2)
+    first = list(LongVideoSampler(store, val, cfg).loader(VAL_EPOCH, num_workers=0))
+    again = list(LongVideoSampler(store, val, cfg).loader(VAL_EPOCH, num_workers=0))
+    assert [b.lengths for b in first] == [b.lengths for b in again]
+    assert all(torch.equal(a.x, b.x) and torch.equal(a.masked, b.masked) for a, b in zip(first, again))

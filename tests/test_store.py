@@ -1,0 +1,222 @@
+"""Embedding store: layout readable by numpy alone, atomic/resumable writes, import, info, verify."""
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lvmae_fast.store import Store, StoreWriter, verify_store
+from lvmae_fast.store_cli import import_embeddings, parse_path_list
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lvmae(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "lvmae_fast", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def random_videos(rng, dim, lengths):
+    return {f"v{i}": rng.standard_normal((n, dim)).astype(np.float32) for i, n in enumerate(lengths)}
+
+
+def write_store(path, videos, dim, shard_rows=16, **kw):
+    with StoreWriter(path, dim, shard_rows=shard_rows, **kw) as w:
+        for vid, emb in videos.items():
+            w.add(vid, emb, source_path=f"/videos/{vid}.mp4")
+    return path
+
+
+def test_round_trip_and_numpy_only_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    videos = random_videos(rng, 8, [3, 20, 1, 7, 16, 5])
+    times = np.stack([np.arange(7) * 2.0, np.arange(7) * 2.0 + 2.5], 1)
+    with StoreWriter(tmp_path / "s", 8, encoder="enc", segment_seconds=2.0, shard_rows=16) as w:
+        for vid, emb in videos.items():
+            w.add(vid, emb, source_path=f"/videos/{vid}.mp4", window_times=times if vid == "v3" else None)
+    store = Store(tmp_path / "s")
+    assert len(store) == 6 and store.video_ids == list(videos) and store.dim == 8
+    for vid, emb in videos.items():
+        got = store.get(vid)
+        assert isinstance(got, np.memmap) and got.dtype == np.float16
+        np.testing.assert_array_equal(got, emb.astype(np.float16))
+    meta = store.meta("v1")
+    assert {k: meta[k] for k in ("id", "n", "segment_seconds", "source", "encoder", "dim")} == \
+        {"id": "v1", "n": 20, "segment_seconds": 2.0, "source": "/videos/v1.mp4", "encoder": "enc", "dim": 8}
+    np.testing.assert_array_equal(store.window_times("v3"), times.astype(np.float32))
+    np.testing.assert_array_equal(store.window_times("v0"), [[0, 2], [2, 4], [4, 6]])  # default: i*S .. (i+1)*S
+
+    # Documented recipe: json + np.load only; each video is one contiguous slice of one shard.
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    for v in index["videos"]:
+        shard = index["shards"][v["shard"]]
+        emb = np.load(tmp_path / "s" / shard["emb"], mmap_mode="r")
+        np.testing.assert_array_equal(emb[v["offset"]: v["offset"] + v["n"]], videos[v["id"]].astype(np.float16))
+        assert v["offset"] + v["n"] <= shard["rows"] == emb.shape[0]
+    # A 20-row video exceeds shard_rows=16: it gets a shard of its own rather than being split.
+    assert index["shards"][store.meta("v1")["shard"]]["rows"] == 20
+
+
+def test_writer_validation(tmp_path):
+    with StoreWriter(tmp_path / "s", 4) as w:
+        w.add("ok", np.ones((2, 4), np.float32))
+        cases = {
+            "dim": np.ones((2, 5), np.float32),
+            "empty": np.ones((0, 4), np.float32),
+            "nan": np.array([[0, 0, 0, 0], [0, np.nan, 0, 0]], np.float32),
+            "overflow": np.full((1, 4), 70000.0, np.float32),   # finite in float32, Inf in float16
+            "ints": np.ones((2, 4), np.int64),
+        }
+        for vid, emb in cases.items():
+            with pytest.raises(ValueError):
+                w.add(vid, emb)
+        with pytest.raises(ValueError, match="already"):
+            w.add("ok", np.ones((2, 4), np.float32))
+        with pytest.raises(ValueError, match="window_times"):
+            w.add("times", np.ones((2, 4), np.float32), window_times=np.zeros((3, 2)))
+    assert Store(tmp_path / "s").video_ids == ["ok"]
+    with pytest.raises(ValueError, match="dim=4"):
+        StoreWriter(tmp_path / "s", 8)
+    with pytest.raises(ValueError, match="encoder"):
+        StoreWriter(tmp_path / "s", 4, encoder="other")
+
+
+def test_killed_writer_leaves_only_committed_videos_and_resumes(tmp_path):
+    # A writer process adds 10 videos of 6 rows with 16-row shards (auto-commits as shards fill), then
+    # dies without closing: the store must read as exactly the committed prefix, and resume cleanly.
+    script = textwrap.dedent(f"""
+        import os, numpy as np
+        from lvmae_fast.store import StoreWriter
+        w = StoreWriter({str(tmp_path / 's')!r}, 4, shard_rows=16)
+        for i in range(10):
+            w.add(f"v{{i}}", np.full((6, 4), i, np.float32))
+        os._exit(1)
+    """)
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=60)
+    store = Store(tmp_path / "s")
+    committed = store.video_ids
+    assert 0 < len(committed) < 10 and committed == [f"v{i}" for i in range(len(committed))]
+    assert verify_store(tmp_path / "s").ok
+    (tmp_path / "s" / "shards" / "emb-00099.npy").write_bytes(b"garbage from a killed writer")
+    with StoreWriter(tmp_path / "s", 4, shard_rows=16) as w:
+        assert not (tmp_path / "s" / "shards" / "emb-00099.npy").exists()
+        for i in range(10):
+            if not w.contains(f"v{i}"):
+                w.add(f"v{i}", np.full((6, 4), i, np.float32))
+    store = Store(tmp_path / "s")
+    assert store.video_ids == [f"v{i}" for i in range(10)]
+    assert all(float(store.get(f"v{i}")[0, 0]) == i for i in range(10))
+
+
+def test_corrupt_stores_are_named(tmp_path):
+    rng = np.random.default_rng(1)
+    path = write_store(tmp_path / "s", random_videos(rng, 8, [4, 9, 3, 12]), 8, shard_rows=12)
+    # NaN rows written behind the writer's back: verify names exactly those videos.
+    index = json.loads((path / "index.json").read_text())
+    where = {v["id"]: v for v in index["videos"]}
+    for vid in ("v1", "v3"):
+        v = where[vid]
+        emb = np.load(path / index["shards"][v["shard"]]["emb"], mmap_mode="r+")
+        emb[v["offset"] + 1, 2] = np.nan
+        emb.flush()
+    report = verify_store(path)
+    assert report.bad_videos == ["v1", "v3"]
+    # Index pointing past its shard: the reader refuses, verify names the video.
+    where["v2"]["n"] += 50
+    (path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="v2"):
+        Store(path)
+    assert "v2" in verify_store(path).bad_videos
+
+
+def test_wrong_dim_shard_is_reported(tmp_path):
+    rng = np.random.default_rng(2)
+    path = write_store(tmp_path / "s", random_videos(rng, 8, [4, 9]), 8, shard_rows=8)
+    index = json.loads((path / "index.json").read_text())
+    shard_of_v1 = index["videos"][1]["shard"]
+    np.save(path / index["shards"][shard_of_v1]["emb"], np.zeros((9, 6), np.float16))
+    assert verify_store(path).bad_videos == ["v1"]
+
+
+def test_import_directory_resume_and_mixed_dims(tmp_path):
+    rng = np.random.default_rng(3)
+    src = tmp_path / "src"
+    src.mkdir()
+    videos = random_videos(rng, 16, [5, 1, 30])
+    np.save(src / "v0.npy", videos["v0"].astype(np.float16))
+    np.save(src / "v1.npy", videos["v1"])
+    torch.save(torch.from_numpy(videos["v2"]), src / "v2.pt")
+    np.save(src / "wrongdim.npy", np.zeros((3, 12), np.float32))
+    added, skipped, failures = import_embeddings(src, tmp_path / "s")
+    assert (added, skipped) == (3, 0) and len(failures) == 1 and failures[0].startswith("wrongdim")
+    store = Store(tmp_path / "s")
+    for vid, emb in videos.items():
+        np.testing.assert_array_equal(store.get(vid), emb.astype(np.float16))
+    np.save(src / "v3.npy", np.ones((2, 16), np.float32))
+    added, skipped, _ = import_embeddings(src, tmp_path / "s")
+    assert (added, skipped) == (1, 3) and len(Store(tmp_path / "s")) == 4
+
+
+def test_parse_path_list_never_evaluates():
+    assert parse_path_list('["a/b.pt", "c.pt"]') == ["a/b.pt", "c.pt"]
+    assert parse_path_list("['a/b.pt', 'it\\'s.pt']") == ["a/b.pt", "it's.pt"]
+    assert parse_path_list("[]") == []
+    for bad in ("__import__('os').system('touch pwned')", "['a', __import__('os')]", "{'a': 1}", "[1, 2]"):
+        with pytest.raises(ValueError):
+            parse_path_list(bad)
+
+
+def test_import_reference_csv_layout(tmp_path):
+    rng = np.random.default_rng(4)
+    seg_dir = tmp_path / "segs"
+    seg_dir.mkdir()
+    rows, expected = [], {}
+    for vid, n in (("movieA", 3), ("movieB", 2)):
+        paths = []
+        for j in range(n):
+            e = rng.standard_normal(8).astype(np.float32)
+            p = seg_dir / f"{vid}_{j:03d}_langbind_output.pt"
+            torch.save({"embedding": torch.from_numpy(e)}, p)
+            paths.append(str(p))
+        expected[vid] = np.stack([torch.load(p)["embedding"].numpy() for p in paths])
+        rows.append({"segment_idx": len(rows), "video_filename": vid, "segment_paths": str(paths),
+                     "number_of_segments": n, "label": 0, "label_name": "x"})
+    marker = tmp_path / "pwned"
+    rows.append({"segment_idx": 2, "video_filename": "evil", "segment_paths": f"__import__('os').system('touch {marker}')",
+                 "number_of_segments": 1, "label": 0, "label_name": "x"})
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    added, _, failures = import_embeddings(tmp_path / "train.csv", tmp_path / "s", encoder="languagebind")
+    assert added == 2 and len(failures) == 1 and failures[0].startswith("evil") and not marker.exists()
+    store = Store(tmp_path / "s")
+    for vid, emb in expected.items():
+        np.testing.assert_array_equal(store.get(vid), emb.astype(np.float16))
+
+
+def test_cli_import_info_verify(tmp_path):
+    rng = np.random.default_rng(5)
+    src = tmp_path / "src"
+    src.mkdir()
+    for vid, emb in random_videos(rng, 32, [4, 10, 7]).items():
+        np.save(src / f"{vid}.npy", emb)
+    r = lvmae("store", "import", src, "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    r = lvmae("store", "info", tmp_path / "s", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["segments"] == 21
+    assert lvmae("store", "verify", tmp_path / "s").returncode == 0
+    emb = np.load(tmp_path / "s" / "shards" / "emb-00000.npy", mmap_mode="r+")
+    emb[5, 0] = np.inf  # row 5 is v1's second row (v0 has 4 rows)
+    emb.flush()
+    r = lvmae("store", "verify", tmp_path / "s")
+    assert r.returncode != 0 and "v1" in r.stdout and "v0" not in r.stdout and "v2" not in r.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = lvmae("store", "import", empty, "--out", tmp_path / "s2")
+    assert r.returncode == 1 and "error" in r.stderr and not (tmp_path / "s2").exists()

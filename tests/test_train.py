@@ -1,0 +1,212 @@
+"""Pretraining loop: lr schedule, config layering, run dir, exact resume after SIGTERM/SIGKILL, refusals."""
+import hashlib
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lvmae_fast import train_config as tc
+from lvmae_fast.cli import build_parser
+from lvmae_fast.model import LVMAE
+from lvmae_fast.store import StoreWriter
+from lvmae_fast.synthetic import synthetic_corpus
+from lvmae_fast.train import config_from_args, lr_at, pretrain, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 300
+# 40 videos / 8 per batch = 5 steps per epoch; 100 epochs give a 500-step schedule, of which we run 300.
+COMMON = ["--preset", "tiny", "--epochs", "100", "--no-progress", "--set", "ckpt_every=10", "--set", "tensorboard=false"]
+
+
+def lvmae_cmd(*args):
+    return [sys.executable, "-m", "lvmae_fast", *map(str, args)]
+
+
+def lvmae(*args, timeout=180):
+    return subprocess.run(lvmae_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def make_store(path, videos=40, dim=32, seed=0, nan_ids=()):
+    with StoreWriter(path, dim, encoder="synthetic") as w:
+        for vid, emb in synthetic_corpus(videos, dim, seed=seed, max_segments=200).items():
+            w.add(vid, emb)
+    for vid in nan_ids:  # corrupt behind the writer's back, as a bad disk or a buggy tool would
+        index = json.loads((path / "index.json").read_text())
+        v = next(v for v in index["videos"] if v["id"] == vid)
+        emb = np.load(path / index["shards"][v["shard"]]["emb"], mmap_mode="r+")
+        emb[v["offset"], 0] = np.nan
+        emb.flush()
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("train") / "store")
+
+
+@pytest.fixture(scope="module")
+def reference_run(store):
+    """An uninterrupted run: the curve every interrupted/resumed run must reproduce exactly."""
+    out = store.parent / "reference"
+    r = lvmae("pretrain", *COMMON, "--store", store, "--out", out, "--max-steps", STEPS)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def curve(run):
+    return [(r["step"], r["loss"], r["lr"]) for r in read_metrics(run / "metrics.jsonl")]
+
+
+def test_lr_schedule_matches_hand_values():
+    cfg = tc.PretrainConfig(epochs=10, warmup_epochs=2, min_lr=1e-5)
+    assert lr_at(0.0, 1e-3, cfg) == 0.0
+    assert lr_at(1.0, 1e-3, cfg) == pytest.approx(5e-4)           # halfway through linear warmup
+    assert lr_at(2.0, 1e-3, cfg) == pytest.approx(1e-3)           # peak
+    assert lr_at(6.0, 1e-3, cfg) == pytest.approx(5.05e-4)        # cosine midpoint: (base + min) / 2
+    assert lr_at(10.0, 1e-3, cfg) == pytest.approx(1e-5)          # end: min_lr
+    assert lr_at(4.0, 1e-3, cfg) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_config_layers_and_unknown_keys(tmp_path):
+    parse = build_parser().parse_args
+    (tmp_path / "c.yaml").write_text("preset: paper\nepochs: 70\nblr: 1.0e-3\nmodel: {mask_ratio: 0.4}\n")
+    cfg = config_from_args(parse(["pretrain", "--config", str(tmp_path / "c.yaml"), "--set", "epochs=90",
+                                  "--set", "model.masking=random", "--set", "compile=true", "--seed", "3"]))
+    assert (cfg.preset, cfg.epochs, cfg.blr, cfg.seed, cfg.compile) == ("paper", 90, 1e-3, 3, True)
+    assert cfg.model == {"mask_ratio": 0.4, "masking": "random"}
+    assert (cfg.warmup_epochs, cfg.batch_videos, cfg.max_len) == (40, 16, 256)  # paper Table 5 via the preset
+    assert cfg.weight_decay == 0.05 and (cfg.beta1, cfg.beta2) == (0.9, 0.95)
+    assert tc.resolve([("dump", __import__("yaml").safe_load(tc.dump_yaml(cfg)))]) == cfg  # config.yaml round-trips
+    (tmp_path / "bad.yaml").write_text("epochz: 3\n")
+    with pytest.raises(ValueError, match="epochz"):
+        config_from_args(parse(["pretrain", "--config", str(tmp_path / "bad.yaml")]))
+    with pytest.raises(ValueError, match="nope"):
+        config_from_args(parse(["pretrain", "--set", "nope=1"]))
+    with pytest.raises(ValueError, match="epochs"):
+        config_from_args(parse(["pretrain", "--set", "epochs=lots"]))
+
+
+def test_run_dir_contents(store, reference_run):
+    run = reference_run
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert all({"loss", "lr", "tokens_per_s", "samples_per_s"} <= set(r) for r in records)
+    assert np.mean([r["loss"] for r in records[-20:]]) < 0.5 * np.mean([r["loss"] for r in records[:5]])  # it learns
+    saved = tc.resolve([("config.yaml", tc.load_yaml(run / "config.yaml"))])
+    assert saved.max_steps == STEPS and saved.epochs == 100 and saved.store == str(store)
+    assert (run / "loss.png").stat().st_size > 0
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == f"step-{STEPS:08d}"
+    model = LVMAE.from_pretrained(run)
+    assert model.config.in_dim == 32
+    for name, tensor in load_file(str(latest / "model.safetensors")).items():
+        assert torch.equal(model.state_dict()[name], tensor)
+
+
+def _run_until(args, min_step, sig, metrics):
+    """Start a run, wait until it has logged `min_step`, send `sig`; returns the exit code."""
+    proc = subprocess.Popen(lvmae_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        records = read_metrics(metrics)
+        if records and records[-1]["step"] >= min_step:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"run ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(store, reference_run):
+    run = store.parent / "interrupted"
+    args = ["pretrain", *COMMON, "--store", store, "--out", run, "--max-steps", STEPS]
+    # SIGTERM: graceful, a checkpoint at the step it stopped at (workers on, to cover that path too).
+    code, err = _run_until([*args, "--num-workers", "1"], 20, signal.SIGTERM, run / "metrics.jsonl")
+    assert code == 143, err
+    stopped_at = read_metrics(run / "metrics.jsonl")[-1]["step"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:08d}"
+    # SIGKILL: no chance to save; resume falls back to the last periodic checkpoint and drops later records.
+    code, _ = _run_until([*args, "--resume"], stopped_at + 25, signal.SIGKILL, run / "metrics.jsonl")
+    assert code == -signal.SIGKILL
+    r = lvmae(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert curve(run) == curve(reference_run)
+    final, ref = load_file(str(run / "model.safetensors")), load_file(str(reference_run / "model.safetensors"))
+    assert all(torch.equal(final[k], ref[k]) for k in ref)
+
+
+def _snapshot(run):
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_resume_extends_max_steps_and_refuses_other_configs(store, reference_run):
+    run = store.parent / "extended"
+    base = ["pretrain", *COMMON, "--store", store, "--out", run]
+    assert lvmae(*base, "--max-steps", 20).returncode == 0
+    r = lvmae(*base, "--max-steps", 40, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert curve(run) == curve(reference_run)[:40]   # --max-steps counts from the start of the run
+
+    before = _snapshot(run)
+    for extra, expect in ((["--resume", "--seed", "9"], "seed"),
+                          (["--resume", "--set", "model.mask_ratio=0.3"], "model"),
+                          (["--resume", "--preset", "base"], "preset"),
+                          ([], "already holds a run")):
+        r = lvmae(*base, "--max-steps", 60, *extra)
+        assert r.returncode == 1 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert _snapshot(run) == before  # refusals write nothing
+
+
+def test_bad_stores_are_refused_or_skipped(tmp_path, restore_threads):
+    empty = tmp_path / "empty"
+    StoreWriter(empty, 32).close()
+    cfg = dict(preset="tiny", max_steps=3, progress=False, tensorboard=False)
+    with pytest.raises(ValueError, match="no videos"):
+        pretrain(tc.resolve([("t", {**cfg, "store": str(empty), "out": str(tmp_path / "r0")})]))
+    bad = make_store(tmp_path / "bad", videos=12, nan_ids=("video00003", "video00007"))
+    with pytest.raises(ValueError, match="video00003, video00007"):
+        pretrain(tc.resolve([("t", {**cfg, "store": str(bad), "out": str(tmp_path / "r1")})]))
+    assert not (tmp_path / "r1").exists()
+    assert pretrain(tc.resolve([("t", {**cfg, "store": str(bad), "out": str(tmp_path / "r2"), "bad_videos": "skip"})])) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "r2" / "metrics.jsonl")] == [1, 2, 3]
+    with pytest.raises(ValueError, match="duration_min"):
+        pretrain(tc.resolve([("t", {**cfg, "store": str(bad), "out": str(tmp_path / "r4"), "duration_min": 100,
+                                    "duration_max": 50})]))
+    assert not (tmp_path / "r4").exists()
+    with pytest.raises(FileNotFoundError):
+        pretrain(tc.resolve([("t", {**cfg, "store": str(tmp_path / "missing"), "out": str(tmp_path / "r3")})]))
+
+
+def test_nonfinite_loss_stops_with_a_checkpoint(store, tmp_path, monkeypatch, capsys, restore_threads):
+    real_forward, calls = LVMAE.forward, []
+
+    def forward(self, batch):
+        calls.append(1)
+        loss = real_forward(self, batch)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(LVMAE, "forward", forward)
+    out = tmp_path / "nan"
+    code = pretrain(tc.resolve([("t", {"preset": "tiny", "store": str(store), "out": str(out), "max_steps": 10,
+                                       "progress": False, "tensorboard": False})]))
+    assert code == 3
+    assert "non-finite loss" in capsys.readouterr().err
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert LVMAE.from_pretrained(out).config.in_dim == 32
