@@ -24,7 +24,7 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 demo: install
-	$(PY) -m lvmae_fast demo --out runs/demo
+	$(PY) -m lvmae_fast demo --out runs/demo --overwrite
 
 bench-smoke: install
 	$(PY) bench/pretrain.py --preset tiny --device cpu --steps 2 --warmup 1 --batch-sizes 4,16 --long-len 1024

@@ -1,7 +1,9 @@
-"""`lvmae demo`: synthetic long-video embeddings -> embedding store -> tiny LV-MAE pretraining, on CPU.
+"""`lvmae demo`: the whole pipeline on CPU in about a minute.
 
-Stages (each a function, so an ingestion stage that makes real embeddings from videos can replace the
-first one): make_embeddings -> build_store -> run_pretraining. Takes about a minute on 2 CPU cores.
+Default (`--source videos`): write minute-long synthetic H.264 videos with scene changes (PyAV) ->
+`lvmae extract` with the `tiny` encoder (random weights, meaningless but deterministic) -> embedding
+store -> tiny LV-MAE pretraining. `--source embeddings` skips the video stage and pretrains on a larger
+synthetic corpus of embedding sequences with long-range structure.
 """
 from __future__ import annotations
 
@@ -16,6 +18,33 @@ from .synthetic import synthetic_corpus, write_corpus
 from .train import pretrain, read_metrics
 
 
+def make_videos(out: Path, num_videos: int, duration: float, seed: int) -> Path:
+    """Minute-long 64x48 H.264 videos; scenes of 5-20 s at random times, so windows have structure."""
+    import numpy as np
+
+    from .synth import write_video
+
+    rng = np.random.default_rng(seed)
+    folder = out / "videos"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(num_videos):
+        starts = [0.0]
+        while starts[-1] + 20 < duration:
+            starts.append(round(starts[-1] + float(rng.uniform(5, 20)), 2))
+        write_video(folder / f"video{i:03d}.mp4", duration=duration, fps=5.0, size=(64, 48), codec="h264",
+                    scene_starts=starts, seed=seed + i)
+    return folder
+
+
+def extract_store(videos: Path, out: Path, progress: bool) -> tuple[Path, dict]:
+    from .extract import extract_videos
+
+    summary = extract_videos(videos, out / "store", encoder="tiny", device="cpu", progress=progress)
+    if summary["done"] == 0:
+        raise ValueError(f"demo extraction produced no videos: {summary}")
+    return out / "store", summary
+
+
 def make_embeddings(out: Path, num_videos: int, dim: int, seed: int) -> Path:
     corpus = synthetic_corpus(num_videos, dim, seed=seed)
     return write_corpus(corpus, out / "embeddings")
@@ -28,16 +57,17 @@ def build_store(embeddings_dir: Path, out: Path) -> Path:
     return out / "store"
 
 
-def run_pretraining(store: Path, out: Path, epochs: int, seed: int, progress: bool) -> tuple[int, Path]:
+def run_pretraining(store: Path, out: Path, epochs: int, seed: int, progress: bool, val_videos: int = 32,
+                    batch_videos: int = 16) -> tuple[int, Path]:
     cfg = tc.resolve([("demo", {"preset": "tiny", "store": str(store), "out": str(out / "run"), "epochs": epochs,
-                                "seed": seed, "val_videos": 32, "eval_every": 100, "ckpt_every": 200,
-                                "batch_videos": 16, "progress": progress})])
+                                "seed": seed, "val_videos": val_videos, "eval_every": 100, "ckpt_every": 200,
+                                "batch_videos": batch_videos, "progress": progress})])
     return pretrain(cfg), out / "run"
 
 
 def _run(args) -> int:
     out = Path(args.out)
-    stage_dirs = [out / "embeddings", out / "store", out / "run"]
+    stage_dirs = [out / "videos", out / "embeddings", out / "store", out / "run"]
     existing = [d for d in stage_dirs if d.exists()]
     if existing and not args.overwrite:
         raise ValueError(f"{out} already holds a demo ({', '.join(d.name for d in existing)}); "
@@ -45,18 +75,33 @@ def _run(args) -> int:
     for d in existing:
         shutil.rmtree(d)
     t0 = time.perf_counter()
-    embeddings = make_embeddings(out, args.videos, args.dim, args.seed)
-    print(f"[1/3] wrote {args.videos} synthetic videos ({args.dim}-d embeddings) to {embeddings}")
-    store = build_store(embeddings, out)
-    print(f"[2/3] imported them into the embedding store {store}")
-    code, run = run_pretraining(store, out, args.epochs, args.seed, not args.no_progress)
+    progress = not args.no_progress
+    if args.source == "videos":
+        num_videos = args.videos or 24
+        videos = make_videos(out, num_videos, args.duration, args.seed)
+        print(f"[1/3] wrote {num_videos} synthetic {args.duration:.0f}-second H.264 videos to {videos}")
+        store, ext = extract_store(videos, out, progress)
+        print(f"[2/3] extracted {ext['windows']} 5-second windows with the tiny encoder (random weights) into {store} "
+              f"({ext['realtime_factor']:.0f}x realtime; done {ext['done']}, skipped {ext['skipped']}, failed {ext['failed']})")
+        code, run = run_pretraining(store, out, args.epochs or 300, args.seed, progress,
+                                    val_videos=max(1, num_videos // 6), batch_videos=8)
+        from .store import Store
+        dim = Store(store).dim
+    else:
+        num_videos = args.videos or 512
+        embeddings = make_embeddings(out, num_videos, args.dim, args.seed)
+        print(f"[1/3] wrote {num_videos} synthetic videos ({args.dim}-d embeddings) to {embeddings}")
+        store = build_store(embeddings, out)
+        print(f"[2/3] imported them into the embedding store {store}")
+        code, run = run_pretraining(store, out, args.epochs or 60, args.seed, progress)
+        dim = args.dim
     records = read_metrics(run / "metrics.jsonl")
     if records:
         val = [r["val_loss"] for r in records if "val_loss" in r]
         print(f"[3/3] pretrained the tiny preset for {records[-1]['step']} steps: train loss {records[0]['loss']:.4f} -> "
               f"{records[-1]['loss']:.4f}" + (f", val loss {val[0]:.4f} -> {val[-1]:.4f}" if len(val) > 1 else "")
               # Targets are unit vectors, so always predicting zeros scores exactly 1/dim (the baseline to beat).
-              + f" (predicting zeros scores {1 / args.dim:.4f})")
+              + f" (predicting zeros scores {1 / dim:.4f})")
     summary = {"seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run), "loss_curve": str(run / "loss.png"),
                "metrics": str(run / "metrics.jsonl"), "model": str(run), "store": str(store)}
     print("demo done: " + json.dumps(summary, indent=2))
@@ -65,11 +110,14 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="synthetic corpus -> store -> tiny pretraining on CPU (about a minute)")
+    p = sub.add_parser("demo", help="synthetic videos -> extract -> store -> tiny pretraining on CPU (about a minute)")
     p.add_argument("--out", default="lvmae_demo", help="output directory (default ./lvmae_demo)")
-    p.add_argument("--videos", type=int, default=512, help="synthetic videos (default 512)")
-    p.add_argument("--dim", type=int, default=64, help="embedding dim (default 64)")
-    p.add_argument("--epochs", type=int, default=60, help="pretraining epochs (default 60)")
+    p.add_argument("--source", choices=["videos", "embeddings"], default="videos",
+                   help="videos: start from synthetic mp4 files (default); embeddings: synthetic embedding sequences")
+    p.add_argument("--videos", type=int, default=None, help="number of videos (default 24 videos / 512 sequences)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds per synthetic video (default 60)")
+    p.add_argument("--dim", type=int, default=64, help="embedding dim for --source embeddings (default 64)")
+    p.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default 300 / 60)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
