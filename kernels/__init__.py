@@ -1,1 +1,238 @@
-"""Triton kernels (imported as lvmae_fast.kernels)."""
+"""Triton kernels (imported as lvmae_fast.kernels): semantic-mask selection and fused masked losses.
+
+Public API (other modules rely on these exact names/signatures):
+    semantic_mask(x, cu_seqlens, mask_ratio, inverted=False) -> bool [T]
+    masked_mse(pred, target, masked) -> scalar
+    masked_mse_rows(pred_rows, target, rows, loss="mse") -> scalar
+    use_triton(switch, tensor) -> bool
+
+Every function runs on CUDA tensors (Triton) and on CPU tensors (the Triton interpreter when
+TRITON_INTERPRET=1, otherwise the torch reference), and falls back to torch when triton is missing.
+Triton is imported lazily so `import lvmae_fast.kernels` works without it. Losses come back in fp32.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# Absolute import: this folder sits at the repo top level, where tools that probe for a PyPI package
+# named `kernels` (transformers does) may import it as top-level `kernels`; that must not crash them.
+from lvmae_fast.masking import semantic_mask_torch
+
+__all__ = ["semantic_mask", "masked_mse", "masked_mse_rows", "use_triton", "triton_available", "triton_mode"]
+
+_SWITCHES = ("auto", "triton", "torch")
+_LOSSES = ("mse", "cosine")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp64 stays on the exact torch path
+
+
+# ----------------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install (missing libs): either way, not usable
+        return False
+    return True
+
+
+def triton_mode() -> str | None:
+    """'interpret', 'compiled', or None when triton is not importable.
+
+    Triton fixes the mode per process at its first import, from TRITON_INTERPRET at that moment (its
+    own @jit helpers behind tl.sum/tl.max are built then); this imports it if nobody has yet."""
+    if not triton_available():
+        return None
+    return "interpret" if _tk().INTERPRETED else "compiled"
+
+
+def _interpreting() -> bool:
+    # TRITON_INTERPRET is read at call time (tests toggle it with monkeypatch), and the interpreter
+    # must also be what triton was imported as.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and triton_mode() == "interpret"
+
+
+def use_triton(switch: str, tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels should run for `tensor` under the kernels switch auto|triton|torch."""
+    if switch not in _SWITCHES:
+        raise ValueError(f"unknown kernels switch {switch!r}; choose one of {_SWITCHES}")
+    if switch == "torch":
+        return False
+    if switch == "auto":
+        return tensor.is_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("kernels='triton' but triton is not importable: `pip install lvmae_fast[triton]` "
+                           "(or use kernels='auto'/'torch')")
+    if tensor.is_cuda or _interpreting():
+        return True
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("kernels='triton' on a CPU tensor: TRITON_INTERPRET=1 was set after triton was "
+                           "imported in compiled mode; set it before the first import of triton")
+    raise RuntimeError("kernels='triton' on a CPU tensor needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                       "before importing triton (slow; for tests) or use kernels='auto'/'torch'")
+
+
+def _runs_triton(t: torch.Tensor) -> bool:
+    """Implicit dispatch of the public functions: CUDA -> Triton, CPU -> interpreter if enabled, else torch."""
+    return t.dtype in _KERNEL_DTYPES and triton_available() and (t.is_cuda or _interpreting())
+
+
+def _tk():
+    from . import _triton  # deferred: imports triton
+    return _triton
+
+
+# ----------------------------------------------------------------------------------------------------
+# semantic masking
+# ----------------------------------------------------------------------------------------------------
+def _check_ratio(mask_ratio) -> float:
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+        raise ValueError(f"mask_ratio must be a float in [0, 1), got {mask_ratio!r}")
+    if not 0.0 <= float(mask_ratio) < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return float(mask_ratio)
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, validate: bool) -> int | None:
+    """Raise ValueError on malformed offsets; returns the longest video when it was read anyway."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must be a 1-D tensor of B+1 offsets")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32 (flash-attn convention), got {cu_seqlens.dtype}")
+    if not validate:
+        return None
+    # One host read (a device sync when cu_seqlens is on CUDA; pass validate=False to skip it).
+    lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+    zero = lengths.new_zeros(1)
+    first, last, min_len, max_len = torch.cat([cu_seqlens[:1].long(), cu_seqlens[-1:].long(),
+                                               torch.cat([lengths, zero]).min().view(1),
+                                               torch.cat([lengths, zero]).max().view(1)]).tolist()
+    if first != 0 or last != T:
+        raise ValueError(f"cu_seqlens must run from 0 to T={T} (x has {T} rows), got {first}..{last}")
+    if min_len < 0:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    return max_len
+
+
+def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, inverted: bool = False,
+                  *, max_seqlen: int | None = None, validate: bool = True) -> torch.Tensor:
+    """bool [T], True = masked: per video the k_i = L_i - max(1, int(L_i * (1 - ratio))) rows with the
+    lowest cosine similarity to their predecessor (highest when inverted), ties to the lower row.
+
+    Equals masking.semantic_mask_torch exactly (same fp32 similarity formula, same tie rule).
+    max_seqlen (host int, optional) only picks a block size; validate=False skips the value checks on
+    cu_seqlens (one host read) for hot loops that built cu_seqlens themselves."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a [T, d] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+    if not torch.is_floating_point(x):
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    ratio = _check_ratio(mask_ratio)
+    longest = _check_cu_seqlens(cu_seqlens, x.shape[0], validate)
+    cu = cu_seqlens.to(x.device, non_blocking=True)
+    if not _runs_triton(x):
+        return semantic_mask_torch(x, cu, ratio, inverted=inverted)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    # k_i on the device in float64: bit-identical to Python's int(L * (1 - ratio)), no host round trip.
+    lengths = (cu[1:] - cu[:-1]).long()
+    keep = torch.floor(lengths.double() * (1.0 - ratio)).long().clamp_min(1)
+    num_masked = (lengths - keep).to(torch.int32)
+    return _tk().semantic_mask(x, cu.contiguous(), num_masked, bool(inverted),
+                               max_seqlen=max_seqlen if max_seqlen is not None else longest)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused masked losses
+# ----------------------------------------------------------------------------------------------------
+class _MaskedLoss(torch.autograd.Function):
+    """mean over active rows of a per-row loss; pred row i pairs with target row rows[i] (or i), and with
+    a mask only rows with mask[i] count. Gradient w.r.t. pred only (targets are data)."""
+
+    @staticmethod
+    def forward(ctx, pred, target, rows, mask, cosine: bool):
+        part = _tk().masked_loss_forward(pred, target, rows, mask, cosine)
+        # Divide by the active-row count without a host sync: a Python number for the rows path, a
+        # device tensor for the mask path (clamped: no active rows -> loss 0, not NaN).
+        count_t = None if mask is None else mask.sum().float().clamp_min(1.0)
+        ctx.save_for_backward(pred, target, rows, mask, count_t)
+        ctx.count, ctx.cosine = float(pred.shape[0]), cosine
+        return part.sum() / (ctx.count if count_t is None else count_t)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pred, target, rows, mask, count_t = ctx.saved_tensors
+        count = ctx.count if count_t is None else count_t
+        scale = (grad_out.float() / count).reshape(1).contiguous()  # read by the kernel: no host sync
+        grad = _tk().masked_loss_backward(pred, target, rows, mask, scale, ctx.cosine)
+        return grad, None, None, None, None
+
+
+def _row_loss_torch(pred: torch.Tensor, tgt: torch.Tensor, loss: str) -> torch.Tensor:
+    acc = torch.promote_types(pred.dtype, torch.float32)
+    p, t = pred.to(acc), tgt.to(acc)
+    if loss == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(p, t, dim=-1)
+    return (p - t).pow(2).mean(-1)
+
+
+def _check_loss_inputs(pred: torch.Tensor, target: torch.Tensor, loss: str) -> None:
+    if loss not in _LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {_LOSSES}")
+    if not isinstance(pred, torch.Tensor) or pred.dim() != 2:
+        raise ValueError(f"pred must be [N, d], got shape {tuple(getattr(pred, 'shape', ()))}")
+    if not isinstance(target, torch.Tensor) or target.dim() != 2:
+        raise ValueError(f"target must be [T, d], got shape {tuple(getattr(target, 'shape', ()))}")
+    if pred.shape[1] != target.shape[1]:
+        raise ValueError(f"pred dim {pred.shape[1]} != target dim {target.shape[1]}")
+    if pred.device != target.device:
+        raise ValueError(f"pred on {pred.device} but target on {target.device}")
+
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """fp32 scalar: mean over dims of (pred - target)^2, then mean over rows where masked (0 if none).
+    pred/target [T, d], masked bool [T]; differentiable w.r.t. pred (unmasked rows get zero grad)."""
+    _check_loss_inputs(pred, target, "mse")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must match")
+    if not isinstance(masked, torch.Tensor) or masked.dtype != torch.bool or masked.shape != pred.shape[:1]:
+        raise ValueError(f"masked must be a bool tensor of shape [{pred.shape[0]}], got "
+                         f"{getattr(masked, 'dtype', type(masked))} {tuple(getattr(masked, 'shape', ()))}")
+    masked = masked.to(pred.device)
+    if not _runs_triton(pred) or pred.shape[0] == 0:
+        per_row = _row_loss_torch(pred, target, "mse")
+        return (per_row * masked).sum() / masked.sum().clamp_min(1)
+    return _MaskedLoss.apply(_rowmajor(pred), _rowmajor(target), None,
+                             masked.contiguous().view(torch.uint8), False)
+
+
+def masked_mse_rows(pred_rows: torch.Tensor, target: torch.Tensor, rows: torch.Tensor,
+                    loss: str = "mse") -> torch.Tensor:
+    """fp32 scalar: mean over the Tm predicted rows of the per-row loss against target[rows].
+
+    pred_rows [Tm, d] (decoder output for masked rows only), target [T, d] (read in place, never
+    gathered), rows int64 [Tm]. loss "mse" (mean over dims of squared error) or "cosine" (1 - cos).
+    Differentiable w.r.t. pred_rows. Tm == 0 gives a zero loss that still back-propagates."""
+    _check_loss_inputs(pred_rows, target, loss)
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.shape[0] != pred_rows.shape[0]:
+        raise ValueError(f"rows must be a 1-D index tensor of length {pred_rows.shape[0]}, got "
+                         f"{tuple(getattr(rows, 'shape', ()))}")
+    if rows.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"rows must be int64 (or int32), got {rows.dtype}")
+    rows = rows.to(pred_rows.device)
+    if pred_rows.shape[0] == 0:
+        return pred_rows.sum().float() * 0.0
+    if not rows.is_cuda and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= target.shape[0]):
+        raise ValueError(f"rows index out of range [0, {target.shape[0]})")  # checked where it is free
+    if not _runs_triton(pred_rows):
+        return _row_loss_torch(pred_rows, target.index_select(0, rows), loss).mean()
+    return _MaskedLoss.apply(_rowmajor(pred_rows), _rowmajor(target), rows.contiguous(), None,
+                             loss == "cosine")

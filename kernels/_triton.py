@@ -1,0 +1,334 @@
+"""Triton kernel bodies and their launchers (imported lazily by kernels/__init__.py: triton is optional).
+
+Shape legend: T packed rows, B videos, d dims, N loss rows (Tm masked rows, or T rows filtered by a mask).
+
+Interpreter vs compiled: Triton fixes this per process when it is first imported (TRITON_INTERPRET at
+that moment decides how its own @jit helpers behind tl.sum/tl.max/tl.cumsum are built), so the kernels
+here follow that mode (INTERPRETED) rather than re-reading the variable. In interpreter mode they run
+on CPU tensors (and on CUDA tensors via host copies); in compiled mode on CUDA tensors only.
+
+Semantic-mask selection (why this algorithm): per video we need "the k_i lowest scores, ties to the lower
+row". A full sort per video is O(L log^2 L) bitonic work and caps L at what fits in one block; rank
+counting is O(L^2). Instead each score is mapped to an int32 key whose integer order is the float order
+(-0.0 folded into +0.0, as torch's sort treats them as equal), and one program per video (or per group
+of short videos, as a [VIDS, BLOCK] tile) finds the k-th smallest key by radix select: 32 bits in 32/RADIX_BITS passes, each pass streaming the video in BLOCK-row
+chunks and counting, for all 2^RADIX_BITS candidate digits at once, how many keys fall at or below each.
+A last pass masks keys below the threshold plus the first (k - #below) keys equal to it in row order
+(a running cumsum across chunks), which is exactly torch's stable-sort tie rule. Cost O(L * passes), any
+L (1 .. 32768+, chunked), no shared-memory sort, deterministic. The similarity itself is a separate
+row-parallel kernel so that one long video does not leave the GPU idle while its d-dim dots run.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+import triton.language.standard as _tl_standard
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+# The mode triton itself was imported in (tl.standard.cdiv is @triton.jit'd at that import).
+INTERPRETED = isinstance(_tl_standard.cdiv, InterpretedFunction)
+_jit = InterpretedFunction if INTERPRETED else JITFunction
+COSINE_EPS = 1e-8  # same clamp as lvmae_fast.masking.COSINE_EPS and F.cosine_similarity
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernel bodies
+# ----------------------------------------------------------------------------------------------------
+def _adjacent_key_body(x_ptr, key_ptr, T, D, stride_x,
+                       INVERTED: tl.constexpr, EPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """key[t] = sortable int32 of score(t), score = +-cos(x_t, x_{t-1}) in fp32, ignoring video starts
+    (the selection kernel overrides each video's first row with score 0.0, whose key is 0)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_T = rows < T
+    has_prev = in_T & (rows > 0)
+    cur_off = rows.to(tl.int64) * stride_x          # int64: T * d can exceed 2^31 at paper batch sizes
+    prev_off = (rows - 1).to(tl.int64) * stride_x
+    dot = tl.zeros([BLOCK_T], tl.float32)
+    sq_cur = tl.zeros([BLOCK_T], tl.float32)
+    sq_prev = tl.zeros([BLOCK_T], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        in_D = (cols < D)[None, :]
+        a = tl.load(x_ptr + cur_off[:, None] + cols[None, :], mask=in_T[:, None] & in_D, other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + prev_off[:, None] + cols[None, :], mask=has_prev[:, None] & in_D, other=0.0).to(tl.float32)
+        dot += tl.sum(a * b, axis=1)
+        sq_cur += tl.sum(a * a, axis=1)
+        sq_prev += tl.sum(b * b, axis=1)
+    # Same formula as masking.adjacent_cosine: dot / clamp(|a| * |b|, eps); IEEE sqrt/div (not approx)
+    # so the GPU rounds like torch does.
+    denom = tl.maximum(tl.sqrt_rn(sq_cur) * tl.sqrt_rn(sq_prev), EPS)
+    s = tl.div_rn(dot, denom)
+    if INVERTED:
+        s = -s
+    s = tl.where(s == 0.0, 0.0, s)                  # -0.0 -> +0.0: torch's sort sees them as equal
+    bits = s.to(tl.int32, bitcast=True)
+    # Flip the magnitude bits of negatives: signed-int order of `key` == float order of `s`.
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    tl.store(key_ptr + rows, key, mask=in_T)
+
+
+def _select_lowest_body(key_ptr, cu_ptr, k_ptr, out_ptr, B,
+                        VIDS: tl.constexpr, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """VIDS videos per program (a [VIDS, BLOCK] tile, so thousands of short videos do not each pay for
+    a mostly-empty 1024-wide chunk): out[row] = 1 for the k lowest keys of each video, ties lower row."""
+    pid = tl.program_id(0)
+    vids = pid * VIDS + tl.arange(0, VIDS)
+    in_B = vids < B
+    start = tl.load(cu_ptr + vids, mask=in_B, other=0)
+    length = tl.load(cu_ptr + vids + 1, mask=in_B, other=0) - start
+    k = tl.load(k_ptr + vids, mask=in_B, other=0).to(tl.int32)
+    span = tl.max(length, axis=0)                    # chunk loop bound: longest video of the group
+    count_span = tl.max(tl.where(k > 0, length, 0), axis=0)  # k <= 0 (ratio 0, L == 1): nothing to count
+    offs = tl.arange(0, BLOCK)
+    NB: tl.constexpr = 2 ** RADIX_BITS
+    digits = tl.arange(0, NB)
+
+    # Invariant per video: threshold key K lies in [lo, lo + 2^bits_left), `below` = #keys < lo (< k).
+    lo = tl.full([VIDS], -2147483648, tl.int64)
+    below = tl.zeros([VIDS], tl.int32)
+    for p in tl.static_range(32 // RADIX_BITS):
+        width = 2 ** (32 - (p + 1) * RADIX_BITS)    # sub-range per digit (constexpr)
+        # Upper edge of each digit's sub-range [VIDS, NB]; always within int32 by the invariant.
+        upper = (lo[:, None] + (digits[None, :].to(tl.int64) + 1) * width - 1).to(tl.int32)
+        cnt = tl.zeros([VIDS, NB], tl.int32)
+        for c in range(0, count_span, BLOCK):
+            pos = c + offs
+            valid = pos[None, :] < length[:, None]
+            key = tl.load(key_ptr + start[:, None] + pos[None, :], mask=valid, other=0)
+            key = tl.where(pos[None, :] == 0, 0, key)  # first row of a video: similarity 0.0 -> key 0
+            le = (key[:, :, None] <= upper[:, None, :]) & valid[:, :, None]
+            cnt += tl.sum(le.to(tl.int32), axis=1)
+        # cnt is non-decreasing over digits; the first digit whose cumulative count reaches k holds K.
+        j = tl.sum((cnt < k[:, None]).to(tl.int32), axis=1)
+        below = tl.where(j > 0, tl.sum(tl.where(digits[None, :] == j[:, None] - 1, cnt, 0), axis=1), below)
+        lo = lo + j.to(tl.int64) * width
+    thr = lo.to(tl.int32)
+    need_ties = k - below                            # how many keys == K to mask, in row order
+
+    seen = tl.zeros([VIDS], tl.int32)
+    for c in range(0, span, BLOCK):
+        pos = c + offs
+        valid = pos[None, :] < length[:, None]
+        rows = start[:, None] + pos[None, :]
+        key = tl.load(key_ptr + rows, mask=valid, other=0)
+        key = tl.where(pos[None, :] == 0, 0, key)
+        eq = ((key == thr[:, None]) & valid).to(tl.int32)
+        ties_before = seen[:, None] + tl.cumsum(eq, axis=1) - eq
+        hit = (key < thr[:, None]) | ((eq != 0) & (ties_before < need_ties[:, None]))
+        hit = hit & valid & (k[:, None] > 0)
+        tl.store(out_ptr + rows, hit.to(tl.int8), mask=valid)
+        seen += tl.sum(eq, axis=1)
+
+
+def _masked_loss_fwd_body(pred_ptr, tgt_ptr, rows_ptr, mask_ptr, part_ptr, N, D, stride_p, stride_t,
+                          HAS_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
+                          EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """part[pid] = sum over this block's active rows of the per-row loss (mean sq. error, or 1 - cos).
+
+    Pred row i pairs with target row rows[i] (HAS_ROWS) or i; with HAS_MASK only rows with mask[i] are
+    active. Inactive rows are never read (masked loads), and (p - t)^2 only ever lives in registers."""
+    pid = tl.program_id(0)
+    i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    active = i < N
+    if HAS_MASK:
+        active = active & (tl.load(mask_ptr + i, mask=active, other=0) != 0)
+    if HAS_ROWS:
+        trow = tl.load(rows_ptr + i, mask=active, other=0).to(tl.int64)
+    else:
+        trow = i.to(tl.int64)
+    p_off = i.to(tl.int64) * stride_p
+    t_off = trow * stride_t
+    acc0 = tl.zeros([BLOCK_M], tl.float32)           # mse: sum (p-t)^2 | cosine: p.t
+    acc1 = tl.zeros([BLOCK_M], tl.float32)           # cosine: |p|^2
+    acc2 = tl.zeros([BLOCK_M], tl.float32)           # cosine: |t|^2
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m2 = active[:, None] & (cols < D)[None, :]
+        p = tl.load(pred_ptr + p_off[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        t = tl.load(tgt_ptr + t_off[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        if COSINE:
+            acc0 += tl.sum(p * t, axis=1)
+            acc1 += tl.sum(p * p, axis=1)
+            acc2 += tl.sum(t * t, axis=1)
+        else:
+            diff = p - t
+            acc0 += tl.sum(diff * diff, axis=1)
+    if COSINE:
+        # F.cosine_similarity: x.y / (max(|x|, eps) * max(|y|, eps))
+        row = 1.0 - acc0 / (tl.maximum(tl.sqrt_rn(acc1), EPS) * tl.maximum(tl.sqrt_rn(acc2), EPS))
+    else:
+        row = acc0 / D
+    row = tl.where(active, row, 0.0)
+    tl.store(part_ptr + pid, tl.sum(row, axis=0))
+
+
+def _masked_loss_bwd_body(pred_ptr, tgt_ptr, rows_ptr, mask_ptr, scale_ptr, grad_ptr, N, D,
+                          stride_p, stride_t, stride_g,
+                          HAS_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
+                          EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad[i] = d loss / d pred[i], with scale = grad_out / #rows read from memory (no host sync).
+
+    Recomputes from pred and target instead of stashing a grad buffer in forward: same memory traffic
+    (fwd 2 reads; bwd 2 reads + 1 write), no [N, d] buffer held between forward and backward.
+    Inactive rows (HAS_MASK) get zeros, so the full grad tensor is written exactly once."""
+    pid = tl.program_id(0)
+    i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_N = i < N
+    active = in_N
+    if HAS_MASK:
+        active = active & (tl.load(mask_ptr + i, mask=in_N, other=0) != 0)
+    if HAS_ROWS:
+        trow = tl.load(rows_ptr + i, mask=active, other=0).to(tl.int64)
+    else:
+        trow = i.to(tl.int64)
+    p_off = i.to(tl.int64) * stride_p
+    t_off = trow * stride_t
+    g_off = i.to(tl.int64) * stride_g
+    scale = tl.load(scale_ptr)
+    if COSINE:
+        # First pass: the row statistics the gradient needs.
+        dot = tl.zeros([BLOCK_M], tl.float32)
+        sq_p = tl.zeros([BLOCK_M], tl.float32)
+        sq_t = tl.zeros([BLOCK_M], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            m2 = active[:, None] & (cols < D)[None, :]
+            p = tl.load(pred_ptr + p_off[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            t = tl.load(tgt_ptr + t_off[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            dot += tl.sum(p * t, axis=1)
+            sq_p += tl.sum(p * p, axis=1)
+            sq_t += tl.sum(t * t, axis=1)
+        norm_p = tl.sqrt_rn(sq_p)
+        np_c = tl.maximum(norm_p, EPS)
+        nt_c = tl.maximum(tl.sqrt_rn(sq_t), EPS)
+        cos = dot / (np_c * nt_c)
+        # d(1 - cos)/dp = -t / (|p|c |t|c) + cos * p / |p|^2 (second term only where the clamp is off)
+        coef_t = tl.where(active, -scale / (np_c * nt_c), 0.0)
+        coef_p = tl.where(active & (norm_p > EPS), scale * cos / (np_c * np_c), 0.0)
+    else:
+        coef_p = tl.where(active, 2.0 * scale / D, 0.0)   # d mean((p - t)^2)/dp = 2 (p - t) / D
+        coef_t = -coef_p
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        in_D = (cols < D)[None, :]
+        m2 = active[:, None] & in_D
+        p = tl.load(pred_ptr + p_off[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        t = tl.load(tgt_ptr + t_off[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        g = coef_p[:, None] * p + coef_t[:, None] * t
+        tl.store(grad_ptr + g_off[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=in_N[:, None] & in_D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels, built in triton's process-wide mode
+# ----------------------------------------------------------------------------------------------------
+adjacent_key_kernel = _jit(_adjacent_key_body)
+select_lowest_kernel = _jit(_select_lowest_body)
+loss_fwd_kernel = _jit(_masked_loss_fwd_body)
+loss_bwd_kernel = _jit(_masked_loss_bwd_body)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# tile choices. GPU tiles were sized with `ptxas -v` for sm_90 (registers, no spills); no autotuning,
+# because @triton.autotune cannot run without a driver and these kernels are memory/latency bound.
+# The interpreter's cost is per op, not per element, so it gets big tiles and fewer radix passes.
+# Tests set GPU_TILES_IN_INTERPRETER = True to run the exact GPU launch configs on CPU.
+# ----------------------------------------------------------------------------------------------------
+GPU_TILES_IN_INTERPRETER = False
+_GPU_VIDS_PER_PROGRAM = {8: 16, 16: 16, 32: 16, 64: 8, 128: 4, 256: 4, 512: 2, 1024: 1}
+
+
+def _gpu_tiles() -> bool:
+    return not INTERPRETED or GPU_TILES_IN_INTERPRETER
+
+
+def sim_tiles(D: int, T: int, gpu: bool):
+    """(BLOCK_T, BLOCK_D) of the similarity kernel. GPU: [8, 256] at 4 warps, ~72 registers; [32, 128]
+    spilled and [32, 64] took 228 (the loads are software-pipelined), so small d gets ~1K-element tiles."""
+    block_d = min(_pow2(D), 256 if gpu else 512)
+    return max(8, min(1024 // block_d if gpu else 256, _pow2(T))), block_d
+
+
+def select_tiles(max_seqlen: int | None, B: int, gpu: bool):
+    """(VIDS, BLOCK, RADIX_BITS) of the selection kernel.
+
+    BLOCK: the longest video rounded up to a power of two, capped at 1024 (longer videos loop over
+    chunks); without a host-known max_seqlen, 1024. VIDS: short videos share a program, as many as
+    the tile allows without spills on GPU ([16, 64] needed 174 registers, [2, 256] spilled).
+    RADIX_BITS: 16 digits per pass (8 passes) keeps the [VIDS, BLOCK, 16] compare in registers."""
+    block = 1024 if max_seqlen is None else min(1024, max(8, _pow2(max_seqlen)))
+    if gpu:
+        vids, radix_bits = (_GPU_VIDS_PER_PROGRAM[block] if max_seqlen is not None else 1), 4
+    else:
+        vids, radix_bits = max(1, 2048 // block), 8
+    return min(vids, _pow2(B)), block, radix_bits
+
+
+def loss_tiles(D: int, gpu: bool):
+    """(BLOCK_M, BLOCK_D) of the loss kernels. GPU: [8, 256] at 4 warps, ~80 registers (cosine bwd)."""
+    block_d = min(_pow2(D), 256 if gpu else 1024)
+    return max(1, (2048 if gpu else 16384) // block_d), block_d
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers (inputs already validated and contiguous in the last dim by kernels/__init__.py)
+# ----------------------------------------------------------------------------------------------------
+def semantic_mask(x, cu_seqlens, num_masked, inverted: bool, max_seqlen: int | None = None,
+                  radix_bits: int | None = None):
+    """bool [T]. cu_seqlens int32 [B+1] and num_masked int32 [B] on x's device."""
+    import torch
+
+    T, D = x.shape
+    B = cu_seqlens.shape[0] - 1
+    out = torch.zeros(T, dtype=torch.uint8, device=x.device)
+    if T == 0 or B == 0:
+        return out.view(torch.bool)
+    keys = torch.empty(T, dtype=torch.int32, device=x.device)
+    block_t, block_d = sim_tiles(D, T, _gpu_tiles())
+    adjacent_key_kernel[(triton.cdiv(T, block_t),)](
+        x, keys, T, D, x.stride(0), INVERTED=bool(inverted), EPS=COSINE_EPS,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    vids, block, default_bits = select_tiles(max_seqlen, B, _gpu_tiles())
+    radix_bits = radix_bits or default_bits
+    if 32 % radix_bits:
+        raise ValueError(f"radix_bits must divide 32, got {radix_bits}")
+    select_lowest_kernel[(triton.cdiv(B, vids),)](
+        keys, cu_seqlens, num_masked, out, B, VIDS=vids, BLOCK=block, RADIX_BITS=radix_bits, num_warps=8)
+    return out.view(torch.bool)
+
+
+def masked_loss_forward(pred, target, rows, mask, cosine: bool):
+    """fp32 [num_programs] partial sums of the per-row loss over active rows (summed by the caller:
+    deterministic, unlike a float atomic_add into one scalar)."""
+    import torch
+
+    N, D = pred.shape
+    block_m, block_d = loss_tiles(D, _gpu_tiles())
+    grid = triton.cdiv(N, block_m)
+    part = torch.empty(grid, dtype=torch.float32, device=pred.device)
+    loss_fwd_kernel[(grid,)](
+        pred, target, rows if rows is not None else part, mask if mask is not None else part, part,
+        N, D, pred.stride(0), target.stride(0),
+        HAS_ROWS=rows is not None, HAS_MASK=mask is not None, COSINE=bool(cosine), EPS=COSINE_EPS,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)  # `part` stands in for absent rows/mask: never read
+    return part
+
+
+def masked_loss_backward(pred, target, rows, mask, scale, cosine: bool):
+    """grad [N, d] in pred's dtype; scale = fp32 [1] tensor holding grad_out / #active rows."""
+    import torch
+
+    N, D = pred.shape
+    block_m, block_d = loss_tiles(D, _gpu_tiles())
+    grad = torch.empty_like(pred)
+    loss_bwd_kernel[(triton.cdiv(N, block_m),)](
+        pred, target, rows if rows is not None else scale, mask if mask is not None else scale, scale, grad,
+        N, D, pred.stride(0), target.stride(0), grad.stride(0),
+        HAS_ROWS=rows is not None, HAS_MASK=mask is not None, COSINE=bool(cosine), EPS=COSINE_EPS,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    return grad
