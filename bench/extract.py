@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--video-dir", default=None,
+                    help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -134,7 +136,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lvmae_bench_") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        paths = make_videos(tmp / "videos", count, duration, size, fps)
+        video_dir = Path(args.video_dir) if args.video_dir else tmp / "videos"
+        names = [video_dir / f"bench{i}.mp4" for i in range(count)]
+        paths = names if all(p.is_file() for p in names) else make_videos(video_dir, count, duration, size, fps)
         results["synth_seconds"] = round(time.perf_counter() - t0, 2)
 
         results["decode_pyav"] = bench_pyav_decode(paths, spec)

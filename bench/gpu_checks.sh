@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
+# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|kernels|extract|pretrain]...
+# Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+for part in "${@:-tests kernels extract pretrain}"; do
+  for p in $part; do
+    case $p in
+      tests)    timeout 200 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
+      kernels)  timeout 180 python3 bench/kernels.py --no-compile --json "$OUT/kernels.json" 2>&1 | grep -v '^{' | tail -30 ;;
+      extract)  timeout 240 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
+                  --json "$OUT/extract.json" 2>&1 | tail -14 ;;
+      pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \
+                  --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
+                timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,256 --steps 15 --warmup 5 \
+                  --skip-padded --long-len 0 --compile --json "$OUT/pretrain_compile.json" 2>&1 | grep '^|' ;;
+      *) echo "unknown part $p" >&2 ;;
+    esac
+  done
+done
