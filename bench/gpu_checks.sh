@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
-# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|kernels|extract|pretrain]...
+# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|kernels|extract|pretrain|train]...
 # Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:${PWD}${PYTHONPATH:+:$PYTHONPATH}"
@@ -18,6 +18,10 @@ for part in "${@:-tests kernels extract pretrain}"; do
                   --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,256 --steps 15 --warmup 5 \
                   --skip-padded --long-len 0 --compile --json "$OUT/pretrain_compile.json" 2>&1 | grep '^|' ;;
+      train)    timeout 150 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \
+                  --steps 40 --warmup 5 --num-workers 4 --json-out "$OUT/pretrain_data.json" 2>&1 | grep -E '^\||rate|error' ;
+                timeout 150 python3 -m lvmae_fast demo --source embeddings --out /tmp/gpu_demo --overwrite --no-progress \
+                  --epochs 20 2>&1 | grep -E 'device|\[|error|Error' ;;
       *) echo "unknown part $p" >&2 ;;
     esac
   done

@@ -437,14 +437,26 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
-# Explicit flags: (flag, config key, type). Anything else goes through --set key=value.
-FLAGS = [("--preset", "preset", str), ("--store", "store", str), ("--out", "out", str), ("--epochs", "epochs", int),
-         ("--max-steps", "max_steps", int), ("--seed", "seed", int), ("--device", "device", str),
-         ("--batch-videos", "batch_videos", int), ("--max-tokens", "max_tokens", int),
-         ("--num-workers", "num_workers", int), ("--blr", "blr", float), ("--lr", "lr", float),
-         ("--grad-clip", "grad_clip", float), ("--precision", "precision", str),
-         ("--bad-videos", "bad_videos", str), ("--val-videos", "val_videos", int),
-         ("--ckpt-every", "ckpt_every", int)]
+# Explicit flags: (flag, config key, type, help). Anything else goes through --set key=value.
+FLAGS = [
+    ("--preset", "preset", str, "model + recipe preset: paper | base | tiny"),
+    ("--store", "store", str, "embedding store to train on (lvmae store import / lvmae extract)"),
+    ("--out", "out", str, "run directory (config.yaml, metrics.jsonl, TensorBoard, loss.png, checkpoints)"),
+    ("--epochs", "epochs", int, "epochs over the training videos"),
+    ("--max-steps", "max_steps", int, "stop after this many optimizer steps in total, counted from the run's start"),
+    ("--seed", "seed", int, "seed for init, crops, masks and batch order"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--batch-videos", "batch_videos", int, "videos per batch"),
+    ("--max-tokens", "max_tokens", int, "token budget per packed batch instead of a fixed video count (0 = off)"),
+    ("--num-workers", "num_workers", int, "DataLoader workers building packed batches"),
+    ("--blr", "blr", float, "base lr; lr = blr * effective batch / 256"),
+    ("--lr", "lr", float, "absolute lr (overrides --blr when > 0)"),
+    ("--grad-clip", "grad_clip", float, "max gradient norm (0 = off)"),
+    ("--precision", "precision", str, "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32"),
+    ("--bad-videos", "bad_videos", str, "videos with NaN/Inf rows: error (refuse) | skip"),
+    ("--val-videos", "val_videos", int, "held-out videos for a fixed-crop, fixed-mask validation loss"),
+    ("--ckpt-every", "ckpt_every", int, "optimizer steps between checkpoints"),
+]
 
 
 def config_from_args(args) -> tc.PretrainConfig:
@@ -454,7 +466,7 @@ def config_from_args(args) -> tc.PretrainConfig:
     if args.config:
         layers.append((args.config, tc.load_yaml(args.config)))
     layers.append(("--set", tc.parse_set(args.set)))
-    flags = {key: getattr(args, key) for _, key, _ in FLAGS if getattr(args, key) is not None}
+    flags = {key: getattr(args, key) for _, key, _, _ in FLAGS if getattr(args, key) is not None}
     if args.compile:
         flags["compile"] = True
     if args.no_progress:
@@ -478,8 +490,8 @@ def register(sub) -> None:
     p.add_argument("--config", help="YAML file of config keys (see lvmae_fast/train_config.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable); model.KEY sets a model config field")
-    for flag, key, kind in FLAGS:
-        p.add_argument(flag, dest=key, type=kind, default=None, help=f"config key {key}")
+    for flag, key, kind, help_text in FLAGS:
+        p.add_argument(flag, dest=key, type=kind, default=None, help=f"{help_text} (config key {key})")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
