@@ -166,16 +166,32 @@ class PackedBatch:
         )
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=non_blocking)
-        return replace(self, **moved)
+        return self._map_storages(lambda base: base.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackedBatch":
         # DataLoader(pin_memory=True) calls this on custom batch types.
-        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in pinned.items():
-            if isinstance(value, torch.Tensor):
-                pinned[name] = value.pin_memory()
-        return replace(self, **pinned)
+        return self._map_storages(lambda base: base.pin_memory())
+
+    def _map_storages(self, move) -> "PackedBatch":
+        """Apply `move` once per underlying buffer, not once per field. The sampler packs the ~20 index
+        tensors into one buffer per dtype (views); pinning and host-to-device copies then cost one call
+        per buffer, which matters because a small-batch step is bound by per-call host overhead."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        groups: dict[tuple, list[str]] = {}
+        for name, t in tensors.items():
+            groups.setdefault((t.untyped_storage().data_ptr(), t.dtype, t.device), []).append(name)
+        moved = {}
+        for names in groups.values():
+            first = tensors[names[0]]
+            storage = first.untyped_storage()
+            numel = storage.nbytes() // first.element_size()
+            used = sum(tensors[n].numel() for n in names)
+            if len(names) == 1 or numel > 2 * used:  # a lone tensor, or a view into a much larger buffer
+                for n in names:
+                    moved[n] = move(tensors[n])
+                continue
+            base = move(first.new_empty(0).set_(storage, 0, (numel,)))
+            for n in names:
+                t = tensors[n]
+                moved[n] = base.as_strided(t.shape, t.stride(), t.storage_offset())
+        return replace(self, **moved)

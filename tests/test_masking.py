@@ -130,3 +130,33 @@ def test_from_mask_rejects_fully_masked_video_and_bad_mask():
         keep_counts([3], 1.0)
     with pytest.raises(ValueError, match="unknown masking strategy"):
         build_masked_batch(x, cu, lengths, "block", 0.5)
+
+
+def test_batch_transfer_keeps_values_and_moves_each_shared_buffer_once():
+    from lvmae_fast.sampler import share_storages
+
+    x, cu, lengths = pack_sequences([torch.randn(n, 3) for n in LENGTHS])
+    plain = build_masked_batch(x, cu, lengths, "random", 0.5, torch.Generator().manual_seed(0))
+    shared = share_storages(plain)
+    calls = []
+
+    def counting_move(t):
+        calls.append(t.numel())
+        return t.clone()
+
+    moved = shared._map_storages(counting_move)
+    dtypes = {getattr(plain, f).dtype for f in plain.__dataclass_fields__ if isinstance(getattr(plain, f), torch.Tensor)}
+    assert len(calls) == len(dtypes)  # one move per dtype buffer, not ~20
+    for f in plain.__dataclass_fields__:
+        a, b = getattr(plain, f), getattr(moved, f)
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b) and a.shape == b.shape, f
+            assert b.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+        else:
+            assert a == b
+    # A view into a much larger buffer is moved on its own, not with the whole buffer.
+    big = torch.arange(1000)
+    lone = plain.__class__(**{**plain.__dict__, "positions": big[:plain.num_tokens]})
+    sizes = []
+    lone._map_storages(lambda t: sizes.append(t.numel()) or t.clone())
+    assert 1000 not in sizes
