@@ -155,7 +155,8 @@ class StoreWriter:
         if not np.issubdtype(emb.dtype, np.floating):
             raise ValueError(f"video {video_id!r}: embeddings must be floating point, got {emb.dtype}")
         with np.errstate(over="ignore"):
-            emb16 = emb.astype(EMB_DTYPE)
+            # C order always: astype keeps a Fortran-ordered input's layout, and shards must be C-contiguous.
+            emb16 = np.ascontiguousarray(emb.astype(EMB_DTYPE))
         # Checked after the cast: float32 values beyond float16's range (65504) would become Inf.
         if not np.isfinite(emb16).all():
             bad = np.flatnonzero(~np.isfinite(emb16).all(1))
@@ -168,7 +169,7 @@ class StoreWriter:
             if times.shape != (n, 2) or not np.isfinite(times).all() or (times[:, 1] < times[:, 0]).any():
                 raise ValueError(f"video {video_id!r}: window_times must be finite [n={n}, 2] (start, end) "
                                  f"with end >= start, got shape {list(times.shape)}")
-            times = times.astype(TIMES_DTYPE)
+            times = np.ascontiguousarray(times.astype(TIMES_DTYPE))
         entry = {"id": video_id, "n": int(n), "segment_seconds": self.segment_seconds, "source": str(source_path)}
         self._pending.append((entry, emb16, times))
         self._pending_rows += n

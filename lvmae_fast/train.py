@@ -377,6 +377,9 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
                 batch = batch.to(device, non_blocking=pin)
                 with autocast():
                     loss = model(batch)
+                # Launch backward before reading the loss back: the host sync then overlaps the backward's
+                # GPU work instead of idling the launch-bound host. Parameters are unchanged until step().
+                loss.backward()
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     path = checkpoint()  # parameters are still those before this step
@@ -388,7 +391,6 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
                     print(f"lvmae pretrain: error: {msg}", file=sys.stderr)
                     exit_code = EXIT_NONFINITE
                     break
-                loss.backward()
                 grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
                              if cfg.grad_clip > 0 else None)
                 optimizer.step()

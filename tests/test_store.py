@@ -220,3 +220,13 @@ def test_cli_import_info_verify(tmp_path):
     empty.mkdir()
     r = lvmae("store", "import", empty, "--out", tmp_path / "s2")
     assert r.returncode == 1 and "error" in r.stderr and not (tmp_path / "s2").exists()
+
+
+def test_fortran_ordered_inputs_are_stored_readably(tmp_path):
+    emb = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(3, 2))
+    times = np.asfortranarray(np.array([[0.0, 5.0], [5.0, 10.0], [10.0, 12.5]]))
+    with StoreWriter(tmp_path / "s", dim=2) as w:
+        w.add("a", emb, window_times=times)
+    store = Store(tmp_path / "s")
+    np.testing.assert_array_equal(store.get("a"), emb.astype(np.float16))
+    np.testing.assert_array_equal(store.window_times("a"), times.astype(np.float32))
