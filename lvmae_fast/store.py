@@ -3,7 +3,8 @@
 Layout (numpy + json are enough to read it; see docs/store.md)::
 
     STORE/
-      index.json                 the committed index; written last, atomically (temp file + rename)
+      index.json                 the committed index snapshot; written atomically (temp file + rename)
+      index.journal              commits since the snapshot, one fsynced JSON line each (see load_index)
       shards/emb-00000.npy       float16 [rows, dim]: one contiguous matrix, np.load(..., mmap_mode="r")
       shards/times-00000.npy     float32 [rows, 2]: start/end seconds of each row's window
       shards/...                 one pair per shard
@@ -22,8 +23,10 @@ random crop is one contiguous slice of a memory map. Reading without this packag
     shard = index["shards"][v["shard"]]
     emb = np.load("STORE/" + shard["emb"], mmap_mode="r")[v["offset"]: v["offset"] + v["n"]]
 
-Writers (StoreWriter) buffer videos and write whole shards, each via temp file + rename, then rewrite
-index.json (again temp + rename). A shard that no committed index names is garbage from a killed
+Writers (StoreWriter) buffer videos and write whole shards, each via temp file + rename, then commit
+them with one journal line (the first commit writes index.json; every FOLD_EVERY commits and on close
+the journal is folded into a new index.json). The numpy-only snippet below ignores the journal: it is
+exact for closed stores; docs/store.md shows how to apply a busy writer's journal too. A shard that no committed index names is garbage from a killed
 writer: readers never see it and the next writer deletes it. Re-opening a store with StoreWriter
 resumes: `contains(video_id)` tells an importer what to skip.
 """
@@ -40,6 +43,8 @@ import numpy as np
 from .checkpoint import atomic_write_bytes
 
 INDEX_NAME = "index.json"
+JOURNAL_NAME = "index.journal"
+FOLD_EVERY = 64  # journal lines before the writer folds them into a new index.json snapshot
 SHARD_DIR = "shards"
 STORE_FORMAT, STORE_VERSION = "lvmae-embedding-store", 1
 EMB_DTYPE, TIMES_DTYPE = np.dtype(np.float16), np.dtype(np.float32)
@@ -63,6 +68,14 @@ def _atomic_save_json(path: Path, obj) -> None:
     atomic_write_bytes(path, lambda tmp: _fsynced_write(tmp, lambda f: f.write(text)))
 
 
+def _append_journal_line(path: Path, record: dict) -> None:
+    # One line, fsynced: the commit point. A kill mid-write leaves a torn last line that readers ignore.
+    with open(path, "ab") as f:
+        f.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_npy_header(path: Path) -> tuple[tuple, np.dtype]:
     """(shape, dtype) of a .npy file without reading or mapping its data."""
     with open(path, "rb") as f:
@@ -83,6 +96,7 @@ def default_window_times(n: int, segment_seconds: float) -> np.ndarray:
 
 
 def load_index(path) -> dict:
+    """The committed index: the index.json snapshot plus the journal lines committed after it."""
     index_path = Path(path) / INDEX_NAME
     if not index_path.is_file():
         raise FileNotFoundError(f"no embedding store at {path} ({INDEX_NAME} missing); "
@@ -98,7 +112,40 @@ def load_index(path) -> dict:
     for key in ("dim", "encoder", "segment_seconds", "shards", "videos"):
         if key not in index:
             raise ValueError(f"{index_path}: missing key {key!r}")
+    index.setdefault("journal_seq", 0)
+    for record in read_journal(Path(path) / JOURNAL_NAME, after=index["journal_seq"]):
+        index["shards"].extend(record["shards"])
+        index["videos"].extend(record["videos"])
+        index["journal_seq"] = record["seq"]
     return index
+
+
+def read_journal(path: Path, after: int) -> list[dict]:
+    """Journal records with seq after+1, after+2, ... in order. Reading stops at the first line that is
+    torn (a writer killed mid-append), unparsable or out of sequence: nothing after it was committed."""
+    if not path.is_file():
+        return []
+    records, expected = [], after + 1
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(record, dict) or not {"seq", "shards", "videos"} <= set(record):
+            break
+        if record["seq"] <= after:  # already folded into the snapshot (a fold killed before truncating)
+            continue
+        if record["seq"] != expected:
+            break
+        records.append(record)
+        expected += 1
+    return records
+
+
+def index_fingerprint(index: dict) -> str:
+    """sha256 of the committed content; independent of how it is split between snapshot and journal."""
+    content = {k: v for k, v in index.items() if k != "journal_seq"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 class StoreWriter:
@@ -117,8 +164,11 @@ class StoreWriter:
                                  f"cannot add dim={self.dim} encoder={self.encoder!r}")
         else:
             self._index = {"format": STORE_FORMAT, "version": STORE_VERSION, "dim": self.dim, "encoder": self.encoder,
-                           "segment_seconds": self.segment_seconds, "dtype": EMB_DTYPE.name, "shards": [], "videos": []}
+                           "segment_seconds": self.segment_seconds, "dtype": EMB_DTYPE.name, "shards": [], "videos": [],
+                           "journal_seq": 0}
         (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        if (self.path / JOURNAL_NAME).exists():
+            self._fold()
         self._remove_uncommitted_files()
         self._committed_ids = {v["id"] for v in self._index["videos"]}
         self._pending: list[tuple[dict, np.ndarray, np.ndarray]] = []  # (video entry, emb f16, times f32)
@@ -190,20 +240,39 @@ class StoreWriter:
             rows += n
         groups.append(current)
         index = json.loads(json.dumps(self._index))  # the live index is only replaced once everything is on disk
+        new_shards, new_videos = [], []
         for group in groups:
-            shard_id = len(index["shards"])
+            shard_id = len(index["shards"]) + len(new_shards)
             emb_name, times_name = f"{SHARD_DIR}/emb-{shard_id:05d}.npy", f"{SHARD_DIR}/times-{shard_id:05d}.npy"
             _atomic_save_npy(self.path / emb_name, np.concatenate([e for _, e, _ in group]))
             _atomic_save_npy(self.path / times_name, np.concatenate([t for _, _, t in group]))
             offset = 0
             for entry, _, _ in group:
-                index["videos"].append({**entry, "shard": shard_id, "offset": offset})
+                new_videos.append({**entry, "shard": shard_id, "offset": offset})
                 offset += entry["n"]
-            index["shards"].append({"emb": emb_name, "times": times_name, "rows": offset})
-        _atomic_save_json(self.path / INDEX_NAME, index)
+            new_shards.append({"emb": emb_name, "times": times_name, "rows": offset})
+        index["shards"].extend(new_shards)
+        index["videos"].extend(new_videos)
+        if not (self.path / INDEX_NAME).exists():
+            _atomic_save_json(self.path / INDEX_NAME, index)
+        else:
+            # Append-only journal line (O(new videos)) instead of rewriting the whole index per commit:
+            # an extraction job commits after every encoder batch, for tens of thousands of videos.
+            index["journal_seq"] += 1
+            _append_journal_line(self.path / JOURNAL_NAME,
+                                 {"seq": index["journal_seq"], "shards": new_shards, "videos": new_videos})
         self._index = index
         self._committed_ids.update(e["id"] for e, _, _ in self._pending)
         self._pending, self._pending_rows = [], 0
+        if index["journal_seq"] % FOLD_EVERY == 0 and (self.path / JOURNAL_NAME).exists():
+            self._fold()
+
+    def _fold(self) -> None:
+        """Write the merged index as the new snapshot, then drop the journal. A kill in between is
+        harmless: readers skip journal lines whose seq the snapshot already covers."""
+        self._index = load_index(self.path)
+        _atomic_save_json(self.path / INDEX_NAME, self._index)
+        (self.path / JOURNAL_NAME).unlink()
 
     def close(self) -> None:
         if not self._closed:
@@ -211,6 +280,8 @@ class StoreWriter:
             # An empty store still gets an index, so it reads as a (valid, empty) store.
             if not (self.path / INDEX_NAME).exists():
                 _atomic_save_json(self.path / INDEX_NAME, self._index)
+            if (self.path / JOURNAL_NAME).exists():  # a finished store is one index.json
+                self._fold()
             self._closed = True
 
     def __enter__(self) -> "StoreWriter":
@@ -229,7 +300,7 @@ class Store:
     def __init__(self, path):
         self.path = Path(path)
         index = load_index(self.path)
-        self.fingerprint = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
+        self.fingerprint = index_fingerprint(index)
         self.dim, self.encoder = int(index["dim"]), str(index["encoder"])
         self.segment_seconds = float(index["segment_seconds"])
         self._shards = index["shards"]

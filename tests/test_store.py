@@ -230,3 +230,65 @@ def test_fortran_ordered_inputs_are_stored_readably(tmp_path):
     store = Store(tmp_path / "s")
     np.testing.assert_array_equal(store.get("a"), emb.astype(np.float16))
     np.testing.assert_array_equal(store.window_times("a"), times.astype(np.float32))
+
+
+def test_commits_append_to_a_journal_that_readers_apply_and_close_folds(tmp_path):
+    from lvmae_fast.store import JOURNAL_NAME
+
+    rng = np.random.default_rng(0)
+    videos = random_videos(rng, 4, [3, 1, 5, 2, 4])
+    w = StoreWriter(tmp_path / "s", dim=4)
+    for i, (vid, emb) in enumerate(videos.items()):
+        w.add(vid, emb)
+        w.commit()  # one commit per video, as an extraction job does
+        if i == 0:
+            snapshot = (tmp_path / "s" / "index.json").read_bytes()
+        else:  # later commits only append a journal line; the snapshot is untouched
+            assert (tmp_path / "s" / "index.json").read_bytes() == snapshot
+            assert len((tmp_path / "s" / JOURNAL_NAME).read_text().splitlines()) == i
+        reader = Store(tmp_path / "s")
+        assert reader.video_ids == list(videos)[: i + 1]
+    before = Store(tmp_path / "s").fingerprint
+    w.close()
+    assert not (tmp_path / "s" / JOURNAL_NAME).exists()
+    after = Store(tmp_path / "s")
+    assert after.fingerprint == before and after.video_ids == list(videos)
+    for vid, emb in videos.items():
+        np.testing.assert_array_equal(after.get(vid), emb.astype(np.float16))
+
+
+def test_torn_journal_line_is_ignored_and_a_resumed_writer_stays_readable(tmp_path):
+    from lvmae_fast.store import JOURNAL_NAME
+
+    rng = np.random.default_rng(1)
+    videos = random_videos(rng, 4, [2, 3, 4])
+    w = StoreWriter(tmp_path / "s", dim=4)
+    for vid, emb in list(videos.items())[:2]:
+        w.add(vid, emb)
+        w.commit()
+    # A writer killed mid-append: half a JSON line at the end of the journal.
+    with open(tmp_path / "s" / JOURNAL_NAME, "ab") as f:
+        f.write(b'{"seq": 2, "shards": [{"emb": "shards/emb-0')
+    assert Store(tmp_path / "s").video_ids == ["v0", "v1"]
+    with StoreWriter(tmp_path / "s", dim=4) as w2:  # resumes: folds the valid part, drops the torn tail
+        assert w2.contains("v1") and not w2.contains("v2")
+        w2.add("v2", videos["v2"])
+        w2.commit()
+        assert Store(tmp_path / "s").video_ids == ["v0", "v1", "v2"]
+    report = verify_store(tmp_path / "s")
+    assert report.ok and report.num_videos == 3, report.problems
+
+
+def test_fold_killed_before_dropping_the_journal_does_not_duplicate(tmp_path):
+    from lvmae_fast.store import JOURNAL_NAME, load_index
+
+    rng = np.random.default_rng(2)
+    w = StoreWriter(tmp_path / "s", dim=4)
+    for vid, emb in random_videos(rng, 4, [2, 2, 2]).items():
+        w.add(vid, emb)
+        w.commit()
+    journal = (tmp_path / "s" / JOURNAL_NAME).read_bytes()
+    w.close()  # folds and removes the journal
+    (tmp_path / "s" / JOURNAL_NAME).write_bytes(journal)  # as if killed between snapshot and unlink
+    assert [v["id"] for v in load_index(tmp_path / "s")["videos"]] == ["v0", "v1", "v2"]
+    assert Store(tmp_path / "s").video_ids == ["v0", "v1", "v2"]
