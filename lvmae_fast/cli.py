@@ -6,6 +6,8 @@ import importlib
 import logging
 import sys
 
+from .optional import MissingDependency
+
 # Each module exposes register(subparsers) and sets `func` on the parsers it adds.
 COMMAND_MODULES = [
     "lvmae_fast.checkpoint",   # convert-reference
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, MissingDependency) as err:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"lvmae {args.command}: error: {err}", file=sys.stderr)
         return 1

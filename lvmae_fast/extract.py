@@ -57,19 +57,18 @@ def resolve_dtype(precision: str, device):
 
 
 def resolve_decoder(decoder: str, device) -> str:
+    from .optional import require
     from .video.decode_dali import dali_available
 
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}")
     if decoder == "auto":
-        return "dali" if device.type == "cuda" and dali_available() else "pyav"
+        decoder = "dali" if device.type == "cuda" and dali_available() else "pyav"
     if decoder == "dali" and not dali_available():
         raise ValueError("--decoder dali: nvidia-dali is not installed (pip install 'lvmae_fast[dali]')")
-    if decoder == "pyav":
-        try:
-            import av  # noqa: F401
-        except ImportError:
-            raise ValueError("--decoder pyav: PyAV is not installed (pip install 'lvmae_fast[video]')") from None
+    # Every backend probes timestamps with PyAV (and the CPU path decodes with it): check once, up front,
+    # rather than failing every video of the job with the same import error.
+    require("av", "video", "video extraction")
     return decoder
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .optional import require
+
 # Distinct, saturated colours: consecutive scenes differ strongly in every channel.
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
@@ -70,7 +72,7 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
     `scene_starts` (seconds, first must be 0) default to one scene per 2 seconds. Returns the frame
     times exactly as stored, i.e. rounded to the container's time base.
     """
-    import av  # optional dependency: only the video tools need it
+    av = require("av", "video", "writing test videos")
 
     path = Path(path)
     if codec not in CODECS:
@@ -122,7 +124,7 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
 
 
 def _write_silence(container, stream, duration: float) -> None:
-    import av
+    av = require("av", "video", "writing test videos")
 
     samples_per_frame = 1024
     n_frames = int(np.ceil(duration * stream.rate / samples_per_frame))
@@ -138,7 +140,7 @@ def _write_silence(container, stream, duration: float) -> None:
 
 
 def write_audio_only(path, duration: float = 2.0) -> Path:
-    import av
+    av = require("av", "video", "writing test videos")
 
     path = Path(path)
     with av.open(str(path), mode="w") as container:
