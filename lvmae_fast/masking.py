@@ -70,8 +70,11 @@ def semantic_mask_torch(x_Td: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio
 
 
 def make_mask(strategy: str, x_Td: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float,
-              generator: torch.Generator | None = None, kernels: str = "torch") -> torch.Tensor:
-    """Dispatch one masking strategy. kernels='triton'/'auto' routes semantic masking to kernels/."""
+              generator: torch.Generator | None = None, kernels: str = "torch",
+              max_seqlen: int | None = None) -> torch.Tensor:
+    """Dispatch one masking strategy. kernels='triton'/'auto' routes semantic masking to kernels/.
+    max_seqlen (host int) comes from a caller that built cu_seqlens itself: the kernel then skips its
+    validating read of cu_seqlens, so masking on CUDA needs no host sync."""
     if strategy not in MASKING_STRATEGIES:
         raise ValueError(f"unknown masking strategy {strategy!r}; choose one of {MASKING_STRATEGIES}")
     if strategy == "random":
@@ -80,7 +83,8 @@ def make_mask(strategy: str, x_Td: torch.Tensor, cu_seqlens: torch.Tensor, mask_
     if kernels != "torch":
         from . import kernels as K  # local import: triton is optional
         if K.use_triton(kernels, x_Td):
-            return K.semantic_mask(x_Td, cu_seqlens, mask_ratio, inverted=inverted)
+            return K.semantic_mask(x_Td, cu_seqlens, mask_ratio, inverted=inverted, max_seqlen=max_seqlen,
+                                   validate=max_seqlen is None)
     return semantic_mask_torch(x_Td, cu_seqlens, mask_ratio, inverted=inverted)
 
 
@@ -96,5 +100,6 @@ def build_masked_batch(x_Td: torch.Tensor, cu_seqlens: torch.Tensor, lengths: Se
     """Mask a packed batch and build its PackedBatch (works on CPU in DataLoader workers or on CUDA)."""
     from .packing import PackedBatch
 
-    masked = make_mask(strategy, x_Td, cu_seqlens, mask_ratio, generator=generator, kernels=kernels)
+    masked = make_mask(strategy, x_Td, cu_seqlens, mask_ratio, generator=generator, kernels=kernels,
+                       max_seqlen=max(lengths))
     return PackedBatch.from_mask(x_Td, cu_seqlens, lengths, masked, keep=keep_counts(lengths, mask_ratio))
