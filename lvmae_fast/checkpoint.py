@@ -63,6 +63,8 @@ def load_model_dir(directory, map_location="cpu", **overrides):
 # ---- reference import -----------------------------------------------------------------------------
 def _load_reference_state(path) -> dict:
     """torch.load with weights_only=True; argparse.Namespace (the reference saves its args) allow-listed."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"reference checkpoint {path} not found")
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -74,7 +74,7 @@ def resolve_decoder(decoder: str, device) -> str:
 
 def expand_inputs(inputs) -> list[tuple[str, str]]:
     """INPUT(s) -> [(video_id, path)]; also accepts ready (video_id, path) pairs."""
-    from .video.inputs import list_videos
+    from .video.inputs import VIDEO_SUFFIXES, list_videos
 
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -88,6 +88,10 @@ def expand_inputs(inputs) -> list[tuple[str, str]]:
                 continue
             seen[vid] = str(path)
             items.append((str(vid), str(path)))
+    if not items:
+        # Nothing to do is almost always a wrong path or pattern: say so instead of "0 done".
+        raise ValueError(f"no videos found in {', '.join(map(str, inputs))} "
+                         f"(folders are searched recursively for {', '.join(sorted(VIDEO_SUFFIXES))})")
     return items
 
 

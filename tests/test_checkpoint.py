@@ -107,3 +107,8 @@ def test_save_load_round_trip_and_missing_dir(tmp_path):
     assert not list(tmp_path.glob("m/*.tmp"))
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         LVMAE.from_pretrained(tmp_path / "nope")
+
+
+def test_missing_reference_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        convert_reference(tmp_path / "nope.pth")

@@ -116,3 +116,15 @@ def test_bad_cli_input_is_one_line_error(tmp_path, capsys):
     rc = main(["extract", str(tmp_path / "nope"), "--encoder", "tiny", "--out", str(tmp_path / "s")])
     assert rc == 1
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_input_without_any_video_is_a_clear_error(tmp_path):
+    from lvmae_fast.extract import expand_inputs
+
+    (tmp_path / "notes.txt").write_text("not a video list entry")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no videos found"):
+        expand_inputs(tmp_path / "empty")
+    out = subprocess.run([sys.executable, "-m", "lvmae_fast", "extract", str(tmp_path / "empty"), "--encoder", "tiny",
+                          "--out", str(tmp_path / "store")], capture_output=True, text=True)
+    assert out.returncode == 1 and "no videos found" in out.stderr
