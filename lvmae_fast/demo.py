@@ -57,6 +57,11 @@ def build_store(embeddings_dir: Path, out: Path) -> Path:
     return out / "store"
 
 
+def demo_val_videos(num_videos: int) -> int:
+    """Held-out videos: a sixth (at least 1, at most 32), always leaving one to train on."""
+    return min(32, max(1, num_videos // 6), num_videos - 1)
+
+
 def run_pretraining(store: Path, out: Path, epochs: int, seed: int, progress: bool, val_videos: int = 32,
                     batch_videos: int = 16) -> tuple[int, Path]:
     cfg = tc.resolve([("demo", {"preset": "tiny", "store": str(store), "out": str(out / "run"), "epochs": epochs,
@@ -84,7 +89,7 @@ def _run(args) -> int:
         print(f"[2/3] extracted {ext['windows']} 5-second windows with the tiny encoder (random weights) into {store} "
               f"({ext['realtime_factor']:.0f}x realtime; done {ext['done']}, skipped {ext['skipped']}, failed {ext['failed']})")
         code, run = run_pretraining(store, out, args.epochs or 300, args.seed, progress,
-                                    val_videos=max(1, num_videos // 6), batch_videos=8)
+                                    val_videos=demo_val_videos(num_videos), batch_videos=8)
         from .store import Store
         dim = Store(store).dim
     else:
@@ -93,7 +98,8 @@ def _run(args) -> int:
         print(f"[1/3] wrote {num_videos} synthetic videos ({args.dim}-d embeddings) to {embeddings}")
         store = build_store(embeddings, out)
         print(f"[2/3] imported them into the embedding store {store}")
-        code, run = run_pretraining(store, out, args.epochs or 60, args.seed, progress)
+        code, run = run_pretraining(store, out, args.epochs or 60, args.seed, progress,
+                                    val_videos=demo_val_videos(num_videos))
         dim = args.dim
     records = read_metrics(run / "metrics.jsonl")
     if records:

@@ -97,26 +97,45 @@ def expand_inputs(inputs) -> list[tuple[str, str]]:
 
 # -------------------------------------------------------------------------------------------- producers
 def in_background(gen_fn, maxsize: int = 4) -> Iterator:
-    """Run a generator in a daemon thread (decode overlaps the encoder; PyAV and torch drop the GIL)."""
+    """Run a generator in a daemon thread (decode overlaps the encoder; PyAV and torch drop the GIL).
+    When the consumer stops early (an error, close()), the thread stops too and closes the generator."""
     q: queue.Queue = queue.Queue(maxsize=maxsize)
     end = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def work():
+        gen = gen_fn()
         try:
-            for item in gen_fn():
-                q.put(item)
+            for item in gen:
+                if not put(item):
+                    return
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer thread
-            q.put(("__error__", err))
-        q.put(end)
+            put(("__error__", err))
+            return
+        finally:
+            getattr(gen, "close", lambda: None)()  # open containers/pipelines are released here
+        put(end)
 
     threading.Thread(target=work, daemon=True, name="lvmae-decode").start()
-    while True:
-        item = q.get()
-        if item is end:
-            return
-        if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
-            raise item[1]
-        yield item
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
+                raise item[1]
+            yield item
+    finally:
+        stop.set()
 
 
 def prepared(jobs: Iterable[VideoJob], spec: WindowSpec) -> Iterator[VideoJob | Failed]:
@@ -210,10 +229,10 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     if frames < 1 or batch_size < 1:
         raise ValueError("frames per window and batch size must be >= 1")
     spec = WindowSpec(seconds=float(seconds), frames=int(frames), rule=sampling, min_last=float(min_last))
-    items = expand_inputs(inputs)
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
-    backend = resolve_decoder(decoder, dev)
+    backend = resolve_decoder(decoder, dev)  # first: a missing PyAV is named even when the input is wrong too
+    items = expand_inputs(inputs)
     # An encoder object is accepted too (benchmarks, notebooks); the store records its name.
     model = encoder if isinstance(encoder, torch.nn.Module) else build_encoder(encoder, weights=weights, seed=seed)
     encoder = model.name
@@ -241,7 +260,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
 
         def fail(job: VideoJob, reason: str):
             st = state.get(id(job))
-            if st is not None and st.get("failed"):
+            if st is not None and (st.get("failed") or st.get("done")):
                 return
             state[id(job)] = {"failed": True}
             counts["failed"] += 1
@@ -269,7 +288,11 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 st["filled"][win.window] = True
                 if st["filled"].all():
                     job = win.job
-                    writer.add(job.video_id, st["emb"], source_path=job.path, window_times=job.plan.times)
+                    try:
+                        writer.add(job.video_id, st["emb"], source_path=job.path, window_times=job.plan.times)
+                    except ValueError as err:  # e.g. NaN/Inf from the encoder: this video only
+                        fail(job, f"embedding rejected: {err}")
+                        continue
                     st["done"] = True
                     st.pop("emb")
                     counts["done"] += 1
@@ -301,17 +324,17 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     batch = []
             if batch:
                 encode(batch)
+            # A job whose decoder stopped without an error or all its windows is a failure too.
+            for job in todo:
+                st = state.get(id(job))
+                if st is None:
+                    fail(job, "decoder returned no windows")
+                elif not st.get("failed") and not st.get("done"):
+                    fail(job, "decoder returned only some windows")
         finally:
+            getattr(events, "close", lambda: None)()  # stop the decode thread / DALI pipelines now
             bar.close()
             failures.close()
-        # A job whose decoder stopped without an error or all its windows is a failure too.
-        for job in todo:
-            st = state.get(id(job))
-            if st is not None and not st.get("failed") and not st.get("done"):
-                with open(out / FAILURES_NAME, "a") as fh:
-                    fh.write(json.dumps({"path": job.path, "video_id": job.video_id,
-                                         "reason": "decoder returned only some windows"}) + "\n")
-                counts["failed"] += 1
 
     wall = time.perf_counter() - started
     summary = {**counts, "total": len(items), "windows": bar.windows, "video_seconds": round(bar.video_seconds, 3),

@@ -25,7 +25,7 @@ random crop is one contiguous slice of a memory map. Reading without this packag
 
 Writers (StoreWriter) buffer videos and write whole shards, each via temp file + rename, then commit
 them with one journal line (the first commit writes index.json; every FOLD_EVERY commits and on close
-the journal is folded into a new index.json). The numpy-only snippet below ignores the journal: it is
+the journal is folded into a new index.json). The numpy-only snippet above ignores the journal: it is
 exact for closed stores; docs/store.md shows how to apply a busy writer's journal too. A shard that no committed index names is garbage from a killed
 writer: readers never see it and the next writer deletes it. Re-opening a store with StoreWriter
 resumes: `contains(video_id)` tells an importer what to skip.
@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,9 @@ SHARD_DIR = "shards"
 STORE_FORMAT, STORE_VERSION = "lvmae-embedding-store", 1
 EMB_DTYPE, TIMES_DTYPE = np.dtype(np.float16), np.dtype(np.float32)
 DEFAULT_SHARD_ROWS = 1 << 16  # 128 MiB per shard at d=1024 in float16
+# Memory maps a Store keeps open (each holds a file descriptor and a kernel mapping). An extracted store
+# has about one shard per commit, so an unbounded cache runs out of descriptors on large stores.
+MAX_OPEN_MAPS = 256
 
 
 def _fsynced_write(tmp_path: str, write_to_file) -> None:
@@ -59,6 +63,16 @@ def _fsynced_write(tmp_path: str, write_to_file) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once its directory is: without this a power cut can keep the index line
+    # that names a shard (or the journal's removal after a fold) but lose the rename it relies on.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, lambda tmp: _fsynced_write(tmp, lambda f: np.save(f, array, allow_pickle=False)))
 
@@ -66,14 +80,22 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 def _atomic_save_json(path: Path, obj) -> None:
     text = json.dumps(obj, separators=(",", ":")).encode()
     atomic_write_bytes(path, lambda tmp: _fsynced_write(tmp, lambda f: f.write(text)))
+    _fsync_dir(path.parent)
 
 
 def _append_journal_line(path: Path, record: dict) -> None:
     # One line, fsynced: the commit point. A kill mid-write leaves a torn last line that readers ignore.
     with open(path, "ab") as f:
-        f.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+        start = f.tell()
+        try:
+            f.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            # A failed append (ENOSPC, EIO) must not leave a line behind: a retried commit would append
+            # after it, and readers stop at the torn or repeated line, hiding every later commit.
+            f.truncate(start)
+            raise
 
 
 def read_npy_header(path: Path) -> tuple[tuple, np.dtype]:
@@ -172,6 +194,7 @@ class StoreWriter:
         self._remove_uncommitted_files()
         self._committed_ids = {v["id"] for v in self._index["videos"]}
         self._pending: list[tuple[dict, np.ndarray, np.ndarray]] = []  # (video entry, emb f16, times f32)
+        self._pending_ids: set[str] = set()
         self._pending_rows = 0
         self._closed = False
 
@@ -186,7 +209,7 @@ class StoreWriter:
         return len(self._committed_ids) + len(self._pending)
 
     def contains(self, video_id: str) -> bool:
-        return video_id in self._committed_ids or any(e["id"] == video_id for e, _, _ in self._pending)
+        return video_id in self._committed_ids or video_id in self._pending_ids
 
     def add(self, video_id: str, emb: np.ndarray, source_path: str = "", window_times: np.ndarray | None = None) -> None:
         """Buffer one video's embeddings [n, dim]; written at the next commit (or when a shard fills up)."""
@@ -222,6 +245,7 @@ class StoreWriter:
             times = np.ascontiguousarray(times.astype(TIMES_DTYPE))
         entry = {"id": video_id, "n": int(n), "segment_seconds": self.segment_seconds, "source": str(source_path)}
         self._pending.append((entry, emb16, times))
+        self._pending_ids.add(video_id)
         self._pending_rows += n
         if self._pending_rows >= self.shard_rows:
             self.commit()
@@ -239,10 +263,10 @@ class StoreWriter:
             current.append(item)
             rows += n
         groups.append(current)
-        index = json.loads(json.dumps(self._index))  # the live index is only replaced once everything is on disk
+        # The live index is only extended once everything is on disk (and never copied: O(new videos) per commit).
         new_shards, new_videos = [], []
         for group in groups:
-            shard_id = len(index["shards"]) + len(new_shards)
+            shard_id = len(self._index["shards"]) + len(new_shards)
             emb_name, times_name = f"{SHARD_DIR}/emb-{shard_id:05d}.npy", f"{SHARD_DIR}/times-{shard_id:05d}.npy"
             _atomic_save_npy(self.path / emb_name, np.concatenate([e for _, e, _ in group]))
             _atomic_save_npy(self.path / times_name, np.concatenate([t for _, _, t in group]))
@@ -251,19 +275,21 @@ class StoreWriter:
                 new_videos.append({**entry, "shard": shard_id, "offset": offset})
                 offset += entry["n"]
             new_shards.append({"emb": emb_name, "times": times_name, "rows": offset})
-        index["shards"].extend(new_shards)
-        index["videos"].extend(new_videos)
+        _fsync_dir(self.path / SHARD_DIR)  # the shards' renames are on disk before the index names them
+        index = self._index
         if not (self.path / INDEX_NAME).exists():
-            _atomic_save_json(self.path / INDEX_NAME, index)
+            _atomic_save_json(self.path / INDEX_NAME, {**index, "shards": index["shards"] + new_shards,
+                                                       "videos": index["videos"] + new_videos})
         else:
             # Append-only journal line (O(new videos)) instead of rewriting the whole index per commit:
             # an extraction job commits after every encoder batch, for tens of thousands of videos.
-            index["journal_seq"] += 1
             _append_journal_line(self.path / JOURNAL_NAME,
-                                 {"seq": index["journal_seq"], "shards": new_shards, "videos": new_videos})
-        self._index = index
-        self._committed_ids.update(e["id"] for e, _, _ in self._pending)
-        self._pending, self._pending_rows = [], 0
+                                 {"seq": index["journal_seq"] + 1, "shards": new_shards, "videos": new_videos})
+            index["journal_seq"] += 1
+        index["shards"].extend(new_shards)
+        index["videos"].extend(new_videos)
+        self._committed_ids.update(self._pending_ids)
+        self._pending, self._pending_ids, self._pending_rows = [], set(), 0
         if index["journal_seq"] % FOLD_EVERY == 0 and (self.path / JOURNAL_NAME).exists():
             self._fold()
 
@@ -304,17 +330,13 @@ class Store:
         self.dim, self.encoder = int(index["dim"]), str(index["encoder"])
         self.segment_seconds = float(index["segment_seconds"])
         self._shards = index["shards"]
-        self._entries = {}
-        for v in index["videos"]:
-            if v["id"] in self._entries:
-                raise ValueError(f"store {self.path}: video id {v['id']!r} appears twice in the index")
-            self._entries[v["id"]] = v
+        self._entries = {v["id"]: v for v in index["videos"]}
         self.video_ids = [v["id"] for v in index["videos"]]
-        problems = check_structure(self.path, index)
+        problems = check_structure(self.path, index)  # includes ids that appear twice
         if problems:
             raise ValueError(f"store {self.path} is inconsistent ({len(problems)} problems; run `lvmae store verify`): "
                              + "; ".join(str(p) for p in problems[:5]))
-        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()  # LRU, at most MAX_OPEN_MAPS
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -324,7 +346,7 @@ class Store:
 
     def __getstate__(self):
         # DataLoader workers re-open the memory maps themselves instead of pickling them.
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_maps": OrderedDict()}
 
     def _entry(self, video_id: str) -> dict:
         try:
@@ -334,7 +356,12 @@ class Store:
 
     def _map(self, shard: int, kind: str) -> np.ndarray:
         key = (shard, kind)
-        if key not in self._maps:
+        if key in self._maps:
+            self._maps.move_to_end(key)
+        else:
+            # An evicted map closes once no slice handed out from it is alive.
+            while len(self._maps) >= MAX_OPEN_MAPS:
+                self._maps.popitem(last=False)
             self._maps[key] = np.load(self.path / self._shards[shard][kind], mmap_mode="r")
         return self._maps[key]
 
@@ -392,8 +419,13 @@ def check_structure(path, index: dict) -> list[Problem]:
         if emb_shape and len(emb_shape) == 2 and emb_shape[1] == index["dim"] and emb_dtype == EMB_DTYPE:
             shard_rows[i] = int(emb_shape[0])
     spans: dict[int, list[tuple[int, int, str]]] = {}
+    seen: set = set()
     for v in index["videos"]:
         vid, shard, offset, n = v.get("id"), v.get("shard"), v.get("offset"), v.get("n")
+        if isinstance(vid, str):
+            if vid in seen:
+                problems.append(Problem(vid, "appears twice in the index"))
+            seen.add(vid)
         if not all(isinstance(x, int) for x in (shard, offset, n)):
             problems.append(Problem(vid, f"malformed index entry {v}"))
             continue

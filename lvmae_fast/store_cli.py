@@ -16,6 +16,7 @@ import csv
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,7 @@ def load_array(path: Path) -> np.ndarray:
 def iter_directory(src: Path):
     """(video_id, source path, loader) for each <video_id>.npy / .pt in a directory, sorted by id."""
     files = sorted(p for p in src.iterdir() if p.suffix in (".npy", ".pt") and p.is_file())
-    ids = [p.stem for p in files]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = sorted(i for i, k in Counter(p.stem for p in files).items() if k > 1)
     if dupes:
         raise ValueError(f"{src}: video ids with both .npy and .pt files: {dupes[:10]}")
     for p in files:

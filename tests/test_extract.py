@@ -128,3 +128,73 @@ def test_input_without_any_video_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lvmae_fast", "extract", str(tmp_path / "empty"), "--encoder", "tiny",
                           "--out", str(tmp_path / "store")], capture_output=True, text=True)
     assert out.returncode == 1 and "no videos found" in out.stderr
+
+
+def test_background_producer_stops_when_the_consumer_stops():
+    # A consumer that stops early (an encoder error, close()) must not leave the decode thread blocked
+    # forever on a full queue with its generator (and the open container inside it) never closed.
+    import threading
+
+    from lvmae_fast.extract import in_background
+
+    closed = threading.Event()
+
+    def frames():
+        try:
+            yield from range(1000)
+        finally:
+            closed.set()
+
+    events = in_background(frames, maxsize=2)
+    assert next(events) == 0
+    events.close()
+    assert closed.wait(5.0)
+
+
+def test_non_finite_embeddings_fail_that_video_only(corpus, tmp_path):
+    from lvmae_fast.video.encoders.tiny import TinyVideoEncoder
+
+    class NaNOnFirstBatch(TinyVideoEncoder):
+        def encode_video(self, x):
+            out = super().encode_video(x)
+            self.calls = getattr(self, "calls", 0) + 1
+            return out * float("nan") if self.calls == 1 else out
+
+    _, good, _ = corpus
+    model = NaNOnFirstBatch()
+    # PyAV decodes in input order, 3 windows per video: batch 1 is exactly a's windows.
+    s = extract_videos([("a", str(good["a"].path)), ("d", str(good["d"].path))], tmp_path / "s", encoder=model,
+                       seconds=1.0, batch_size=3, decoder="pyav")
+    assert (s["done"], s["failed"]) == (1, 1)
+    assert Store(tmp_path / "s").video_ids == ["d"]
+    [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert failure["video_id"] == "a" and "non-finite" in failure["reason"]
+
+
+def test_a_video_the_decoder_yields_nothing_for_is_listed_as_failed(corpus, tmp_path, monkeypatch):
+    from lvmae_fast.video import decode_pyav
+
+    _, good, _ = corpus
+    monkeypatch.setattr(decode_pyav, "decode_windows_pyav", lambda index, plan: iter(()))
+    s = extract_videos([("a", str(good["a"].path))], tmp_path / "s", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["failed"]) == (0, 1)
+    [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert failure["video_id"] == "a" and "no windows" in failure["reason"]
+
+
+def test_an_error_after_a_video_is_stored_does_not_also_count_it_failed(corpus, tmp_path, monkeypatch):
+    from lvmae_fast.video import decode_pyav
+
+    real = decode_pyav.decode_windows_pyav
+
+    def raises_after_the_last_window(index, plan):
+        yield from real(index, plan)
+        raise RuntimeError("error while closing the container")
+
+    _, good, _ = corpus
+    monkeypatch.setattr(decode_pyav, "decode_windows_pyav", raises_after_the_last_window)
+    # batch_size 3 = a's 3 windows: a is stored before the decoder's late error arrives.
+    s = extract_videos([("a", str(good["a"].path))], tmp_path / "s", seconds=1.0, batch_size=3, decoder="pyav")
+    assert (s["done"], s["failed"]) == (1, 0)
+    assert Store(tmp_path / "s").video_ids == ["a"]
+    assert (tmp_path / "s" / "failures.jsonl").read_text() == ""

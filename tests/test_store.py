@@ -292,3 +292,148 @@ def test_fold_killed_before_dropping_the_journal_does_not_duplicate(tmp_path):
     (tmp_path / "s" / JOURNAL_NAME).write_bytes(journal)  # as if killed between snapshot and unlink
     assert [v["id"] for v in load_index(tmp_path / "s")["videos"]] == ["v0", "v1", "v2"]
     assert Store(tmp_path / "s").video_ids == ["v0", "v1", "v2"]
+
+
+class CountingId(str):
+    """A video id that counts equality comparisons: per-video work must not scan all other ids."""
+    comparisons = 0
+    __hash__ = str.__hash__
+
+    def __eq__(self, other):
+        CountingId.comparisons += 1
+        return str.__eq__(self, other)
+
+
+def test_adding_videos_does_not_compare_every_pending_id(tmp_path):
+    CountingId.comparisons = 0
+    with StoreWriter(tmp_path / "s", dim=2, shard_rows=1 << 20) as w:  # all 300 stay buffered until close
+        for i in range(300):
+            w.add(CountingId(f"v{i}"), np.ones((1, 2), np.float32))
+        assert w.contains("v299") and not w.contains("v300")
+    assert CountingId.comparisons < 300  # a scan of the pending list per add makes ~45000
+    assert Store(tmp_path / "s").video_ids == [f"v{i}" for i in range(300)]
+
+
+def test_import_directory_duplicate_check_is_linear(tmp_path):
+    from pathlib import PurePosixPath
+
+    from lvmae_fast.store_cli import iter_directory
+
+    class FakeFile(PurePosixPath):
+        def is_file(self):
+            return True
+
+        @property
+        def stem(self):
+            return CountingId(super().stem)
+
+    class FakeDir:
+        def iterdir(self):
+            return [FakeFile(f"/src/v{i:04d}.npy") for i in range(300)]
+
+    CountingId.comparisons = 0
+    ids = [vid for vid, _, _ in iter_directory(FakeDir())]
+    assert CountingId.comparisons < 300  # ids.count(i) per id makes ~90000
+    assert ids == [f"v{i:04d}" for i in range(300)]
+    src = tmp_path / "src"
+    src.mkdir()
+    np.save(src / "a.npy", np.ones((1, 2), np.float32))
+    torch.save(torch.ones(1, 2), src / "a.pt")
+    with pytest.raises(ValueError, match="both .npy and .pt files: \\['a'\\]"):
+        list(iter_directory(src))
+
+
+def test_commit_cost_does_not_grow_with_the_store(tmp_path, monkeypatch):
+    w = StoreWriter(tmp_path / "s", dim=2, shard_rows=1 << 20)
+    for i in range(2000):
+        w.add(f"video-{i:06d}", np.ones((1, 2), np.float32))
+    w.commit()
+    real_dumps, serialized = json.dumps, []
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: serialized.append(real_dumps(*a, **k)) or serialized[-1])
+    w.add("new", np.ones((1, 2), np.float32))
+    w.commit()
+    monkeypatch.undo()
+    # One journal line for one video; copying the index serialises all 2000 entries (~150 kB).
+    assert sum(map(len, serialized)) < 2000
+    w.close()
+    assert len(Store(tmp_path / "s")) == 2001 and verify_store(tmp_path / "s").ok
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open descriptors via /proc")
+def test_reader_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
+    import lvmae_fast.store as store_mod
+
+    # An extraction job commits about one shard per encoder batch, so real stores have many shards;
+    # every open memory map holds a file descriptor.
+    videos = {f"v{i}": np.full((2, 4), i, np.float32) for i in range(30)}
+    write_store(tmp_path / "s", videos, 4, shard_rows=2)  # one shard per video
+    monkeypatch.setattr(store_mod, "MAX_OPEN_MAPS", 8, raising=False)
+    store = Store(tmp_path / "s")
+    assert len({store.meta(v)["shard"] for v in videos}) == 30
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    for _ in range(2):
+        for vid, emb in videos.items():
+            np.testing.assert_array_equal(np.array(store.get(vid)), emb.astype(np.float16))
+            np.testing.assert_array_equal(np.array(store.window_times(vid)), [[0, 5], [5, 10]])
+    assert len(list(Path("/proc/self/fd").iterdir())) - before <= 8
+
+
+def test_failed_journal_append_is_undone_so_later_commits_stay_visible(tmp_path, monkeypatch):
+    import os
+
+    w = StoreWriter(tmp_path / "s", dim=4)
+    w.add("v0", np.zeros((2, 4), np.float32))
+    w.commit()  # writes index.json; later commits append to the journal
+    real_fsync, failures = os.fsync, [1]
+
+    def fsync(fd):  # the disk fills up while the journal line is being made durable
+        if failures and os.readlink(f"/proc/self/fd/{fd}").endswith("index.journal"):
+            failures.pop()
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    w.add("v1", np.ones((2, 4), np.float32))
+    with pytest.raises(OSError):
+        w.commit()
+    w.commit()  # retried once space is freed
+    w.add("v2", np.full((2, 4), 2, np.float32))
+    w.commit()
+    assert Store(tmp_path / "s").video_ids == ["v0", "v1", "v2"]
+    w.close()
+    store = Store(tmp_path / "s")
+    assert store.video_ids == ["v0", "v1", "v2"] and float(store.get("v2")[0, 0]) == 2
+
+
+def test_verify_names_a_video_id_that_appears_twice(tmp_path):
+    path = write_store(tmp_path / "s", random_videos(np.random.default_rng(6), 4, [3, 2, 4]), 4, shard_rows=16)
+    index = json.loads((path / "index.json").read_text())
+    index["videos"][0]["id"] = "v2"  # two entries, different rows, one id
+    (path / "index.json").write_text(json.dumps(index))
+    report = verify_store(path)  # reported, not raised
+    assert report.bad_videos == ["v2"] and "twice" in str(report.problems[0])
+    with pytest.raises(ValueError, match="v2"):
+        Store(path)
+
+
+def test_shard_renames_are_made_durable_before_the_index_names_them(tmp_path, monkeypatch):
+    import os
+
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    w = StoreWriter(tmp_path / "s", dim=4)
+    w.add("v0", np.zeros((2, 4), np.float32))
+    w.commit()
+    monkeypatch.setattr(os, "fsync", fsync)
+    w.add("v1", np.ones((2, 4), np.float32))
+    w.commit()
+    s = (tmp_path / "s").resolve()
+    assert synced.index(s / "shards") < synced.index(s / "index.journal")  # directory entries first
+    synced.clear()
+    w.close()  # the fold's new index.json rename is durable before the journal is removed
+    index_written = next(i for i, f in enumerate(synced) if f.name.startswith(".index.json."))  # temp before rename
+    assert index_written < synced.index(s)

@@ -210,3 +210,13 @@ def test_nonfinite_loss_stops_with_a_checkpoint(store, tmp_path, monkeypatch, ca
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
     assert LVMAE.from_pretrained(out).config.in_dim == 32
+
+
+def test_demo_on_a_small_embedding_corpus(tmp_path, restore_threads):
+    from lvmae_fast.cli import main
+
+    # --videos below the default 32 held-out videos used to leave nothing to train on.
+    assert main(["demo", "--source", "embeddings", "--videos", "12", "--epochs", "2", "--no-progress",
+                 "--out", str(tmp_path / "demo")]) == 0
+    assert read_metrics(tmp_path / "demo" / "run" / "metrics.jsonl")[-1]["step"] == 2  # 10 videos, batches of 16
+    assert json.loads((tmp_path / "demo" / "run" / "val.json").read_text())["val_loss"] > 0

@@ -95,3 +95,21 @@ def test_dali_cpu_hands_h264_back(videos):
     job = prepare_job(VideoJob("x", str(videos["h264_cfr"].path)), WindowSpec())
     events = list(decode_windows_dali([job], WindowSpec(), device="cpu"))
     assert events == [job]  # DALI's CPU decoder has no H.264: the caller decodes it with PyAV
+
+
+def test_dali_decodes_paths_with_spaces(videos, tmp_path):
+    # file_list lines are whitespace-separated: a path with a space must not end the whole job.
+    pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
+    import shutil
+
+    from lvmae_fast.video.decode_dali import decode_windows_dali
+
+    spaced = tmp_path / "my videos" / "clip one.webm"
+    spaced.parent.mkdir()
+    shutil.copy(videos["vp9_cfr"].path, spaced)
+    spec = WindowSpec(seconds=5.0, frames=4, rule="time")
+    job = prepare_job(VideoJob("x", str(spaced)), spec)
+    events = list(decode_windows_dali([job], spec, device="cpu", readers=1, batch_size=4))
+    assert [e.window for e in events if isinstance(e, Window)] == [0, 1], events  # DALI, not handed back
+    # window 0: centres 0.625 + 1.25 i s at 10 fps -> frames 6, 18, 31, 43
+    np.testing.assert_allclose(events[0].times, [0.6, 1.8, 3.1, 4.3], atol=1e-6)

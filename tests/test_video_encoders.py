@@ -30,6 +30,10 @@ def test_tiny_shapes_and_determinism():
     assert a.encode_text(["a dog", "", "zebra crossing"]).shape == (3, a.dim)
     # Windows are independent: batching does not change a window's embedding.
     torch.testing.assert_close(a.encode_video(x[1:2]), ea[1:2], rtol=1e-5, atol=1e-5)
+    # More frames than its temporal table: refused up front, not on the first batch of a job.
+    a.check_frames(64)
+    with pytest.raises(ValueError, match="at most 64 frames"):
+        a.check_frames(65)
 
 
 def test_preprocess_shapes_and_normalisation():
@@ -65,6 +69,8 @@ def test_xclip(tmp_path, transformers):
     transformers.XCLIPModel(cfg).save_pretrained(tmp_path)
     enc = build_encoder("xclip", weights=str(tmp_path))
     assert (enc.dim, enc.num_frames) == (24, 4)
+    # No preprocessor_config.json: X-CLIP's own normalisation (microsoft/xclip-*: ImageNet), not CLIP's.
+    assert (enc.mean, enc.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert enc.encode_video(torch.randn(3, 4, 3, 32, 32)).shape == (3, 24)
     with pytest.raises(ValueError, match="needs 4 frames"):
         enc.check_frames(8)
@@ -144,3 +150,5 @@ def test_internvideo2_torchscript_layout(tmp_path):
     (tmp_path / "internvideo2.json").write_text(json.dumps({"dim": 16, "image_size": 32, "num_frames": 8}))
     enc = build_encoder("internvideo2", weights=str(tmp_path))
     assert enc.encode_video(torch.randn(2, 8, 3, 32, 32)).shape == (2, 16)
+    # No mean/std in internvideo2.json: InternVideo2's own test transform (ImageNet statistics).
+    assert (enc.mean, enc.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

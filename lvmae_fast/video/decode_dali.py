@@ -61,8 +61,12 @@ class _Shard:
         lines = []
         for job in jobs:
             path = os.path.abspath(job.path)
-            if " " in path:
-                raise ValueError("DALI file_list cannot hold paths with spaces")
+            if any(c.isspace() for c in path):
+                # file_list lines are whitespace-separated: point DALI at a link with a plain name.
+                suffix = os.path.splitext(path)[1]
+                link = os.path.join(folder, f"r{k}-{len(lines)}{'' if any(c.isspace() for c in suffix) else suffix}")
+                os.symlink(path, link)
+                path = link
             if rule == "index":
                 for w, (a, b) in enumerate(job.plan.ranges):
                     lines.append(f"{path} {len(self.slots)} {int(a)} {int(b)}")
@@ -145,13 +149,13 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
         next_window = {id(j): 0 for j in jobs}
         done_jobs: set[int] = set()
         broken: list[VideoJob] = []
-        for shard in shards:
+        for k, shard in enumerate(shards):
             try:
                 shard.pipe = _build_pipe(shard.file_list, seq_len, device, batch_size,
                                          device_id if device == "gpu" else None, threads)
                 shard.total = shard.pipe.epoch_size("reader")
             except Exception as err:  # noqa: BLE001 - DALI raises RuntimeError subclasses freely
-                log.warning("DALI could not open reader %d (%s); its videos go to PyAV", len(broken), err)
+                log.warning("DALI could not open reader %d (%s); its videos go to PyAV", k, err)
                 broken.extend(shard.jobs)
                 shard.pipe = None
         active = [s for s in shards if s.pipe is not None]

@@ -6,6 +6,9 @@ from torch import nn
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# X-CLIP's and InternVideo2's published preprocessing normalises with ImageNet's statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class VideoEncoder(nn.Module):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .base import CLIP_MEAN, CLIP_STD, VideoEncoder, pooled
+from .base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VideoEncoder, pooled
 
 
 def offline_transformers():
@@ -36,15 +36,15 @@ def require_dir(weights, name: str) -> Path:
     return path
 
 
-def normalisation(path: Path, default_size: int) -> tuple[tuple, tuple, int]:
-    """mean, std, size from preprocessor_config.json when present, CLIP's constants otherwise."""
+def normalisation(path: Path, default_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> tuple[tuple, tuple, int]:
+    """mean, std, size from preprocessor_config.json when present, the model's own defaults otherwise."""
     cfg_file = path / "preprocessor_config.json"
     if not cfg_file.is_file():
-        return CLIP_MEAN, CLIP_STD, default_size
+        return mean, std, default_size
     cfg = json.loads(cfg_file.read_text())
     crop = cfg.get("crop_size", default_size)
     size = crop.get("height", default_size) if isinstance(crop, dict) else int(crop)
-    return tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)), size
+    return tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std)), size
 
 
 class HFTextTower:
@@ -102,7 +102,9 @@ class XCLIPEncoder(VideoEncoder):
         cfg = self.model.config
         self.dim = cfg.projection_dim
         self.num_frames = cfg.vision_config.num_frames
-        self.mean, self.std, self.image_size = normalisation(path, cfg.vision_config.image_size)
+        # microsoft/xclip-* preprocessor_config.json: ImageNet mean/std (not CLIP's).
+        self.mean, self.std, self.image_size = normalisation(path, cfg.vision_config.image_size,
+                                                             IMAGENET_MEAN, IMAGENET_STD)
         self.text = HFTextTower(path, self.name)
         self.max_text = cfg.text_config.max_position_embeddings
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .base import CLIP_MEAN, CLIP_STD, VideoEncoder
+from .base import IMAGENET_MEAN, IMAGENET_STD, VideoEncoder
 from .hf import HFTextTower
 
 LAYOUT = ("expected --weights DIR with video_tower.pt, text_tower.pt (TorchScript exports of the "
@@ -45,7 +45,7 @@ class InternVideo2Encoder(VideoEncoder):
         meta = json.loads(meta_file.read_text())
         self.dim, self.image_size = int(meta["dim"]), int(meta.get("image_size", 224))
         self.num_frames = meta.get("num_frames")
-        self.mean, self.std = tuple(meta.get("mean", CLIP_MEAN)), tuple(meta.get("std", CLIP_STD))
+        self.mean, self.std = tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))  # its default
         self.video_tower = _load_tower(video_file)
         text_file = next((f for f in (path / "text_tower.pt2", path / "text_tower.pt") if f.is_file()), None)
         self.text_tower = _load_tower(text_file) if text_file is not None else None

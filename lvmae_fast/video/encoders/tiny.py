@@ -17,7 +17,7 @@ class TinyVideoEncoder(VideoEncoder):
     def __init__(self, dim: int = 64, image_size: int = 32, patch: int = 8, width: int = 64, depth: int = 2,
                  heads: int = 4, max_frames: int = 64, seed: int = 0):
         super().__init__()
-        self.dim, self.image_size = dim, image_size
+        self.dim, self.image_size, self.max_frames = dim, image_size, max_frames
         self.mean, self.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -34,6 +34,10 @@ class TinyVideoEncoder(VideoEncoder):
             self.text_embed = nn.EmbeddingBag(256, width, mode="mean")
             self.text_proj = nn.Linear(width, dim)
         self.eval()
+
+    def check_frames(self, T: int) -> None:
+        if T > self.max_frames:  # time_pos has max_frames rows
+            raise ValueError(f"encoder 'tiny' takes at most {self.max_frames} frames per window, got T={T}")
 
     def encode_video(self, pixels_NTCHW: torch.Tensor) -> torch.Tensor:
         N, T, C, H, W = pixels_NTCHW.shape
