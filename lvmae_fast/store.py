@@ -24,7 +24,7 @@ random crop is one contiguous slice of a memory map. Reading without this packag
     emb = np.load("STORE/" + shard["emb"], mmap_mode="r")[v["offset"]: v["offset"] + v["n"]]
 
 Writers (StoreWriter) buffer videos and write whole shards, each via temp file + rename, then commit
-them with one journal line (the first commit writes index.json; every FOLD_EVERY commits and on close
+them with one journal line (the first commit writes index.json; once the journal outgrows the snapshot, and on close
 the journal is folded into a new index.json). The numpy-only snippet above ignores the journal: it is
 exact for closed stores; docs/store.md shows how to apply a busy writer's journal too. A shard that no committed index names is garbage from a killed
 writer: readers never see it and the next writer deletes it. Re-opening a store with StoreWriter
@@ -45,7 +45,9 @@ from .checkpoint import atomic_write_bytes
 
 INDEX_NAME = "index.json"
 JOURNAL_NAME = "index.journal"
-FOLD_EVERY = 64  # journal lines before the writer folds them into a new index.json snapshot
+# The writer folds the journal into a new index.json once the journal is as large as the snapshot: the
+# snapshot at least doubles between folds, so a job's total index writes stay linear in its size.
+FOLD_MIN_BYTES = 1 << 16
 SHARD_DIR = "shards"
 STORE_FORMAT, STORE_VERSION = "lvmae-embedding-store", 1
 EMB_DTYPE, TIMES_DTYPE = np.dtype(np.float16), np.dtype(np.float32)
@@ -290,7 +292,8 @@ class StoreWriter:
         index["videos"].extend(new_videos)
         self._committed_ids.update(self._pending_ids)
         self._pending, self._pending_ids, self._pending_rows = [], set(), 0
-        if index["journal_seq"] % FOLD_EVERY == 0 and (self.path / JOURNAL_NAME).exists():
+        journal = self.path / JOURNAL_NAME
+        if journal.exists() and journal.stat().st_size >= max(FOLD_MIN_BYTES, (self.path / INDEX_NAME).stat().st_size):
             self._fold()
 
     def _fold(self) -> None:

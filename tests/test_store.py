@@ -437,3 +437,26 @@ def test_shard_renames_are_made_durable_before_the_index_names_them(tmp_path, mo
     w.close()  # the fold's new index.json rename is durable before the journal is removed
     index_written = next(i for i, f in enumerate(synced) if f.name.startswith(".index.json."))  # temp before rename
     assert index_written < synced.index(s)
+
+
+def test_journal_folds_when_it_outgrows_the_snapshot(tmp_path, monkeypatch):
+    import lvmae_fast.store as store_mod
+
+    monkeypatch.setattr(store_mod, "FOLD_MIN_BYTES", 0)
+    rng = np.random.default_rng(3)
+    w = StoreWriter(tmp_path / "s", dim=2)
+    sizes = []  # (index.json bytes, journal bytes) after each commit
+    for vid, emb in random_videos(rng, 2, [1] * 40).items():
+        w.add(vid, emb)
+        w.commit()
+        journal = tmp_path / "s" / store_mod.JOURNAL_NAME
+        sizes.append(((tmp_path / "s" / "index.json").stat().st_size, journal.stat().st_size if journal.exists() else 0))
+        # Invariant after every commit: the journal never stays larger than the snapshot.
+        assert sizes[-1][1] < sizes[-1][0]
+    snapshots = sorted({s for s, _ in sizes})
+    # Folds happen (the snapshot grew several times) but not at every commit: each fold grows it
+    # geometrically (about 2x, less the journal lines' own overhead), so total index writes stay linear.
+    assert 3 <= len(snapshots) < 40
+    assert all(b >= 1.5 * a for a, b in zip(snapshots[1:], snapshots[2:]))
+    w.close()
+    assert Store(tmp_path / "s").video_ids == [f"v{i}" for i in range(40)]
