@@ -9,39 +9,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write
+
 log = logging.getLogger(__name__)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers never see a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_model_dir(model, directory) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     # config.json last: a directory with a config always has the weights that go with it.
     config_text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True)
-    atomic_write_bytes(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
 
 
 def load_model_dir(directory, map_location="cpu", **overrides):

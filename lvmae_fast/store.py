@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_bytes
+from .atomic import atomic_write
 
 INDEX_NAME = "index.json"
 JOURNAL_NAME = "index.journal"
@@ -57,32 +57,21 @@ DEFAULT_SHARD_ROWS = 1 << 16  # 128 MiB per shard at d=1024 in float16
 MAX_OPEN_MAPS = 256
 
 
-def _fsynced_write(tmp_path: str, write_to_file) -> None:
-    # fsync before the rename: after a crash the renamed name never points at unwritten blocks.
-    with open(tmp_path, "wb") as f:
-        write_to_file(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once its directory is: without this a power cut can keep the index line
-    # that names a shard (or the journal's removal after a fold) but lose the rename it relies on.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_with(write_to_file):
+    # np.save(path) would append ".npy" to the temp name: write through a file object instead.
+    def write(tmp_path):
+        with open(tmp_path, "wb") as f:
+            write_to_file(f)
+    return write
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write_bytes(path, lambda tmp: _fsynced_write(tmp, lambda f: np.save(f, array, allow_pickle=False)))
+    atomic_write(path, _write_with(lambda f: np.save(f, array, allow_pickle=False)))
 
 
 def _atomic_save_json(path: Path, obj) -> None:
     text = json.dumps(obj, separators=(",", ":")).encode()
-    atomic_write_bytes(path, lambda tmp: _fsynced_write(tmp, lambda f: f.write(text)))
-    _fsync_dir(path.parent)
+    atomic_write(path, _write_with(lambda f: f.write(text)))
 
 
 def _append_journal_line(path: Path, record: dict) -> None:
@@ -277,7 +266,7 @@ class StoreWriter:
                 new_videos.append({**entry, "shard": shard_id, "offset": offset})
                 offset += entry["n"]
             new_shards.append({"emb": emb_name, "times": times_name, "rows": offset})
-        _fsync_dir(self.path / SHARD_DIR)  # the shards' renames are on disk before the index names them
+        # atomic_write fsynced shards/ after each rename: the shards are durable before the index names them.
         index = self._index
         if not (self.path / INDEX_NAME).exists():
             _atomic_save_json(self.path / INDEX_NAME, {**index, "shards": index["shards"] + new_shards,

@@ -39,7 +39,8 @@ import torch
 from safetensors.torch import load_file
 
 from . import train_config as tc
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
+from .atomic import atomic_write
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .model import LVMAE, LVMAEConfig
 from .sampler import VAL_EPOCH, LongVideoSampler, SamplerConfig, split_videos
 from .store import Store, scan_nonfinite
@@ -61,7 +62,7 @@ def lr_at(epoch_progress: float, base_lr: float, cfg: tc.PretrainConfig) -> floa
 
 # ---- checkpoints --------------------------------------------------------------------------------
 def _atomic_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def latest_checkpoint(out: Path) -> Path | None:

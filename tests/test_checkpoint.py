@@ -112,3 +112,20 @@ def test_save_load_round_trip_and_missing_dir(tmp_path):
 def test_missing_reference_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         convert_reference(tmp_path / "nope.pth")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from lvmae_fast.atomic import atomic_write
+
+    target = tmp_path / "f.json"
+    atomic_write(target, lambda tmp: open(tmp, "w").write("old"))
+
+    def half_then_crash(tmp):
+        open(tmp, "w").write("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_then_crash)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+    atomic_write(target, lambda tmp: open(tmp, "w").write("new"))
+    assert target.read_text() == "new"

@@ -1,0 +1,33 @@
+"""Atomic, durable file replacement: nothing written is ever seen half-done or lost to a crash."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_dir(path) -> None:
+    """A rename is durable only once its directory is: after a power cut the directory entry could
+    otherwise still name the old file (or nothing) while data that refers to the new one survived."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write) -> None:
+    """write(tmp_path) fills a temp file in the same directory; it is fsynced, renamed over `path`, and
+    the directory is fsynced. Readers see the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
