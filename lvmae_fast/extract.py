@@ -331,6 +331,9 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     fail(job, "decoder returned no windows")
                 elif not st.get("failed") and not st.get("done"):
                     fail(job, "decoder returned only some windows")
+            # Per-batch commits left about one small shard per batch: merge them now that the job is done
+            # (not in `finally`: an interrupted job keeps its commits and exits promptly).
+            writer.compact()
         finally:
             getattr(events, "close", lambda: None)()  # stop the decode thread / DALI pipelines now
             bar.close()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,10 @@ class StoreWriter:
         if (self.path / JOURNAL_NAME).exists():
             self._fold()
         self._remove_uncommitted_files()
+        # Shard files are numbered by a counter, not by list position: compact() removes shards from the
+        # list, and a position-derived name could then collide with a file the index still names.
+        numbers = [int(m.group(1)) for sh in self._index["shards"] if (m := re.search(r"(\d+)\.npy$", sh["emb"]))]
+        self._next_shard_number = max(numbers, default=-1) + 1
         self._committed_ids = {v["id"] for v in self._index["videos"]}
         self._pending: list[tuple[dict, np.ndarray, np.ndarray]] = []  # (video entry, emb f16, times f32)
         self._pending_ids: set[str] = set()
@@ -258,14 +263,12 @@ class StoreWriter:
         new_shards, new_videos = [], []
         for group in groups:
             shard_id = len(self._index["shards"]) + len(new_shards)
-            emb_name, times_name = f"{SHARD_DIR}/emb-{shard_id:05d}.npy", f"{SHARD_DIR}/times-{shard_id:05d}.npy"
-            _atomic_save_npy(self.path / emb_name, np.concatenate([e for _, e, _ in group]))
-            _atomic_save_npy(self.path / times_name, np.concatenate([t for _, _, t in group]))
+            shard = self._write_shard(np.concatenate([e for _, e, _ in group]), np.concatenate([t for _, _, t in group]))
             offset = 0
             for entry, _, _ in group:
                 new_videos.append({**entry, "shard": shard_id, "offset": offset})
                 offset += entry["n"]
-            new_shards.append({"emb": emb_name, "times": times_name, "rows": offset})
+            new_shards.append(shard)
         # atomic_write fsynced shards/ after each rename: the shards are durable before the index names them.
         index = self._index
         if not (self.path / INDEX_NAME).exists():
@@ -284,6 +287,64 @@ class StoreWriter:
         journal = self.path / JOURNAL_NAME
         if journal.exists() and journal.stat().st_size >= max(FOLD_MIN_BYTES, (self.path / INDEX_NAME).stat().st_size):
             self._fold()
+
+    def _write_shard(self, emb: np.ndarray, times: np.ndarray) -> dict:
+        number = self._next_shard_number
+        self._next_shard_number += 1
+        emb_name, times_name = f"{SHARD_DIR}/emb-{number:05d}.npy", f"{SHARD_DIR}/times-{number:05d}.npy"
+        _atomic_save_npy(self.path / emb_name, emb)
+        _atomic_save_npy(self.path / times_name, times)
+        return {"emb": emb_name, "times": times_name, "rows": int(emb.shape[0])}
+
+    def compact(self) -> int:
+        """Merge shards of fewer than shard_rows/2 rows into full-size shards; returns how many small
+        shards were merged away. An extraction job commits after every encoder batch, which leaves about
+        one small shard per commit: many files, and two header reads per shard whenever a Store opens.
+        Crash-safe like a commit: merged shards get fresh names, one atomic index.json switches to them,
+        and only then are the old files deleted (a kill in between leaves files the next writer removes).
+        Video order, ids, embeddings and window times are unchanged."""
+        self.commit()
+        if (self.path / JOURNAL_NAME).exists():
+            self._fold()
+        index = self._index
+        small = [i for i, sh in enumerate(index["shards"]) if sh["rows"] < self.shard_rows // 2]
+        if len(small) < 2:
+            return 0
+        small_set = set(small)
+        kept = [i for i in range(len(index["shards"])) if i not in small_set]
+        position = {old: new for new, old in enumerate(kept)}
+        shards = [index["shards"][i] for i in kept]
+        videos = [dict(v) for v in index["videos"]]
+        moved = [v for v in videos if v["shard"] in small_set]
+        for v in videos:
+            if v["shard"] not in small_set:
+                v["shard"] = position[v["shard"]]
+        groups, current, rows = [], [], 0
+        for v in moved:  # same packing rule as commit()
+            if current and rows + v["n"] > self.shard_rows:
+                groups.append(current)
+                current, rows = [], 0
+            current.append(v)
+            rows += v["n"]
+        groups.append(current)
+        def rows(v: dict, kind: str) -> np.ndarray:  # v still holds its old shard/offset here
+            data = np.load(self.path / index["shards"][v["shard"]][kind], mmap_mode="r")
+            return data[v["offset"]: v["offset"] + v["n"]]
+
+        for group in groups:
+            emb = np.concatenate([rows(v, "emb") for v in group])
+            times = np.concatenate([rows(v, "times") for v in group])
+            shard_id, offset = len(shards), 0
+            for v in group:
+                v["shard"], v["offset"] = shard_id, offset
+                offset += v["n"]
+            shards.append(self._write_shard(emb, times))
+        old_files = [self.path / index["shards"][i][k] for i in small for k in ("emb", "times")]
+        self._index = {**index, "shards": shards, "videos": videos}
+        _atomic_save_json(self.path / INDEX_NAME, self._index)
+        for f in old_files:
+            f.unlink()
+        return len(small)
 
     def _fold(self) -> None:
         """Write the merged index as the new snapshot, then drop the journal. A kill in between is

@@ -1,4 +1,4 @@
-"""`lvmae store import|info|verify`: fill an embedding store from arrays on disk, describe it, check it.
+"""`lvmae store import|info|verify|compact`: fill an embedding store from arrays on disk, describe it, check it.
 
 Import sources:
 - a directory of `<video_id>.npy` or `<video_id>.pt` arrays [n_segments, dim] (float16/32; a .pt may hold
@@ -163,8 +163,19 @@ def _run_verify(args) -> int:
     return 2
 
 
+def _run_compact(args) -> int:
+    index = load_index(args.store)
+    kwargs = {"shard_rows": args.shard_rows} if args.shard_rows else {}
+    with StoreWriter(args.store, dim=index["dim"], encoder=index["encoder"],
+                     segment_seconds=index["segment_seconds"], **kwargs) as writer:
+        merged = writer.compact()
+    after = len(load_index(args.store)["shards"])
+    print(f"{args.store}: merged {merged} small shards; {after} shards now")
+    return 0
+
+
 def register(sub) -> None:
-    store = sub.add_parser("store", help="embedding store: import, info, verify")
+    store = sub.add_parser("store", help="embedding store: import, info, verify, compact")
     store_sub = store.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
 
     p = store_sub.add_parser("import", help="import <video_id>.npy/.pt arrays (or a reference segments CSV) into a store")
@@ -183,3 +194,8 @@ def register(sub) -> None:
     p = store_sub.add_parser("verify", help="check dims, dtypes, NaN/Inf and index vs shards; exit 2 and name bad videos")
     p.add_argument("store")
     p.set_defaults(func=_run_verify)
+
+    p = store_sub.add_parser("compact", help="merge small shards (e.g. left by an interrupted extraction) into full ones")
+    p.add_argument("store")
+    p.add_argument("--shard-rows", type=int, default=None, help="rows per merged shard (default 65536)")
+    p.set_defaults(func=_run_compact)

@@ -460,3 +460,53 @@ def test_journal_folds_when_it_outgrows_the_snapshot(tmp_path, monkeypatch):
     assert all(b >= 1.5 * a for a, b in zip(snapshots[1:], snapshots[2:]))
     w.close()
     assert Store(tmp_path / "s").video_ids == [f"v{i}" for i in range(40)]
+
+
+def test_compact_merges_small_shards_and_keeps_every_video(tmp_path):
+    from lvmae_fast.store import JOURNAL_NAME
+
+    rng = np.random.default_rng(4)
+    videos = random_videos(rng, 3, [5, 1, 7, 2, 3, 4, 30, 2])
+    times = {vid: np.cumsum(rng.uniform(1, 5, (len(e), 2)), axis=0).astype(np.float32) for vid, e in videos.items()}
+    for t in times.values():
+        t[:, 1] = t[:, 0] + 2.5
+    w = StoreWriter(tmp_path / "s", dim=3, shard_rows=16)
+    for vid, emb in videos.items():  # one commit per video, as extraction does: one small shard each
+        w.add(vid, emb, window_times=times[vid])
+        w.commit()
+    before = Store(tmp_path / "s")
+    assert len(before._shards) == len(videos)
+    merged = w.compact()
+    w.close()
+    after = Store(tmp_path / "s")
+    # v6 (30 rows) is already a full-size shard and stays; the 7 small ones pack into ceil(24/16) = 2 new ones.
+    assert merged == 7 and len(after._shards) == 3
+    assert after.video_ids == list(videos)
+    for vid, emb in videos.items():
+        np.testing.assert_array_equal(after.get(vid), emb.astype(np.float16))
+        np.testing.assert_array_equal(after.window_times(vid), times[vid])
+    assert sorted(p.name for p in (tmp_path / "s" / "shards").iterdir()) == sorted(
+        Path(sh[k]).name for sh in after._shards for k in ("emb", "times"))  # old files deleted
+    assert not (tmp_path / "s" / JOURNAL_NAME).exists() and verify_store(tmp_path / "s").ok
+    # New commits after a compaction never reuse a file name the index still holds.
+    with StoreWriter(tmp_path / "s", dim=3, shard_rows=16) as w2:
+        for i in range(4):
+            w2.add(f"new{i}", rng.standard_normal((2, 3)).astype(np.float32))
+            w2.commit()
+    final = Store(tmp_path / "s")
+    names = [sh["emb"] for sh in final._shards]
+    assert len(names) == len(set(names)) and verify_store(tmp_path / "s").ok
+    np.testing.assert_array_equal(final.get("v6"), videos["v6"].astype(np.float16))
+
+
+def test_cli_compact(tmp_path):
+    rng = np.random.default_rng(5)
+    w = StoreWriter(tmp_path / "s", dim=2, encoder="enc")
+    for vid, emb in random_videos(rng, 2, [3, 4, 5]).items():
+        w.add(vid, emb)
+        w.commit()
+    w.close()
+    out = lvmae("store", "compact", tmp_path / "s")
+    assert out.returncode == 0, out.stderr
+    assert "merged 3 small shards; 1 shards now" in out.stdout
+    assert Store(tmp_path / "s").video_ids == ["v0", "v1", "v2"]
