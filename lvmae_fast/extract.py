@@ -242,7 +242,9 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     out = Path(out_store)
     started = time.perf_counter()
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds) as writer:
+    # Everything that decides what a window's embedding is: a resumed job must match it.
+    settings = {"window_seconds": spec.seconds, "frames": spec.frames, "sampling": spec.rule, "min_last": spec.min_last}
+    with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds, settings=settings) as writer:
         failures = open(out / FAILURES_NAME, "w")  # this run's failures (re-runs retry failed files)
         todo = []
         for vid, path in items:

@@ -166,20 +166,32 @@ class StoreWriter:
     """Create or resume a store; add videos; commit atomically. See the module docstring for the layout."""
 
     def __init__(self, path, dim: int, encoder: str = "unknown", segment_seconds: float = 5.0,
-                 shard_rows: int = DEFAULT_SHARD_ROWS):
+                 shard_rows: int = DEFAULT_SHARD_ROWS, settings: dict | None = None):
+        """settings: how the embeddings were made (e.g. extraction window seconds, frames, sampling rule),
+        recorded in the index; resuming with different settings is refused, so one store never mixes
+        embeddings made two ways."""
         if int(dim) < 1 or shard_rows < 1 or not segment_seconds > 0:
             raise ValueError(f"dim ({dim}), shard_rows ({shard_rows}) and segment_seconds ({segment_seconds}) must be > 0")
         self.path, self.dim, self.encoder = Path(path), int(dim), str(encoder)
         self.segment_seconds, self.shard_rows = float(segment_seconds), int(shard_rows)
+        settings = json.loads(json.dumps(settings)) if settings is not None else None  # as it reads back from JSON
         if (self.path / INDEX_NAME).exists():
             self._index = load_index(self.path)
             if self._index["dim"] != self.dim or self._index["encoder"] != self.encoder:
                 raise ValueError(f"store {self.path} holds dim={self._index['dim']} encoder={self._index['encoder']!r}; "
                                  f"cannot add dim={self.dim} encoder={self.encoder!r}")
+            stored = self._index.get("settings")
+            if settings is not None and stored is not None and stored != settings:
+                differ = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+                raise ValueError(f"store {self.path} was written with other settings: "
+                                 + ", ".join(f"{k}={stored.get(k)!r} (now {settings.get(k)!r})" for k in differ)
+                                 + "; use the same settings or another store")
         else:
             self._index = {"format": STORE_FORMAT, "version": STORE_VERSION, "dim": self.dim, "encoder": self.encoder,
                            "segment_seconds": self.segment_seconds, "dtype": EMB_DTYPE.name, "shards": [], "videos": [],
                            "journal_seq": 0}
+            if settings is not None:
+                self._index["settings"] = settings
         (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         if (self.path / JOURNAL_NAME).exists():
             self._fold()

@@ -198,3 +198,17 @@ def test_an_error_after_a_video_is_stored_does_not_also_count_it_failed(corpus, 
     assert (s["done"], s["failed"]) == (1, 0)
     assert Store(tmp_path / "s").video_ids == ["a"]
     assert (tmp_path / "s" / "failures.jsonl").read_text() == ""
+
+
+def test_resume_with_other_window_settings_is_refused(corpus, tmp_path):
+    folder, good, _ = corpus
+    s = extract_videos(str(good["a"].path), tmp_path / "s", seconds=1.0, frames=4)
+    assert s["done"] == 1
+    again = extract_videos(str(good["a"].path), tmp_path / "s", seconds=1.0, frames=4)  # same settings: resumes
+    assert again["skipped"] == 1 and again["done"] == 0
+    with pytest.raises(ValueError, match=r"frames=4 \(now 8\)"):
+        extract_videos(str(good["d"].path), tmp_path / "s", seconds=1.0, frames=8)
+    with pytest.raises(ValueError, match="window_seconds"):
+        extract_videos(str(good["d"].path), tmp_path / "s", seconds=2.0, frames=4)
+    assert Store(tmp_path / "s").video_ids == ["a"]  # nothing written by the refused runs
+    assert Store(tmp_path / "s")._entries["a"]["n"] == 3
