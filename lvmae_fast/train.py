@@ -109,7 +109,8 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
     if final.exists() and pointer.is_file() and pointer.read_text().strip() == name:
         return final  # this exact state is already the latest checkpoint
     tmp = ckpt_root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in ckpt_root.glob(".step-*.tmp"):  # half-written checkpoints of killed runs (one writer per run dir)
+        shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp)
     state = {"progress": dict(progress), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
              "config": cfg.to_dict(), "model_config": model.config.to_dict(), "store_fingerprint": store_fingerprint}

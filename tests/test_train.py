@@ -220,3 +220,16 @@ def test_demo_on_a_small_embedding_corpus(tmp_path, restore_threads):
                  "--out", str(tmp_path / "demo")]) == 0
     assert read_metrics(tmp_path / "demo" / "run" / "metrics.jsonl")[-1]["step"] == 2  # 10 videos, batches of 16
     assert json.loads((tmp_path / "demo" / "run" / "val.json").read_text())["val_loss"] > 0
+
+
+def test_half_written_checkpoints_of_killed_runs_are_removed(store, reference_run):
+    run = store.parent / "stale_tmp"
+    base = ["pretrain", *COMMON, "--store", store, "--out", run]
+    assert lvmae(*base, "--max-steps", 10).returncode == 0
+    stale = run / "checkpoints" / ".step-00000007.tmp"  # what a run killed mid-checkpoint leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    r = lvmae(*base, "--max-steps", 20, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert not stale.exists()
+    assert curve(run) == curve(reference_run)[:20]
