@@ -17,7 +17,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import ATTN_IMPLS, _padded_layout, resolve_impl, varlen_attention
 from .loss import LOSSES, masked_reconstruction_loss

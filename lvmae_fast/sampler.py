@@ -163,7 +163,7 @@ def share_storages(batch: PackedBatch) -> PackedBatch:
     for name, t in tensors.items():
         by_dtype.setdefault(t.dtype, []).append(name)
     views = {}
-    for dtype, names in by_dtype.items():
+    for names in by_dtype.values():
         if len(names) == 1:
             continue
         flat = torch.cat([tensors[n].reshape(-1) for n in names])

@@ -1,7 +1,6 @@
 """Every registry entry yields [windows, d] with the right d (random weights, tiny configs)."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

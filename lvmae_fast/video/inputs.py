@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import os
 from pathlib import Path
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",

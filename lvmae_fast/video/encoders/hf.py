@@ -9,7 +9,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from .base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VideoEncoder, pooled
 
