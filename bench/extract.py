@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from lvmae_fast import synth
-from lvmae_fast.extract import extract_videos, pyav_events, resolve_device
+from lvmae_fast.devices import resolve_device
+from lvmae_fast.extract import extract_videos, pyav_events
 from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
 
 NOT_MEASURED = "not measured"
@@ -72,8 +73,9 @@ def bench_dali_decode(paths, spec, readers: int, batch_size: int) -> dict | str:
     if not torch.cuda.is_available():
         return NOT_MEASURED + " (no CUDA)"
     try:
-        from lvmae_fast.video.decode_dali import decode_windows_dali
         import nvidia.dali  # noqa: F401
+
+        from lvmae_fast.video.decode_dali import decode_windows_dali
     except ImportError:
         return NOT_MEASURED + " (nvidia-dali not installed)"
     jobs = [prepare_job(VideoJob(p.stem, str(p)), spec) for p in paths]

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .devices import resolve_device
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
 from .video.probe import VideoError
 
@@ -35,17 +36,6 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here")
-    return dev
-
-
 def resolve_dtype(precision: str, device):
     import torch
 

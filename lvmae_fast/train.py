@@ -41,6 +41,7 @@ from safetensors.torch import load_file
 from . import train_config as tc
 from .atomic import atomic_write
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from .devices import resolve_device
 from .model import LVMAE, LVMAEConfig
 from .sampler import VAL_EPOCH, LongVideoSampler, SamplerConfig, split_videos
 from .store import Store, scan_nonfinite
@@ -230,15 +231,6 @@ class StopFlag:
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but CUDA is not available")
-    return device
-
-
 def build_model_config(cfg: tc.PretrainConfig, in_dim: int) -> LVMAEConfig:
     allowed = {f.name for f in fields(LVMAEConfig)} - {"in_dim"}
     unknown = sorted(set(cfg.model) - allowed)
