@@ -24,7 +24,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # sibling bench modules; the checkout if not installed
 
 from lvmae_fast.masking import build_masked_batch  # noqa: E402
-from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops_per_token  # noqa: E402
+from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops  # noqa: E402
 from lvmae_fast.packing import keep_counts, pack_sequences  # noqa: E402
 from reference_padded import ReferencePaddedMAE, pad_batch  # noqa: E402
 
@@ -41,7 +41,7 @@ def make_batches(n_batches, batch_size, in_dim, min_len, max_len, seed):
 
 def useful_flops(config, lengths, mask_ratio):
     keep = keep_counts(lengths, mask_ratio)
-    fwd = matmul_flops_per_token(config, enc_tokens=sum(keep) + len(lengths), dec_tokens=sum(lengths) + len(lengths),
+    fwd = matmul_flops(config, enc_tokens=sum(keep) + len(lengths), dec_tokens=sum(lengths) + len(lengths),
                                  seq_sq_enc=sum((k + 1) ** 2 for k in keep), seq_sq_dec=sum((n + 1) ** 2 for n in lengths),
                                  pred_tokens=sum(lengths) - sum(keep))
     return 3 * fwd  # backward = 2x forward

@@ -28,13 +28,16 @@ def masked_reconstruction_loss(pred_rows: torch.Tensor, x_Td: torch.Tensor, mask
         return pred_rows.sum() * 0.0
     # Accumulate in at least fp32 (bf16/fp16 activations are upcast; fp64 stays fp64 for exact tests).
     acc_dtype = torch.promote_types(pred_rows.dtype, torch.float32)
-    target = standardise_targets(x_Td.to(acc_dtype)) if norm_targets else x_Td
     if kernels != "torch":
         from . import kernels as K
         if K.use_triton(kernels, pred_rows):
+            # The kernel reads target rows in place, so it gets the full (standardised) matrix.
+            target = standardise_targets(x_Td.to(acc_dtype)) if norm_targets else x_Td
             return K.masked_mse_rows(pred_rows, target, masked_rows, loss=loss)
     pred = pred_rows.to(acc_dtype)
-    tgt = target.index_select(0, masked_rows).to(acc_dtype)
+    tgt = x_Td.index_select(0, masked_rows).to(acc_dtype)
+    if norm_targets:  # per-row, so standardising only the masked rows gives the same values
+        tgt = standardise_targets(tgt)
     if loss == "cosine":
         return (1.0 - F.cosine_similarity(pred, tgt, dim=-1)).mean()
     return (pred - tgt).pow(2).mean(-1).mean()

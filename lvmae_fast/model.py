@@ -21,7 +21,7 @@ import torch.nn as nn
 from .attention import ATTN_IMPLS, _padded_layout, resolve_impl, varlen_attention
 from .loss import LOSSES, masked_reconstruction_loss
 from .masking import MASKING_STRATEGIES
-from .packing import PackedBatch, cu_seqlens_from_lengths, pack_sequences, validate_sequences
+from .packing import PackedBatch, pack_sequences, validate_sequences
 
 PRESETS: dict[str, dict] = {
     # The paper's model (Table 5 / reference): ~0.4B parameters.
@@ -225,8 +225,7 @@ class LVMAE(nn.Module):
     def _batch_from(self, seqs: Sequence[torch.Tensor], masked_T: torch.Tensor | None) -> PackedBatch:
         validate_sequences(seqs, self.config.in_dim, self.config.max_len)
         device = self.cls_token.device
-        x_Td, _, lengths = pack_sequences([s.to(device=device, dtype=self.cls_token.dtype) for s in seqs])
-        cu = cu_seqlens_from_lengths(lengths, device)
+        x_Td, cu, lengths = pack_sequences([s.to(device=device, dtype=self.cls_token.dtype) for s in seqs])
         if masked_T is None:
             masked_T = torch.zeros(x_Td.shape[0], dtype=torch.bool, device=device)
         return PackedBatch.from_mask(x_Td, cu, lengths, masked_T.to(device))
@@ -284,7 +283,7 @@ class LVMAE(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def matmul_flops_per_token(config: LVMAEConfig, enc_tokens: int, dec_tokens: int, seq_sq_enc: int,
+def matmul_flops(config: LVMAEConfig, enc_tokens: int, dec_tokens: int, seq_sq_enc: int,
                            seq_sq_dec: int, pred_tokens: int) -> int:
     """Forward matmul FLOPs for a batch, counting real tokens only (no padding): 2*m*n*k per matmul.
     seq_sq_* = sum over sequences of L^2 for the attention score and value products."""

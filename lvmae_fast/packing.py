@@ -111,10 +111,6 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.x.shape[0])
 
-    @property
-    def num_visible(self) -> int:
-        return int(self.visible_rows.shape[0])
-
     @classmethod
     def from_mask(cls, x_Td: torch.Tensor, cu_seqlens: torch.Tensor, lengths: Sequence[int],
                   masked_T: torch.Tensor, keep: Sequence[int] | None = None) -> "PackedBatch":
