@@ -23,6 +23,8 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # sibling bench modules; the checkout if not installed
 
+from lvmae_fast.buckets import pad_to_bucket  # noqa: E402
+from lvmae_fast.graphs import GraphedTrainStep  # noqa: E402
 from lvmae_fast.masking import build_masked_batch  # noqa: E402
 from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops  # noqa: E402
 from lvmae_fast.packing import keep_counts, pack_sequences  # noqa: E402
@@ -69,7 +71,7 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
 
 
-def run_packed(config, batches, device, steps, warmup, compile_model=False, profile_path=None):
+def run_packed(config, batches, device, steps, warmup, compile_model=False, profile_path=None, cuda_graphs=False):
     with torch.device(device):  # init on the GPU: a 0.4B-parameter CPU init costs seconds
         model = LVMAE(config)
     opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
@@ -79,12 +81,22 @@ def run_packed(config, batches, device, steps, warmup, compile_model=False, prof
     packed = []
     for seqs in batches:  # masking/packing is the data loader's job: built before timing (see --mode data)
         x, cu, lengths = pack_sequences(seqs)
-        packed.append(build_masked_batch(x, cu, lengths, "random", config.mask_ratio, g).to(device))
+        batch = build_masked_batch(x, cu, lengths, "random", config.mask_ratio, g)
+        # Graphed steps copy each batch into their static buffers, as the trainer does from pinned memory.
+        if cuda_graphs:
+            packed.append(pad_to_bucket(batch).pin_memory() if device.type == "cuda" else pad_to_bucket(batch))
+        else:
+            packed.append(batch.to(device))
+
+    graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None) if cuda_graphs else None
 
     def step(batch):
-        with autocast(device, torch.bfloat16):
-            loss = model(batch)
-        loss.backward()
+        if graphed is not None:
+            loss = graphed(batch)
+        else:
+            with autocast(device, torch.bfloat16):
+                loss = model(batch)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -176,6 +188,15 @@ def print_table(rows):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode", choices=["step", "data"], default="step")
+    known, rest = mode.parse_known_args(argv)
+    if known.mode == "data":  # every other flag belongs to the data-path benchmark's own parser
+        from pretrain_data import main as data_main
+        data_main(rest)
+        return 0
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["step", "data"], default="step", help="step: packed vs padded; data: full loop vs step")
     p.add_argument("--preset", default="paper", choices=["paper", "base", "tiny"])
@@ -191,14 +212,13 @@ def main(argv=None):
     p.add_argument("--skip-padded", action="store_true")
     p.add_argument("--padded-max-batch", type=int, default=64, help="skip the padded baseline above this batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the packed model")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time the packed step with bucketed shapes replayed as CUDA graphs (row 'packed+graphs')")
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="masked-loss kernels")
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of the first packed batch size here")
-    args, rest = p.parse_known_args(argv)
-    if args.mode == "data":
-        from pretrain_data import main as data_main
-        return data_main(rest + [f"--preset={args.preset}", f"--device={args.device}"])
+    args = p.parse_args(argv)
 
     device = torch.device(args.device)
     width = LVMAEConfig.from_preset(args.preset, in_dim=8).embed_dim
@@ -214,12 +234,17 @@ def main(argv=None):
         packed = summarise("packed", run_packed(config, batches, device, args.steps, args.warmup, args.compile, profile),
                            batches, config, args.warmup, args.steps)
         rows.append(packed)
+        if args.cuda_graphs:
+            graphs = summarise("packed+graphs", run_packed(config, batches, device, args.steps, args.warmup,
+                                                           cuda_graphs=True), batches, config, args.warmup, args.steps)
+            rows.append(graphs)
         if not args.skip_padded and bs <= args.padded_max_batch:
             padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),
                                batches, config, args.warmup, args.steps)
             rows.append(padded)
-            if packed["status"] == padded["status"] == "ok":
-                packed["speedup"] = packed["samples_per_s"] / padded["samples_per_s"]
+            for row in rows[-3 if args.cuda_graphs else -2:-1]:  # packed (and packed+graphs) vs this padded row
+                if row["status"] == padded["status"] == "ok":
+                    row["speedup"] = row["samples_per_s"] / padded["samples_per_s"]
     if args.long_len:
         batches = make_batches(2, 1, in_dim, args.long_len, args.long_len, seed=1)
         steps = max(1, min(args.steps, 3))
@@ -228,7 +253,7 @@ def main(argv=None):
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "preset": args.preset, "in_dim": in_dim, "mask_ratio": args.mask_ratio,
             "lengths": [args.min_len, args.max_len], "steps": args.steps, "warmup": args.warmup,
-            "compile": args.compile, "attn_impl": args.attn_impl, "kernels": args.kernels}
+            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "attn_impl": args.attn_impl, "kernels": args.kernels}
     print(f"\n## pretrain step: {meta['device']}, preset {args.preset}, torch {torch.__version__}\n")
     print_table(rows)
     result = {"meta": meta, "rows": rows}

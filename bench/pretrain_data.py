@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lvmae_fast.graphs import GraphedTrainStep
 from lvmae_fast.model import LVMAE, LVMAEConfig
 from lvmae_fast.sampler import LongVideoSampler, SamplerConfig
 from lvmae_fast.store import Store
@@ -49,7 +50,7 @@ def run(args) -> dict:
         scfg = SamplerConfig(duration_min=recipe["duration_min"], duration_max=recipe["duration_max"],
                              max_len=recipe["max_len"], batch_videos=args.batch_videos or recipe["batch_videos"],
                              max_tokens=args.max_tokens, mask_ratio=model_cfg.mask_ratio, masking=model_cfg.masking,
-                             seed=args.seed)
+                             seed=args.seed, pad_to_buckets=args.cuda_graphs)
         sampler = LongVideoSampler(store, store.video_ids, scfg)
         torch.manual_seed(args.seed)
         model = LVMAE(model_cfg).to(device).train()
@@ -57,11 +58,15 @@ def run(args) -> dict:
         bf16 = device.type == "cuda"
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
         pin = device.type == "cuda"
+        graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if bf16 else None) if args.cuda_graphs else None
 
         def step(batch):
-            with autocast():
-                loss = model(batch)
-            loss.backward()
+            if graphed is not None:  # copies the batch into its static buffers itself
+                graphed(batch)
+            else:
+                with autocast():
+                    loss = model(batch.to(device, non_blocking=pin))
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -75,14 +80,14 @@ def run(args) -> dict:
         # Full loop: the loader's workers read, normalise, pack and mask while the model steps.
         it = batches()
         for _ in range(args.warmup):
-            step(next(it).to(device, non_blocking=pin))
+            step(next(it))
         _sync(device)
         kept, samples = [], 0
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            batch = next(it).to(device, non_blocking=pin)
+            batch = next(it)
             step(batch)
-            kept.append(batch)
+            kept.append(batch.to(device, non_blocking=pin))
             samples += batch.num_videos
         _sync(device)
         full_s = time.perf_counter() - t0
@@ -101,7 +106,7 @@ def run(args) -> dict:
     tokens = sum(b.num_tokens for b in kept)
     result = {
         "preset": args.preset, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "steps": args.steps, "num_workers": args.num_workers, "batch_videos": scfg.batch_videos, "max_tokens": scfg.max_tokens,
+        "steps": args.steps, "cuda_graphs": args.cuda_graphs, "num_workers": args.num_workers, "batch_videos": scfg.batch_videos, "max_tokens": scfg.max_tokens,
         "tokens_per_batch": round(tokens / len(kept), 1),
         "full_loop_samples_per_s": round(samples / full_s, 2), "step_only_samples_per_s": round(samples / step_s, 2),
         "full_loop_tokens_per_s": round(tokens / full_s, 1), "step_only_tokens_per_s": round(tokens / step_s, 1),
@@ -139,6 +144,7 @@ def parse_args(argv):
     p.add_argument("--prefetch-factor", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cuda-graphs", action="store_true", help="bucketed batches, forward+backward replayed as CUDA graphs")
     p.add_argument("--json-out", help="also write the JSON result here")
     return p.parse_args(argv)
 

@@ -20,15 +20,21 @@ def standardise_targets(target: torch.Tensor) -> torch.Tensor:
 
 
 def masked_reconstruction_loss(pred_rows: torch.Tensor, x_Td: torch.Tensor, masked_rows: torch.Tensor,
-                               loss: str = "mse", norm_targets: bool = False, kernels: str = "torch") -> torch.Tensor:
+                               loss: str = "mse", norm_targets: bool = False, kernels: str = "torch",
+                               row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """row_weights [Tm] (shape-bucketed batches): sum(w * per-row loss) replaces the plain mean, so
+    padding rows (w = 0) drop out; the torch path computes it (a bucketed step runs as a CUDA graph,
+    where the extra launches cost nothing)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    if row_weights is not None and row_weights.shape != (pred_rows.shape[0],):
+        raise ValueError(f"row_weights has shape {tuple(row_weights.shape)}, expected ({pred_rows.shape[0]},)")
     if pred_rows.shape[0] == 0:
         # Nothing masked (ratio 0 or only 1-token videos): zero loss that still back-propagates.
         return pred_rows.sum() * 0.0
     # Accumulate in at least fp32 (bf16/fp16 activations are upcast; fp64 stays fp64 for exact tests).
     acc_dtype = torch.promote_types(pred_rows.dtype, torch.float32)
-    if kernels != "torch":
+    if kernels != "torch" and row_weights is None:
         from . import kernels as K
         if K.use_triton(kernels, pred_rows):
             # The kernel reads target rows in place, so it gets the full (standardised) matrix.
@@ -39,5 +45,7 @@ def masked_reconstruction_loss(pred_rows: torch.Tensor, x_Td: torch.Tensor, mask
     if norm_targets:  # per-row, so standardising only the masked rows gives the same values
         tgt = standardise_targets(tgt)
     if loss == "cosine":
-        return (1.0 - F.cosine_similarity(pred, tgt, dim=-1)).mean()
-    return (pred - tgt).pow(2).mean(-1).mean()
+        per_row = 1.0 - F.cosine_similarity(pred, tgt, dim=-1)
+    else:
+        per_row = (pred - tgt).pow(2).mean(-1)
+    return per_row.mean() if row_weights is None else (per_row * row_weights.to(acc_dtype)).sum()

@@ -219,7 +219,8 @@ class LVMAE(nn.Module):
         enc_out = self.forward_encoder(batch)
         pred_rows = self.forward_decoder(batch, enc_out, batch.dec_masked_slots)
         return masked_reconstruction_loss(pred_rows, batch.x, batch.masked_rows, loss=self.config.loss,
-                                          norm_targets=self.config.norm_targets, kernels=self.config.kernels)
+                                          norm_targets=self.config.norm_targets, kernels=self.config.kernels,
+                                          row_weights=batch.row_weights)
 
     # ---- list-of-sequences API -------------------------------------------------------------------
     def _batch_from(self, seqs: Sequence[torch.Tensor], masked_T: torch.Tensor | None) -> PackedBatch:

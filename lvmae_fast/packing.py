@@ -79,6 +79,8 @@ class PackedBatch:
     enc_pos / dec_pos [Te] / [Td]: positional-table row of each slot (0 = CLS row);
     dec_src [Td]: row of cat([encoder stream, mask token]) that fills each decoder slot (Te = mask token);
     dec_masked_slots [Tm]: decoder slots of the masked rows (the only rows the loss decodes).
+    Shape-bucketed batches (buckets.pad_to_bucket) end with `padding_videos` dummy videos and carry
+    row_weights [Tm]: the loss is sum(w * per-row loss) instead of the plain mean (None = plain mean).
     """
 
     x: torch.Tensor
@@ -102,13 +104,19 @@ class PackedBatch:
     dec_src: torch.Tensor
     dec_pos: torch.Tensor
     dec_masked_slots: torch.Tensor
+    row_weights: torch.Tensor | None = None
+    padding_videos: int = 0
 
     @property
     def num_videos(self) -> int:
-        return len(self.lengths)
+        """Real videos (dummy padding videos excluded)."""
+        return len(self.lengths) - self.padding_videos
 
     @property
     def num_tokens(self) -> int:
+        """Real token rows (dummy padding rows excluded)."""
+        if self.padding_videos:
+            return sum(self.lengths[: self.num_videos])
         return int(self.x.shape[0])
 
     @classmethod
@@ -161,8 +169,9 @@ class PackedBatch:
             dec_src=dec_src, dec_pos=dec_pos, dec_masked_slots=dec_token_slots[masked_rows],
         )
 
-    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
-        return self._map_storages(lambda base: base.to(device, non_blocking=non_blocking))
+    def to(self, device, non_blocking: bool = False, copy: bool = False) -> "PackedBatch":
+        """copy=True: fresh buffers even when already on `device` (as Tensor.to)."""
+        return self._map_storages(lambda base: base.to(device, non_blocking=non_blocking, copy=copy))
 
     def pin_memory(self) -> "PackedBatch":
         # DataLoader(pin_memory=True) calls this on custom batch types.

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .buckets import pad_to_bucket
 from .masking import MASKING_STRATEGIES, build_masked_batch
 from .packing import PackedBatch, cu_seqlens_from_lengths
 
@@ -43,6 +44,7 @@ class SamplerConfig:
     mask_ratio: float = 0.5
     masking: str = "semantic"
     seed: int = 0
+    pad_to_buckets: bool = False      # pad each batch to a bucketed shape (buckets.py; for CUDA graphs)
 
     def __post_init__(self):
         if not 0 < self.duration_min <= self.duration_max:
@@ -150,6 +152,8 @@ class CropBatches(Dataset):
         generator = torch.Generator().manual_seed(mask_seed(self.cfg.seed, self.epoch, self.rank, i))
         batch = build_masked_batch(x_Td, cu_seqlens_from_lengths(lengths), lengths, self.cfg.masking,
                                    self.cfg.mask_ratio, generator=generator, kernels="torch")
+        if self.cfg.pad_to_buckets:
+            batch = pad_to_bucket(batch)
         return share_storages(batch)
 
 

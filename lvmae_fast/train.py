@@ -42,6 +42,7 @@ from . import train_config as tc
 from .atomic import atomic_write
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .devices import resolve_device
+from .graphs import GraphedTrainStep
 from .model import LVMAE, LVMAEConfig
 from .sampler import VAL_EPOCH, LongVideoSampler, SamplerConfig, split_videos
 from .store import Store, scan_nonfinite
@@ -260,7 +261,7 @@ def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: in
         for batch in sampler.loader(VAL_EPOCH, num_workers=num_workers):
             with autocast():
                 loss = model(batch.to(device))
-            n = int(batch.masked_rows.numel())
+            n = int(batch.masked[: batch.num_tokens].sum())  # real masked rows (padding excluded)
             total, weight = total + float(loss) * n, weight + n
     model.train()
     return total / max(weight, 1)
@@ -297,7 +298,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
     scfg = SamplerConfig(duration_min=cfg.duration_min, duration_max=cfg.duration_max, max_len=cfg.max_len,
                          short_video_policy=cfg.short_video_policy, batch_videos=cfg.batch_videos,
                          max_tokens=cfg.max_tokens, mask_ratio=model_cfg.mask_ratio, masking=model_cfg.masking,
-                         seed=cfg.seed)
+                         seed=cfg.seed, pad_to_buckets=cfg.cuda_graphs)
     train_ids, val_ids = split_videos(training_videos(store, cfg), cfg.val_videos, cfg.seed)
     sampler = LongVideoSampler(store, train_ids, scfg)
     val_sampler = LongVideoSampler(store, val_ids, scfg) if val_ids else None
@@ -322,6 +323,12 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
         progress = dict(state["progress"])
     if cfg.compile:
         model.compile_blocks()  # per-block, in place: state-dict names and checkpoints are unchanged
+    graphed_step = None
+    if cfg.cuda_graphs:
+        if device.type != "cuda":
+            log.warning("cuda_graphs: %s has no CUDA graphs; running the same shape-bucketed step eagerly", device)
+        graphed_step = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if use_bf16 else None,
+                                        capture=device.type == "cuda")
 
     out.mkdir(parents=True, exist_ok=True)
     _atomic_text(out / "config.yaml", tc.dump_yaml(cfg))
@@ -368,12 +375,15 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
                 lr = lr_at(epoch + i / num_batches, base_lr, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = batch.to(device, non_blocking=pin)
-                with autocast():
-                    loss = model(batch)
-                # Launch backward before reading the loss back: the host sync then overlaps the backward's
-                # GPU work instead of idling the launch-bound host. Parameters are unchanged until step().
-                loss.backward()
+                if graphed_step is not None:  # forward + backward (one graph replay on CUDA)
+                    loss = graphed_step(batch)
+                else:
+                    batch = batch.to(device, non_blocking=pin)
+                    with autocast():
+                        loss = model(batch)
+                    # Launch backward before reading the loss back: the host sync then overlaps the backward's
+                    # GPU work instead of idling the launch-bound host. Parameters are unchanged until step().
+                    loss.backward()
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     path = checkpoint()  # parameters are still those before this step
@@ -465,6 +475,8 @@ def config_from_args(args) -> tc.PretrainConfig:
     flags = {key: getattr(args, key) for _, key, _, _ in FLAGS if getattr(args, key) is not None}
     if args.compile:
         flags["compile"] = True
+    if args.cuda_graphs:
+        flags["cuda_graphs"] = True
     if args.no_progress:
         flags["progress"] = False
     layers.append(("flags", flags))
@@ -489,6 +501,8 @@ def register(sub) -> None:
     for flag, key, kind, help_text in FLAGS:
         p.add_argument(flag, dest=key, type=kind, default=None, help=f"{help_text} (config key {key})")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="pad batches to a few shapes and replay forward+backward as CUDA graphs (small batches)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", action="store_true",

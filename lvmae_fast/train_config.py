@@ -26,7 +26,7 @@ PRESETS: dict[str, dict] = {
 # Keys a resumed run may change: bookkeeping that does not change what is computed, plus the knobs one
 # turns after a divergence (lr, clipping) and the device. Any other difference is refused on --resume.
 RESUME_MUTABLE = frozenset({"store", "out", "max_steps", "num_workers", "prefetch_factor", "log_every", "ckpt_every",
-                            "keep_checkpoints", "tensorboard", "progress", "compile", "eval_every", "device",
+                            "keep_checkpoints", "tensorboard", "progress", "compile", "cuda_graphs", "eval_every", "device",
                             "blr", "lr", "min_lr", "grad_clip"})
 
 
@@ -61,6 +61,8 @@ class PretrainConfig:
     device: str = "auto"                        # auto | cpu | cuda | cuda:N
     precision: str = "auto"                     # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
+    cuda_graphs: bool = False                   # bucketed batch shapes + one CUDA graph per shape (graphs.py):
+                                                # removes the launch overhead that bounds small-batch steps
     cpu_threads: int = 0                        # torch intra-op threads; 0 = torch's default. Tiny ops run
                                                 # fastest on one thread (no sync), and it keeps CPU results exact
     num_workers: int = 2
@@ -83,6 +85,8 @@ class PretrainConfig:
             raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs (got {self.epochs}, {self.warmup_epochs})")
         if min(self.log_every, self.ckpt_every, self.keep_checkpoints) < 1 or min(self.max_steps, self.eval_every) < 0:
             raise ValueError("log_every, ckpt_every and keep_checkpoints must be >= 1; max_steps, eval_every >= 0")
+        if self.compile and self.cuda_graphs:
+            raise ValueError("compile and cuda_graphs are alternatives (both cut launch overhead); choose one")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of model config overrides, got {self.model!r}")
 

@@ -233,3 +233,20 @@ def test_half_written_checkpoints_of_killed_runs_are_removed(store, reference_ru
     assert r.returncode == 0, r.stderr
     assert not stale.exists()
     assert curve(run) == curve(reference_run)[:20]
+
+
+def test_cuda_graphs_flag_on_cpu_runs_bucketed_batches_and_tracks_the_reference(store, reference_run):
+    """--cuda-graphs pads every batch to a bucketed shape (on CPU the step runs eagerly, with a warning):
+    padding must not change the training: the loss curve follows the unpadded reference run up to
+    float rounding (padded matmuls sum in another order)."""
+    run = store.parent / "graphs"
+    steps = 30
+    r = lvmae("pretrain", *COMMON, "--store", store, "--out", run, "--max-steps", steps, "--cuda-graphs")
+    assert r.returncode == 0, r.stderr
+    assert "running the same shape-bucketed step eagerly" in r.stderr
+    got, ref = curve(run), curve(reference_run)[:steps]
+    assert [s for s, _, _ in got] == [s for s, _, _ in ref]
+    np.testing.assert_allclose([l for _, l, _ in got], [l for _, l, _ in ref], rtol=1e-4)
+    assert tc.resolve([("config.yaml", tc.load_yaml(run / "config.yaml"))]).cuda_graphs is True
+    with pytest.raises(ValueError, match="choose one"):
+        tc.PretrainConfig(compile=True, cuda_graphs=True)

@@ -1,0 +1,173 @@
+"""Shape buckets and the graphed train step: padding must change nothing but shapes.
+
+The reference is the plain eager step on the unpadded batch (itself tested against the naive model in
+test_model.py). CPU runs the graph step's static-buffer path with capture=False; the capture itself is
+checked in the gpu-marked tests."""
+import pytest
+import torch
+
+from lvmae_fast.buckets import bucket_size, pad_to_bucket, shape_key
+from lvmae_fast.graphs import GraphedTrainStep
+from lvmae_fast.masking import build_masked_batch
+from lvmae_fast.model import LVMAE, LVMAEConfig
+from lvmae_fast.packing import pack_sequences
+
+IN_DIM = 24
+
+
+def make_batch(lengths, seed, ratio=0.5, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.nn.functional.normalize(torch.randn(n, IN_DIM, generator=g, dtype=dtype), dim=-1) for n in lengths]
+    x, cu, lens = pack_sequences(seqs)
+    return build_masked_batch(x, cu, lens, "random", ratio, generator=g)
+
+
+def make_model(dtype=torch.float64, **overrides):
+    torch.manual_seed(0)
+    cfg = LVMAEConfig.from_preset("tiny", in_dim=IN_DIM, kernels="torch", attn_impl="sdpa", **overrides)
+    return LVMAE(cfg).to(dtype)
+
+
+def eager_loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(batch)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("n, expected", [(1, 16), (16, 16), (17, 32), (100, 112), (128, 128), (129, 144),
+                                         (1032, 1152), (2049, 2304)])
+def test_bucket_size_hand_values(n, expected):
+    # Steps: 16 below 256 (min bucket), then 2^floor(log2 n) / 8: 1032 -> step 128, 2049 -> step 256.
+    assert bucket_size(n) == expected
+
+
+def test_bucket_sizes_are_few_and_tight():
+    sizes = {bucket_size(n) for n in range(1, 5000)}
+    assert all(bucket_size(n) >= n and bucket_size(n) - n < max(16, n / 8) for n in range(1, 5000))
+    assert len(sizes) < 60  # vs 4999 distinct raw sizes
+
+
+@pytest.mark.parametrize("lengths", [[1, 2, 7, 300, 33], [5], [40, 41, 39]])
+def test_padded_batch_keeps_real_rows_and_isolates_the_dummy(lengths):
+    batch = make_batch(lengths, seed=1)
+    padded = pad_to_bucket(batch)
+    T, B = batch.num_tokens, len(lengths)
+    B_, Tv, Tm, enc_max, dec_max = shape_key(padded)
+    assert (B_, Tv, Tm) == (B + 1, bucket_size(batch.visible_rows.numel() + 1), bucket_size(batch.masked_rows.numel()))
+    assert enc_max >= max(padded.enc_cu_seqlens.diff()) and dec_max >= max(padded.dec_cu_seqlens.diff())
+    assert padded.num_videos == B and padded.num_tokens == T and padded.max_seqlen == max(lengths)
+    # Real rows, mask and stream boundaries are untouched; the dummy rows are zeros after them.
+    torch.testing.assert_close(padded.x[:T], batch.x, rtol=0, atol=0)
+    assert torch.equal(padded.masked[:T], batch.masked)
+    assert torch.equal(padded.enc_cu_seqlens[: B + 1], batch.enc_cu_seqlens)
+    assert torch.equal(padded.dec_cu_seqlens[: B + 1], batch.dec_cu_seqlens)
+    assert not padded.x[T:].any()
+    # Weights: 1/Tm on each real masked row, 0 on the dummy's.
+    real_tm = batch.masked_rows.numel()
+    assert torch.equal(padded.masked_rows[:real_tm], batch.masked_rows)
+    torch.testing.assert_close(padded.row_weights[:real_tm].double(), torch.full((real_tm,), 1.0 / real_tm, dtype=torch.float64))
+    assert not padded.row_weights[real_tm:].any()
+    # Positions stay inside the table the real videos need.
+    assert int(padded.enc_pos.max()) <= max(lengths) and int(padded.dec_pos.max()) <= max(lengths)
+    with pytest.raises(ValueError, match="already padded"):
+        pad_to_bucket(padded)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cosine"])
+def test_padded_batch_gives_the_unpadded_loss_and_gradients(loss):
+    model = make_model(loss=loss)
+    batch = make_batch([1, 2, 7, 300, 33], seed=2)
+    ref_loss, ref_grads = eager_loss_and_grads(model, batch)
+    pad_loss, pad_grads = eager_loss_and_grads(model, pad_to_bucket(batch))
+    torch.testing.assert_close(pad_loss, ref_loss, rtol=1e-12, atol=1e-14)
+    for k in ref_grads:
+        torch.testing.assert_close(pad_grads[k], ref_grads[k], rtol=1e-10, atol=1e-13, msg=f"grad of {k}")
+
+
+def test_padded_dummy_content_cannot_leak():
+    """Garbage in the dummy rows must not move the loss or any gradient (attention is per video)."""
+    model = make_model()
+    padded = pad_to_bucket(make_batch([9, 30, 4], seed=3))
+    ref_loss, ref_grads = eager_loss_and_grads(model, padded)
+    T = padded.num_tokens
+    padded.x[T:] = torch.randn_like(padded.x[T:]) * 100
+    loss, grads = eager_loss_and_grads(model, padded)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-10, atol=1e-13, msg=f"grad of {k}")
+
+
+def test_graph_step_static_path_matches_eager_steps():
+    """Two shapes, interleaved: each step's loss and gradients equal the eager unpadded step's, the
+    static buffers are reused per shape, and .grad memory never moves (captured backward relies on it)."""
+    model = make_model()
+    step = GraphedTrainStep(model, capture=False)
+    batches = [make_batch([5, 9, 12], seed=s) for s in (10, 11)] + [make_batch([60, 70, 3, 2], seed=s) for s in (12, 13)]
+    grad_ptrs = None
+    for batch in [batches[0], batches[2], batches[1], batches[3], batches[0]]:
+        ref_loss, ref_grads = eager_loss_and_grads(model, batch)
+        model.zero_grad(set_to_none=True)  # what the trainer does after optimizer.step()
+        loss = step(pad_to_bucket(batch))
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-10, atol=1e-13, msg=f"grad of {k}")
+        ptrs = [p.grad.data_ptr() for p in model.parameters()]
+        assert grad_ptrs is None or ptrs == grad_ptrs
+        grad_ptrs = ptrs
+    assert len(step.buckets) == 2 and step.eager_steps == 0
+
+
+def test_backward_accumulates_into_an_existing_grad_in_place():
+    """The contract captured backward relies on: a defined .grad is added into, not replaced."""
+    model = make_model()
+    batch = make_batch([6, 8], seed=4)
+    grads = [torch.zeros_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    model(batch).backward()
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_graph_step_beyond_max_graphs_runs_eagerly_and_stays_correct():
+    model = make_model()
+    step = GraphedTrainStep(model, capture=False, max_graphs=1)
+    first, second = make_batch([5, 9], seed=20), make_batch([80, 90, 100], seed=21)
+    step(pad_to_bucket(first))
+    ref_loss, ref_grads = eager_loss_and_grads(model, second)
+    loss = step(pad_to_bucket(second))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    assert step.eager_steps == 1 and len(step.buckets) == 1
+
+
+def test_graph_step_refuses_unpadded_batches_and_capture_on_cpu():
+    model = make_model()
+    with pytest.raises(ValueError, match="shape-bucketed"):
+        GraphedTrainStep(model, capture=False)(make_batch([4], seed=0))
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        GraphedTrainStep(model, capture=True)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replays_match_eager_steps_in_any_order():
+    """Captured graphs (shared pool, bf16 autocast) vs eager steps on the same padded batches, replayed
+    out of capture order: A, B, A, C, B."""
+    torch.manual_seed(0)
+    cfg = LVMAEConfig.from_preset("tiny", in_dim=IN_DIM, kernels="auto", attn_impl="auto")
+    model = LVMAE(cfg).cuda()
+    step = GraphedTrainStep(model, autocast_dtype=torch.bfloat16)
+    shapes = {"A": [5, 9, 12], "B": [60, 70, 3, 2], "C": [200, 1, 150]}
+    for name, seed in [("A", 0), ("B", 1), ("A", 2), ("C", 3), ("B", 4)]:
+        padded = pad_to_bucket(make_batch(shapes[name], seed=seed, dtype=torch.float32))
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = model(padded.to("cuda"))
+        ref.backward()
+        ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        loss = step(padded)
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-3, atol=1e-5)
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[k], rtol=2e-2, atol=1e-4, msg=f"grad of {k}")
+    assert len(step.buckets) == 3 and all(b.graph is not None for b in step.buckets.values())
