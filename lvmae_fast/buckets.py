@@ -1,14 +1,15 @@
 """Shape buckets for packed batches: pad a PackedBatch so that batches of similar size share one shape.
 
 A CUDA graph replays fixed shapes, but packed batches change size every step (ragged crops, ragged
-masks). Rounding the visible and masked token counts up to a few sizes per octave makes a handful of
-shapes cover a whole run. The padding is one extra *dummy video* appended after the real ones:
-- it is a sequence of its own in both varlen streams, so attention never mixes it with real tokens;
-- its masked rows get loss weight 0 and every real masked row 1/Tm, so the loss (and therefore every
-  gradient) equals the unpadded batch's: the dummy's outputs receive zero gradient, and nothing else
+masks, and with token budgets a varying video count). Rounding the visible and masked token counts
+up to a few sizes per octave, and the video count to a power of two, makes a handful of shapes cover
+a whole run. The padding is made of *dummy videos* appended after the real ones:
+- each is a sequence of its own in both varlen streams, so attention never mixes it with real tokens;
+- their masked rows get loss weight 0 and every real masked row 1/Tm, so the loss (and therefore
+  every gradient) equals the unpadded batch's: dummy outputs receive zero gradient, and nothing else
   depends on them;
-- its rows are zero vectors, so nothing non-finite can enter (0 * NaN would poison the sum).
-max_seqlen of each stream is rounded up too (an upper bound is all the varlen kernels need).
+- their rows are zero vectors, so nothing non-finite can enter (0 * NaN would poison the sum).
+max_seqlen of each stream is rounded up to a power of two (an upper bound is all varlen kernels need).
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from dataclasses import replace
 
 import torch
 
-from .packing import PackedBatch
+from .packing import PackedBatch, cu_seqlens_from_lengths
 
 BUCKETS_PER_OCTAVE = 8      # worst-case padding 1/8 of the tokens; ~6% on average
 MIN_BUCKET = 16
-SEQLEN_MULTIPLE = 64
+MIN_SEQLEN_BUCKET = 64
 
 
 def bucket_size(n: int, per_octave: int = BUCKETS_PER_OCTAVE, minimum: int = MIN_BUCKET) -> int:
@@ -31,8 +32,8 @@ def bucket_size(n: int, per_octave: int = BUCKETS_PER_OCTAVE, minimum: int = MIN
     return -(-n // step) * step
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def next_power_of_two(n: int, minimum: int = MIN_SEQLEN_BUCKET) -> int:
+    return max(minimum, 1 << (n - 1).bit_length())
 
 
 def shape_key(batch: PackedBatch) -> tuple[int, ...]:
@@ -41,33 +42,48 @@ def shape_key(batch: PackedBatch) -> tuple[int, ...]:
             batch.enc_max_seqlen, batch.dec_max_seqlen)
 
 
-def pad_to_bucket(batch: PackedBatch, per_octave: int = BUCKETS_PER_OCTAVE) -> PackedBatch:
-    """The same batch plus one dummy video, sized so that (visible, masked) rows land on bucket sizes.
+def pad_to_bucket(batch: PackedBatch, per_octave: int = BUCKETS_PER_OCTAVE, min_seqlen: int = 0) -> PackedBatch:
+    """The same batch plus dummy videos, sized so that the video count lands on a power of two and the
+    (visible, masked) row counts on bucket sizes.
 
-    The dummy always has >= 1 visible row (the encoder needs one per video), so a batch's visible
-    count is bucketed from Tv + 1. Works on CPU (DataLoader workers) and CUDA alike; the returned
-    batch carries row_weights and padding_videos=1."""
+    Dummy videos cost almost nothing (a handful of rows each), so the video count, which varies a lot
+    with token-budget batches, is rounded up to the next power of two above it; the padding rows are
+    spread evenly over the dummies (each has >= 1 visible row, as the encoder needs), so no dummy
+    outgrows the real videos and moves max_seqlen. min_seqlen: a floor for both streams' max_seqlen
+    (the sampler passes its crop cap + 1, so that part of the shape never changes). Works on CPU
+    (DataLoader workers) and CUDA alike; the result carries row_weights and padding_videos."""
     if batch.padding_videos:
         raise ValueError("batch is already padded")
     lengths = list(batch.lengths)
-    Tv, Tm = int(batch.visible_rows.shape[0]), int(batch.masked_rows.shape[0])
-    pad_visible = bucket_size(Tv + 1, per_octave) - Tv
+    B, Tv, Tm = len(lengths), int(batch.visible_rows.shape[0]), int(batch.masked_rows.shape[0])
+    num_dummies = (1 << B.bit_length()) - B               # next power of two above B, minus B (>= 1)
+    pad_visible = bucket_size(Tv + num_dummies, per_octave) - Tv
     pad_masked = bucket_size(Tm, per_octave) - Tm
-    pad_rows = pad_visible + pad_masked
-    x = torch.cat([batch.x, batch.x.new_zeros(pad_rows, batch.x.shape[1])])
-    masked = torch.cat([batch.masked, torch.arange(pad_rows, device=batch.x.device) >= pad_visible])
+    dummy_visible, dummy_masked = _spread(pad_visible, num_dummies), _spread(pad_masked, num_dummies)
+    dummy_lengths = [v + m for v, m in zip(dummy_visible, dummy_masked)]
+    device = batch.x.device
+    x = torch.cat([batch.x, batch.x.new_zeros(pad_visible + pad_masked, batch.x.shape[1])])
+    # Each dummy's rows: its visible rows first, then its masked rows.
+    pattern = [m for v, n in zip(dummy_visible, dummy_masked) for m in [False] * v + [True] * n]
+    masked = torch.cat([batch.masked, torch.tensor(pattern, dtype=torch.bool, device=device)])
     enc_lengths = (batch.enc_cu_seqlens[1:] - batch.enc_cu_seqlens[:-1]).tolist()  # CLS + visible per video
-    keep = [e - 1 for e in enc_lengths] + [pad_visible]
-    all_lengths = lengths + [pad_rows]
-    cu = torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1:] + pad_rows])
-    padded = PackedBatch.from_mask(x, cu, all_lengths, masked, keep=keep)
-    weights = torch.zeros(Tm + pad_masked, dtype=batch.x.dtype, device=batch.x.device)  # x: fp32 (or fp64 in tests)
+    keep = [e - 1 for e in enc_lengths] + dummy_visible
+    cu = torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1] + cu_seqlens_from_lengths(dummy_lengths, device)[1:]])
+    padded = PackedBatch.from_mask(x, cu, lengths + dummy_lengths, masked, keep=keep)
+    weights = torch.zeros(Tm + pad_masked, dtype=batch.x.dtype, device=device)  # x: fp32 (or fp64 in tests)
     weights[:Tm] = 1.0 / Tm if Tm else 0.0
     # Dummy positions may run past the positional table; real ones never exceed the longest real video.
     real_max = max(lengths)
     return replace(padded, max_seqlen=real_max,
                    enc_pos=padded.enc_pos.clamp_max(real_max), dec_pos=padded.dec_pos.clamp_max(real_max),
-                   enc_max_seqlen=round_up(padded.enc_max_seqlen, SEQLEN_MULTIPLE),
-                   dec_max_seqlen=round_up(padded.dec_max_seqlen, SEQLEN_MULTIPLE),
-                   row_weights=weights, padding_videos=1)
+                   # max_seqlen only sizes the attention grid (blocks past a sequence's end exit at once),
+                   # so a coarse power-of-two bound costs little and keeps the number of shapes down.
+                   enc_max_seqlen=next_power_of_two(max(padded.enc_max_seqlen, min_seqlen)),
+                   dec_max_seqlen=next_power_of_two(max(padded.dec_max_seqlen, min_seqlen)),
+                   row_weights=weights, padding_videos=num_dummies)
 
+
+def _spread(total: int, parts: int) -> list[int]:
+    """total split into `parts` near-equal counts, larger ones first."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]

@@ -56,7 +56,7 @@ class GraphedTrainStep:
     in each parameter's `.grad` for an eager optimizer step. The returned loss is a fresh tensor."""
 
     def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
-                 capture: bool | None = None, max_graphs: int = 32, warmup_iters: int = 1):
+                 capture: bool | None = None, max_graphs: int = 64, warmup_iters: int = 1):
         self.model = model
         self.device = next(model.parameters()).device
         self.capture = self.device.type == "cuda" if capture is None else capture

@@ -153,7 +153,7 @@ class CropBatches(Dataset):
         batch = build_masked_batch(x_Td, cu_seqlens_from_lengths(lengths), lengths, self.cfg.masking,
                                    self.cfg.mask_ratio, generator=generator, kernels="torch")
         if self.cfg.pad_to_buckets:
-            batch = pad_to_bucket(batch)
+            batch = pad_to_bucket(batch, min_seqlen=self.cfg.max_len + 1)  # + 1: the CLS token
         return share_storages(batch)
 
 

@@ -54,7 +54,9 @@ def test_padded_batch_keeps_real_rows_and_isolates_the_dummy(lengths):
     padded = pad_to_bucket(batch)
     T, B = batch.num_tokens, len(lengths)
     B_, Tv, Tm, enc_max, dec_max = shape_key(padded)
-    assert (B_, Tv, Tm) == (B + 1, bucket_size(batch.visible_rows.numel() + 1), bucket_size(batch.masked_rows.numel()))
+    B_pad = {1: 2, 3: 4, 5: 8}[B]  # the next power of two above B: at least one dummy video
+    assert padded.padding_videos == B_pad - B
+    assert (B_, Tv, Tm) == (B_pad, bucket_size(batch.visible_rows.numel() + B_pad - B), bucket_size(batch.masked_rows.numel()))
     assert enc_max >= max(padded.enc_cu_seqlens.diff()) and dec_max >= max(padded.dec_cu_seqlens.diff())
     assert padded.num_videos == B and padded.num_tokens == T and padded.max_seqlen == max(lengths)
     # Real rows, mask and stream boundaries are untouched; the dummy rows are zeros after them.
@@ -72,6 +74,24 @@ def test_padded_batch_keeps_real_rows_and_isolates_the_dummy(lengths):
     assert int(padded.enc_pos.max()) <= max(lengths) and int(padded.dec_pos.max()) <= max(lengths)
     with pytest.raises(ValueError, match="already padded"):
         pad_to_bucket(padded)
+
+
+def test_varying_video_counts_share_few_shapes():
+    """Token-budget batches: ~the same tokens spread over 9..30 videos fall into a few shapes."""
+    keys = set()
+    for i, b in enumerate(range(9, 31)):
+        lengths = [600 // b + (k < 600 % b) for k in range(b)]
+        keys.add(shape_key(pad_to_bucket(make_batch(lengths, seed=i))))
+    assert len(keys) <= 4, keys
+
+
+def test_seqlen_floor_and_even_dummies():
+    batch = make_batch([30, 2, 17, 9, 40, 3], seed=5)
+    padded = pad_to_bucket(batch, min_seqlen=257)
+    assert shape_key(padded)[3:] == (512, 512)  # next power of two over the floor, whatever the crops
+    dummies = padded.lengths[6:]
+    assert len(dummies) == 2 and max(dummies) - min(dummies) <= 2  # padding spread over the dummies
+    assert shape_key(pad_to_bucket(batch))[3:] == (64, 64)  # without a floor: from the real lengths
 
 
 @pytest.mark.parametrize("loss", ["mse", "cosine"])
