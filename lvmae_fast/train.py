@@ -14,7 +14,7 @@ Run directory (RUN = --out)::
 A checkpoint directory is built under a temp name and renamed into place, then `latest` is replaced
 (temp + rename), then the model files are linked into RUN; a kill at any point leaves the previous
 checkpoint intact. Checkpoints are written every ckpt_every steps, at the end, on SIGINT/SIGTERM and on a
-non-finite loss. Resume is exact: the sampler is a pure function of (seed, epoch, batch index), the lr
+non-finite loss (or gradient norm, when clipping computes it). Resume is exact: the sampler is a pure function of (seed, epoch, batch index), the lr
 of (epoch, batch index), and model/optimizer/RNG state is restored bit for bit, so an interrupted and
 resumed run logs the same losses as an uninterrupted one. metrics.jsonl lines written after the
 checkpoint a run resumes from are dropped (they are recomputed).
@@ -177,19 +177,18 @@ def plot_loss(run: Path) -> Path | None:
 
 
 class Throughput:
-    """Tokens/s and samples/s since the last report (synchronising CUDA first, so the numbers are real)."""
+    """Tokens/s and samples/s since the last report. Steps are counted when their loss has been read
+    back, i.e. once the device has finished them, so no extra synchronisation is needed."""
 
-    def __init__(self, sync=None):
-        self.sync, self.start = sync, time.perf_counter()
+    def __init__(self):
+        self.start = time.perf_counter()
         self.t, self.tokens, self.samples = self.start, 0, 0
 
-    def add(self, batch) -> None:
-        self.tokens += batch.num_tokens
-        self.samples += batch.num_videos
+    def add(self, tokens: int, samples: int) -> None:
+        self.tokens += tokens
+        self.samples += samples
 
     def rates(self) -> dict:
-        if self.sync is not None:
-            self.sync()
         now = time.perf_counter()
         elapsed = max(now - self.t, 1e-9)
         rates = {"tokens_per_s": round(self.tokens / elapsed, 1), "samples_per_s": round(self.samples / elapsed, 2),
@@ -314,8 +313,9 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
     model.to(device).train()
     effective_batch = sampler.mean_videos_per_batch()
     base_lr = cfg.lr or cfg.blr * effective_batch / 256
+    # Fused on every device: its found_inf input lets a non-finite step be skipped without a host sync.
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=base_lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=device.type == "cuda")
+                                  fused=True)
     progress = {"step": 0, "epoch": 0, "batch": 0}
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -353,10 +353,50 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
     bar = tqdm(total=total_steps, initial=progress["step"], unit="step", dynamic_ncols=True, disable=not cfg.progress,
                file=sys.stderr)
     stop, exit_code = StopFlag(), 0
-    meter = Throughput(sync=torch.cuda.synchronize if device.type == "cuda" else None)
+    meter = Throughput()
 
     def checkpoint():
         return save_checkpoint(out, model, optimizer, progress, cfg, store.fingerprint)
+
+    # The host never waits for the step it just queued: step k's loss is read back while step k+1's
+    # forward/backward runs, and before step k+1's optimizer update is queued. A non-finite step is
+    # caught without a sync too: its optimizer update is skipped on the device (fused AdamW's found_inf,
+    # the GradScaler mechanism), so when the host sees it the parameters are still those before it.
+    pending: dict | None = None
+
+    def settle(metrics) -> bool:
+        """Read back the pending step, count it, log / evaluate / checkpoint when due. False (after
+        saving the state before it) when its loss or gradient norm was non-finite."""
+        nonlocal pending, exit_code
+        done, pending = pending, None
+        loss_value = float(done["loss"])
+        grad_norm = float(done["grad_norm"]) if done["grad_norm"] is not None else None
+        if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            path = checkpoint()  # the skipped update left the parameters as they were before this step
+            what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
+            msg = (f"non-finite {what} at step {progress['step'] + 1} (epoch {done['epoch']}, batch {done['batch']}). "
+                   f"Saved the state before this step to {path}. Try a lower lr (--set blr=...), gradient "
+                   f"clipping (--set grad_clip=1.0), or check the data with `lvmae store verify {cfg.store}`; "
+                   f"then continue with --resume.")
+            log.error(msg)
+            print(f"lvmae pretrain: error: {msg}", file=sys.stderr)
+            exit_code = EXIT_NONFINITE
+            return False
+        progress.update(step=progress["step"] + 1, epoch=done["epoch"], batch=done["batch"] + 1)
+        step = progress["step"]
+        meter.add(done["tokens"], done["videos"])
+        bar.update(1)
+        val_loss = None
+        if val_sampler is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
+        if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
+            record = {"step": step, "epoch": done["epoch"], "loss": loss_value, "lr": done["lr"], **meter.rates()}
+            record.update({k: v for k, v in (("grad_norm", grad_norm), ("val_loss", val_loss)) if v is not None})
+            log_metrics(record, metrics, tb)
+            bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        if step % cfg.ckpt_every == 0:
+            checkpoint()
+        return True
 
     with stop.installed(), open(metrics_path, "a") as metrics:
         epoch = progress["epoch"]
@@ -366,6 +406,8 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
                                     prefetch_factor=cfg.prefetch_factor)
             batches = iter(loader)
             for i in range(progress["batch"], num_batches):
+                if stop.signum is not None or progress["step"] + (pending is not None) >= total_steps:
+                    break
                 try:
                     batch = next(batches)
                 except RuntimeError:
@@ -373,50 +415,29 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
                         break
                     raise
                 lr = lr_at(epoch + i / num_batches, base_lr, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 if graphed_step is not None:  # forward + backward (one graph replay on CUDA)
                     loss = graphed_step(batch)
                 else:
                     batch = batch.to(device, non_blocking=pin)
                     with autocast():
                         loss = model(batch)
-                    # Launch backward before reading the loss back: the host sync then overlaps the backward's
-                    # GPU work instead of idling the launch-bound host. Parameters are unchanged until step().
                     loss.backward()
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    path = checkpoint()  # parameters are still those before this step
-                    msg = (f"non-finite loss ({loss_value}) at step {progress['step'] + 1} (epoch {epoch}, batch {i}). "
-                           f"Saved the state before this step to {path}. Try a lower lr (--set blr=...), gradient "
-                           f"clipping (--set grad_clip=1.0), or check the data with `lvmae store verify {cfg.store}`; "
-                           f"then continue with --resume.")
-                    log.error(msg)
-                    print(f"lvmae pretrain: error: {msg}", file=sys.stderr)
-                    exit_code = EXIT_NONFINITE
+                if pending is not None and not settle(metrics):
                     break
-                grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = loss.detach()
+                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                              if cfg.grad_clip > 0 else None)
+                bad = ~torch.isfinite(loss) if grad_norm is None else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+                optimizer.found_inf = bad.to(torch.float32)  # 0-dim: fused AdamW skips the update when 1
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                progress.update(step=progress["step"] + 1, batch=i + 1)
-                step = progress["step"]
-                meter.add(batch)
-                bar.update(1)
-
-                val_loss = None
-                if val_sampler is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                    val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
-                if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
-                    record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, **meter.rates()}
-                    record.update({k: v for k, v in (("grad_norm", grad_norm), ("val_loss", val_loss)) if v is not None})
-                    log_metrics(record, metrics, tb)
-                    bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-                if step % cfg.ckpt_every == 0:
-                    checkpoint()
-                if stop.signum is not None or step >= total_steps:
-                    break
+                pending = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "epoch": epoch, "batch": i,
+                           "tokens": batch.num_tokens, "videos": batch.num_videos}
             del batches, loader
+            if exit_code == 0 and pending is not None:
+                settle(metrics)
             if exit_code or stop.signum is not None or progress["step"] >= total_steps:
                 break
             epoch += 1

@@ -18,7 +18,7 @@ from lvmae_fast.cli import build_parser
 from lvmae_fast.model import LVMAE
 from lvmae_fast.store import StoreWriter
 from lvmae_fast.synthetic import synthetic_corpus
-from lvmae_fast.train import config_from_args, lr_at, pretrain, read_metrics
+from lvmae_fast.train import config_from_args, load_train_state, lr_at, pretrain, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 300
@@ -193,22 +193,49 @@ def test_bad_stores_are_refused_or_skipped(tmp_path, restore_threads):
         pretrain(tc.resolve([("t", {**cfg, "store": str(tmp_path / "missing"), "out": str(tmp_path / "r3")})]))
 
 
-def test_nonfinite_loss_stops_with_a_checkpoint(store, tmp_path, monkeypatch, capsys, restore_threads):
+class _NanGrad(torch.autograd.Function):
+    """Identity forward (the loss stays finite), NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_nonfinite_step_stops_with_the_state_before_it(store, tmp_path, monkeypatch, capsys, restore_threads, poison):
+    """The 3rd step goes non-finite. Its loss is read back only after the 4th step's forward/backward
+    is queued and its optimizer update was gated on the device, so the saved state must still be
+    exactly the state after step 2: same weights and optimizer moments as a clean 2-step run."""
+    cfg = {"preset": "tiny", "store": str(store), "max_steps": 10, "progress": False, "tensorboard": False,
+           "grad_clip": 1.0 if poison == "gradient" else 0.0}
+    clean = tmp_path / "clean"
+    assert pretrain(tc.resolve([("t", {**cfg, "out": str(clean), "max_steps": 2})])) == 0
+
     real_forward, calls = LVMAE.forward, []
 
     def forward(self, batch):
         calls.append(1)
         loss = real_forward(self, batch)
-        return loss * float("nan") if len(calls) == 3 else loss
+        if len(calls) != 3:
+            return loss
+        return loss * float("nan") if poison == "loss" else _NanGrad.apply(loss)
 
     monkeypatch.setattr(LVMAE, "forward", forward)
     out = tmp_path / "nan"
-    code = pretrain(tc.resolve([("t", {"preset": "tiny", "store": str(store), "out": str(out), "max_steps": 10,
-                                       "progress": False, "tensorboard": False})]))
+    code = pretrain(tc.resolve([("t", {**cfg, "out": str(out)})]))
     assert code == 3
-    assert "non-finite loss" in capsys.readouterr().err
+    assert f"non-finite {'loss' if poison == 'loss' else 'gradient norm'}" in capsys.readouterr().err
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    saved, ref = out / "checkpoints" / "step-00000002", clean / "checkpoints" / "step-00000002"
+    weights, ref_weights = load_file(str(saved / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+    opt, ref_opt = load_train_state(saved)["optimizer"]["state"], load_train_state(ref)["optimizer"]["state"]
+    assert all(torch.equal(opt[i][k], ref_opt[i][k]) for i in ref_opt for k in ref_opt[i])
     assert LVMAE.from_pretrained(out).config.in_dim == 32
 
 
