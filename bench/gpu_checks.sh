@@ -22,7 +22,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
                   --steps 40 --warmup 5 --num-workers 4 --json-out "$OUT/pretrain_data.json" 2>&1 | grep -E '^\||rate|error' ;
                 timeout 150 python3 -m lvmae_fast demo --source embeddings --out /tmp/gpu_demo --overwrite --no-progress \
                   --epochs 20 2>&1 | grep -E 'device|\[|error|Error' ;;
-      graphs)   timeout 120 python3 -m pytest -q -m gpu tests/test_graphs.py -p no:cacheprovider 2>&1 | tail -15 ;
+      graphs)   timeout 150 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_train.py -p no:cacheprovider 2>&1 | tail -15 ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,64 --steps 30 --warmup 10 \
                   --long-len 0 --cuda-graphs --json "$OUT/pretrain_graphs.json" 2>&1 | grep -E '^\||rror' ;
                 timeout 150 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \

@@ -20,6 +20,7 @@ import torch
 from .packing import PackedBatch, cu_seqlens_from_lengths
 
 BUCKETS_PER_OCTAVE = 8      # worst-case padding 1/8 of the tokens; ~6% on average
+VIDEO_BUCKETS_PER_OCTAVE = 4  # video counts: at most B/4 + 1 dummies (cheap rows, but the sdpa path pays B*S^2)
 MIN_BUCKET = 16
 MIN_SEQLEN_BUCKET = 64
 
@@ -32,8 +33,9 @@ def bucket_size(n: int, per_octave: int = BUCKETS_PER_OCTAVE, minimum: int = MIN
     return -(-n // step) * step
 
 
-def next_power_of_two(n: int, minimum: int = MIN_SEQLEN_BUCKET) -> int:
-    return max(minimum, 1 << (n - 1).bit_length())
+def seqlen_bucket(n: int, floor: int = 0) -> int:
+    """The floor when n fits under it, else the next power of two >= n (at least MIN_SEQLEN_BUCKET)."""
+    return floor if n <= floor else max(MIN_SEQLEN_BUCKET, 1 << (n - 1).bit_length())
 
 
 def shape_key(batch: PackedBatch) -> tuple[int, ...]:
@@ -46,17 +48,18 @@ def pad_to_bucket(batch: PackedBatch, per_octave: int = BUCKETS_PER_OCTAVE, min_
     """The same batch plus dummy videos, sized so that the video count lands on a power of two and the
     (visible, masked) row counts on bucket sizes.
 
-    Dummy videos cost almost nothing (a handful of rows each), so the video count, which varies a lot
-    with token-budget batches, is rounded up to the next power of two above it; the padding rows are
-    spread evenly over the dummies (each has >= 1 visible row, as the encoder needs), so no dummy
-    outgrows the real videos and moves max_seqlen. min_seqlen: a floor for both streams' max_seqlen
-    (the sampler passes its crop cap + 1, so that part of the shape never changes). Works on CPU
-    (DataLoader workers) and CUDA alike; the result carries row_weights and padding_videos."""
+    The video count, which varies a lot with token-budget batches, is rounded up to 4 sizes per
+    octave (at least one dummy is always added, to hold the padding rows); the padding rows are
+    spread evenly over the dummies (each has >= 1 visible row, as the encoder needs), so that dummies
+    rarely set max_seqlen. Each stream's max_seqlen becomes min_seqlen when it fits, else a power of two; the
+    sampler passes its crop cap + 1 as min_seqlen, so that part of the shape stays fixed without
+    inflating it. Works on CPU (DataLoader workers) and CUDA alike; the result carries row_weights
+    and padding_videos."""
     if batch.padding_videos:
         raise ValueError("batch is already padded")
     lengths = list(batch.lengths)
     B, Tv, Tm = len(lengths), int(batch.visible_rows.shape[0]), int(batch.masked_rows.shape[0])
-    num_dummies = (1 << B.bit_length()) - B               # next power of two above B, minus B (>= 1)
+    num_dummies = bucket_size(B + 1, VIDEO_BUCKETS_PER_OCTAVE, minimum=1) - B   # >= 1
     pad_visible = bucket_size(Tv + num_dummies, per_octave) - Tv
     pad_masked = bucket_size(Tm, per_octave) - Tm
     dummy_visible, dummy_masked = _spread(pad_visible, num_dummies), _spread(pad_masked, num_dummies)
@@ -76,10 +79,10 @@ def pad_to_bucket(batch: PackedBatch, per_octave: int = BUCKETS_PER_OCTAVE, min_
     real_max = max(lengths)
     return replace(padded, max_seqlen=real_max,
                    enc_pos=padded.enc_pos.clamp_max(real_max), dec_pos=padded.dec_pos.clamp_max(real_max),
-                   # max_seqlen only sizes the attention grid (blocks past a sequence's end exit at once),
-                   # so a coarse power-of-two bound costs little and keeps the number of shapes down.
-                   enc_max_seqlen=next_power_of_two(max(padded.enc_max_seqlen, min_seqlen)),
-                   dec_max_seqlen=next_power_of_two(max(padded.dec_max_seqlen, min_seqlen)),
+                   # max_seqlen only sizes the varlen attention grid (blocks past a sequence's end exit
+                   # at once), so a coarse bound costs little there and keeps the number of shapes down.
+                   enc_max_seqlen=seqlen_bucket(padded.enc_max_seqlen, min_seqlen),
+                   dec_max_seqlen=seqlen_bucket(padded.dec_max_seqlen, min_seqlen),
                    row_weights=weights, padding_videos=num_dummies)
 
 

@@ -13,4 +13,9 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: CUDA is not available here")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        # Triton launches, CUDA-graph captures and replays use the *current* device: make it this one.
+        torch.cuda.set_device(device)
     return device

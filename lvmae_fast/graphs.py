@@ -88,7 +88,8 @@ class GraphedTrainStep:
         torch._foreach_zero_(self.grads)
         if bucket.graph is None:
             return self._forward_backward(bucket.static)
-        bucket.graph.replay()
+        with torch.cuda.device(self.device):  # a graph launches on the current device's current stream
+            bucket.graph.replay()
         return bucket.loss.clone()  # out of the shared pool before any other graph replays
 
     def _eager(self, batch: PackedBatch) -> torch.Tensor:
@@ -115,6 +116,12 @@ class GraphedTrainStep:
         return loss.detach()
 
     def _capture(self, bucket: _Bucket) -> None:
+        # Captures record the current device's current stream: on cuda:N with another current device
+        # nothing would be recorded (an empty graph, silently replaying nothing).
+        with torch.cuda.device(self.device):
+            self._capture_on_device(bucket)
+
+    def _capture_on_device(self, bucket: _Bucket) -> None:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -124,7 +131,8 @@ class GraphedTrainStep:
         graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader pin-memory thread allocating pinned buffers mid-capture must not
         # invalidate the capture ("global" mode errors on unsafe CUDA calls from any thread).
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(self.device),
+                              capture_error_mode="thread_local"):
             bucket.loss = self._forward_backward(bucket.static)
         if self.pool is None:
             self.pool = graph.pool()

@@ -5,7 +5,8 @@ Run directory (RUN = --out)::
     RUN/config.yaml                  resolved PretrainConfig (what --resume starts from)
     RUN/config.json, model.safetensors   latest model: LVMAE.from_pretrained(RUN)
     RUN/metrics.jsonl                one JSON object per logged step: step, epoch, loss, lr, tokens_per_s,
-                                     samples_per_s, time_s (+ val_loss at evaluation steps)
+                                     samples_per_s, time_s, grad_norm (before clipping; + val_loss at
+                                     evaluation steps)
     RUN/tb/                          TensorBoard events
     RUN/loss.png                     loss curve, drawn at the end
     RUN/checkpoints/step-XXXXXXXX/   config.json + model.safetensors + train_state.pt (optimizer, progress,
@@ -14,7 +15,7 @@ Run directory (RUN = --out)::
 A checkpoint directory is built under a temp name and renamed into place, then `latest` is replaced
 (temp + rename), then the model files are linked into RUN; a kill at any point leaves the previous
 checkpoint intact. Checkpoints are written every ckpt_every steps, at the end, on SIGINT/SIGTERM and on a
-non-finite loss (or gradient norm, when clipping computes it). Resume is exact: the sampler is a pure function of (seed, epoch, batch index), the lr
+non-finite loss or gradient norm. Resume is exact: the sampler is a pure function of (seed, epoch, batch index), the lr
 of (epoch, batch index), and model/optimizer/RNG state is restored bit for bit, so an interrupted and
 resumed run logs the same losses as an uninterrupted one. metrics.jsonl lines written after the
 checkpoint a run resumes from are dropped (they are recomputed).
@@ -174,6 +175,28 @@ def plot_loss(run: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class HostScalars:
+    """Device scalars on their way to the host: the copy is queued now (into pinned memory, behind an
+    event), so reading them later waits only for the work queued before it. (A plain .item() would
+    wait for everything queued on the stream since, e.g. the next step's forward/backward.)"""
+
+    def __init__(self, *scalars: torch.Tensor):
+        stacked = torch.stack([s.detach().float().reshape(()) for s in scalars])
+        self.event = None
+        if stacked.is_cuda:
+            self.host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            self.host.copy_(stacked, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = stacked
+
+    def values(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 class Throughput:
@@ -369,9 +392,8 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
         saving the state before it) when its loss or gradient norm was non-finite."""
         nonlocal pending, exit_code
         done, pending = pending, None
-        loss_value = float(done["loss"])
-        grad_norm = float(done["grad_norm"]) if done["grad_norm"] is not None else None
-        if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
+        loss_value, grad_norm = done["scalars"].values()
+        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
             path = checkpoint()  # the skipped update left the parameters as they were before this step
             what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
             msg = (f"non-finite {what} at step {progress['step'] + 1} (epoch {done['epoch']}, batch {done['batch']}). "
@@ -391,7 +413,9 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
             val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
         if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
             record = {"step": step, "epoch": done["epoch"], "loss": loss_value, "lr": done["lr"], **meter.rates()}
-            record.update({k: v for k, v in (("grad_norm", grad_norm), ("val_loss", val_loss)) if v is not None})
+            record["grad_norm"] = grad_norm
+            if val_loss is not None:
+                record["val_loss"] = val_loss
             log_metrics(record, metrics, tb)
             bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         if step % cfg.ckpt_every == 0:
@@ -427,13 +451,16 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss = loss.detach()
-                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                             if cfg.grad_clip > 0 else None)
-                bad = ~torch.isfinite(loss) if grad_norm is None else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+                if cfg.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:  # computed anyway: a finite loss can still come with non-finite gradients
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
                 optimizer.found_inf = bad.to(torch.float32)  # 0-dim: fused AdamW skips the update when 1
+                scalars = HostScalars(loss, grad_norm)        # queued before the update: no wait on it later
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                pending = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "epoch": epoch, "batch": i,
+                pending = {"scalars": scalars, "lr": lr, "epoch": epoch, "batch": i,
                            "tokens": batch.num_tokens, "videos": batch.num_videos}
             del batches, loader
             if exit_code == 0 and pending is not None:

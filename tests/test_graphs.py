@@ -54,7 +54,7 @@ def test_padded_batch_keeps_real_rows_and_isolates_the_dummy(lengths):
     padded = pad_to_bucket(batch)
     T, B = batch.num_tokens, len(lengths)
     B_, Tv, Tm, enc_max, dec_max = shape_key(padded)
-    B_pad = {1: 2, 3: 4, 5: 8}[B]  # the next power of two above B: at least one dummy video
+    B_pad = {1: 2, 3: 4, 5: 6}[B]  # video buckets: 4 per octave above B (at least one dummy video)
     assert padded.padding_videos == B_pad - B
     assert (B_, Tv, Tm) == (B_pad, bucket_size(batch.visible_rows.numel() + B_pad - B), bucket_size(batch.masked_rows.numel()))
     assert enc_max >= max(padded.enc_cu_seqlens.diff()) and dec_max >= max(padded.dec_cu_seqlens.diff())
@@ -77,21 +77,24 @@ def test_padded_batch_keeps_real_rows_and_isolates_the_dummy(lengths):
 
 
 def test_varying_video_counts_share_few_shapes():
-    """Token-budget batches: ~the same tokens spread over 9..30 videos fall into a few shapes."""
+    """Token-budget batches: ~the same tokens spread over 9..30 videos (22 counts) share 8 shapes."""
     keys = set()
     for i, b in enumerate(range(9, 31)):
         lengths = [600 // b + (k < 600 % b) for k in range(b)]
-        keys.add(shape_key(pad_to_bucket(make_batch(lengths, seed=i))))
-    assert len(keys) <= 4, keys
+        keys.add(shape_key(pad_to_bucket(make_batch(lengths, seed=i), min_seqlen=257)))
+    assert {k[0] for k in keys} == {10, 12, 14, 16, 20, 24, 28, 32}  # 4 video-count buckets per octave
+    assert len(keys) == 8, keys
 
 
 def test_seqlen_floor_and_even_dummies():
-    batch = make_batch([30, 2, 17, 9, 40, 3], seed=5)
+    batch = make_batch([30, 2, 17, 9, 40, 3, 5, 8], seed=5)
     padded = pad_to_bucket(batch, min_seqlen=257)
-    assert shape_key(padded)[3:] == (512, 512)  # next power of two over the floor, whatever the crops
-    dummies = padded.lengths[6:]
+    assert shape_key(padded)[3:] == (257, 257)  # the floor, whatever the crops, while they fit under it
+    dummies = padded.lengths[8:]
     assert len(dummies) == 2 and max(dummies) - min(dummies) <= 2  # padding spread over the dummies
-    assert shape_key(pad_to_bucket(batch))[3:] == (64, 64)  # without a floor: from the real lengths
+    assert shape_key(pad_to_bucket(batch))[3:] == (64, 64)  # no floor: a power of two >= the real lengths
+    # A 300-row crop: encoder stream (151) stays under the floor, decoder stream (301) goes to 512.
+    assert shape_key(pad_to_bucket(make_batch([300, 4], seed=6), min_seqlen=257))[3:] == (257, 512)
 
 
 @pytest.mark.parametrize("loss", ["mse", "cosine"])

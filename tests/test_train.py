@@ -211,7 +211,7 @@ def test_nonfinite_step_stops_with_the_state_before_it(store, tmp_path, monkeypa
     is queued and its optimizer update was gated on the device, so the saved state must still be
     exactly the state after step 2: same weights and optimizer moments as a clean 2-step run."""
     cfg = {"preset": "tiny", "store": str(store), "max_steps": 10, "progress": False, "tensorboard": False,
-           "grad_clip": 1.0 if poison == "gradient" else 0.0}
+           "grad_clip": 1.0 if poison == "loss" else 0.0}  # gradients are checked with or without clipping
     clean = tmp_path / "clean"
     assert pretrain(tc.resolve([("t", {**cfg, "out": str(clean), "max_steps": 2})])) == 0
 
@@ -277,3 +277,20 @@ def test_cuda_graphs_flag_on_cpu_runs_bucketed_batches_and_tracks_the_reference(
     assert tc.resolve([("config.yaml", tc.load_yaml(run / "config.yaml"))]).cuda_graphs is True
     with pytest.raises(ValueError, match="choose one"):
         tc.PretrainConfig(compile=True, cuda_graphs=True)
+
+
+@pytest.mark.gpu
+def test_gpu_host_scalars_and_graphed_pretraining_track_eager(store, tmp_path):
+    """On CUDA: the pinned, event-ordered readback returns the values; a --cuda-graphs run (captured
+    graphs, bf16) follows the eager run's loss curve."""
+    from lvmae_fast.train import HostScalars
+
+    values = HostScalars(torch.tensor(1.5, device="cuda"), torch.tensor(float("nan"), device="cuda")).values()
+    assert values[0] == 1.5 and math.isnan(values[1])
+    cfg = {"preset": "tiny", "store": str(store), "max_steps": 20, "progress": False, "tensorboard": False,
+           "device": "cuda", "num_workers": 1}
+    assert pretrain(tc.resolve([("t", {**cfg, "out": str(tmp_path / "eager")})])) == 0
+    assert pretrain(tc.resolve([("t", {**cfg, "out": str(tmp_path / "graphs"), "cuda_graphs": True})])) == 0
+    eager, graphs = curve(tmp_path / "eager"), curve(tmp_path / "graphs")
+    assert [s for s, _, _ in graphs] == [s for s, _, _ in eager] == list(range(1, 21))
+    np.testing.assert_allclose([v for _, v, _ in graphs], [v for _, v, _ in eager], rtol=3e-2)
