@@ -30,3 +30,14 @@ def test_data_bench_receives_its_own_flags(tmp_path):
           "--warmup", 1, "--num-workers", 0, "--cuda-graphs", "--json-out", out)
     result = json.loads(out.read_text())
     assert result["steps"] == 3 and result["cuda_graphs"] is True and result["full_loop_samples_per_s"] > 0
+
+
+def test_extract_bench_links_copies(tmp_path):
+    out = tmp_path / "extract.json"
+    bench("bench/extract.py", "--quick", "--device", "cpu", "--videos", 1, "--duration", 6, "--copies", 3,
+          "--video-dir", tmp_path / "videos", "--json", out)
+    result = json.loads(out.read_text())
+    assert result["copies"] == 3 and result["end_to_end"]["done"] == 3  # the original and two links
+    assert result["end_to_end"]["windows"] == 3 * 1  # 6 s at 5 s windows: one full window each (+ 1 s dropped)
+    assert result["decode_dali_gpu"].startswith("not measured")
+    assert len(list((tmp_path / "videos").iterdir())) == 3
