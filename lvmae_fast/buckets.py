@@ -2,14 +2,14 @@
 
 A CUDA graph replays fixed shapes, but packed batches change size every step (ragged crops, ragged
 masks, and with token budgets a varying video count). Rounding the visible and masked token counts
-up to a few sizes per octave, and the video count to a power of two, makes a handful of shapes cover
-a whole run. The padding is made of *dummy videos* appended after the real ones:
+up to 8 sizes per octave, and the video count to 4 per octave, makes a handful of shapes cover a
+whole run. The padding is made of *dummy videos* appended after the real ones:
 - each is a sequence of its own in both varlen streams, so attention never mixes it with real tokens;
 - their masked rows get loss weight 0 and every real masked row 1/Tm, so the loss (and therefore
   every gradient) equals the unpadded batch's: dummy outputs receive zero gradient, and nothing else
   depends on them;
 - their rows are zero vectors, so nothing non-finite can enter (0 * NaN would poison the sum).
-max_seqlen of each stream is rounded up to a power of two (an upper bound is all varlen kernels need).
+Each stream's max_seqlen is rounded up too (an upper bound is all varlen kernels need).
 """
 from __future__ import annotations
 
@@ -45,15 +45,15 @@ def shape_key(batch: PackedBatch) -> tuple[int, ...]:
 
 
 def pad_to_bucket(batch: PackedBatch, per_octave: int = BUCKETS_PER_OCTAVE, min_seqlen: int = 0) -> PackedBatch:
-    """The same batch plus dummy videos, sized so that the video count lands on a power of two and the
-    (visible, masked) row counts on bucket sizes.
+    """The same batch plus dummy videos, sized so that the video count and the (visible, masked) row
+    counts land on bucket sizes.
 
     The video count, which varies a lot with token-budget batches, is rounded up to 4 sizes per
     octave (at least one dummy is always added, to hold the padding rows); the padding rows are
     spread evenly over the dummies (each has >= 1 visible row, as the encoder needs), so that dummies
-    rarely set max_seqlen. Each stream's max_seqlen becomes min_seqlen when it fits, else a power of two; the
-    sampler passes its crop cap + 1 as min_seqlen, so that part of the shape stays fixed without
-    inflating it. Works on CPU (DataLoader workers) and CUDA alike; the result carries row_weights
+    rarely set max_seqlen. Each stream's max_seqlen becomes min_seqlen when it fits, else a power of
+    two; the sampler passes its crop cap + 1 as min_seqlen, so that part of the shape stays fixed
+    without inflating it. Works on CPU (DataLoader workers) and CUDA alike; the result carries row_weights
     and padding_videos."""
     if batch.padding_videos:
         raise ValueError("batch is already padded")
