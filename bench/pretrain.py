@@ -83,10 +83,11 @@ def run_packed(config, batches, device, steps, warmup, compile_model=False, prof
         x, cu, lengths = pack_sequences(seqs)
         batch = build_masked_batch(x, cu, lengths, "random", config.mask_ratio, g)
         # Graphed steps copy each batch into their static buffers, as the trainer does from pinned memory.
-        if cuda_graphs:
-            packed.append(pad_to_bucket(batch).pin_memory() if device.type == "cuda" else pad_to_bucket(batch))
-        else:
+        if not cuda_graphs:
             packed.append(batch.to(device))
+        else:
+            padded = pad_to_bucket(batch)
+            packed.append(padded.pin_memory() if device.type == "cuda" else padded)
 
     graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None) if cuda_graphs else None
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import fields
 
 import torch
 
@@ -31,10 +30,6 @@ from .buckets import shape_key
 from .packing import PackedBatch
 
 log = logging.getLogger(__name__)
-
-
-def _tensor_fields(batch: PackedBatch) -> dict[str, torch.Tensor]:
-    return {f.name: getattr(batch, f.name) for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
 
 
 class _Bucket:
@@ -46,8 +41,8 @@ class _Bucket:
         self.loss: torch.Tensor | None = None
 
     def load(self, batch: PackedBatch) -> None:
-        static = _tensor_fields(self.static)
-        for name, t in _tensor_fields(batch).items():
+        static = self.static.tensor_fields()
+        for name, t in batch.tensor_fields().items():
             static[name].copy_(t, non_blocking=True)
 
 

@@ -169,6 +169,10 @@ class PackedBatch:
             dec_src=dec_src, dec_pos=dec_pos, dec_masked_slots=dec_token_slots[masked_rows],
         )
 
+    def tensor_fields(self) -> dict[str, torch.Tensor]:
+        """name -> tensor for every tensor field (row_weights only when set), in field order."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
     def to(self, device, non_blocking: bool = False, copy: bool = False) -> "PackedBatch":
         """copy=True: fresh buffers even when already on `device` (as Tensor.to)."""
         return self._map_storages(lambda base: base.to(device, non_blocking=non_blocking, copy=copy))
@@ -181,7 +185,7 @@ class PackedBatch:
         """Apply `move` once per underlying buffer, not once per field. The sampler packs the ~20 index
         tensors into one buffer per dtype (views); pinning and host-to-device copies then cost one call
         per buffer, which matters because a small-batch step is bound by per-call host overhead."""
-        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        tensors = self.tensor_fields()
         groups: dict[tuple, list[str]] = {}
         for name, t in tensors.items():
             groups.setdefault((t.untyped_storage().data_ptr(), t.dtype, t.device), []).append(name)

@@ -18,7 +18,7 @@ and with a token budget every rank gets the same number of batches (the minimum 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ def share_storages(batch: PackedBatch) -> PackedBatch:
 
     A worker hands tensors to the main process one shared-memory segment per storage; a PackedBatch
     has ~20 small tensors, and that per-tensor cost, not the work, dominated small batches."""
-    tensors = {f.name: getattr(batch, f.name) for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
+    tensors = batch.tensor_fields()
     by_dtype: dict[torch.dtype, list[str]] = {}
     for name, t in tensors.items():
         by_dtype.setdefault(t.dtype, []).append(name)
