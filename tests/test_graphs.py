@@ -194,3 +194,11 @@ def test_gpu_graph_replays_match_eager_steps_in_any_order():
         for k, p in model.named_parameters():
             torch.testing.assert_close(p.grad, ref_grads[k], rtol=2e-2, atol=1e-4, msg=f"grad of {k}")
     assert len(step.buckets) == 3 and all(b.graph is not None for b in step.buckets.values())
+
+
+def test_row_weights_of_the_wrong_length_are_refused():
+    from lvmae_fast.loss import masked_reconstruction_loss
+
+    pred, x = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"row_weights has shape \(2,\), expected \(3,\)"):
+        masked_reconstruction_loss(pred, x, torch.tensor([0, 2, 4]), row_weights=torch.ones(2))
