@@ -24,10 +24,11 @@ for part in "${@:-tests kernels extract pretrain}"; do
                   --epochs 20 2>&1 | grep -E 'device|\[|error|Error' ;;
       graphs)   timeout 150 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_train.py -p no:cacheprovider 2>&1 | tail -15 ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,64 --steps 30 --warmup 10 \
-                  --long-len 0 --cuda-graphs --json "$OUT/pretrain_graphs.json" 2>&1 | grep -E '^\||rror' ;
-                timeout 150 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \
-                  --steps 60 --warmup 10 --num-workers 4 --cuda-graphs --json-out "$OUT/pretrain_data_graphs.json" \
-                  2>&1 | grep -E '^\||rror' ;;
+                  --long-len 0 --cuda-graphs --compile --json "$OUT/pretrain_graphs.json" 2>&1 | grep -E '^\||rror' ;
+                for g in --cuda-graphs ""; do  # graphs: every timed shape is captured before the clock
+                  timeout 150 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \
+                    --steps 100 --warmup 10 --num-workers 4 $g --json-out "$OUT/pretrain_data${g:+_graphs}.json" \
+                    2>&1 | grep -E '^\||rror|captures' ; done ;;
       *) echo "unknown part $p" >&2 ;;
     esac
   done

@@ -232,12 +232,14 @@ def main(argv=None):
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         batches = make_batches(4, bs, in_dim, args.min_len, args.max_len, seed=bs)
         profile = args.profile if not rows else None
-        packed = summarise("packed", run_packed(config, batches, device, args.steps, args.warmup, args.compile, profile),
+        name = "packed+compile" if args.compile else "packed"
+        packed = summarise(name, run_packed(config, batches, device, args.steps, args.warmup, args.compile, profile),
                            batches, config, args.warmup, args.steps)
         rows.append(packed)
-        if args.cuda_graphs:
-            graphs = summarise("packed+graphs", run_packed(config, batches, device, args.steps, args.warmup,
-                                                           cuda_graphs=True), batches, config, args.warmup, args.steps)
+        if args.cuda_graphs:  # --compile applies here too: compiled blocks inside the captured graphs
+            graphs = summarise(f"{name}+graphs", run_packed(config, batches, device, args.steps, args.warmup,
+                                                            args.compile, cuda_graphs=True),
+                               batches, config, args.warmup, args.steps)
             rows.append(graphs)
         if not args.skip_padded and bs <= args.padded_max_batch:
             padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),

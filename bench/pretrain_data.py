@@ -70,31 +70,71 @@ def run(args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        def batches():  # endless: epoch after epoch
-            epoch = 0
-            while True:
-                yield from sampler.loader(epoch, num_workers=args.num_workers, pin_memory=pin,
-                                          prefetch_factor=args.prefetch_factor)
-                epoch += 1
+        def batches(epoch=0):  # endless, through one loader as the trainer does (workers live across epochs)
+            stream = sampler.stream(epoch, 0, 10**9, num_workers=args.num_workers, pin_memory=pin,
+                                    prefetch_factor=args.prefetch_factor)
+            for _, _, batch in stream:
+                yield batch
 
         # Full loop: the loader's workers read, normalise, pack and mask while the model steps.
         it = batches()
+        if graphed is not None:
+            # Steady state: the graphs of every shape the timed window will see are captured before the
+            # clock (the stream is deterministic). A run pays each capture once, at most max_graphs times;
+            # in a short window those one-off captures would dominate the comparison.
+            ahead = batches()
+            for _ in range(args.warmup):
+                next(ahead)
+            for _ in range(args.steps):
+                graphed.prepare(next(ahead))
+            del ahead
         for _ in range(args.warmup):
             step(next(it))
         _sync(device)
-        kept, samples = [], 0
+        shapes_before = len(graphed.buckets) if graphed is not None else 0
+        samples = tokens = 0
         t0 = time.perf_counter()
         for _ in range(args.steps):
             batch = next(it)
             step(batch)
-            kept.append(batch)
-            samples += batch.num_videos
+            samples, tokens = samples + batch.num_videos, tokens + batch.num_tokens
+            del batch  # as in the trainer: its pinned buffers go back to the host allocator's cache
         _sync(device)
         full_s = time.perf_counter() - t0
+        # A first-seen shape is captured inside the timed loop (a one-off cost a long run amortises):
+        # reported so a short --warmup cannot pass unnoticed.
+        captures_timed = (len(graphed.buckets) - shapes_before) if graphed is not None else 0
+        if args.profile:  # where the full loop's host time goes (blocking CUDA calls, the loader's queue)
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch.profiler.profile(activities=acts) as prof:
+                for _ in range(20):
+                    step(next(it))
+                _sync(device)
+            Path(args.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45))
         del it
 
-        # Model step alone: the very same batches, moved to the device before the clock starts.
-        kept = [b.to(device) for b in kept]
+        # Loader alone (no model step): the ceiling the data path can feed, from a fresh epoch.
+        it = batches(epoch=1000)
+        for _ in range(min(args.warmup, 5)):
+            next(it)
+        loader_samples = 0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loader_samples += next(it).num_videos
+        loader_s = time.perf_counter() - t0
+        del it
+
+        # Model step alone: the very same batches (the stream is a pure function of seed, epoch and
+        # index, so it is regenerated rather than kept: holding every pinned batch during the full loop
+        # would make the loader pin fresh memory each step, which no training run does), moved to the
+        # device before the clock starts.
+        it = batches()
+        for _ in range(args.warmup):
+            next(it)
+        kept = [next(it).to(device) for _ in range(args.steps)]
+        del it
+        if (sum(b.num_videos for b in kept), sum(b.num_tokens for b in kept)) != (samples, tokens):
+            raise RuntimeError("the regenerated batches differ from the full loop's: the sampler is not deterministic")
         for b in kept[: args.warmup]:
             step(b)
         _sync(device)
@@ -104,13 +144,13 @@ def run(args) -> dict:
         _sync(device)
         step_s = time.perf_counter() - t0
 
-    tokens = sum(b.num_tokens for b in kept)
     result = {
         "preset": args.preset, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": args.steps, "cuda_graphs": args.cuda_graphs, "num_workers": args.num_workers, "batch_videos": scfg.batch_videos, "max_tokens": scfg.max_tokens,
         "tokens_per_batch": round(tokens / len(kept), 1),
         "full_loop_samples_per_s": round(samples / full_s, 2), "step_only_samples_per_s": round(samples / step_s, 2),
         "full_loop_tokens_per_s": round(tokens / full_s, 1), "step_only_tokens_per_s": round(tokens / step_s, 1),
+        "loader_only_samples_per_s": round(loader_samples / loader_s, 2), "graph_captures_timed": captures_timed,
     }
     result["ratio"] = round(result["full_loop_samples_per_s"] / result["step_only_samples_per_s"], 4)
     result["target_met"] = result["ratio"] >= 0.95
@@ -126,8 +166,10 @@ def markdown(r: dict) -> str:
         "|---|---|---|",
         f"| full loop (store -> sampler -> step) | {r['full_loop_samples_per_s']} | {r['full_loop_tokens_per_s']} |",
         f"| model step alone (same batches) | {r['step_only_samples_per_s']} | {r['step_only_tokens_per_s']} |",
+        f"| loader alone (no step) | {r['loader_only_samples_per_s']} | |",
         f"| ratio (target >= 0.95) | {r['ratio']} ({'met' if r['target_met'] else 'NOT met'}) | |",
-    ])
+    ] + ([f"\n{r['graph_captures_timed']} CUDA graph captures fell inside the timed full loop "
+          "(raise --warmup to time the steady state)"] if r["graph_captures_timed"] else []))
 
 
 def parse_args(argv):
@@ -147,6 +189,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cuda-graphs", action="store_true", help="bucketed batches, forward+backward replayed as CUDA graphs")
     p.add_argument("--json-out", help="also write the JSON result here")
+    p.add_argument("--profile", help="write a torch.profiler table (by self CPU time) of 20 more full-loop steps here")
     return p.parse_args(argv)
 
 

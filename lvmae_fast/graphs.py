@@ -87,6 +87,21 @@ class GraphedTrainStep:
             bucket.graph.replay()
         return bucket.loss.clone()  # out of the shared pool before any other graph replays
 
+    def prepare(self, batch: PackedBatch) -> bool:
+        """Capture the graph for this batch's shape now (no replay; gradients are left zeroed), so a
+        later step of that shape replays at once. True when a new shape was captured."""
+        if batch.row_weights is None:
+            raise ValueError("GraphedTrainStep needs shape-bucketed batches (buckets.pad_to_bucket)")
+        key = shape_key(batch)
+        if key in self.buckets or len(self.buckets) >= self.max_graphs:
+            return False
+        self._bind_grads()
+        bucket = self.buckets[key] = _Bucket(batch.to(self.device, copy=True))
+        if self.capture:
+            self._capture(bucket)
+        torch._foreach_zero_(self.grads)  # the capture's warm-up accumulated into them
+        return True
+
     def _eager(self, batch: PackedBatch) -> torch.Tensor:
         if self.eager_steps == 0:
             log.warning("more than %d batch shapes: further new shapes run eagerly (raise max_graphs)", self.max_graphs)
@@ -126,9 +141,19 @@ class GraphedTrainStep:
         graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader pin-memory thread allocating pinned buffers mid-capture must not
         # invalidate the capture ("global" mode errors on unsafe CUDA calls from any thread).
-        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(self.device),
-                              capture_error_mode="thread_local"):
-            bucket.loss = self._forward_backward(bucket.static)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(self.device),
+                                  capture_error_mode="thread_local"):
+                bucket.loss = self._forward_backward(bucket.static)
+        except RuntimeError as err:
+            first = err
+            while isinstance(first.__context__, RuntimeError):  # capture_end's error hides the real one
+                first = first.__context__
+            raise RuntimeError(
+                f"CUDA graph capture of batch shape {shape_key(bucket.static)} failed: {str(first).splitlines()[0]}. "
+                "A common cause: a tensor from an eager forward of this model (an undetached loss, say) still "
+                "holds its autograd graph, so backward accumulates gradients on that step's stream; drop it "
+                "(loss = loss.detach()) before the first graphed step.") from err
         if self.pool is None:
             self.pool = graph.pool()
         bucket.graph = graph

@@ -8,9 +8,11 @@ a video with < 2 segments is tiled x8, with < 5 segments x3 (then cut to max_len
 as they are, "drop" leaves videos with < 2 segments out.
 
 Determinism: everything is a pure function of (seed, epoch, rank, batch index), never of worker
-count or timing. The plan for an epoch (order, crops, batch boundaries) is computed up front in the
-main process from (seed, epoch); each batch is then built (read, normalise, pack, mask) in a DataLoader
-worker with a mask generator seeded from (seed, epoch, rank, batch index). Resuming at batch i of epoch
+count or timing. The plan for an epoch (order, crops, batch boundaries) is a pure function of
+(seed, epoch, rank), computed where it is needed (the main process for `loader`, each worker for
+`stream`); each batch is then built (read, normalise, pack, mask) in a DataLoader worker with a mask
+generator seeded from (seed, epoch, rank, batch index). Training iterates `stream`: one DataLoader
+for the whole run, so epoch boundaries neither restart workers nor drain the prefetch queue. Resuming at batch i of epoch
 e therefore reproduces exactly the batches an uninterrupted run would have seen.
 Ranks: the epoch's video order is split round-robin (padded by wrapping, like DistributedSampler),
 and with a token budget every rank gets the same number of batches (the minimum over ranks).
@@ -23,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .buckets import pad_to_bucket
 from .masking import MASKING_STRATEGIES, build_masked_batch
@@ -140,21 +142,59 @@ class CropBatches(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def crop_rows(self, crop: Crop) -> np.ndarray:
-        rows = np.asarray(self.store.get(self.video_ids[crop.video])[crop.start: crop.start + crop.length], dtype=np.float32)
-        return np.tile(rows, (crop.repeats, 1))[: crop.out_len] if crop.repeats > 1 else rows
-
     def __getitem__(self, i: int):
-        crops = self.batches[i]
-        x_Td = torch.from_numpy(np.concatenate([self.crop_rows(c) for c in crops]))
-        x_Td = F.normalize(x_Td, p=2.0, dim=-1)  # targets are the L2-normalised embeddings
-        lengths = [c.out_len for c in crops]
-        generator = torch.Generator().manual_seed(mask_seed(self.cfg.seed, self.epoch, self.rank, i))
-        batch = build_masked_batch(x_Td, cu_seqlens_from_lengths(lengths), lengths, self.cfg.masking,
-                                   self.cfg.mask_ratio, generator=generator, kernels="torch")
-        if self.cfg.pad_to_buckets:
-            batch = pad_to_bucket(batch, min_seqlen=self.cfg.max_len + 1)  # + 1: the CLS token
-        return share_storages(batch)
+        return build_batch(self.store, self.video_ids, self.batches[i], self.cfg, self.epoch, self.rank, i)
+
+
+def crop_rows(store, video_id: str, crop: Crop) -> np.ndarray:
+    rows = np.asarray(store.get(video_id)[crop.start: crop.start + crop.length], dtype=np.float32)
+    return np.tile(rows, (crop.repeats, 1))[: crop.out_len] if crop.repeats > 1 else rows
+
+
+def build_batch(store, video_ids: list[str], crops: list[Crop], cfg: SamplerConfig, epoch: int, rank: int,
+                index: int) -> PackedBatch:
+    """Batch `index` of an epoch's plan: read, L2-normalise, pack, mask (and pad to a shape bucket)."""
+    x_Td = torch.from_numpy(np.concatenate([crop_rows(store, video_ids[c.video], c) for c in crops]))
+    x_Td = F.normalize(x_Td, p=2.0, dim=-1)  # targets are the L2-normalised embeddings
+    lengths = [c.out_len for c in crops]
+    generator = torch.Generator().manual_seed(mask_seed(cfg.seed, epoch, rank, index))
+    batch = build_masked_batch(x_Td, cu_seqlens_from_lengths(lengths), lengths, cfg.masking,
+                               cfg.mask_ratio, generator=generator, kernels="torch")
+    if cfg.pad_to_buckets:
+        batch = pad_to_bucket(batch, min_seqlen=cfg.max_len + 1)  # + 1: the CLS token
+    return share_storages(batch)
+
+
+class EpochStream(Dataset):
+    """Map-style dataset keyed by (epoch, batch index), item (epoch, index, PackedBatch), over any
+    number of epochs. One DataLoader over it serves a whole run: its workers (which plan each epoch
+    themselves, deterministically) live across epoch boundaries, so an epoch's end neither restarts
+    them nor drains the prefetch queue while the GPU waits."""
+
+    def __init__(self, sampler: "LongVideoSampler"):
+        self.sampler = sampler
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        s = self.sampler
+        return epoch, i, build_batch(s.store, s.video_ids, s.batches(epoch)[i], s.cfg, epoch, s.rank, i)
+
+
+class StreamKeys(Sampler):
+    """(epoch, batch index) from (start_epoch, start_batch) up to, not including, end_epoch."""
+
+    def __init__(self, sampler: "LongVideoSampler", start_epoch: int, start_batch: int, end_epoch: int):
+        self.sampler, self.start_epoch, self.start_batch, self.end_epoch = sampler, start_epoch, start_batch, end_epoch
+
+    def __iter__(self):
+        for epoch in range(self.start_epoch, self.end_epoch):
+            first = self.start_batch if epoch == self.start_epoch else 0
+            for i in range(first, self.sampler.num_batches(epoch)):
+                yield epoch, i
+
+    def __len__(self) -> int:
+        total = sum(self.sampler.num_batches(e) for e in range(self.start_epoch, self.end_epoch))
+        return max(0, total - (self.start_batch if self.start_epoch < self.end_epoch else 0))
 
 
 def share_storages(batch: PackedBatch) -> PackedBatch:
@@ -216,6 +256,15 @@ class LongVideoSampler:
         dataset = self.dataset(epoch)
         extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
         return DataLoader(dataset, batch_size=None, sampler=range(start_batch, len(dataset)), num_workers=num_workers,
+                          pin_memory=pin_memory, **extra)
+
+    def stream(self, start_epoch: int, start_batch: int, end_epoch: int, num_workers: int = 2,
+               pin_memory: bool = False, prefetch_factor: int = 4) -> DataLoader:
+        """(epoch, index, batch) for every batch from (start_epoch, start_batch) to the end of
+        end_epoch - 1, through one DataLoader (see EpochStream): what the training loop iterates."""
+        keys = StreamKeys(self, start_epoch, start_batch, end_epoch)
+        extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
+        return DataLoader(EpochStream(self), batch_size=None, sampler=keys, num_workers=num_workers,
                           pin_memory=pin_memory, **extra)
 
     def mean_videos_per_batch(self) -> float:

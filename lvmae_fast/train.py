@@ -423,52 +423,46 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
         return True
 
     with stop.installed(), open(metrics_path, "a") as metrics:
-        epoch = progress["epoch"]
-        while epoch < cfg.epochs and progress["step"] < total_steps and stop.signum is None:
-            num_batches = sampler.num_batches(epoch)
-            loader = sampler.loader(epoch, progress["batch"], num_workers=cfg.num_workers, pin_memory=pin,
-                                    prefetch_factor=cfg.prefetch_factor)
-            batches = iter(loader)
-            for i in range(progress["batch"], num_batches):
-                if stop.signum is not None or progress["step"] + (pending is not None) >= total_steps:
-                    break
-                try:
-                    batch = next(batches)
-                except RuntimeError:
-                    if stop.signum is not None:  # a terminal's Ctrl-C also reached the loader's workers
-                        break
-                    raise
-                lr = lr_at(epoch + i / num_batches, base_lr, cfg)
-                if graphed_step is not None:  # forward + backward (one graph replay on CUDA)
-                    loss = graphed_step(batch)
-                else:
-                    batch = batch.to(device, non_blocking=pin)
-                    with autocast():
-                        loss = model(batch)
-                    loss.backward()
-                if pending is not None and not settle(metrics):
-                    break
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = loss.detach()
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                else:  # computed anyway: a finite loss can still come with non-finite gradients
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-                bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-                optimizer.found_inf = bad.to(torch.float32)  # 0-dim: fused AdamW skips the update when 1
-                scalars = HostScalars(loss, grad_norm)        # queued before the update: no wait on it later
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                pending = {"scalars": scalars, "lr": lr, "epoch": epoch, "batch": i,
-                           "tokens": batch.num_tokens, "videos": batch.num_videos}
-            del batches, loader
-            if exit_code == 0 and pending is not None:
-                settle(metrics)
-            if exit_code or stop.signum is not None or progress["step"] >= total_steps:
+        # One loader for the whole run (workers live across epochs; see sampler.EpochStream).
+        stream = sampler.stream(progress["epoch"], progress["batch"], cfg.epochs, num_workers=cfg.num_workers,
+                                pin_memory=pin, prefetch_factor=cfg.prefetch_factor)
+        items = iter(stream)
+        while stop.signum is None and progress["step"] + (pending is not None) < total_steps:
+            try:
+                epoch, i, batch = next(items)
+            except StopIteration:
                 break
-            epoch += 1
-            progress.update(epoch=epoch, batch=0)
+            except RuntimeError:
+                if stop.signum is not None:  # a terminal's Ctrl-C also reached the loader's workers
+                    break
+                raise
+            lr = lr_at(epoch + i / sampler.num_batches(epoch), base_lr, cfg)
+            if graphed_step is not None:  # forward + backward (one graph replay on CUDA)
+                loss = graphed_step(batch)
+            else:
+                batch = batch.to(device, non_blocking=pin)
+                with autocast():
+                    loss = model(batch)
+                loss.backward()
+            if pending is not None and not settle(metrics):
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = loss.detach()
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            else:  # computed anyway: a finite loss can still come with non-finite gradients
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            optimizer.found_inf = bad.to(torch.float32)  # 0-dim: fused AdamW skips the update when 1
+            scalars = HostScalars(loss, grad_norm)        # queued before the update: no wait on it later
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending = {"scalars": scalars, "lr": lr, "epoch": epoch, "batch": i,
+                       "tokens": batch.num_tokens, "videos": batch.num_videos}
+        del items, stream
+        if exit_code == 0 and pending is not None:
+            settle(metrics)
     bar.close()
 
     if exit_code == 0:

@@ -30,6 +30,8 @@ def test_data_bench_receives_its_own_flags(tmp_path):
           "--warmup", 1, "--num-workers", 0, "--cuda-graphs", "--json-out", out)
     result = json.loads(out.read_text())
     assert result["steps"] == 3 and result["cuda_graphs"] is True and result["full_loop_samples_per_s"] > 0
+    assert result["loader_only_samples_per_s"] > 0
+    assert result["graph_captures_timed"] == 0  # every timed shape was prepared before the clock
 
 
 def test_extract_bench_links_copies(tmp_path):

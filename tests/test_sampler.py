@@ -91,6 +91,23 @@ def test_deterministic_and_worker_independent(store):
         [c.__dict__ for c in a.batches(2)[0]]
 
 
+@pytest.mark.parametrize("max_tokens", [0, 150])
+def test_stream_is_the_epoch_loaders_back_to_back(store, max_tokens):
+    """One loader across epochs (workers persist) serves exactly what per-epoch loaders serve, in order,
+    from a mid-epoch resume point on; fixed-count and token-budget batching alike."""
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=4, max_tokens=max_tokens,
+                        masking="random", seed=3)
+    ref = LongVideoSampler(store, store.video_ids, cfg)
+    expected = [(e, i, b) for e in (2, 3, 4) for i, b in enumerate(ref.loader(e, num_workers=0)) if (e, i) >= (2, 1)]
+    stream = LongVideoSampler(store, store.video_ids, cfg).stream(2, 1, 5, num_workers=2)
+    got = list(stream)
+    assert len(stream.sampler) == len(expected) > 4
+    assert [(e, i) for e, i, _ in got] == [(e, i) for e, i, _ in expected]
+    for (_, _, x), (_, _, y) in zip(got, expected):
+        assert torch.equal(x.x, y.x) and torch.equal(x.masked, y.masked) and x.lengths == y.lengths
+    assert list(LongVideoSampler(store, store.video_ids, cfg).stream(5, 0, 5, num_workers=0)) == []
+
+
 def test_ranks_partition_the_epoch():
     n, seg = np.array(LENGTHS), np.full(len(LENGTHS), 5.0)
     cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=2)
