@@ -239,6 +239,28 @@ def test_nonfinite_step_stops_with_the_state_before_it(store, tmp_path, monkeypa
     assert LVMAE.from_pretrained(out).config.in_dim == 32
 
 
+def test_training_reads_one_loader_across_epochs(store, tmp_path, monkeypatch, restore_threads):
+    """3 epochs through one DataLoader (its workers are not restarted at each epoch's end), in
+    (epoch, batch) order. That the stream serves exactly the per-epoch loaders' batches is
+    test_sampler's; that resuming mid-run reproduces the curve is the resume tests'."""
+    import lvmae_fast.sampler as sampler_mod
+
+    made, real_loader = [], sampler_mod.DataLoader
+
+    def counting_loader(*args, **kwargs):
+        made.append(kwargs.get("num_workers"))
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(sampler_mod, "DataLoader", counting_loader)
+    out = tmp_path / "run"
+    cfg = {"preset": "tiny", "store": str(store), "out": str(out), "epochs": 3, "num_workers": 2,
+           "progress": False, "tensorboard": False, "log_every": 1}
+    assert pretrain(tc.resolve([("t", cfg)])) == 0
+    assert made == [2]
+    records = read_metrics(out / "metrics.jsonl")
+    assert [(r["step"], r["epoch"]) for r in records] == [(s, (s - 1) // 5) for s in range(1, 16)]
+
+
 def test_demo_on_a_small_embedding_corpus(tmp_path, restore_threads):
     from lvmae_fast.cli import main
 
