@@ -236,6 +236,7 @@ class LongVideoSampler:
         if not self.video_ids:
             raise ValueError("no videos to sample from (empty store or split, or every video dropped as too short)")
         self._plans: dict[int, list[list[Crop]]] = {}
+        self._counts: dict[int, int] = {}
 
     def batches(self, epoch: int) -> list[list[Crop]]:
         if epoch not in self._plans:
@@ -245,7 +246,11 @@ class LongVideoSampler:
     def num_batches(self, epoch: int) -> int:
         if not self.cfg.max_tokens:  # fixed-size batches: no need to plan
             return math.ceil(math.ceil(len(self.video_ids) / self.world) / self.cfg.batch_videos)
-        return len(self.batches(epoch))
+        # Counts are kept per epoch: the stream's key iterator runs ahead into the next epoch while
+        # the loop still asks about the current one, and only one plan is cached.
+        if epoch not in self._counts:
+            self._counts[epoch] = len(self.batches(epoch))
+        return self._counts[epoch]
 
     def dataset(self, epoch: int) -> CropBatches:
         return CropBatches(self.store, self.video_ids, self.batches(epoch), self.cfg, epoch, self.rank)

@@ -108,6 +108,19 @@ def test_stream_is_the_epoch_loaders_back_to_back(store, max_tokens):
     assert list(LongVideoSampler(store, store.video_ids, cfg).stream(5, 0, 5, num_workers=0)) == []
 
 
+def test_token_budget_batch_counts_are_planned_once_per_epoch(store, monkeypatch):
+    """The stream's key iterator runs into the next epoch while the loop asks about the current one:
+    alternating questions must not re-plan an epoch each time."""
+    import lvmae_fast.sampler as sampler_mod
+
+    calls, real_plan = [], sampler_mod.plan_epoch
+    monkeypatch.setattr(sampler_mod, "plan_epoch", lambda *a, **k: calls.append(a[3]) or real_plan(*a, **k))
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, max_tokens=150, seed=3)
+    s = LongVideoSampler(store, store.video_ids, cfg)
+    counts = [s.num_batches(e) for e in (2, 3, 2, 3, 2)]
+    assert calls == [2, 3] and counts[0] == counts[2] == len(real_plan(s.num_segments, s.segment_seconds, cfg, 2))
+
+
 def test_ranks_partition_the_epoch():
     n, seg = np.array(LENGTHS), np.full(len(LENGTHS), 5.0)
     cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=2)
