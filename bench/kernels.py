@@ -184,6 +184,10 @@ def graph_ms(fn) -> float:
     return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
 
 
+def _describe(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+
+
 def measure(kernel, case, impl, fn, device, quick, bytes_moved, check, graph_fn=None):
     """graph_fn: a capture-safe equivalent of fn (no host sync) for the graph-replayed column."""
     row = {"kernel": kernel, "case": case, "impl": impl, "ms": None, "gbps": None, "ok": None, "error": None,
@@ -195,7 +199,7 @@ def measure(kernel, case, impl, fn, device, quick, bytes_moved, check, graph_fn=
             row["ms"] = time_ms(fn, device, quick)
         row["gbps"] = bytes_moved / (row["ms"] * 1e-3) / 1e9
     except Exception as e:  # report and move on: OOM at the largest shape, compile failures, ...
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        row["error"] = _describe(e)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return row
@@ -207,7 +211,7 @@ def measure(kernel, case, impl, fn, device, quick, bytes_moved, check, graph_fn=
                 row["ms_graph"] = graph_ms(graph_fn or fn)
             row["gbps_graph"] = bytes_moved / (row["ms_graph"] * 1e-3) / 1e9
         except Exception as e:
-            row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            row["graph_error"] = _describe(e)
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
     return row

@@ -66,18 +66,12 @@ class GraphedTrainStep:
 
     # ---- one step ---------------------------------------------------------------------------------
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
-        if batch.row_weights is None:
-            raise ValueError("GraphedTrainStep needs shape-bucketed batches (buckets.pad_to_bucket)")
-        key = shape_key(batch)
-        bucket = self.buckets.get(key)
+        key, bucket = self._lookup(batch)
         if bucket is None and len(self.buckets) >= self.max_graphs:
             return self._eager(batch)
         self._bind_grads()
         if bucket is None:
-            bucket = self.buckets[key] = _Bucket(batch.to(self.device, copy=True))
-            if self.capture:
-                self._capture(bucket)
-                log.info("CUDA graph %d captured for shape %s", len(self.buckets), key)
+            bucket = self._add_bucket(key, batch)
         else:
             bucket.load(batch)
         torch._foreach_zero_(self.grads)
@@ -90,17 +84,27 @@ class GraphedTrainStep:
     def prepare(self, batch: PackedBatch) -> bool:
         """Capture the graph for this batch's shape now (no replay; gradients are left zeroed), so a
         later step of that shape replays at once. True when a new shape was captured."""
+        key, bucket = self._lookup(batch)
+        if bucket is not None or len(self.buckets) >= self.max_graphs:
+            return False
+        self._bind_grads()
+        self._add_bucket(key, batch)
+        torch._foreach_zero_(self.grads)  # the capture's warm-up accumulated into them
+        return True
+
+    def _lookup(self, batch: PackedBatch) -> tuple[tuple, _Bucket | None]:
         if batch.row_weights is None:
             raise ValueError("GraphedTrainStep needs shape-bucketed batches (buckets.pad_to_bucket)")
         key = shape_key(batch)
-        if key in self.buckets or len(self.buckets) >= self.max_graphs:
-            return False
-        self._bind_grads()
+        return key, self.buckets.get(key)
+
+    def _add_bucket(self, key: tuple, batch: PackedBatch) -> _Bucket:
+        """Static buffers for a new shape (a copy of this batch) and, on CUDA, its captured graph."""
         bucket = self.buckets[key] = _Bucket(batch.to(self.device, copy=True))
         if self.capture:
             self._capture(bucket)
-        torch._foreach_zero_(self.grads)  # the capture's warm-up accumulated into them
-        return True
+            log.info("CUDA graph %d captured for shape %s", len(self.buckets), key)
+        return bucket
 
     def _eager(self, batch: PackedBatch) -> torch.Tensor:
         if self.eager_steps == 0:

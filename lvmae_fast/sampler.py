@@ -223,6 +223,12 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
+def _batch_loader(dataset: Dataset, keys, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
+    """Items are whole batches (built by the dataset), fetched in `keys` order by worker processes."""
+    extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, sampler=keys, num_workers=num_workers, pin_memory=pin_memory, **extra)
+
+
 class LongVideoSampler:
     """Plans epochs over a subset of a store's videos and serves them as PackedBatch DataLoaders."""
 
@@ -259,18 +265,14 @@ class LongVideoSampler:
                prefetch_factor: int = 4) -> DataLoader:
         """Batches start_batch.. of an epoch, built in worker processes and prefetched."""
         dataset = self.dataset(epoch)
-        extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
-        return DataLoader(dataset, batch_size=None, sampler=range(start_batch, len(dataset)), num_workers=num_workers,
-                          pin_memory=pin_memory, **extra)
+        return _batch_loader(dataset, range(start_batch, len(dataset)), num_workers, pin_memory, prefetch_factor)
 
     def stream(self, start_epoch: int, start_batch: int, end_epoch: int, num_workers: int = 2,
                pin_memory: bool = False, prefetch_factor: int = 4) -> DataLoader:
         """(epoch, index, batch) for every batch from (start_epoch, start_batch) to the end of
         end_epoch - 1, through one DataLoader (see EpochStream): what the training loop iterates."""
         keys = StreamKeys(self, start_epoch, start_batch, end_epoch)
-        extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
-        return DataLoader(EpochStream(self), batch_size=None, sampler=keys, num_workers=num_workers,
-                          pin_memory=pin_memory, **extra)
+        return _batch_loader(EpochStream(self), keys, num_workers, pin_memory, prefetch_factor)
 
     def mean_videos_per_batch(self) -> float:
         if not self.cfg.max_tokens:
