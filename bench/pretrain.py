@@ -71,10 +71,11 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
 
 
-def run_packed(config, batches, device, steps, warmup, compile_model=False, profile_path=None, cuda_graphs=False):
+def run_packed(config, batches, device, steps, warmup, compile_model=False, profile_path=None, cuda_graphs=False,
+               graph_optimizer=False):
     with torch.device(device):  # init on the GPU: a 0.4B-parameter CPU init costs seconds
         model = LVMAE(config)
-    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
     if compile_model:
         model.compile_blocks()
     g = torch.Generator().manual_seed(0)
@@ -89,9 +90,15 @@ def run_packed(config, batches, device, steps, warmup, compile_model=False, prof
             padded = pad_to_bucket(batch)
             packed.append(padded.pin_memory() if device.type == "cuda" else padded)
 
-    graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None) if cuda_graphs else None
+    graphed = None
+    if cuda_graphs:
+        graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                                   optimizer=opt if graph_optimizer else None)
 
     def step(batch):
+        if graph_optimizer:  # one replay: forward, backward, gradient norm, update (as the trainer's)
+            graphed.set_lr(1e-4)
+            return graphed(batch)
         if graphed is not None:
             loss = graphed(batch)
         else:
@@ -215,11 +222,16 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the packed model")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time the packed step with bucketed shapes replayed as CUDA graphs (row 'packed+graphs')")
+    p.add_argument("--graph-optimizer", action="store_true",
+                   help="with --cuda-graphs: also time whole-step graphs, the optimizer update captured too "
+                        "(row 'packed+graphs+opt'; it also computes the gradient norm, as the trainer does)")
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="masked-loss kernels")
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of the first packed batch size here")
     args = p.parse_args(argv)
+    if args.graph_optimizer and not args.cuda_graphs:
+        p.error("--graph-optimizer needs --cuda-graphs")
 
     device = torch.device(args.device)
     width = LVMAEConfig.from_preset(args.preset, in_dim=8).embed_dim
@@ -241,11 +253,16 @@ def main(argv=None):
                                                             args.compile, cuda_graphs=True),
                                batches, config, args.warmup, args.steps)
             rows.append(graphs)
+        if args.graph_optimizer:
+            rows.append(summarise(f"{name}+graphs+opt", run_packed(config, batches, device, args.steps, args.warmup,
+                                                                    args.compile, cuda_graphs=True, graph_optimizer=True),
+                                  batches, config, args.warmup, args.steps))
         if not args.skip_padded and bs <= args.padded_max_batch:
             padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),
                                batches, config, args.warmup, args.steps)
             rows.append(padded)
-            for row in rows[-3 if args.cuda_graphs else -2:-1]:  # packed (and packed+graphs) vs this padded row
+            compared = 1 + args.cuda_graphs + args.graph_optimizer
+            for row in rows[-1 - compared:-1]:  # packed (and the graphs rows) vs this padded row
                 if row["status"] == padded["status"] == "ok":
                     row["speedup"] = row["samples_per_s"] / padded["samples_per_s"]
     if args.long_len:
@@ -256,7 +273,8 @@ def main(argv=None):
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "preset": args.preset, "in_dim": in_dim, "mask_ratio": args.mask_ratio,
             "lengths": [args.min_len, args.max_len], "steps": args.steps, "warmup": args.warmup,
-            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "attn_impl": args.attn_impl, "kernels": args.kernels}
+            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "graph_optimizer": args.graph_optimizer,
+            "attn_impl": args.attn_impl, "kernels": args.kernels}
     print(f"\n## pretrain step: {meta['device']}, preset {args.preset}, torch {torch.__version__}\n")
     print_table(rows)
     result = {"meta": meta, "rows": rows}

@@ -115,7 +115,7 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
     for stale in ckpt_root.glob(".step-*.tmp"):  # half-written checkpoints of killed runs (one writer per run dir)
         shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp)
-    state = {"progress": dict(progress), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+    state = {"progress": dict(progress), "optimizer": portable_optimizer_state(optimizer), "rng": _rng_state(),
              "config": cfg.to_dict(), "model_config": model.config.to_dict(), "store_fingerprint": store_fingerprint}
     torch.save(state, tmp / STATE_NAME)
     shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step from a killed run
@@ -128,6 +128,15 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def portable_optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with plain-float learning rates and capturable off, whatever the running
+    optimizer uses (whole-step CUDA graphs make both device-side): a checkpoint resumes with or
+    without graphs, on any device."""
+    state = optimizer.state_dict()
+    state["param_groups"] = [{**g, "lr": float(g["lr"]), "capturable": False} for g in state["param_groups"]]
+    return state
 
 
 def load_train_state(ckpt: Path) -> dict:
@@ -351,7 +360,10 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
         if device.type != "cuda":
             log.warning("cuda_graphs: %s has no CUDA graphs; running the same shape-bucketed step eagerly", device)
         graphed_step = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if use_bf16 else None,
-                                        capture=device.type == "cuda")
+                                        capture=device.type == "cuda",
+                                        optimizer=optimizer if cfg.cuda_graphs_optimizer else None,
+                                        grad_clip=cfg.grad_clip)
+    whole_step = graphed_step is not None and graphed_step.optimizer is not None
 
     out.mkdir(parents=True, exist_ok=True)
     _atomic_text(out / "config.yaml", tc.dump_yaml(cfg))
@@ -385,7 +397,14 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
     # forward/backward runs, and before step k+1's optimizer update is queued. A non-finite step is
     # caught without a sync too: its optimizer update is skipped on the device (fused AdamW's found_inf,
     # the GradScaler mechanism), so when the host sees it the parameters are still those before it.
+    # With whole-step graphs the update of step k+1 is queued with its forward/backward, so a pending
+    # step k is settled first whenever its bookkeeping reads the model (checkpoint, evaluation, the
+    # last step); a non-finite step k is covered by the graphs' sticky skip (graphs.py).
     pending: dict | None = None
+
+    def reads_model(step: int) -> bool:
+        return (step % cfg.ckpt_every == 0 or step == total_steps
+                or (val_sampler is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0))
 
     def settle(metrics) -> bool:
         """Read back the pending step, count it, log / evaluate / checkpoint when due. False (after
@@ -437,6 +456,17 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
                     break
                 raise
             lr = lr_at(epoch + i / sampler.num_batches(epoch), base_lr, cfg)
+            if whole_step:  # forward, backward and update: one graph replay on CUDA
+                if pending is not None and reads_model(progress["step"] + 1) and not settle(metrics):
+                    break
+                graphed_step.set_lr(lr)
+                loss = graphed_step(batch)
+                scalars = HostScalars(loss, graphed_step.grad_norm)
+                if pending is not None and not settle(metrics):
+                    break
+                pending = {"scalars": scalars, "lr": lr, "epoch": epoch, "batch": i,
+                           "tokens": batch.num_tokens, "videos": batch.num_videos}
+                continue
             if graphed_step is not None:  # forward + backward (one graph replay on CUDA)
                 loss = graphed_step(batch)
             else:
@@ -519,6 +549,8 @@ def config_from_args(args) -> tc.PretrainConfig:
         flags["compile"] = True
     if args.cuda_graphs:
         flags["cuda_graphs"] = True
+    if args.cuda_graphs_optimizer:
+        flags["cuda_graphs_optimizer"] = True
     if args.no_progress:
         flags["progress"] = False
     layers.append(("flags", flags))
@@ -545,6 +577,9 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="pad batches to a few shapes and replay forward+backward as CUDA graphs (small batches)")
+    p.add_argument("--cuda-graphs-optimizer", action="store_true",
+                   help="with --cuda-graphs: capture the optimizer update too, one replay per step "
+                        "(not yet measured on a GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", action="store_true",

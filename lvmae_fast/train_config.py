@@ -26,7 +26,8 @@ PRESETS: dict[str, dict] = {
 # Keys a resumed run may change: bookkeeping that does not change what is computed, plus the knobs one
 # turns after a divergence (lr, clipping) and the device. Any other difference is refused on --resume.
 RESUME_MUTABLE = frozenset({"store", "out", "max_steps", "num_workers", "prefetch_factor", "log_every", "ckpt_every",
-                            "keep_checkpoints", "tensorboard", "progress", "compile", "cuda_graphs", "eval_every", "device",
+                            "keep_checkpoints", "tensorboard", "progress", "compile", "cuda_graphs",
+                            "cuda_graphs_optimizer", "eval_every", "device",
                             "blr", "lr", "min_lr", "grad_clip"})
 
 
@@ -63,6 +64,8 @@ class PretrainConfig:
     compile: bool = False
     cuda_graphs: bool = False                   # bucketed batch shapes + one CUDA graph per shape (graphs.py):
                                                 # removes the launch overhead that bounds small-batch steps
+    cuda_graphs_optimizer: bool = False         # with cuda_graphs: capture the update too (whole-step graphs:
+                                                # gradients live only inside the step; see graphs.py)
     cpu_threads: int = 0                        # torch intra-op threads; 0 = torch's default. Tiny ops run
                                                 # fastest on one thread (no sync), and it keeps CPU results exact
     num_workers: int = 2
@@ -87,6 +90,8 @@ class PretrainConfig:
             raise ValueError("log_every, ckpt_every and keep_checkpoints must be >= 1; max_steps, eval_every >= 0")
         if self.compile and self.cuda_graphs:
             raise ValueError("compile and cuda_graphs are alternatives (both cut launch overhead); choose one")
+        if self.cuda_graphs_optimizer and not self.cuda_graphs:
+            raise ValueError("cuda_graphs_optimizer captures the update into the CUDA graphs: it needs cuda_graphs=true")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of model config overrides, got {self.model!r}")
 

@@ -188,6 +188,94 @@ def test_graph_step_refuses_unpadded_batches_and_capture_on_cpu():
         GraphedTrainStep(model, capture=True)
 
 
+def reference_update(model, opt, batch, lr, grad_clip):
+    """The trainer's step written out eagerly: backward, norm (+ clipping), AdamW update."""
+    opt.zero_grad(set_to_none=True)
+    loss = model(batch)
+    loss.backward()
+    params = list(model.parameters())
+    norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0
+            else torch.nn.utils.get_total_norm([p.grad for p in params]))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    return loss.detach(), norm
+
+
+def whole_step_pair(**step_kwargs):
+    ref_model, model = make_model(), make_model()
+    # The reference optimizer is the plain single-tensor AdamW: an independent implementation of the update.
+    ref_opt = torch.optim.AdamW(ref_model.param_groups(0.05), lr=1.0, betas=(0.9, 0.95), foreach=False)
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1.0, betas=(0.9, 0.95), fused=True)
+    return ref_model, ref_opt, model, GraphedTrainStep(model, capture=False, optimizer=opt, **step_kwargs)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_whole_step_updates_like_the_eager_trainer(grad_clip):
+    """Whole-step mode (update inside the step): same loss, gradient norm and parameters after every
+    step as backward + clipping + AdamW done eagerly, over two interleaved shapes and a changing lr."""
+    ref_model, ref_opt, model, step = whole_step_pair(grad_clip=grad_clip)
+    a = [make_batch([5, 9, 12], seed=s) for s in (40, 41)]
+    b = [make_batch([60, 70, 3, 2], seed=s) for s in (42, 43)]
+    for batch, lr in [(a[0], 1e-3), (b[0], 5e-4), (a[1], 2e-3), (b[1], 1e-3)]:
+        # Both on the padded batch: the key bias's gradient is pure rounding noise (softmax ignores
+        # it), which Adam scales up to lr-sized steps, so padded vs unpadded would differ there.
+        batch = pad_to_bucket(batch)
+        ref_loss, ref_norm = reference_update(ref_model, ref_opt, batch, lr, grad_clip)
+        step.set_lr(lr)
+        loss = step(batch)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(step.grad_norm, ref_norm, rtol=1e-10, atol=1e-13)
+        for (k, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            # Fused vs single-tensor AdamW round differently (~1e-13 here); a wrong update is ~lr = 1e-3.
+            torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-11, msg=f"parameter {k}")
+            assert p.grad is None  # gradients live only inside the step
+    if grad_clip:
+        assert float(step.grad_norm) > grad_clip  # clipping was active, not a no-op
+    assert len(step.buckets) == 2
+
+
+def test_whole_step_skip_is_sticky_after_a_nonfinite_step():
+    """A NaN step skips its update on the device, and so does every later step (the trainer reads
+    step k's loss after queueing step k+1): parameters and Adam state stay as after step 1."""
+    _, _, model, step = whole_step_pair()
+    step.set_lr(1e-3)
+    step(pad_to_bucket(make_batch([5, 9, 12], seed=50)))
+    after_one = {k: p.detach().clone() for k, p in model.named_parameters()}
+    moments = {k: v.clone() for k, v in step.optimizer.state[model.cls_token].items()}
+    poisoned = make_batch([60, 70, 3, 2], seed=51)
+    poisoned.x[3, 0] = float("nan")
+    assert not torch.isfinite(step(pad_to_bucket(poisoned)))
+    assert torch.isfinite(step(pad_to_bucket(make_batch([5, 9, 12], seed=52))))  # a clean step, still skipped
+    assert float(step.halted) == 1.0
+    for k, p in model.named_parameters():
+        assert torch.equal(p, after_one[k]), k
+    for name, value in step.optimizer.state[model.cls_token].items():
+        assert torch.equal(value, moments[name]), name
+    assert float(step.optimizer.state[model.cls_token]["step"]) == 1.0
+
+
+def test_whole_step_warmup_initialises_the_optimizer_and_changes_nothing():
+    """What a new shape's warm-up runs before its capture: the full step with the update forced off."""
+    _, _, model, step = whole_step_pair()
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    step._step(pad_to_bucket(make_batch([7, 3], seed=60)), skip_update=True)
+    for k, p in model.named_parameters():
+        assert torch.equal(p, before[k]), k
+        state = step.optimizer.state[p]
+        assert float(state["step"]) == 0.0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    assert float(step.halted) == 0.0 and all(p.grad is None for p in model.parameters())
+
+
+def test_whole_step_refuses_optimizers_it_cannot_own():
+    model = make_model()
+    with pytest.raises(ValueError, match="needs a fused optimizer"):
+        GraphedTrainStep(model, capture=False, optimizer=torch.optim.AdamW(model.parameters(), foreach=False))
+    partial = torch.optim.AdamW(list(model.parameters())[:3], fused=True)
+    with pytest.raises(ValueError, match="exactly the model's trainable parameters"):
+        GraphedTrainStep(model, capture=False, optimizer=partial)
+
+
 @pytest.mark.gpu
 def test_gpu_graph_replays_match_eager_steps_in_any_order():
     """Captured graphs (shared pool, bf16 autocast) vs eager steps on the same padded batches, replayed
@@ -231,3 +319,57 @@ def test_row_weights_of_the_wrong_length_are_refused():
     pred, x = torch.randn(3, 4), torch.randn(5, 4)
     with pytest.raises(ValueError, match=r"row_weights has shape \(2,\), expected \(3,\)"):
         masked_reconstruction_loss(pred, x, torch.tensor([0, 2, 4]), row_weights=torch.ones(2))
+
+
+@pytest.mark.gpu
+def test_gpu_whole_step_graphs_update_like_eager_updates():
+    """Captured whole steps (update inside the graph, tensor lr, capturable fused AdamW) vs the
+    forward/backward graphs followed by an eager fused AdamW, over shapes A, B, A, C, B and changing
+    lrs; then a NaN batch and a clean one must both leave everything unchanged (sticky skip, on the
+    device). Updates are compared per parameter (relative error of p - p0; a missed, doubled or stale
+    update is an O(1) error), except the key bias, whose gradient is rounding noise that Adam scales
+    up to lr-sized steps of either sign."""
+    def build():
+        torch.manual_seed(0)
+        cfg = LVMAEConfig.from_preset("tiny", in_dim=IN_DIM, kernels="auto", attn_impl="auto")
+        model = LVMAE(cfg).cuda()
+        return model, torch.optim.AdamW(model.param_groups(0.05), lr=1.0, betas=(0.9, 0.95), fused=True)
+
+    ref_model, ref_opt = build()
+    ref_step = GraphedTrainStep(ref_model, autocast_dtype=torch.bfloat16)
+    model, opt = build()
+    step = GraphedTrainStep(model, autocast_dtype=torch.bfloat16, optimizer=opt, grad_clip=1.0)
+    start = {k: p.detach().clone() for k, p in model.named_parameters()}
+    shapes = {"A": [5, 9, 12], "B": [60, 70, 3, 2], "C": [200, 1, 150]}
+    for (name, seed), lr in zip([("A", 0), ("B", 1), ("A", 2), ("C", 3), ("B", 4)], [1e-3, 5e-4, 2e-3, 1e-3, 3e-4]):
+        padded = pad_to_bucket(make_batch(shapes[name], seed=seed, dtype=torch.float32))
+        ref_loss = ref_step(padded)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0)
+        for group in ref_opt.param_groups:
+            group["lr"] = lr
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        step.set_lr(lr)
+        loss = step(padded)
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=1e-4)
+        torch.testing.assert_close(step.grad_norm, ref_norm.float(), rtol=5e-2, atol=1e-4)
+    assert len(step.buckets) == 3 and all(b.graph is not None for b in step.buckets.values())
+    bad = {}
+    for (k, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        upd, ref_upd = (p - start[k]).float(), (q - start[k]).float()
+        if k.endswith("attn.qkv.bias"):
+            width = upd.numel() // 3
+            upd, ref_upd = torch.cat([upd[:width], upd[2 * width:]]), torch.cat([ref_upd[:width], ref_upd[2 * width:]])
+        err = (upd - ref_upd).norm() / ref_upd.norm().clamp_min(1e-12)
+        if err > 0.1:
+            bad[k] = float(err)
+    assert not bad, f"relative update error vs eager updates: {bad}"
+    settled = {k: p.detach().clone() for k, p in model.named_parameters()}
+    poisoned = make_batch(shapes["A"], seed=5, dtype=torch.float32)
+    poisoned.x[2, 0] = float("nan")
+    assert not torch.isfinite(step(pad_to_bucket(poisoned)))
+    assert torch.isfinite(step(pad_to_bucket(make_batch(shapes["B"], seed=6, dtype=torch.float32))))
+    assert float(step.halted) == 1.0
+    for k, p in model.named_parameters():
+        assert torch.equal(p, settled[k]), k
+    assert all(float(s["step"]) == 5.0 for s in opt.state.values())

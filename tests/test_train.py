@@ -205,13 +205,20 @@ class _NanGrad(torch.autograd.Function):
         return grad * float("nan")
 
 
+WHOLE_STEP = {"cuda_graphs": True, "cuda_graphs_optimizer": True}  # on CPU: the graphs' step, run eagerly
+
+
+@pytest.mark.parametrize("mode", ["eager", "whole_step"])
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
-def test_nonfinite_step_stops_with_the_state_before_it(store, tmp_path, monkeypatch, capsys, restore_threads, poison):
+def test_nonfinite_step_stops_with_the_state_before_it(store, tmp_path, monkeypatch, capsys, restore_threads, poison,
+                                                       mode):
     """The 3rd step goes non-finite. Its loss is read back only after the 4th step's forward/backward
-    is queued and its optimizer update was gated on the device, so the saved state must still be
-    exactly the state after step 2: same weights and optimizer moments as a clean 2-step run."""
+    is queued (whole-step mode: the 4th step's update too) and its optimizer update was gated on the
+    device (and, whole-step, every later one), so the saved state must still be exactly the state
+    after step 2: same weights and optimizer moments as a clean 2-step run."""
     cfg = {"preset": "tiny", "store": str(store), "max_steps": 10, "progress": False, "tensorboard": False,
-           "grad_clip": 1.0 if poison == "loss" else 0.0}  # gradients are checked with or without clipping
+           "grad_clip": 1.0 if poison == "loss" else 0.0,  # gradients are checked with or without clipping
+           **(WHOLE_STEP if mode == "whole_step" else {})}
     clean = tmp_path / "clean"
     assert pretrain(tc.resolve([("t", {**cfg, "out": str(clean), "max_steps": 2})])) == 0
 
@@ -301,6 +308,39 @@ def test_cuda_graphs_flag_on_cpu_runs_bucketed_batches_and_tracks_the_reference(
         tc.PretrainConfig(compile=True, cuda_graphs=True)
 
 
+def test_whole_step_run_checkpoints_and_resumes_like_the_graphed_run(store, tmp_path, restore_threads):
+    """Whole-step graphs queue step k+1's update before step k is read back; a step whose bookkeeping
+    reads the model (checkpoint, evaluation, the last step) must be settled first. Against the
+    forward/backward-graph run (same padded batches, eager update): the same curve and bit-identical
+    checkpoints at every 3rd step; a checkpoint resumes in the other mode and ends where both end."""
+    cfg = {"preset": "tiny", "store": str(store), "max_steps": 10, "progress": False, "tensorboard": False,
+           "ckpt_every": 3, "keep_checkpoints": 10, "eval_every": 4, "val_videos": 8, "cuda_graphs": True}
+    graphs, whole = tmp_path / "graphs", tmp_path / "whole"
+    assert pretrain(tc.resolve([("t", {**cfg, "out": str(graphs)})])) == 0
+    assert pretrain(tc.resolve([("t", {**cfg, **WHOLE_STEP, "out": str(whole)})])) == 0
+    records = read_metrics(whole / "metrics.jsonl")
+    assert records == [{**r, **{k: records[i][k] for k in ("tokens_per_s", "samples_per_s", "time_s")}}
+                       for i, r in enumerate(read_metrics(graphs / "metrics.jsonl"))]
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    for step in (3, 6, 9, 10):
+        name = f"step-{step:08d}"
+        a, b = (load_file(str(run / "checkpoints" / name / "model.safetensors")) for run in (graphs, whole))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        opt = load_train_state(whole / "checkpoints" / name)["optimizer"]
+        assert all(type(g["lr"]) is float and g["capturable"] is False for g in opt["param_groups"])
+    # Resume the whole-step run's step-6 checkpoint with eager updates: it ends on the same weights.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    import shutil
+    shutil.copytree(whole / "checkpoints" / "step-00000006", resumed / "checkpoints" / "step-00000006")
+    (resumed / "checkpoints" / "latest").write_text("step-00000006")
+    assert pretrain(tc.resolve([("t", {**cfg, "out": str(resumed)})]), resume=True) == 0
+    a, b = (load_file(str(run / "model.safetensors")) for run in (graphs, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="needs cuda_graphs=true"):
+        tc.PretrainConfig(cuda_graphs_optimizer=True)
+
+
 @pytest.mark.gpu
 def test_gpu_host_scalars_and_graphed_pretraining_track_eager(store, tmp_path):
     """On CUDA: the pinned, event-ordered readback returns the values; a --cuda-graphs run (captured
@@ -313,6 +353,8 @@ def test_gpu_host_scalars_and_graphed_pretraining_track_eager(store, tmp_path):
            "device": "cuda", "num_workers": 1}
     assert pretrain(tc.resolve([("t", {**cfg, "out": str(tmp_path / "eager")})])) == 0
     assert pretrain(tc.resolve([("t", {**cfg, "out": str(tmp_path / "graphs"), "cuda_graphs": True})])) == 0
-    eager, graphs = curve(tmp_path / "eager"), curve(tmp_path / "graphs")
-    assert [s for s, _, _ in graphs] == [s for s, _, _ in eager] == list(range(1, 21))
+    assert pretrain(tc.resolve([("t", {**cfg, **WHOLE_STEP, "out": str(tmp_path / "whole")})])) == 0
+    eager, graphs, whole = (curve(tmp_path / run) for run in ("eager", "graphs", "whole"))
+    assert [s for s, _, _ in graphs] == [s for s, _, _ in whole] == [s for s, _, _ in eager] == list(range(1, 21))
     np.testing.assert_allclose([v for _, v, _ in graphs], [v for _, v, _ in eager], rtol=3e-2)
+    np.testing.assert_allclose([v for _, v, _ in whole], [v for _, v, _ in eager], rtol=3e-2)
