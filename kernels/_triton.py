@@ -122,27 +122,29 @@ def _select_lowest_body(key_ptr, cu_ptr, k_ptr, out_ptr, B,
         seen += tl.sum(eq, axis=1)
 
 
-def _masked_loss_fwd_body(pred_ptr, tgt_ptr, rows_ptr, mask_ptr, part_ptr, N, D, stride_p, stride_t,
-                          HAS_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
-                          EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """part[pid] = sum over this block's active rows of the per-row loss (mean sq. error, or 1 - cos).
-
-    Pred row i pairs with target row rows[i] (HAS_ROWS) or i; with HAS_MASK only rows with mask[i] are
-    active. Inactive rows are never read (masked loads), and (p - t)^2 only ever lives in registers."""
-    pid = tl.program_id(0)
-    i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    active = i < N
+def _loss_rows_body(rows_ptr, mask_ptr, N, stride_p, stride_t,
+                    HAS_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's loss rows: (i, in_N, active, pred offsets, target offsets). Pred row i pairs with
+    target row rows[i] (HAS_ROWS) or i; with HAS_MASK only rows with mask[i] are active."""
+    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_N = i < N
+    active = in_N
     if HAS_MASK:
-        active = active & (tl.load(mask_ptr + i, mask=active, other=0) != 0)
+        active = active & (tl.load(mask_ptr + i, mask=in_N, other=0) != 0)
     if HAS_ROWS:
         trow = tl.load(rows_ptr + i, mask=active, other=0).to(tl.int64)
     else:
         trow = i.to(tl.int64)
-    p_off = i.to(tl.int64) * stride_p
-    t_off = trow * stride_t
-    acc0 = tl.zeros([BLOCK_M], tl.float32)           # mse: sum (p-t)^2 | cosine: p.t
-    acc1 = tl.zeros([BLOCK_M], tl.float32)           # cosine: |p|^2
-    acc2 = tl.zeros([BLOCK_M], tl.float32)           # cosine: |t|^2
+    return i, in_N, active, i.to(tl.int64) * stride_p, trow * stride_t
+
+
+def _row_sums_body(pred_ptr, tgt_ptr, p_off, t_off, active, D,
+                   COSINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per active row, in fp32: (sum (p-t)^2, 0, 0) or, for COSINE, (p.t, |p|^2, |t|^2). Inactive
+    rows are never read (masked loads), and (p - t)^2 only ever lives in registers."""
+    acc0 = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M], tl.float32)
+    acc2 = tl.zeros([BLOCK_M], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m2 = active[:, None] & (cols < D)[None, :]
@@ -155,13 +157,26 @@ def _masked_loss_fwd_body(pred_ptr, tgt_ptr, rows_ptr, mask_ptr, part_ptr, N, D,
         else:
             diff = p - t
             acc0 += tl.sum(diff * diff, axis=1)
+    return acc0, acc1, acc2
+
+
+_loss_rows = _jit(_loss_rows_body)  # device functions (inlined into the kernels below)
+_row_sums = _jit(_row_sums_body)
+
+
+def _masked_loss_fwd_body(pred_ptr, tgt_ptr, rows_ptr, mask_ptr, part_ptr, N, D, stride_p, stride_t,
+                          HAS_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr,
+                          EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """part[pid] = sum over this block's active rows of the per-row loss (mean sq. error, or 1 - cos)."""
+    i, in_N, active, p_off, t_off = _loss_rows(rows_ptr, mask_ptr, N, stride_p, stride_t, HAS_ROWS, HAS_MASK, BLOCK_M)
+    acc0, acc1, acc2 = _row_sums(pred_ptr, tgt_ptr, p_off, t_off, active, D, COSINE, BLOCK_M, BLOCK_D)
     if COSINE:
         # F.cosine_similarity: x.y / (max(|x|, eps) * max(|y|, eps))
         row = 1.0 - acc0 / (tl.maximum(tl.sqrt_rn(acc1), EPS) * tl.maximum(tl.sqrt_rn(acc2), EPS))
     else:
         row = acc0 / D
     row = tl.where(active, row, 0.0)
-    tl.store(part_ptr + pid, tl.sum(row, axis=0))
+    tl.store(part_ptr + tl.program_id(0), tl.sum(row, axis=0))
 
 
 def _masked_loss_bwd_body(pred_ptr, tgt_ptr, rows_ptr, mask_ptr, scale_ptr, grad_ptr, N, D,
@@ -173,33 +188,12 @@ def _masked_loss_bwd_body(pred_ptr, tgt_ptr, rows_ptr, mask_ptr, scale_ptr, grad
     Recomputes from pred and target instead of stashing a grad buffer in forward: same memory traffic
     (fwd 2 reads; bwd 2 reads + 1 write), no [N, d] buffer held between forward and backward.
     Inactive rows (HAS_MASK) get zeros, so the full grad tensor is written exactly once."""
-    pid = tl.program_id(0)
-    i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_N = i < N
-    active = in_N
-    if HAS_MASK:
-        active = active & (tl.load(mask_ptr + i, mask=in_N, other=0) != 0)
-    if HAS_ROWS:
-        trow = tl.load(rows_ptr + i, mask=active, other=0).to(tl.int64)
-    else:
-        trow = i.to(tl.int64)
-    p_off = i.to(tl.int64) * stride_p
-    t_off = trow * stride_t
+    i, in_N, active, p_off, t_off = _loss_rows(rows_ptr, mask_ptr, N, stride_p, stride_t, HAS_ROWS, HAS_MASK, BLOCK_M)
     g_off = i.to(tl.int64) * stride_g
     scale = tl.load(scale_ptr)
     if COSINE:
         # First pass: the row statistics the gradient needs.
-        dot = tl.zeros([BLOCK_M], tl.float32)
-        sq_p = tl.zeros([BLOCK_M], tl.float32)
-        sq_t = tl.zeros([BLOCK_M], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            m2 = active[:, None] & (cols < D)[None, :]
-            p = tl.load(pred_ptr + p_off[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            t = tl.load(tgt_ptr + t_off[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            dot += tl.sum(p * t, axis=1)
-            sq_p += tl.sum(p * p, axis=1)
-            sq_t += tl.sum(t * t, axis=1)
+        dot, sq_p, sq_t = _row_sums(pred_ptr, tgt_ptr, p_off, t_off, active, D, True, BLOCK_M, BLOCK_D)
         norm_p = tl.sqrt_rn(sq_p)
         np_c = tl.maximum(norm_p, EPS)
         nt_c = tl.maximum(tl.sqrt_rn(sq_t), EPS)
