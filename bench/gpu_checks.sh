@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
-# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|kernels|extract|pretrain|train|graphs]...
+# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|kernels|extract|pretrain|train|graphs|profile]...
 # Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:${PWD}${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,6 +30,12 @@ for part in "${@:-tests kernels extract pretrain}"; do
                   timeout 150 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \
                     --steps 100 --warmup 10 --num-workers 4 $g --json-out "$OUT/pretrain_data${g:+_graphs}.json" \
                     2>&1 | grep -E '^\||rror|captures' ; done ;;
+      profile)  # where a compute-bound batch-256 step and a launch-bound batch-16 step spend GPU time
+                timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 3 --warmup 2 \
+                  --skip-padded --long-len 0 --profile "$OUT/profile_b256.txt" 2>&1 | grep -E '^\||rror' ;
+                timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 3 --warmup 2 \
+                  --skip-padded --long-len 0 --profile "$OUT/profile_b16.txt" 2>&1 | grep -E '^\||rror' ;
+                head -30 "$OUT/profile_b256.txt" ;;
       *) echo "unknown part $p" >&2 ;;
     esac
   done
