@@ -9,8 +9,12 @@ Robustness contract: a file that cannot be ingested (zero-byte, not media, trunc
 audio-only, too short for one window, ...) is written to STORE/failures.jsonl as one JSON object
 {"path", "video_id", "reason"} and skipped; the job still finishes (exit 0). Videos are committed to
 the store only when all their windows are embedded (commit after each encoder batch that completes
-one), so a killed run loses at most the work in flight, and re-running resumes: ids already in the
-store are not redone. failures.jsonl lists the failures of the latest run.
+one); the windows of unfinished videos are saved beside the store after every batch
+(video/partial.py). A killed run therefore loses at most the encoder batch in flight, and re-running
+resumes: ids already in the store are not redone, and an unfinished video continues from its saved
+windows. failures.jsonl lists the failures of the latest run. A video with more than 5% of its sampled
+frames undecodable is refused as damaged (decode_pyav.MAX_MISSING); two files with one video id: the
+second is a failure of its own.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import numpy as np
 
 from .devices import resolve_device
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
+from .video.partial import PartialVideos
 from .video.probe import VideoError
 
 log = logging.getLogger("lvmae_fast.extract")
@@ -62,27 +67,31 @@ def resolve_decoder(decoder: str, device) -> str:
     return decoder
 
 
-def expand_inputs(inputs) -> list[tuple[str, str]]:
-    """INPUT(s) -> [(video_id, path)]; also accepts ready (video_id, path) pairs."""
+def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """INPUT(s) -> ([(video_id, path)], clashes [(video_id, path, reason)]); also accepts ready
+    (video_id, path) pairs. A second file with an id already taken is a clash: reported as a failure
+    of that file, so one naming accident does not stop a long job."""
     from .video.inputs import VIDEO_SUFFIXES, list_videos
 
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
-    items, seen = [], {}
+    items, clashes, seen = [], [], {}
     for item in inputs:
         pairs = [tuple(item)] if isinstance(item, (tuple, list)) else list_videos(item)
         for vid, path in pairs:
+            vid, path = str(vid), str(path)
             if vid in seen:
-                if seen[vid] != str(path):
-                    raise ValueError(f"video id {vid!r} names two files: {seen[vid]} and {path}")
+                if seen[vid] != path:
+                    clashes.append((vid, path, f"video id {vid!r} is already used by {seen[vid]}: rename one of "
+                                               "the files, or list them in a CSV with a video_id column"))
                 continue
-            seen[vid] = str(path)
-            items.append((str(vid), str(path)))
+            seen[vid] = path
+            items.append((vid, path))
     if not items:
         # Nothing to do is almost always a wrong path or pattern: say so instead of "0 done".
         raise ValueError(f"no videos found in {', '.join(map(str, inputs))} "
                          f"(folders are searched recursively for {', '.join(sorted(VIDEO_SUFFIXES))})")
-    return items
+    return items, clashes
 
 
 # -------------------------------------------------------------------------------------------- producers
@@ -128,21 +137,37 @@ def in_background(gen_fn, maxsize: int = 4) -> Iterator:
         stop.set()
 
 
-def prepared(jobs: Iterable[VideoJob], spec: WindowSpec) -> Iterator[VideoJob | Failed]:
+def prepared(jobs: Iterable[VideoJob], spec: WindowSpec, partials: PartialVideos | None = None
+             ) -> Iterator[VideoJob | Failed]:
+    """Probe and plan each job; with `partials`, attach the windows a killed job already embedded."""
     for job in jobs:
         try:
-            yield prepare_job(job, spec)
+            job = prepare_job(job, spec)
         except VideoError as err:
             yield Failed(job, str(err))
+            continue
         except Exception as err:  # noqa: BLE001 - one odd file must not end the job
             yield Failed(job, f"probe error: {type(err).__name__}: {err}")
+            continue
+        if partials is not None:
+            try:
+                saved = partials.load(job.video_id, job.path, job.num_windows)
+            except Exception as err:  # noqa: BLE001 - unreadable progress: start the video over
+                log.warning("cannot read saved progress of %s (%s); starting it over", job.video_id, err)
+                partials.drop(job.video_id)
+                saved = None
+            if saved is not None:
+                job.saved_emb, job.skip = saved
+                log.info("resuming %s: %d of %d windows already embedded", job.video_id, int(job.skip.sum()),
+                         job.num_windows)
+        yield job
 
 
 def pyav_events(job: VideoJob) -> Iterator[Window | Failed]:
     from .video.decode_pyav import decode_windows_pyav
 
     try:
-        for w, frames, times in decode_windows_pyav(job.index, job.plan):
+        for w, frames, times in decode_windows_pyav(job.index, job.plan, skip=job.skip):
             yield Window(job, w, frames, times)
     except VideoError as err:
         yield Failed(job, str(err))
@@ -150,26 +175,30 @@ def pyav_events(job: VideoJob) -> Iterator[Window | Failed]:
         yield Failed(job, f"decode error: {type(err).__name__}: {err}")
 
 
-def pyav_producer(jobs, spec):
-    for item in prepared(jobs, spec):
+def pyav_producer(jobs, spec, partials=None):
+    for item in prepared(jobs, spec, partials):
         if isinstance(item, Failed):
             yield item
         else:
+            item.decoded_by = "pyav"
             yield from pyav_events(item)
 
 
-def dali_producer(jobs, spec, device, readers, batch_size):
+def dali_producer(jobs, spec, device, readers, batch_size, partials=None):
     from .video.decode_dali import decode_windows_dali
 
     dali_device = "gpu" if device.type == "cuda" else "cpu"
     device_id = (device.index or 0) if device.type == "cuda" else None
     # Probing (a demux of every file) runs ahead in a thread while DALI decodes the previous chunk.
-    probed = in_background(lambda: prepared(jobs, spec), maxsize=256)
+    probed = in_background(lambda: prepared(jobs, spec, partials), maxsize=256)
     for event in decode_windows_dali(probed, spec, device=dali_device, device_id=device_id, readers=readers,
                                      batch_size=max(1, batch_size)):
         if isinstance(event, VideoJob):  # DALI could not take it: PyAV decodes it (any codec)
+            event.decoded_by = "pyav (fallback)"
             yield from pyav_events(event)
         else:
+            if isinstance(event, Window):
+                event.job.decoded_by = "dali"
             yield event
 
 
@@ -222,7 +251,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
     backend = resolve_decoder(decoder, dev)  # first: a missing PyAV is named even when the input is wrong too
-    items = expand_inputs(inputs)
+    items, clashes = expand_inputs(inputs)
     # An encoder object is accepted too (benchmarks, notebooks); the store records its name.
     model = encoder if isinstance(encoder, torch.nn.Module) else build_encoder(encoder, weights=weights, seed=seed)
     encoder = model.name
@@ -236,13 +265,16 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     settings = {"window_seconds": spec.seconds, "frames": spec.frames, "sampling": spec.rule, "min_last": spec.min_last}
     with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds, settings=settings) as writer:
         failures = open(out / FAILURES_NAME, "w")  # this run's failures (re-runs retry failed files)
+        partials = PartialVideos(out, model.dim)
+        partials.remove_committed(writer.contains)
         todo = []
         for vid, path in items:
             if writer.contains(vid):
                 counts["skipped"] += 1
             else:
                 todo.append(VideoJob(video_id=vid, path=path))
-        bar = _Progress(len(items), counts["skipped"], progress)
+        bar = _Progress(len(items) + len(clashes), counts["skipped"], progress)
+        decoded_by: dict[str, int] = {}
         log.info("extract: %d videos (%d already in %s), encoder %s (d=%d) on %s %s, decoder %s",
                  len(items), counts["skipped"], out, encoder, model.dim, dev, str(dtype).replace("torch.", ""),
                  backend)
@@ -256,6 +288,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 return
             state[id(job)] = {"failed": True}
             counts["failed"] += 1
+            partials.drop(job.video_id)  # the saved windows of a video that cannot be finished
             log.warning("skip %s: %s", job.path, reason)
             failures.write(json.dumps({"path": job.path, "video_id": job.video_id, "reason": reason}) + "\n")
             failures.flush()
@@ -271,13 +304,14 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     raw = torch.stack([torch.as_tensor(windows[i].frames) for i in idx]).to(dev, non_blocking=True)
                     x = frames_to_input(raw, model.image_size, model.mean, model.std, dtype)
                     emb[idx] = model.encode_video(x).float().cpu().numpy()
-            completed = False
+            completed, touched = [], {}
             for win, e in zip(windows, emb):
                 st = state.get(id(win.job))
                 if st is None or st.get("failed") or st.get("done"):
                     continue
                 st["emb"][win.window] = e
                 st["filled"][win.window] = True
+                touched.setdefault(id(win.job), (win.job, []))[1].append(win.window)
                 if st["filled"].all():
                     job = win.job
                     try:
@@ -288,16 +322,29 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     st["done"] = True
                     st.pop("emb")
                     counts["done"] += 1
-                    completed = True
-                    bar.update(videos=1, video_seconds=job.index.duration)
-            bar.update(windows=len(windows))
+                    decoded_by[job.decoded_by or backend] = decoded_by.get(job.decoded_by or backend, 0) + 1
+                    completed.append(job)
+                    bar.update(videos=1)
+            bar.update(windows=len(windows), video_seconds=float(sum(
+                win.job.plan.times[win.window, 1] - win.job.plan.times[win.window, 0] for win in windows)))
             if completed:
                 writer.commit()  # only complete videos are ever committed
+                for job in completed:
+                    partials.drop(job.video_id)
+            # Unfinished videos keep this batch's windows beside the store: a kill loses only the batch
+            # in flight, however many batches a long video spans (video/partial.py).
+            for job, done_windows in touched.values():
+                st = state[id(job)]
+                if not st.get("done") and not st.get("failed"):
+                    partials.save(job.video_id, job.path, job.num_windows, np.asarray(done_windows),
+                                  st["emb"][done_windows])
 
+        for vid, path, reason in clashes:
+            fail(VideoJob(video_id=vid, path=path), reason)
         if backend == "pyav":
-            events = in_background(lambda: pyav_producer(todo, spec), maxsize=2 * batch_size)
+            events = in_background(lambda: pyav_producer(todo, spec, partials), maxsize=2 * batch_size)
         else:
-            events = dali_producer(todo, spec, dev, readers, batch_size)
+            events = dali_producer(todo, spec, dev, readers, batch_size, partials)
         try:
             for event in events:
                 if isinstance(event, Failed):
@@ -305,9 +352,12 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     continue
                 st = state.get(id(event.job))
                 if st is None:
-                    n = event.job.num_windows
-                    st = state[id(event.job)] = {"emb": np.zeros((n, model.dim), np.float32),
-                                                 "filled": np.zeros(n, bool)}
+                    job, n = event.job, event.job.num_windows
+                    if job.skip is not None:  # windows a killed job embedded (video/partial.py)
+                        st = state[id(job)] = {"emb": job.saved_emb, "filled": job.skip.copy()}
+                    else:
+                        st = state[id(job)] = {"emb": np.zeros((n, model.dim), np.float32),
+                                               "filled": np.zeros(n, bool)}
                 if st.get("failed") or st.get("done"):
                     continue
                 batch.append(event)
@@ -332,10 +382,11 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             failures.close()
 
     wall = time.perf_counter() - started
-    summary = {**counts, "total": len(items), "windows": bar.windows, "video_seconds": round(bar.video_seconds, 3),
-               "wall_seconds": round(wall, 3), "realtime_factor": round(bar.video_seconds / max(wall, 1e-9), 2),
+    summary = {**counts, "total": len(items) + len(clashes), "windows": bar.windows,
+               "video_seconds": round(bar.video_seconds, 3), "wall_seconds": round(wall, 3),
+               "realtime_factor": round(bar.video_seconds / max(wall, 1e-9), 2),
                "store": str(out), "failures": str(out / FAILURES_NAME), "encoder": encoder, "decoder": backend,
-               "device": str(dev)}
+               "decoded_by": decoded_by, "device": str(dev)}
     log.info("extract finished: %d done, %d skipped (already in store), %d failed (see %s); %d windows, "
              "%.1f video-s in %.1f s (%.1fx realtime)", counts["done"], counts["skipped"], counts["failed"],
              summary["failures"], bar.windows, bar.video_seconds, wall, summary["realtime_factor"])
@@ -380,7 +431,8 @@ def run(args) -> int:
                              decoder=args.decoder, batch_size=args.batch_size, device=args.device,
                              precision=args.precision, readers=args.readers, seed=args.seed,
                              progress=not args.no_progress)
+    by = ", ".join(f"{name} {n}" for name, n in sorted(summary["decoded_by"].items()))
     print(f"extract: {summary['done']} done, {summary['skipped']} skipped (already in store), "
           f"{summary['failed']} failed (see {summary['failures']}); {summary['windows']} windows, "
-          f"{summary['realtime_factor']}x realtime")
+          f"{summary['realtime_factor']}x realtime{f'; decoded by {by}' if by else ''}")
     return 0

@@ -5,7 +5,8 @@ checkerboard whose cell size changes per scene), so scene changes are visible to
 at known times. Frame timestamps are chosen exactly (constant or variable frame rate) and expressed in
 the container's time base, so tests can compare decoded timestamps against hand-computed ones.
 
-Also writes the non-videos of the failure corpus (zero-byte, truncated, audio-only, text, too short).
+Also writes the failure corpus (zero-byte, truncated, audio-only, text, too short, cut files whose
+index survives, a file with a damaged middle).
 """
 from __future__ import annotations
 
@@ -66,11 +67,13 @@ def _scene_image(scene: int, width: int, height: int) -> np.ndarray:
 
 def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int, int] = (64, 48),
                 codec: str = "h264", scene_starts: list[float] | None = None, vfr: bool = False,
-                seed: int = 0, gop: int = 12, audio: bool = False) -> SynthVideo:
+                seed: int = 0, gop: int = 12, audio: bool = False,
+                mux_options: dict[str, str] | None = None) -> SynthVideo:
     """Encode a video of `duration` seconds at `fps` (nominal when vfr) and `size` = (width, height).
 
     `scene_starts` (seconds, first must be 0) default to one scene per 2 seconds. Returns the frame
-    times exactly as stored, i.e. rounded to the container's time base.
+    times exactly as stored, i.e. rounded to the container's time base. `mux_options` go to the muxer,
+    e.g. {"movflags": "faststart"} (mp4: moov atom at the front), {"fflags": "+bitexact"} (no date/UID).
     """
     av = require("av", "video", "writing test videos")
 
@@ -87,7 +90,7 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
     times = frame_times_for(duration, fps, vfr=vfr, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", options=dict(mux_options or {})) as container:
         stream = container.add_stream(encoder_name, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         # A fine encoder time base lets VFR timestamps be exact; the muxer may still round (webm: 1 ms).
@@ -164,4 +167,27 @@ def write_failure_corpus(folder) -> dict[str, Path]:
     os.remove(good)
     out["audio_only"] = write_audio_only(folder / "audio_only.mp4")
     out["too_short"] = write_video(folder / "too_short.mp4", duration=0.2, fps=10, codec="h264").path
+    # Cut files whose index survives: the readable prefix demuxes cleanly, the header declares 12 s.
+    exact = {"fflags": "+bitexact"}  # no muxing date / random UID: the same bytes on every call
+    out["truncated_webm"] = _cut(write_video(folder / "_whole.webm", duration=12.0, fps=10, codec="vp9",
+                                             mux_options=exact).path, folder / "truncated_webm.webm", 1 / 3)
+    out["truncated_faststart"] = _cut(write_video(folder / "_whole.mp4", duration=12.0, fps=10, codec="h264",
+                                                  mux_options={**exact, "movflags": "faststart"}).path,
+                                      folder / "truncated_faststart.mp4", 1 / 3)
+    # Index intact (moov at the end), 25%..60% of the bytes random: the middle frames do not decode.
+    good = write_video(folder / "_whole.mp4", duration=12.0, fps=10, codec="h264", mux_options=exact).path
+    data = bytearray(good.read_bytes())
+    os.remove(good)
+    a, b = len(data) * 25 // 100, len(data) * 60 // 100
+    data[a:b] = np.random.default_rng(0).integers(0, 256, b - a, dtype=np.uint8).tobytes()
+    out["damaged_middle"] = folder / "damaged_middle.mp4"
+    out["damaged_middle"].write_bytes(bytes(data))
     return out
+
+
+def _cut(whole: Path, dst: Path, keep: float) -> Path:
+    """Write the first `keep` fraction of `whole`'s bytes to `dst`; remove `whole`."""
+    data = whole.read_bytes()
+    os.remove(whole)
+    dst.write_bytes(data[: int(len(data) * keep)])
+    return dst

@@ -22,6 +22,7 @@ checkpoint a run resumes from are dropped (they are recomputed).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -302,6 +303,8 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
     """Train per cfg; returns an exit code (0 done, 3 non-finite loss, 130/143 interrupted)."""
     if not cfg.store or not cfg.out:
         raise ValueError("pretrain needs --store STORE and --out RUN")
+    # Absolute paths in the run's config.yaml: --resume may be run from another working directory.
+    cfg = dataclasses.replace(cfg, store=str(Path(cfg.store).resolve()), out=str(Path(cfg.out).resolve()))
     out = Path(cfg.out)
     store = Store(cfg.store)
     if len(store) == 0:

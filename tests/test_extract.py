@@ -49,12 +49,14 @@ def test_cli_extracts_good_files_and_lists_failures(corpus, tmp_path, capsys):
     assert "too short" in by_name["too_short.mp4"]
     assert "not a readable media file" in by_name["notes.mp4"]
     assert by_name["truncated.mp4"]
+    assert by_name["truncated_webm.webm"].startswith("truncated") and by_name["truncated_faststart.mp4"].startswith("truncated")
+    assert by_name["damaged_middle.mp4"].startswith("damaged video data")
     out = capsys.readouterr().out
-    assert "4 done, 0 skipped" in out and "5 failed" in out
+    assert "4 done, 0 skipped" in out and "8 failed" in out and "decoded by pyav 4" in out
 
     # Re-run: everything already there is skipped, nothing recomputed.
     summary = extract_videos(folder, store_dir, encoder="tiny", seconds=1.0)
-    assert (summary["done"], summary["skipped"], summary["failed"]) == (0, 4, 5)
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (0, 4, 8)
 
 
 def test_window_options_and_partial_tail(corpus, tmp_path):
@@ -175,7 +177,7 @@ def test_a_video_the_decoder_yields_nothing_for_is_listed_as_failed(corpus, tmp_
     from lvmae_fast.video import decode_pyav
 
     _, good, _ = corpus
-    monkeypatch.setattr(decode_pyav, "decode_windows_pyav", lambda index, plan: iter(()))
+    monkeypatch.setattr(decode_pyav, "decode_windows_pyav", lambda index, plan, **kw: iter(()))
     s = extract_videos([("a", str(good["a"].path))], tmp_path / "s", seconds=1.0, decoder="pyav")
     assert (s["done"], s["failed"]) == (0, 1)
     [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
@@ -187,8 +189,8 @@ def test_an_error_after_a_video_is_stored_does_not_also_count_it_failed(corpus, 
 
     real = decode_pyav.decode_windows_pyav
 
-    def raises_after_the_last_window(index, plan):
-        yield from real(index, plan)
+    def raises_after_the_last_window(index, plan, **kw):
+        yield from real(index, plan, **kw)
         raise RuntimeError("error while closing the container")
 
     _, good, _ = corpus
@@ -212,3 +214,128 @@ def test_resume_with_other_window_settings_is_refused(corpus, tmp_path):
         extract_videos(str(good["d"].path), tmp_path / "s", seconds=2.0, frames=4)
     assert Store(tmp_path / "s").video_ids == ["a"]  # nothing written by the refused runs
     assert Store(tmp_path / "s")._entries["a"]["n"] == 3
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory):
+    """12 one-second windows, a keyframe every 1.2 s: a video that spans many encoder batches."""
+    d = tmp_path_factory.mktemp("long")
+    return synth.write_video(d / "long.mp4", duration=12.0, fps=10, codec="h264", gop=12, seed=3)
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_pyav_decode_skipping_windows_gives_the_same_frames(tmp_path, codec):
+    """Resuming decodes only the windows left, from the keyframe before the first: every window it
+    yields equals the same window of a full decode (frames and timestamps)."""
+    from lvmae_fast.video.decode_pyav import decode_windows_pyav
+    from lvmae_fast.video.jobs import VideoJob, WindowSpec, prepare_job
+
+    video = synth.write_video(tmp_path / f"v.{'mp4' if codec == 'h264' else 'webm'}", duration=8.0, fps=10,
+                              codec=codec, gop=12, seed=4)
+    job = prepare_job(VideoJob("v", str(video.path)), WindowSpec(seconds=1.0))
+    full = {w: (f, t) for w, f, t in decode_windows_pyav(job.index, job.plan)}
+    assert sorted(full) == list(range(8))
+    for skip_upto, extra in [(5, ()), (3, (6,)), (0, (2, 7))]:  # a prefix (seek), and gaps (no seek)
+        skip = np.zeros(8, bool)
+        skip[:skip_upto] = True
+        skip[list(extra)] = True
+        got = list(decode_windows_pyav(job.index, job.plan, skip=skip))
+        assert [w for w, _, _ in got] == [w for w in range(8) if not skip[w]]
+        for w, frames, times in got:
+            np.testing.assert_array_equal(frames, full[w][0])
+            np.testing.assert_array_equal(times, full[w][1])
+
+
+LONG_KILLER = textwrap.dedent("""
+    import os, sys
+    from lvmae_fast.video.encoders import tiny
+    real = tiny.TinyVideoEncoder.encode_video
+    calls = [0]
+    def dying(self, x):
+        calls[0] += 1
+        if calls[0] == 4:
+            os._exit(9)  # hard kill during the 4th encoder batch of one long video
+        return real(self, x)
+    tiny.TinyVideoEncoder.encode_video = dying
+    from lvmae_fast.extract import extract_videos
+    extract_videos(sys.argv[1], sys.argv[2], encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav")
+""")
+
+
+def test_a_killed_job_loses_only_the_batch_in_flight_of_a_long_video(long_video, tmp_path):
+    """Batches 1-3 (6 of the 12 windows) were embedded before the kill: the resumed job encodes only
+    the 6 others, and the stored video equals an uninterrupted job's."""
+    from lvmae_fast.video.partial import PARTIAL_DIR
+
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", LONG_KILLER, str(long_video.path), str(killed)], capture_output=True)
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    assert not (killed / "index.json").exists()  # nothing complete, nothing committed
+    assert len(list((killed / PARTIAL_DIR).rglob("chunk-*.npz"))) == 3
+    resumed = extract_videos(str(long_video.path), killed, encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav")
+    assert (resumed["done"], resumed["windows"]) == (1, 6)
+    assert not any((killed / PARTIAL_DIR).iterdir())  # committed: its saved windows are gone
+    clean = extract_videos(str(long_video.path), tmp_path / "clean", encoder="tiny", seconds=1.0, batch_size=5,
+                           decoder="pyav")
+    assert clean["windows"] == 12
+    np.testing.assert_allclose(Store(killed).get("long").astype(np.float32),
+                               Store(tmp_path / "clean").get("long").astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(Store(killed).window_times("long"), Store(tmp_path / "clean").window_times("long"))
+
+
+def test_saved_windows_of_a_changed_file_are_discarded(long_video, tmp_path):
+    import os
+    import shutil
+
+    from lvmae_fast.video.partial import PartialVideos
+
+    video = tmp_path / "long.mp4"
+    shutil.copy(long_video.path, video)
+    store = tmp_path / "s"
+    store.mkdir()
+    stale = PartialVideos(store, dim=64)
+    stale.save("long", str(video), 12, np.arange(4), np.full((4, 64), 7.0, np.float32))
+    assert stale.load("long", str(video), 12)[1].sum() == 4  # same file: resumable
+    os.utime(video, ns=(0, 0))                                 # the file was replaced since
+    s = extract_videos(str(video), store, encoder="tiny", seconds=1.0, batch_size=4, decoder="pyav")
+    assert (s["done"], s["windows"]) == (1, 12)                # all windows embedded afresh
+    assert not (Store(store).get("long") == 7.0).all(axis=1).any()
+
+
+def test_two_files_with_one_video_id_fail_the_second_only(tmp_path):
+    folder = tmp_path / "v"
+    synth.write_video(folder / "clip.mp4", duration=2.0, fps=10, codec="h264")
+    synth.write_video(folder / "clip.webm", duration=2.0, fps=10, codec="vp9")
+    synth.write_video(folder / "other.mp4", duration=2.0, fps=10, codec="h264")
+    s = extract_videos(folder, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["failed"], s["total"]) == (2, 1, 3)
+    assert s["decoded_by"] == {"pyav": 2}
+    assert sorted(Store(tmp_path / "s").video_ids) == ["clip", "other"]
+    [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert failure["path"].endswith("clip.webm") and "already used by" in failure["reason"]
+
+
+@pytest.mark.parametrize("rule", ["time", "index"])
+def test_dali_cpu_decode_skipping_windows_gives_the_same_frames(tmp_path, rule):
+    pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
+    from lvmae_fast.video.decode_dali import decode_windows_dali
+    from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
+
+    video = synth.write_video(tmp_path / "v.webm", duration=6.0, fps=10, codec="vp9", gop=12, seed=5)
+    spec = WindowSpec(seconds=1.0, frames=4, rule=rule)
+
+    def decode(skip):
+        job = prepare_job(VideoJob("v", str(video.path)), spec)
+        job.skip = skip
+        events = list(decode_windows_dali([job], spec, device="cpu", readers=1, batch_size=3))
+        assert all(isinstance(e, Window) for e in events)
+        return {e.window: (np.asarray(e.frames), e.times) for e in events}
+
+    full = decode(None)
+    assert sorted(full) == list(range(6))
+    skip = np.array([True, True, False, True, False, False])
+    part = decode(skip)
+    assert sorted(part) == [2, 4, 5]
+    for w, (frames, times) in part.items():
+        np.testing.assert_array_equal(frames, full[w][0])
+        np.testing.assert_allclose(times, full[w][1])

@@ -173,6 +173,21 @@ def test_resume_extends_max_steps_and_refuses_other_configs(store, reference_run
     assert _snapshot(run) == before  # refusals write nothing
 
 
+def test_resume_from_another_working_directory(store, reference_run, tmp_path):
+    """A run started with relative paths resumes from anywhere with just --out and --resume
+    (config.yaml holds absolute paths)."""
+    def run(cwd, *args):
+        return subprocess.run(lvmae_cmd("pretrain", *args), capture_output=True, text=True, timeout=180, cwd=cwd)
+
+    r = run(store.parent, *COMMON, "--store", store.name, "--out", "relative_run", "--max-steps", 10)
+    assert r.returncode == 0, r.stderr
+    out = store.parent / "relative_run"
+    assert tc.load_yaml(out / "config.yaml")["store"] == str(store.resolve())
+    r = run(tmp_path, "--out", out, "--resume", "--max-steps", 20, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert curve(out) == curve(reference_run)[:20]
+
+
 def test_bad_stores_are_refused_or_skipped(tmp_path, restore_threads):
     empty = tmp_path / "empty"
     StoreWriter(empty, 32).close()

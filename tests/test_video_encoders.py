@@ -151,3 +151,59 @@ def test_internvideo2_torchscript_layout(tmp_path):
     assert enc.encode_video(torch.randn(2, 8, 3, 32, 32)).shape == (2, 16)
     # No mean/std in internvideo2.json: InternVideo2's own test transform (ImageNet statistics).
     assert (enc.mean, enc.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _write_tokenizer(path):
+    """A hand-written CLIP byte-level BPE tokenizer (vocab.json + merges.txt) small enough for TEXT's
+    vocab_size: the two special tokens, a-z inside and at the end of a word, and two merges (d o, do g</w>)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = (["<|startoftext|>", "<|endoftext|>"] + list(letters) + [c + "</w>" for c in letters]
+              + ["do", "dog</w>"])
+    assert len(tokens) <= TEXT["vocab_size"] and tokens.index("<|endoftext|>") == TEXT["eos_token_id"]
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (path / "merges.txt").write_text("#version: 0.2\nd o\ndo g</w>\n")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # What the tokenizer must produce: <start> a</w> dog</w> <end>; zebra crossing letter by letter.
+    return {"a dog": [0, vocab["a</w>"], vocab["dog</w>"], 1],
+            "zebra crossing": [0] + [vocab[c] for c in "zebr"] + [vocab["a</w>"]]
+                              + [vocab[c] for c in "crossin"] + [vocab["g</w>"], 1]}
+
+
+def _check_text_tower(enc, ref, expected_ids):
+    texts = ["a dog", "zebra crossing"]
+    out = enc.encode_text(texts)
+    assert out.shape == (2, enc.dim) and torch.isfinite(out).all()
+    assert not torch.allclose(out[0], out[1], atol=1e-4)
+    again = enc.encode_text(["zebra crossing", "a dog", "a dog"])
+    torch.testing.assert_close(again[1], again[2], rtol=0, atol=0)
+    torch.testing.assert_close(again[[1, 0]], out, rtol=1e-5, atol=1e-5)  # batch order / padding: no effect
+    # Tokenizer + projection: the same as the reference model on the hand-computed token ids.
+    for i, text in enumerate(texts):
+        ids = torch.tensor([expected_ids[text]])
+        want = ref.get_text_features(input_ids=ids, attention_mask=torch.ones_like(ids))
+        want = want if isinstance(want, torch.Tensor) else want.pooler_output
+        torch.testing.assert_close(out[i], want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["clip-mean", "xclip"])
+def test_text_tower(tmp_path, transformers, name):
+    if name == "clip-mean":
+        ref = transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24))
+    else:
+        vision = dict(VISION, num_frames=4, mit_hidden_size=24, mit_intermediate_size=48, mit_num_hidden_layers=1,
+                      mit_num_attention_heads=2)
+        ref = transformers.XCLIPModel(transformers.XCLIPConfig(text_config=TEXT, vision_config=vision,
+                                                               projection_dim=24, prompt_layers=1))
+    ref.eval().save_pretrained(tmp_path)
+    expected = _write_tokenizer(tmp_path)
+    enc = build_encoder(name, weights=str(tmp_path))
+    with torch.no_grad():
+        _check_text_tower(enc, ref, expected)
+
+
+def test_text_tower_without_tokenizer_files_is_explained(tmp_path, transformers):
+    transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=VISION,
+                                                   projection_dim=24)).save_pretrained(tmp_path)
+    enc = build_encoder("clip-mean", weights=str(tmp_path))  # video-only dir: still builds
+    with pytest.raises(ValueError, match="no tokenizer"):
+        enc.encode_text(["a dog"])

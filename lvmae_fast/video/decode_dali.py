@@ -67,12 +67,14 @@ class _Shard:
                 link = os.path.join(folder, f"r{k}-{len(lines)}{'' if any(c.isspace() for c in suffix) else suffix}")
                 os.symlink(path, link)
                 path = link
+            active = job.active_windows()  # windows a killed job already embedded are not decoded again
             if rule == "index":
-                for w, (a, b) in enumerate(job.plan.ranges):
+                for w in active:
+                    a, b = job.plan.ranges[w]
                     lines.append(f"{path} {len(self.slots)} {int(a)} {int(b)}")
-                    self.slots.append((job, w))
+                    self.slots.append((job, int(w)))
             else:
-                for f in np.unique(job.plan.frames):
+                for f in np.unique(job.plan.frames[active]):
                     lines.append(f"{path} {len(self.slots)} {int(f)} {int(f) + 1}")
                     self.slots.append((job, int(f)))
         self.file_list = os.path.join(folder, f"reader{k}.txt")
@@ -131,7 +133,7 @@ def decode_windows_dali(jobs: Iterable[VideoJob], spec: WindowSpec, device: str 
             yield job  # DALI's CPU decoder has no H.264/HEVC/AV1: PyAV takes it
             continue
         chunk.append(job)
-        size += job.num_windows
+        size += len(job.active_windows())
         if size >= chunk_windows:
             yield from _decode_chunk(chunk, spec, device, device_id, readers, batch_size, threads)
             chunk, size = [], 0
@@ -146,7 +148,8 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
         shards = [_Shard(s, rule, folder, k) for k, s in enumerate(split_over_readers(jobs, readers))]
         # rule "time": frames wait here until their window is complete; windows complete in order.
         cache: dict[int, dict[int, object]] = {id(j): {} for j in jobs}
-        next_window = {id(j): 0 for j in jobs}
+        todo_windows = {id(j): j.active_windows() for j in jobs}
+        next_window = {id(j): 0 for j in jobs}       # position in todo_windows[id(job)]
         done_jobs: set[int] = set()
         broken: list[VideoJob] = []
         for k, shard in enumerate(shards):
@@ -180,11 +183,11 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
                     frames = _to_torch(video[i], device)
                     if rule == "index":
                         yield Window(job, item, frames, stamps[i].astype(np.float64))
-                        if item == job.num_windows - 1:
+                        if item == todo_windows[id(job)][-1]:
                             done_jobs.add(id(job))
                         continue
                     cache[id(job)][item] = (frames[0], float(stamps[i, 0]))
-                    yield from _complete_windows(job, cache[id(job)], next_window, done_jobs)
+                    yield from _complete_windows(job, todo_windows[id(job)], cache[id(job)], next_window, done_jobs)
                 if shard.seen >= shard.total:
                     active.remove(shard)
             # a reader that never produced a window for a job (DALI skipped its file) -> PyAV
@@ -196,21 +199,23 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
             yield job
 
 
-def _complete_windows(job, frames_by_index, next_window, done_jobs):
+def _complete_windows(job, active, frames_by_index, next_window, done_jobs):
+    """Yield the windows (of `active`, in order) whose frames have all arrived."""
     import torch
 
-    plan = job.plan
-    w = next_window[id(job)]
-    while w < len(plan) and all(int(f) in frames_by_index for f in plan.frames[w]):
-        picked = [frames_by_index[int(f)] for f in plan.frames[w]]
+    frames = job.plan.frames
+    k = next_window[id(job)]
+    while k < len(active) and all(int(f) in frames_by_index for f in frames[active[k]]):
+        w = int(active[k])
+        picked = [frames_by_index[int(f)] for f in frames[w]]
         yield Window(job, w, torch.stack([p[0] for p in picked]), np.asarray([p[1] for p in picked]))
-        w += 1
+        k += 1
         # Frames before the next window's first frame are not needed again (frames are sorted).
-        if w < len(plan):
-            keep_from = int(plan.frames[w].min())
+        if k < len(active):
+            keep_from = int(frames[active[k]].min())
             for f in [f for f in frames_by_index if f < keep_from]:
                 del frames_by_index[f]
-    next_window[id(job)] = w
-    if w == len(plan):
+    next_window[id(job)] = k
+    if k == len(active):
         done_jobs.add(id(job))
         frames_by_index.clear()

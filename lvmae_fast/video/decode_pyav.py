@@ -1,10 +1,15 @@
 """CPU decoding with PyAV (any codec FFmpeg knows): one sequential pass, windows yielded in order.
 
 Frames are matched by pts against the frames the plan asks for. A frame the decoder never produces
-(damaged data) is replaced by the last decoded frame before it, as a player would show it.
+(damaged data) is replaced by the last decoded frame before it, as a player would show it; when more
+than MAX_MISSING of the sampled frames (and more than a couple) are missing, the video is refused as
+damaged instead of being embedded from stand-ins. Windows listed in `skip` (embedded by an earlier,
+killed job) are not produced; when they form a prefix, decoding starts at the keyframe before the
+first needed frame instead of at the beginning of the file.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import numpy as np
@@ -12,27 +17,39 @@ import numpy as np
 from .probe import VideoError, VideoIndex, pts_to_seconds
 from .windows import WindowPlan
 
+log = logging.getLogger(__name__)
 
-def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0
+MAX_MISSING = 0.05   # fraction of sampled frames that may be stood in for before a video is refused
+
+
+def _missing_budget(needed: int) -> int:
+    return max(2, int(MAX_MISSING * needed))
+
+
+def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, skip: np.ndarray | None = None
                         ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (window index, uint8 frames [T, H, W, 3] RGB, seconds [T] of the frames actually decoded)
-    for every window of `plan`, in order."""
+    for every window of `plan` not marked in `skip`, in order."""
     import av
 
-    wanted_pts = index.pts[plan.frames]                 # [n, T] pts of each sampled frame
+    active = np.arange(len(plan)) if skip is None else np.flatnonzero(~np.asarray(skip, bool))
+    if len(active) == 0:
+        return
+    wanted_pts = index.pts[plan.frames[active]]         # [n_active, T] pts of each sampled frame
     needed = np.unique(wanted_pts)                      # ascending
+    budget = _missing_budget(len(needed))
     # A window is complete once the largest pts it needs has been assigned.
     window_last = wanted_pts.max(axis=1)
     # Frames still needed by a later window are kept; others are dropped as decoding advances.
     pts0 = int(index.pts[0])
     last_use = {int(p): -1 for p in needed}
-    for w in range(len(plan)):
-        for p in wanted_pts[w]:
-            last_use[int(p)] = w
+    for k in range(len(active)):
+        for p in wanted_pts[k]:
+            last_use[int(p)] = k
 
     got: dict[int, np.ndarray] = {}
     got_pts: dict[int, int] = {}        # wanted pts -> pts of the frame that stands in for it
-    next_window, j = 0, 0
+    next_k, j, missing = 0, 0, 0
     last_frame, last_array = None, None
 
     def array_of(frame):
@@ -41,16 +58,26 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0
             last_frame, last_array = frame, frame.to_ndarray(format="rgb24")
         return last_array
 
+    def stand_in(frame):
+        nonlocal j, missing
+        missing += 1
+        if missing > budget:
+            raise VideoError(f"damaged video data: more than {budget} of the {len(needed)} sampled frames "
+                             f"could not be decoded (first missing at {pts_to_seconds(np.asarray([needed[j]]), pts0, index.time_base)[0]:.2f} s)")
+        got[int(needed[j])] = array_of(frame)
+        got_pts[int(needed[j])] = frame.pts
+        j += 1
+
     def flush(upto_pts: float):
-        nonlocal next_window
-        while next_window < len(plan) and window_last[next_window] <= upto_pts:
-            w = next_window
-            used = np.asarray([got_pts[int(p)] for p in wanted_pts[w]], dtype=np.int64)
-            yield w, np.stack([got[int(p)] for p in wanted_pts[w]]), pts_to_seconds(used, pts0, index.time_base)
-            for p in set(int(p) for p in wanted_pts[w]):
-                if last_use[p] <= w:
+        nonlocal next_k
+        while next_k < len(active) and window_last[next_k] <= upto_pts:
+            k = next_k
+            used = np.asarray([got_pts[int(p)] for p in wanted_pts[k]], dtype=np.int64)
+            yield int(active[k]), np.stack([got[int(p)] for p in wanted_pts[k]]), pts_to_seconds(used, pts0, index.time_base)
+            for p in set(int(p) for p in wanted_pts[k]):
+                if last_use[p] <= k:
                     got.pop(p, None)
-            next_window += 1
+            next_k += 1
 
     try:
         container = av.open(index.path, mode="r")
@@ -63,6 +90,11 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0
         stream.thread_type = "AUTO"
         if threads:
             stream.thread_count = threads
+        # Resuming past a prefix of embedded windows: start at the last keyframe at or before the first
+        # frame still needed (a keyframe's own pts is an exact seek target).
+        keys = index.pts[index.keyframe & (index.pts <= needed[0])]
+        if len(keys) and keys.max() > index.pts[0]:
+            container.seek(int(keys.max()), stream=stream, backward=True, any_frame=False)
         try:
             for frame in container.decode(stream):
                 pts = frame.pts if frame.pts is not None else frame.dts
@@ -71,10 +103,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0
                 decoded_any = True
                 # Needed frames strictly before this one were never produced: use the previous frame.
                 while j < len(needed) and needed[j] < pts:
-                    stand_in = prev if prev is not None else frame
-                    got[int(needed[j])] = array_of(stand_in)
-                    got_pts[int(needed[j])] = stand_in.pts
-                    j += 1
+                    stand_in(prev if prev is not None else frame)
                 if j < len(needed) and needed[j] == pts:
                     got[int(pts)] = array_of(frame)
                     got_pts[int(pts)] = pts
@@ -86,11 +115,12 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0
         except av.FFmpegError as err:
             if not decoded_any:
                 raise VideoError(f"decoding failed ({err.strerror or err})") from None
-            # Damaged tail: remaining frames repeat the last good one (same as a player).
+            # Damaged tail: remaining frames repeat the last good one (same as a player), within budget.
     if not decoded_any:
         raise VideoError("decoder produced no frames")
     while j < len(needed):
-        got[int(needed[j])] = array_of(prev)
-        got_pts[int(needed[j])] = prev.pts
-        j += 1
+        stand_in(prev)
+    if missing:
+        log.warning("%s: %d of %d sampled frames could not be decoded; the frame before each stands in",
+                    index.path, missing, len(needed))
     yield from flush(np.inf)

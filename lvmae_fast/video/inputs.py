@@ -3,7 +3,9 @@
 Video ids (the store key, stable across re-runs so resume works):
 - folder: the path relative to the folder, without its extension ("sub/clip");
 - glob: relative to the glob's fixed leading directory, same form;
-- list: a `video_id` column when the CSV has one, else the file stem (duplicate stems are an error).
+- list: a `video_id` column when the CSV has one, else the file stem.
+Two files with one id (clip.mp4 and clip.webm, say): the first keeps it, the others are reported by
+`lvmae extract` as failures (rename them, or give a `video_id` column) and the job goes on.
 List files: .txt = one path per line ('#' comments); .csv = header with a `path` column (optional
 `video_id`), or headerless first column. Relative paths resolve against the list file's folder.
 """
@@ -64,13 +66,8 @@ def _from_list(list_file: Path) -> list[tuple[str, str]]:
             line = line.strip()
             if line and not line.startswith("#"):
                 rows.append((None, line))
-    out, seen = [], {}
+    out = []
     for vid, p in rows:
         full = Path(p) if Path(p).is_absolute() else base / p
-        vid = vid or Path(p).stem
-        if vid in seen and seen[vid] != str(full):
-            raise ValueError(f"{list_file}: video id {vid!r} used by {seen[vid]} and {full}; "
-                             "add a video_id column to the CSV")
-        seen[vid] = str(full)
-        out.append((vid, str(full)))
+        out.append((vid or Path(p).stem, str(full)))
     return out

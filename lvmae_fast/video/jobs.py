@@ -15,6 +15,15 @@ class VideoJob:
     path: str
     index: VideoIndex | None = None
     plan: WindowPlan | None = None
+    # Windows embedded by an earlier, killed job (video/partial.py): decoders do not produce them.
+    skip: np.ndarray | None = None          # bool [n]
+    saved_emb: np.ndarray | None = None     # float32 [n, d], rows valid where skip
+    decoded_by: str = ""                    # which backend produced its windows (for the job summary)
+
+    def active_windows(self) -> np.ndarray:
+        """Indices of the windows to decode, in order."""
+        n = self.num_windows
+        return np.arange(n) if self.skip is None else np.flatnonzero(~self.skip)
 
     @property
     def num_windows(self) -> int:

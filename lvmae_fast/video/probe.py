@@ -41,6 +41,19 @@ def pts_to_seconds(pts: np.ndarray, pts0: int, time_base: Fraction) -> np.ndarra
     return ((pts - pts0) * time_base.numerator).astype(np.float64) / time_base.denominator
 
 
+def _declared_duration(container, stream) -> float | None:
+    """Seconds of video the header declares, or None when it does not say."""
+    import av
+
+    if stream.duration and stream.duration > 0:
+        return float(stream.duration * stream.time_base)
+    # webm/mkv declare only the whole file's duration: that is the video's only when nothing else
+    # is in the file (a longer audio track must not make the video look truncated).
+    if container.duration and container.duration > 0 and all(s.type == "video" for s in container.streams):
+        return container.duration / av.time_base
+    return None
+
+
 def probe_video(path) -> VideoIndex:
     """Demux every packet of the video stream; raise VideoError with a readable reason on bad input."""
     import av
@@ -62,6 +75,7 @@ def probe_video(path) -> VideoIndex:
         codec = stream.codec_context.name
         width, height = stream.codec_context.width, stream.codec_context.height
         time_base = stream.time_base
+        declared = _declared_duration(container, stream)
         pts, durations, keys = [], [], []
         try:
             for packet in container.demux(stream):
@@ -76,7 +90,8 @@ def probe_video(path) -> VideoIndex:
         except av.FFmpegError as err:
             if not pts:
                 raise VideoError(f"unreadable video data ({err.strerror or err})") from None
-            # A damaged tail: keep what was demuxed (DALI's index stops at the same point).
+            # A damaged tail: keep what was demuxed (DALI's index stops at the same point); a long
+            # one is caught by the truncation check below.
     if not pts:
         raise VideoError("video stream has no frames")
     if width <= 0 or height <= 0:
@@ -90,6 +105,12 @@ def probe_video(path) -> VideoIndex:
     if last <= 0:
         last = int(np.median(np.diff(pts_arr))) if len(pts_arr) > 1 else 0
     duration = float(pts_to_seconds(np.asarray([pts_arr[-1] + last]), int(pts_arr[0]), time_base)[0])
+    # A file cut short whose index survives (mp4 with moov at the front, webm/mkv) demuxes its prefix
+    # without any error; only the header still knows the full length. Small shortfalls (rounding, a
+    # last-frame duration, a few packets lost at the very end) keep the prefix, as before.
+    if declared is not None and declared - duration > max(1.0, 0.05 * declared):
+        raise VideoError(f"truncated: the header declares {declared:.1f} s of video, "
+                         f"only {duration:.1f} s is readable")
     return VideoIndex(path=path, codec=codec, width=width, height=height, time_base=time_base,
                       pts=pts_arr, times=times, keyframe=np.asarray(keys, dtype=bool)[order],
                       duration=duration)

@@ -46,6 +46,10 @@ def normalisation(path: Path, default_size: int, mean=CLIP_MEAN, std=CLIP_STD) -
     return tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std)), size
 
 
+# Vocabulary files of the tokenizers these checkpoints ship (fast, BPE, WordPiece, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
 class HFTextTower:
     """Lazy tokenizer: only needed for retrieval, so a video-only checkpoint dir still extracts."""
 
@@ -54,6 +58,11 @@ class HFTextTower:
 
     def tokenize(self, texts, device, max_length: int):
         if self._tok is None:
+            # transformers 5 builds an *empty* tokenizer from config.json alone (every word becomes
+            # the end-of-text token, no error): require a vocabulary file first.
+            if not any((Path(self.path) / f).is_file() for f in TOKENIZER_FILES):
+                raise ValueError(f"encoder {self.name!r}: no tokenizer in {self.path} (none of "
+                                 f"{', '.join(TOKENIZER_FILES)}); copy the checkpoint's tokenizer files there")
             transformers = offline_transformers()
             try:
                 self._tok = transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)

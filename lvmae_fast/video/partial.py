@@ -1,0 +1,116 @@
+"""Window embeddings of videos not finished yet, kept beside the store so a killed job loses at most
+the encoder batch in flight, however long the video.
+
+The store only ever holds complete videos (it commits a video once all its windows are embedded). An
+hours-long video spans many encoder batches, so after each batch the windows it added to unfinished
+videos are written here, one small file per video per batch:
+
+    STORE/partial/<key>/meta.json          video id, source path, size and mtime, window count, dim
+    STORE/partial/<key>/chunk-000007.npz   windows int64 [k], emb float32 [k, d]
+
+(<key> is a hash of the video id: ids may contain '/'.) Every file is written atomically (temp file,
+fsync, rename), so a kill leaves whole chunks or none. A resumed job loads the chunks of a video whose
+source file is unchanged, and the decoders skip those windows. Once a video is committed to the store
+its folder is removed; folders of videos the store already holds are removed when a job starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+PARTIAL_DIR = "partial"
+
+
+def _source_stamp(path: str) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class PartialVideos:
+    def __init__(self, store_dir, dim: int):
+        self.root = Path(store_dir) / PARTIAL_DIR
+        self.dim = int(dim)
+        self._chunks: dict[str, int] = {}  # video id -> next chunk number
+
+    def _folder(self, video_id: str) -> Path:
+        return self.root / hashlib.sha1(video_id.encode()).hexdigest()[:20]
+
+    def _meta(self, video_id: str, path: str, num_windows: int) -> dict:
+        return {"video_id": video_id, "path": str(path), **_source_stamp(path), "num_windows": int(num_windows),
+                "dim": self.dim}
+
+    def load(self, video_id: str, path: str, num_windows: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(emb float32 [n, d], filled bool [n]) saved by an earlier run, or None. Progress made on
+        another version of the file (size, mtime, window count or dim differ) is discarded."""
+        folder = self._folder(video_id)
+        meta_file = folder / "meta.json"
+        if not meta_file.is_file():
+            return None
+        try:
+            saved = json.loads(meta_file.read_text())
+            current = self._meta(video_id, path, num_windows)
+        except (OSError, ValueError):
+            saved, current = None, {}
+        if saved != current:
+            log.info("discarding saved progress of %s: the file or the settings changed", video_id)
+            self.drop(video_id)
+            return None
+        emb = np.zeros((num_windows, self.dim), np.float32)
+        filled = np.zeros(num_windows, bool)
+        chunks = sorted(folder.glob("chunk-*.npz"))
+        for chunk in chunks:
+            with np.load(chunk) as data:
+                windows, values = data["windows"], data["emb"]
+            emb[windows] = values
+            filled[windows] = True
+        self._chunks[video_id] = len(chunks)
+        if filled.all() or not filled.any():  # nothing to resume from (or nothing left to decode)
+            self.drop(video_id)
+            return None
+        return emb, filled
+
+    def save(self, video_id: str, path: str, num_windows: int, windows: np.ndarray, emb: np.ndarray) -> None:
+        """Append the embeddings of `windows` (window indices of this video) as one chunk."""
+        folder = self._folder(video_id)
+        if video_id not in self._chunks:
+            if folder.exists():  # left by an older job on another version of this file
+                shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            meta = json.dumps(self._meta(video_id, path, num_windows))
+            atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(meta))
+            self._chunks[video_id] = 0
+        number = self._chunks[video_id]
+
+        def write(tmp):
+            with open(tmp, "wb") as fh:
+                np.savez(fh, windows=np.asarray(windows, np.int64), emb=np.asarray(emb, np.float32))
+
+        atomic_write(folder / f"chunk-{number:06d}.npz", write)
+        self._chunks[video_id] = number + 1
+
+    def drop(self, video_id: str) -> None:
+        self._chunks.pop(video_id, None)
+        shutil.rmtree(self._folder(video_id), ignore_errors=True)
+
+    def remove_committed(self, committed) -> None:
+        """Remove the folders of videos the store already holds (a kill between commit and cleanup)."""
+        if not self.root.is_dir():
+            return
+        for folder in self.root.iterdir():
+            try:
+                video_id = json.loads((folder / "meta.json").read_text())["video_id"]
+            except (OSError, ValueError, KeyError):
+                shutil.rmtree(folder, ignore_errors=True)  # no readable meta: a folder a kill left half-made
+                continue
+            if committed(video_id):
+                shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""probe_video on cut files whose index survives: a long shortfall is refused, normal files are not."""
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("av")
+
+from lvmae_fast import synth
+from lvmae_fast.video.probe import VideoError, probe_video
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return synth.write_failure_corpus(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("name", ["truncated_webm", "truncated_faststart"])
+def test_cut_file_with_intact_index_is_truncated(corpus, name):
+    with pytest.raises(VideoError) as err:
+        probe_video(corpus[name])
+    msg = str(err.value)
+    assert msg.startswith("truncated"), msg
+    m = re.search(r"declares ([\d.]+) s of video, only ([\d.]+) s is readable", msg)
+    assert m, msg
+    declared, readable = float(m.group(1)), float(m.group(2))
+    assert declared == 12.0 and 0 < readable < 6.0
+
+
+def test_failure_corpus_is_deterministic(corpus, tmp_path):
+    again = synth.write_failure_corpus(tmp_path)
+    assert sorted(again) == sorted(corpus)
+    for name in ("truncated_webm", "truncated_faststart", "damaged_middle"):
+        assert again[name].read_bytes() == corpus[name].read_bytes(), name
+
+
+def test_damaged_middle_still_demuxes(corpus):
+    # Its index is intact: probe keeps all 12 s; the undecodable middle is the decoder's business.
+    index = probe_video(corpus["damaged_middle"])
+    assert index.num_frames == 120 and index.duration == pytest.approx(12.0)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("h264.mp4", dict(duration=6.0, fps=10, codec="h264")),
+    ("h264_ntsc.mp4", dict(duration=5.0, fps=29.97, codec="h264")),
+    ("h264_faststart.mp4", dict(duration=12.0, fps=10, codec="h264", mux_options={"movflags": "faststart"})),
+    ("short.mp4", dict(duration=0.2, fps=10, codec="h264")),
+    ("vp9.webm", dict(duration=3.4, fps=8, codec="vp9")),
+    ("vp9_long.webm", dict(duration=12.0, fps=30, codec="vp9")),
+    ("vp9.mkv", dict(duration=3.0, fps=10, codec="vp9")),
+    ("vfr.webm", dict(duration=3.0, fps=10, codec="vp9", vfr=True, seed=1)),
+    ("vfr.mp4", dict(duration=2.0, fps=25, codec="h264", vfr=True, seed=1)),
+    ("audio.mp4", dict(duration=3.0, fps=10, codec="h264", audio=True)),
+    ("audio_vfr.mkv", dict(duration=2.0, fps=25, codec="vp9", vfr=True, seed=1, audio=True)),
+])
+def test_normal_files_are_not_truncated(tmp_path, name, kwargs):
+    video = synth.write_video(tmp_path / name, **kwargs)
+    index = probe_video(video.path)
+    assert index.num_frames == len(video.frame_times)
+    one_frame = 1.0 / kwargs["fps"]
+    # VFR: synth's last interval is drawn before the end; the container's last frame duration may differ.
+    assert abs(index.duration - video.duration) <= one_frame + 1e-6, (index.duration, video.duration)
+
+
+def test_small_shortfall_keeps_the_prefix(tmp_path):
+    # 30 s: the limit is max(1 s, 5%) = 1.5 s; the last 2% of the bytes hold about 1.1 s.
+    whole = synth.write_video(tmp_path / "whole.mp4", duration=30.0, fps=10, codec="h264",
+                              mux_options={"movflags": "faststart"}).path
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.98)])
+    index = probe_video(cut)
+    assert 28.5 < index.duration < 30.0      # a few frames lost: kept, as before
+    assert np.all(np.diff(index.times) > 0)
