@@ -28,7 +28,7 @@ them with one journal line (the first commit writes index.json; once the journal
 the journal is folded into a new index.json). The numpy-only snippet above ignores the journal: it is
 exact for closed stores; docs/store.md shows how to apply a busy writer's journal too. A shard that no committed index names is garbage from a killed
 writer: readers never see it and the next writer deletes it. Re-opening a store with StoreWriter
-resumes: `contains(video_id)` tells an importer what to skip.
+resumes (dim, encoder and segment_seconds must match the store): `contains(video_id)` tells an importer what to skip.
 """
 from __future__ import annotations
 
@@ -186,6 +186,11 @@ class StoreWriter:
                 raise ValueError(f"store {self.path} was written with other settings: "
                                  + ", ".join(f"{k}={stored.get(k)!r} (now {settings.get(k)!r})" for k in differ)
                                  + "; use the same settings or another store")
+            # Checked after settings, whose message names the extraction knob (window_seconds) behind it.
+            if float(self._index["segment_seconds"]) != self.segment_seconds:
+                raise ValueError(f"store {self.path} holds segment_seconds={float(self._index['segment_seconds'])}; "
+                                 f"cannot add segment_seconds={self.segment_seconds} (one store, one segment length: "
+                                 f"use {float(self._index['segment_seconds'])} or another store)")
         else:
             self._index = {"format": STORE_FORMAT, "version": STORE_VERSION, "dim": self.dim, "encoder": self.encoder,
                            "segment_seconds": self.segment_seconds, "dtype": EMB_DTYPE.name, "shards": [], "videos": [],
@@ -393,6 +398,7 @@ class Store:
         index = load_index(self.path)
         self.fingerprint = index_fingerprint(index)
         self.dim, self.encoder = int(index["dim"]), str(index["encoder"])
+        self.dtype = str(index.get("dtype", EMB_DTYPE.name))  # shards are checked to hold EMB_DTYPE
         self.segment_seconds = float(index["segment_seconds"])
         self._shards = index["shards"]
         self._entries = {v["id"]: v for v in index["videos"]}
@@ -570,7 +576,7 @@ def summarize(store: Store) -> dict:
     size = sum((store.path / s[k]).stat().st_size for s in store._shards for k in ("emb", "times"))
     hours = float(sum(store.num_segments(v) * store._entry(v)["segment_seconds"] for v in store.video_ids)) / 3600
     return {
-        "path": str(store.path), "videos": len(store), "dim": store.dim, "encoder": store.encoder,
+        "path": str(store.path), "videos": len(store), "dim": store.dim, "dtype": store.dtype, "encoder": store.encoder,
         "segment_seconds": store.segment_seconds, "segments": int(lengths.sum()), "hours": round(hours, 3),
         "shards": len(store._shards), "bytes_on_disk": int(size),
         "segments_per_video": ({"min": int(lengths.min()), "median": float(np.median(lengths)),

@@ -7,8 +7,9 @@ Import sources:
   per segment holding {'embedding': tensor [dim]}; the video id comes from `video_filename` (or
   `video_id`, else the row number). The list is parsed as JSON or as a Python list of string literals
   by a small parser of our own: CSV fields are never evaluated.
-Import resumes: videos already in the store are skipped. Files that fail validation are reported and
-skipped; the exit code is then 1 and everything valid is committed.
+Import resumes: videos already in the store are skipped. Files that fail validation (unreadable or
+corrupt files, wrong shapes, a video id repeated within the source) are reported and skipped; the exit
+code is then 1 and everything valid is committed.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from .store import Store, StoreWriter, load_index, summarize, verify_store
 _PY_STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""
 _PY_LIST = re.compile(rf"^\[\s*(?:(?:{_PY_STRING})\s*(?:,\s*(?:{_PY_STRING})\s*)*,?\s*)?\]$", re.S)
 _ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "t": "\t"}
+# A reference CSV row lists one path per segment: a 3-hour video at 5 s segments is ~180k characters in one
+# field, past the csv module's default limit of 128 KiB. Raised for that read only (the limit is global).
+CSV_FIELD_LIMIT = 1 << 30
 
 
 def parse_path_list(text: str) -> list[str]:
@@ -43,10 +47,20 @@ def parse_path_list(text: str) -> list[str]:
     return value
 
 
+def _cannot_read(path: Path, err: BaseException) -> ValueError:
+    # Loaders raise many types for a corrupt file (pickle.UnpicklingError, EOFError, RuntimeError, ...) and
+    # torch's messages run over many lines: one line naming the file is what an import report needs.
+    first = (str(err).strip().splitlines() or [""])[0]
+    return ValueError(f"{path}: cannot read embeddings ({type(err).__name__}: {first[:200]})")
+
+
 def _load_torch_embedding(path: Path):
     import torch  # only .pt sources need torch here
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)  # never a blind pickle load
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # never a blind pickle load
+    except Exception as err:
+        raise _cannot_read(path, err) from err
     if isinstance(obj, dict):
         if "embedding" not in obj:
             raise ValueError(f"{path}: dict without an 'embedding' key (keys {sorted(obj)[:5]})")
@@ -58,7 +72,10 @@ def _load_torch_embedding(path: Path):
 
 def load_array(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except Exception as err:
+            raise _cannot_read(path, err) from err
     return _load_torch_embedding(path)
 
 
@@ -74,8 +91,17 @@ def iter_directory(src: Path):
 
 def iter_reference_csv(csv_path: Path):
     """(video_id, source, loader) per row of an amazon-science/lv-mae segments CSV."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    old_limit = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            try:
+                rows = list(reader)
+            except csv.Error as err:
+                # reader.reader: DictReader.line_num only advances after a good row
+                raise ValueError(f"{csv_path}: line {reader.reader.line_num}: malformed CSV ({err})") from None
+    finally:
+        csv.field_size_limit(old_limit)
     if rows and "segment_paths" not in rows[0]:
         raise ValueError(f"{csv_path}: no `segment_paths` column (columns: {sorted(rows[0])})")
     for i, row in enumerate(rows):
@@ -103,12 +129,18 @@ def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float
         raise FileNotFoundError(f"import source {src} does not exist")
     items = iter_reference_csv(src) if src.is_file() and src.suffix == ".csv" else iter_directory(src)
     writer, added, skipped, failures = None, 0, 0, []
+    seen: dict[str, str] = {}  # video id -> its first source in this run
     kwargs = {"shard_rows": shard_rows} if shard_rows else {}
     try:
-        if (out / "index.json").exists():  # resume: the existing store fixes dim and encoder
+        if (out / "index.json").exists():  # resume: the existing store fixes dim; encoder and segment_seconds must match
             index = load_index(out)
             writer = StoreWriter(out, index["dim"], encoder=encoder, segment_seconds=segment_seconds, **kwargs)
         for video_id, source, load in items:
+            if video_id in seen:  # checked before the resume skip: the first copy may be in the store by now
+                failures.append(f"{video_id} ({source}): video id repeated in the source (first at {seen[video_id]}); "
+                                f"not imported")
+                continue
+            seen[video_id] = source
             if writer is not None and writer.contains(video_id):
                 skipped += 1
                 continue

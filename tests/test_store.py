@@ -510,3 +510,136 @@ def test_cli_compact(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "merged 3 small shards; 1 shards now" in out.stdout
     assert Store(tmp_path / "s").video_ids == ["v0", "v1", "v2"]
+
+
+def write_reference_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def segment_files(seg_dir, vid, n, dim=8, seed=0):
+    seg_dir.mkdir(exist_ok=True)
+    rng, paths = np.random.default_rng(seed), []
+    for j in range(n):
+        p = seg_dir / f"{vid}_{j:03d}.pt"
+        torch.save({"embedding": torch.from_numpy(rng.standard_normal(dim).astype(np.float32))}, p)
+        paths.append(str(p))
+    return paths
+
+
+class NotPlain:  # a pickled object torch.load(weights_only=True) refuses
+    pass
+
+
+def test_corrupt_or_non_plain_pt_files_are_reported_not_a_traceback(tmp_path):
+    rng = np.random.default_rng(6)
+    src = tmp_path / "src"
+    src.mkdir()
+    for vid, emb in random_videos(rng, 8, [3, 4]).items():
+        np.save(src / f"{vid}.npy", emb)
+    (src / "garbage.pt").write_bytes(b"\x80\x02this is not a torch file" * 10)
+    torch.save({"embedding": NotPlain()}, src / "pickled.pt")
+    (src / "empty.npy").write_bytes(b"")
+    added, skipped, failures = import_embeddings(src, tmp_path / "s")
+    assert (added, skipped) == (2, 0) and len(failures) == 3  # skipped and reported; the rest is committed
+    by_id = {f.split(" ")[0]: f for f in failures}
+    assert set(by_id) == {"garbage", "pickled", "empty"}
+    for vid, name in (("garbage", "garbage.pt"), ("pickled", "pickled.pt"), ("empty", "empty.npy")):
+        assert f"{name}: cannot read embeddings (" in by_id[vid] and "\n" not in by_id[vid]
+    assert "UnpicklingError" in by_id["pickled"]
+    assert sorted(Store(tmp_path / "s").video_ids) == ["v0", "v1"]
+    # The CLI: exit 1, one line per bad file, no traceback; a re-run resumes and reports them again.
+    r = lvmae("store", "import", src, "--out", tmp_path / "s2")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "imported 2 videos" in r.stdout and "3 videos failed and were not imported" in r.stderr
+    assert "failed: pickled (" in r.stderr and "pickled.pt: cannot read embeddings (UnpicklingError" in r.stderr
+
+
+def test_reference_csv_with_one_bad_segment_file_fails_that_row_only(tmp_path):
+    seg = tmp_path / "segs"
+    good, bad = segment_files(seg, "good", 3), segment_files(seg, "bad", 3, seed=1)
+    Path(bad[1]).write_bytes(b"not a pickle at all")
+    write_reference_csv(tmp_path / "train.csv", [
+        {"video_filename": vid, "segment_paths": json.dumps(paths), "number_of_segments": 3}
+        for vid, paths in (("good", good), ("bad", bad))])
+    r = lvmae("store", "import", tmp_path / "train.csv", "--out", tmp_path / "s")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"failed: bad ({tmp_path / 'train.csv'}#row=1): {bad[1]}: cannot read embeddings (" in r.stderr
+    assert Store(tmp_path / "s").video_ids == ["good"]
+
+
+def test_reference_csv_row_longer_than_the_csv_default_field_limit(tmp_path):
+    # A long video: 2,100 segment paths in one field (~180k characters; the csv default limit is 131072).
+    seg = tmp_path / "segs"
+    one = segment_files(seg, "x", 1)[0]
+    paths = [one.replace("/segs/", "/segs/" + "./" * (j % 7)) for j in range(2100)]
+    field = json.dumps(paths)
+    field += " " * max(0, 180_000 - len(field))  # whitespace around the JSON list is allowed
+    assert len(field) > csv.field_size_limit()
+    write_reference_csv(tmp_path / "long.csv", [{"video_filename": "long", "segment_paths": field,
+                                                  "number_of_segments": 2100}])
+    limit = csv.field_size_limit()
+    added, _, failures = import_embeddings(tmp_path / "long.csv", tmp_path / "s")
+    assert (added, failures) == (1, []) and Store(tmp_path / "s").num_segments("long") == 2100
+    assert csv.field_size_limit() == limit  # the process-wide limit is restored
+
+
+def test_malformed_reference_csv_names_the_file_and_line(tmp_path, monkeypatch):
+    import lvmae_fast.store_cli as store_cli
+
+    seg = tmp_path / "segs"
+    rows = [{"video_filename": f"v{i}", "segment_paths": json.dumps(segment_files(seg, f"v{i}", 1 + 5 * i)),
+             "number_of_segments": 1 + 5 * i} for i in range(2)]
+    write_reference_csv(tmp_path / "t.csv", rows)
+    limit = csv.field_size_limit()
+    monkeypatch.setattr(store_cli, "CSV_FIELD_LIMIT", len(rows[0]["segment_paths"]) + 10)  # row 2 is too long
+    with pytest.raises(ValueError, match=r"t\.csv: line 3: malformed CSV \(field larger than field limit"):
+        import_embeddings(tmp_path / "t.csv", tmp_path / "s")
+    assert csv.field_size_limit() == limit
+
+
+def test_duplicate_video_ids_in_one_csv_are_reported_not_dropped(tmp_path):
+    seg = tmp_path / "segs"
+    a1, a2, b = segment_files(seg, "a1", 2), segment_files(seg, "a2", 4, seed=1), segment_files(seg, "b", 1, seed=2)
+    csv_path = write_reference_csv(tmp_path / "t.csv", [
+        {"video_filename": vid, "segment_paths": json.dumps(paths)} for vid, paths in (("A", a1), ("B", b), ("A", a2))])
+    added, skipped, failures = import_embeddings(csv_path, tmp_path / "s")
+    assert (added, skipped) == (2, 0)
+    assert failures == [f"A ({csv_path}#row=2): video id repeated in the source (first at {csv_path}#row=0); not imported"]
+    assert Store(tmp_path / "s").num_segments("A") == 2  # the first row wins; the repeat is not silently mixed in
+    # Resume: ids committed by the earlier run are skipped as before; the repeat is still reported.
+    added, skipped, failures = import_embeddings(csv_path, tmp_path / "s")
+    assert (added, skipped, len(failures)) == (0, 2, 1) and "repeated in the source" in failures[0]
+    r = lvmae("store", "import", csv_path, "--out", tmp_path / "s")
+    assert r.returncode == 1 and "(2 already present)" in r.stdout
+    assert "failed: A (" in r.stderr and "video id repeated in the source" in r.stderr
+
+
+def test_resume_refuses_a_different_segment_length(tmp_path):
+    write_store(tmp_path / "s", random_videos(np.random.default_rng(7), 4, [3]), 4, segment_seconds=5.0)
+    with pytest.raises(ValueError, match=r"holds segment_seconds=5\.0; cannot add segment_seconds=2\.0"):
+        StoreWriter(tmp_path / "s", 4, segment_seconds=2.0)
+    with StoreWriter(tmp_path / "s", 4, segment_seconds=5) as w:  # the same length (int or float) resumes
+        w.add("more", np.ones((2, 4), np.float32))
+    # The CLI: a resumed import with another --segment-seconds stops with one line and adds nothing.
+    src = tmp_path / "src"
+    src.mkdir()
+    np.save(src / "new.npy", np.ones((3, 4), np.float32))
+    r = lvmae("store", "import", src, "--out", tmp_path / "s", "--segment-seconds", "2")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "error: store" in r.stderr and "segment_seconds=5.0; cannot add segment_seconds=2.0" in r.stderr
+    assert Store(tmp_path / "s").video_ids == ["v0", "more"]
+    r = lvmae("store", "import", src, "--out", tmp_path / "s", "--segment-seconds", "5")
+    assert r.returncode == 0, r.stderr
+    assert {Store(tmp_path / "s").meta(v)["segment_seconds"] for v in ("v0", "more", "new")} == {5.0}
+
+
+def test_info_prints_the_embedding_dtype(tmp_path):
+    write_store(tmp_path / "s", random_videos(np.random.default_rng(8), 4, [2, 3]), 4)
+    r = lvmae("store", "info", tmp_path / "s", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["dtype"] == "float16"
+    r = lvmae("store", "info", tmp_path / "s")
+    assert r.returncode == 0 and any(line.split() == ["dtype:", "float16"] for line in r.stdout.splitlines())
