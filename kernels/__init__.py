@@ -208,8 +208,12 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -
                          f"{getattr(masked, 'dtype', type(masked))} {tuple(getattr(masked, 'shape', ()))}")
     masked = masked.to(pred.device)
     if not _runs_triton(pred) or pred.shape[0] == 0:
-        per_row = _row_loss_torch(pred, target, "mse")
-        return (per_row * masked).sum() / masked.sum().clamp_min(1)
+        # Unmasked rows are never read (as in the kernel): zeroing them with torch.where, not multiplying
+        # their loss by 0, keeps a NaN/Inf there out of the loss and the gradient (NaN * 0 = NaN), with
+        # no host sync (indexing the masked rows would need their count on the host).
+        keep = masked[:, None]
+        per_row = _row_loss_torch(torch.where(keep, pred, 0), torch.where(keep, target, 0), "mse")
+        return per_row.sum() / masked.sum().clamp_min(1)
     return _MaskedLoss.apply(_rowmajor(pred), _rowmajor(target), None,
                              masked.contiguous().view(torch.uint8), False)
 

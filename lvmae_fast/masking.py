@@ -8,7 +8,7 @@ Every strategy reduces to "per video, mask the k_i rows with the lowest score, t
   redundant segments are masked.
 The first token of a video has no predecessor; its similarity is defined as 0.0 (as the reference code
 does). A zero vector has similarity 0.0 with anything (no NaN).
-k_i = L_i - keep_i with keep_i = max(1, int(L_i * (1 - ratio))).
+k_i = L_i - keep_i with keep_i = max(1, int(L_i * (1 - ratio))) (an empty video masks nothing).
 """
 from __future__ import annotations
 
@@ -25,13 +25,16 @@ COSINE_EPS = 1e-8
 def adjacent_cosine(x_Td: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """fp32 [T]: cos(x_t, x_{t-1}) inside each video; 0.0 for each video's first row and for zero vectors."""
     x = x_Td.float()
-    sim = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    if x.shape[0] > 1:
+    T = x.shape[0]
+    # One spare slot: the start offset of a trailing empty video is T (empty videos are masking-level
+    # no-ops, as in the kernel; the packed batch builder rejects them).
+    sim = torch.zeros(T + 1, dtype=torch.float32, device=x.device)
+    if T > 1:
         dot = (x[1:] * x[:-1]).sum(-1)
         norm = x.norm(dim=-1)
-        sim[1:] = dot / (norm[1:] * norm[:-1]).clamp_min(COSINE_EPS)
+        sim[1:T] = dot / (norm[1:] * norm[:-1]).clamp_min(COSINE_EPS)
     sim[cu_seqlens[:-1].long()] = 0.0
-    return sim
+    return sim[:T]
 
 
 def mask_lowest(scores_T: torch.Tensor, cu_seqlens: torch.Tensor, num_masked: torch.Tensor) -> torch.Tensor:
@@ -97,9 +100,11 @@ def masked_counts(masked_T: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]
 
 def build_masked_batch(x_Td: torch.Tensor, cu_seqlens: torch.Tensor, lengths: Sequence[int], strategy: str,
                        mask_ratio: float, generator: torch.Generator | None = None, kernels: str = "torch"):
-    """Mask a packed batch and build its PackedBatch (works on CPU in DataLoader workers or on CUDA)."""
-    from .packing import PackedBatch
+    """Mask a packed batch and build its PackedBatch (works on CPU in DataLoader workers or on CUDA).
+    `lengths` (host ints) are checked first: an empty batch or a zero-length video is a ValueError."""
+    from .packing import PackedBatch, check_lengths
 
+    lengths = check_lengths(lengths, int(x_Td.shape[0]))
     masked = make_mask(strategy, x_Td, cu_seqlens, mask_ratio, generator=generator, kernels=kernels,
                        max_seqlen=max(lengths))
     return PackedBatch.from_mask(x_Td, cu_seqlens, lengths, masked, keep=keep_counts(lengths, mask_ratio))

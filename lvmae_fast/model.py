@@ -112,6 +112,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _check_finite_rows(x_Td: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    """ValueError naming the first sequence (and row) holding NaN/Inf. Reads the result on the host:
+    a device sync when x is on CUDA, so only forward(check_finite=True) calls it."""
+    bad = ~torch.isfinite(x_Td).all(-1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        seq = int((cu_seqlens[1:].long() <= row).sum())
+        raise ValueError(f"sequence {seq}: contains NaN or Inf values (packed row {row})")
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -213,9 +223,15 @@ class LVMAE(nn.Module):
         # The norm and head are per-token: run them only on the rows asked for.
         return self.decoder_pred(self.decoder_norm(h.index_select(0, slots)))
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Masked-reconstruction loss of a packed batch (scalar)."""
+    def forward(self, batch: PackedBatch, check_finite: bool = False) -> torch.Tensor:
+        """Masked-reconstruction loss of a packed batch (scalar).
+
+        check_finite=True raises ValueError naming the first sequence with a NaN/Inf row. It is opt-in on
+        every device: on CUDA it is a host sync per step, and the trainer (CPU or CUDA alike) already
+        turns a non-finite loss into a skipped update without one; by default NaN/Inf rows give a NaN loss."""
         self._check_batch(batch)
+        if check_finite:
+            _check_finite_rows(batch.x, batch.cu_seqlens)
         enc_out = self.forward_encoder(batch)
         pred_rows = self.forward_decoder(batch, enc_out, batch.dec_masked_slots)
         return masked_reconstruction_loss(pred_rows, batch.x, batch.masked_rows, loss=self.config.loss,
@@ -224,7 +240,7 @@ class LVMAE(nn.Module):
 
     # ---- list-of-sequences API -------------------------------------------------------------------
     def _batch_from(self, seqs: Sequence[torch.Tensor], masked_T: torch.Tensor | None) -> PackedBatch:
-        validate_sequences(seqs, self.config.in_dim, self.config.max_len)
+        """Pack sequences the caller has already run through validate_sequences."""
         device = self.cls_token.device
         x_Td, cu, lengths = pack_sequences([s.to(device=device, dtype=self.cls_token.dtype) for s in seqs])
         if masked_T is None:
@@ -234,6 +250,7 @@ class LVMAE(nn.Module):
     @torch.no_grad()
     def encode(self, seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """No masking: (cls [B, D], tokens [sum L_i, D]) after the encoder's final LayerNorm, input order."""
+        validate_sequences(seqs, self.config.in_dim, self.config.max_len)
         batch = self._batch_from(seqs, None)
         enc_out = self.forward_encoder(batch)
         return enc_out.index_select(0, batch.enc_cls_slots), enc_out.index_select(0, batch.enc_token_slots)
@@ -241,11 +258,14 @@ class LVMAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, seqs: Sequence[torch.Tensor], visible: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Decoder predictions (after decoder_pred) for every position given an explicit visible set."""
+        # Sequences first, so that an empty batch or an empty sequence is named as such.
+        validate_sequences(seqs, self.config.in_dim, self.config.max_len)
         if len(visible) != len(seqs):
             raise ValueError(f"got {len(seqs)} sequences but {len(visible)} visible masks")
         for i, (s, v) in enumerate(zip(seqs, visible)):
-            if v.dtype != torch.bool or v.shape != (s.shape[0],):
-                raise ValueError(f"visible[{i}] must be a bool tensor of shape ({s.shape[0]},), got {v.dtype} {tuple(v.shape)}")
+            if not isinstance(v, torch.Tensor) or v.dtype != torch.bool or v.shape != (s.shape[0],):
+                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"visible[{i}] must be a bool tensor of shape ({s.shape[0]},), got {got}")
             if not bool(v.any()):
                 raise ValueError(f"visible[{i}] has no visible token; the encoder needs at least one")
         masked_T = ~torch.cat([v.to(self.cls_token.device) for v in visible])

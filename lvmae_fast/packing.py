@@ -18,10 +18,26 @@ import torch
 
 
 def keep_counts(lengths: Sequence[int], mask_ratio: float) -> list[int]:
-    """Visible tokens per video: max(1, int(L * (1 - ratio))) — at least one token always enters the encoder."""
+    """Visible tokens per video: max(1, int(L * (1 - ratio))) — at least one token always enters the encoder.
+    An empty video (L = 0) keeps 0: it has no token to keep (check_lengths rejects it before packing)."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    return [max(1, int(n * (1.0 - mask_ratio))) for n in lengths]
+    return [max(1, int(n * (1.0 - mask_ratio))) if n > 0 else 0 for n in lengths]
+
+
+def check_lengths(lengths: Sequence[int], total: int | None = None) -> list[int]:
+    """Host ints -> list[int]; ValueError for an empty batch, a zero-length (or negative) sequence, or
+    lengths that do not add up to `total` rows. Free: lengths are Python ints, no device read."""
+    lengths = [int(n) for n in lengths]
+    if not lengths:
+        raise ValueError("empty batch: expected at least one sequence (lengths is empty)")
+    for i, n in enumerate(lengths):
+        if n <= 0:
+            what = "zero-length sequence (L=0)" if n == 0 else f"negative length L={n}"
+            raise ValueError(f"sequence {i}: {what}; drop empty videos before packing")
+    if total is not None and sum(lengths) != total:
+        raise ValueError(f"lengths add up to {sum(lengths)} rows but x has {total}")
+    return lengths
 
 
 def cu_seqlens_from_lengths(lengths: Sequence[int], device=None) -> torch.Tensor:
@@ -123,20 +139,42 @@ class PackedBatch:
     def from_mask(cls, x_Td: torch.Tensor, cu_seqlens: torch.Tensor, lengths: Sequence[int],
                   masked_T: torch.Tensor, keep: Sequence[int] | None = None) -> "PackedBatch":
         """Build every index tensor from a row mask. `keep` (visible count per video, host ints) lets
-        CUDA callers skip the one host sync needed to size the visible/masked index tensors."""
-        lengths = [int(n) for n in lengths]
+        CUDA callers skip the one host sync needed to size the visible/masked index tensors.
+
+        Validation costs no host sync: `lengths` and `keep` are host ints, checked always (empty batch,
+        zero-length sequence, sum(lengths) == T, 1 <= keep_i <= L_i); cu_seqlens and the per-video
+        visible counts of the mask are compared with them only when those tensors are on the CPU (a
+        DataLoader worker builds every training batch on CPU, where the read is free)."""
+        T = int(x_Td.shape[0])
+        lengths = check_lengths(lengths, T)
         device = x_Td.device
-        T, B = int(x_Td.shape[0]), len(lengths)
+        B = len(lengths)
         if masked_T.shape != (T,) or masked_T.dtype != torch.bool:
             raise ValueError(f"masked must be a bool tensor of shape ({T},), got {masked_T.dtype} {tuple(masked_T.shape)}")
+        if cu_seqlens.shape != (B + 1,):
+            raise ValueError(f"cu_seqlens must hold B+1={B + 1} offsets for {B} lengths, got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device.type == "cpu" and not torch.equal(cu_seqlens.long(), cu_seqlens_from_lengths(lengths).long()):
+            raise ValueError(f"cu_seqlens {cu_seqlens.tolist()} do not match lengths {lengths}")
         cu = cu_seqlens.to(device=device, dtype=torch.int32)
         video_T = video_of_rows(cu, T)
         positions_T = torch.arange(T, device=device) - cu.long()[video_T]
+        counted = None  # visible rows per video as the mask has them (one host read: free on CPU only)
+        if keep is None or (device.type == "cpu" and masked_T.device.type == "cpu"):
+            counted = torch.bincount(video_T[~masked_T], minlength=B).tolist()
         if keep is None:
-            keep = torch.bincount(video_T[~masked_T], minlength=B).tolist()
+            keep = counted
         keep = [int(k) for k in keep]
-        if min(keep) < 1:
-            raise ValueError("every video needs at least one visible token; a mask hid a whole video")
+        if len(keep) != B:
+            raise ValueError(f"keep has {len(keep)} entries for {B} sequences")
+        for i, (k, n) in enumerate(zip(keep, lengths)):
+            if k < 1:
+                raise ValueError(f"sequence {i}: every video needs at least one visible token; a mask hid a whole video")
+            if k > n:
+                raise ValueError(f"sequence {i}: keep={k} visible tokens but the sequence has only L={n}")
+        if counted is not None and counted != keep:
+            i = next(i for i, (a, b) in enumerate(zip(counted, keep)) if a != b)
+            raise ValueError(f"sequence {i}: keep={keep[i]} disagrees with the mask, which leaves {counted[i]} "
+                             f"visible token(s) (keep must be the mask's visible count per sequence)")
         num_visible = sum(keep)
         # Stable argsort of the mask puts visible rows first, then masked rows, each in ascending order.
         order = torch.argsort(masked_T.to(torch.int8), stable=True)

@@ -160,3 +160,19 @@ def test_batch_transfer_keeps_values_and_moves_each_shared_buffer_once():
     sizes = []
     lone._map_storages(lambda t: sizes.append(t.numel()) or t.clone())
     assert 1000 not in sizes
+
+
+def test_empty_videos_are_masking_no_ops_and_keep_zero():
+    # keep_counts: an empty video has nothing to keep (was max(1, 0) = 1: a phantom visible token).
+    assert keep_counts([3, 0, 1, 10], 0.5) == [1, 0, 1, 5]
+    # The torch masks (like the kernel) skip empty videos anywhere, trailing ones included (their start
+    # offset is T: this was an IndexError), and mask the non-empty ones exactly as without them.
+    torch.manual_seed(0)
+    seqs = [torch.randn(n, 6) for n in (4, 7)]
+    x, cu, _ = pack_sequences(seqs)
+    with_empty = torch.tensor([0, 0, 4, 4, 11, 11], dtype=torch.int32)
+    for inverted in (False, True):
+        want = naive_semantic(seqs, 0.5, inverted)
+        assert torch.equal(semantic_mask_torch(x, with_empty, 0.5, inverted=inverted), want)
+    assert adjacent_cosine(x, with_empty)[[0, 4]].tolist() == [0.0, 0.0]
+    assert masked_counts(random_mask(with_empty, 0.5, torch.Generator().manual_seed(0)), with_empty) == [0, 2, 0, 4, 0]

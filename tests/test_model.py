@@ -1,4 +1,6 @@
 """Packed LV-MAE vs the naive padded implementation: same loss, same gradients, same encoder outputs."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -43,12 +45,21 @@ def test_loss_and_grads_match_naive_fp64(in_dim):
         torch.testing.assert_close(packed_grads[k], p.grad, rtol=1e-8, atol=1e-10, msg=f"grad of {k}")
 
 
-def test_loss_matches_naive_fp32():
+def test_loss_and_grads_match_naive_fp32():
     model, seqs, visible = make_case(dtype=torch.float32)
     loss = model(packed_batch(seqs, visible))
-    params = {k: p.detach() for k, p in model.named_parameters()}
+    loss.backward()
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
     ref = naive_loss(params, model.config, seqs, visible)
+    ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    # Both sides are fp32 with different summation orders (packed varlen streams vs padded batches), so
+    # they differ by rounding only: over seeds 0-4 at most 7.1e-7 of each tensor's largest gradient
+    # (~6 fp32 ulps; the naive fp32 model itself is 6.5e-7 from fp64). 1e-5 of the largest gradient
+    # leaves ~14x headroom; a real bug (a wrong position, a token leaking across videos) is >1e-3.
+    for k, p in model.named_parameters():
+        scale = params[k].grad.abs().max().item()
+        torch.testing.assert_close(p.grad, params[k].grad, rtol=0, atol=1e-5 * scale, msg=f"grad of {k}")
 
 
 def test_encode_and_reconstruct_match_naive():
@@ -143,3 +154,104 @@ def test_norm_targets_and_cosine_loss_against_hand_formula():
     model.config.loss, model.config.norm_targets = "mse", True
     z = (tgt - tgt.mean(-1, keepdim=True)) / (tgt.var(-1, keepdim=True) + 1e-6).sqrt()
     torch.testing.assert_close(model(batch), ((pred - z) ** 2).mean())
+
+
+# ---- bad input: reconstruct / forward / PackedBatch.from_mask / build_masked_batch ------------------
+NAN_ROW = torch.tensor([[float("nan")] * 8])
+
+
+@pytest.mark.parametrize("seqs, visible, match", [
+    ([], [], "empty batch"),
+    ([torch.zeros(0, 8)], [torch.ones(0, dtype=torch.bool)], "sequence 0: zero-length"),
+    ([torch.randn(3, 8), torch.zeros(0, 8)], [torch.ones(3, dtype=torch.bool), torch.ones(0, dtype=torch.bool)],
+     "sequence 1: zero-length"),
+    ([torch.randn(4, 9)], [torch.ones(4, dtype=torch.bool)], "embedding dim 9"),
+    ([torch.randn(4)], [torch.ones(4, dtype=torch.bool)], r"expected shape \[L, d\]"),
+    ([torch.cat([torch.randn(2, 8), NAN_ROW])], [torch.ones(3, dtype=torch.bool)], "sequence 0: contains NaN or Inf"),
+    ([torch.randn(3, 8)], [torch.ones(3, dtype=torch.bool), torch.ones(2, dtype=torch.bool)], "2 visible masks"),
+    ([torch.randn(3, 8)], [torch.ones(2, dtype=torch.bool)], r"visible\[0\] must be a bool tensor of shape \(3,\)"),
+    ([torch.randn(3, 8)], [[True, True, True]], r"visible\[0\] must be a bool tensor .* got list"),
+    ([torch.randn(3, 8)], [torch.zeros(3, dtype=torch.bool)], r"visible\[0\] has no visible token"),
+])
+def test_reconstruct_bad_input_is_a_clear_value_error(seqs, visible, match):
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, kernels="torch"))
+    with pytest.raises(ValueError, match=match):
+        model.reconstruct(seqs, visible)
+
+
+def test_from_mask_and_build_masked_batch_reject_empty_batches_and_empty_sequences():
+    from lvmae_fast.masking import build_masked_batch
+    from lvmae_fast.packing import cu_seqlens_from_lengths
+
+    x = torch.randn(3, 8)
+    cu = cu_seqlens_from_lengths([3, 0])
+    for strategy in ("random", "semantic", "semantic_inverted"):
+        # Was: a finite loss from a corrupt batch (random) or an IndexError (semantic).
+        with pytest.raises(ValueError, match="sequence 1: zero-length sequence"):
+            build_masked_batch(x, cu, [3, 0], strategy, 0.5)
+        with pytest.raises(ValueError, match="empty batch"):
+            build_masked_batch(x[:0], cu_seqlens_from_lengths([]), [], strategy, 0.5)
+    with pytest.raises(ValueError, match="sequence 1: zero-length sequence"):
+        PackedBatch.from_mask(x, cu, [3, 0], torch.tensor([True, False, True]), keep=[1, 1])
+    with pytest.raises(ValueError, match="sequence 1: zero-length sequence"):
+        PackedBatch.from_mask(x, cu, [3, 0], torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="empty batch"):
+        PackedBatch.from_mask(x[:0], cu_seqlens_from_lengths([]), [], torch.zeros(0, dtype=torch.bool))
+    with pytest.raises(ValueError, match="lengths add up to 4 rows but x has 3"):
+        PackedBatch.from_mask(x, cu_seqlens_from_lengths([3, 1]), [3, 1], torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"do not match lengths \[1, 2\]"):
+        PackedBatch.from_mask(x, cu_seqlens_from_lengths([2, 1]), [1, 2], torch.zeros(3, dtype=torch.bool))
+
+
+def test_from_mask_rejects_keep_that_disagrees_with_the_mask():
+    x, cu, lengths = pack_sequences([torch.randn(3, 8), torch.randn(4, 8)])
+    masked = torch.tensor([True, False, True, False, False, True, True])  # visible per video: 1, 2
+    good = PackedBatch.from_mask(x, cu, lengths, masked, keep=[1, 2])
+    assert good.visible_rows.tolist() == [1, 3, 4] and good.enc_cu_seqlens.tolist() == [0, 2, 5]
+    with pytest.raises(ValueError, match="sequence 0: keep=2 disagrees with the mask, which leaves 1 visible"):
+        PackedBatch.from_mask(x, cu, lengths, masked, keep=[2, 1])
+    with pytest.raises(ValueError, match="sequence 1: keep=5 visible tokens but the sequence has only L=4"):
+        PackedBatch.from_mask(x, cu, lengths, masked, keep=[1, 5])
+    with pytest.raises(ValueError, match="keep has 3 entries for 2 sequences"):
+        PackedBatch.from_mask(x, cu, lengths, masked, keep=[1, 2, 0])
+    with pytest.raises(ValueError, match="sequence 1: every video needs at least one visible token"):
+        PackedBatch.from_mask(x, cu, lengths, masked | (torch.arange(7) >= 3), keep=[1, 0])
+
+
+def test_forward_nonfinite_rows_checked_on_request():
+    model, seqs, visible = make_case(in_dim=8, dtype=torch.float32)
+    bad = [s.clone() for s in seqs]
+    bad[3][17, 2] = float("inf")  # sequence 3, packed row 1 + 2 + 7 + 17 = 27
+    batch = packed_batch(bad, visible)
+    # Default: no check (it would be a host sync per step on CUDA); the NaN shows in the loss, which
+    # the trainer catches on the device.
+    assert not torch.isfinite(model(batch))
+    with pytest.raises(ValueError, match=r"sequence 3: contains NaN or Inf values \(packed row 27\)"):
+        model(batch, check_finite=True)
+    clean = packed_batch(seqs, visible)
+    torch.testing.assert_close(model(clean, check_finite=True), model(clean))
+
+
+def test_forward_bad_batch_dim_and_rank():
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, kernels="torch"))
+    batch = packed_batch([torch.randn(5, 8)], [torch.ones(5, dtype=torch.bool)])
+    with pytest.raises(ValueError, match=r"model expects \[T, 8\]"):
+        model(replace(batch, x=batch.x[:, :7]))
+    with pytest.raises(ValueError, match=r"model expects \[T, 8\]"):
+        model(replace(batch, x=batch.x[:, None]))
+
+
+def test_from_mask_validation_reads_no_device_data():
+    """The CUDA path (keep given as host ints) must stay free of host syncs. Meta tensors have no data,
+    so any read of one fails: building from them proves the checks use only host ints and shapes, and
+    the host-side checks (zero-length sequence, keep > L) still fire there."""
+    from lvmae_fast.packing import cu_seqlens_from_lengths
+
+    x = torch.empty(7, 8, device="meta")
+    cu, masked = cu_seqlens_from_lengths([3, 4], "meta"), torch.empty(7, dtype=torch.bool, device="meta")
+    batch = PackedBatch.from_mask(x, cu, [3, 4], masked, keep=[1, 2])
+    assert batch.visible_rows.shape == (3,) and batch.masked_rows.shape == (4,) and batch.enc_max_seqlen == 3
+    with pytest.raises(ValueError, match="sequence 1: zero-length sequence"):
+        PackedBatch.from_mask(x, cu, [7, 0], masked, keep=[1, 1])
+    with pytest.raises(ValueError, match="sequence 0: keep=4 visible tokens but the sequence has only L=3"):
+        PackedBatch.from_mask(x, cu, [3, 4], masked, keep=[4, 2])
