@@ -22,8 +22,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
                   --steps 40 --warmup 5 --num-workers 4 --json-out "$OUT/pretrain_data.json" 2>&1 | grep -E '^\||rate|error' ;
                 timeout 150 python3 -m lvmae_fast demo --source embeddings --out /tmp/gpu_demo --overwrite --no-progress \
                   --epochs 20 2>&1 | grep -E 'device|\[|error|Error' ;;
-      graphs)   timeout 150 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_train.py -p no:cacheprovider 2>&1 | tail -15 ;
-                # batch 16 (the 10x target): eager, forward/backward graphs, whole-step graphs (update captured)
+      graphs)   # (the graph GPU tests are in the tests part) batch 16 (the 10x target): eager, forward/backward graphs, whole-step graphs (update captured)
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 30 --warmup 10 \
                   --long-len 0 --cuda-graphs --graph-optimizer --compile --json "$OUT/pretrain_graphs.json" 2>&1 | grep -E '^\||rror' ;
                 for g in "--cuda-graphs --graph-optimizer" ""; do  # graphs: every timed shape is captured before the clock
