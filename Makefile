@@ -3,6 +3,10 @@
 #   make test TORCH="torch"     (or any torch>=2.4 already matching your CUDA)
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# Where torch comes from: empty = pip's configured indexes (CI's machines hold a CPU wheel of 2.13.0
+# locally). Elsewhere PyPI's Linux wheel is a multi-GB CUDA build; for CPU-only:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 EXTRAS ?= test
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
@@ -12,7 +16,7 @@ STAMP := $(VENV)/.installed-$(EXTRAS)
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first: anything that depends on torch would otherwise pull a multi-GB CUDA build.
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
