@@ -83,6 +83,10 @@ class GraphedTrainStep:
         self.eager_steps = 0   # steps that ran without a graph (shapes beyond max_graphs)
         self.optimizer, self.grad_clip = optimizer, grad_clip
         self.grad_norm: torch.Tensor | None = None
+        # One warm-up stream and one capture stream for every shape: the caching allocator reuses a
+        # free block only on the stream it was allocated on, so captures on fresh streams would each
+        # keep their own memory in the "shared" pool (the sum over shapes instead of the largest).
+        self._streams: tuple | None = None
         if optimizer is None:
             self.grads = [torch.zeros_like(p) for p in self.params]
         else:
@@ -91,6 +95,9 @@ class GraphedTrainStep:
     def _adopt(self, optimizer: torch.optim.Optimizer) -> None:
         """Whole-step mode: device-tensor learning rates, capturable groups, the sticky skip flag."""
         groups = optimizer.param_groups
+        if self.warmup_iters < 1:
+            raise ValueError("GraphedTrainStep(optimizer=...) needs warmup_iters >= 1: the optimizer's state must be "
+                             "created by an eager warm-up step, not inside a capture (where replays would re-zero it)")
         if not all(g.get("fused") for g in groups):
             raise ValueError("GraphedTrainStep(optimizer=...) needs a fused optimizer (e.g. AdamW(..., fused=True)): "
                              "its found_inf input is what skips a non-finite step without a host sync")
@@ -99,21 +106,25 @@ class GraphedTrainStep:
             raise ValueError("GraphedTrainStep(optimizer=...): the optimizer must hold exactly the model's trainable "
                              "parameters (the graph's gradients exist only inside the step)")
         # A float lr would be baked into the captured update; a tensor is read at every replay. Its
-        # dtype is what each fused kernel reads a float lr as (CUDA: float, CPU: double), so a tensor
-        # lr updates bit for bit like the eager trainer's float lr.
+        # dtype is what each fused kernel accepts: CUDA reads a tensor lr as float (a float lr as
+        # double: ~1e-7 relative difference from the eager trainer), CPU as double (bit-identical).
         lr_dtype = torch.float32 if self.device.type == "cuda" else torch.float64
         for g in groups:
             g["lr"] = torch.tensor(float(g["lr"]), dtype=lr_dtype, device=self.device)
             if self.capture:
                 g["capturable"] = True
+        self._lrs = [g["lr"] for g in groups]  # the tensors the graphs read: they must never be replaced
         self.halted = torch.zeros((), dtype=torch.float32, device=self.device)
         for p in self.params:  # gradients are allocated by each step's own backward
             p.grad = None
 
     def set_lr(self, lr: float) -> None:
         """Learning rate of every param group for the steps queued from now on (no host sync)."""
-        for g in self.optimizer.param_groups:
-            g["lr"].fill_(lr)
+        for g, lr_t in zip(self.optimizer.param_groups, self._lrs):
+            if g["lr"] is not lr_t:  # e.g. load_state_dict after construction: the graphs read lr_t
+                raise RuntimeError("an optimizer param group's lr tensor was replaced after GraphedTrainStep adopted the "
+                                   "optimizer; the captured updates still read the old one (load state first)")
+            lr_t.fill_(lr)
 
     # ---- one step ---------------------------------------------------------------------------------
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
@@ -227,7 +238,9 @@ class GraphedTrainStep:
             self._capture_on_device(bucket)
 
     def _capture_on_device(self, bucket: _Bucket) -> None:
-        side = torch.cuda.Stream(self.device)
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        side, capture_stream = self._streams
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup_iters):  # lazy initialisation must not happen inside the capture
@@ -237,10 +250,14 @@ class GraphedTrainStep:
         # thread_local: a DataLoader pin-memory thread allocating pinned buffers mid-capture must not
         # invalidate the capture ("global" mode errors on unsafe CUDA calls from any thread).
         try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(self.device),
-                                  capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream, capture_error_mode="thread_local"):
                 bucket.out = self._step(bucket.static)
         except RuntimeError as err:
+            # Leave nothing half made: no bucket for this shape, no gradients pointing into the pool.
+            self.buckets = {k: b for k, b in self.buckets.items() if b is not bucket}
+            if self.optimizer is not None:
+                for p in self.params:
+                    p.grad = None
             first = err
             while isinstance(first.__context__, RuntimeError):  # capture_end's error hides the real one
                 first = first.__context__

@@ -274,6 +274,13 @@ def test_whole_step_refuses_optimizers_it_cannot_own():
     partial = torch.optim.AdamW(list(model.parameters())[:3], fused=True)
     with pytest.raises(ValueError, match="exactly the model's trainable parameters"):
         GraphedTrainStep(model, capture=False, optimizer=partial)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    with pytest.raises(ValueError, match="warmup_iters >= 1"):
+        GraphedTrainStep(model, capture=False, optimizer=opt, warmup_iters=0)
+    step = GraphedTrainStep(model, capture=False, optimizer=opt)
+    opt.load_state_dict(opt.state_dict())  # replaces each group's lr: the graphs would read stale tensors
+    with pytest.raises(RuntimeError, match="lr tensor was replaced"):
+        step.set_lr(1e-3)
 
 
 @pytest.mark.gpu
@@ -373,3 +380,30 @@ def test_gpu_whole_step_graphs_update_like_eager_updates():
     for k, p in model.named_parameters():
         assert torch.equal(p, settled[k]), k
     assert all(float(s["step"]) == 5.0 for s in opt.state.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("whole_step", [False, True])
+def test_gpu_graphs_share_one_memory_pool(whole_step):
+    """All shapes' graphs live in one pool: after the largest shape is captured, capturing smaller ones
+    reuses its memory (they were captured on fresh streams once, and each kept its own)."""
+    torch.manual_seed(0)
+    cfg = LVMAEConfig.from_preset("tiny", in_dim=IN_DIM, kernels="auto", attn_impl="auto", embed_dim=256, depth=4,
+                                  num_heads=4, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, max_len=4096)
+    model = LVMAE(cfg).cuda()
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, fused=True) if whole_step else None
+    step = GraphedTrainStep(model, autocast_dtype=torch.bfloat16, optimizer=opt)
+    big = pad_to_bucket(make_batch([3000, 2900, 2000], seed=0, dtype=torch.float32))
+    smaller = [pad_to_bucket(make_batch(L, seed=s, dtype=torch.float32))
+               for s, L in enumerate([[2000, 1500, 1000, 900], [1800, 1700], [2500, 10, 300, 20, 1000]], start=1)]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved()
+    assert step.prepare(big)
+    torch.cuda.synchronize()
+    first = torch.cuda.memory_reserved() - before
+    for b in smaller:
+        assert step.prepare(b)
+    torch.cuda.synchronize()
+    rest = torch.cuda.memory_reserved() - before - first
+    assert first > 32 * 2**20, first  # a capture big enough to measure
+    assert rest < 0.5 * first, (first, rest)
