@@ -265,7 +265,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     settings = {"window_seconds": spec.seconds, "frames": spec.frames, "sampling": spec.rule, "min_last": spec.min_last}
     with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds, settings=settings) as writer:
         failures = open(out / FAILURES_NAME, "w")  # this run's failures (re-runs retry failed files)
-        partials = PartialVideos(out, model.dim)
+        partials = PartialVideos(out, model.dim, settings={**settings, "encoder": encoder, "seed": seed})
         partials.remove_committed(writer.contains)
         todo = []
         for vid, path in items:
@@ -288,7 +288,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 return
             state[id(job)] = {"failed": True}
             counts["failed"] += 1
-            partials.drop(job.video_id)  # the saved windows of a video that cannot be finished
+            partials.drop(job.video_id, job.path)  # saved windows of this file, which cannot be finished
             log.warning("skip %s: %s", job.path, reason)
             failures.write(json.dumps({"path": job.path, "video_id": job.video_id, "reason": reason}) + "\n")
             failures.flush()

@@ -258,8 +258,14 @@ LONG_KILLER = textwrap.dedent("""
         return real(self, x)
     tiny.TinyVideoEncoder.encode_video = dying
     from lvmae_fast.extract import extract_videos
-    extract_videos(sys.argv[1], sys.argv[2], encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav")
+    extract_videos(sys.argv[1], sys.argv[2], encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav",
+                   frames=int(sys.argv[3]) if len(sys.argv) > 3 else 8)
 """)
+
+
+def kill_during_4th_batch(video, store, frames=8):
+    proc = subprocess.run([sys.executable, "-c", LONG_KILLER, str(video), str(store), str(frames)], capture_output=True)
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
 
 
 def test_a_killed_job_loses_only_the_batch_in_flight_of_a_long_video(long_video, tmp_path):
@@ -268,8 +274,7 @@ def test_a_killed_job_loses_only_the_batch_in_flight_of_a_long_video(long_video,
     from lvmae_fast.video.partial import PARTIAL_DIR
 
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", LONG_KILLER, str(long_video.path), str(killed)], capture_output=True)
-    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    kill_during_4th_batch(long_video.path, killed)
     assert not (killed / "index.json").exists()  # nothing complete, nothing committed
     assert len(list((killed / PARTIAL_DIR).rglob("chunk-*.npz"))) == 3
     resumed = extract_videos(str(long_video.path), killed, encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav")
@@ -339,3 +344,76 @@ def test_dali_cpu_decode_skipping_windows_gives_the_same_frames(tmp_path, rule):
     for w, (frames, times) in part.items():
         np.testing.assert_array_equal(frames, full[w][0])
         np.testing.assert_allclose(times, full[w][1])
+
+
+def test_saved_windows_survive_a_clashing_file_and_never_mix_settings(long_video, tmp_path):
+    """A second file claiming the id of a half-done video fails alone (the first file's saved windows
+    are kept and used); a job with other window settings re-embeds every window."""
+    import shutil
+
+    folder = tmp_path / "v"
+    folder.mkdir()
+    shutil.copy(long_video.path, folder / "long.mp4")
+    kill_during_4th_batch(folder, tmp_path / "s")
+    synth.write_video(folder / "long.webm", duration=2.0, fps=10, codec="vp9")
+    s = extract_videos(folder, tmp_path / "s", encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav")
+    assert (s["done"], s["failed"], s["windows"]) == (1, 1, 6)
+
+    kill_during_4th_batch(long_video.path, tmp_path / "s2", frames=8)
+    s = extract_videos(long_video.path, tmp_path / "s2", encoder="tiny", seconds=1.0, batch_size=2,
+                       decoder="pyav", frames=4)
+    assert (s["done"], s["windows"]) == (1, 12)
+    clean = extract_videos(long_video.path, tmp_path / "clean4", encoder="tiny", seconds=1.0, frames=4, decoder="pyav")
+    assert clean["done"] == 1
+    np.testing.assert_allclose(Store(tmp_path / "s2").get("long").astype(np.float32),
+                               Store(tmp_path / "clean4").get("long").astype(np.float32), atol=2e-3)
+
+
+def test_files_cut_mid_gop_and_resumed_mpeg_ts(tmp_path):
+    """A recording cut mid-GOP starts with undecodable frames: they take the first decodable frame
+    and are not damage. MPEG-TS seeks by bytes: a resume past a prefix must still give the frames a
+    full decode gives (the seek is verified, else the file is decoded from the start)."""
+    import av
+
+    from lvmae_fast.video.decode_pyav import decode_windows_pyav
+    from lvmae_fast.video.jobs import VideoJob, WindowSpec, prepare_job
+
+    src = synth.write_video(tmp_path / "src.mp4", duration=12.0, fps=10, codec="h264", gop=40, seed=6).path
+    cut = tmp_path / "cut.mkv"          # stream copy from 2.5 s: its first 1.5 s reference a lost keyframe
+    with av.open(str(src)) as inp, av.open(str(cut), "w") as out:
+        s_in = inp.streams.video[0]
+        s_out = out.add_stream_from_template(s_in)
+        inp.seek(int(2.5 / s_in.time_base), stream=s_in, any_frame=True, backward=False)
+        for packet in inp.demux(s_in):
+            if packet.dts is None:
+                continue
+            packet.stream = s_out
+            out.mux(packet)
+    job = prepare_job(VideoJob("cut", str(cut)), WindowSpec(seconds=1.0))
+    assert not job.index.keyframe[0]
+    windows = list(decode_windows_pyav(job.index, job.plan))
+    assert [w for w, _, _ in windows] == list(range(len(job.plan)))
+
+    # MPEG-TS with B-frames and a distinct picture per frame (synth's scenes repeat one picture).
+    ts = tmp_path / "v.ts"
+    with av.open(str(ts), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.options = {"preset": "fast", "x264-params": "keyint=30:min-keyint=30:bframes=3:scenecut=0"}
+        for i in range(200):
+            picture = np.zeros((64, 96, 3), np.uint8)
+            picture[:, :] = (i * 37 % 256, i * 11 % 256, (i * 3) % 256)
+            picture[: 8, : 8 * (i % 12)] = 255
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    job = prepare_job(VideoJob("ts", str(ts)), WindowSpec(seconds=1.0))
+    full = {w: (f, t) for w, f, t in decode_windows_pyav(job.index, job.plan)}
+    for k in range(1, len(job.plan)):
+        skip = np.arange(len(job.plan)) < k
+        for w, frames, times in decode_windows_pyav(job.index, job.plan, skip=skip):
+            np.testing.assert_array_equal(times, full[w][1], err_msg=f"prefix {k}, window {w}")
+            np.testing.assert_array_equal(frames, full[w][0], err_msg=f"prefix {k}, window {w}")

@@ -1,5 +1,6 @@
 """probe_video on cut files whose index survives: a long shortfall is refused, normal files are not."""
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -72,3 +73,27 @@ def test_small_shortfall_keeps_the_prefix(tmp_path):
     index = probe_video(cut)
     assert 28.5 < index.duration < 30.0      # a few frames lost: kept, as before
     assert np.all(np.diff(index.times) > 0)
+
+
+@pytest.mark.parametrize("suffix, codec", [(".mkv", "libx264"), (".webm", "libvpx-vp9")])
+def test_video_starting_late_in_its_container_is_not_truncated(tmp_path, suffix, codec):
+    """webm/mkv declare the container's length from timestamp 0; a video whose first frame is at
+    1.4 s (a start delay, or a cut that kept its timestamps) must be measured to its end time."""
+    import av
+
+    path = tmp_path / f"late{suffix}"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i in range(100):  # 10 s of video from 1.4 s to 11.4 s
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = 1400 + 100 * i, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    with av.open(str(path)) as c:
+        assert c.duration / av.time_base > 11.0  # the header's length counts from 0
+    index = probe_video(path)
+    assert abs(index.duration - 10.0) < 0.11

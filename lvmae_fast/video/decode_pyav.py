@@ -3,9 +3,15 @@
 Frames are matched by pts against the frames the plan asks for. A frame the decoder never produces
 (damaged data) is replaced by the last decoded frame before it, as a player would show it; when more
 than MAX_MISSING of the sampled frames (and more than a couple) are missing, the video is refused as
-damaged instead of being embedded from stand-ins. Windows listed in `skip` (embedded by an earlier,
-killed job) are not produced; when they form a prefix, decoding starts at the keyframe before the
-first needed frame instead of at the beginning of the file.
+damaged instead of being embedded from stand-ins. Frames before the first decodable one (a file cut
+from a longer recording mid-GOP starts with frames that reference data it no longer has) take the
+first decoded frame, with a warning, and do not count as damage.
+
+Windows listed in `skip` (embedded by an earlier, killed job) are not produced. When they form a
+prefix, decoding starts at the keyframe before the first needed frame, in containers that seek by
+index to a keyframe (mp4/mov, matroska/webm, flv, avi); the seek is kept only if the first frame it
+yields is a keyframe at or before the first needed frame, else the file is decoded from the start
+(mpeg-ts/ps seek by byte position and can land past a keyframe).
 """
 from __future__ import annotations
 
@@ -20,10 +26,55 @@ from .windows import WindowPlan
 log = logging.getLogger(__name__)
 
 MAX_MISSING = 0.05   # fraction of sampled frames that may be stood in for before a video is refused
+SEEKABLE_FORMATS = ("mp4", "mov", "matroska", "webm", "flv", "avi")
 
 
 def _missing_budget(needed: int) -> int:
     return max(2, int(MAX_MISSING * needed))
+
+
+def _open(path: str):
+    import av
+
+    try:
+        return av.open(path, mode="r")
+    except av.FFmpegError as err:
+        raise VideoError(f"cannot open for decoding ({err.strerror or err})") from None
+
+
+def _frames(index: VideoIndex, threads: int, seek_to: int | None) -> Iterator:
+    """Decoded frames of the video stream, from `seek_to` (a keyframe's pts) when the container can
+    seek there exactly, else from the start."""
+    import av
+
+    if seek_to is not None:
+        container = _open(index.path)
+        with container:
+            names = set(container.format.name.split(","))
+            if names & set(SEEKABLE_FORMATS):
+                stream = _video_stream(container, threads)
+                container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
+                decoded = container.decode(stream)
+                try:
+                    first = next(decoded, None)
+                except av.FFmpegError:
+                    first = None
+                if first is not None and first.pts is not None and first.pts <= seek_to and first.key_frame:
+                    yield first
+                    yield from decoded
+                    return
+                log.info("%s: seek to pts %d landed elsewhere; decoding from the start", index.path, seek_to)
+    container = _open(index.path)
+    with container:
+        yield from container.decode(_video_stream(container, threads))
+
+
+def _video_stream(container, threads: int):
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    if threads:
+        stream.thread_count = threads
+    return stream
 
 
 def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, skip: np.ndarray | None = None
@@ -49,7 +100,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
 
     got: dict[int, np.ndarray] = {}
     got_pts: dict[int, int] = {}        # wanted pts -> pts of the frame that stands in for it
-    next_k, j, missing = 0, 0, 0
+    next_k, j, missing, leading = 0, 0, 0, 0
     last_frame, last_array = None, None
 
     def array_of(frame):
@@ -58,12 +109,14 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
             last_frame, last_array = frame, frame.to_ndarray(format="rgb24")
         return last_array
 
-    def stand_in(frame):
+    def stand_in(frame, counts_as_damage: bool):
         nonlocal j, missing
-        missing += 1
-        if missing > budget:
-            raise VideoError(f"damaged video data: more than {budget} of the {len(needed)} sampled frames "
-                             f"could not be decoded (first missing at {pts_to_seconds(np.asarray([needed[j]]), pts0, index.time_base)[0]:.2f} s)")
+        if counts_as_damage:
+            missing += 1
+            if missing > budget:
+                at = pts_to_seconds(np.asarray([needed[j]]), pts0, index.time_base)[0]
+                raise VideoError(f"damaged video data: more than {budget} of the {len(needed)} sampled frames "
+                                 f"could not be decoded (the {budget + 1}th at {at:.2f} s)")
         got[int(needed[j])] = array_of(frame)
         got_pts[int(needed[j])] = frame.pts
         j += 1
@@ -79,48 +132,39 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
                     got.pop(p, None)
             next_k += 1
 
-    try:
-        container = av.open(index.path, mode="r")
-    except av.FFmpegError as err:
-        raise VideoError(f"cannot open for decoding ({err.strerror or err})") from None
-    decoded_any = False
+    # Resuming past a prefix of embedded windows: start at the last keyframe at or before the first
+    # frame still needed (a keyframe's own pts is an exact seek target).
+    keys = index.pts[index.keyframe & (index.pts <= needed[0])]
+    seek_to = int(keys.max()) if len(keys) and keys.max() > index.pts[0] else None
     prev = None
-    with container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        if threads:
-            stream.thread_count = threads
-        # Resuming past a prefix of embedded windows: start at the last keyframe at or before the first
-        # frame still needed (a keyframe's own pts is an exact seek target).
-        keys = index.pts[index.keyframe & (index.pts <= needed[0])]
-        if len(keys) and keys.max() > index.pts[0]:
-            container.seek(int(keys.max()), stream=stream, backward=True, any_frame=False)
-        try:
-            for frame in container.decode(stream):
-                pts = frame.pts if frame.pts is not None else frame.dts
-                if pts is None:
-                    continue
-                decoded_any = True
-                # Needed frames strictly before this one were never produced: use the previous frame.
-                while j < len(needed) and needed[j] < pts:
-                    stand_in(prev if prev is not None else frame)
-                if j < len(needed) and needed[j] == pts:
-                    got[int(pts)] = array_of(frame)
-                    got_pts[int(pts)] = pts
-                    j += 1
-                prev = frame
-                yield from flush(pts)
-                if j == len(needed):
-                    break
-        except av.FFmpegError as err:
-            if not decoded_any:
-                raise VideoError(f"decoding failed ({err.strerror or err})") from None
-            # Damaged tail: remaining frames repeat the last good one (same as a player), within budget.
-    if not decoded_any:
+    try:
+        for frame in _frames(index, threads, seek_to):
+            pts = frame.pts if frame.pts is not None else frame.dts
+            if pts is None:
+                continue
+            # Needed frames strictly before this one were never produced: the previous frame stands
+            # in (damage), or, before the first decodable frame, this one (a cut file's lead-in).
+            while j < len(needed) and needed[j] < pts:
+                if prev is None:
+                    leading += 1
+                stand_in(prev if prev is not None else frame, counts_as_damage=prev is not None)
+            if j < len(needed) and needed[j] == pts:
+                got[int(pts)] = array_of(frame)
+                got_pts[int(pts)] = pts
+                j += 1
+            prev = frame
+            yield from flush(pts)
+            if j == len(needed):
+                break
+    except av.FFmpegError as err:
+        if prev is None:
+            raise VideoError(f"decoding failed ({err.strerror or err})") from None
+        # Damaged tail: remaining frames repeat the last good one (same as a player), within budget.
+    if prev is None:
         raise VideoError("decoder produced no frames")
     while j < len(needed):
-        stand_in(prev)
-    if missing:
-        log.warning("%s: %d of %d sampled frames could not be decoded; the frame before each stands in",
-                    index.path, missing, len(needed))
+        stand_in(prev, counts_as_damage=True)
+    if missing or leading:
+        log.warning("%s: %d of %d sampled frames could not be decoded (%d before the first decodable frame); "
+                    "the nearest decoded frame stands in", index.path, missing + leading, len(needed), leading)
     yield from flush(np.inf)

@@ -5,12 +5,14 @@ The store only ever holds complete videos (it commits a video once all its windo
 hours-long video spans many encoder batches, so after each batch the windows it added to unfinished
 videos are written here, one small file per video per batch:
 
-    STORE/partial/<key>/meta.json          video id, source path, size and mtime, window count, dim
+    STORE/partial/<key>/meta.json          video id, source path, size and mtime, window count, dim,
+                                           and how the embeddings were made (encoder, window settings)
     STORE/partial/<key>/chunk-000007.npz   windows int64 [k], emb float32 [k, d]
 
 (<key> is a hash of the video id: ids may contain '/'.) Every file is written atomically (temp file,
 fsync, rename), so a kill leaves whole chunks or none. A resumed job loads the chunks of a video whose
-source file is unchanged, and the decoders skip those windows. Once a video is committed to the store
+source file (absolute path, size, mtime) and settings are unchanged, and the decoders skip those
+windows; anything else discards them. Once a video is committed to the store
 its folder is removed; folders of videos the store already holds are removed when a job starts.
 """
 from __future__ import annotations
@@ -31,23 +33,26 @@ log = logging.getLogger(__name__)
 PARTIAL_DIR = "partial"
 
 
-def _source_stamp(path: str) -> dict:
+def _source(path: str) -> dict:
     st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 class PartialVideos:
-    def __init__(self, store_dir, dim: int):
+    def __init__(self, store_dir, dim: int, settings: dict | None = None):
+        """settings: everything that decides a window's embedding (encoder, window options, seed);
+        saved windows made with other settings are never mixed in."""
         self.root = Path(store_dir) / PARTIAL_DIR
         self.dim = int(dim)
+        self.settings = json.loads(json.dumps(settings or {}))  # as it reads back from JSON
         self._chunks: dict[str, int] = {}  # video id -> next chunk number
 
     def _folder(self, video_id: str) -> Path:
         return self.root / hashlib.sha1(video_id.encode()).hexdigest()[:20]
 
     def _meta(self, video_id: str, path: str, num_windows: int) -> dict:
-        return {"video_id": video_id, "path": str(path), **_source_stamp(path), "num_windows": int(num_windows),
-                "dim": self.dim}
+        return {"video_id": video_id, **_source(path), "num_windows": int(num_windows), "dim": self.dim,
+                "settings": self.settings}
 
     def load(self, video_id: str, path: str, num_windows: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(emb float32 [n, d], filled bool [n]) saved by an earlier run, or None. Progress made on
@@ -98,9 +103,18 @@ class PartialVideos:
         atomic_write(folder / f"chunk-{number:06d}.npz", write)
         self._chunks[video_id] = number + 1
 
-    def drop(self, video_id: str) -> None:
+    def drop(self, video_id: str, path: str | None = None) -> None:
+        """Remove a video's saved windows; with `path`, only if they were saved for that file (another
+        file claiming the same id must not discard them)."""
+        folder = self._folder(video_id)
+        if path is not None:
+            try:
+                if json.loads((folder / "meta.json").read_text())["path"] != str(Path(path).resolve()):
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
         self._chunks.pop(video_id, None)
-        shutil.rmtree(self._folder(video_id), ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
     def remove_committed(self, committed) -> None:
         """Remove the folders of videos the store already holds (a kill between commit and cleanup)."""

@@ -22,7 +22,7 @@ class VideoError(Exception):
 class VideoIndex:
     path: str
     codec: str
-    width: int
+    width: int               # 0 when the demuxer could not tell without decoding (e.g. a cut mpeg-ts)
     height: int
     time_base: Fraction
     pts: np.ndarray          # int64 [n] container pts, sorted (frame i's presentation timestamp)
@@ -41,16 +41,21 @@ def pts_to_seconds(pts: np.ndarray, pts0: int, time_base: Fraction) -> np.ndarra
     return ((pts - pts0) * time_base.numerator).astype(np.float64) / time_base.denominator
 
 
-def _declared_duration(container, stream) -> float | None:
-    """Seconds of video the header declares, or None when it does not say."""
+def _declared_duration(container, stream) -> tuple[float, float | None] | None:
+    """(seconds of video the header declares, the time they count from) or None when it does not say.
+
+    A stream duration (mp4/mov, mpeg-ts) counts from the stream's first frame (None). A container
+    duration (webm/mkv/flv) counts from timestamp 0, also when the first frame comes later (a start
+    delay, a cut from a longer recording that kept its timestamps): the video is measured to its end
+    time, not from its first frame."""
     import av
 
     if stream.duration and stream.duration > 0:
-        return float(stream.duration * stream.time_base)
+        return float(stream.duration * stream.time_base), None
     # webm/mkv declare only the whole file's duration: that is the video's only when nothing else
     # is in the file (a longer audio track must not make the video look truncated).
     if container.duration and container.duration > 0 and all(s.type == "video" for s in container.streams):
-        return container.duration / av.time_base
+        return container.duration / av.time_base, 0.0
     return None
 
 
@@ -94,8 +99,6 @@ def probe_video(path) -> VideoIndex:
             # one is caught by the truncation check below.
     if not pts:
         raise VideoError("video stream has no frames")
-    if width <= 0 or height <= 0:
-        raise VideoError("video stream has no frame size")
     order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
     pts_arr = np.asarray(pts, dtype=np.int64)[order]
     dur_arr = np.asarray(durations, dtype=np.int64)[order]
@@ -108,9 +111,13 @@ def probe_video(path) -> VideoIndex:
     # A file cut short whose index survives (mp4 with moov at the front, webm/mkv) demuxes its prefix
     # without any error; only the header still knows the full length. Small shortfalls (rounding, a
     # last-frame duration, a few packets lost at the very end) keep the prefix, as before.
-    if declared is not None and declared - duration > max(1.0, 0.05 * declared):
-        raise VideoError(f"truncated: the header declares {declared:.1f} s of video, "
-                         f"only {duration:.1f} s is readable")
+    if declared is not None:
+        length, since = declared
+        readable = duration if since is None else float(
+            pts_to_seconds(np.asarray([pts_arr[-1] + last]), 0, time_base)[0]) - since
+        if length - readable > max(1.0, 0.05 * length):
+            raise VideoError(f"truncated: the header declares {length:.1f} s of video, "
+                             f"only {readable:.1f} s is readable")
     return VideoIndex(path=path, codec=codec, width=width, height=height, time_base=time_base,
                       pts=pts_arr, times=times, keyframe=np.asarray(keys, dtype=bool)[order],
                       duration=duration)
