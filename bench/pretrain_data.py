@@ -87,8 +87,11 @@ def run(args) -> dict:
         # epoch and index, so they are drawn here from a second stream and held on the device (holding
         # the full loop's pinned batches instead would make the loader pin fresh memory each step,
         # which no training run does).
+        # Warm-up long enough to drain the loader's queue: batches prefetched while the first (slow,
+        # compiling) steps ran would otherwise be eaten inside the clock and flatter the full loop.
+        warmup = max(args.warmup, max(args.num_workers, 1) * args.prefetch_factor + 5)
         ahead = batches()
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             next(ahead)
         kept = [next(ahead).to(device) for _ in range(args.steps)]
         del ahead
@@ -100,7 +103,7 @@ def run(args) -> dict:
 
         # Full loop: the loader's workers read, normalise, pack and mask while the model steps.
         it = batches()
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             step(next(it))
         _sync(device)
         shapes_before = len(graphed.buckets) if graphed is not None else 0
@@ -150,7 +153,8 @@ def run(args) -> dict:
 
     result = {
         "preset": args.preset, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "steps": args.steps, "cuda_graphs": args.cuda_graphs, "graph_optimizer": args.graph_optimizer,
+        "steps": args.steps, "warmup_steps": warmup, "cuda_graphs": args.cuda_graphs,
+        "graph_optimizer": args.graph_optimizer,
         "num_workers": args.num_workers, "batch_videos": scfg.batch_videos, "max_tokens": scfg.max_tokens,
         "tokens_per_batch": round(tokens / len(kept), 1),
         "full_loop_samples_per_s": round(samples / full_s, 2), "step_only_samples_per_s": round(samples / step_s, 2),

@@ -305,9 +305,11 @@ class LVMAE(nn.Module):
 
 
 def matmul_flops(config: LVMAEConfig, enc_tokens: int, dec_tokens: int, seq_sq_enc: int,
-                           seq_sq_dec: int, pred_tokens: int) -> int:
+                           seq_sq_dec: int, pred_tokens: int, num_videos: int = 0) -> int:
     """Forward matmul FLOPs for a batch, counting real tokens only (no padding): 2*m*n*k per matmul.
-    seq_sq_* = sum over sequences of L^2 for the attention score and value products."""
+    seq_sq_* = sum over sequences of L^2 for the attention score and value products. enc_tokens
+    includes one CLS token per video; the input projection runs on the enc_tokens - num_videos
+    visible tokens only."""
     c = config
 
     def stack(tokens, sq, width, depth, mlp_ratio):
@@ -319,5 +321,5 @@ def matmul_flops(config: LVMAEConfig, enc_tokens: int, dec_tokens: int, seq_sq_e
     flops += 2 * enc_tokens * c.embed_dim * c.decoder_embed_dim          # decoder_embed
     flops += 2 * pred_tokens * c.decoder_embed_dim * c.in_dim           # decoder_pred
     if c.in_dim != c.embed_dim:
-        flops += 2 * (enc_tokens) * c.in_dim * c.embed_dim
+        flops += 2 * (enc_tokens - num_videos) * c.in_dim * c.embed_dim
     return flops

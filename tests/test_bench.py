@@ -44,3 +44,31 @@ def test_extract_bench_links_copies(tmp_path):
     assert result["end_to_end"]["windows"] == 3 * 1  # 6 s at 5 s windows: one full window each (+ 1 s dropped)
     assert result["decode_dali_gpu"].startswith("not measured")
     assert len(list((tmp_path / "videos").iterdir())) == 3
+
+
+def test_useful_flops_count_the_linear_layers_torch_runs():
+    """matmul_flops (behind the benchmark's useful TFLOP/s) against torch's FlopCounterMode on the
+    forward pass: the linear layers (input projection on visible tokens, encoder on visible + CLS,
+    decoder on all + CLS, prediction on masked rows) must match exactly; attention products are
+    counted separately (FlopCounterMode sees the CPU path's padded blocks, not the real tokens)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lvmae_fast.masking import build_masked_batch
+    from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops
+    from lvmae_fast.packing import pack_sequences
+
+    lengths = [4, 6, 9]
+    cfg = LVMAEConfig.from_preset("tiny", in_dim=24, attn_impl="sdpa", kernels="torch")  # in_dim != width
+    model = LVMAE(cfg)
+    g = torch.Generator().manual_seed(0)
+    x, cu, L = pack_sequences([torch.randn(n, 24, generator=g) for n in lengths])
+    batch = build_masked_batch(x, cu, L, "random", 0.5, g)
+    with FlopCounterMode(display=False) as counter:
+        model(batch)
+    counts = counter.get_flop_counts()["Global"]
+    linear = sum(v for op, v in counts.items() if str(op).split(".")[-1] in ("addmm", "mm"))
+    keep = batch.visible_rows.numel()
+    expected = matmul_flops(cfg, enc_tokens=keep + len(lengths), dec_tokens=sum(lengths) + len(lengths),
+                            seq_sq_enc=0, seq_sq_dec=0, pred_tokens=sum(lengths) - keep, num_videos=len(lengths))
+    assert linear == expected
