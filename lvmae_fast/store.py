@@ -156,8 +156,20 @@ def read_journal(path: Path, after: int) -> list[dict]:
     return records
 
 
+LAYOUT_KEYS = ("shard", "offset")  # where a video's rows sit: compaction moves them, content stays
+
+
 def index_fingerprint(index: dict) -> str:
-    """sha256 of the committed content; independent of how it is split between snapshot and journal."""
+    """sha256 of what the store holds: header, settings and each video's id, length, segment length
+    and source, in order. Independent of the snapshot/journal split and of the shard layout, so a
+    compacted store (same videos, fewer shards) keeps its fingerprint and runs trained on it resume."""
+    content = {k: v for k, v in index.items() if k not in ("journal_seq", "shards")}
+    content["videos"] = [{k: v for k, v in e.items() if k not in LAYOUT_KEYS} for e in index["videos"]]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def layout_fingerprint(index: dict) -> str:
+    """The fingerprint checkpoints recorded before 2026-11-26 (shard names and offsets included)."""
     content = {k: v for k, v in index.items() if k != "journal_seq"}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -175,6 +187,7 @@ class StoreWriter:
         self.path, self.dim, self.encoder = Path(path), int(dim), str(encoder)
         self.segment_seconds, self.shard_rows = float(segment_seconds), int(shard_rows)
         settings = json.loads(json.dumps(settings)) if settings is not None else None  # as it reads back from JSON
+        record_settings = False
         if (self.path / INDEX_NAME).exists():
             self._index = load_index(self.path)
             if self._index["dim"] != self.dim or self._index["encoder"] != self.encoder:
@@ -186,6 +199,12 @@ class StoreWriter:
                 raise ValueError(f"store {self.path} was written with other settings: "
                                  + ", ".join(f"{k}={stored.get(k)!r} (now {settings.get(k)!r})" for k in differ)
                                  + "; use the same settings or another store")
+            if settings is not None and stored is None:
+                if self._index["videos"]:  # made some other way (e.g. imported): unknown how
+                    raise ValueError(f"store {self.path} holds {len(self._index['videos'])} videos made without recorded "
+                                     "settings (imported?); extract into another store so one store never mixes "
+                                     "embeddings made two ways")
+                record_settings = True  # an empty store takes the first settings it is given
             # Checked after settings, whose message names the extraction knob (window_seconds) behind it.
             if float(self._index["segment_seconds"]) != self.segment_seconds:
                 raise ValueError(f"store {self.path} holds segment_seconds={float(self._index['segment_seconds'])}; "
@@ -200,6 +219,9 @@ class StoreWriter:
         (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         if (self.path / JOURNAL_NAME).exists():
             self._fold()
+        if record_settings:  # in the snapshot now: commits only append journal lines of videos
+            self._index["settings"] = settings
+            _atomic_save_json(self.path / INDEX_NAME, self._index)
         self._remove_uncommitted_files()
         # Shard files are numbered by a counter, not by list position: compact() removes shards from the
         # list, and a position-derived name could then collide with a file the index still names.
@@ -397,6 +419,7 @@ class Store:
         self.path = Path(path)
         index = load_index(self.path)
         self.fingerprint = index_fingerprint(index)
+        self.layout_fingerprint = layout_fingerprint(index)
         self.dim, self.encoder = int(index["dim"]), str(index["encoder"])
         self.dtype = str(index.get("dtype", EMB_DTYPE.name))  # shards are checked to hold EMB_DTYPE
         self.segment_seconds = float(index["segment_seconds"])
@@ -441,13 +464,33 @@ class Store:
 
     def get(self, video_id: str) -> np.ndarray:
         """float16 [n, dim] memory-mapped rows of one video (slice it further before copying)."""
-        v = self._entry(video_id)
-        return self._map(v["shard"], "emb")[v["offset"]: v["offset"] + v["n"]]
+        return self._rows(video_id, "emb")
 
     def window_times(self, video_id: str) -> np.ndarray:
         """float32 [n, 2] start/end seconds of each row's window."""
-        v = self._entry(video_id)
-        return self._map(v["shard"], "times")[v["offset"]: v["offset"] + v["n"]]
+        return self._rows(video_id, "times")
+
+    def _rows(self, video_id: str, kind: str) -> np.ndarray:
+        for attempt in range(2):
+            v = self._entry(video_id)
+            try:
+                return self._map(v["shard"], kind)[v["offset"]: v["offset"] + v["n"]]
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                self._reload()  # compacted while we read: the same videos now live in other shards
+        raise AssertionError("unreachable")
+
+    def _reload(self) -> None:
+        """Re-read the index after a compaction moved the rows; every video this reader knows must
+        still be there with the same length, else the store changed under it."""
+        index = load_index(self.path)
+        entries = {v["id"]: v for v in index["videos"]}
+        changed = [vid for vid in self.video_ids if vid not in entries or entries[vid]["n"] != self._entries[vid]["n"]]
+        if changed:
+            raise ValueError(f"store {self.path} changed while being read (videos {changed[:5]} differ); reopen it")
+        self._shards, self._entries = index["shards"], {vid: entries[vid] for vid in self.video_ids}
+        self._maps.clear()
 
     def meta(self, video_id: str) -> dict:
         v = self._entry(video_id)

@@ -320,7 +320,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
         conflicts = tc.resume_conflicts(state["config"], cfg)
         if conflicts:
             raise ValueError(f"cannot resume {out}: its checkpoint was trained with another config: " + "; ".join(conflicts))
-        if state["store_fingerprint"] != store.fingerprint:
+        if state["store_fingerprint"] not in (store.fingerprint, store.layout_fingerprint):
             raise ValueError(f"cannot resume {out}: store {cfg.store} is not the store it was trained on "
                              f"(index fingerprint differs)")
         changed = [k for k in tc.RESUME_MUTABLE if k not in ("store", "out") and state["config"].get(k) != getattr(cfg, k)]
@@ -498,20 +498,27 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
             settle(metrics)
     bar.close()
 
-    if exit_code == 0:
-        path = checkpoint()
-        if stop.signum is not None:
-            exit_code = EXIT_SIGNAL[stop.signum]
-            print(f"interrupted at step {progress['step']}; checkpoint {path}; continue with --resume", file=sys.stderr)
-        elif val_sampler is not None:
-            val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
-            log.info("final val loss %.5g", val_loss)
-            if tb is not None:
-                tb.add_scalar("val/loss", val_loss, progress["step"])
-            _atomic_text(out / "val.json", json.dumps({"step": progress["step"], "val_loss": val_loss}) + "\n")
-    if tb is not None:
-        tb.close()
-    plot = plot_loss(out)
+    # Still under the handlers: a signal during the final checkpoint, evaluation or plot is noted
+    # (a second one interrupts at once) instead of killing the process mid-write.
+    with stop.installed():
+        signalled = stop.signum is not None
+        if exit_code == 0:
+            path = checkpoint()
+            if signalled:
+                exit_code = EXIT_SIGNAL[stop.signum]
+                print(f"interrupted at step {progress['step']}; checkpoint {path}; continue with --resume",
+                      file=sys.stderr)
+            elif val_sampler is not None:
+                val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
+                log.info("final val loss %.5g", val_loss)
+                if tb is not None:
+                    tb.add_scalar("val/loss", val_loss, progress["step"])
+                _atomic_text(out / "val.json", json.dumps({"step": progress["step"], "val_loss": val_loss}) + "\n")
+        if tb is not None:
+            tb.close()
+        plot = plot_loss(out)
+        if not signalled and stop.signum is not None and exit_code == 0:
+            exit_code = EXIT_SIGNAL[stop.signum]  # arrived after the last step: everything is saved
     print(f"run dir: {out}\n  metrics: {metrics_path}\n  loss curve: {plot}\n"
           f"  model (LVMAE.from_pretrained): {out}\n  checkpoint: {latest_checkpoint(out)}")
     return exit_code

@@ -482,9 +482,13 @@ def test_compact_merges_small_shards_and_keeps_every_video(tmp_path):
     # v6 (30 rows) is already a full-size shard and stays; the 7 small ones pack into ceil(24/16) = 2 new ones.
     assert merged == 7 and len(after._shards) == 3
     assert after.video_ids == list(videos)
+    assert after.fingerprint == before.fingerprint  # same content: runs trained on it still resume
     for vid, emb in videos.items():
         np.testing.assert_array_equal(after.get(vid), emb.astype(np.float16))
         np.testing.assert_array_equal(after.window_times(vid), times[vid])
+        # A reader opened before the compaction (its shard files are gone) finds the rows anew.
+        np.testing.assert_array_equal(before.get(vid), emb.astype(np.float16))
+        np.testing.assert_array_equal(before.window_times(vid), times[vid])
     assert sorted(p.name for p in (tmp_path / "s" / "shards").iterdir()) == sorted(
         Path(sh[k]).name for sh in after._shards for k in ("emb", "times"))  # old files deleted
     assert not (tmp_path / "s" / JOURNAL_NAME).exists() and verify_store(tmp_path / "s").ok
@@ -643,3 +647,18 @@ def test_info_prints_the_embedding_dtype(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["dtype"] == "float16"
     r = lvmae("store", "info", tmp_path / "s")
     assert r.returncode == 0 and any(line.split() == ["dtype:", "float16"] for line in r.stdout.splitlines())
+
+
+def test_settings_are_recorded_by_an_empty_store_and_never_mixed(tmp_path):
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((3, 4)).astype(np.float32)
+    with StoreWriter(tmp_path / "imported", dim=4) as w:  # e.g. `lvmae store import`: no settings
+        w.add("a", emb)
+    with pytest.raises(ValueError, match="without recorded settings"):
+        StoreWriter(tmp_path / "imported", dim=4, settings={"frames": 8})
+    with StoreWriter(tmp_path / "empty", dim=4) as w:  # created, nothing added yet
+        pass
+    with StoreWriter(tmp_path / "empty", dim=4, settings={"frames": 8}) as w:
+        w.add("a", emb)
+    with pytest.raises(ValueError, match=r"frames=8 \(now 16\)"):
+        StoreWriter(tmp_path / "empty", dim=4, settings={"frames": 16})

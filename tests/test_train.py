@@ -188,6 +188,48 @@ def test_resume_from_another_working_directory(store, reference_run, tmp_path):
     assert curve(out) == curve(reference_run)[:20]
 
 
+SIGNAL_IN_FINAL_EVAL = """
+import os, signal, sys
+import lvmae_fast.train as T
+from lvmae_fast import train_config as tc
+real = T.evaluate
+def evaluate_then_signal(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+T.evaluate = evaluate_then_signal
+cfg = {"preset": "tiny", "store": sys.argv[1], "out": sys.argv[2], "max_steps": 3, "val_videos": 4,
+       "progress": False, "tensorboard": False}
+sys.exit(T.pretrain(tc.resolve([("t", cfg)])))
+"""
+
+
+def test_a_signal_during_the_final_evaluation_ends_cleanly(store, tmp_path):
+    """The last step is done and checkpointed; a SIGTERM while the final validation runs must not
+    kill the process mid-write: val.json and loss.png are still written, and the exit code says so."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", SIGNAL_IN_FINAL_EVAL, str(store), str(out)], capture_output=True,
+                       text=True, timeout=180, cwd=REPO)
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert json.loads((out / "val.json").read_text())["step"] == 3
+    assert (out / "loss.png").is_file() and (out / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+
+
+def test_a_run_resumes_on_its_store_after_compaction(tmp_path, restore_threads):
+    """`lvmae store compact` rewrites shards, not content: the run's fingerprint check must pass."""
+    path = tmp_path / "many_shards"
+    with StoreWriter(path, 32, encoder="synthetic", shard_rows=64) as w:
+        for vid, emb in synthetic_corpus(24, 32, seed=0, max_segments=40).items():
+            w.add(vid, emb)
+            w.commit()  # one small shard per video, as an extraction job leaves them
+    cfg = {"preset": "tiny", "store": str(path), "out": str(tmp_path / "run"), "progress": False,
+           "tensorboard": False}
+    assert pretrain(tc.resolve([("t", {**cfg, "max_steps": 2})])) == 0
+    with StoreWriter(path, 32, encoder="synthetic", shard_rows=64) as w:
+        assert w.compact() > 1
+    assert pretrain(tc.resolve([("t", {**cfg, "max_steps": 4})]), resume=True) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 def test_bad_stores_are_refused_or_skipped(tmp_path, restore_threads):
     empty = tmp_path / "empty"
     StoreWriter(empty, 32).close()
