@@ -1,4 +1,4 @@
-"""`lvmae demo`: the whole pipeline on CPU in about a minute.
+"""`lvmae demo`: the whole pipeline on CPU in about 20 seconds.
 
 Default (`--source videos`): write minute-long synthetic H.264 videos with scene changes (PyAV) ->
 `lvmae extract` with the `tiny` encoder (random weights, meaningless but deterministic) -> embedding
@@ -116,7 +116,10 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="synthetic videos -> extract -> store -> tiny pretraining on CPU (about a minute)")
+    p = sub.add_parser("demo", help="synthetic videos -> extract -> store -> tiny pretraining on CPU (about 20 s)",
+                       description="Synthetic videos -> extract (tiny encoder) -> store -> tiny-preset pretraining, "
+                                   "on CPU; needs the 'av' package (lvmae_fast[video]); --source embeddings "
+                                   "skips the videos and needs no extra.")
     p.add_argument("--out", default="lvmae_demo", help="output directory (default ./lvmae_demo)")
     p.add_argument("--source", choices=["videos", "embeddings"], default="videos",
                    help="videos: start from synthetic mp4 files (default); embeddings: synthetic embedding sequences")

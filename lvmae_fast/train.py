@@ -381,6 +381,9 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
     total_steps = sum(sampler.num_batches(e) for e in range(cfg.epochs))
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    if progress["step"] >= total_steps:
+        print(f"lvmae pretrain: nothing to do: {out} is already at step {progress['step']} of {total_steps} "
+              f"(raise --max-steps or --epochs to train further)", file=sys.stderr)
     log.info("pretraining %s (%.2fM params, in_dim %d) on %d videos (%d held out) from %s; %d steps, lr %.3g, device %s%s",
              cfg.preset, model.num_params() / 1e6, store.dim, len(train_ids), len(val_ids), store.path, total_steps,
              base_lr, device, f", resuming at step {progress['step']}" if state is not None else "")

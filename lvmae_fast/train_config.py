@@ -150,7 +150,14 @@ def parse_set(items: list[str]) -> dict:
 def load_yaml(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
+        # `--config lvmae_fast/configs/paper.yaml` as the README writes it, from outside a checkout (a
+        # pip install has the file in site-packages), or `--config paper`: the shipped preset file.
+        name = path.name if path.suffix == ".yaml" else f"{path.name}.yaml"
+        shipped = CONFIGS_DIR / name
+        if shipped.is_file() and (path.parent.parts[-2:] == ("lvmae_fast", "configs") or path == Path(path.name)):
+            return load_yaml(shipped)
+        raise FileNotFoundError(f"config file {path} not found (the shipped presets are in {CONFIGS_DIR}: "
+                                f"{', '.join(sorted(f.name for f in CONFIGS_DIR.glob('*.yaml')))})")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config keys")

@@ -87,3 +87,15 @@ def test_cli_pretrain_with_a_shipped_config_prints_it(tmp_path):
                         "--print-config"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == tc.dump_yaml(tc.resolve([("preset", {"preset": "paper"})]))
+
+
+def test_shipped_configs_load_by_their_readme_path_from_anywhere(tmp_path, monkeypatch):
+    import pytest
+
+    from lvmae_fast import train_config as tc
+
+    monkeypatch.chdir(tmp_path)  # not a checkout: the README's relative path does not exist here
+    shipped = tc.load_yaml(tc.CONFIGS_DIR / "paper.yaml")
+    assert tc.load_yaml("lvmae_fast/configs/paper.yaml") == shipped == tc.load_yaml("paper")
+    with pytest.raises(FileNotFoundError, match="shipped presets are in .*paper.yaml"):
+        tc.load_yaml("my/own/config.yaml")

@@ -32,3 +32,15 @@ def test_top_level_kernels_folder_is_importable_by_name():
     out = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__name__)"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+
+
+def test_readme_python_api_snippet_runs(tmp_path, monkeypatch):
+    """The README's Python API example is complete and runs as written (in an empty folder)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
