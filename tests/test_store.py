@@ -80,7 +80,7 @@ def test_writer_validation(tmp_path):
         with pytest.raises(ValueError, match="window_times"):
             w.add("times", np.ones((2, 4), np.float32), window_times=np.zeros((3, 2)))
     assert Store(tmp_path / "s").video_ids == ["ok"]
-    with pytest.raises(ValueError, match="dim=4"):
+    with pytest.raises(ValueError, match=r"\(dim 4\); these are from encoder .* \(dim 8\)"):
         StoreWriter(tmp_path / "s", 8)
     with pytest.raises(ValueError, match="encoder"):
         StoreWriter(tmp_path / "s", 4, encoder="other")
