@@ -417,3 +417,37 @@ def test_files_cut_mid_gop_and_resumed_mpeg_ts(tmp_path):
         for w, frames, times in decode_windows_pyav(job.index, job.plan, skip=skip):
             np.testing.assert_array_equal(times, full[w][1], err_msg=f"prefix {k}, window {w}")
             np.testing.assert_array_equal(frames, full[w][0], err_msg=f"prefix {k}, window {w}")
+
+
+def test_dali_failing_midway_hands_pyav_only_the_windows_it_did_not_deliver(tmp_path, monkeypatch):
+    pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
+    from lvmae_fast.video import decode_dali
+    from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
+
+    video = synth.write_video(tmp_path / "v.webm", duration=6.0, fps=10, codec="vp9", gop=12, seed=8)
+    spec = WindowSpec(seconds=1.0, frames=4, rule="index")
+    real_build = decode_dali._build_pipe
+
+    def failing_after_one_batch(*args, **kwargs):
+        pipe, runs = real_build(*args, **kwargs), [0]
+        real_run = pipe.run
+
+        def run():
+            runs[0] += 1
+            if runs[0] == 2:
+                raise RuntimeError("simulated decoder failure")
+            return real_run()
+        pipe.run = run
+        return pipe
+
+    monkeypatch.setattr(decode_dali, "_build_pipe", failing_after_one_batch)
+    job = prepare_job(VideoJob("v", str(video.path)), spec)
+    events = list(decode_dali.decode_windows_dali([job], spec, device="cpu", readers=1, batch_size=2))
+    delivered = [e.window for e in events if isinstance(e, Window)]
+    handed_back = [e for e in events if isinstance(e, VideoJob)]
+    assert delivered == [0, 1] and handed_back == [job]
+    assert job.skip.tolist() == [True, True, False, False, False, False]
+    s = extract_videos([("v", str(video.path))], tmp_path / "s", seconds=1.0, frames=4, sampling="index",
+                       decoder="dali", device="cpu", batch_size=2)
+    # End to end (the failure still patched in): 2 windows from DALI + the 4 others from PyAV, not 2 + 6.
+    assert (s["done"], s["windows"], s["decoded_by"]) == (1, 6, {"pyav (fallback)": 1})

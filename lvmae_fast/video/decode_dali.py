@@ -151,6 +151,7 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
         todo_windows = {id(j): j.active_windows() for j in jobs}
         next_window = {id(j): 0 for j in jobs}       # position in todo_windows[id(job)]
         done_jobs: set[int] = set()
+        delivered: dict[int, list[int]] = {id(j): [] for j in jobs}  # windows already yielded, per job
         broken: list[VideoJob] = []
         for k, shard in enumerate(shards):
             try:
@@ -183,11 +184,14 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
                     frames = _to_torch(video[i], device)
                     if rule == "index":
                         yield Window(job, item, frames, stamps[i].astype(np.float64))
+                        delivered[id(job)].append(item)
                         if item == todo_windows[id(job)][-1]:
                             done_jobs.add(id(job))
                         continue
                     cache[id(job)][item] = (frames[0], float(stamps[i, 0]))
-                    yield from _complete_windows(job, todo_windows[id(job)], cache[id(job)], next_window, done_jobs)
+                    for window in _complete_windows(job, todo_windows[id(job)], cache[id(job)], next_window, done_jobs):
+                        yield window
+                        delivered[id(job)].append(window.window)
                 if shard.seen >= shard.total:
                     active.remove(shard)
             # a reader that never produced a window for a job (DALI skipped its file) -> PyAV
@@ -196,6 +200,10 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
         broken_ids = {id(j) for j in broken}
         leftovers = [j for j in jobs if id(j) not in done_jobs and id(j) not in broken_ids]
         for job in broken + leftovers:
+            if delivered[id(job)]:  # PyAV decodes only what DALI did not deliver
+                skip = np.zeros(job.num_windows, bool) if job.skip is None else job.skip.copy()
+                skip[delivered[id(job)]] = True
+                job.skip = skip
             yield job
 
 
