@@ -8,7 +8,8 @@ A CUDA graph replays all of them with one launch. Recipe (PyTorch "whole-network
   accumulates into them in place (AccumulateGrad adds into a defined grad), and they are zeroed
   before each replay. All graphs therefore write the same gradient memory, and the optimizer,
   clipping and LR schedule stay eager and unchanged (a few fused launches);
-- all graphs share one memory pool, so activations cost the largest bucket's, not the sum. Replays
+- all graphs share one memory pool, so activations cost the largest bucket's, not the sum (they are
+  all captured on one stream: the allocator reuses a block only on the stream it came from). Replays
   come in any order, so one graph's scratch may overlap another graph's output; that is safe because
   a graph's only pool-resident output (its loss) is copied out right after its replay, before any
   other replay is enqueued, and is rewritten by its own next replay before it is read again.
