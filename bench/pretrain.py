@@ -24,11 +24,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # sibling bench modules; the checkout if not installed
 
 from lvmae_fast.buckets import pad_to_bucket  # noqa: E402
-from lvmae_fast.graphs import GraphedTrainStep  # noqa: E402
 from lvmae_fast.masking import build_masked_batch  # noqa: E402
 from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops  # noqa: E402
 from lvmae_fast.packing import keep_counts, pack_sequences  # noqa: E402
 from reference_padded import ReferencePaddedMAE, pad_batch  # noqa: E402
+from train_step import make_optimizer, make_step  # noqa: E402
 
 
 def make_batches(n_batches, batch_size, in_dim, min_len, max_len, seed):
@@ -75,7 +75,7 @@ def run_packed(config, batches, device, steps, warmup, compile_model=False, prof
                graph_optimizer=False):
     with torch.device(device):  # init on the GPU: a 0.4B-parameter CPU init costs seconds
         model = LVMAE(config)
-    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    opt = make_optimizer(model)
     if compile_model:
         model.compile_blocks()
     g = torch.Generator().manual_seed(0)
@@ -90,25 +90,7 @@ def run_packed(config, batches, device, steps, warmup, compile_model=False, prof
             padded = pad_to_bucket(batch)
             packed.append(padded.pin_memory() if device.type == "cuda" else padded)
 
-    graphed = None
-    if cuda_graphs:
-        graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
-                                   optimizer=opt if graph_optimizer else None)
-
-    def step(batch):
-        if graph_optimizer:  # one replay: forward, backward, gradient norm, update (as the trainer's)
-            graphed.set_lr(1e-4)
-            return graphed(batch)
-        if graphed is not None:
-            loss = graphed(batch)
-        else:
-            with autocast(device, torch.bfloat16):
-                loss = model(batch)
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
+    step, _ = make_step(model, opt, device, cuda_graphs, graph_optimizer)
     result = _time_steps(step, packed, device, steps, warmup)
     if profile_path and result["status"] == "ok":
         write_profile(step, packed, device, profile_path)

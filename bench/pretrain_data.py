@@ -14,18 +14,17 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from lvmae_fast.graphs import GraphedTrainStep
 from lvmae_fast.model import LVMAE, LVMAEConfig
 from lvmae_fast.sampler import LongVideoSampler, SamplerConfig
 from lvmae_fast.store import Store
 from lvmae_fast.store_cli import import_embeddings
 from lvmae_fast.synthetic import synthetic_corpus, write_corpus
 from lvmae_fast.train_config import PRESETS
+from train_step import make_optimizer, make_step  # sibling module (bench/ is on sys.path when run)
 
 
 def _sync(device):
@@ -54,28 +53,9 @@ def run(args) -> dict:
         sampler = LongVideoSampler(store, store.video_ids, scfg)
         torch.manual_seed(args.seed)
         model = LVMAE(model_cfg).to(device).train()
-        opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)  # as the trainer
-        bf16 = device.type == "cuda"
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
         pin = device.type == "cuda"
-        graphed = None
-        if args.cuda_graphs:
-            graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if bf16 else None,
-                                       optimizer=opt if args.graph_optimizer else None)
-
-        def step(batch):
-            if graphed is not None and graphed.optimizer is not None:  # the whole step, update included
-                graphed.set_lr(1e-4)  # the trainer sets the scheduled lr before every step
-                graphed(batch)
-                return
-            if graphed is not None:  # copies the batch into its static buffers itself
-                graphed(batch)
-            else:
-                with autocast():
-                    loss = model(batch.to(device, non_blocking=pin))
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step, graphed = make_step(model, make_optimizer(model), device, args.cuda_graphs, args.graph_optimizer,
+                                  pinned_input=pin)
 
         def batches(epoch=0):  # endless, through one loader as the trainer does (workers live across epochs)
             stream = sampler.stream(epoch, 0, 10**9, num_workers=args.num_workers, pin_memory=pin,

@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -274,7 +275,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             else:
                 todo.append(VideoJob(video_id=vid, path=path))
         bar = _Progress(len(items) + len(clashes), counts["skipped"], progress)
-        decoded_by: dict[str, int] = {}
+        decoded_by: Counter[str] = Counter()  # videos stored, by the decoder that produced them
         log.info("extract: %d videos (%d already in %s), encoder %s (d=%d) on %s %s, decoder %s",
                  len(items), counts["skipped"], out, encoder, model.dim, dev, str(dtype).replace("torch.", ""),
                  backend)
@@ -322,7 +323,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     st["done"] = True
                     st.pop("emb")
                     counts["done"] += 1
-                    decoded_by[job.decoded_by or backend] = decoded_by.get(job.decoded_by or backend, 0) + 1
+                    decoded_by[job.decoded_by or backend] += 1
                     completed.append(job)
                     bar.update(videos=1)
             bar.update(windows=len(windows), video_seconds=float(sum(
@@ -386,7 +387,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                "video_seconds": round(bar.video_seconds, 3), "wall_seconds": round(wall, 3),
                "realtime_factor": round(bar.video_seconds / max(wall, 1e-9), 2),
                "store": str(out), "failures": str(out / FAILURES_NAME), "encoder": encoder, "decoder": backend,
-               "decoded_by": decoded_by, "device": str(dev)}
+               "decoded_by": dict(decoded_by), "device": str(dev)}
     log.info("extract finished: %d done, %d skipped (already in store), %d failed (see %s); %d windows, "
              "%.1f video-s in %.1f s (%.1fx realtime)", counts["done"], counts["skipped"], counts["failed"],
              summary["failures"], bar.windows, bar.video_seconds, wall, summary["realtime_factor"])

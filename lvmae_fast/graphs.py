@@ -45,6 +45,29 @@ from .packing import PackedBatch
 log = logging.getLogger(__name__)
 
 
+def grad_norm_(params: list[torch.Tensor], grad_clip: float) -> torch.Tensor:
+    """Total gradient norm of `params` (before clipping), clipping to `grad_clip` when > 0. Computed
+    even without clipping: a finite loss can still come with non-finite gradients. No host sync."""
+    if grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def nonfinite(loss: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """fp32 0-dim: 1 when the loss or the gradient norm is NaN/Inf (fused AdamW's found_inf: the
+    update is then skipped on the device, as GradScaler does), else 0."""
+    return (~(torch.isfinite(loss) & torch.isfinite(norm))).to(torch.float32)
+
+
+def fused_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step() that a fused Adam/AdamW skips on the device when found_inf is 1."""
+    optimizer.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
 class _Bucket:
     """One shape: the static batch every replay reads, and (once captured) the graph and its output
     (the loss; in whole-step mode the stacked [loss, grad_norm])."""
@@ -205,21 +228,13 @@ class GraphedTrainStep:
     def _update(self, loss: torch.Tensor, skip_update: bool) -> torch.Tensor:
         """Gradient norm (and clipping), the device-side skip decision and the optimizer update; all
         without a host sync, so it can be captured. Returns [loss, grad_norm] in the loss's dtype."""
-        if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        else:  # computed anyway: a finite loss can still come with non-finite gradients
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        norm = grad_norm_(self.params, self.grad_clip)
         if skip_update:  # warm-up of a new shape: initialise optimizer state, change nothing
             found_inf = torch.ones((), dtype=torch.float32, device=self.device)
         else:
-            bad = (~(torch.isfinite(loss) & torch.isfinite(norm))).to(torch.float32)
-            found_inf = torch.maximum(bad, self.halted)  # sticky: every update after a bad step is skipped
+            found_inf = torch.maximum(nonfinite(loss, norm), self.halted)  # sticky: every later update skipped
             self.halted.copy_(found_inf)
-        self.optimizer.found_inf = found_inf
-        try:
-            self.optimizer.step()
-        finally:
-            del self.optimizer.found_inf
+        fused_step(self.optimizer, found_inf)
         for p in self.params:  # consumed: let the pool reuse the memory
             p.grad = None
         return torch.stack([loss, norm.to(loss.dtype)])

@@ -165,13 +165,16 @@ def index_fingerprint(index: dict) -> str:
     compacted store (same videos, fewer shards) keeps its fingerprint and runs trained on it resume."""
     content = {k: v for k, v in index.items() if k not in ("journal_seq", "shards")}
     content["videos"] = [{k: v for k, v in e.items() if k not in LAYOUT_KEYS} for e in index["videos"]]
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return _sha256_json(content)
 
 
 def layout_fingerprint(index: dict) -> str:
     """The fingerprint checkpoints recorded before 2026-11-26 (shard names and offsets included)."""
-    content = {k: v for k, v in index.items() if k != "journal_seq"}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return _sha256_json({k: v for k, v in index.items() if k != "journal_seq"})
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 class StoreWriter:
@@ -472,15 +475,14 @@ class Store:
         return self._rows(video_id, "times")
 
     def _rows(self, video_id: str, kind: str) -> np.ndarray:
-        for attempt in range(2):
+        v = self._entry(video_id)
+        try:
+            rows = self._map(v["shard"], kind)
+        except FileNotFoundError:
+            self._reload()  # compacted while we read: the same videos now live in other shards
             v = self._entry(video_id)
-            try:
-                return self._map(v["shard"], kind)[v["offset"]: v["offset"] + v["n"]]
-            except FileNotFoundError:
-                if attempt:
-                    raise
-                self._reload()  # compacted while we read: the same videos now live in other shards
-        raise AssertionError("unreachable")
+            rows = self._map(v["shard"], kind)
+        return rows[v["offset"]: v["offset"] + v["n"]]
 
     def _reload(self) -> None:
         """Re-read the index after a compaction moved the rows; every video this reader knows must

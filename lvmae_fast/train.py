@@ -44,7 +44,7 @@ from . import train_config as tc
 from .atomic import atomic_write
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .devices import resolve_device
-from .graphs import GraphedTrainStep
+from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
 from .model import LVMAE, LVMAEConfig
 from .sampler import VAL_EPOCH, LongVideoSampler, SamplerConfig, split_videos
 from .store import Store, scan_nonfinite
@@ -408,9 +408,11 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
     # last step); a non-finite step k is covered by the graphs' sticky skip (graphs.py).
     pending: dict | None = None
 
+    def eval_due(step: int) -> bool:
+        return val_sampler is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0
+
     def reads_model(step: int) -> bool:
-        return (step % cfg.ckpt_every == 0 or step == total_steps
-                or (val_sampler is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0))
+        return step % cfg.ckpt_every == 0 or step == total_steps or eval_due(step)
 
     def settle(metrics) -> bool:
         """Read back the pending step, count it, log / evaluate / checkpoint when due. False (after
@@ -434,7 +436,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
         meter.add(done["tokens"], done["videos"])
         bar.update(1)
         val_loss = None
-        if val_sampler is not None and cfg.eval_every and step % cfg.eval_every == 0:
+        if eval_due(step):
             val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
         if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
             record = {"step": step, "epoch": done["epoch"], "loss": loss_value, "lr": done["lr"], **meter.rates()}
@@ -470,30 +472,23 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
                 scalars = HostScalars(loss, graphed_step.grad_norm)
                 if pending is not None and not settle(metrics):
                     break
-                pending = {"scalars": scalars, "lr": lr, "epoch": epoch, "batch": i,
-                           "tokens": batch.num_tokens, "videos": batch.num_videos}
-                continue
-            if graphed_step is not None:  # forward + backward (one graph replay on CUDA)
-                loss = graphed_step(batch)
             else:
-                batch = batch.to(device, non_blocking=pin)
-                with autocast():
-                    loss = model(batch)
-                loss.backward()
-            if pending is not None and not settle(metrics):
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = loss.detach()
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            else:  # computed anyway: a finite loss can still come with non-finite gradients
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-            optimizer.found_inf = bad.to(torch.float32)  # 0-dim: fused AdamW skips the update when 1
-            scalars = HostScalars(loss, grad_norm)        # queued before the update: no wait on it later
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                if graphed_step is not None:  # forward + backward (one graph replay on CUDA)
+                    loss = graphed_step(batch)
+                else:
+                    batch = batch.to(device, non_blocking=pin)
+                    with autocast():
+                        loss = model(batch)
+                    loss.backward()
+                if pending is not None and not settle(metrics):
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = loss.detach()
+                grad_norm = grad_norm_(list(model.parameters()), cfg.grad_clip)
+                scalars = HostScalars(loss, grad_norm)  # queued before the update: no wait on it later
+                fused_step(optimizer, nonfinite(loss, grad_norm))
+                optimizer.zero_grad(set_to_none=True)
             pending = {"scalars": scalars, "lr": lr, "epoch": epoch, "batch": i,
                        "tokens": batch.num_tokens, "videos": batch.num_videos}
         del items, stream

@@ -88,7 +88,9 @@ KILLER = textwrap.dedent("""
         return real(self, x)
     tiny.TinyVideoEncoder.encode_video = dying
     from lvmae_fast.extract import extract_videos
-    extract_videos(sys.argv[1], sys.argv[2], encoder="tiny", seconds=1.0, batch_size=2)
+    frames, decoder = (int(sys.argv[4]), sys.argv[5]) if len(sys.argv) > 4 else (8, "auto")
+    extract_videos(sys.argv[1], sys.argv[2], encoder="tiny", seconds=1.0, batch_size=2, frames=frames,
+                   decoder=decoder)
 """)
 
 
@@ -246,25 +248,8 @@ def test_pyav_decode_skipping_windows_gives_the_same_frames(tmp_path, codec):
             np.testing.assert_array_equal(times, full[w][1])
 
 
-LONG_KILLER = textwrap.dedent("""
-    import os, sys
-    from lvmae_fast.video.encoders import tiny
-    real = tiny.TinyVideoEncoder.encode_video
-    calls = [0]
-    def dying(self, x):
-        calls[0] += 1
-        if calls[0] == 4:
-            os._exit(9)  # hard kill during the 4th encoder batch of one long video
-        return real(self, x)
-    tiny.TinyVideoEncoder.encode_video = dying
-    from lvmae_fast.extract import extract_videos
-    extract_videos(sys.argv[1], sys.argv[2], encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav",
-                   frames=int(sys.argv[3]) if len(sys.argv) > 3 else 8)
-""")
-
-
 def kill_during_4th_batch(video, store, frames=8):
-    proc = subprocess.run([sys.executable, "-c", LONG_KILLER, str(video), str(store), str(frames)], capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(video), str(store), "4", str(frames), "pyav"], capture_output=True)
     assert proc.returncode == 9, proc.stderr.decode()[-2000:]
 
 

@@ -1,0 +1,40 @@
+"""The training step both pretraining benchmarks time (step mode and data mode), in its three forms:
+eager, forward/backward CUDA graphs + eager fused AdamW, and whole-step graphs (update captured)."""
+from __future__ import annotations
+
+import torch
+
+from lvmae_fast.graphs import GraphedTrainStep
+
+LR = 1e-4
+
+
+def make_optimizer(model) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.param_groups(0.05), lr=LR, betas=(0.9, 0.95), fused=True)  # as the trainer
+
+
+def make_step(model, optimizer, device, cuda_graphs=False, graph_optimizer=False, pinned_input=None):
+    """(step(batch) -> loss, the GraphedTrainStep or None). Graphed steps copy each batch into their
+    static buffers themselves. pinned_input=None: eager batches are already on the device; True/False:
+    the eager step copies each batch there (non-blocking from pinned memory)."""
+    bf16 = device.type == "cuda"
+    graphed = None
+    if cuda_graphs:
+        graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if bf16 else None,
+                                   optimizer=optimizer if graph_optimizer else None)
+
+    def step(batch):
+        if graphed is not None and graphed.optimizer is not None:  # one replay, update included
+            graphed.set_lr(LR)  # the trainer sets the scheduled lr before every step
+            return graphed(batch)
+        if graphed is not None:
+            loss = graphed(batch)
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(batch if pinned_input is None else batch.to(device, non_blocking=pinned_input))
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step, graphed
