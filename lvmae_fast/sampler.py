@@ -14,8 +14,10 @@ count or timing. The plan for an epoch (order, crops, batch boundaries) is a pur
 generator seeded from (seed, epoch, rank, batch index). Training iterates `stream`: one DataLoader
 for the whole run, so epoch boundaries neither restart workers nor drain the prefetch queue. Resuming at batch i of epoch
 e therefore reproduces exactly the batches an uninterrupted run would have seen.
-Ranks: the epoch's video order is split round-robin (padded by wrapping, like DistributedSampler),
-and with a token budget every rank gets the same number of batches (the minimum over ranks).
+Ranks: with a fixed video count the epoch's video order is split round-robin (padded by wrapping,
+like DistributedSampler). With a token budget all crops are packed first and the batches dealt
+round-robin, split until their count divides by the world size: every video is seen exactly once
+per epoch and every rank steps the same number of times.
 """
 from __future__ import annotations
 
@@ -121,11 +123,34 @@ def plan_epoch(num_segments, segment_seconds, cfg: SamplerConfig, epoch: int, ra
     crops = plan_crops(num_segments, segment_seconds, cfg, epoch)
     if not crops:
         return []
+    if cfg.max_tokens:
+        return _deal_token_batches(split_batches(crops, cfg), world)[rank::world]
+    # fixed video count: DistributedSampler's convention, wrap around so every rank gets the same count
     per_rank = math.ceil(len(crops) / world)
     padded = (crops * math.ceil(per_rank * world / len(crops)))[: per_rank * world]
-    ranks = [split_batches(padded[r::world], cfg) for r in range(world)]
-    common = min(len(b) for b in ranks)  # token budgets give ranks different counts; all must step together
-    return ranks[rank][:common]
+    return split_batches(padded[rank::world], cfg)
+
+
+def _deal_token_batches(batches: list[list[Crop]], world: int) -> list[list[Crop]]:
+    """Make the number of token-budget batches a multiple of `world` so batch k*world + r goes to rank r.
+
+    Packing all crops first and then dealing batches keeps every video exactly once per epoch: the
+    batches are split in two (the fullest with >= 2 crops first) until the count divides. Only when too
+    few batches can be split (fewer crops than ranks) are whole batches repeated from the start."""
+    batches = [list(b) for b in batches]
+    while len(batches) % world:
+        splittable = [i for i, b in enumerate(batches) if len(b) >= 2]
+        if not splittable:
+            need = world - len(batches) % world
+            return batches + [batches[i % len(batches)] for i in range(need)]
+        i = max(splittable, key=lambda j: (sum(c.out_len for c in batches[j]), -j))
+        half, tokens, total = 0, 0, sum(c.out_len for c in batches[i])
+        while half < len(batches[i]) - 1 and 2 * (tokens + batches[i][half].out_len) <= total:
+            tokens += batches[i][half].out_len
+            half += 1
+        half = max(half, 1)
+        batches[i:i + 1] = [batches[i][:half], batches[i][half:]]
+    return batches
 
 
 def mask_seed(seed: int, epoch: int, rank: int, batch_index: int) -> int:

@@ -135,6 +135,33 @@ def test_ranks_partition_the_epoch():
         plan_epoch(n, seg, cfg, 0, rank=3, world=3)
 
 
+@pytest.mark.parametrize("world", [2, 3, 4, 7])
+def test_token_budget_ranks_see_every_video_once(world):
+    """Token-budget batches over ranks: each video exactly once per epoch (no drop, no repeat), every
+    rank the same number of steps, every batch within the budget, and world=1's plan unchanged."""
+    rng = np.random.default_rng(world)
+    n = rng.integers(1, 200, size=97)
+    seg = np.full(len(n), 5.0)
+    cfg = SamplerConfig(duration_min=10, duration_max=900, max_len=64, max_tokens=150, seed=world)
+    for epoch in range(3):
+        plans = [plan_epoch(n, seg, cfg, epoch, rank=r, world=world) for r in range(world)]
+        assert len({len(p) for p in plans}) == 1
+        seen = sorted(c.video for p in plans for b in p for c in b)
+        assert seen == list(range(len(n)))
+        assert all(0 < sum(c.out_len for c in b) <= 150 for p in plans for b in p)
+        single = plan_epoch(n, seg, cfg, epoch)  # the global packing the ranks' batches came from
+        assert sorted(c.video for b in single for c in b) == seen
+
+
+def test_token_budget_with_fewer_crops_than_ranks_repeats_whole_batches():
+    n, seg = np.array([40, 50]), np.full(2, 5.0)
+    cfg = SamplerConfig(duration_min=10, duration_max=900, max_len=64, max_tokens=64)
+    plans = [plan_epoch(n, seg, cfg, 0, rank=r, world=3) for r in range(3)]
+    assert [len(p) for p in plans] == [1, 1, 1]
+    videos = [c.video for p in plans for b in p for c in b]
+    assert sorted(set(videos)) == [0, 1] and len(videos) == 3  # one batch repeated so all 3 ranks step
+
+
 def test_token_budget_batches_are_full_and_bounded():
     n, seg = np.array(LENGTHS * 4), np.full(len(LENGTHS) * 4, 5.0)
     cfg = SamplerConfig(duration_min=10, duration_max=1280, max_len=64, max_tokens=100)

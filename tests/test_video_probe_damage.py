@@ -97,3 +97,16 @@ def test_video_starting_late_in_its_container_is_not_truncated(tmp_path, suffix,
         assert c.duration / av.time_base > 11.0  # the header's length counts from 0
     index = probe_video(path)
     assert abs(index.duration - 10.0) < 0.11
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_cut_mkv_with_audio_is_truncated(tmp_path, codec):
+    """The container's length is the audio's too, so it cannot judge the video: the per-track
+    DURATION tag FFmpeg writes at the front of mkv/webm still does after a cut."""
+    whole = synth.write_video(tmp_path / "whole.mkv", duration=12.0, fps=10, codec=codec, audio=True).path
+    assert probe_video(whole).duration == pytest.approx(12.0)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) // 3])
+    with pytest.raises(VideoError, match=r"truncated: the header declares 12\.0 s of video"):
+        probe_video(cut)

@@ -8,6 +8,7 @@ our frame indices be handed to DALI verbatim.
 from __future__ import annotations
 
 import dataclasses
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -41,17 +42,31 @@ def pts_to_seconds(pts: np.ndarray, pts0: int, time_base: Fraction) -> np.ndarra
     return ((pts - pts0) * time_base.numerator).astype(np.float64) / time_base.denominator
 
 
+def _tag_seconds(value) -> float | None:
+    """'HH:MM:SS.fffffffff' (a Matroska DURATION tag) in seconds; None when absent or malformed."""
+    match = re.fullmatch(r"(\d+):([0-5]\d):([0-5]\d(?:\.\d+)?)", (value or "").strip())
+    if match is None:
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
 def _declared_duration(container, stream) -> tuple[float, float | None] | None:
     """(seconds of video the header declares, the time they count from) or None when it does not say.
 
     A stream duration (mp4/mov, mpeg-ts) counts from the stream's first frame (None). A container
     duration (webm/mkv/flv) counts from timestamp 0, also when the first frame comes later (a start
     delay, a cut from a longer recording that kept its timestamps): the video is measured to its end
-    time, not from its first frame."""
+    time, not from its first frame. A track's DURATION tag (mkv/webm) is an end time from 0 too."""
     import av
 
     if stream.duration and stream.duration > 0:
         return float(stream.duration * stream.time_base), None
+    # mkv/webm written by FFmpeg (and mkvmerge) tag each track with its own end time, from 0; a
+    # finished file has them filled in at the front, so a cut one still says how long its video was.
+    tagged = _tag_seconds(stream.metadata.get("DURATION") or stream.metadata.get("duration"))
+    if tagged is not None and tagged > 0:
+        return tagged, 0.0
     # webm/mkv declare only the whole file's duration: that is the video's only when nothing else
     # is in the file (a longer audio track must not make the video look truncated).
     if container.duration and container.duration > 0 and all(s.type == "video" for s in container.streams):
