@@ -73,57 +73,63 @@ class HFTextTower:
         return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
 
-class CLIPMeanEncoder(VideoEncoder):
+class TextTowerEncoder(VideoEncoder):
+    """A video encoder whose text tower is a transformers `get_text_features` (CLIP-style)."""
+
+    def load_pretrained(self, model_class: str, weights) -> Path:
+        """self.model from a local save_pretrained directory (never the hub); returns the directory."""
+        path = require_dir(weights, self.name)
+        model_cls = getattr(offline_transformers(), model_class)
+        self.model = model_cls.from_pretrained(str(path), local_files_only=True).eval()
+        return path
+
+    def attach_text_tower(self, path: Path) -> None:
+        self.text = HFTextTower(path, self.name)
+        self.max_text = self.model.config.text_config.max_position_embeddings
+
+    def encode_text(self, texts):
+        batch = self.text.tokenize(texts, self.model.device, self.max_text)
+        return pooled(self.model.get_text_features(**batch))
+
+
+class CLIPMeanEncoder(TextTowerEncoder):
     """CLIP image features of each of the T frames, averaged: a strong frame-level baseline."""
     name = "clip-mean"
 
     def __init__(self, weights):
         super().__init__()
-        path = require_dir(weights, self.name)
-        transformers = offline_transformers()
-        self.model = transformers.CLIPModel.from_pretrained(str(path), local_files_only=True).eval()
+        path = self.load_pretrained("CLIPModel", weights)
         cfg = self.model.config
         self.dim = cfg.projection_dim
         self.mean, self.std, self.image_size = normalisation(path, cfg.vision_config.image_size)
-        self.text = HFTextTower(path, self.name)
-        self.max_text = cfg.text_config.max_position_embeddings
+        self.attach_text_tower(path)
 
     def encode_video(self, pixels_NTCHW):
         N, T = pixels_NTCHW.shape[:2]
         feats = pooled(self.model.get_image_features(pixel_values=pixels_NTCHW.flatten(0, 1)))
         return feats.reshape(N, T, -1).mean(dim=1)
 
-    def encode_text(self, texts):
-        batch = self.text.tokenize(texts, self.model.device, self.max_text)
-        return pooled(self.model.get_text_features(**batch))
 
+class XCLIPEncoder(TextTowerEncoder):
+    """X-CLIP video features (cross-frame attention + multi-frame integration); T fixed by the config.
 
-class XCLIPEncoder(VideoEncoder):
-    """X-CLIP video features (cross-frame attention + multi-frame integration); T fixed by the config."""
+    Text: X-CLIP's full model conditions text on the video (prompt generator); the retrieval space
+    here is the unconditioned text projection, comparable across videos."""
     name = "xclip"
 
     def __init__(self, weights):
         super().__init__()
-        path = require_dir(weights, self.name)
-        transformers = offline_transformers()
-        self.model = transformers.XCLIPModel.from_pretrained(str(path), local_files_only=True).eval()
+        path = self.load_pretrained("XCLIPModel", weights)
         cfg = self.model.config
         self.dim = cfg.projection_dim
         self.num_frames = cfg.vision_config.num_frames
         # microsoft/xclip-* preprocessor_config.json: ImageNet mean/std (not CLIP's).
         self.mean, self.std, self.image_size = normalisation(path, cfg.vision_config.image_size,
                                                              IMAGENET_MEAN, IMAGENET_STD)
-        self.text = HFTextTower(path, self.name)
-        self.max_text = cfg.text_config.max_position_embeddings
+        self.attach_text_tower(path)
 
     def encode_video(self, pixels_NTCHW):
         return pooled(self.model.get_video_features(pixel_values=pixels_NTCHW))
-
-    def encode_text(self, texts):
-        # X-CLIP's full model conditions text on the video (prompt generator); the retrieval space
-        # here is the unconditioned text projection, comparable across videos.
-        batch = self.text.tokenize(texts, self.model.device, self.max_text)
-        return pooled(self.model.get_text_features(**batch))
 
 
 def build_clip_mean(weights=None, **_):

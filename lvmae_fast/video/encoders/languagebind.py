@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import CLIP_MEAN, CLIP_STD, VideoEncoder, pooled
-from .hf import HFTextTower, offline_transformers, require_dir
+from .base import CLIP_MEAN, CLIP_STD
+from .hf import TextTowerEncoder, offline_transformers, require_dir
 
 
 def load_state_dict(path: Path) -> dict:
@@ -34,7 +34,7 @@ def load_state_dict(path: Path) -> dict:
     raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
 
 
-class LanguageBindVideoEncoder(VideoEncoder):
+class LanguageBindVideoEncoder(TextTowerEncoder):
     name = "languagebind"
 
     def __init__(self, weights):
@@ -69,8 +69,7 @@ class LanguageBindVideoEncoder(VideoEncoder):
         self.dim = config.projection_dim
         self.image_size = vcfg.image_size
         self.mean, self.std = CLIP_MEAN, CLIP_STD  # LanguageBind's video transform uses OpenAI CLIP's
-        self.text = HFTextTower(path, self.name)
-        self.max_text = self.model.config.text_config.max_position_embeddings
+        self.attach_text_tower(path)
 
     def encode_video(self, pixels_NTCHW):
         N, T = pixels_NTCHW.shape[:2]
@@ -87,10 +86,6 @@ class LanguageBindVideoEncoder(VideoEncoder):
             x = x + layer.mlp(layer.layer_norm2(x))
         cls = vm.post_layernorm(x[:, 0]).reshape(N, T, d).mean(dim=1)
         return self.model.visual_projection(cls)
-
-    def encode_text(self, texts):
-        batch = self.text.tokenize(texts, self.model.device, self.max_text)
-        return pooled(self.model.get_text_features(**batch))
 
 
 def build_languagebind(weights=None, **_):
