@@ -91,15 +91,21 @@ def _append_journal_line(path: Path, record: dict) -> None:
 
 
 def read_npy_header(path: Path) -> tuple[tuple, np.dtype]:
-    """(shape, dtype) of a .npy file without reading or mapping its data."""
+    """(shape, dtype) of a .npy file without reading or mapping its data; a file shorter than its
+    header says (cut by a full disk or a bad copy) is refused, since mapping it fails only later."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         if version not in reader:
             raise ValueError(f"{path}: unsupported .npy version {version}")
         shape, fortran_order, dtype = reader[version](f)
+        data_start = f.tell()
+        size = os.fstat(f.fileno()).st_size
     if fortran_order:
         raise ValueError(f"{path}: Fortran-ordered array; shards must be C-contiguous")
+    needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size - data_start < needed:
+        raise ValueError(f"{path}: truncated: holds {size - data_start} data bytes, its header needs {needed}")
     return shape, dtype
 
 
@@ -177,6 +183,43 @@ def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+class WriterLock:
+    """One writer per store: an exclusive flock on STORE/.lock, held from open to close.
+
+    Two writers would pick the same next shard number and replace each other's committed shards, and
+    their journals would interleave; the lock turns that into a clear error. The kernel drops it when
+    the process dies, so a killed job never leaves a stale lock behind. (No-op where fcntl is missing.)"""
+
+    NAME = ".lock"
+
+    def __init__(self, store_path: Path):
+        self._file = None
+        store_path.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return
+        f = open(store_path / self.NAME, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise ValueError(f"store {store_path} is open for writing by another process ({holder or 'unknown'}); "
+                             "one writer per store at a time: wait for it to finish, or write to another store") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+
+
 class StoreWriter:
     """Create or resume a store; add videos; commit atomically. See the module docstring for the layout."""
 
@@ -188,6 +231,15 @@ class StoreWriter:
         if int(dim) < 1 or shard_rows < 1 or not segment_seconds > 0:
             raise ValueError(f"dim ({dim}), shard_rows ({shard_rows}) and segment_seconds ({segment_seconds}) must be > 0")
         self.path, self.dim, self.encoder = Path(path), int(dim), str(encoder)
+        self._closed = True  # until the lock is held and the index read: close() then only unlocks
+        self._lock = WriterLock(self.path)
+        try:
+            self._open(settings, segment_seconds, shard_rows)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, settings, segment_seconds, shard_rows) -> None:
         self.segment_seconds, self.shard_rows = float(segment_seconds), int(shard_rows)
         settings = json.loads(json.dumps(settings)) if settings is not None else None  # as it reads back from JSON
         record_settings = False
@@ -397,14 +449,18 @@ class StoreWriter:
         (self.path / JOURNAL_NAME).unlink()
 
     def close(self) -> None:
-        if not self._closed:
-            self.commit()
-            # An empty store still gets an index, so it reads as a (valid, empty) store.
-            if not (self.path / INDEX_NAME).exists():
-                _atomic_save_json(self.path / INDEX_NAME, self._index)
-            if (self.path / JOURNAL_NAME).exists():  # a finished store is one index.json
-                self._fold()
-            self._closed = True
+        try:
+            if not self._closed:
+                self.commit()
+                # An empty store still gets an index, so it reads as a (valid, empty) store.
+                if not (self.path / INDEX_NAME).exists():
+                    _atomic_save_json(self.path / INDEX_NAME, self._index)
+                if (self.path / JOURNAL_NAME).exists():  # a finished store is one index.json
+                    self._fold()
+                self._closed = True
+        finally:
+            if self._closed:
+                self._lock.release()
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -422,6 +478,14 @@ class Store:
     def __init__(self, path):
         self.path = Path(path)
         index = load_index(self.path)
+        problems = check_structure(self.path, index)  # includes ids that appear twice or are missing
+        if problems:
+            again = load_index(self.path)  # a compaction may have replaced the shards after we read the index
+            if again != index:
+                index, problems = again, check_structure(self.path, again)
+        if problems:
+            raise ValueError(f"store {self.path} is inconsistent ({len(problems)} problems; run `lvmae store verify`): "
+                             + "; ".join(str(p) for p in problems[:5]))
         self.fingerprint = index_fingerprint(index)
         self.layout_fingerprint = layout_fingerprint(index)
         self.dim, self.encoder = int(index["dim"]), str(index["encoder"])
@@ -430,10 +494,6 @@ class Store:
         self._shards = index["shards"]
         self._entries = {v["id"]: v for v in index["videos"]}
         self.video_ids = [v["id"] for v in index["videos"]]
-        problems = check_structure(self.path, index)  # includes ids that appear twice
-        if problems:
-            raise ValueError(f"store {self.path} is inconsistent ({len(problems)} problems; run `lvmae store verify`): "
-                             + "; ".join(str(p) for p in problems[:5]))
         self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()  # LRU, at most MAX_OPEN_MAPS
 
     def __len__(self) -> int:
@@ -539,10 +599,13 @@ def check_structure(path, index: dict) -> list[Problem]:
     seen: set = set()
     for v in index["videos"]:
         vid, shard, offset, n = v.get("id"), v.get("shard"), v.get("offset"), v.get("n")
-        if isinstance(vid, str):
+        if isinstance(vid, str) and vid:
             if vid in seen:
                 problems.append(Problem(vid, "appears twice in the index"))
             seen.add(vid)
+        else:
+            problems.append(Problem(None, f"index entry without a video id: {v}"))
+            continue
         if not all(isinstance(x, int) for x in (shard, offset, n)):
             problems.append(Problem(vid, f"malformed index entry {v}"))
             continue

@@ -17,7 +17,6 @@ import csv
 import json
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +66,8 @@ def _load_torch_embedding(path: Path):
         obj = obj["embedding"]
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"{path}: expected a tensor or {{'embedding': tensor}}, got {type(obj).__name__}")
+    if not obj.is_floating_point():  # .float() would silently turn ids, masks or complex values into "embeddings"
+        raise ValueError(f"{path}: embeddings must be floating point, got {obj.dtype}")
     return obj.detach().float().numpy()
 
 
@@ -81,12 +82,19 @@ def load_array(path: Path) -> np.ndarray:
 
 def iter_directory(src: Path):
     """(video_id, source path, loader) for each <video_id>.npy / .pt in a directory, sorted by id."""
-    files = sorted(p for p in src.iterdir() if p.suffix in (".npy", ".pt") and p.is_file())
-    dupes = sorted(i for i, k in Counter(p.stem for p in files).items() if k > 1)
-    if dupes:
-        raise ValueError(f"{src}: video ids with both .npy and .pt files: {dupes[:10]}")
+    # Sorted by (id, suffix): of an id with both a .npy and a .pt, the .npy is imported and the .pt is
+    # reported as a repeated id (import_embeddings), like any other repeat.
+    files = sorted((p for p in src.iterdir() if p.suffix in (".npy", ".pt") and p.is_file()),
+                   key=lambda p: (p.stem, p.suffix))
     for p in files:
         yield p.stem, str(p), (lambda p=p: load_array(p))
+
+
+def _one_segment(arr: np.ndarray, path: Path) -> np.ndarray:
+    """A reference segment file holds one embedding: [d] or [1, d]; anything else is not flattened."""
+    if arr.ndim == 1 or (arr.ndim == 2 and arr.shape[0] == 1):
+        return arr.reshape(-1)
+    raise ValueError(f"{path}: a segment file must hold one embedding [dim] or [1, dim], got shape {list(arr.shape)}")
 
 
 def iter_reference_csv(csv_path: Path):
@@ -113,7 +121,7 @@ def iter_reference_csv(csv_path: Path):
                 raise ValueError(f"number_of_segments={row['number_of_segments']} but {len(paths)} segment paths")
             if not paths:
                 raise ValueError("no segments")
-            segs = [load_array(p).reshape(-1) for p in paths]
+            segs = [_one_segment(load_array(p), p) for p in paths]
             if len({s.shape for s in segs}) > 1:
                 raise ValueError(f"segments have mixed dims {sorted({s.shape[0] for s in segs})}")
             return np.stack(segs)
@@ -127,13 +135,19 @@ def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float
     src, out = Path(src), Path(out)
     if not src.exists():
         raise FileNotFoundError(f"import source {src} does not exist")
-    items = iter_reference_csv(src) if src.is_file() and src.suffix == ".csv" else iter_directory(src)
+    if src.is_file() and src.suffix != ".csv":
+        raise ValueError(f"import source {src} is a file but not a .csv: give a directory of <video_id>.npy/.pt "
+                         "files or a reference segments CSV")
+    items = iter_reference_csv(src) if src.is_file() else iter_directory(src)
     writer, added, skipped, failures = None, 0, 0, []
     seen: dict[str, str] = {}  # video id -> its first source in this run
     kwargs = {"shard_rows": shard_rows} if shard_rows else {}
     try:
         if (out / "index.json").exists():  # resume: the existing store fixes dim; encoder and segment_seconds must match
             index = load_index(out)
+            if index.get("settings"):  # an extraction job's store: its rows were made one known way
+                raise ValueError(f"store {out} was written by `lvmae extract` (settings {index['settings']}); "
+                                 "import into another store so one store never mixes embeddings made two ways")
             writer = StoreWriter(out, index["dim"], encoder=encoder, segment_seconds=segment_seconds, **kwargs)
         for video_id, source, load in items:
             if video_id in seen:  # checked before the resume skip: the first copy may be in the store by now

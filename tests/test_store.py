@@ -266,7 +266,8 @@ def test_torn_journal_line_is_ignored_and_a_resumed_writer_stays_readable(tmp_pa
     for vid, emb in list(videos.items())[:2]:
         w.add(vid, emb)
         w.commit()
-    # A writer killed mid-append: half a JSON line at the end of the journal.
+    # A writer killed mid-append: half a JSON line at the end of the journal (and the kernel drops its lock).
+    w._lock.release()
     with open(tmp_path / "s" / JOURNAL_NAME, "ab") as f:
         f.write(b'{"seq": 2, "shards": [{"emb": "shards/emb-0')
     assert Store(tmp_path / "s").video_ids == ["v0", "v1"]
@@ -314,33 +315,19 @@ def test_adding_videos_does_not_compare_every_pending_id(tmp_path):
     assert Store(tmp_path / "s").video_ids == [f"v{i}" for i in range(300)]
 
 
-def test_import_directory_duplicate_check_is_linear(tmp_path):
-    from pathlib import PurePosixPath
+def test_import_reports_an_id_with_both_npy_and_pt_and_imports_the_rest(tmp_path):
+    from lvmae_fast.store_cli import import_embeddings
 
-    from lvmae_fast.store_cli import iter_directory
-
-    class FakeFile(PurePosixPath):
-        def is_file(self):
-            return True
-
-        @property
-        def stem(self):
-            return CountingId(super().stem)
-
-    class FakeDir:
-        def iterdir(self):
-            return [FakeFile(f"/src/v{i:04d}.npy") for i in range(300)]
-
-    CountingId.comparisons = 0
-    ids = [vid for vid, _, _ in iter_directory(FakeDir())]
-    assert CountingId.comparisons < 300  # ids.count(i) per id makes ~90000
-    assert ids == [f"v{i:04d}" for i in range(300)]
     src = tmp_path / "src"
     src.mkdir()
-    np.save(src / "a.npy", np.ones((1, 2), np.float32))
-    torch.save(torch.ones(1, 2), src / "a.pt")
-    with pytest.raises(ValueError, match="both .npy and .pt files: \\['a'\\]"):
-        list(iter_directory(src))
+    np.save(src / "a.npy", np.full((1, 2), 1.0, np.float32))
+    torch.save(torch.full((1, 2), 2.0), src / "a.pt")
+    np.save(src / "b.npy", np.full((2, 2), 3.0, np.float32))
+    added, skipped, failures = import_embeddings(src, tmp_path / "s")
+    assert (added, skipped) == (2, 0)
+    assert len(failures) == 1 and failures[0].startswith(f"a ({src / 'a.pt'}): video id repeated in the source")
+    store = Store(tmp_path / "s")
+    assert store.video_ids == ["a", "b"] and np.all(np.asarray(store.get("a")) == 1.0)
 
 
 def test_commit_cost_does_not_grow_with_the_store(tmp_path, monkeypatch):
@@ -662,3 +649,88 @@ def test_settings_are_recorded_by_an_empty_store_and_never_mixed(tmp_path):
         w.add("a", emb)
     with pytest.raises(ValueError, match=r"frames=8 \(now 16\)"):
         StoreWriter(tmp_path / "empty", dim=4, settings={"frames": 16})
+
+
+def test_one_writer_per_store(tmp_path):
+    """A second writer (another job, `store compact`, a concurrent import) is refused while one holds the
+    store, since both would take the same next shard number; the lock dies with its process."""
+    path = write_store(tmp_path / "s", {"v0": np.ones((3, 4), np.float32)}, 4)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from lvmae_fast.store import StoreWriter
+        w = StoreWriter({str(path)!r}, 4)
+        print("open", flush=True)
+        time.sleep(60)
+    """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(ValueError, match=f"open for writing by another process \\(pid {holder.pid}\\)"):
+            StoreWriter(path, 4)
+        r = lvmae("store", "compact", path)
+        assert r.returncode != 0 and "open for writing by another process" in r.stderr
+        assert Store(path).video_ids == ["v0"]  # readers are never locked out
+    finally:
+        holder.kill()
+        holder.wait()
+    with StoreWriter(path, 4) as w:  # SIGKILL released it
+        w.add("v1", np.ones((2, 4), np.float32))
+    with StoreWriter(path, 4) as w:  # and so did close()
+        assert w.contains("v1")
+    assert Store(path).video_ids == ["v0", "v1"]
+
+
+def test_truncated_shard_is_named_by_verify(tmp_path):
+    path = write_store(tmp_path / "s", {"a": np.ones((3, 4), np.float32), "b": np.ones((2, 4), np.float32)}, 4,
+                       shard_rows=3)
+    index = json.loads((path / "index.json").read_text())
+    shard = path / index["shards"][index["videos"][1]["shard"]]["emb"]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 8)  # the last row's bytes gone, header intact
+    with pytest.raises(ValueError, match="truncated"):
+        Store(path)
+    assert verify_store(path).bad_videos == ["b"]
+    r = lvmae("store", "verify", path)
+    assert r.returncode == 2 and "b" in r.stdout + r.stderr and "truncated" in r.stdout + r.stderr
+
+
+def test_store_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    path = write_store(tmp_path / "s", {"a": np.ones((3, 4), np.float32)}, 4)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in [path / "index.json", *(path / "shards").iterdir()]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+def test_import_refuses_non_float_tensors_multi_row_segments_and_extract_stores(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(torch.arange(8).reshape(2, 4), src / "ints.pt")
+    torch.save({"embedding": torch.ones(2, 4)}, src / "ok.pt")
+    added, _, failures = import_embeddings(src, tmp_path / "s")
+    assert added == 1 and len(failures) == 1 and "must be floating point, got torch.int64" in failures[0]
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    torch.save({"embedding": torch.ones(2, 4)}, seg / "s0.pt")  # two rows where one embedding belongs
+    csv_path = tmp_path / "ref.csv"
+    csv_path.write_text('video_filename,segment_paths\nx,"[""seg/s0.pt""]"\n')
+    added, _, failures = import_embeddings(csv_path, tmp_path / "s2")
+    assert added == 0 and "one embedding [dim] or [1, dim], got shape [2, 4]" in failures[0]
+    with pytest.raises(ValueError, match="not a .csv"):
+        import_embeddings(src / "ok.pt", tmp_path / "s3")
+    extracted = write_store(tmp_path / "ex", {"e": np.ones((2, 4), np.float32)}, 4, settings={"window_seconds": 5.0})
+    with pytest.raises(ValueError, match="written by `lvmae extract`"):
+        import_embeddings(src, extracted)
+
+
+def test_index_entry_without_id_is_a_named_problem(tmp_path):
+    path = write_store(tmp_path / "s", {"a": np.ones((3, 4), np.float32)}, 4)
+    index = json.loads((path / "index.json").read_text())
+    del index["videos"][0]["id"]
+    (path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="index entry without a video id"):
+        Store(path)
+    r = lvmae("store", "info", path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "without a video id" in r.stderr
