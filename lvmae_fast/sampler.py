@@ -16,12 +16,13 @@ for the whole run, so epoch boundaries neither restart workers nor drain the pre
 e therefore reproduces exactly the batches an uninterrupted run would have seen.
 Ranks: with a fixed video count the epoch's video order is split round-robin (padded by wrapping,
 like DistributedSampler). With a token budget all crops are packed first and the batches dealt
-round-robin, split until their count divides by the world size: every video is seen exactly once
-per epoch and every rank steps the same number of times.
+round-robin, split until their count divides by the world size: every video is seen once per epoch
+(fewer than `world` batches repeat only when no batch can be split) and every rank steps the same number of times.
 """
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -135,8 +136,9 @@ def _deal_token_batches(batches: list[list[Crop]], world: int) -> list[list[Crop
     """Make the number of token-budget batches a multiple of `world` so batch k*world + r goes to rank r.
 
     Packing all crops first and then dealing batches keeps every video exactly once per epoch: the
-    batches are split in two (the fullest with >= 2 crops first) until the count divides. Only when too
-    few batches can be split (fewer crops than ranks) are whole batches repeated from the start."""
+    batches are split in two (the fullest with >= 2 crops first) until the count divides. Only when no
+    batch has two crops left to split (fewer crops than ranks, or every crop filling a batch alone) are
+    whole batches repeated from the start, fewer than `world` per epoch."""
     batches = [list(b) for b in batches]
     while len(batches) % world:
         splittable = [i for i, b in enumerate(batches) if len(b) >= 2]
@@ -246,6 +248,10 @@ def share_storages(batch: PackedBatch) -> PackedBatch:
 def _worker_init(_):
     # Workers only gather, normalise and mask: one thread each, leave the cores to the model.
     torch.set_num_threads(1)
+    # A terminal's Ctrl-C (or a SIGTERM to the process group) is the main process's to handle: it
+    # checkpoints and shuts the loader down. Workers would otherwise run an inherited handler.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _batch_loader(dataset: Dataset, keys, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:

@@ -11,6 +11,7 @@ Run directory (RUN = --out)::
     RUN/loss.png                     loss curve, drawn at the end
     RUN/checkpoints/step-XXXXXXXX/   config.json + model.safetensors + train_state.pt (optimizer, progress,
                                      RNG, config, store fingerprint); RUN/checkpoints/latest names the newest
+    RUN/checkpoints/rewound/, RUN/metrics.rewound.jsonl   what --resume-from STEP moved aside (a rewind)
 
 A checkpoint directory is built under a temp name and renamed into place, then `latest` is replaced
 (temp + rename), then the model files are linked into RUN; a kill at any point leaves the previous
@@ -18,7 +19,9 @@ checkpoint intact. Checkpoints are written every ckpt_every steps, at the end, o
 non-finite loss or gradient norm. Resume is exact: the sampler is a pure function of (seed, epoch, batch index), the lr
 of (epoch, batch index), and model/optimizer/RNG state is restored bit for bit, so an interrupted and
 resumed run logs the same losses as an uninterrupted one. metrics.jsonl lines written after the
-checkpoint a run resumes from are dropped (they are recomputed).
+checkpoint a run resumes from are dropped (they are recomputed). A rewind (--resume-from an earlier
+checkpoint, e.g. with a lower lr after a non-finite step) abandons a branch instead: its later
+checkpoints and metrics are moved aside, not deleted.
 """
 from __future__ import annotations
 
@@ -51,6 +54,10 @@ from .store import Store, scan_nonfinite
 
 log = logging.getLogger(__name__)
 STATE_NAME, LATEST_NAME = "train_state.pt", "latest"
+REWOUND_DIR, REWOUND_METRICS = "rewound", "metrics.rewound.jsonl"
+# What a run dir holds: --out must be new, empty, or hold only these (dot-files are atomic-write temps).
+RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", REWOUND_METRICS, "checkpoints", "tb", "loss.png",
+                         "model.safetensors", "config.json", "val.json"})
 EXIT_NONFINITE, EXIT_SIGNAL = 3, {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -67,6 +74,58 @@ def lr_at(epoch_progress: float, base_lr: float, cfg: tc.PretrainConfig) -> floa
 # ---- checkpoints --------------------------------------------------------------------------------
 def _atomic_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def checkpoint_by_name(out: Path, name: str) -> Path:
+    """RUN/checkpoints/step-N for name 'step-N' or 'N'; ValueError listing the checkpoints otherwise."""
+    root = out / "checkpoints"
+    if name.isdigit():
+        name = f"step-{int(name):08d}"
+    path = root / name
+    if not (path / STATE_NAME).is_file():
+        have = sorted(p.name for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
+        raise ValueError(f"--resume-from {name}: no such checkpoint in {root} (have: {', '.join(have) or 'none'})")
+    return path
+
+
+def rewind_to(out: Path, ckpt: Path) -> None:
+    """Make `ckpt` the latest: later checkpoints move to checkpoints/rewound/ and later metrics records
+    to metrics.rewound.jsonl (kept, not deleted: that branch of the run is abandoned, not recomputed)."""
+    root = ckpt.parent
+    later = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name > ckpt.name)
+    if later:
+        (root / REWOUND_DIR).mkdir(exist_ok=True)
+    for p in later:
+        target = root / REWOUND_DIR / p.name
+        if target.exists():  # rewound past this step before: keep both
+            target = target.with_name(f"{p.name}.{int(time.time())}")
+        os.replace(p, target)
+    truncate_metrics(out / "metrics.jsonl", int(ckpt.name.split("-")[1]), keep_dropped=out / REWOUND_METRICS)
+    _atomic_text(root / LATEST_NAME, ckpt.name)
+    link_model_files(out, ckpt)
+    log.info("rewound %s to %s (%d later checkpoints moved to %s/)", out, ckpt.name, len(later), root / REWOUND_DIR)
+
+
+def check_run_dir(out: Path, store_path: Path, resume: bool) -> None:
+    """--out must be a new or empty directory, or (with --resume) one that holds only a run's files:
+    a model folder or any other data there would be overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the run")
+    if out == store_path or store_path in out.parents:
+        raise ValueError(f"--out {out} is inside the store {store_path}; keep runs outside the store")
+    if not out.is_dir():
+        return
+    entries = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+    foreign = sorted(set(entries) - RUN_ENTRIES)
+    if foreign:
+        raise ValueError(f"--out {out} holds files that are not a run's ({', '.join(foreign[:5])}"
+                         f"{' ...' if len(foreign) > 5 else ''}); choose a new or empty directory")
+    if entries and not resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if {"model.safetensors", "config.json"} & set(entries) and "checkpoints" not in entries:
+        # A run links its model files from a checkpoint: these belong to a model folder.
+        raise ValueError(f"--out {out} holds a model (model.safetensors / config.json) but no run "
+                         "(no checkpoints/); choose a new or empty directory")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -104,14 +163,24 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def link_model_files(out: Path, ckpt: Path) -> None:
+    """RUN/model.safetensors + RUN/config.json: the checkpoint's, so LVMAE.from_pretrained(RUN) loads it."""
+    for f in (WEIGHTS_NAME, CONFIG_NAME):  # config last, as save_pretrained does
+        _link_or_copy(ckpt / f, out / f)
+
+
 def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.PretrainConfig,
-                    store_fingerprint: str) -> Path:
+                    store_fingerprint: str, prune: bool = True) -> Path:
+    """Write RUN/checkpoints/step-N, point `latest` at it, link its model files into RUN, and (prune)
+    keep only the newest keep_checkpoints."""
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{progress['step']:08d}"
     final, pointer = ckpt_root / name, ckpt_root / LATEST_NAME
     if final.exists() and pointer.is_file() and pointer.read_text().strip() == name:
-        return final  # this exact state is already the latest checkpoint
+        # Already the latest; a kill between the pointer and the links may have left RUN's model older.
+        link_model_files(out, final)
+        return final
     tmp = ckpt_root / f".{name}.tmp"
     for stale in ckpt_root.glob(".step-*.tmp"):  # half-written checkpoints of killed runs (one writer per run dir)
         shutil.rmtree(stale, ignore_errors=True)
@@ -122,10 +191,9 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
     shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step from a killed run
     os.replace(tmp, final)
     _atomic_text(pointer, name)
-    for f in (WEIGHTS_NAME, CONFIG_NAME):  # config last, as save_pretrained does
-        _link_or_copy(final / f, out / f)
+    link_model_files(out, final)
     steps = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    for old in steps[:-cfg.keep_checkpoints]:
+    for old in (steps[:-cfg.keep_checkpoints] if prune else []):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -156,9 +224,15 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only records up to `step` (the checkpoint we resume from); later ones will be recomputed."""
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+def truncate_metrics(path: Path, step: int, keep_dropped: Path | None = None) -> None:
+    """Keep only records up to `step` (the checkpoint we resume from); later ones will be recomputed.
+    keep_dropped: append the dropped records there first (a rewind abandons them; they are not redone)."""
+    records = read_metrics(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    dropped = [r for r in records if r.get("step", 0) > step]
+    if keep_dropped is not None and dropped:
+        old = keep_dropped.read_text() if keep_dropped.exists() else ""
+        _atomic_text(keep_dropped, old + "".join(json.dumps(r) + "\n" for r in dropped))
     _atomic_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -285,6 +359,20 @@ def training_videos(store: Store, cfg: tc.PretrainConfig) -> list[str]:
     return [v for v in store.video_ids if v not in bad]
 
 
+def check_something_to_mask(store: Store, train_ids: list[str], cfg: tc.PretrainConfig, mask_ratio: float) -> None:
+    """short_video_policy=keep leaves 1-segment videos as 1-token crops: keep = max(1, ...) = 1, nothing
+    is masked, so they add no loss. Refuse a run made only of them; warn about some."""
+    if cfg.short_video_policy != "keep" or mask_ratio <= 0:
+        return
+    single = sum(store.num_segments(v) == 1 for v in train_ids)
+    if single and single == len(train_ids):
+        raise ValueError(f"all {single} training videos have 1 segment: with short_video_policy=keep nothing is "
+                         "masked and the loss is 0 at every step; use short_video_policy=repeat")
+    if single:
+        log.warning("%d of %d training videos have 1 segment: with short_video_policy=keep they add no loss",
+                    single, len(train_ids))
+
+
 def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: int) -> float:
     """Mean masked loss over the held-out videos (fixed crops and masks), weighted by masked tokens."""
     model.eval()
@@ -299,22 +387,28 @@ def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: in
     return total / max(weight, 1)
 
 
-def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
-    """Train per cfg; returns an exit code (0 done, 3 non-finite loss, 130/143 interrupted)."""
+def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | None = None) -> int:
+    """Train per cfg; returns an exit code (0 done, 3 non-finite loss, 130/143 interrupted).
+    resume_from: a checkpoint of the run ('step-N' or N) to continue from instead of the latest (a
+    rewind, e.g. past a non-finite step with a lower lr); implies resume."""
     if not cfg.store or not cfg.out:
         raise ValueError("pretrain needs --store STORE and --out RUN")
+    resume = resume or resume_from is not None
     # Absolute paths in the run's config.yaml: --resume may be run from another working directory.
     cfg = dataclasses.replace(cfg, store=str(Path(cfg.store).resolve()), out=str(Path(cfg.out).resolve()))
     out = Path(cfg.out)
+    check_run_dir(out, Path(cfg.store), resume)
     store = Store(cfg.store)
     if len(store) == 0:
         raise ValueError(f"store {cfg.store} holds no videos")
 
     # Everything that can refuse the run is checked before anything is written to RUN.
     ckpt = latest_checkpoint(out) if out.exists() else None
+    rewind = False
+    if resume_from is not None:
+        chosen = checkpoint_by_name(out, str(resume_from))
+        rewind, ckpt = ckpt is None or chosen.name != ckpt.name, chosen
     state = None
-    if not resume and (ckpt is not None or (out / "metrics.jsonl").exists()):
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and ckpt is not None:
         state = load_train_state(ckpt)
         conflicts = tc.resume_conflicts(state["config"], cfg)
@@ -334,6 +428,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
                          max_tokens=cfg.max_tokens, mask_ratio=model_cfg.mask_ratio, masking=model_cfg.masking,
                          seed=cfg.seed, pad_to_buckets=cfg.cuda_graphs)
     train_ids, val_ids = split_videos(training_videos(store, cfg), cfg.val_videos, cfg.seed)
+    check_something_to_mask(store, train_ids, cfg, model_cfg.mask_ratio)
     sampler = LongVideoSampler(store, train_ids, scfg)
     val_sampler = LongVideoSampler(store, val_ids, scfg) if val_ids else None
     device = resolve_device(cfg.device)
@@ -369,6 +464,8 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
     whole_step = graphed_step is not None and graphed_step.optimizer is not None
 
     out.mkdir(parents=True, exist_ok=True)
+    if rewind:
+        rewind_to(out, ckpt)
     _atomic_text(out / "config.yaml", tc.dump_yaml(cfg))
     metrics_path = out / "metrics.jsonl"
     if resume:  # drop records logged after the checkpoint (all of them when there is none yet)
@@ -382,8 +479,12 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     if progress["step"] >= total_steps:
-        print(f"lvmae pretrain: nothing to do: {out} is already at step {progress['step']} of {total_steps} "
-              f"(raise --max-steps or --epochs to train further)", file=sys.stderr)
+        full = sum(sampler.num_batches(e) for e in range(cfg.epochs))
+        hint = (f"raise --max-steps (up to {full}, where its {cfg.epochs}-epoch schedule ends) to train further"
+                if progress["step"] < full else
+                f"its {cfg.epochs}-epoch lr schedule is complete (the epoch count is fixed for a run)")
+        print(f"lvmae pretrain: nothing to do: {out} is already at step {progress['step']} of {total_steps}; {hint}",
+              file=sys.stderr)
     log.info("pretraining %s (%.2fM params, in_dim %d) on %d videos (%d held out) from %s; %d steps, lr %.3g, device %s%s",
              cfg.preset, model.num_params() / 1e6, store.dim, len(train_ids), len(val_ids), store.path, total_steps,
              base_lr, device, f", resuming at step {progress['step']}" if state is not None else "")
@@ -421,12 +522,20 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False) -> int:
         done, pending = pending, None
         loss_value, grad_norm = done["scalars"].values()
         if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
-            path = checkpoint()  # the skipped update left the parameters as they were before this step
+            # The skipped update left the parameters as they were before this step. Earlier checkpoints
+            # are kept (no pruning): this state fails again, so recovery starts from one of them.
+            path = save_checkpoint(out, model, optimizer, progress, cfg, store.fingerprint, prune=False)
             what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
+            earlier = sorted(p.name for p in path.parent.glob("step-*") if p.is_dir() and p.name < path.name)
+            lr_flag = "--lr" if cfg.lr else "--blr"
+            lr_now = cfg.lr or cfg.blr
             msg = (f"non-finite {what} at step {progress['step'] + 1} (epoch {done['epoch']}, batch {done['batch']}). "
-                   f"Saved the state before this step to {path}. Try a lower lr (--set blr=...), gradient "
-                   f"clipping (--set grad_clip=1.0), or check the data with `lvmae store verify {cfg.store}`; "
-                   f"then continue with --resume.")
+                   f"Saved the state before this step to {path}; resuming from it runs the same step on the same "
+                   f"weights and fails again, whatever the lr. Rewind to an earlier checkpoint with a lower lr: "
+                   f"`lvmae pretrain --out {out} --resume-from {earlier[-1] if earlier else 'step-N'} "
+                   f"{lr_flag} {lr_now / 10:.3g}` (now {lr_flag} {lr_now:.3g}; add --grad-clip 1.0 to bound later "
+                   f"steps). Checkpoints before it: {', '.join(earlier) or 'none (lower the lr and start a new run)'}. "
+                   f"Check the data with `lvmae store verify {cfg.store}`.")
             log.error(msg)
             print(f"lvmae pretrain: error: {msg}", file=sys.stderr)
             exit_code = EXIT_NONFINITE
@@ -547,7 +656,7 @@ FLAGS = [
 
 def config_from_args(args) -> tc.PretrainConfig:
     layers = []
-    if args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+    if (args.resume or args.resume_from) and args.out and (Path(args.out) / "config.yaml").is_file():
         layers.append((f"{args.out}/config.yaml", tc.load_yaml(Path(args.out) / "config.yaml")))
     if args.config:
         layers.append((args.config, tc.load_yaml(args.config)))
@@ -570,7 +679,7 @@ def _run(args) -> int:
     if args.print_config:  # a starting point for --config files
         print(tc.dump_yaml(cfg), end="")
         return 0
-    return pretrain(cfg, resume=args.resume)
+    return pretrain(cfg, resume=args.resume, resume_from=args.resume_from)
 
 
 def register(sub) -> None:
@@ -592,4 +701,8 @@ def register(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (starts fresh if it has none)")
+    p.add_argument("--resume-from", metavar="STEP",
+                   help="continue the run in --out from an earlier checkpoint (step-N or N), e.g. past a non-finite "
+                        "step with a lower --lr; later checkpoints and metrics move aside (checkpoints/rewound/, "
+                        "metrics.rewound.jsonl)")
     p.set_defaults(func=_run)

@@ -90,7 +90,9 @@ class PretrainConfig:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision={self.precision!r} must be auto, bf16 or fp32")
         if self.epochs < 1 or not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs (got {self.epochs}, {self.warmup_epochs})")
+            raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs (got epochs={self.epochs}, "
+                             f"warmup_epochs={self.warmup_epochs}; the preset sets warmup_epochs: lower it with "
+                             f"--set warmup_epochs=N)")
         if min(self.log_every, self.ckpt_every, self.keep_checkpoints) < 1 or min(self.max_steps, self.eval_every) < 0:
             raise ValueError("log_every, ckpt_every and keep_checkpoints must be >= 1; max_steps, eval_every >= 0")
         if self.compile and self.cuda_graphs:

@@ -415,3 +415,89 @@ def test_gpu_host_scalars_and_graphed_pretraining_track_eager(store, tmp_path):
     assert [s for s, _, _ in graphs] == [s for s, _, _ in whole] == [s for s, _, _ in eager] == list(range(1, 21))
     np.testing.assert_allclose([v for _, v, _ in graphs], [v for _, v, _ in eager], rtol=3e-2)
     np.testing.assert_allclose([v for _, v, _ in whole], [v for _, v, _ in eager], rtol=3e-2)
+
+
+def _cfg(store, out, **kw):
+    return tc.resolve([("t", {"preset": "tiny", "store": str(store), "out": str(out), "progress": False,
+                              "tensorboard": False, **kw})])
+
+
+def test_resume_from_an_earlier_checkpoint_replays_the_run_and_keeps_the_abandoned_branch(store, tmp_path,
+                                                                                           restore_threads):
+    import shutil
+
+    first = tmp_path / "first"
+    assert pretrain(_cfg(store, first, max_steps=12, ckpt_every=4, keep_checkpoints=5)) == 0
+    again = tmp_path / "again"
+    shutil.copytree(first, again)
+    original = read_metrics(again / "metrics.jsonl")
+    assert pretrain(_cfg(store, again, max_steps=12, ckpt_every=4, keep_checkpoints=5), resume_from="4") == 0
+    assert curve(again) == curve(first)  # rewinding to step 4 with the same settings redoes steps 5..12 exactly
+    assert read_metrics(again / "metrics.rewound.jsonl") == [r for r in original if r["step"] > 4]
+    assert sorted(p.name for p in (again / "checkpoints" / "rewound").iterdir()) == ["step-00000008", "step-00000012"]
+    final, ref = load_file(str(again / "model.safetensors")), load_file(str(first / "model.safetensors"))
+    assert all(torch.equal(final[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match=r"no such checkpoint .* \(have: step-00000004, step-00000008, step-00000012\)"):
+        pretrain(_cfg(store, again, max_steps=12), resume_from="step-00000099")
+
+
+def test_nonfinite_stop_keeps_earlier_checkpoints_and_names_the_rewind(store, tmp_path, monkeypatch, capsys,
+                                                                     restore_threads):
+    real_forward, calls = LVMAE.forward, []
+
+    def forward(self, batch):  # step 7 goes non-finite
+        calls.append(1)
+        loss = real_forward(self, batch)
+        return loss * float("nan") if len(calls) == 7 else loss
+
+    monkeypatch.setattr(LVMAE, "forward", forward)
+    out = tmp_path / "run"
+    settings = dict(max_steps=10, ckpt_every=4, keep_checkpoints=1)
+    assert pretrain(_cfg(store, out, **settings)) == 3
+    err = capsys.readouterr().err
+    assert "fails again, whatever the lr" in err and f"--out {out} --resume-from step-00000004 --blr" in err
+    # keep_checkpoints=1 would have pruned step 4; the non-finite save keeps it to rewind to.
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000004", "step-00000006"]
+    monkeypatch.setattr(LVMAE, "forward", real_forward)
+    assert pretrain(_cfg(store, out, **settings, blr=1e-3), resume_from="step-00000004") == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 11))
+    assert [r["step"] for r in read_metrics(out / "metrics.rewound.jsonl")] == [5, 6]
+    assert [r["lr"] for r in read_metrics(out / "metrics.jsonl")][4] != read_metrics(out / "metrics.rewound.jsonl")[0]["lr"]
+    assert (out / "checkpoints" / "rewound" / "step-00000006").is_dir()
+
+
+def test_out_must_be_new_empty_or_a_run(store, tmp_path, restore_threads):
+    as_file = tmp_path / "file"
+    as_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        pretrain(_cfg(store, as_file, max_steps=1))
+    model_dir = tmp_path / "model"
+    LVMAE(build_tiny_config()).save_pretrained(model_dir)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    for resume in (False, True):
+        with pytest.raises(ValueError, match="already holds a run|holds a model"):
+            pretrain(_cfg(store, model_dir, max_steps=1), resume=resume)
+    (model_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not a run's \(notes.txt\)"):
+        pretrain(_cfg(store, model_dir, max_steps=1), resume=True)
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.name != "notes.txt"} == before
+    with pytest.raises(ValueError, match="inside the store"):
+        pretrain(_cfg(store, store / "run", max_steps=1))
+    r = lvmae("pretrain", "--preset", "tiny", "--store", store, "--out", as_file, "--max-steps", "1")
+    assert r.returncode == 1 and "is a file" in r.stderr and "Traceback" not in r.stderr
+
+
+def build_tiny_config():
+    from lvmae_fast.model import LVMAEConfig
+
+    return LVMAEConfig.from_preset("tiny", in_dim=32)
+
+
+def test_keep_policy_with_only_one_segment_videos_is_refused(tmp_path, restore_threads):
+    path = tmp_path / "ones"
+    with StoreWriter(path, 32) as w:
+        for i in range(4):
+            w.add(f"v{i}", np.random.default_rng(i).standard_normal((1, 32)).astype(np.float32))
+    with pytest.raises(ValueError, match="all 4 training videos have 1 segment"):
+        pretrain(_cfg(path, tmp_path / "run", max_steps=1, short_video_policy="keep"))
+    assert not (tmp_path / "run").exists()
