@@ -13,7 +13,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
       tests)    timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
       graphtests) timeout 200 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_train.py -p no:cacheprovider \
                   2>&1 | tail -25 | tee "$OUT/gpu_graph_tests.log" ;;
-      kernels)  timeout 180 python3 bench/kernels.py --no-compile --json "$OUT/kernels.json" 2>&1 | grep -v '^{' | tail -30 ;;
+      kernels)  timeout 240 python3 bench/kernels.py --no-compile --json "$OUT/kernels.json" 2>&1 | grep -v '^{' | tail -64 ;;
       extract)  timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
                   --copies "${COPIES:-16}" --json "$OUT/extract.json" 2>&1 | tail -14 ;;
       pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \

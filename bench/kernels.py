@@ -12,6 +12,9 @@ both and the gradient write (5 units of pred size where one fused pass could do 
 compared with the card's memory bandwidth (detected from the device name). The graph-replayed % is
 left empty where the working set fits in L2 (replays do not flush it: not an HBM figure).
 Each implementation is also checked against the torch reference (mask exactly equal, loss close).
+semantic_mask also gets a row for the row-streaming similarity kernel (a candidate that reads each row
+once) and rows for its two stages apart (similarity in both variants; selection), to show which one
+stands between it and the bandwidth target.
 No downloads, no prompts; a failing implementation is reported in the table rather than aborting.
 """
 from __future__ import annotations
@@ -138,7 +141,18 @@ def bench_semantic(spec, d, dtype, device, quick, use_compile, have_triton):
     if use_compile:  # the per-video counts inside the timed call, as the other rows compute them
         impls["torch.compile"] = lambda: compiled(_semantic_graph)(x, cu, num_masked_of(cu, ratio))
     if have_triton:
-        impls["triton"] = lambda: K.semantic_mask(x, cu, ratio, max_seqlen=max_len, validate=False)
+        from lvmae_fast.kernels import _triton as KT
+
+        def triton_with(sim):
+            def run():  # the similarity kernel semantic_mask launches: the default "tile" or the "stream" candidate
+                default, KT.SIM_KERNEL = KT.SIM_KERNEL, sim
+                try:
+                    return K.semantic_mask(x, cu, ratio, max_seqlen=max_len, validate=False)
+                finally:
+                    KT.SIM_KERNEL = default
+            return run
+        impls["triton"] = triton_with("tile")
+        impls["triton (stream sim)"] = triton_with("stream")
     bytes_moved = x.numel() * x.element_size() + 2 * cu.numel() * 4 + x.shape[0]  # x once, mask out
     # The eager entry point reads the per-video counts on the host (a sync no graph can hold); its
     # graph-replayed time is that of the same ops with the counts precomputed.
@@ -147,6 +161,30 @@ def bench_semantic(spec, d, dtype, device, quick, use_compile, have_triton):
     for name, fn in impls.items():
         rows.append(measure("semantic_mask", f"{spec} d={d}", name, fn, device, quick, bytes_moved,
                             check=lambda out: bool(torch.equal(out, want)), graph_fn=graph_fns.get(name)))
+    if have_triton:
+        rows += semantic_stages(x, cu, k, want, max_len, f"{spec} d={d}", device, quick)
+    return rows
+
+
+def semantic_stages(x, cu, k, want, max_len, case, device, quick):
+    """The two kernels of semantic_mask timed apart (which one holds it back from the bandwidth
+    target): the similarity pass (reads x, writes int32 keys) in both variants, and the selection
+    (radix passes over the keys, one mask write)."""
+    from lvmae_fast.kernels import _triton as KT
+
+    T = x.shape[0]
+    keys = KT.adjacent_keys(x, False, "tile")
+    num_masked = k.to(torch.int32)
+    radix_bits = KT.select_tiles(max_len, cu.numel() - 1, device.type == "cuda")[2]
+    sim_bytes = x.numel() * x.element_size() + 4 * T
+    select_bytes = 4 * T * (32 // radix_bits + 1) + T + 2 * cu.numel() * 4  # keys per pass (mostly L2), mask
+    rows = [measure("semantic_mask stage: similarity", case, f"triton {sim}",
+                    lambda sim=sim: KT.adjacent_keys(x, False, sim), device, quick, sim_bytes,
+                    check=lambda out: out.shape == (T,) and out.dtype == torch.int32)
+            for sim in ("tile", "stream")]
+    rows.append(measure("semantic_mask stage: selection", case, "triton",
+                        lambda: KT.select_lowest(keys, cu, num_masked, max_len), device, quick, select_bytes,
+                        check=lambda out: bool(torch.equal(out, want))))
     return rows
 
 

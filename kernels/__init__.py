@@ -13,6 +13,7 @@ Triton is imported lazily so `import lvmae_fast.kernels` works without it. Losse
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 
 import torch
@@ -91,7 +92,7 @@ def _tk():
 # semantic masking
 # ----------------------------------------------------------------------------------------------------
 def _check_ratio(mask_ratio) -> float:
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):  # numpy floats too
         raise ValueError(f"mask_ratio must be a float in [0, 1), got {mask_ratio!r}")
     if not 0.0 <= float(mask_ratio) < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
@@ -102,8 +103,8 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, validate: bool) -> int |
     """Raise ValueError on malformed offsets; returns the longest video when it was read anyway."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must be a 1-D tensor of B+1 offsets")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be int32 (flash-attn convention), got {cu_seqlens.dtype}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 (flash-attn convention) or int64, got {cu_seqlens.dtype}")
     if not validate:
         return None
     # One host read (a device sync when cu_seqlens is on CUDA; pass validate=False to skip it).
@@ -124,7 +125,9 @@ def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, 
     """bool [T], True = masked: per video the k_i = L_i - max(1, int(L_i * (1 - ratio))) rows with the
     lowest cosine similarity to their predecessor (highest when inverted), ties to the lower row.
 
-    Equals masking.semantic_mask_torch exactly (same fp32 similarity formula, same tie rule).
+    Equals masking.semantic_mask_torch (same fp32 similarity formula, same tie rule): exactly wherever
+    the similarities do not depend on summation order (e.g. integer-valued rows); two similarities that
+    differ only in the last bit (near-duplicate rows) may rank differently than in torch's reduction.
     max_seqlen (host int, optional) only picks a block size; validate=False skips the value checks on
     cu_seqlens (one host read) for hot loops that built cu_seqlens themselves."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -133,7 +136,12 @@ def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, 
         raise ValueError(f"x must be floating point, got {x.dtype}")
     ratio = _check_ratio(mask_ratio)
     longest = _check_cu_seqlens(cu_seqlens, x.shape[0], validate)
-    cu = cu_seqlens.to(x.device, non_blocking=True)
+    if validate and not bool(torch.isfinite(x).all()):  # a NaN similarity has no rank: refuse, as the model does
+        bad = (~torch.isfinite(x).all(1)).nonzero().flatten()[:10].tolist()
+        raise ValueError(f"x holds NaN/Inf values (rows {bad})")
+    if x.shape[0] >= 2 ** 31:
+        raise ValueError(f"x has {x.shape[0]} rows; int32 offsets hold at most 2^31 - 1")
+    cu = cu_seqlens.to(x.device, torch.int32, non_blocking=True)  # int64 offsets are accepted, kernels take int32
     if not _runs_triton(x):
         return semantic_mask_torch(x, cu, ratio, inverted=inverted)
     if x.stride(-1) != 1:

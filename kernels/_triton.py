@@ -69,6 +69,38 @@ def _adjacent_key_body(x_ptr, key_ptr, T, D, stride_x,
     tl.store(key_ptr + rows, key, mask=in_T)
 
 
+def _adjacent_key_stream_body(x_ptr, key_ptr, T, D, stride_x, INVERTED: tl.constexpr, EPS: tl.constexpr,
+                              ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Same keys as _adjacent_key_body, reading every row once: each program walks ROWS consecutive
+    rows (whole rows, BLOCK_D >= D) and carries the previous row and its squared norm in registers.
+    The tiled kernel loads each row twice (as a row and as the next row's predecessor; the second load
+    mostly hits L1/L2); this one trades that for a cross-warp reduction per row. A candidate measured
+    against the tiled kernel by bench/kernels.py (SIM_KERNEL below picks what semantic_mask launches)."""
+    r0 = tl.program_id(0) * ROWS
+    cols = tl.arange(0, BLOCK_D)
+    in_D = cols < D
+    zeros = tl.zeros([BLOCK_D], tl.int32)   # row conditions as vectors (the interpreter's masks must be)
+    prev = tl.load(x_ptr + (r0 - 1).to(tl.int64) * stride_x + cols, mask=in_D & (zeros + r0 > 0),
+                   other=0.0).to(tl.float32)
+    sq_prev = tl.sum(prev * prev, axis=0)
+    slots = tl.arange(0, ROWS)
+    scores = tl.zeros([ROWS], tl.float32)   # stored once at the end: one coalesced store, not ROWS scalars
+    for i in range(ROWS):
+        row_off = (r0 + i).to(tl.int64) * stride_x
+        cur = tl.load(x_ptr + row_off + cols, mask=in_D & (zeros + r0 + i < T), other=0.0).to(tl.float32)
+        dot = tl.sum(cur * prev, axis=0)
+        sq_cur = tl.sum(cur * cur, axis=0)
+        denom = tl.maximum(tl.sqrt_rn(sq_cur) * tl.sqrt_rn(sq_prev), EPS)
+        scores = tl.where(slots == i, tl.div_rn(dot, denom), scores)
+        prev, sq_prev = cur, sq_cur
+    if INVERTED:
+        scores = -scores
+    scores = tl.where(scores == 0.0, 0.0, scores)
+    bits = scores.to(tl.int32, bitcast=True)
+    rows = r0 + slots
+    tl.store(key_ptr + rows, bits ^ ((bits >> 31) & 0x7FFFFFFF), mask=rows < T)
+
+
 def _select_lowest_body(key_ptr, cu_ptr, k_ptr, out_ptr, B,
                         VIDS: tl.constexpr, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
     """VIDS videos per program (a [VIDS, BLOCK] tile, so thousands of short videos do not each pay for
@@ -218,6 +250,7 @@ def _masked_loss_bwd_body(pred_ptr, tgt_ptr, rows_ptr, mask_ptr, scale_ptr, grad
 # kernels, built in triton's process-wide mode
 # ----------------------------------------------------------------------------------------------------
 adjacent_key_kernel = _jit(_adjacent_key_body)
+adjacent_key_stream_kernel = _jit(_adjacent_key_stream_body)
 select_lowest_kernel = _jit(_select_lowest_body)
 loss_fwd_kernel = _jit(_masked_loss_fwd_body)
 loss_bwd_kernel = _jit(_masked_loss_bwd_body)
@@ -239,6 +272,13 @@ _GPU_VIDS_PER_PROGRAM = {8: 16, 16: 16, 32: 16, 64: 8, 128: 4, 256: 4, 512: 2, 1
 
 def _gpu_tiles() -> bool:
     return not INTERPRETED or GPU_TILES_IN_INTERPRETER
+
+
+# Which similarity kernel semantic_mask launches: "tile" (_adjacent_key_body, measured on an H200) or
+# "stream" (_adjacent_key_stream_body, a candidate; used only where d <= STREAM_MAX_D). Both give keys
+# that select exactly like the torch reference in the tests; bench/kernels.py times both.
+SIM_KERNEL = "tile"
+STREAM_MAX_D, STREAM_ROWS = 4096, 32
 
 
 def sim_tiles(D: int, T: int, gpu: bool):
@@ -273,20 +313,45 @@ def loss_tiles(D: int, gpu: bool):
 # launchers (inputs already validated and contiguous in the last dim by kernels/__init__.py)
 # ----------------------------------------------------------------------------------------------------
 def semantic_mask(x, cu_seqlens, num_masked, inverted: bool, max_seqlen: int | None = None,
-                  radix_bits: int | None = None):
+                  radix_bits: int | None = None, sim_kernel: str | None = None):
     """bool [T]. cu_seqlens int32 [B+1] and num_masked int32 [B] on x's device."""
     import torch
 
-    T, D = x.shape
+    T = x.shape[0]
     B = cu_seqlens.shape[0] - 1
-    out = torch.zeros(T, dtype=torch.uint8, device=x.device)
     if T == 0 or B == 0:
-        return out.view(torch.bool)
+        return torch.zeros(T, dtype=torch.bool, device=x.device)
+    keys = adjacent_keys(x, inverted, sim_kernel)
+    return select_lowest(keys, cu_seqlens, num_masked, max_seqlen, radix_bits)
+
+
+def adjacent_keys(x, inverted: bool, sim_kernel: str | None = None):
+    """int32 [T] sortable keys of +-cos(x_t, x_{t-1}) (stage 1 of semantic_mask; T >= 1)."""
+    import torch
+
+    T, D = x.shape
     keys = torch.empty(T, dtype=torch.int32, device=x.device)
+    kind = sim_kernel or SIM_KERNEL
+    if kind not in ("tile", "stream"):
+        raise ValueError(f"sim_kernel must be 'tile' or 'stream', got {kind!r}")
+    if kind == "stream" and D <= STREAM_MAX_D:
+        adjacent_key_stream_kernel[(triton.cdiv(T, STREAM_ROWS),)](
+            x, keys, T, D, x.stride(0), INVERTED=bool(inverted), EPS=COSINE_EPS,
+            ROWS=STREAM_ROWS, BLOCK_D=_pow2(D), num_warps=4)
+        return keys
     block_t, block_d = sim_tiles(D, T, _gpu_tiles())
     adjacent_key_kernel[(triton.cdiv(T, block_t),)](
         x, keys, T, D, x.stride(0), INVERTED=bool(inverted), EPS=COSINE_EPS,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    return keys
+
+
+def select_lowest(keys, cu_seqlens, num_masked, max_seqlen: int | None = None, radix_bits: int | None = None):
+    """bool [T]: per video the num_masked lowest keys, ties to the lower row (stage 2 of semantic_mask)."""
+    import torch
+
+    T, B = keys.shape[0], cu_seqlens.shape[0] - 1
+    out = torch.zeros(T, dtype=torch.uint8, device=keys.device)
     vids, block, default_bits = select_tiles(max_seqlen, B, _gpu_tiles())
     radix_bits = radix_bits or default_bits
     if 32 % radix_bits:

@@ -71,7 +71,23 @@ def resolve_impl(attn_impl: str, device: torch.device, dtype: torch.dtype) -> st
     return chosen
 
 
-def _padded_layout(cu_seqlens: torch.Tensor, total: int, max_seqlen: int):
+# On the host (CPU tensors), videos are grouped by length class (powers of two, at least MIN_CLASS)
+# and each class is padded to its own longest: cost ~ sum of L_i^2 instead of B * max_L^2, which
+# matters when one long video shares a batch with many short ones (4096 tokens + 64 short videos:
+# one padded block is 65 x 4096 rows). On CUDA the class split would need a host read of
+# cu_seqlens (a sync, and impossible inside a CUDA graph), so there it stays one block.
+MIN_CLASS = 16
+
+
+class PaddedGroup:
+    """Videos attended together in one [B, L] block: rows (packed row indices, None = all rows in
+    order), slot (row -> flat slot of the block), key_valid [B, L]."""
+
+    def __init__(self, rows, slot, key_valid):
+        self.rows, self.slot, self.key_valid = rows, slot, key_valid
+
+
+def _block(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row -> flat slot in a [B, max_seqlen] block, plus the key-padding mask [B, max_seqlen]."""
     from .packing import video_of_rows
 
@@ -83,17 +99,48 @@ def _padded_layout(cu_seqlens: torch.Tensor, total: int, max_seqlen: int):
     return slot, key_valid
 
 
+def _padded_layout(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> list[PaddedGroup]:
+    if cu_seqlens.device.type != "cpu":
+        return [PaddedGroup(None, *_block(cu_seqlens, total, max_seqlen))]
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    classes = torch.clamp(lengths, min=1).sub(1).bitwise_or(MIN_CLASS - 1)  # next power of two - 1, >= MIN_CLASS - 1
+    for shift in (1, 2, 4, 8, 16, 32):
+        classes |= classes >> shift
+    groups = []
+    for cls in torch.unique(classes).tolist():
+        videos = (classes == cls).nonzero().flatten()
+        if len(videos) == len(lengths):  # one class: the whole batch is one block, as on CUDA
+            return [PaddedGroup(None, *_block(cu_seqlens, total, int(lengths.max())))]
+        sub_lengths = lengths[videos]
+        rows = torch.repeat_interleave(cu[videos], sub_lengths) + (
+            torch.arange(int(sub_lengths.sum())) - torch.repeat_interleave(
+                torch.cumsum(sub_lengths, 0) - sub_lengths, sub_lengths))
+        sub_cu = torch.zeros(len(videos) + 1, dtype=torch.long)
+        sub_cu[1:] = torch.cumsum(sub_lengths, 0)
+        groups.append(PaddedGroup(rows, *_block(sub_cu, len(rows), int(sub_lengths.max()))))
+    return groups
+
+
 def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, layout=None):
     T, H, Dh = q.shape
-    B = cu_seqlens.shape[0] - 1
-    slot, key_valid = layout if layout is not None else _padded_layout(cu_seqlens, T, max_seqlen)
+    groups = layout if layout is not None else _padded_layout(cu_seqlens, T, max_seqlen)
+    out = None
+    for g in groups:
+        B, L = g.key_valid.shape
 
-    def to_blocks(t):
-        blocks = t.new_zeros(B * max_seqlen, H, Dh).index_copy(0, slot, t)
-        return blocks.view(B, max_seqlen, H, Dh).transpose(1, 2)
+        def to_blocks(t):
+            t = t if g.rows is None else t.index_select(0, g.rows)
+            blocks = t.new_zeros(B * L, H, Dh).index_copy(0, g.slot, t)
+            return blocks.view(B, L, H, Dh).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(to_blocks(q), to_blocks(k), to_blocks(v), attn_mask=key_valid[:, None, None, :])
-    return out.transpose(1, 2).reshape(B * max_seqlen, H, Dh)[slot]
+        res = F.scaled_dot_product_attention(to_blocks(q), to_blocks(k), to_blocks(v),
+                                             attn_mask=g.key_valid[:, None, None, :])
+        res = res.transpose(1, 2).reshape(B * L, H, Dh)[g.slot]
+        if g.rows is None:
+            return res
+        out = (q.new_zeros(T, H, Dh) if out is None else out).index_copy(0, g.rows, res)
+    return out
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, attn_impl: str = "auto", layout=None, resolved=False):

@@ -88,7 +88,22 @@ def config_from_reference(state: dict, args=None, num_heads: int | None = None, 
     return LVMAEConfig(in_dim=in_dim, embed_dim=D, depth=_count_blocks(state, "blocks"), num_heads=heads,
                        decoder_embed_dim=Dd, decoder_depth=_count_blocks(state, "decoder_blocks"),
                        decoder_num_heads=dec_heads, mlp_ratio=mlp_hidden / D,
-                       max_len=max_len or state["pos_embed"].shape[1] - 1, masking="semantic_inverted", **overrides)
+                       max_len=max_len or state["pos_embed"].shape[1] - 1,
+                       **{**recipe_from_reference_args(args), **overrides})
+
+
+def recipe_from_reference_args(args) -> dict:
+    """The run's loss and masking from the reference's saved argparse args (main_pretrain.py flags
+    --cos_loss, --norm_pix_loss, --mask_ratio, --masking_strategy: importance masking, which is our
+    semantic_inverted, else random). Without args: semantic_inverted, the rest our defaults."""
+    if args is None:
+        return {"masking": "semantic_inverted"}
+    recipe = {"loss": "cosine" if getattr(args, "cos_loss", False) else "mse",
+              "norm_targets": bool(getattr(args, "norm_pix_loss", False)),
+              "masking": "semantic_inverted" if getattr(args, "masking_strategy", True) else "random"}
+    if getattr(args, "mask_ratio", None) is not None:
+        recipe["mask_ratio"] = float(args.mask_ratio)
+    return recipe
 
 
 def convert_reference(ckpt_path, out_dir=None, **config_overrides):

@@ -43,8 +43,8 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
-            MissingDependency) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+            IsADirectoryError, MissingDependency) as err:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"lvmae {args.command}: error: {err}", file=sys.stderr)
         return 1

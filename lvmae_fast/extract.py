@@ -82,7 +82,7 @@ def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, s
         for vid, path in pairs:
             vid, path = str(vid), str(path)
             if vid in seen:
-                if seen[vid] != path:
+                if Path(seen[vid]).resolve() != Path(path).resolve():  # one file listed twice is one input
                     clashes.append((vid, path, f"video id {vid!r} is already used by {seen[vid]}: rename one of "
                                                "the files, or list them in a CSV with a video_id column"))
                 continue
@@ -221,8 +221,10 @@ class _Progress:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
             if videos:
                 self.bar.update(videos)
-            self.bar.set_postfix_str(f"{self.windows / elapsed:.1f} win/s, "
-                                     f"{self.video_seconds / elapsed:.1f} video-s/s", refresh=False)
+            # Refreshed after every encoder batch, not only when a video completes: an hours-long
+            # video would otherwise show nothing until its end.
+            self.bar.set_postfix_str(f"{self.windows} windows, {self.windows / elapsed:.1f} win/s, "
+                                     f"{self.video_seconds / elapsed:.1f} video-s/s", refresh=windows > 0)
 
     def close(self):
         if self.bar is not None:
@@ -241,19 +243,22 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     import torch
 
     from .store import StoreWriter
-    from .video.encoders import build_encoder
+    from .video.encoders import build_encoder, weights_fingerprint
     from .video.preprocess import frames_to_input
 
     if seconds <= 0:
         raise ValueError("window seconds must be > 0")
     if frames < 1 or batch_size < 1:
         raise ValueError("frames per window and batch size must be >= 1")
+    if not 0.0 <= min_last <= 1.0:  # checked here, not per video: a bad value must not reach the store's settings
+        raise ValueError(f"--min-last must be in [0, 1] (a fraction of a window), got {min_last}")
     spec = WindowSpec(seconds=float(seconds), frames=int(frames), rule=sampling, min_last=float(min_last))
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
     backend = resolve_decoder(decoder, dev)  # first: a missing PyAV is named even when the input is wrong too
     items, clashes = expand_inputs(inputs)
     # An encoder object is accepted too (benchmarks, notebooks); the store records its name.
+    encoder_arg = encoder
     model = encoder if isinstance(encoder, torch.nn.Module) else build_encoder(encoder, weights=weights, seed=seed)
     encoder = model.name
     model.check_frames(spec.frames)
@@ -264,6 +269,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     counts = {"done": 0, "skipped": 0, "failed": 0}
     # Everything that decides what a window's embedding is: a resumed job must match it.
     settings = {"window_seconds": spec.seconds, "frames": spec.frames, "sampling": spec.rule, "min_last": spec.min_last}
+    if weights and not isinstance(encoder_arg, torch.nn.Module):
+        settings["weights"] = weights_fingerprint(weights)  # another checkpoint under the same encoder name
     with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds, settings=settings) as writer:
         failures = open(out / FAILURES_NAME, "w")  # this run's failures (re-runs retry failed files)
         partials = PartialVideos(out, model.dim, settings={**settings, "encoder": encoder, "seed": seed})
@@ -296,15 +303,9 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             bar.update(videos=1)
 
         def encode(windows: list[Window]):
-            groups: dict[tuple, list[int]] = {}
-            for i, win in enumerate(windows):
-                groups.setdefault(tuple(win.frames.shape), []).append(i)
-            emb = np.empty((len(windows), model.dim), dtype=np.float32)
+            # Frames arrive already preprocessed (to_input): [T, 3, size, size] each, one shape.
             with torch.inference_mode():
-                for idx in groups.values():
-                    raw = torch.stack([torch.as_tensor(windows[i].frames) for i in idx]).to(dev, non_blocking=True)
-                    x = frames_to_input(raw, model.image_size, model.mean, model.std, dtype)
-                    emb[idx] = model.encode_video(x).float().cpu().numpy()
+                emb = model.encode_video(torch.stack([win.frames for win in windows])).float().cpu().numpy()
             completed, touched = [], {}
             for win, e in zip(windows, emb):
                 st = state.get(id(win.job))
@@ -342,10 +343,20 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
 
         for vid, path, reason in clashes:
             fail(VideoJob(video_id=vid, path=path), reason)
-        if backend == "pyav":
-            events = in_background(lambda: pyav_producer(todo, spec, partials), maxsize=2 * batch_size)
+        def to_input(source):
+            """Each window's frames -> encoder input as it arrives, so queues and batches hold
+            [T, 3, size, size] inputs, not full-resolution frames (at 1080p, 50 MB a window in uint8)."""
+            for event in source:
+                if isinstance(event, Window):
+                    with torch.inference_mode():  # not held across the yield: the consumer's thread state
+                        raw = torch.as_tensor(event.frames)[None].to(dev, non_blocking=True)
+                        event.frames = frames_to_input(raw, model.image_size, model.mean, model.std, dtype)[0]
+                yield event
+
+        if backend == "pyav":  # decode and preprocess in a thread, overlapping the encoder
+            events = in_background(lambda: to_input(pyav_producer(todo, spec, partials)), maxsize=2 * batch_size)
         else:
-            events = dali_producer(todo, spec, dev, readers, batch_size, partials)
+            events = to_input(dali_producer(todo, spec, dev, readers, batch_size, partials))
         try:
             for event in events:
                 if isinstance(event, Failed):

@@ -201,8 +201,8 @@ class LVMAE(nn.Module):
     def forward_encoder(self, batch: PackedBatch) -> torch.Tensor:
         """Encoder stream after the final norm: [Te, D] (CLS at enc_cls_slots, tokens at enc_token_slots)."""
         tokens = batch.x.index_select(0, batch.visible_rows)
-        if self.input_proj is not None:
-            tokens = self.input_proj(tokens)
+        if self.input_proj is not None:  # fp16/bf16 rows meet fp32 weights outside autocast: cast first
+            tokens = self.input_proj(tokens if torch.is_autocast_enabled() else tokens.to(self.input_proj.weight.dtype))
         src = torch.cat([self.cls_token.view(1, -1).to(tokens.dtype), tokens], 0)
         h = src.index_select(0, batch.enc_src) + self.pos_embed.index_select(0, batch.enc_pos)
         meta = VarlenMeta(batch.enc_cu_seqlens, batch.enc_max_seqlen, h.shape[0], self.config.attn_impl,
@@ -243,6 +243,8 @@ class LVMAE(nn.Module):
         """Pack sequences the caller has already run through validate_sequences."""
         device = self.cls_token.device
         x_Td, cu, lengths = pack_sequences([s.to(device=device, dtype=self.cls_token.dtype) for s in seqs])
+        if any(s.dtype.itemsize > x_Td.dtype.itemsize for s in seqs) and not bool(torch.isfinite(x_Td).all()):
+            raise ValueError(f"values beyond the range of the model's {x_Td.dtype} (they become Inf when cast)")
         if masked_T is None:
             masked_T = torch.zeros(x_Td.shape[0], dtype=torch.bool, device=device)
         return PackedBatch.from_mask(x_Td, cu, lengths, masked_T.to(device))

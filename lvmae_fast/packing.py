@@ -48,6 +48,9 @@ def cu_seqlens_from_lengths(lengths: Sequence[int], device=None) -> torch.Tensor
 
 def validate_sequences(seqs, in_dim: int | None = None, max_len: int | None = None) -> None:
     """Raise ValueError naming the problem for anything the packed model would get silently wrong."""
+    if isinstance(seqs, torch.Tensor):
+        raise ValueError(f"expected a list of [L_i, d] tensors, got one tensor of shape {tuple(seqs.shape)} "
+                         "(pass list(x) for a [B, L, d] batch of equal lengths)")
     if not isinstance(seqs, (list, tuple)) or len(seqs) == 0:
         raise ValueError("empty batch: expected a non-empty list of [L_i, d] tensors")
     for i, s in enumerate(seqs):

@@ -183,6 +183,30 @@ def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+# Files a writer creates in shards/: shards and their atomic-write temps (atomic.py names them
+# .<name>.<random>.tmp). A killed writer's leftovers are these; nothing else there is deleted.
+OWN_SHARD_FILE = re.compile(r"^\.?(emb|times)-\d{5,}\.npy(\.[^/]*\.tmp)?$")
+# What a store directory may hold before its first commit (a writer killed before it, or an extraction
+# job's failures and saved windows): anything else means --out names someone else's directory.
+PRE_INDEX_ENTRIES = frozenset({SHARD_DIR, JOURNAL_NAME, "failures.jsonl", "partial"})
+
+
+def refuse_foreign_directory(path: Path) -> None:
+    """A new store goes into a new or empty directory, or one a killed writer left: a writer deletes
+    unreferenced files in shards/ and partial/, so it must never start in a directory that is not a store."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"store path {path} is a file, not a directory")
+    if not path.is_dir():
+        return
+    foreign = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and p.name not in PRE_INDEX_ENTRIES)
+    shard_dir = path / SHARD_DIR
+    if shard_dir.is_dir():
+        foreign += sorted(f"{SHARD_DIR}/{p.name}" for p in shard_dir.iterdir() if not OWN_SHARD_FILE.match(p.name))
+    if foreign:
+        raise ValueError(f"{path} is not an embedding store and not empty (it holds {', '.join(foreign[:5])}"
+                         f"{' ...' if len(foreign) > 5 else ''}); write the store to a new or empty directory")
+
+
 class WriterLock:
     """One writer per store: an exclusive flock on STORE/.lock, held from open to close.
 
@@ -232,6 +256,8 @@ class StoreWriter:
             raise ValueError(f"dim ({dim}), shard_rows ({shard_rows}) and segment_seconds ({segment_seconds}) must be > 0")
         self.path, self.dim, self.encoder = Path(path), int(dim), str(encoder)
         self._closed = True  # until the lock is held and the index read: close() then only unlocks
+        if not (self.path / INDEX_NAME).exists():
+            refuse_foreign_directory(self.path)  # before the lock file: leave a foreign directory untouched
         self._lock = WriterLock(self.path)
         try:
             self._open(settings, segment_seconds, shard_rows)
@@ -291,9 +317,10 @@ class StoreWriter:
 
     def _remove_uncommitted_files(self) -> None:
         # Shards written by a killed writer after its last index commit: unreachable, so safe to delete.
+        # Only files named as this module names them: anything else in shards/ is not ours to remove.
         referenced = {Path(s[k]).name for s in self._index["shards"] for k in ("emb", "times")}
         for f in (self.path / SHARD_DIR).iterdir():
-            if f.name not in referenced:
+            if f.name not in referenced and OWN_SHARD_FILE.match(f.name) and f.is_file():
                 f.unlink()
 
     def __len__(self) -> int:

@@ -71,3 +71,28 @@ def test_gpu_model_step_matches_cpu_fp32():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss_gpu = model_gpu(batch.to("cuda"))
     assert abs(loss_gpu.item() - loss_cpu.item()) < 2e-2 * abs(loss_cpu.item())
+
+
+def test_sdpa_groups_lengths_into_classes_and_matches_one_block_and_naive():
+    """CPU: videos are attended in per-length-class blocks (cost ~ sum L^2, not B * max_L^2); output and
+    gradients equal the one-block layout (what CUDA uses) and a per-sequence naive attention."""
+    from lvmae_fast.attention import _block, _padded_layout, PaddedGroup, sdpa_varlen
+
+    lengths = [3, 300, 1, 17, 40, 2, 16, 129]
+    cu = cu_seqlens_from_lengths(lengths)
+    T = sum(lengths)
+    groups = _padded_layout(cu, T, max(lengths))
+    assert sorted(g.key_valid.shape[1] for g in groups) == [16, 17, 40, 129, 300]  # classes <=16, 32, 64, 256, 512
+    assert sorted(torch.cat([g.rows for g in groups]).tolist()) == list(range(T))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(T, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = sdpa_varlen(q, k, v, cu, max(lengths), layout=groups)
+    one_block = sdpa_varlen(q, k, v, cu, max(lengths), layout=[PaddedGroup(None, *_block(cu, T, max(lengths)))])
+    torch.testing.assert_close(out, one_block)
+    torch.testing.assert_close(out, naive_attention(q, k, v, lengths))
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = torch.autograd.grad(naive_attention(q, k, v, lengths).square().sum(), (q, k, v))
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref)
+    single = _padded_layout(cu_seqlens_from_lengths([5, 9, 16]), 30, 16)
+    assert len(single) == 1 and single[0].rows is None  # one class: one block

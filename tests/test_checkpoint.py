@@ -129,3 +129,17 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
     atomic_write(target, lambda tmp: open(tmp, "w").write("new"))
     assert target.read_text() == "new"
+
+
+@pytest.mark.parametrize("flags, want", [
+    (dict(cos_loss=True, norm_pix_loss=True, mask_ratio=0.7, masking_strategy=False),
+     dict(loss="cosine", norm_targets=True, mask_ratio=0.7, masking="random")),
+    (dict(cos_loss=False, norm_pix_loss=False, mask_ratio=0.5, masking_strategy=True),
+     dict(loss="mse", norm_targets=False, mask_ratio=0.5, masking="semantic_inverted")),
+])
+def test_converted_config_carries_the_reference_runs_loss_and_masking(tmp_path, flags, want):
+    save_reference(tmp_path / "ref.pth", reference_state_dict(), num_heads=4, decoder_num_heads=2, **flags)
+    c = convert_reference(tmp_path / "ref.pth", tmp_path / "out").config
+    assert {k: getattr(c, k) for k in want} == want
+    assert LVMAE.from_pretrained(tmp_path / "out").config.loss == want["loss"]
+    assert convert_reference(tmp_path / "ref.pth", masking="semantic").config.masking == "semantic"  # flags win

@@ -436,3 +436,58 @@ def test_dali_failing_midway_hands_pyav_only_the_windows_it_did_not_deliver(tmp_
                        decoder="dali", device="cpu", batch_size=2)
     # End to end (the failure still patched in): 2 windows from DALI + the 4 others from PyAV, not 2 + 6.
     assert (s["done"], s["windows"], s["decoded_by"]) == (1, 6, {"pyav (fallback)": 1})
+
+
+def test_another_checkpoint_under_the_same_encoder_name_is_refused(corpus, tmp_path):
+    from safetensors.torch import save_file
+
+    from lvmae_fast.video.encoders.tiny import TinyVideoEncoder
+
+    for name, seed in (("A", 7), ("B", 8)):
+        (tmp_path / name).mkdir()
+        save_file(TinyVideoEncoder(seed=seed).state_dict(), str(tmp_path / name / "tiny.safetensors"))
+    video = str(corpus[1]["a"].path)
+    assert extract_videos(video, tmp_path / "s", weights=tmp_path / "A", seconds=1.0)["done"] == 1
+    copy = tmp_path / "A_copy"  # the same checkpoint elsewhere: same content, resumes
+    copy.mkdir()
+    (copy / "tiny.safetensors").write_bytes((tmp_path / "A" / "tiny.safetensors").read_bytes())
+    assert extract_videos(video, tmp_path / "s", weights=copy, seconds=1.0)["skipped"] == 1
+    for other in (tmp_path / "B", None):
+        with pytest.raises(ValueError, match="weights="):
+            extract_videos(str(corpus[1]["d"].path), tmp_path / "s", weights=other, seconds=1.0)
+
+
+def test_out_must_be_a_store_or_new_and_other_inputs_are_checked_first(corpus, tmp_path):
+    video = str(corpus[1]["a"].path)
+    mine = tmp_path / "mine"
+    (mine / "shards").mkdir(parents=True)
+    (mine / "shards" / "data.txt").write_text("user data")
+    (mine / "partial" / "exp").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not an embedding store and not empty .*shards/data.txt"):
+        extract_videos(video, mine, seconds=1.0)
+    assert (mine / "shards" / "data.txt").read_text() == "user data" and (mine / "partial" / "exp").is_dir()
+    assert not (mine / ".lock").exists()
+    with pytest.raises(ValueError, match="min-last must be in"):
+        extract_videos(video, tmp_path / "s", min_last=1.5)
+    assert not (tmp_path / "s").exists()  # refused before a store (and its settings) existed
+
+
+def test_list_inputs_with_a_bom_text_files_and_one_file_twice(corpus, tmp_path):
+    folder, good, _ = corpus
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"video_id,path\nfirst,{good['a'].path}\nsecond,{good['d'].path}\n", encoding="utf-8-sig")
+    s = extract_videos(listing, tmp_path / "s1", seconds=1.0)
+    assert sorted(Store(tmp_path / "s1").video_ids) == ["first", "second"] and s["failed"] == 0
+    notes = tmp_path / "g" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("meeting notes\n" * 2000)
+    video = tmp_path / "g" / "clip.mp4"
+    video.write_bytes(good["a"].path.read_bytes())
+    s = extract_videos(str(tmp_path / "g" / "*"), tmp_path / "s2", seconds=1.0)
+    assert (s["done"], s["failed"]) == (1, 1)
+    [failure] = [json.loads(line) for line in (tmp_path / "s2" / "failures.jsonl").read_text().splitlines()]
+    assert failure["path"].endswith("notes.txt") and failure["reason"].startswith("not a video")
+    twice = tmp_path / "twice.txt"
+    twice.write_text(f"{video}\n{tmp_path / 'g' / '.' / 'clip.mp4'}\n")
+    s = extract_videos(twice, tmp_path / "s3", seconds=1.0)
+    assert (s["done"], s["failed"], s["total"]) == (1, 0, 1)

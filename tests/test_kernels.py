@@ -60,6 +60,14 @@ def interp(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(params=["tile", "stream"])
+def sim_kernel(request, monkeypatch):
+    """Both similarity kernels (the tiled default and the row-streaming candidate) behind semantic_mask."""
+    from lvmae_fast.kernels import _triton as KT
+    monkeypatch.setattr(KT, "SIM_KERNEL", request.param)
+    return request.param
+
+
 @pytest.fixture
 def gpu_tiles(monkeypatch):
     """Use the exact GPU launch configs (tiles, radix 4, videos per program) inside the interpreter."""
@@ -103,6 +111,22 @@ def test_semantic_mask_matches_torch(interp, dtype, inverted, kind):
             assert not m.any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inverted", [False, True])
+def test_stream_similarity_kernel_matches_the_tiled_one_and_torch(interp, monkeypatch, dtype, inverted):
+    """The row-streaming candidate: bit-identical keys to the tiled kernel on integer data (exact in any
+    summation order), including a program boundary inside a video and d that is not a power of two;
+    on dense data the selection equals torch's."""
+    from lvmae_fast.kernels import _triton as KT
+    x, cu = packed([1, 2, 5, 37, 90], d=20, dtype=dtype, seed=3)  # 135 rows: 5 programs of 32 rows
+    assert torch.equal(KT.adjacent_keys(x, inverted, "stream"), KT.adjacent_keys(x, inverted, "tile"))
+    monkeypatch.setattr(KT, "SIM_KERNEL", "stream")
+    x, cu = packed([1, 2, 5, 37, 300], dtype=dtype, kind="randn")
+    check_mask(x, cu, 0.5, inverted)
+    with pytest.raises(ValueError, match="sim_kernel"):
+        KT.adjacent_keys(x, inverted, "other")
+
+
 @pytest.mark.parametrize("radix_bits", [2, 4, 8])
 @pytest.mark.parametrize("inverted", [False, True])
 def test_gpu_launch_configs_in_interpreter(interp, gpu_tiles, radix_bits, inverted):
@@ -121,7 +145,7 @@ def test_gpu_launch_configs_in_interpreter(interp, gpu_tiles, radix_bits, invert
 
 
 @pytest.mark.parametrize("inverted", [False, True])
-def test_ties_equal_embeddings(interp, inverted):
+def test_ties_equal_embeddings(interp, sim_kernel, inverted):
     """All-equal embeddings: every similarity ties, so the lower rows win (after the first row's 0.0)."""
     L = 9
     x = torch.randn(1, 16).repeat(L, 1)
@@ -137,7 +161,7 @@ def test_ties_equal_embeddings(interp, inverted):
 
 
 @pytest.mark.parametrize("inverted", [False, True])
-def test_ties_alternating_negative_similarity(interp, inverted):
+def test_ties_alternating_negative_similarity(interp, sim_kernel, inverted):
     """A, B, A, B, ...: identical negative similarities (cos is symmetric bit-for-bit)."""
     a = torch.randn(16)
     x = torch.stack([a, -a + 0.1 * torch.randn(16)] * 5)
@@ -146,7 +170,7 @@ def test_ties_alternating_negative_similarity(interp, inverted):
 
 
 @pytest.mark.parametrize("inverted", [False, True])
-def test_zero_vectors(interp, inverted):
+def test_zero_vectors(interp, sim_kernel, inverted):
     """Zero rows have similarity 0 (no NaN) and tie with each video's first row, -0.0 included."""
     x, cu = packed([6, 10, 1, 5], d=8)
     x[[0, 2, 3, 8, 9, 12, 20]] = 0.0
@@ -156,7 +180,7 @@ def test_zero_vectors(interp, inverted):
         check_mask(x, cu, ratio, inverted)
 
 
-def test_keep_at_least_one_and_length_one(interp):
+def test_keep_at_least_one_and_length_one(interp, sim_kernel):
     x, cu = packed([1, 1, 2, 3, 1, 40])
     for ratio in (0.5, 0.9, 0.999999):
         m = check_mask(x, cu, ratio, False)
@@ -180,7 +204,7 @@ def test_single_video_and_32768_segments(interp):
     check_mask(x, cu, 0.5, False)
 
 
-def test_empty_videos_and_batch(interp):
+def test_empty_videos_and_batch(interp, sim_kernel):
     x, cu = packed([3, 5], d=8)
     cu0 = torch.tensor([0, 3, 3, 8], dtype=torch.int32)  # a zero-length video in the middle
     check_mask(x, cu0, 0.5, False)
@@ -193,7 +217,7 @@ def test_semantic_mask_bad_input():
     with pytest.raises(ValueError, match=r"\[T, d\]"):
         K.semantic_mask(x[:, 0], cu, 0.5)
     with pytest.raises(ValueError, match="int32"):
-        K.semantic_mask(x, cu.long(), 0.5)
+        K.semantic_mask(x, cu.to(torch.int16), 0.5)
     with pytest.raises(ValueError, match="T=8"):
         K.semantic_mask(x, torch.tensor([0, 3, 7], dtype=torch.int32), 0.5)
     with pytest.raises(ValueError, match="non-decreasing"):
@@ -359,6 +383,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     cases = [
         (KT.adjacent_key_kernel, {"x_ptr": "*fp16", "key_ptr": "*i32", "T": "i32", "D": "i32", "stride_x": "i32"},
          {"INVERTED": True, "EPS": 1e-8, "BLOCK_T": 8, "BLOCK_D": 256}, 4),
+        (KT.adjacent_key_stream_kernel, {"x_ptr": "*bf16", "key_ptr": "*i32", "T": "i32", "D": "i32",
+         "stride_x": "i32"}, {"INVERTED": False, "EPS": 1e-8, "ROWS": 32, "BLOCK_D": 1024}, 4),
         (KT.select_lowest_kernel, {"key_ptr": "*i32", "cu_ptr": "*i32", "k_ptr": "*i32", "out_ptr": "*u8",
          "B": "i32"}, {"VIDS": 4, "BLOCK": 256, "RADIX_BITS": 4}, 8),
         (KT.loss_fwd_kernel, {**pred, "part_ptr": "*fp32", "N": "i32", "D": "i32", "stride_p": "i32",
@@ -395,7 +421,7 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.parametrize("inverted", [False, True])
 @pytest.mark.parametrize("lengths", [[8192] * 4, list(range(1, 257)) * 4, [1, 32768, 5]])
 @compiled_gpu
-def test_gpu_semantic_mask(dtype, inverted, lengths):
+def test_gpu_semantic_mask(sim_kernel, dtype, inverted, lengths):
     x, cu = packed(lengths, d=1024, dtype=dtype, device="cuda")
     for ratio in (0.0, 0.5, 0.9):
         check_mask(x, cu, ratio, inverted)
@@ -523,3 +549,20 @@ def test_model_forward_with_triton_kernels_matches_torch(interp, monkeypatch, st
     for k in ref_g:
         assert torch.isfinite(got_g[k]).all(), k
         assert_within_2x(got_g[k], ref_g[k], same_g[k], rel_atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["torch", "interpreter"])
+def test_semantic_mask_accepts_int64_offsets_and_numpy_ratios_and_refuses_nan(request, path):
+    import numpy as np
+
+    if path == "interpreter":
+        request.getfixturevalue("interp")
+    x, cu = packed([3, 1, 6, 9], kind="randn")
+    want = semantic_mask_torch(x, cu, 0.5)
+    assert torch.equal(K.semantic_mask(x, cu.long(), np.float32(0.5)), want)
+    assert torch.equal(K.semantic_mask(x, cu.long(), 0.5, validate=False), want)
+    x[4, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/Inf values \(rows \[4\]\)"):
+        K.semantic_mask(x, cu, 0.5)
+    with pytest.raises(ValueError, match="int32 .* or int64"):
+        K.semantic_mask(x, cu.float(), 0.5)

@@ -127,6 +127,8 @@ def test_param_groups_exclude_norms_biases_tokens():
     ([torch.tensor([[float("nan")] * 8])], "NaN or Inf"),
     ([torch.randn(3, 8), torch.full((2, 8), float("inf"))], "sequence 1: contains NaN or Inf"),
     ([torch.randn(33, 8)], "exceeds the configured maximum"),
+    ([torch.full((2, 8), 1e39, dtype=torch.float64)], "beyond the range of the model's torch.float32"),
+    (torch.randn(2, 5, 8), r"got one tensor of shape \(2, 5, 8\)"),
 ])
 def test_bad_input_is_a_clear_value_error(bad, match):
     model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, max_len=32))
@@ -255,3 +257,12 @@ def test_from_mask_validation_reads_no_device_data():
         PackedBatch.from_mask(x, cu, [7, 0], masked, keep=[1, 1])
     with pytest.raises(ValueError, match="sequence 0: keep=4 visible tokens but the sequence has only L=3"):
         PackedBatch.from_mask(x, cu, [3, 4], masked, keep=[4, 2])
+
+
+def test_half_precision_batch_through_the_input_projection_matches_fp32():
+    """Outside autocast, fp16 rows meet the fp32 input projection: cast, not a dtype error."""
+    model, seqs, visible = make_case(in_dim=24, dtype=torch.float32)
+    assert model.input_proj is not None
+    half = [s.half() for s in seqs]
+    want = model(packed_batch([s.float() for s in half], visible))
+    torch.testing.assert_close(model(packed_batch(half, visible)), want, rtol=1e-5, atol=1e-6)

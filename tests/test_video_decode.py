@@ -113,3 +113,68 @@ def test_dali_decodes_paths_with_spaces(videos, tmp_path):
     assert [e.window for e in events if isinstance(e, Window)] == [0, 1], events  # DALI, not handed back
     # window 0: centres 0.625 + 1.25 i s at 10 fps -> frames 6, 18, 31, 43
     np.testing.assert_allclose(events[0].times, [0.6, 1.8, 3.1, 4.3], atol=1e-6)
+
+
+def _numbered_video(path, n, size=(64, 48), fmt=None, first=0, **options):
+    """Frame i is flat grey level 4*i: the decoded pixels say which frame came out. `first`: pts of the
+    first frame in 1/10 s (a second part of a joined recording continues the first's clock)."""
+    from fractions import Fraction
+
+    import av
+
+    w, h = size
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.options = {"qp": "0", **options}
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 4 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = first + i, Fraction(1, 10)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def test_avi_with_b_frames_decodes_the_planned_frames(tmp_path):
+    """AVI has no presentation timestamps: with B-frames the decoded frames' pts are shuffled decode
+    numbers. Frames must be matched by output order (frame k of the decoder = frame k of the index)."""
+    path = _numbered_video(tmp_path / "b.avi", 60, bf="2", g="12")
+    index = probe_video(path)
+    assert index.pts_in_decode_order
+    plan = plan_windows(index.times, index.duration, 5.0, 8)
+    for skip in (None, np.array([True] + [False] * (len(plan) - 1))):  # a resumed job: first window embedded
+        for w, frames, _ in decode_windows_pyav(index, plan, skip=skip):
+            shown = np.round(frames.reshape(8, -1).mean(1) / 4).astype(int)
+            assert shown.tolist() == plan.frames[w].tolist()
+
+
+def test_resolution_change_midstream_is_scaled_to_the_first(tmp_path):
+    a = _numbered_video(tmp_path / "a.ts", 30, fmt="mpegts")
+    b = _numbered_video(tmp_path / "b.ts", 30, size=(96, 64), fmt="mpegts", first=30)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(a.read_bytes() + b.read_bytes())
+    index = probe_video(joined)
+    assert index.num_frames == 60
+    plan = plan_windows(index.times, index.duration, 1.0, 2)
+    windows = list(decode_windows_pyav(index, plan))
+    assert len(windows) == 6 and {frames.shape for _, frames, _ in windows} == {(2, 48, 64, 3)}
+
+
+def test_preprocessing_in_chunks_equals_one_pass():
+    """frames_to_input converts CHUNK_FRAMES frames at a time (bounded float32 memory at 1080p): the
+    result must equal a one-pass reference written here (resize shorter side, centre crop, normalise)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lvmae_fast.video import preprocess
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (3, 7, 40, 60, 3), generator=g, dtype=torch.uint8)  # 21 frames > 8 per chunk
+    mean, std, size = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25), 16
+    x = frames.reshape(21, 40, 60, 3).permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(16, 24), mode="bilinear", align_corners=False, antialias=True)[:, :, :, 4:20]
+    want = ((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).reshape(3, 7, 3, 16, 16)
+    got = preprocess.frames_to_input(frames, size, mean, std)
+    assert preprocess.CHUNK_FRAMES < 21 and torch.allclose(got, want, atol=1e-6)

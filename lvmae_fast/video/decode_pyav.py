@@ -103,13 +103,19 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     next_k, j, missing, leading = 0, 0, 0, 0
     last_frame, last_array = None, None
 
+    size: tuple[int, int] | None = None   # (width, height) of the first decoded frame
+
     def array_of(frame):
-        nonlocal last_frame, last_array
+        nonlocal last_frame, last_array, size
         if frame is not last_frame or last_array is None:
-            last_frame, last_array = frame, frame.to_ndarray(format="rgb24")
+            if size is None:
+                size = (frame.width, frame.height)
+            # A stream that changes resolution midway (joined recordings, adaptive streams) is scaled
+            # to its first frame's size, so every window stacks to one shape.
+            last_frame, last_array = frame, frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
         return last_array
 
-    def stand_in(frame, counts_as_damage: bool):
+    def stand_in(frame, frame_pts: int, counts_as_damage: bool):
         nonlocal j, missing
         if counts_as_damage:
             missing += 1
@@ -118,7 +124,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
                 raise VideoError(f"damaged video data: more than {budget} of the {len(needed)} sampled frames "
                                  f"could not be decoded (the {budget + 1}th at {at:.2f} s)")
         got[int(needed[j])] = array_of(frame)
-        got_pts[int(needed[j])] = frame.pts
+        got_pts[int(needed[j])] = frame_pts
         j += 1
 
     def flush(upto_pts: float):
@@ -136,10 +142,17 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     # frame still needed (a keyframe's own pts is an exact seek target).
     keys = index.pts[index.keyframe & (index.pts <= needed[0])]
     seek_to = int(keys.max()) if len(keys) and keys.max() > index.pts[0] else None
-    prev = None
+    if index.pts_in_decode_order:
+        seek_to = None  # frames are matched by output position, which only a decode from the start knows
+    prev, prev_pts, position = None, None, 0
     try:
         for frame in _frames(index, threads, seek_to):
-            pts = frame.pts if frame.pts is not None else frame.dts
+            if index.pts_in_decode_order:
+                if position >= index.num_frames:
+                    break
+                pts, position = int(index.pts[position]), position + 1
+            else:
+                pts = frame.pts if frame.pts is not None else frame.dts
             if pts is None:
                 continue
             # Needed frames strictly before this one were never produced: the previous frame stands
@@ -147,12 +160,12 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
             while j < len(needed) and needed[j] < pts:
                 if prev is None:
                     leading += 1
-                stand_in(prev if prev is not None else frame, counts_as_damage=prev is not None)
+                stand_in(*((prev, prev_pts) if prev is not None else (frame, pts)), counts_as_damage=prev is not None)
             if j < len(needed) and needed[j] == pts:
                 got[int(pts)] = array_of(frame)
                 got_pts[int(pts)] = pts
                 j += 1
-            prev = frame
+            prev, prev_pts = frame, pts
             yield from flush(pts)
             if j == len(needed):
                 break
@@ -163,7 +176,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     if prev is None:
         raise VideoError("decoder produced no frames")
     while j < len(needed):
-        stand_in(prev, counts_as_damage=True)
+        stand_in(prev, prev_pts, counts_as_damage=True)
     if missing or leading:
         log.warning("%s: %d of %d sampled frames could not be decoded (%d before the first decodable frame); "
                     "the nearest decoded frame stands in", index.path, missing + leading, len(needed), leading)

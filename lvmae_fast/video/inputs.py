@@ -52,7 +52,7 @@ def _from_list(list_file: Path) -> list[tuple[str, str]]:
     base = list_file.parent
     rows: list[tuple[str | None, str]] = []
     if list_file.suffix.lower() == ".csv":
-        with open(list_file, newline="") as fh:
+        with open(list_file, newline="", encoding="utf-8-sig") as fh:  # Excel's "CSV UTF-8" starts with a BOM
             table = [r for r in csv.reader(fh) if r and r[0].strip() and not r[0].startswith("#")]
         header = [c.strip().lower() for c in table[0]] if table else []
         if "path" in header:
@@ -62,7 +62,7 @@ def _from_list(list_file: Path) -> list[tuple[str, str]]:
         else:
             rows = [(None, r[0].strip()) for r in table]
     else:
-        for line in list_file.read_text().splitlines():
+        for line in list_file.read_text(encoding="utf-8-sig").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 rows.append((None, line))

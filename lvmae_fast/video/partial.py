@@ -21,10 +21,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+
+_OWN_FOLDER = re.compile(r"^[0-9a-f]{20}$")
 
 from ..atomic import atomic_write
 
@@ -47,7 +50,7 @@ class PartialVideos:
         self.settings = json.loads(json.dumps(settings or {}))  # as it reads back from JSON
         self._chunks: dict[str, int] = {}  # video id -> next chunk number
 
-    def _folder(self, video_id: str) -> Path:
+    def _folder(self, video_id: str) -> Path:  # named as _OWN_FOLDER matches
         return self.root / hashlib.sha1(video_id.encode()).hexdigest()[:20]
 
     def _meta(self, video_id: str, path: str, num_windows: int) -> dict:
@@ -121,6 +124,8 @@ class PartialVideos:
         if not self.root.is_dir():
             return
         for folder in self.root.iterdir():
+            if not _OWN_FOLDER.match(folder.name):  # only the folders _folder() names are ours
+                continue
             try:
                 video_id = json.loads((folder / "meta.json").read_text())["video_id"]
             except (OSError, ValueError, KeyError):

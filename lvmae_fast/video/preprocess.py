@@ -11,11 +11,24 @@ import torch.nn.functional as F
 # Shapes: N windows, T frames, H/W pixels, C=3 channels.
 
 
+# Frames converted to float at a time: the full-resolution float32 copy is the peak of preprocessing
+# (a 1080p frame is 25 MB in fp32), so it is bounded per chunk instead of growing with the batch.
+CHUNK_FRAMES = 8
+
+
 def frames_to_input(frames_NTHWC: torch.Tensor, size: int, mean, std,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [N, T, H, W, 3] -> dtype [N, T, 3, size, size], normalised."""
     N, T, H, W, C = frames_NTHWC.shape
-    x = frames_NTHWC.reshape(N * T, H, W, C).permute(0, 3, 1, 2).float().div_(255.0)
+    flat = frames_NTHWC.reshape(N * T, H, W, C)
+    out = torch.cat([_chunk_to_input(flat[i:i + CHUNK_FRAMES], size, mean, std, dtype)
+                     for i in range(0, N * T, CHUNK_FRAMES)])
+    return out.reshape(N, T, C, size, size)
+
+
+def _chunk_to_input(frames_FHWC: torch.Tensor, size: int, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    H, W = frames_FHWC.shape[1:3]
+    x = frames_FHWC.permute(0, 3, 1, 2).float().div_(255.0)
     scale = size / min(H, W)
     new_h, new_w = max(size, round(H * scale)), max(size, round(W * scale))
     if (new_h, new_w) != (H, W):
@@ -25,4 +38,4 @@ def frames_to_input(frames_NTHWC: torch.Tensor, size: int, mean, std,
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     x = (x - mean_t) / std_t
-    return x.to(dtype).reshape(N, T, C, size, size)
+    return x.to(dtype)

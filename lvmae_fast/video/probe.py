@@ -30,6 +30,10 @@ class VideoIndex:
     times: np.ndarray        # float64 [n] seconds since the first frame
     keyframe: np.ndarray     # bool [n]
     duration: float          # seconds from the first frame's start to the last frame's end
+    # AVI stores no presentation timestamps: FFmpeg numbers packets in decode order, and decoded
+    # frames (presentation order) carry those numbers shuffled when there are B-frames. Frame k out of
+    # the decoder is then frame k of the index (decode_pyav matches by output order, not by pts).
+    pts_in_decode_order: bool = False
 
     @property
     def num_frames(self) -> int:
@@ -88,11 +92,16 @@ def probe_video(path) -> VideoIndex:
     except av.FFmpegError as err:
         raise VideoError(f"not a readable media file ({type(err).__name__}: {err.strerror or err})") from None
     with container:
+        # FFmpeg opens any text file as an "ansi" video (its tty demuxer renders text as frames).
+        if container.format.name == "tty" or (container.streams.video and
+                                              container.streams.video[0].codec_context.name == "ansi"):
+            raise VideoError("not a video: a text file (FFmpeg would render it as an 'ansi' video)")
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise VideoError(f"no video stream (streams: {', '.join(kinds)})")
         stream = container.streams.video[0]
         codec = stream.codec_context.name
+        decode_order = "avi" in container.format.name.split(",")
         width, height = stream.codec_context.width, stream.codec_context.height
         time_base = stream.time_base
         declared = _declared_duration(container, stream)
@@ -135,4 +144,4 @@ def probe_video(path) -> VideoIndex:
                              f"only {readable:.1f} s is readable")
     return VideoIndex(path=path, codec=codec, width=width, height=height, time_base=time_base,
                       pts=pts_arr, times=times, keyframe=np.asarray(keys, dtype=bool)[order],
-                      duration=duration)
+                      duration=duration, pts_in_decode_order=decode_order)

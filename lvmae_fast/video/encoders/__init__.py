@@ -4,7 +4,12 @@ Weights always come from a local path; transformers runs with the hub offline.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from .base import VideoEncoder
+
+SAMPLE_BYTES = 1 << 20
 
 
 def _tiny(**kw):
@@ -44,3 +49,23 @@ def build_encoder(name: str, weights=None, seed: int = 0) -> VideoEncoder:
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder.eval()
+
+
+def weights_fingerprint(weights) -> str | None:
+    """A short content id of a local checkpoint (file or directory), recorded in the store's settings so
+    a resumed job never mixes embeddings of two checkpoints under one encoder name. Reads names, sizes
+    and 1 MiB at the start, middle and end of each file: seconds for multi-GB weights, and two trained
+    checkpoints of one architecture differ there (equal configs and headers alone would not)."""
+    if not weights:
+        return None
+    root = Path(weights)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            for offset in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
+                fh.seek(offset)
+                digest.update(fh.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
