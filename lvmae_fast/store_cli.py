@@ -87,7 +87,7 @@ def iter_directory(src: Path):
     files = sorted((p for p in src.iterdir() if p.suffix in (".npy", ".pt") and p.is_file()),
                    key=lambda p: (p.stem, p.suffix))
     for p in files:
-        yield p.stem, str(p), (lambda p=p: load_array(p))
+        yield p.stem, str(p.resolve()), (lambda p=p: load_array(p))  # source: absolute, wherever the import ran
 
 
 def _one_segment(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -126,7 +126,7 @@ def iter_reference_csv(csv_path: Path):
                 raise ValueError(f"segments have mixed dims {sorted({s.shape[0] for s in segs})}")
             return np.stack(segs)
 
-        yield video_id, f"{csv_path}#row={i}", load
+        yield video_id, f"{csv_path.resolve()}#row={i}", load
 
 
 def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float = 5.0,

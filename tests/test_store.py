@@ -734,3 +734,11 @@ def test_index_entry_without_id_is_a_named_problem(tmp_path):
         Store(path)
     r = lvmae("store", "info", path)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "without a video id" in r.stderr
+
+
+def test_import_records_absolute_sources(tmp_path, monkeypatch):
+    (tmp_path / "src").mkdir()
+    np.save(tmp_path / "src" / "a.npy", np.ones((2, 4), np.float32))
+    monkeypatch.chdir(tmp_path)
+    import_embeddings("src", "s")
+    assert Store(tmp_path / "s").meta("a")["source"] == str(tmp_path / "src" / "a.npy")
