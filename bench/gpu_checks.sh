@@ -2,6 +2,7 @@
 # One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
 # Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|extract|pretrain|train|graphs|profile]...
 # Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH).
+# Inner timeouts keep each runbook call under the device tool's 600 s: graphtests+graphs 140+200+110+110.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:${PWD}${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-gpu_results}
@@ -11,11 +12,11 @@ for part in "${@:-tests kernels extract pretrain}"; do
   for p in $part; do
     case $p in
       tests)    timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
-      graphtests) timeout 200 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_train.py -p no:cacheprovider \
+      graphtests) timeout 140 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_train.py -p no:cacheprovider \
                   2>&1 | tail -25 | tee "$OUT/gpu_graph_tests.log" ;;
-      kernels)  timeout 240 python3 bench/kernels.py --no-compile --json "$OUT/kernels.json" 2>&1 | grep -v '^{' | tail -64 ;;
+      kernels)  timeout 200 python3 bench/kernels.py --no-compile --json "$OUT/kernels.json" 2>&1 | grep -v '^{' | tail -72 ;;
       extract)  timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
-                  --copies "${COPIES:-16}" --json "$OUT/extract.json" 2>&1 | tail -14 ;;
+                  --copies "${COPIES:-16}" --json "$OUT/extract.json" 2>&1 | tail -20 ;;
       pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \
                   --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,256 --steps 15 --warmup 5 \
@@ -25,10 +26,10 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 timeout 150 python3 -m lvmae_fast demo --source embeddings --out /tmp/gpu_demo --overwrite --no-progress \
                   --epochs 20 2>&1 | grep -E 'device|\[|error|Error' ;;
       graphs)   # (the graph GPU tests are in the tests part) batch 16 (the 10x target): eager, forward/backward graphs, whole-step graphs (update captured)
-                timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 \
+                timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 \
                   --long-len 0 --cuda-graphs --graph-optimizer --compile --json "$OUT/pretrain_graphs.json" 2>&1 | grep -E '^\||rror' ;
                 for g in "--cuda-graphs --graph-optimizer" ""; do  # graphs: every timed shape is captured before the clock
-                  timeout 150 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \
+                  timeout 110 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \
                     --steps 100 --warmup 10 --num-workers 4 $g --json-out "$OUT/pretrain_data${g:+_graphs}.json" \
                     2>&1 | grep -E '^\||rror|captures' ; done ;;
       profile)  # where a compute-bound batch-256 step and a launch-bound batch-16 step spend GPU time

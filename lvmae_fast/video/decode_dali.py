@@ -108,14 +108,38 @@ def _host_array(tensor_list) -> np.ndarray:
     return np.asarray(tensor_list.as_array())
 
 
-def _to_torch(sample, device: str):
-    import torch
+class _GpuCopies:
+    """Device-to-device copies of DALI's output samples into torch tensors, on a stream of their own.
 
-    if device == "gpu":
+    DALI recycles a pipeline's output buffers at its next run(), in its own stream order, which knows
+    nothing of a copy still queued on torch's stream: `before_next_run` waits (on the host) for the
+    copies alone, not for the encoder work queued since; torch's stream waits for them on the device."""
+
+    def __init__(self):
+        import torch
+        self.stream = torch.cuda.Stream()
+
+    def copy(self, sample):
+        import torch
         from nvidia.dali.plugin.pytorch import feed_ndarray
+
         out = torch.empty(tuple(sample.shape()), dtype=torch.uint8, device="cuda")
-        feed_ndarray(sample, out, cuda_stream=torch.cuda.current_stream())  # device-to-device copy
+        feed_ndarray(sample, out, cuda_stream=self.stream)
+        torch.cuda.current_stream().wait_stream(self.stream)
         return out
+
+    def before_next_run(self):
+        self.stream.synchronize()
+
+
+def _to_torch(sample, device: str, copies: _GpuCopies | None = None):
+    if device == "gpu":
+        return copies.copy(sample)
+    return _from_host(sample)
+
+
+def _from_host(sample):
+    import torch
     return torch.from_numpy(np.array(sample))
 
 
@@ -163,9 +187,12 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
                 broken.extend(shard.jobs)
                 shard.pipe = None
         active = [s for s in shards if s.pipe is not None]
+        copies = _GpuCopies() if device == "gpu" and active else None
         while active:
             for shard in list(active):
                 try:
+                    if copies is not None:
+                        copies.before_next_run()  # the last run's outputs are copied out before DALI reuses them
                     video, label, stamps = shard.pipe.run()
                 except Exception as err:  # noqa: BLE001
                     log.warning("DALI failed on a batch (%s); unfinished videos of that reader go to PyAV", err)
@@ -181,7 +208,7 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
                     job, item = shard.slots[int(labels[i])]
                     if id(job) in done_jobs:
                         continue
-                    frames = _to_torch(video[i], device)
+                    frames = _to_torch(video[i], device, copies)
                     if rule == "index":
                         yield Window(job, item, frames, stamps[i].astype(np.float64))
                         delivered[id(job)].append(item)
