@@ -20,6 +20,7 @@ import torch
 
 # Absolute import: this folder sits at the repo top level, where tools that probe for a PyPI package
 # named `kernels` (transformers does) may import it as top-level `kernels`; that must not crash them.
+from lvmae_fast.loss import LOSS_COSINE_EPS
 from lvmae_fast.masking import semantic_mask_torch
 
 __all__ = ["semantic_mask", "masked_mse", "masked_mse_rows", "use_triton", "triton_available", "triton_mode"]
@@ -184,7 +185,7 @@ def _row_loss_torch(pred: torch.Tensor, tgt: torch.Tensor, loss: str) -> torch.T
     acc = torch.promote_types(pred.dtype, torch.float32)
     p, t = pred.to(acc), tgt.to(acc)
     if loss == "cosine":
-        return 1.0 - torch.nn.functional.cosine_similarity(p, t, dim=-1)
+        return 1.0 - torch.nn.functional.cosine_similarity(p, t, dim=-1, eps=LOSS_COSINE_EPS)
     return (p - t).pow(2).mean(-1)
 
 

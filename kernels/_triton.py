@@ -30,6 +30,7 @@ from triton.runtime.jit import JITFunction
 INTERPRETED = isinstance(_tl_standard.cdiv, InterpretedFunction)
 _jit = InterpretedFunction if INTERPRETED else JITFunction
 COSINE_EPS = 1e-8  # same clamp as lvmae_fast.masking.COSINE_EPS and F.cosine_similarity
+LOSS_COSINE_EPS = 1e-6  # the cosine loss's clamp: lvmae_fast.loss.LOSS_COSINE_EPS (the reference's)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,7 +374,7 @@ def masked_loss_forward(pred, target, rows, mask, cosine: bool):
     loss_fwd_kernel[(grid,)](
         pred, target, rows if rows is not None else part, mask if mask is not None else part, part,
         N, D, pred.stride(0), target.stride(0),
-        HAS_ROWS=rows is not None, HAS_MASK=mask is not None, COSINE=bool(cosine), EPS=COSINE_EPS,
+        HAS_ROWS=rows is not None, HAS_MASK=mask is not None, COSINE=bool(cosine), EPS=LOSS_COSINE_EPS,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)  # `part` stands in for absent rows/mask: never read
     return part
 
@@ -388,6 +389,6 @@ def masked_loss_backward(pred, target, rows, mask, scale, cosine: bool):
     loss_bwd_kernel[(triton.cdiv(N, block_m),)](
         pred, target, rows if rows is not None else scale, mask if mask is not None else scale, scale, grad,
         N, D, pred.stride(0), target.stride(0), grad.stride(0),
-        HAS_ROWS=rows is not None, HAS_MASK=mask is not None, COSINE=bool(cosine), EPS=COSINE_EPS,
+        HAS_ROWS=rows is not None, HAS_MASK=mask is not None, COSINE=bool(cosine), EPS=LOSS_COSINE_EPS,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     return grad

@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 
 LOSSES = ("mse", "cosine")
+# The reference's cosine loss is nn.CosineSimilarity(dim=-1, eps=1e-6) (models_mae.py); each norm is
+# clamped to eps. Only near-zero predictions or targets feel it, but converted models must match.
+LOSS_COSINE_EPS = 1e-6
 
 
 def standardise_targets(target: torch.Tensor) -> torch.Tensor:
@@ -45,7 +48,7 @@ def masked_reconstruction_loss(pred_rows: torch.Tensor, x_Td: torch.Tensor, mask
     if norm_targets:  # per-row, so standardising only the masked rows gives the same values
         tgt = standardise_targets(tgt)
     if loss == "cosine":
-        per_row = 1.0 - F.cosine_similarity(pred, tgt, dim=-1)
+        per_row = 1.0 - F.cosine_similarity(pred, tgt, dim=-1, eps=LOSS_COSINE_EPS)
     else:
         per_row = (pred - tgt).pow(2).mean(-1)
     return per_row.mean() if row_weights is None else (per_row * row_weights.to(acc_dtype)).sum()

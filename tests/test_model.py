@@ -151,7 +151,7 @@ def test_norm_targets_and_cosine_loss_against_hand_formula():
     tgt = torch.cat([s[~v] for s, v in zip(seqs, visible)])
     batch = packed_batch(seqs, visible)
     model.config.loss = "cosine"
-    cos = torch.nn.functional.cosine_similarity(pred, tgt, dim=-1)
+    cos = torch.nn.functional.cosine_similarity(pred, tgt, dim=-1, eps=1e-6)  # reference: CosineSimilarity(eps=1e-6)
     torch.testing.assert_close(model(batch), (1 - cos).mean())
     model.config.loss, model.config.norm_targets = "mse", True
     z = (tgt - tgt.mean(-1, keepdim=True)) / (tgt.var(-1, keepdim=True) + 1e-6).sqrt()
@@ -266,3 +266,15 @@ def test_half_precision_batch_through_the_input_projection_matches_fp32():
     half = [s.half() for s in seqs]
     want = model(packed_batch([s.float() for s in half], visible))
     torch.testing.assert_close(model(packed_batch(half, visible)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_loss_clamps_norms_at_the_references_eps():
+    """Predictions with norm 1e-7 (between torch's default 1e-8 and the reference's 1e-6): the loss
+    must use the reference's clamp, 1 - p.t / (max(|p|, 1e-6) * max(|t|, 1e-6))."""
+    from lvmae_fast.loss import masked_reconstruction_loss
+
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0]], dtype=torch.float64)
+    pred = torch.tensor([[6e-8, 8e-8]], dtype=torch.float64)  # |pred| = 1e-7
+    got = masked_reconstruction_loss(pred, x, torch.tensor([0]), loss="cosine")
+    want = 1 - (6e-8 * 3 + 8e-8 * 4) / (1e-6 * 5.0)
+    assert abs(float(got) - want) < 1e-12 and abs(want - 0.0) > 0.5  # eps 1e-8 would give ~0
