@@ -273,7 +273,11 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
         settings["weights"] = weights_fingerprint(weights)  # another checkpoint under the same encoder name
     with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds, settings=settings) as writer:
         failures = open(out / FAILURES_NAME, "w")  # this run's failures (re-runs retry failed files)
-        partials = PartialVideos(out, model.dim, settings={**settings, "encoder": encoder, "seed": seed})
+        # Saved windows resume only under the same decoder, device and precision: their pixels and
+        # rounding differ, and one video's windows should come from one of them.
+        partials = PartialVideos(out, model.dim, settings={**settings, "encoder": encoder, "seed": seed,
+                                                           "decoder": f"{backend}/{dev.type}",
+                                                           "precision": str(dtype).replace("torch.", "")})
         partials.remove_committed(writer.contains)
         todo = []
         for vid, path in items:

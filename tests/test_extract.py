@@ -491,3 +491,16 @@ def test_list_inputs_with_a_bom_text_files_and_one_file_twice(corpus, tmp_path):
     twice.write_text(f"{video}\n{tmp_path / 'g' / '.' / 'clip.mp4'}\n")
     s = extract_videos(twice, tmp_path / "s3", seconds=1.0)
     assert (s["done"], s["failed"], s["total"]) == (1, 0, 1)
+
+
+def test_saved_windows_resume_only_under_the_same_decoder_and_precision(long_video, tmp_path):
+    """Windows saved by a PyAV fp32 job are not mixed with another decoder's or precision's: the video
+    starts over (all 12 windows), where the same settings resume with the 6 left."""
+    kill_during_4th_batch(long_video.path, tmp_path / "b")
+    s = extract_videos(str(long_video.path), tmp_path / "b", seconds=1.0, batch_size=2, decoder="pyav",
+                       precision="bf16")
+    assert (s["done"], s["windows"]) == (1, 12)
+    pytest.importorskip("nvidia.dali")  # the decoder half needs DALI (its CPU backend hands H.264 to PyAV)
+    kill_during_4th_batch(long_video.path, tmp_path / "a")
+    s = extract_videos(str(long_video.path), tmp_path / "a", seconds=1.0, batch_size=2, decoder="dali")
+    assert (s["done"], s["windows"]) == (1, 12)
