@@ -73,6 +73,9 @@ def run_pretraining(store: Path, out: Path, epochs: int, seed: int, progress: bo
 def _run(args) -> int:
     out = Path(args.out)
     stage_dirs = [out / "videos", out / "embeddings", out / "store", out / "run"]
+    if args.source == "videos":  # before anything is written: a failed start must not block --source embeddings
+        from .optional import require
+        require("av", "video", "writing the demo's test videos")
     existing = [d for d in stage_dirs if d.exists()]
     if existing and not args.overwrite:
         raise ValueError(f"{out} already holds a demo ({', '.join(d.name for d in existing)}); "

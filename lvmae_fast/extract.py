@@ -321,7 +321,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 if st["filled"].all():
                     job = win.job
                     try:
-                        writer.add(job.video_id, st["emb"], source_path=job.path, window_times=job.plan.times)
+                        writer.add(job.video_id, st["emb"], source_path=str(Path(job.path).resolve()),
+                                   window_times=job.plan.times)
                     except ValueError as err:  # e.g. NaN/Inf from the encoder: this video only
                         fail(job, f"embedding rejected: {err}")
                         continue

@@ -120,12 +120,12 @@ def check_run_dir(out: Path, store_path: Path, resume: bool) -> None:
     if foreign:
         raise ValueError(f"--out {out} holds files that are not a run's ({', '.join(foreign[:5])}"
                          f"{' ...' if len(foreign) > 5 else ''}); choose a new or empty directory")
-    if entries and not resume:
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if {"model.safetensors", "config.json"} & set(entries) and "checkpoints" not in entries:
         # A run links its model files from a checkpoint: these belong to a model folder.
         raise ValueError(f"--out {out} holds a model (model.safetensors / config.json) but no run "
                          "(no checkpoints/); choose a new or empty directory")
+    if entries and not resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -685,8 +685,9 @@ def _run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain LV-MAE on an embedding store",
                        description="Pretrain LV-MAE. Config precedence: preset < --config < --set < flags. "
-                                   "Run dir layout: see lvmae_fast/train.py.")
-    p.add_argument("--config", help="YAML file of config keys (see lvmae_fast/train_config.py)")
+                                   "Run dir: config.yaml, metrics.jsonl, tb/, loss.png, model files, checkpoints/.")
+    p.add_argument("--config", help="YAML file of config keys, or a preset name (write one to edit with "
+                                    "--preset paper --print-config > my.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable); model.KEY sets a model config field")
     for flag, key, kind, help_text in FLAGS:

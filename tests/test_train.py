@@ -475,7 +475,7 @@ def test_out_must_be_new_empty_or_a_run(store, tmp_path, restore_threads):
     LVMAE(build_tiny_config()).save_pretrained(model_dir)
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     for resume in (False, True):
-        with pytest.raises(ValueError, match="already holds a run|holds a model"):
+        with pytest.raises(ValueError, match="holds a model .* but no run"):
             pretrain(_cfg(store, model_dir, max_steps=1), resume=resume)
     (model_dir / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"not a run's \(notes.txt\)"):
@@ -501,3 +501,16 @@ def test_keep_policy_with_only_one_segment_videos_is_refused(tmp_path, restore_t
     with pytest.raises(ValueError, match="all 4 training videos have 1 segment"):
         pretrain(_cfg(path, tmp_path / "run", max_steps=1, short_video_policy="keep"))
     assert not (tmp_path / "run").exists()
+
+
+def test_demo_without_pyav_writes_nothing_and_the_embedding_demo_still_runs(tmp_path, monkeypatch, restore_threads):
+    from lvmae_fast.cli import main
+    from lvmae_fast.demo import _run
+    from lvmae_fast.optional import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av -> ImportError, as without the [video] extra
+    out = tmp_path / "demo"
+    with pytest.raises(MissingDependency, match="'av' package"):
+        _run(build_parser().parse_args(["demo", "--out", str(out), "--no-progress"]))
+    assert not (out / "videos").exists()
+    assert main(["demo", "--out", str(out), "--source", "embeddings", "--no-progress", "--epochs", "2"]) == 0

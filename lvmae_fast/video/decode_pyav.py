@@ -122,7 +122,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
             if missing > budget:
                 at = pts_to_seconds(np.asarray([needed[j]]), pts0, index.time_base)[0]
                 raise VideoError(f"damaged video data: more than {budget} of the {len(needed)} sampled frames "
-                                 f"could not be decoded (the {budget + 1}th at {at:.2f} s)")
+                                 f"could not be decoded (number {budget + 1} at {at:.2f} s)")
         got[int(needed[j])] = array_of(frame)
         got_pts[int(needed[j])] = frame_pts
         j += 1
