@@ -26,11 +26,14 @@ import triton.language.standard as _tl_standard
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+# The clamps of the torch paths, shared: semantic similarity (F.cosine_similarity's 1e-8) and the
+# cosine loss (the reference's nn.CosineSimilarity eps, 1e-6).
+from lvmae_fast.loss import LOSS_COSINE_EPS
+from lvmae_fast.masking import COSINE_EPS
+
 # The mode triton itself was imported in (tl.standard.cdiv is @triton.jit'd at that import).
 INTERPRETED = isinstance(_tl_standard.cdiv, InterpretedFunction)
 _jit = InterpretedFunction if INTERPRETED else JITFunction
-COSINE_EPS = 1e-8  # same clamp as lvmae_fast.masking.COSINE_EPS and F.cosine_similarity
-LOSS_COSINE_EPS = 1e-6  # the cosine loss's clamp: lvmae_fast.loss.LOSS_COSINE_EPS (the reference's)
 
 
 # ----------------------------------------------------------------------------------------------------

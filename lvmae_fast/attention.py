@@ -102,23 +102,22 @@ def _block(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> tuple[torch
 def _padded_layout(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> list[PaddedGroup]:
     if cu_seqlens.device.type != "cpu":
         return [PaddedGroup(None, *_block(cu_seqlens, total, max_seqlen))]
-    cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
+    from .packing import cu_seqlens_from_lengths, video_of_rows
+
+    lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
     classes = torch.clamp(lengths, min=1).sub(1).bitwise_or(MIN_CLASS - 1)  # next power of two - 1, >= MIN_CLASS - 1
     for shift in (1, 2, 4, 8, 16, 32):
         classes |= classes >> shift
+    class_ids = torch.unique(classes).tolist()
+    if len(class_ids) == 1:  # one class: the whole batch is one block, as on CUDA
+        return [PaddedGroup(None, *_block(cu_seqlens, total, int(lengths.max())))]
+    class_of_row = classes[video_of_rows(cu_seqlens, total)]
     groups = []
-    for cls in torch.unique(classes).tolist():
-        videos = (classes == cls).nonzero().flatten()
-        if len(videos) == len(lengths):  # one class: the whole batch is one block, as on CUDA
-            return [PaddedGroup(None, *_block(cu_seqlens, total, int(lengths.max())))]
-        sub_lengths = lengths[videos]
-        rows = torch.repeat_interleave(cu[videos], sub_lengths) + (
-            torch.arange(int(sub_lengths.sum())) - torch.repeat_interleave(
-                torch.cumsum(sub_lengths, 0) - sub_lengths, sub_lengths))
-        sub_cu = torch.zeros(len(videos) + 1, dtype=torch.long)
-        sub_cu[1:] = torch.cumsum(sub_lengths, 0)
-        groups.append(PaddedGroup(rows, *_block(sub_cu, len(rows), int(sub_lengths.max()))))
+    for cls in class_ids:
+        sub_lengths = lengths[classes == cls]
+        rows = (class_of_row == cls).nonzero().flatten()  # the class's videos' rows, in packed order
+        groups.append(PaddedGroup(rows, *_block(cu_seqlens_from_lengths(sub_lengths.tolist()), len(rows),
+                                                int(sub_lengths.max()))))
     return groups
 
 

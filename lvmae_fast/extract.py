@@ -258,8 +258,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     backend = resolve_decoder(decoder, dev)  # first: a missing PyAV is named even when the input is wrong too
     items, clashes = expand_inputs(inputs)
     # An encoder object is accepted too (benchmarks, notebooks); the store records its name.
-    encoder_arg = encoder
-    model = encoder if isinstance(encoder, torch.nn.Module) else build_encoder(encoder, weights=weights, seed=seed)
+    given_model = isinstance(encoder, torch.nn.Module)
+    model = encoder if given_model else build_encoder(encoder, weights=weights, seed=seed)
     encoder = model.name
     model.check_frames(spec.frames)
     model = model.to(device=dev, dtype=dtype)
@@ -269,7 +269,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     counts = {"done": 0, "skipped": 0, "failed": 0}
     # Everything that decides what a window's embedding is: a resumed job must match it.
     settings = {"window_seconds": spec.seconds, "frames": spec.frames, "sampling": spec.rule, "min_last": spec.min_last}
-    if weights and not isinstance(encoder_arg, torch.nn.Module):
+    if weights and not given_model:
         settings["weights"] = weights_fingerprint(weights)  # another checkpoint under the same encoder name
     with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds, settings=settings) as writer:
         failures = open(out / FAILURES_NAME, "w")  # this run's failures (re-runs retry failed files)
@@ -348,6 +348,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
 
         for vid, path, reason in clashes:
             fail(VideoJob(video_id=vid, path=path), reason)
+
         def to_input(source):
             """Each window's frames -> encoder input as it arrives, so queues and batches hold
             [T, 3, size, size] inputs, not full-resolution frames (at 1080p, 50 MB a window in uint8)."""

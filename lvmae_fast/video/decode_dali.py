@@ -132,12 +132,6 @@ class _GpuCopies:
         self.stream.synchronize()
 
 
-def _to_torch(sample, device: str, copies: _GpuCopies | None = None):
-    if device == "gpu":
-        return copies.copy(sample)
-    return _from_host(sample)
-
-
 def _from_host(sample):
     import torch
     return torch.from_numpy(np.array(sample))
@@ -208,7 +202,7 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
                     job, item = shard.slots[int(labels[i])]
                     if id(job) in done_jobs:
                         continue
-                    frames = _to_torch(video[i], device, copies)
+                    frames = copies.copy(video[i]) if copies is not None else _from_host(video[i])
                     if rule == "index":
                         yield Window(job, item, frames, stamps[i].astype(np.float64))
                         delivered[id(job)].append(item)

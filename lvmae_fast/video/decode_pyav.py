@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from .probe import VideoError, VideoIndex, pts_to_seconds
-from .windows import WindowPlan
+from .windows import WindowPlan, windows_to_decode
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     for every window of `plan` not marked in `skip`, in order."""
     import av
 
-    active = np.arange(len(plan)) if skip is None else np.flatnonzero(~np.asarray(skip, bool))
+    active = windows_to_decode(len(plan), skip)
     if len(active) == 0:
         return
     wanted_pts = index.pts[plan.frames[active]]         # [n_active, T] pts of each sampled frame
@@ -160,7 +160,9 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
             while j < len(needed) and needed[j] < pts:
                 if prev is None:
                     leading += 1
-                stand_in(*((prev, prev_pts) if prev is not None else (frame, pts)), counts_as_damage=prev is not None)
+                    stand_in(frame, pts, counts_as_damage=False)
+                else:
+                    stand_in(prev, prev_pts, counts_as_damage=True)
             if j < len(needed) and needed[j] == pts:
                 got[int(pts)] = array_of(frame)
                 got_pts[int(pts)] = pts

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 
 from .probe import VideoError, VideoIndex, probe_video
-from .windows import WindowPlan, plan_windows
+from .windows import WindowPlan, plan_windows, windows_to_decode
 
 
 @dataclasses.dataclass(eq=False)  # identity semantics: jobs are keyed by id() and compared by `is`
@@ -22,8 +22,7 @@ class VideoJob:
 
     def active_windows(self) -> np.ndarray:
         """Indices of the windows to decode, in order."""
-        n = self.num_windows
-        return np.arange(n) if self.skip is None else np.flatnonzero(~self.skip)
+        return windows_to_decode(self.num_windows, self.skip)
 
     @property
     def num_windows(self) -> int:

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-_OWN_FOLDER = re.compile(r"^[0-9a-f]{20}$")
-
 from ..atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
 PARTIAL_DIR = "partial"
+_OWN_FOLDER = re.compile(r"^[0-9a-f]{20}$")  # the folder names _folder() makes
 
 
 def _source(path: str) -> dict:

@@ -96,3 +96,9 @@ def plan_windows(times: np.ndarray, duration: float, seconds: float = 5.0, frame
         else:
             frames[w] = uniform_index_sample(int(ranges[w, 0]), int(ranges[w, 1]), T)
     return WindowPlan(times=bounds, frames=frames, ranges=ranges)
+
+
+def windows_to_decode(num_windows: int, skip: np.ndarray | None) -> np.ndarray:
+    """Indices of the windows still to decode, in order: all, or those not marked in `skip` (bool [n],
+    windows an earlier, killed job already embedded)."""
+    return np.arange(num_windows) if skip is None else np.flatnonzero(~np.asarray(skip, bool))
