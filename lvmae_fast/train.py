@@ -88,11 +88,23 @@ def checkpoint_by_name(out: Path, name: str) -> Path:
     return path
 
 
+def later_checkpoints(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.parent.glob("step-*") if p.is_dir() and p.name > ckpt.name)
+
+
+def needs_rewind(out: Path, ckpt: Path) -> bool:
+    """Whether --resume-from `ckpt` has work to do: `latest` names another checkpoint, or later ones are
+    still in place (a rewind killed after moving some of them, whose `latest` may name a moved one)."""
+    pointer = out / "checkpoints" / LATEST_NAME
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    return latest != ckpt.name or bool(later_checkpoints(ckpt))
+
+
 def rewind_to(out: Path, ckpt: Path) -> None:
     """Make `ckpt` the latest: later checkpoints move to checkpoints/rewound/ and later metrics records
     to metrics.rewound.jsonl (kept, not deleted: that branch of the run is abandoned, not recomputed)."""
     root = ckpt.parent
-    later = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name > ckpt.name)
+    later = later_checkpoints(ckpt)
     if later:
         (root / REWOUND_DIR).mkdir(exist_ok=True)
     for p in later:
@@ -403,11 +415,11 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
         raise ValueError(f"store {cfg.store} holds no videos")
 
     # Everything that can refuse the run is checked before anything is written to RUN.
-    ckpt = latest_checkpoint(out) if out.exists() else None
-    rewind = False
-    if resume_from is not None:
-        chosen = checkpoint_by_name(out, str(resume_from))
-        rewind, ckpt = ckpt is None or chosen.name != ckpt.name, chosen
+    if resume_from is not None:  # not latest_checkpoint(): a killed rewind may have moved what it names
+        ckpt = checkpoint_by_name(out, str(resume_from))
+        rewind = needs_rewind(out, ckpt)
+    else:
+        ckpt, rewind = (latest_checkpoint(out) if out.exists() else None), False
     state = None
     if resume and ckpt is not None:
         state = load_train_state(ckpt)
@@ -475,11 +487,9 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
         from torch.utils.tensorboard import SummaryWriter
         tb = SummaryWriter(str(out / "tb"), purge_step=progress["step"] + 1 if resume else None)
 
-    total_steps = sum(sampler.num_batches(e) for e in range(cfg.epochs))
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    full = sum(sampler.num_batches(e) for e in range(cfg.epochs))  # where the lr schedule ends
+    total_steps = min(full, cfg.max_steps) if cfg.max_steps else full
     if progress["step"] >= total_steps:
-        full = sum(sampler.num_batches(e) for e in range(cfg.epochs))
         hint = (f"raise --max-steps (up to {full}, where its {cfg.epochs}-epoch schedule ends) to train further"
                 if progress["step"] < full else
                 f"its {cfg.epochs}-epoch lr schedule is complete (the epoch count is fixed for a run)")

@@ -514,3 +514,22 @@ def test_demo_without_pyav_writes_nothing_and_the_embedding_demo_still_runs(tmp_
         _run(build_parser().parse_args(["demo", "--out", str(out), "--no-progress"]))
     assert not (out / "videos").exists()
     assert main(["demo", "--out", str(out), "--source", "embeddings", "--no-progress", "--epochs", "2"]) == 0
+
+
+def test_a_rewind_killed_halfway_is_completed_by_running_it_again(store, tmp_path, restore_threads):
+    """A kill after the rewind moved some later checkpoints but before it repointed `latest`: `latest`
+    names a moved checkpoint, and --resume-from the same step must still finish the rewind."""
+    import os
+    import shutil
+
+    first = tmp_path / "first"
+    settings = dict(max_steps=12, ckpt_every=4, keep_checkpoints=5)
+    assert pretrain(_cfg(store, first, **settings)) == 0
+    run = tmp_path / "run"
+    shutil.copytree(first, run)
+    (run / "checkpoints" / "rewound").mkdir()
+    os.replace(run / "checkpoints" / "step-00000012", run / "checkpoints" / "rewound" / "step-00000012")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000012"  # names a moved checkpoint
+    assert pretrain(_cfg(store, run, **settings), resume_from="4") == 0
+    assert curve(run) == curve(first)
+    assert sorted(p.name for p in (run / "checkpoints" / "rewound").iterdir()) == ["step-00000008", "step-00000012"]
