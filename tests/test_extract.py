@@ -467,6 +467,10 @@ def test_out_must_be_a_store_or_new_and_other_inputs_are_checked_first(corpus, t
         extract_videos(video, mine, seconds=1.0)
     assert (mine / "shards" / "data.txt").read_text() == "user data" and (mine / "partial" / "exp").is_dir()
     assert not (mine / ".lock").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        extract_videos(video, a_file, seconds=1.0)
     with pytest.raises(ValueError, match="min-last must be in"):
         extract_videos(video, tmp_path / "s", min_last=1.5)
     assert not (tmp_path / "s").exists()  # refused before a store (and its settings) existed

@@ -533,3 +533,8 @@ def test_a_rewind_killed_halfway_is_completed_by_running_it_again(store, tmp_pat
     assert pretrain(_cfg(store, run, **settings), resume_from="4") == 0
     assert curve(run) == curve(first)
     assert sorted(p.name for p in (run / "checkpoints" / "rewound").iterdir()) == ["step-00000008", "step-00000012"]
+
+
+def test_epochs_below_the_presets_warmup_names_the_key_to_change():
+    with pytest.raises(ValueError, match=r"got epochs=1, warmup_epochs=2.0; .* --set warmup_epochs=N"):
+        tc.resolve([("t", {"preset": "tiny", "epochs": 1})])
