@@ -70,9 +70,29 @@ def _count_blocks(state: dict, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
+# Reference models (models_mae.py) whose head counts are fixed in code, (encoder, decoder). A run with one
+# of these --model names still saves args.num_heads / args.decoder_num_heads (parser defaults 8 / 16) that
+# the model never read, so for them the name, not those args, gives the heads.
+REFERENCE_FIXED_HEADS = {
+    "mae_vit_base_patch16": (12, 16), "mae_vit_base_patch16_dec512d8b": (12, 16),
+    "mae_vit_large_patch16": (16, 16), "mae_vit_large_patch16_dec512d8b": (16, 16),
+    "mae_vit_huge_patch14": (16, 16), "mae_vit_huge_patch14_dec512d8b": (16, 16),
+}
+
+
+def reference_heads(args) -> tuple[int | None, int | None]:
+    """(encoder, decoder) heads the reference built from its saved args: fixed by --model for the
+    timm-style presets, else args.num_heads / args.decoder_num_heads (None where args lack them)."""
+    model_name = getattr(args, "model", None)
+    if isinstance(model_name, str) and model_name in REFERENCE_FIXED_HEADS:
+        return REFERENCE_FIXED_HEADS[model_name]
+    return getattr(args, "num_heads", None), getattr(args, "decoder_num_heads", None)
+
+
 def config_from_reference(state: dict, args=None, num_heads: int | None = None, decoder_num_heads: int | None = None,
                           max_len: int | None = None, **overrides):
-    """Infer widths/depths from shapes; heads (not visible in shapes) from args, flags, or the reference's 16/16."""
+    """Infer widths/depths from shapes; heads (not visible in shapes) from flags, the saved args (the
+    --model name for the reference's fixed-architecture models), or the reference's 16/16."""
     from .model import LVMAEConfig
 
     required = ["cls_token", "mask_token", "decoder_pred.weight", "blocks.0.attn.qkv.weight", "pos_embed"]
@@ -83,8 +103,9 @@ def config_from_reference(state: dict, args=None, num_heads: int | None = None, 
     Dd = state["mask_token"].shape[-1]
     in_dim = state["decoder_pred.weight"].shape[0]
     mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    heads = num_heads or getattr(args, "num_heads", None) or 16
-    dec_heads = decoder_num_heads or getattr(args, "decoder_num_heads", None) or 16
+    args_heads, args_dec_heads = reference_heads(args)
+    heads = num_heads or args_heads or 16
+    dec_heads = decoder_num_heads or args_dec_heads or 16
     return LVMAEConfig(in_dim=in_dim, embed_dim=D, depth=_count_blocks(state, "blocks"), num_heads=heads,
                        decoder_embed_dim=Dd, decoder_depth=_count_blocks(state, "decoder_blocks"),
                        decoder_num_heads=dec_heads, mlp_ratio=mlp_hidden / D,
@@ -145,7 +166,7 @@ def register(sub) -> None:
                                    "DIR/config.json + DIR/model.safetensors, loadable with LVMAE.from_pretrained(DIR).")
     p.add_argument("checkpoint", help="reference checkpoint (.pth)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--num-heads", type=int, default=None, help="encoder heads (default: from saved args, else 16)")
-    p.add_argument("--decoder-num-heads", type=int, default=None, help="decoder heads (default: from saved args, else 16)")
+    p.add_argument("--num-heads", type=int, default=None, help="encoder heads (default: from the saved args or --model name, else 16)")
+    p.add_argument("--decoder-num-heads", type=int, default=None, help="decoder heads (default: from the saved args or --model name, else 16)")
     p.add_argument("--max-len", type=int, default=None, help="max sequence length (default: the reference's table size)")
     p.set_defaults(func=_run_convert)

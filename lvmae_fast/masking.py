@@ -9,6 +9,11 @@ Every strategy reduces to "per video, mask the k_i rows with the lowest score, t
 The first token of a video has no predecessor; its similarity is defined as 0.0 (as the reference code
 does). A zero vector has similarity 0.0 with anything (no NaN).
 k_i = L_i - keep_i with keep_i = max(1, int(L_i * (1 - ratio))) (an empty video masks nothing).
+Exact ties (equal scores) go to the lower row, here and in the Triton kernel. The reference breaks ties by
+torch.argsort order (not stable): on CPU it keeps the lower rows of a tie for L <= 16 and an unspecified
+order beyond. So where its own short-video tiling makes exact ties (x8 / x3 copies of a crop),
+semantic_inverted masks other copies (same embeddings, other positions) than the reference; without ties
+the selections are equal.
 """
 from __future__ import annotations
 

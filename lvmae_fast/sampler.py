@@ -5,7 +5,11 @@ duration ~ U[duration_min, duration_max] seconds (continuous here; the reference
 take L = duration // segment_seconds segments (at least 1, at most the video and max_len) from a
 random start, L2-normalise each embedding. Short videos (policy "repeat", the reference's): a crop of
 a video with < 2 segments is tiled x8, with < 5 segments x3 (then cut to max_len); "keep" uses them
-as they are, "drop" leaves videos with < 2 segments out.
+as they are, "drop" leaves videos with < 2 segments out. Note: before cropping, the reference replaces
+any video with n_segments * (1 - mask_ratio) < 1 by a random other one, so with a positive mask ratio
+its x8 branch never runs (1-segment videos are never trained on; at ratio 0.7 neither are 2-3 segment
+ones). "repeat" follows the tiling rule as written and trains on them; "drop" is closer to what the
+reference does in effect.
 
 Determinism: everything is a pure function of (seed, epoch, rank, batch index), never of worker
 count or timing. The plan for an epoch (order, crops, batch boundaries) is a pure function of

@@ -143,3 +143,25 @@ def test_converted_config_carries_the_reference_runs_loss_and_masking(tmp_path, 
     assert {k: getattr(c, k) for k in want} == want
     assert LVMAE.from_pretrained(tmp_path / "out").config.loss == want["loss"]
     assert convert_reference(tmp_path / "ref.pth", masking="semantic").config.masking == "semantic"  # flags win
+
+
+@pytest.mark.parametrize("model_name, want_heads", [("mae_vit_base_patch16", (12, 16)),
+                                                    ("mae_vit_large_patch16_dec512d8b", (16, 16)),
+                                                    ("mae_vit_base_custom", (8, 16))])
+def test_heads_of_the_references_fixed_architecture_models_come_from_the_model_name(tmp_path, model_name, want_heads):
+    # The reference's mae_vit_{base,large,huge}_* builders hard-code their heads (base: 12 / 16) and ignore
+    # args.num_heads, which the run still saves at the parser default 8; mae_vit_base_custom reads the args.
+    sd = reference_state_dict(D=48, depth=1, Dd=32, ddepth=1, N=16)
+    torch.save({"model": sd, "optimizer": {}, "epoch": 0, "scaler": {},
+                "args": argparse.Namespace(model=model_name, num_heads=8, decoder_num_heads=16)}, tmp_path / "ref.pth")
+    model = convert_reference(tmp_path / "ref.pth", tmp_path / "out")
+    assert (model.config.num_heads, model.config.decoder_num_heads) == want_heads
+    assert convert_reference(tmp_path / "ref.pth", num_heads=4).config.num_heads == 4  # an explicit flag still wins
+
+    torch.manual_seed(2)
+    seqs = [torch.randn(n, 48) for n in (5, 16)]
+    visible = [torch.tensor([True, False, True, False, True]), torch.arange(16) % 3 == 0]
+    heads_cfg = argparse.Namespace(depth=1, num_heads=want_heads[0], decoder_depth=1, decoder_num_heads=want_heads[1])
+    _, pred_ref = naive_forward(sd, heads_cfg, seqs, visible)
+    for p, r in zip(LVMAE.from_pretrained(tmp_path / "out").reconstruct(seqs, visible), pred_ref):
+        torch.testing.assert_close(p, r, rtol=1e-4, atol=1e-5)
