@@ -41,12 +41,13 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    command = " ".join(filter(None, (args.command, getattr(args, "store_command", None))))
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
-            IsADirectoryError, MissingDependency) as err:
-        # Bad input is the user's to fix: one clear line, no traceback.
-        print(f"lvmae {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, MissingDependency) as err:
+        # Bad input (or a path the system refuses: missing, not writable, disk full) is the user's to
+        # fix: one clear line, no traceback. OSError covers FileNotFoundError, PermissionError, ...
+        print(f"lvmae {command}: error: {err}", file=sys.stderr)
         return 1
 
 

@@ -64,13 +64,27 @@ def demo_val_videos(num_videos: int) -> int:
 
 def run_pretraining(store: Path, out: Path, epochs: int, seed: int, progress: bool, val_videos: int = 32,
                     batch_videos: int = 16) -> tuple[int, Path]:
+    # The preset's warm-up is shortened to fit a short run (`--epochs 1`), not refused after the data is written.
+    warmup = min(float(tc.PRESETS["tiny"]["warmup_epochs"]), epochs)
     cfg = tc.resolve([("demo", {"preset": "tiny", "store": str(store), "out": str(out / "run"), "epochs": epochs,
-                                "seed": seed, "val_videos": val_videos, "eval_every": 100, "ckpt_every": 200,
-                                "batch_videos": batch_videos, "progress": progress})])
+                                "warmup_epochs": warmup, "seed": seed, "val_videos": val_videos, "eval_every": 100,
+                                "ckpt_every": 200, "batch_videos": batch_videos, "progress": progress})])
     return pretrain(cfg), out / "run"
 
 
+def check_args(args) -> None:
+    """Refuse bad numbers before anything is written (0 is not "the default": that is leaving the flag out)."""
+    for flag, value, low in (("--videos", args.videos, 1), ("--epochs", args.epochs, 1), ("--dim", args.dim, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.source == "videos" and not args.duration >= 5:  # also refuses nan
+        raise ValueError(f"--duration must be >= 5 seconds (one 5-second window per video), got {args.duration}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a directory for the demo")
+
+
 def _run(args) -> int:
+    check_args(args)
     out = Path(args.out)
     stage_dirs = [out / "videos", out / "embeddings", out / "store", out / "run"]
     if args.source == "videos":  # before anything is written: a failed start must not block --source embeddings
@@ -130,7 +144,7 @@ def register(sub) -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds per synthetic video (default 60)")
     p.add_argument("--dim", type=int, default=64, help="embedding dim for --source embeddings (default 64)")
     p.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default 300 / 60)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the pretraining (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

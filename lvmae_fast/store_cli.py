@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -160,10 +161,15 @@ def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float
                 continue
             try:
                 emb = load()
-                if writer is None:  # the first readable array fixes the store's dim
-                    if emb.ndim != 2:
-                        raise ValueError(f"expected [n_segments, dim], got shape {list(emb.shape)}")
-                    writer = StoreWriter(out, emb.shape[1], encoder=encoder, segment_seconds=segment_seconds, **kwargs)
+                if writer is None and emb.ndim != 2:
+                    raise ValueError(f"expected [n_segments, dim], got shape {list(emb.shape)}")
+            except (ValueError, OSError, RuntimeError) as err:
+                failures.append(f"{video_id} ({source}): {err}")
+                continue
+            if writer is None:  # the first readable array fixes the store's dim. A store that cannot be
+                # created (--out a file or another folder, bad settings) stops the import: not one failure per video
+                writer = StoreWriter(out, emb.shape[1], encoder=encoder, segment_seconds=segment_seconds, **kwargs)
+            try:
                 writer.add(video_id, emb, source_path=source)
                 added += 1
             except (ValueError, OSError, RuntimeError) as err:
@@ -174,10 +180,22 @@ def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float
     return added, skipped, failures
 
 
+def _check_shard_rows(shard_rows) -> None:
+    if shard_rows is not None and shard_rows < 1:
+        raise ValueError(f"--shard-rows must be >= 1, got {shard_rows}")
+
+
 def _run_import(args) -> int:
+    # Settings are checked once here, before any file is read (not reported again for every video).
+    if not (math.isfinite(args.segment_seconds) and args.segment_seconds > 0):
+        raise ValueError(f"--segment-seconds must be a number of seconds > 0, got {args.segment_seconds}")
+    _check_shard_rows(args.shard_rows)
     added, skipped, failures = import_embeddings(args.src, args.out, encoder=args.encoder,
                                                  segment_seconds=args.segment_seconds, shard_rows=args.shard_rows)
     if added + skipped == 0 and not failures:
+        if Path(args.src).is_file():
+            raise ValueError(f"{args.src} holds no video rows (a reference segments CSV: a header with a "
+                             f"`segment_paths` column, then one row per video)")
         raise ValueError(f"{args.src} holds no <video_id>.npy/.pt files")
     print(f"imported {added} videos into {args.out} ({skipped} already present)")
     for line in failures:
@@ -197,6 +215,13 @@ def _run_info(args) -> int:
     return 0
 
 
+def _show_id(video_id: str) -> str:
+    """A video id for a space-separated list: as is, or JSON-quoted when it holds whitespace, quotes or
+    unprintable characters (an id may be any file stem, e.g. `my clip`), so the list stays unambiguous."""
+    plain = video_id and video_id.isprintable() and not any(c.isspace() or c in "\"'" for c in video_id)
+    return video_id if plain else json.dumps(video_id, ensure_ascii=False)
+
+
 def _run_verify(args) -> int:
     report = verify_store(args.store)
     if report.ok:
@@ -205,11 +230,12 @@ def _run_verify(args) -> int:
     for problem in report.problems:
         print(f"  {problem}")
     bad = report.bad_videos
-    print(f"{args.store}: {len(report.problems)} problems; bad videos ({len(bad)}): {' '.join(bad)}")
+    print(f"{args.store}: {len(report.problems)} problems; bad videos ({len(bad)}): {' '.join(map(_show_id, bad))}")
     return 2
 
 
 def _run_compact(args) -> int:
+    _check_shard_rows(args.shard_rows)
     index = load_index(args.store)
     kwargs = {"shard_rows": args.shard_rows} if args.shard_rows else {}
     with StoreWriter(args.store, dim=index["dim"], encoder=index["encoder"],
@@ -227,21 +253,24 @@ def register(sub) -> None:
     p = store_sub.add_parser("import", help="import <video_id>.npy/.pt arrays (or a reference segments CSV) into a store")
     p.add_argument("src", help="directory of <video_id>.npy/.pt arrays [n_segments, dim], or a reference CSV")
     p.add_argument("--out", required=True, help="store directory (created, or resumed if it exists)")
-    p.add_argument("--encoder", default="unknown", help="name of the short-video encoder that made the embeddings")
-    p.add_argument("--segment-seconds", type=float, default=5.0, help="seconds per segment (default 5)")
-    p.add_argument("--shard-rows", type=int, default=None, help="rows per shard file")
+    p.add_argument("--encoder", default="unknown",
+                   help="name of the short-video encoder that made the embeddings (default 'unknown'; a store "
+                        "holds one encoder's embeddings, so a resumed import must give the same name)")
+    p.add_argument("--segment-seconds", type=float, default=5.0,
+                   help="seconds of video per embedding row (default 5; must match a resumed store)")
+    p.add_argument("--shard-rows", type=int, default=None, help="rows (segments) per shard file (default 65536)")
     p.set_defaults(func=_run_import)
 
     p = store_sub.add_parser("info", help="describe a store")
-    p.add_argument("store")
+    p.add_argument("store", help="store directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_run_info)
 
     p = store_sub.add_parser("verify", help="check dims, dtypes, NaN/Inf and index vs shards; exit 2 and name bad videos")
-    p.add_argument("store")
+    p.add_argument("store", help="store directory")
     p.set_defaults(func=_run_verify)
 
     p = store_sub.add_parser("compact", help="merge small shards (e.g. left by an interrupted extraction) into full ones")
-    p.add_argument("store")
+    p.add_argument("store", help="store directory")
     p.add_argument("--shard-rows", type=int, default=None, help="rows per merged shard (default 65536)")
     p.set_defaults(func=_run_compact)

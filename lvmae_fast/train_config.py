@@ -9,6 +9,8 @@ lvmae_fast.train_config`; tests/test_configs.py keeps them equal to the presets)
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -101,6 +103,29 @@ class PretrainConfig:
             raise ValueError("cuda_graphs_optimizer captures the update into the CUDA graphs: it needs cuda_graphs=true")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of model config overrides, got {self.model!r}")
+        self.model = check_model_overrides(self.model, self.preset)
+        # `~/runs/x` in a YAML file or `--out=~/x` (no shell expansion there) means the home directory,
+        # not a folder named `~` in the working directory
+        self.store, self.out = (_expand_home(p) for p in (self.store, self.out))
+        # Values torch or the DataLoader would refuse only after the run dir is written (or silently accept:
+        # a negative weight decay, min_lr or grad_clip), refused here with the key's name.
+        for key in ("blr", "lr", "min_lr", "weight_decay", "grad_clip", "warmup_epochs", "duration_min", "duration_max"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"{key}={getattr(self, key)} must be a finite number")
+        for key in ("blr", "lr", "min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
+        for key, low in (("num_workers", 0), ("cpu_threads", 0), ("prefetch_factor", 1)):
+            if getattr(self, key) < low:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= {low}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len={self.max_len}: a crop needs >= 2 segments for anything to be masked "
+                             "(keep = max(1, ...) leaves a 1-segment crop whole: the loss would be 0)")
+        if not re.fullmatch(r"(auto|cpu|cuda)(:\d+)?", self.device) or self.device.startswith("auto:"):
+            raise ValueError(f"device={self.device!r} must be auto, cpu, cuda or cuda:N")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,29 +134,78 @@ class PretrainConfig:
 FIELD_TYPES = {f.name: f.type for f in fields(PretrainConfig)}
 
 
-def _check_keys(values: dict, where: str) -> None:
-    unknown = sorted(set(values) - set(FIELD_TYPES))
-    if unknown:
-        raise ValueError(f"{where}: unknown config keys {unknown}")
-
-
-def _coerce(key: str, value):
-    """YAML/--set values to the field's type (so `--set epochs=3` is an int, `--set compile=true` a bool)."""
-    kind = FIELD_TYPES[key]
-    if isinstance(value, str) and kind != "str":
-        value = yaml.safe_load(value)
+def _expand_home(path: str) -> str:
+    if not path.startswith("~"):
+        return path
     try:
-        if kind == "int" and not isinstance(value, bool) and float(value) == int(value):
-            return int(value)
+        return str(Path(path).expanduser())
+    except RuntimeError:  # ~someone who does not exist here: leave the path as written
+        return path
+
+
+def _check_keys(values: dict, where: str) -> None:
+    unknown = sorted(set(values) - set(FIELD_TYPES), key=str)
+    if unknown:
+        dotted = [k for k in unknown if str(k).startswith("model.")]
+        hint = (f" (in a YAML file, model settings go under `model:`, e.g. `model: {{{dotted[0][len('model.'):]}: ...}}`)"
+                if dotted else "")
+        raise ValueError(f"{where}: unknown config keys {unknown}{hint}")
+
+
+def _yaml_scalar(text: str):
+    """A `--set` value as YAML reads it (`3` an int, `true` a bool); text YAML cannot parse (`[1`) stays text,
+    for the type check to name."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _coerce_value(key: str, kind: str, value):
+    """`value` as a `kind` ("int", "float", "str", "bool", "dict"); ValueError naming `key` otherwise."""
+    if isinstance(value, str) and kind != "str":
+        value = _yaml_scalar(value)
+    try:
+        if kind == "int" and not isinstance(value, bool):
+            # YAML 1.1 reads `1e3` as a string: accept any integral number, refuse 2.5 and inf
+            number = float(value) if isinstance(value, str) else value
+            if float(number) == int(number):
+                return int(number)
         if kind == "float" and not isinstance(value, bool):
             return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     if kind == "bool" and isinstance(value, bool) or kind == "dict" and isinstance(value, dict):
         return value
     if kind == "str":
-        return str(value)
+        if value is None and key in ("store", "out"):  # `store:` left empty in a YAML file: not set
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
     raise ValueError(f"config key {key}: expected {kind}, got {value!r}")
+
+
+def _coerce(key: str, value):
+    """YAML/--set values to the field's type (so `--set epochs=3` is an int, `--set compile=true` a bool)."""
+    return _coerce_value(key, FIELD_TYPES[key], value)
+
+
+def check_model_overrides(model: dict, preset: str) -> dict:
+    """`model` overrides with known LVMAEConfig keys (in_dim comes from the store), coerced to their types,
+    valid over the preset's model (choices, head counts) and with a mask ratio that masks something: 0
+    would train on a loss of 0."""
+    from .model import LVMAEConfig  # torch: imported only when a config is built
+
+    kinds = {f.name: f.type for f in fields(LVMAEConfig) if f.name != "in_dim"}
+    unknown = sorted(set(model) - set(kinds), key=str)
+    if unknown:
+        raise ValueError(f"model: unknown keys {unknown} (allowed: {sorted(kinds)})")
+    model = {key: _coerce_value(f"model.{key}", kinds[key], value) for key, value in model.items()}
+    if "mask_ratio" in model and not 0 < model["mask_ratio"] < 1:
+        raise ValueError(f"model.mask_ratio={model['mask_ratio']} must be in (0, 1): the fraction of each video's "
+                         "tokens that is masked and reconstructed (0 masks nothing: the loss would be 0)")
+    LVMAEConfig.from_preset(preset, in_dim=1, **model)  # raises on a bad choice or width/heads; in_dim: the store's
+    return model
 
 
 def parse_set(items: list[str]) -> dict:
@@ -143,14 +217,30 @@ def parse_set(items: list[str]) -> dict:
             raise ValueError(f"--set expects key=value, got {item!r}")
         key = key.strip()
         if key.startswith("model."):
-            out.setdefault("model", {})[key[len("model."):]] = yaml.safe_load(value)
+            out.setdefault("model", {})[key[len("model."):]] = _yaml_scalar(value)
         else:
             out[key] = value
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory; give a YAML file (or a preset name: "
+                         f"{', '.join(sorted(PRESETS))})")
     if not path.is_file():
         # `--config lvmae_fast/configs/paper.yaml` as the README writes it, from outside a checkout (a
         # pip install has the file in site-packages), or `--config paper`: the shipped preset file.
@@ -160,9 +250,19 @@ def load_yaml(path) -> dict:
             return load_yaml(shipped)
         raise FileNotFoundError(f"config file {path} not found (the shipped presets are in {CONFIGS_DIR}: "
                                 f"{', '.join(sorted(f.name for f in CONFIGS_DIR.glob('*.yaml')))})")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if values is None:  # an empty file (or only comments): no keys
+        return {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys")
+        raise ValueError(f"{path}: expected a mapping of config keys (key: value lines), got a {type(values).__name__}")
     return values
 
 
@@ -172,7 +272,10 @@ def resolve(layers: list[tuple[str, dict]]) -> PretrainConfig:
     for where, values in layers:
         _check_keys(values, where)
         for key, value in values.items():
-            value = _coerce(key, value)
+            try:
+                value = _coerce(key, value)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
             merged[key] = {**merged.get("model", {}), **value} if key == "model" else value
     preset = merged.get("preset", "tiny")
     if preset not in PRESETS:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -99,3 +100,183 @@ def test_shipped_configs_load_by_their_readme_path_from_anywhere(tmp_path, monke
     assert tc.load_yaml("lvmae_fast/configs/paper.yaml") == shipped == tc.load_yaml("paper")
     with pytest.raises(FileNotFoundError, match="shipped presets are in .*paper.yaml"):
         tc.load_yaml("my/own/config.yaml")
+
+
+# ---- user mistakes in configs and flags: one line naming the key, exit 1, no traceback -------------------------
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *expected: str) -> None:
+    assert code == 1 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0], err
+    for text in expected:
+        assert text in lines[0], err
+
+
+@pytest.mark.parametrize("item, message", [
+    ("model.mask_ratio=abc", "model.mask_ratio: expected float, got 'abc'"),   # was a TypeError traceback
+    ("model.mask_ratio=", "model.mask_ratio: expected float, got None"),
+    ("model.mask_ratio=0", "model.mask_ratio=0.0 must be in (0, 1)"),          # trained on a loss of 0
+    ("model.depth=2.5", "model.depth: expected int, got 2.5"),
+    ("model.nope=1", "model: unknown keys ['nope']"),
+    ("epochs=.inf", "config key epochs: expected int, got inf"),               # was an OverflowError traceback
+    ("weight_decay=-1", "weight_decay=-1.0 must be >= 0"),                     # was accepted
+    ("min_lr=-1e-4", "min_lr=-0.0001 must be >= 0"),                           # was accepted: lr < 0 at the end
+    ("grad_clip=-1", "grad_clip=-1.0 must be >= 0"),                           # was accepted
+    ("blr=-1", "blr=-1.0 must be >= 0"),                                       # was torch's "Invalid learning rate"
+    ("blr=inf", "blr=inf must be a finite number"),                            # was a run stopped at step 1
+    ("lr=nan", "lr=nan must be a finite number"),
+    ("beta2=1.0", "beta2=1.0 must be in [0, 1)"),
+    ("cpu_threads=-2", "cpu_threads=-2 must be >= 0"),                         # was a RuntimeError traceback
+    ("num_workers=-1", "num_workers=-1 must be >= 0"),                         # was refused after writing RUN
+    ("prefetch_factor=0", "prefetch_factor=0 must be >= 1"),
+    ("max_len=1", "max_len=1: a crop needs >= 2 segments"),                    # was a loss of 0 at every step
+    ("device=meta", "device='meta' must be auto, cpu, cuda or cuda:N"),        # was a traceback mid-run
+    ("device=mps", "device='mps' must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_config_values_are_one_line_errors_naming_the_key(item, message, capsys):
+    code, _, err = run_cli(capsys, "pretrain", "--preset", "tiny", "--set", item, "--print-config")
+    assert_one_line_error(code, err, "lvmae pretrain: error:", message)
+
+
+def test_valid_edge_values_still_resolve():
+    cfg = tc.resolve([("t", {"preset": "tiny", "epochs": "1e3", "device": "cuda:1", "model": {"mask_ratio": 0.9}}),
+                      ("--set", tc.parse_set(["cpu_threads=0", "min_lr=0", "model.depth=2"]))])
+    assert (cfg.epochs, cfg.device, cfg.cpu_threads) == (1000, "cuda:1", 0)  # YAML 1.1 reads 1e3 as a string
+    assert cfg.model == {"mask_ratio": 0.9, "depth": 2} and type(cfg.model["depth"]) is int
+
+
+@pytest.mark.parametrize("content, message", [
+    ("epochs: 3\n  bad: : indent\n", "is not valid YAML at line 2, column 6: mapping values are not allowed here"),
+    (b"\xff\xfeepochs: 3\n", "is not UTF-8 text"),
+    ("- epochs\n- 3\n", "expected a mapping of config keys (key: value lines), got a list"),
+    ("epochs: .inf\n", "c.yaml: config key epochs: expected int, got inf"),
+    ("device:\n", "c.yaml: config key device: expected str, got None"),    # was the device 'None'
+    ("epochs: lots\n", "c.yaml: config key epochs: expected int, got 'lots'"),  # names the file
+])
+def test_broken_config_files_are_one_line_errors(content, message, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, _, err = run_cli(capsys, "pretrain", "--config", path, "--print-config")
+    assert_one_line_error(code, err, message)
+
+
+def test_config_file_edge_cases(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("# nothing set\n")
+    assert tc.load_yaml(tmp_path / "empty.yaml") == {}
+    (tmp_path / "blank.yaml").write_text("store:\nout:\nepochs: 30\n")  # empty store/out: not set, not 'None'
+    cfg = tc.resolve([("blank.yaml", tc.load_yaml(tmp_path / "blank.yaml"))])
+    assert (cfg.store, cfg.out, cfg.epochs) == ("", "", 30)
+    code, _, err = run_cli(capsys, "pretrain", "--config", tmp_path, "--print-config")
+    assert_one_line_error(code, err, f"config file {tmp_path} is a directory")
+
+
+# ---- store CLI ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def npy_dir(tmp_path):
+    src = tmp_path / "npys"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        np.save(src / f"v{i}.npy", rng.standard_normal((5 + i, 8)).astype(np.float32 if i % 2 else np.float16))
+    return src
+
+
+def test_store_import_settings_and_out_errors_are_reported_once(npy_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("x")
+    cases = [
+        (["--out", tmp_path / "afile"], "is a file, not a directory"),           # was one failure line per video
+        (["--out", tmp_path / "foreign"], "is not an embedding store and not empty"),
+        (["--out", tmp_path / "s1", "--segment-seconds", "0"], "--segment-seconds must be a number of seconds > 0"),
+        (["--out", tmp_path / "s2", "--segment-seconds", "nan"], "--segment-seconds must be a number of seconds > 0"),
+        (["--out", tmp_path / "s3", "--shard-rows", "0"], "--shard-rows must be >= 1, got 0"),  # 0 was the default
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(capsys, "store", "import", npy_dir, *args)
+        assert_one_line_error(code, err, "lvmae store import: error:", message)
+        assert "imported" not in out
+    assert not any((tmp_path / s).exists() for s in ("s1", "s2", "s3"))
+    assert sorted(p.name for p in (tmp_path / "foreign").iterdir()) == ["notes.txt"]
+
+
+def test_store_import_of_an_empty_csv_says_so(tmp_path, capsys):
+    for name, text in (("empty.csv", ""), ("header.csv", "video_id,segment_paths\n")):
+        (tmp_path / name).write_text(text)
+        code, _, err = run_cli(capsys, "store", "import", tmp_path / name, "--out", tmp_path / "s")
+        assert_one_line_error(code, err, "holds no video rows")  # not "holds no <video_id>.npy/.pt files"
+
+
+def test_store_verify_quotes_ids_with_spaces(tmp_path, capsys):
+    import json
+
+    from lvmae_fast.store import StoreWriter
+
+    with StoreWriter(tmp_path / "s", 4) as w:
+        for vid in ("my clip", "two\nlines", "plain"):
+            w.add(vid, np.ones((3, 4), np.float32))
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    emb = np.load(tmp_path / "s" / index["shards"][0]["emb"], mmap_mode="r+")
+    emb[:, 0] = np.nan  # every video bad
+    emb.flush()
+    code, out, _ = run_cli(capsys, "store", "verify", tmp_path / "s")
+    assert code == 2
+    assert out.splitlines()[-1].endswith('bad videos (3): "my clip" plain "two\\nlines"')
+
+
+def test_store_compact_refuses_zero_shard_rows(tmp_path, capsys, npy_dir):
+    assert run_cli(capsys, "store", "import", npy_dir, "--out", tmp_path / "s")[0] == 0
+    code, _, err = run_cli(capsys, "store", "compact", tmp_path / "s", "--shard-rows", "0")
+    assert_one_line_error(code, err, "lvmae store compact: error: --shard-rows must be >= 1")
+
+
+def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from lvmae_fast import store_cli
+
+    def broken_disk(args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_cli, "_run_info", broken_disk)
+    code, _, err = run_cli(capsys, "store", "info", tmp_path)
+    assert_one_line_error(code, err, "lvmae store info: error: [Errno 5] Input/output error")
+
+
+# ---- demo arguments ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--videos", "0"], "--videos must be >= 1, got 0"),     # 0 silently meant the default 512
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),     # 0 silently meant the default 60
+    (["--epochs", "-1"], "--epochs must be >= 1, got -1"),   # was refused after writing the data
+    (["--dim", "0"], "--dim must be >= 1, got 0"),
+    (["--source", "videos", "--duration", "0"], "--duration must be >= 5 seconds"),  # was a traceback
+])
+def test_demo_refuses_bad_numbers_before_writing_anything(args, message, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "demo", "--source", "embeddings", *args, "--out", tmp_path / "demo", "--no-progress")
+    assert_one_line_error(code, err, "lvmae demo: error:", message)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_out_naming_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    code, _, err = run_cli(capsys, "demo", "--source", "embeddings", "--out", tmp_path / "f", "--no-progress")
+    assert_one_line_error(code, err, "is a file")
+
+
+def test_config_file_keys_given_twice_or_dotted_are_named(tmp_path, capsys):
+    (tmp_path / "dup.yaml").write_text("epochs: 30\nseed: 1\nepochs: 50\n")  # YAML alone keeps 50 silently
+    code, _, err = run_cli(capsys, "pretrain", "--config", tmp_path / "dup.yaml", "--print-config")
+    assert_one_line_error(code, err, "at line 3, column 1: key 'epochs' is given twice")
+    (tmp_path / "dotted.yaml").write_text("model.mask_ratio: 0.3\n")  # the --set spelling, in a file
+    code, _, err = run_cli(capsys, "pretrain", "--config", tmp_path / "dotted.yaml", "--print-config")
+    assert_one_line_error(code, err, "unknown config keys ['model.mask_ratio']", "go under `model:`")
+
+
+def test_store_and_out_expand_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = tc.resolve([("--set", tc.parse_set(["store=~/stores/a", "out=~/runs/b"]))])  # no shell expands these
+    assert (cfg.store, cfg.out) == (str(tmp_path / "stores" / "a"), str(tmp_path / "runs" / "b"))

@@ -538,3 +538,31 @@ def test_a_rewind_killed_halfway_is_completed_by_running_it_again(store, tmp_pat
 def test_epochs_below_the_presets_warmup_names_the_key_to_change():
     with pytest.raises(ValueError, match=r"got epochs=1, warmup_epochs=2.0; .* --set warmup_epochs=N"):
         tc.resolve([("t", {"preset": "tiny", "epochs": 1})])
+
+
+def test_config_mistakes_are_refused_before_the_run_dir_is_written(store, tmp_path, capsys, restore_threads):
+    from lvmae_fast.cli import main
+
+    # num_workers=-1 used to fail in the DataLoader after RUN/config.yaml was written (a rerun then needed
+    # --resume), device=meta mid-run with a traceback, max_len=1 / mask_ratio=0 trained on a loss of 0.
+    for item, message in (("num_workers=-1", "num_workers=-1 must be >= 0"), ("device=meta", "device='meta'"),
+                          ("max_len=1", "max_len=1: a crop needs >= 2 segments"),
+                          ("model.mask_ratio=0", "model.mask_ratio=0.0 must be in (0, 1)")):
+        capsys.readouterr()
+        assert main(["pretrain", "--preset", "tiny", "--store", str(store), "--out", str(tmp_path / "run"),
+                     "--no-progress", "--max-steps", "1", "--set", item]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "run").exists()
+
+
+def test_demo_with_fewer_epochs_than_the_presets_warmup_runs(tmp_path, restore_threads):
+    from lvmae_fast.cli import main
+
+    # --epochs 1 used to be refused (warmup_epochs=2 > epochs) after the demo data had been written.
+    out = tmp_path / "demo"
+    assert main(["demo", "--source", "embeddings", "--videos", "4", "--dim", "8", "--epochs", "1", "--no-progress",
+                 "--out", str(out)]) == 0
+    cfg = tc.load_yaml(out / "run" / "config.yaml")
+    assert (cfg["epochs"], cfg["warmup_epochs"]) == (1, 1.0)
+    assert read_metrics(out / "run" / "metrics.jsonl")[-1]["step"] >= 1
