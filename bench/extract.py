@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lvmae_fast import synth
+from lvmae_fast.atomic import atomic_write
 from lvmae_fast.devices import resolve_device
 from lvmae_fast.extract import extract_videos, pyav_events
 from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
@@ -55,12 +56,20 @@ def vit_l14_encoder():
     return enc
 
 
+def video_names(folder: Path, count: int, duration: float, size, fps: float) -> list[Path]:
+    """Named by what they hold: a --video-dir reused with other --duration/--quick settings gets new files
+    instead of silently timing the old ones under the new settings' labels."""
+    return [folder / f"bench{i}_{size[0]}x{size[1]}_{fps:g}fps_{duration:g}s.mp4" for i in range(count)]
+
+
 def make_videos(folder: Path, count: int, duration: float, size, fps: float) -> list[Path]:
     paths = []
-    for i in range(count):
-        v = synth.write_video(folder / f"bench{i}.mp4", duration=duration, fps=fps, size=size, codec="h264",
-                              gop=int(fps * 2), seed=i)
-        paths.append(v.path)
+    for i, path in enumerate(video_names(folder, count, duration, size, fps)):
+        if not path.is_file():  # written under a temp name, then renamed: a killed run leaves no half file
+            tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+            synth.write_video(tmp, duration=duration, fps=fps, size=size, codec="h264", gop=int(fps * 2), seed=i)
+            os.replace(tmp, path)
+        paths.append(path)
     return paths
 
 
@@ -165,20 +174,27 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         video_dir = Path(args.video_dir) if args.video_dir else tmp / "videos"
-        names = [video_dir / f"bench{i}.mp4" for i in range(count)]
-        originals = names if all(p.is_file() for p in names) else make_videos(video_dir, count, duration, size, fps)
+        originals = make_videos(video_dir, count, duration, size, fps)  # reuses the ones already there
         paths = link_copies(originals, max(1, args.copies))
         results["copies"] = max(1, args.copies)
         results["synth_seconds"] = round(time.perf_counter() - t0, 2)
 
+        def save():
+            if args.json:  # atomic: a run killed mid-write keeps the previous complete file
+                text = json.dumps(results, indent=2, default=str)
+                atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+
         def stage(key, measure):
-            """Run one measurement, then save everything so far: a run cut by a time limit keeps it."""
+            """Run one measurement, then save everything so far: a run cut by a time limit keeps it. A
+            stage that fails is recorded as not measured (with the error) and the others still run."""
             t_stage = time.perf_counter()
-            results[key] = measure()
+            try:
+                results[key] = measure()
+            except Exception as err:
+                results[key] = f"{NOT_MEASURED} (failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
             print(f"[bench] {key}: {json.dumps(results[key], default=str)[:200]} "
                   f"({time.perf_counter() - t_stage:.0f} s)", file=sys.stderr, flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+            save()
 
         if args.quick:
             from lvmae_fast.video.encoders import build_encoder
@@ -191,23 +207,34 @@ def main(argv=None) -> int:
         results["encoder"] = enc_name or NOT_MEASURED + " (transformers not installed)"
         if model is not None:
             model = model.to(device=device, dtype=dtype)
-        # Most important first (the end-to-end target, then DALI's decode rate), so a cut run keeps them.
+        # Most important first (the end-to-end target, then the decode rates: PyAV's CPU baseline takes
+        # seconds, so it goes before DALI's), so a cut run keeps them.
         # DALI's one-off start-up (CUDA context, NVDEC, plugin load) in an untimed run first, so that
-        # neither the end-to-end nor the DALI rows pay it.
-        bench_dali_decode(originals[:1], spec, args.readers, batch)
+        # neither the end-to-end nor the DALI rows pay it (a failure here shows again in the DALI rows).
+        try:
+            bench_dali_decode(originals[:1], spec, args.readers, batch)
+        except Exception as err:
+            print(f"[bench] DALI warm-up failed: {type(err).__name__}: {err}", file=sys.stderr)
+        save()
         if model is not None:
             def end_to_end():
                 summary = extract_videos([(p.stem, str(p)) for p in paths], tmp / "store", encoder=model,
                                          seconds=spec.seconds, frames=spec.frames, batch_size=batch,
                                          device=str(device), readers=args.readers)
+                if not summary["done"]:  # a rate over no video would read as a measurement of 0x
+                    return f"{NOT_MEASURED} (all {summary['failed']} videos failed to extract)"
                 return {k: summary[k] for k in ("decoder", "decoded_by", "windows", "video_seconds",
                                                 "wall_seconds", "realtime_factor", "done", "failed")}
             stage("end_to_end", end_to_end)
             stage("encoder_fp", lambda: bench_encoder(model, device, dtype, spec.frames, batch, 3 if args.quick else 20))
         else:
             results["encoder_fp"] = results["end_to_end"] = NOT_MEASURED + " (no encoder)"
-        stage("decode_dali_gpu", lambda: bench_dali_decode(paths, spec, args.readers, batch))
         stage("decode_pyav", lambda: bench_pyav_decode(originals, spec))
+        stage("decode_dali_gpu", lambda: bench_dali_decode(paths, spec, args.readers, batch))
+        dali, pyav = results["decode_dali_gpu"], results["decode_pyav"]
+        results["decode_dali_over_pyav"] = (dali["frames_per_s"] / pyav["frames_per_s"]
+                                            if isinstance(dali, dict) and isinstance(pyav, dict) else NOT_MEASURED)
+        save()
         stage("decode_dali_gpu_index_rule", lambda: bench_dali_decode(
             paths, dataclasses.replace(spec, rule="index"), args.readers, batch))
 
@@ -224,10 +251,14 @@ def main(argv=None) -> int:
           f"{cell(results['decode_dali_gpu'], 'frames_per_s')} |")
     print(f"| decode, DALI GPU, {args.readers} readers, --sampling index (frames/s, all frames of the files) | "
           f"{cell(results['decode_dali_gpu_index_rule'], 'frames_per_s')} |")
+    ratio = results["decode_dali_over_pyav"]
+    print(f"| decode ratio, DALI GPU (--sampling time) / PyAV CPU (frames/s) | "
+          f"{ratio if isinstance(ratio, str) else f'{ratio:.2f}'} |")
     print(f"| encoder {results['encoder']}, {results['dtype']} (windows/s) | {cell(results['encoder_fp'], 'windows_per_s')} |")
     how = (", ".join(f"{name} {n}" for name, n in sorted(e2e["decoded_by"].items())) + f"; {e2e['failed']} failed"
            if isinstance(e2e, dict) else "-")
     print(f"| end to end, videos decoded by: {how} (x realtime) | {cell(e2e, 'realtime_factor', '{:.1f}')} |")
+    print("\n" + json.dumps(results, default=str))
     if args.json:
         print(f"\nwrote {args.json}")
     return 0

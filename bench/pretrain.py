@@ -23,6 +23,7 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # sibling bench modules; the checkout if not installed
 
+from lvmae_fast.atomic import atomic_write  # noqa: E402
 from lvmae_fast.buckets import pad_to_bucket  # noqa: E402
 from lvmae_fast.masking import build_masked_batch  # noqa: E402
 from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops  # noqa: E402
@@ -163,8 +164,11 @@ def summarise(name, result, batches, config, warmup, steps):
     return row
 
 
-def fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+NOT_MEASURED = "not measured"
+
+
+def fmt(v, spec, missing="-"):
+    return missing if v is None else format(v, spec)
 
 
 def print_table(rows):
@@ -174,9 +178,17 @@ def print_table(rows):
         if r.get("status") != "ok":
             print(f"| {r['impl']} | {r['batch']} | {r.get('status')} | | | | | |")
             continue
+        # No peak on CPU; no ratio where the padded baseline was skipped or failed ("-": the baseline itself).
+        ratio_missing = "-" if r["impl"].startswith("padded") else NOT_MEASURED
         print(f"| {r['impl']} | {r['batch']} | {fmt(r['samples_per_s'], '.1f')} | {fmt(r['tokens_per_s'], '.0f')} | "
-              f"{fmt(r['useful_tflops'], '.2f')} | {fmt(r['step_ms'], '.1f')} | {fmt(r['peak_gib'], '.2f')} | "
-              f"{fmt(r.get('speedup'), '.2f')} |")
+              f"{fmt(r['useful_tflops'], '.2f')} | {fmt(r['step_ms'], '.1f')} | {fmt(r['peak_gib'], '.2f', NOT_MEASURED)} | "
+              f"{fmt(r.get('speedup'), '.2f', ratio_missing)} |")
+
+
+def write_json(path, result):
+    """Atomic (temp file + rename): a run killed mid-write leaves the previous complete file."""
+    text = json.dumps(result, indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def main(argv=None):
@@ -216,44 +228,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
-
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+
     width = LVMAEConfig.from_preset(args.preset, in_dim=8).embed_dim
     in_dim = args.in_dim or width
     config = LVMAEConfig.from_preset(args.preset, in_dim=in_dim, max_len=max(args.max_len, args.long_len),
                                      mask_ratio=args.mask_ratio, masking="random", attn_impl=args.attn_impl,
                                      kernels=args.kernels)
-    torch.manual_seed(0)
-    rows = []
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        batches = make_batches(4, bs, in_dim, args.min_len, args.max_len, seed=bs)
-        profile = args.profile if not rows else None
-        name = "packed+compile" if args.compile else "packed"
-        packed = summarise(name, run_packed(config, batches, device, args.steps, args.warmup, args.compile, profile),
-                           batches, config, args.warmup, args.steps)
-        rows.append(packed)
-        if args.cuda_graphs:  # --compile applies here too: compiled blocks inside the captured graphs
-            graphs = summarise(f"{name}+graphs", run_packed(config, batches, device, args.steps, args.warmup,
-                                                            args.compile, cuda_graphs=True),
-                               batches, config, args.warmup, args.steps)
-            rows.append(graphs)
-        if args.graph_optimizer:
-            rows.append(summarise(f"{name}+graphs+opt", run_packed(config, batches, device, args.steps, args.warmup,
-                                                                    args.compile, cuda_graphs=True, graph_optimizer=True),
-                                  batches, config, args.warmup, args.steps))
-        if not args.skip_padded and bs <= args.padded_max_batch:
-            padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),
-                               batches, config, args.warmup, args.steps)
-            rows.append(padded)
-            compared = 1 + args.cuda_graphs + args.graph_optimizer
-            for row in rows[-1 - compared:-1]:  # packed (and the graphs rows) vs this padded row
-                if row["status"] == padded["status"] == "ok":
-                    row["speedup"] = row["samples_per_s"] / padded["samples_per_s"]
-    if args.long_len:
-        batches = make_batches(2, 1, in_dim, args.long_len, args.long_len, seed=1)
-        steps = max(1, min(args.steps, 3))
-        rows.append(summarise(f"packed, L={args.long_len}", run_packed(config, batches, device, steps, 1),
-                              batches, config, 1, steps))
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "preset": args.preset, "in_dim": in_dim, "mask_ratio": args.mask_ratio,
             "lengths": [args.min_len, args.max_len], "steps": args.steps, "warmup": args.warmup,
@@ -261,14 +244,59 @@ def main(argv=None):
             "inputs": "packed rows: masked and packed before the clock, batches on the device (graphs rows: "
                       "copied from pinned host memory each step); padded row: masks inside the step, as the "
                       "reference. Optimizer: fused AdamW (packed), torch default AdamW + GradScaler (padded)",
-            "attn_impl": args.attn_impl, "kernels": args.kernels}
+            "attn_impl": args.attn_impl, "kernels": args.kernels, "complete": False}
+    if args.cuda_graphs and device.type != "cuda":
+        meta["note"] = ("no CUDA graphs off a GPU: the '+graphs' rows run the same bucketed step uncaptured, "
+                        "so they are not a graph measurement")
+    torch.manual_seed(0)
+    rows = []
+    result = {"meta": meta, "rows": rows}
+
+    def add(row):
+        """Keep each row as soon as it is measured: a run cut by a time limit keeps the rows it finished."""
+        rows.append(row)
+        print(f"[bench] {row['impl']} batch {row['batch']}: {row.get('status')}"
+              + (f", {row['samples_per_s']:.1f} samples/s" if row.get("status") == "ok" else ""),
+              file=sys.stderr, flush=True)
+        if args.json:
+            write_json(args.json, result)
+
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        batches = make_batches(4, bs, in_dim, args.min_len, args.max_len, seed=bs)
+        profile = args.profile if not rows else None
+        name = "packed+compile" if args.compile else "packed"
+        first = len(rows)
+        add(summarise(name, run_packed(config, batches, device, args.steps, args.warmup, args.compile, profile),
+                      batches, config, args.warmup, args.steps))
+        if args.cuda_graphs:  # --compile applies here too: compiled blocks inside the captured graphs
+            add(summarise(f"{name}+graphs", run_packed(config, batches, device, args.steps, args.warmup,
+                                                       args.compile, cuda_graphs=True),
+                          batches, config, args.warmup, args.steps))
+        if args.graph_optimizer:
+            add(summarise(f"{name}+graphs+opt", run_packed(config, batches, device, args.steps, args.warmup,
+                                                           args.compile, cuda_graphs=True, graph_optimizer=True),
+                          batches, config, args.warmup, args.steps))
+        if not args.skip_padded and bs <= args.padded_max_batch:
+            padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),
+                               batches, config, args.warmup, args.steps)
+            for row in rows[first:]:  # packed (and the graphs rows) vs this padded row
+                if row["status"] == padded["status"] == "ok":
+                    row["speedup"] = row["samples_per_s"] / padded["samples_per_s"]
+            add(padded)
+    if args.long_len:
+        batches = make_batches(2, 1, in_dim, args.long_len, args.long_len, seed=1)
+        steps = max(1, min(args.steps, 3))
+        add(summarise(f"packed, L={args.long_len}", run_packed(config, batches, device, steps, 1),
+                      batches, config, 1, steps))
+    meta["complete"] = True
     print(f"\n## pretrain step: {meta['device']}, preset {args.preset}, torch {torch.__version__}\n")
     print(f"inputs: {meta['inputs']}\n")
+    if "note" in meta:
+        print(f"NOTE: {meta['note']}.\n")
     print_table(rows)
-    result = {"meta": meta, "rows": rows}
     print("\n" + json.dumps(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
 
 

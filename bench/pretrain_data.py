@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lvmae_fast.atomic import atomic_write
 from lvmae_fast.model import LVMAE, LVMAEConfig
 from lvmae_fast.sampler import LongVideoSampler, SamplerConfig
 from lvmae_fast.store import Store
@@ -134,6 +135,7 @@ def run(args) -> dict:
     result = {
         "preset": args.preset, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": args.steps, "warmup_steps": warmup, "cuda_graphs": args.cuda_graphs,
+        "graphs_captured": bool(graphed is not None and graphed.capture),
         "graph_optimizer": args.graph_optimizer,
         "num_workers": args.num_workers, "batch_videos": scfg.batch_videos, "max_tokens": scfg.max_tokens,
         "tokens_per_batch": round(tokens / len(kept), 1),
@@ -158,7 +160,9 @@ def markdown(r: dict) -> str:
         f"| loader alone (no step) | {r['loader_only_samples_per_s']} | |",
         f"| ratio (target >= 0.95) | {r['ratio']} ({'met' if r['target_met'] else 'NOT met'}) | |",
     ] + ([f"\n{r['graph_captures_timed']} batch shapes were first seen inside the timed full loop (each a "
-          "CUDA graph capture on a GPU; beyond max_graphs they run eagerly)"] if r["graph_captures_timed"] else []))
+          "CUDA graph capture on a GPU; beyond max_graphs they run eagerly)"] if r["graph_captures_timed"] else [])
+        + (["\nNOTE: no CUDA graphs off a GPU: --cuda-graphs ran the same bucketed step uncaptured (not a graph "
+            "measurement)"] if r["cuda_graphs"] and not r["graphs_captured"] else []))
 
 
 def parse_args(argv):
@@ -184,6 +188,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     return args
 
 
@@ -192,8 +198,9 @@ def main(argv=None) -> dict:
     result = run(args)
     print(markdown(result))
     print(json.dumps(result))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.json_out:  # atomic: a run killed mid-write leaves no half-written file
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(args.json_out, lambda tmp: Path(tmp).write_text(text))
     return result
 
 

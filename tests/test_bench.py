@@ -72,3 +72,60 @@ def test_useful_flops_count_the_linear_layers_torch_runs():
     expected = matmul_flops(cfg, enc_tokens=keep + len(lengths), dec_tokens=sum(lengths) + len(lengths),
                             seq_sq_enc=0, seq_sq_dec=0, pred_tokens=sum(lengths) - keep, num_videos=len(lengths))
     assert linear == expected
+
+
+def bench_patched(code, *args):
+    """Run a benchmark's main() in a subprocess after `code` patched its module (imported as `bench`)."""
+    script = f"import sys; sys.path.insert(0, 'bench'); {code}; sys.exit(bench.main({[str(a) for a in args]!r}))"
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_pretrain_step_json_keeps_the_rows_of_a_cut_run(tmp_path):
+    """Each row is saved (atomically) as soon as it is measured: a run cut by a time limit (here: inside
+    the padded baseline) keeps its packed row, marked incomplete."""
+    out = tmp_path / "step.json"
+    r = bench_patched("import pretrain as bench\ndef cut(*a, **k): raise KeyboardInterrupt\nbench.run_padded = cut",
+                      "--preset", "tiny", "--device", "cpu", "--steps", 1, "--warmup", 1, "--batch-sizes", 4,
+                      "--long-len", 0, "--json", out)
+    assert r.returncode != 0 and "KeyboardInterrupt" in r.stderr
+    result = json.loads(out.read_text())
+    assert result["meta"]["complete"] is False and result["meta"]["device"]
+    assert [row["impl"] for row in result["rows"]] == ["packed"] and result["rows"][0]["status"] == "ok"
+    assert not list(tmp_path.glob(".*"))  # no temp file left behind
+
+
+def test_extract_bench_records_a_failed_stage_and_goes_on(tmp_path):
+    out = tmp_path / "extract.json"
+    r = bench_patched("import extract as bench\ndef boom(*a, **k): raise RuntimeError('decoder exploded')\n"
+                      "bench.extract_videos = boom",
+                      "--quick", "--device", "cpu", "--videos", 1, "--duration", 6, "--video-dir", tmp_path / "v",
+                      "--json", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["end_to_end"] == "not measured (failed: RuntimeError: decoder exploded)"
+    assert result["decode_pyav"]["frames_per_s"] > 0 and result["encoder_fp"]["windows_per_s"] > 0
+    assert "| end to end, videos decoded by: - (x realtime) | not measured (failed" in r.stdout
+
+
+def test_extract_bench_does_not_reuse_videos_of_another_duration(tmp_path):
+    """--video-dir reuses written videos only when they match the requested ones (it used to time a
+    6 s video under an 11 s run's labels)."""
+    videos = tmp_path / "videos"
+    for duration, windows in ((6, 1), (11, 2)):
+        out = tmp_path / f"extract{duration}.json"
+        bench("bench/extract.py", "--quick", "--device", "cpu", "--videos", 1, "--duration", duration,
+              "--video-dir", videos, "--json", out)
+        assert json.loads(out.read_text())["end_to_end"]["windows"] == windows
+    assert len(list(videos.iterdir())) == 2
+
+
+def test_kernels_bench_without_cuda_runs_the_cpu_smoke():
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the default is the GPU case list")
+    r = bench("bench/kernels.py", "--no-compile")
+    assert "no CUDA device: running the CPU smoke" in r.stderr
+    result = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
+    assert result["meta"]["quick"] is True and result["meta"]["cases"] == ["4x64", "16xU2-64"]
+    assert "NOT measured" in r.stdout
