@@ -28,10 +28,10 @@ for part in "${@:-tests kernels extract pretrain}"; do
       graphs)   # (the graph GPU tests are in the tests part) batch 16 (the 10x target): eager, forward/backward graphs, whole-step graphs (update captured)
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 \
                   --long-len 0 --cuda-graphs --graph-optimizer --compile --json "$OUT/pretrain_graphs.json" 2>&1 | grep -E '^\||rror' ;
-                for g in "--cuda-graphs --graph-optimizer" ""; do  # graphs: every timed shape is captured before the clock
-                  # shellcheck disable=SC2086  # $g holds zero or two flags: split on purpose
+                for mode in graphs eager; do  # graphs: every timed shape is captured before the clock
+                  flags=(); [ "$mode" = graphs ] && flags=(--cuda-graphs --graph-optimizer)
                   timeout 110 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \
-                    --steps 100 --warmup 10 --num-workers 4 $g --json-out "$OUT/pretrain_data${g:+_graphs}.json" \
+                    --steps 100 --warmup 10 --num-workers 4 "${flags[@]}" --json-out "$OUT/pretrain_data_$mode.json" \
                     2>&1 | grep -E '^\||rror|captur' ; done ;;
       profile)  # where a compute-bound batch-256 step and a launch-bound batch-16 step spend GPU time
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 3 --warmup 2 \
