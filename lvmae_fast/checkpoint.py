@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,16 +49,28 @@ def load_model_dir(directory, map_location="cpu", **overrides):
 
 
 # ---- reference import -----------------------------------------------------------------------------
+REFERENCE_KIND = "a reference checkpoint (a .pth file saved by torch.save, state dict under 'model')"
+
+
 def _load_reference_state(path) -> dict:
-    """torch.load with weights_only=True; argparse.Namespace (the reference saves its args) allow-listed."""
+    """torch.load with weights_only=True; argparse.Namespace (the reference saves its args) allow-listed.
+    A file torch cannot read, or one that pickles anything else, is one line naming the file (torch's
+    own messages run over many lines and suggest weights_only=False, which must not be done here)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"reference checkpoint {path} not found")
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not {REFERENCE_KIND}")
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # an unpickling error names the offending global: say so, never fall back to pickle
-        raise ValueError(f"{path}: cannot be loaded safely with weights_only=True ({err}); "
-                         "only amazon-science/lv-mae checkpoints (state dict under 'model') are supported") from err
+        with warnings.catch_warnings():  # "Detected pickle protocol N": a multi-line warning about plain pickles
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - never fall back to a full unpickle
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsafe:
+            raise ValueError(f"{path}: refused: it pickles {unsafe.group(1)}, which torch.load(weights_only=True) "
+                             f"does not load; only {REFERENCE_KIND} is supported") from err
+        raise ValueError(f"{path} is not {REFERENCE_KIND}: torch.load cannot read it") from err
     if isinstance(ckpt, dict) and "model" in ckpt:
         return ckpt["model"], ckpt.get("args")
     if isinstance(ckpt, dict) and "cls_token" in ckpt:

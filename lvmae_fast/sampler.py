@@ -76,6 +76,16 @@ def repeats_for(num_segments: np.ndarray, policy: str) -> np.ndarray:
     return np.where(num_segments < 2, 8, np.where(num_segments < 5, 3, 1))
 
 
+def max_crop_segments(duration_min: float, duration_max: float, segment_seconds: float) -> int:
+    """The most segments a crop can span before the video's length and max_len cap it: plan_crops
+    takes floor(d / segment_seconds) (at least 1) of a duration d drawn from [duration_min,
+    duration_max) (d = duration_min when the two are equal)."""
+    if duration_min >= duration_max:
+        return max(1, math.floor(duration_min / segment_seconds))
+    # The largest k with k * segment_seconds < duration_max (d never reaches duration_max itself).
+    return max(1, math.ceil(duration_max / segment_seconds) - 1, math.floor(duration_min / segment_seconds))
+
+
 @dataclass
 class Crop:
     """Rows [start, start + length) of one video, tiled `repeats` times and cut to `out_len` rows."""

@@ -588,6 +588,14 @@ class Store:
                 "segment_seconds": v["segment_seconds"], "source": v["source"], "encoder": self.encoder, "dim": self.dim}
 
 
+def show_id(video_id: str) -> str:
+    """A video id in a line of output: as is, or JSON-quoted when it holds whitespace, quotes or
+    unprintable characters (an id may be any file stem, e.g. `my clip`, even one with a newline), so
+    lists and `ID: problem` lines stay unambiguous."""
+    plain = video_id and video_id.isprintable() and not any(c.isspace() or c in "\"'" for c in video_id)
+    return video_id if plain else json.dumps(video_id, ensure_ascii=False)
+
+
 @dataclass
 class Problem:
     """One thing wrong with a store; video_id is None for store-level problems."""
@@ -595,7 +603,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.video_id}: {self.message}" if self.video_id is not None else self.message
+        return f"{show_id(self.video_id)}: {self.message}" if self.video_id is not None else self.message
 
 
 def check_structure(path, index: dict) -> list[Problem]:

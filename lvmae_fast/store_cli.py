@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import Store, StoreWriter, load_index, summarize, verify_store
+from .store import Store, StoreWriter, load_index, show_id, summarize, verify_store
 
 _PY_STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""
 _PY_LIST = re.compile(rf"^\[\s*(?:(?:{_PY_STRING})\s*(?:,\s*(?:{_PY_STRING})\s*)*,?\s*)?\]$", re.S)
@@ -215,13 +215,6 @@ def _run_info(args) -> int:
     return 0
 
 
-def _show_id(video_id: str) -> str:
-    """A video id for a space-separated list: as is, or JSON-quoted when it holds whitespace, quotes or
-    unprintable characters (an id may be any file stem, e.g. `my clip`), so the list stays unambiguous."""
-    plain = video_id and video_id.isprintable() and not any(c.isspace() or c in "\"'" for c in video_id)
-    return video_id if plain else json.dumps(video_id, ensure_ascii=False)
-
-
 def _run_verify(args) -> int:
     report = verify_store(args.store)
     if report.ok:
@@ -230,7 +223,7 @@ def _run_verify(args) -> int:
     for problem in report.problems:
         print(f"  {problem}")
     bad = report.bad_videos
-    print(f"{args.store}: {len(report.problems)} problems; bad videos ({len(bad)}): {' '.join(map(_show_id, bad))}")
+    print(f"{args.store}: {len(report.problems)} problems; bad videos ({len(bad)}): {' '.join(map(show_id, bad))}")
     return 2
 
 

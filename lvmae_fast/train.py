@@ -49,7 +49,7 @@ from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
 from .model import LVMAE, LVMAEConfig
-from .sampler import VAL_EPOCH, LongVideoSampler, SamplerConfig, split_videos
+from .sampler import VAL_EPOCH, LongVideoSampler, SamplerConfig, max_crop_segments, split_videos
 from .store import Store, scan_nonfinite
 
 log = logging.getLogger(__name__)
@@ -385,6 +385,24 @@ def check_something_to_mask(store: Store, train_ids: list[str], cfg: tc.Pretrain
                     single, len(train_ids))
 
 
+def check_crop_durations(store: Store, cfg: tc.PretrainConfig) -> None:
+    """A crop spans floor(duration / segment seconds) segments; when no drawn duration reaches 2 of the
+    store's segments every crop is 1 segment, keep = max(1, ...) leaves it whole and the loss is 0.
+    short_video_policy=repeat does tile crops of videos under 5 segments (x3, x8), which would give masked
+    tokens, but they are copies of the one visible segment (and longer videos still mask nothing):
+    nothing to learn either, so such durations are refused under every policy."""
+    seconds = store.segment_seconds
+    if max_crop_segments(cfg.duration_min, cfg.duration_max, seconds) >= 2:
+        return
+    raise ValueError(
+        f"duration_min={cfg.duration_min:g} s / duration_max={cfg.duration_max:g} s: crops last at least duration_min "
+        f"and less than duration_max seconds, which with this store's {seconds:g}-second segments ({store.path}) is "
+        f"never 2 segments, so every crop is 1 segment and nothing is masked (the loss would be 0; "
+        f"short_video_policy=repeat would only tile videos under 5 segments into copies of one segment). "
+        f"Raise duration_max above {2 * seconds:g} s (2 segments; the {cfg.preset} preset's is "
+        f"{tc.PRESETS[cfg.preset]['duration_max']:g} s)")
+
+
 def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: int) -> float:
     """Mean masked loss over the held-out videos (fixed crops and masks), weighted by masked tokens."""
     model.eval()
@@ -413,6 +431,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     store = Store(cfg.store)
     if len(store) == 0:
         raise ValueError(f"store {cfg.store} holds no videos")
+    check_crop_durations(store, cfg)  # needs the store's segment length
 
     # Everything that can refuse the run is checked before anything is written to RUN.
     if resume_from is not None:  # not latest_checkpoint(): a killed rewind may have moved what it names
@@ -644,11 +663,12 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
 # ---- CLI ----------------------------------------------------------------------------------------
 # Explicit flags: (flag, config key, type, help). Anything else goes through --set key=value.
 FLAGS = [
-    ("--preset", "preset", str, "model + recipe preset: paper | base | tiny"),
+    ("--preset", "preset", str, "model + recipe preset; the defaults of every other option"),
     ("--store", "store", str, "embedding store to train on (lvmae store import / lvmae extract)"),
     ("--out", "out", str, "run directory (config.yaml, metrics.jsonl, TensorBoard, loss.png, checkpoints)"),
     ("--epochs", "epochs", int, "epochs over the training videos"),
-    ("--max-steps", "max_steps", int, "stop after this many optimizer steps in total, counted from the run's start"),
+    ("--max-steps", "max_steps", int, "stop after this many optimizer steps in total, counted from the run's start "
+                                      "(0 = run all epochs)"),
     ("--seed", "seed", int, "seed for init, crops, masks and batch order"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--batch-videos", "batch_videos", int, "videos per batch"),
@@ -657,11 +677,26 @@ FLAGS = [
     ("--blr", "blr", float, "base lr; lr = blr * effective batch / 256"),
     ("--lr", "lr", float, "absolute lr (overrides --blr when > 0)"),
     ("--grad-clip", "grad_clip", float, "max gradient norm (0 = off)"),
-    ("--precision", "precision", str, "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32"),
-    ("--bad-videos", "bad_videos", str, "videos with NaN/Inf rows: error (refuse) | skip"),
+    ("--precision", "precision", str, "auto: bf16 autocast on CUDA, fp32 on CPU"),
+    ("--bad-videos", "bad_videos", str, "videos with NaN/Inf rows: error (refuse to train) or skip them"),
     ("--val-videos", "val_videos", int, "held-out videos for a fixed-crop, fixed-mask validation loss"),
     ("--ckpt-every", "ckpt_every", int, "optimizer steps between checkpoints"),
 ]
+
+
+# Flags whose config key takes one of a fixed set of values (a config file is checked by PretrainConfig).
+FLAG_CHOICES = {"preset": tuple(tc.PRESETS), "precision": tc.PRECISIONS, "bad_videos": tc.BAD_VIDEOS}
+
+
+def _flag_default(key: str) -> str:
+    """How --help states a flag's default: every unset option comes from the preset (tiny unless
+    --preset or a config file names another), so the default preset's value is the one shown."""
+    if key == "preset":
+        return f"default: {tc.DEFAULT_PRESET}"
+    if key in ("store", "out"):
+        return "no default"
+    defaults = {f.name: f.default for f in fields(tc.PretrainConfig)}
+    return f"default from the preset; {tc.DEFAULT_PRESET}: {tc.PRESETS[tc.DEFAULT_PRESET].get(key, defaults[key])}"
 
 
 def config_from_args(args) -> tc.PretrainConfig:
@@ -694,14 +729,20 @@ def _run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain LV-MAE on an embedding store",
-                       description="Pretrain LV-MAE. Config precedence: preset < --config < --set < flags. "
+                       description="Pretrain LV-MAE. Config precedence: preset < --config < --set < flags "
+                                   "(with --resume: preset < the run's config.yaml < --config < --set < flags). "
+                                   "Every option left unset takes its value from the preset: "
+                                   f"{tc.DEFAULT_PRESET}, unless --preset (or a config file) names another of "
+                                   f"{', '.join(tc.PRESETS)}. The defaults shown below are the {tc.DEFAULT_PRESET} "
+                                   "preset's; `--preset NAME --print-config` prints every value of a preset. "
                                    "Run dir: config.yaml, metrics.jsonl, tb/, loss.png, model files, checkpoints/.")
     p.add_argument("--config", help="YAML file of config keys, or a preset name (write one to edit with "
                                     "--preset paper --print-config > my.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable); model.KEY sets a model config field")
     for flag, key, kind, help_text in FLAGS:
-        p.add_argument(flag, dest=key, type=kind, default=None, help=f"{help_text} (config key {key})")
+        p.add_argument(flag, dest=key, type=kind, default=None, choices=FLAG_CHOICES.get(key),
+                       help=f"{help_text} (config key {key}; {_flag_default(key)})")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="pad batches to a few shapes and replay forward+backward as CUDA graphs (small batches)")

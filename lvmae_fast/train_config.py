@@ -27,6 +27,11 @@ PRESETS: dict[str, dict] = {
                  max_len=64, num_workers=0, ckpt_every=50, eval_every=50, cpu_threads=1),
 }
 
+DEFAULT_PRESET = "tiny"
+# Allowed values of the string keys with a fixed set (the CLI flags offer them as choices).
+PRECISIONS = ("auto", "bf16", "fp32")
+BAD_VIDEOS = ("error", "skip")
+
 # Shipped YAML copies of the presets (package_data in setup.py).
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -40,7 +45,7 @@ RESUME_MUTABLE = frozenset({"store", "out", "max_steps", "num_workers", "prefetc
 
 @dataclass
 class PretrainConfig:
-    preset: str = "tiny"
+    preset: str = DEFAULT_PRESET
     store: str = ""
     out: str = ""
     model: dict = field(default_factory=dict)   # LVMAEConfig overrides, e.g. {mask_ratio: 0.4, masking: random}
@@ -87,9 +92,9 @@ class PretrainConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.bad_videos not in ("error", "skip"):
+        if self.bad_videos not in BAD_VIDEOS:
             raise ValueError(f"bad_videos={self.bad_videos!r} must be 'error' or 'skip'")
-        if self.precision not in ("auto", "bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} must be auto, bf16 or fp32")
         if self.epochs < 1 or not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs (got epochs={self.epochs}, "
@@ -277,7 +282,7 @@ def resolve(layers: list[tuple[str, dict]]) -> PretrainConfig:
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
             merged[key] = {**merged.get("model", {}), **value} if key == "model" else value
-    preset = merged.get("preset", "tiny")
+    preset = merged.get("preset", DEFAULT_PRESET)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     # Preset defaults sit under every layer that did not set the key explicitly. They are coerced like every

@@ -165,3 +165,27 @@ def test_heads_of_the_references_fixed_architecture_models_come_from_the_model_n
     _, pred_ref = naive_forward(sd, heads_cfg, seqs, visible)
     for p, r in zip(LVMAE.from_pretrained(tmp_path / "out").reconstruct(seqs, visible), pred_ref):
         torch.testing.assert_close(p, r, rtol=1e-4, atol=1e-5)
+
+
+def test_unreadable_and_empty_files_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    """An .npy given to convert-reference printed torch's multi-line weights_only message; an empty file
+    "... weights_only=True ()". Both are one line naming the file; an unsafe pickle names its global."""
+    import numpy as np
+
+    from lvmae_fast.cli import main
+
+    np.save(tmp_path / "X.npy", np.zeros(3))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "notes.pth").write_text("hello")
+    torch.save({"model": reference_state_dict(), "args": Evil()}, tmp_path / "evil.pth")
+    expected = {"X.npy": "is not a reference checkpoint (a .pth file saved by torch.save",
+                "empty.pth": "is empty (0 bytes), not a reference checkpoint (a .pth file saved by torch.save",
+                "notes.pth": "is not a reference checkpoint (a .pth file saved by torch.save",
+                "evil.pth": "Evil, which torch.load(weights_only=True) does not load"}
+    for name, message in expected.items():
+        capsys.readouterr()
+        assert main(["convert-reference", str(tmp_path / name), "--out", str(tmp_path / "D")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"lvmae convert-reference: error: {tmp_path / name}") and message in err, err
+        assert len(err.strip().splitlines()) == 1 and "Please file an issue" not in err, err
+    assert not (tmp_path / "D").exists()

@@ -508,3 +508,21 @@ def test_saved_windows_resume_only_under_the_same_decoder_and_precision(long_vid
     kill_during_4th_batch(long_video.path, tmp_path / "a")
     s = extract_videos(str(long_video.path), tmp_path / "a", seconds=1.0, batch_size=2, decoder="dali")
     assert (s["done"], s["windows"]) == (1, 12)
+
+
+def test_unsupported_devices_are_one_line_errors_before_anything_is_written(corpus, tmp_path, capsys):
+    """--device mps printed a traceback; --device meta a traceback after writing a partial store
+    (index.json, shards/, failures.jsonl). Any device but auto/cpu/cuda[:N], and cuda without CUDA,
+    is refused in one line and leaves --out uncreated."""
+    import torch
+
+    folder, good, _ = corpus
+    devices = ["mps", "meta", "xpu", "cuda:x", "cpu:"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"])
+    for device in devices:
+        out = tmp_path / "store"
+        capsys.readouterr()
+        assert main(["extract", str(good["a"].path), "--encoder", "tiny", "--out", str(out), "--seconds", "1",
+                     "--no-progress", "--device", device]) == 1, device
+        err = capsys.readouterr().err
+        assert err.startswith(f"lvmae extract: error: device '{device}'") and len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err and not out.exists(), device

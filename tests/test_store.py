@@ -742,3 +742,30 @@ def test_import_records_absolute_sources(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     import_embeddings("src", "s")
     assert Store(tmp_path / "s").meta("a")["source"] == str(tmp_path / "src" / "a.npy")
+
+
+def test_verify_problem_lines_quote_ids_that_need_it(tmp_path):
+    """Per-problem lines printed ids as they are: `  new<newline>line: 1 of 10 rows hold NaN/Inf` read as
+    two lines, and trailing spaces vanished. They now JSON-quote such ids, as the summary line does;
+    plain ids stay unquoted."""
+    rng = np.random.default_rng(5)
+    src = tmp_path / "emb"
+    src.mkdir()
+    ids = ["plain", "  new\nline", "trail ", 'say "hi"', "ok"]
+    for i, vid in enumerate(ids):
+        np.save(src / f"{vid}.npy", rng.standard_normal((5 + 5 * i, 32)).astype(np.float32))
+    r = lvmae("store", "import", src, "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    for v in index["videos"]:
+        if v["id"] != "ok":
+            emb = np.load(tmp_path / "s" / index["shards"][v["shard"]]["emb"], mmap_mode="r+")
+            emb[v["offset"], 0] = np.nan
+            emb.flush()
+    r = lvmae("store", "verify", tmp_path / "s")
+    assert r.returncode == 2
+    lines = r.stdout.splitlines()
+    assert sorted(lines[:-1]) == sorted(['  plain: 1 of 5 rows hold NaN/Inf', '  "  new\\nline": 1 of 10 rows hold NaN/Inf',
+                                         '  "trail ": 1 of 15 rows hold NaN/Inf',
+                                         '  "say \\"hi\\"": 1 of 20 rows hold NaN/Inf'])
+    assert lines[-1].endswith('bad videos (4): "  new\\nline" plain "say \\"hi\\"" "trail "')

@@ -566,3 +566,66 @@ def test_demo_with_fewer_epochs_than_the_presets_warmup_runs(tmp_path, restore_t
     cfg = tc.load_yaml(out / "run" / "config.yaml")
     assert (cfg["epochs"], cfg["warmup_epochs"]) == (1, 1.0)
     assert read_metrics(out / "run" / "metrics.jsonl")[-1]["step"] >= 1
+
+
+def test_pretrain_help_names_the_default_preset_its_values_and_the_choices(tmp_path, capsys):
+    """`pretrain --help` showed no defaults (they come from the preset), did not say --max-steps 0 runs
+    every epoch, and --preset/--precision/--bad-videos took any string. Config files keep their checks."""
+    from lvmae_fast.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
+    assert "takes its value from the preset: tiny, unless --preset" in text
+    assert "--preset {paper,base,tiny}" in text and "(config key preset; default: tiny)" in text
+    assert "--precision {auto,bf16,fp32}" in text and "--bad-videos {error,skip}" in text
+    assert "(0 = run all epochs)" in text
+    tiny = tc.PRESETS["tiny"]
+    for key in ("epochs", "batch_videos", "ckpt_every"):
+        assert f"(config key {key}; default from the preset; tiny: {tiny[key]})" in text
+    assert "(config key max_steps; default from the preset; tiny: 0)" in text
+    for flag, value in (("--preset", "small"), ("--precision", "fp16"), ("--bad-videos", "ignore")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["pretrain", flag, value, "--print-config"])
+        assert exit_info.value.code == 2 and f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
+    assert main(["pretrain", "--preset", "paper", "--precision", "bf16", "--bad-videos", "skip", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "preset: paper" in printed and "precision: bf16" in printed and "bad_videos: skip" in printed
+    (tmp_path / "c.yaml").write_text("precision: bf16\nbad_videos: skip\n")
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 0
+    assert "precision: bf16" in capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text("precision: fp16\n")
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 1
+    assert "precision='fp16' must be auto, bf16 or fp32" in capsys.readouterr().err
+
+
+def test_durations_that_never_span_two_segments_are_refused_before_the_run_dir_is_written(tmp_path, capsys,
+                                                                                         restore_threads):
+    """duration_min=0.5 / duration_max=2 on a store of 5 s segments made every crop 1 segment: nothing
+    masked, a loss of 0.0, exit 0. Refused (also when `repeat` would tile the short videos: their masked
+    tokens are copies of the one visible segment), naming both keys and the store's segment length."""
+    from lvmae_fast.cli import main
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "store"
+    with StoreWriter(path, 32, segment_seconds=5.0) as w:  # 3-segment videos (tiled x3 by `repeat`) and longer ones
+        for i, n in enumerate([3, 3, 4, 12, 20, 30]):
+            w.add(f"v{i}", rng.standard_normal((n, 32)).astype(np.float32))
+    for low, high in (("0.5", "2"), ("5", "10"), ("1", "9.99")):
+        capsys.readouterr()
+        assert main(["pretrain", "--store", str(path), "--out", str(tmp_path / "run"), "--no-progress",
+                     "--max-steps", "1", "--set", f"duration_min={low}", "--set", f"duration_max={high}"]) == 1
+        err = capsys.readouterr().err
+        assert f"duration_min={low} s / duration_max={high} s" in err and "5-second segments" in err, err
+        assert "Raise duration_max above 10 s" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "run").exists()
+    from lvmae_fast.sampler import max_crop_segments
+    from lvmae_fast.store import Store
+    from lvmae_fast.train import check_crop_durations
+
+    store = Store(path)
+    for low, high in ((10.0, 10.0), (1.0, 10.5), (10.0, 320.0)):  # some crop can span 2 segments: allowed
+        check_crop_durations(store, _cfg(path, tmp_path / "run", duration_min=low, duration_max=high))
+    assert [max_crop_segments(lo, hi, 5.0) for lo, hi in ((0.5, 2), (5, 10), (10, 10), (1, 10.5), (12, 12))] == \
+        [1, 1, 2, 2, 2]
