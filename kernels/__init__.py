@@ -21,7 +21,7 @@ import torch
 # Absolute import: this folder sits at the repo top level, where tools that probe for a PyPI package
 # named `kernels` (transformers does) may import it as top-level `kernels`; that must not crash them.
 from lvmae_fast.loss import LOSS_COSINE_EPS
-from lvmae_fast.masking import semantic_mask_torch
+from lvmae_fast.masking import scale_huge_rows, semantic_mask_torch
 
 __all__ = ["semantic_mask", "masked_mse", "masked_mse_rows", "use_triton", "triton_available", "triton_mode"]
 
@@ -93,6 +93,9 @@ def _tk():
 # semantic masking
 # ----------------------------------------------------------------------------------------------------
 def _check_ratio(mask_ratio) -> float:
+    if (isinstance(mask_ratio, torch.Tensor) and mask_ratio.numel() == 1 and mask_ratio.dtype != torch.bool
+            and not mask_ratio.is_complex()):
+        mask_ratio = mask_ratio.item()  # a 0-d tensor, like a numpy float, is a number (a host read on CUDA)
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):  # numpy floats too
         raise ValueError(f"mask_ratio must be a float in [0, 1), got {mask_ratio!r}")
     if not 0.0 <= float(mask_ratio) < 1.0:
@@ -103,7 +106,8 @@ def _check_ratio(mask_ratio) -> float:
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, validate: bool) -> int | None:
     """Raise ValueError on malformed offsets; returns the longest video when it was read anyway."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError("cu_seqlens must be a 1-D tensor of B+1 offsets")
+        raise ValueError(f"cu_seqlens must be a 1-D tensor of B+1 offsets, got "
+                         f"{type(cu_seqlens).__name__} {tuple(getattr(cu_seqlens, 'shape', ()))}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be int32 (flash-attn convention) or int64, got {cu_seqlens.dtype}")
     if not validate:
@@ -130,16 +134,24 @@ def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, 
     the similarities do not depend on summation order (e.g. integer-valued rows); two similarities that
     differ only in the last bit (near-duplicate rows) may rank differently than in torch's reduction.
     max_seqlen (host int, optional) only picks a block size; validate=False skips the value checks on
-    cu_seqlens (one host read) for hot loops that built cu_seqlens themselves."""
+    cu_seqlens and x (host reads) and the rescale of rows of norm >= 2^63 (masking.scale_huge_rows), for
+    hot loops that built cu_seqlens themselves from checked, normalised embeddings."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a [T, d] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
     if not torch.is_floating_point(x):
         raise ValueError(f"x must be floating point, got {x.dtype}")
     ratio = _check_ratio(mask_ratio)
+    if not isinstance(cu_seqlens, torch.Tensor) and hasattr(cu_seqlens, "__len__"):  # list, tuple, numpy array
+        try:
+            cu_seqlens = torch.as_tensor(cu_seqlens, device=x.device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"cu_seqlens must be a 1-D tensor of B+1 offsets: {e}") from None
     longest = _check_cu_seqlens(cu_seqlens, x.shape[0], validate)
     if validate and not bool(torch.isfinite(x).all()):  # a NaN similarity has no rank: refuse, as the model does
         bad = (~torch.isfinite(x).all(1)).nonzero().flatten()[:10].tolist()
         raise ValueError(f"x holds NaN/Inf values (rows {bad})")
+    if validate:  # rows of norm >= 2^63 overflow the fp32 squared norm: scaled here, not in the hot paths
+        x = scale_huge_rows(x)
     if x.shape[0] >= 2 ** 31:
         raise ValueError(f"x has {x.shape[0]} rows; int32 offsets hold at most 2^31 - 1")
     cu = cu_seqlens.to(x.device, torch.int32, non_blocking=True)  # int64 offsets are accepted, kernels take int32
@@ -160,7 +172,9 @@ def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, 
 # ----------------------------------------------------------------------------------------------------
 class _MaskedLoss(torch.autograd.Function):
     """mean over active rows of a per-row loss; pred row i pairs with target row rows[i] (or i), and with
-    a mask only rows with mask[i] count. Gradient w.r.t. pred only (targets are data)."""
+    a mask only rows with mask[i] count. Gradients w.r.t. pred, and w.r.t. target when it requires grad
+    (as torch's formula gives: both losses are symmetric in pred and target, so the same kernel with the
+    two swapped computes it). Under create_graph the gradient comes from the torch formula."""
 
     @staticmethod
     def forward(ctx, pred, target, rows, mask, cosine: bool):
@@ -175,10 +189,27 @@ class _MaskedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         pred, target, rows, mask, count_t = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): the gradient must itself be differentiable, so it
+            # comes from the torch formula (same values; the kernel's gradient is first-order only).
+            wrt = [t for t, needed in zip((pred, target), ctx.needs_input_grad[:2]) if needed]
+            loss = _loss_torch(pred, target, rows, None if mask is None else mask != 0, ctx.cosine)
+            got = iter(torch.autograd.grad(loss, wrt, grad_out, create_graph=True))
+            return (*(next(got) if needed else None for needed in ctx.needs_input_grad[:2]), None, None, None)
         count = ctx.count if count_t is None else count_t
         scale = (grad_out.float() / count).reshape(1).contiguous()  # read by the kernel: no host sync
-        grad = _tk().masked_loss_backward(pred, target, rows, mask, scale, ctx.cosine)
-        return grad, None, None, None, None
+        grad = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad = _tk().masked_loss_backward(pred, target, rows, mask, scale, ctx.cosine)
+        if ctx.needs_input_grad[1]:
+            if rows is None:  # row i of target pairs with row i of pred
+                grad_target = _tk().masked_loss_backward(target, pred, None, mask, scale, ctx.cosine)
+            else:  # gathered target rows (fp32: repeated rows add up before one rounding)
+                g_rows = _tk().masked_loss_backward(target.index_select(0, rows).float(), pred, None, None,
+                                                    scale, ctx.cosine)
+                grad_target = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
+                grad_target = grad_target.index_add_(0, rows, g_rows).to(target.dtype)
+        return grad, grad_target, None, None, None
 
 
 def _row_loss_torch(pred: torch.Tensor, tgt: torch.Tensor, loss: str) -> torch.Tensor:
@@ -187,6 +218,19 @@ def _row_loss_torch(pred: torch.Tensor, tgt: torch.Tensor, loss: str) -> torch.T
     if loss == "cosine":
         return 1.0 - torch.nn.functional.cosine_similarity(p, t, dim=-1, eps=LOSS_COSINE_EPS)
     return (p - t).pow(2).mean(-1)
+
+
+def _loss_torch(pred, target, rows, masked, cosine: bool) -> torch.Tensor:
+    """The torch path of masked_mse (masked bool [N]) / masked_mse_rows (rows [N])."""
+    loss = "cosine" if cosine else "mse"
+    if rows is not None:
+        return _row_loss_torch(pred, target.index_select(0, rows), loss).mean()
+    # Unmasked rows are never read (as in the kernel): zeroing them with torch.where, not multiplying
+    # their loss by 0, keeps a NaN/Inf there out of the loss and the gradient (NaN * 0 = NaN), with
+    # no host sync (indexing the masked rows would need their count on the host).
+    keep = masked[:, None]
+    per_row = _row_loss_torch(torch.where(keep, pred, 0), torch.where(keep, target, 0), loss)
+    return per_row.sum() / masked.sum().clamp_min(1)
 
 
 def _check_loss_inputs(pred: torch.Tensor, target: torch.Tensor, loss: str) -> None:
@@ -198,6 +242,8 @@ def _check_loss_inputs(pred: torch.Tensor, target: torch.Tensor, loss: str) -> N
         raise ValueError(f"target must be [T, d], got shape {tuple(getattr(target, 'shape', ()))}")
     if pred.shape[1] != target.shape[1]:
         raise ValueError(f"pred dim {pred.shape[1]} != target dim {target.shape[1]}")
+    if pred.shape[1] == 0:  # a mean over no dims would be a silent NaN
+        raise ValueError("pred and target have d=0 columns: the loss is undefined")
     if pred.device != target.device:
         raise ValueError(f"pred on {pred.device} but target on {target.device}")
 
@@ -208,7 +254,8 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """fp32 scalar: mean over dims of (pred - target)^2, then mean over rows where masked (0 if none).
-    pred/target [T, d], masked bool [T]; differentiable w.r.t. pred (unmasked rows get zero grad)."""
+    pred/target [T, d], masked bool [T]; differentiable w.r.t. pred (unmasked rows get zero grad) and,
+    when it requires grad, target (as torch's formula)."""
     _check_loss_inputs(pred, target, "mse")
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must match")
@@ -217,12 +264,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -
                          f"{getattr(masked, 'dtype', type(masked))} {tuple(getattr(masked, 'shape', ()))}")
     masked = masked.to(pred.device)
     if not _runs_triton(pred) or pred.shape[0] == 0:
-        # Unmasked rows are never read (as in the kernel): zeroing them with torch.where, not multiplying
-        # their loss by 0, keeps a NaN/Inf there out of the loss and the gradient (NaN * 0 = NaN), with
-        # no host sync (indexing the masked rows would need their count on the host).
-        keep = masked[:, None]
-        per_row = _row_loss_torch(torch.where(keep, pred, 0), torch.where(keep, target, 0), "mse")
-        return per_row.sum() / masked.sum().clamp_min(1)
+        return _loss_torch(pred, target, None, masked, False)
     return _MaskedLoss.apply(_rowmajor(pred), _rowmajor(target), None,
                              masked.contiguous().view(torch.uint8), False)
 
@@ -233,7 +275,8 @@ def masked_mse_rows(pred_rows: torch.Tensor, target: torch.Tensor, rows: torch.T
 
     pred_rows [Tm, d] (decoder output for masked rows only), target [T, d] (read in place, never
     gathered), rows int64 [Tm]. loss "mse" (mean over dims of squared error) or "cosine" (1 - cos).
-    Differentiable w.r.t. pred_rows. Tm == 0 gives a zero loss that still back-propagates."""
+    Differentiable w.r.t. pred_rows (and target, when it requires grad). Tm == 0 gives a zero loss that
+    still back-propagates."""
     _check_loss_inputs(pred_rows, target, loss)
     if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.shape[0] != pred_rows.shape[0]:
         raise ValueError(f"rows must be a 1-D index tensor of length {pred_rows.shape[0]}, got "
@@ -246,6 +289,6 @@ def masked_mse_rows(pred_rows: torch.Tensor, target: torch.Tensor, rows: torch.T
     if not rows.is_cuda and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= target.shape[0]):
         raise ValueError(f"rows index out of range [0, {target.shape[0]})")  # checked where it is free
     if not _runs_triton(pred_rows):
-        return _row_loss_torch(pred_rows, target.index_select(0, rows), loss).mean()
+        return _loss_torch(pred_rows, target, rows, None, loss == "cosine")
     return _MaskedLoss.apply(_rowmajor(pred_rows), _rowmajor(target), rows.contiguous(), None,
                              loss == "cosine")

@@ -29,9 +29,7 @@ from triton.runtime.jit import JITFunction
 # The clamps of the torch paths, shared: semantic similarity (F.cosine_similarity's 1e-8) and the
 # cosine loss (the reference's nn.CosineSimilarity eps, 1e-6).
 from lvmae_fast.loss import LOSS_COSINE_EPS
-from lvmae_fast.masking import BIG_NORM, BIG_ROW_SCALE, COSINE_EPS
-
-BIG_SQ = BIG_NORM * BIG_NORM  # squared norms at or above this (inf included) are rescaled: masking.BIG_NORM
+from lvmae_fast.masking import COSINE_EPS
 
 # The mode triton itself was imported in (tl.standard.cdiv is @triton.jit'd at that import).
 INTERPRETED = isinstance(_tl_standard.cdiv, InterpretedFunction)
@@ -62,26 +60,6 @@ def _adjacent_key_body(x_ptr, key_ptr, T, D, stride_x,
         dot += tl.sum(a * b, axis=1)
         sq_cur += tl.sum(a * a, axis=1)
         sq_prev += tl.sum(b * b, axis=1)
-    big_cur = sq_cur >= BIG_SQ
-    big_prev = sq_prev >= BIG_SQ
-    if tl.max((big_cur | big_prev).to(tl.int32), axis=0) > 0:
-        # Huge rows (squared norm near or past fp32's range): recompute them scaled by 2^-80, exactly
-        # as masking.adjacent_cosine does (cosine is scale-invariant; other rows are multiplied by 1).
-        s_cur = tl.where(big_cur, BIG_ROW_SCALE, 1.0)[:, None]
-        s_prev = tl.where(big_prev, BIG_ROW_SCALE, 1.0)[:, None]
-        dot = tl.zeros([BLOCK_T], tl.float32)
-        sq_cur = tl.zeros([BLOCK_T], tl.float32)
-        sq_prev = tl.zeros([BLOCK_T], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            in_D = (cols < D)[None, :]
-            a = tl.load(x_ptr + cur_off[:, None] + cols[None, :], mask=in_T[:, None] & in_D, other=0.0)
-            b = tl.load(x_ptr + prev_off[:, None] + cols[None, :], mask=has_prev[:, None] & in_D, other=0.0)
-            a = a.to(tl.float32) * s_cur
-            b = b.to(tl.float32) * s_prev
-            dot += tl.sum(a * b, axis=1)
-            sq_cur += tl.sum(a * a, axis=1)
-            sq_prev += tl.sum(b * b, axis=1)
     # Same formula as masking.adjacent_cosine: dot / clamp(|a| * |b|, eps); IEEE sqrt/div (not approx)
     # so the GPU rounds like torch does.
     denom = tl.maximum(tl.sqrt_rn(sq_cur) * tl.sqrt_rn(sq_prev), EPS)
@@ -109,19 +87,13 @@ def _adjacent_key_stream_body(x_ptr, key_ptr, T, D, stride_x, INVERTED: tl.const
     prev = tl.load(x_ptr + (r0 - 1).to(tl.int64) * stride_x + cols, mask=in_D & (zeros + r0 > 0),
                    other=0.0).to(tl.float32)
     sq_prev = tl.sum(prev * prev, axis=0)
-    if sq_prev >= BIG_SQ:  # huge row: scaled by 2^-80, as in the tiled kernel
-        prev = prev * BIG_ROW_SCALE
-        sq_prev = tl.sum(prev * prev, axis=0)
     slots = tl.arange(0, ROWS)
     scores = tl.zeros([ROWS], tl.float32)   # stored once at the end: one coalesced store, not ROWS scalars
     for i in range(ROWS):
         row_off = (r0 + i).to(tl.int64) * stride_x
         cur = tl.load(x_ptr + row_off + cols, mask=in_D & (zeros + r0 + i < T), other=0.0).to(tl.float32)
-        sq_cur = tl.sum(cur * cur, axis=0)
-        if sq_cur >= BIG_SQ:
-            cur = cur * BIG_ROW_SCALE
-            sq_cur = tl.sum(cur * cur, axis=0)
         dot = tl.sum(cur * prev, axis=0)
+        sq_cur = tl.sum(cur * cur, axis=0)
         denom = tl.maximum(tl.sqrt_rn(sq_cur) * tl.sqrt_rn(sq_prev), EPS)
         scores = tl.where(slots == i, tl.div_rn(dot, denom), scores)
         prev, sq_prev = cur, sq_cur

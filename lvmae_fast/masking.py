@@ -9,7 +9,8 @@ Every strategy reduces to "per video, mask the k_i rows with the lowest score, t
 The first token of a video has no predecessor; its similarity is defined as 0.0 (as the reference code
 does). A zero vector has similarity 0.0 with anything (no NaN). The formula is dot / max(|a| |b|, 1e-8) in
 fp32, so for rows of tiny norm (|a| |b| < 1e-8) the value is dot / 1e-8 (near 0, ordered by the dot
-product), and rows of huge norm (>= 2^63) are scaled by 2^-80 first (their true cosine, no overflow).
+product); rows of huge norm (>= 2^63) are scaled by 2^-80 first by the public, validating
+kernels.semantic_mask (scale_huge_rows: their true cosine, no overflow).
 k_i = L_i - keep_i with keep_i = max(1, int(L_i * (1 - ratio))) (an empty video masks nothing).
 Exact ties (equal scores) go to the lower row, here and in the Triton kernel. The reference breaks ties by
 torch.argsort order (not stable): on CPU it keeps the lower rows of a tie for L <= 16 and an unspecified
@@ -28,10 +29,23 @@ from .packing import keep_counts, video_of_rows
 MASKING_STRATEGIES = ("random", "semantic", "semantic_inverted")
 COSINE_EPS = 1e-8
 # Rows whose fp32 norm reaches 2^63 (squared norm 2^126, or overflowed to inf: |x| ~ 1e19 and up, fp32 or
-# bf16) are scaled by 2^-80 before their cosine is taken (here and in the kernel), so huge embeddings get
-# their true cosine instead of inf/inf = NaN. Exact (a power of two) and a no-op for every other row.
+# bf16) would give inf/inf = NaN similarities. scale_huge_rows scales them by 2^-80 (exact, a power of two;
+# cosine is scale-invariant) before the similarity is taken; the public kernels.semantic_mask does it when
+# validating, so neither the hot loop's torch path nor the Triton kernels pay for it.
 BIG_NORM = 2.0 ** 63
 BIG_ROW_SCALE = 2.0 ** -80
+
+
+def scale_huge_rows(x_Td: torch.Tensor) -> torch.Tensor:
+    """x unchanged when no row can reach BIG_NORM; else fp32 x with those rows scaled by BIG_ROW_SCALE.
+    One pass (a row's norm is at most its max |value| * sqrt(d)), plus a norm pass in the rare case."""
+    if x_Td.numel() == 0:
+        return x_Td
+    if float(x_Td.abs().amax()) * x_Td.shape[1] ** 0.5 < BIG_NORM:
+        return x_Td
+    x = x_Td.float()
+    big = x.norm(dim=-1) >= BIG_NORM
+    return x * torch.where(big, BIG_ROW_SCALE, 1.0)[:, None]
 
 
 def adjacent_cosine(x_Td: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -42,12 +56,8 @@ def adjacent_cosine(x_Td: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tenso
     # no-ops, as in the kernel; the packed batch builder rejects them).
     sim = torch.zeros(T + 1, dtype=torch.float32, device=x.device)
     if T > 1:
-        norm = x.norm(dim=-1)
-        big = norm >= BIG_NORM
-        if bool(big.any()):  # cosine is scale-invariant: recompute huge rows scaled down (see BIG_NORM)
-            x = x * torch.where(big, BIG_ROW_SCALE, 1.0)[:, None]
-            norm = torch.where(big, x.norm(dim=-1), norm)
         dot = (x[1:] * x[:-1]).sum(-1)
+        norm = x.norm(dim=-1)
         sim[1:T] = dot / (norm[1:] * norm[:-1]).clamp_min(COSINE_EPS)
     sim[cu_seqlens[:-1].long()] = 0.0
     return sim[:T]

@@ -566,3 +566,87 @@ def test_semantic_mask_accepts_int64_offsets_and_numpy_ratios_and_refuses_nan(re
         K.semantic_mask(x, cu, 0.5)
     with pytest.raises(ValueError, match="int32 .* or int64"):
         K.semantic_mask(x, cu.float(), 0.5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: the first pass overflows
+@pytest.mark.parametrize("path", ["torch", "tile", "stream"])
+def test_semantic_mask_huge_rows_keep_their_cosine(request, monkeypatch, path):
+    """Rows of norm ~1e19 and up (fp32, bf16) overflowed the fp32 squared norm: inf/inf = NaN similarities,
+    a wrong selection (and the kernel ranked NaN unlike torch). Cosine is scale-invariant: rows scaled by
+    powers of two (exact), all of them or some among normal rows, must select exactly as unscaled."""
+    if path == "torch":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        request.getfixturevalue("interp")
+        from lvmae_fast.kernels import _triton as KT
+        monkeypatch.setattr(KT, "SIM_KERNEL", path)
+    x, cu = packed([3, 17, 40], d=24, kind="randn", seed=11)
+    some = (torch.arange(x.shape[0]) % 3 == 0)[:, None]
+    for dtype, huge in ((torch.float32, 2.0 ** 70), (torch.bfloat16, 2.0 ** 100)):
+        xd = x.to(dtype)
+        for inverted in (False, True):
+            want = semantic_mask_torch(xd, cu, 0.5, inverted=inverted)
+            for scale in (torch.full_like(some, huge, dtype=torch.float32), torch.where(some, huge, 1.0)):
+                got = K.semantic_mask((xd.float() * scale).to(dtype), cu, 0.5, inverted=inverted)
+                assert torch.equal(got, want), (dtype, inverted)
+
+
+@pytest.mark.parametrize("path", ["torch", "interpreter"])
+def test_masked_losses_give_target_a_gradient_and_support_double_backward(request, monkeypatch, path):
+    """A target that requires grad gets torch's gradient (the Triton path returned None silently), and
+    create_graph=True works (the Triton path's gradient had no graph: a cryptic error one step later)."""
+    if path == "interpreter":
+        request.getfixturevalue("interp")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    g = torch.Generator().manual_seed(12)
+    target = torch.randn(30, 16, generator=g)
+    rows = torch.tensor([1, 5, 5, 29, 0])  # a repeated row: its target gradient adds up
+    masked = torch.rand(30, generator=g) < 0.5
+    cases = [("rows mse", lambda p, t: K.masked_mse_rows(p, t, rows), lambda p, t: ref_row_loss(p, t[rows], "mse").mean(),
+              torch.randn(5, 16, generator=g)),
+             ("rows cosine", lambda p, t: K.masked_mse_rows(p, t, rows, loss="cosine"),
+              lambda p, t: ref_row_loss(p, t[rows], "cosine").mean(), torch.randn(5, 16, generator=g)),
+             ("mask", lambda p, t: K.masked_mse(p, t, masked), lambda p, t: ref_row_loss(p, t, "mse")[masked].mean(),
+              torch.randn(30, 16, generator=g))]
+    for name, fn, ref_fn, pred in cases:
+        def grads(f, p, t):
+            p, t = p.clone().requires_grad_(True), t.clone().requires_grad_(True)
+            return torch.autograd.grad(f(p, t), (p, t))
+        got, ref, same = grads(fn, pred, target), grads(ref_fn, pred.double(), target.double()), grads(ref_fn, pred, target)
+        for a, b, c in zip(got, ref, same):
+            assert_within_2x(a, b, c, rel_atol=1e-5)
+        # Hessian-vector product through the loss
+        v = torch.randn(pred.shape, generator=g)
+
+        def hvp(f):
+            p, t = pred.clone().requires_grad_(True), target.clone().requires_grad_(True)
+            (gp,) = torch.autograd.grad(f(p, t), p, create_graph=True)
+            return torch.autograd.grad((gp * v).sum(), (p, t))
+        for a, b in zip(hvp(fn), hvp(ref_fn)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("path", ["torch", "interpreter"])
+def test_semantic_mask_takes_offset_lists_and_tensor_ratios_losses_refuse_d0(request, monkeypatch, path):
+    import numpy as np
+
+    if path == "interpreter":
+        request.getfixturevalue("interp")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, cu = packed([3, 1, 6], kind="randn", seed=13)
+    want = semantic_mask_torch(x, cu, 0.5)
+    for offsets in (cu.tolist(), tuple(cu.tolist()), cu.numpy(), cu.numpy().astype(np.int64)):
+        assert torch.equal(K.semantic_mask(x, offsets, 0.5), want)
+    assert torch.equal(K.semantic_mask(x, cu, torch.tensor(0.5)), want)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        K.semantic_mask(x, cu, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="int32"):
+        K.semantic_mask(x, [0.0, 4.0, 10.0], 0.5)
+    with pytest.raises(ValueError, match="T=10"):
+        K.semantic_mask(x, [0, 4, 9], 0.5)
+    with pytest.raises(ValueError, match="d=0"):  # was a silent NaN (mean over no dims)
+        K.masked_mse(torch.zeros(4, 0), torch.zeros(4, 0), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="d=0"):
+        K.masked_mse_rows(torch.zeros(2, 0), torch.zeros(4, 0), torch.tensor([0, 1]))
