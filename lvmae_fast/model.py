@@ -21,7 +21,7 @@ import torch.nn as nn
 from .attention import ATTN_IMPLS, _padded_layout, resolve_impl, varlen_attention
 from .loss import LOSSES, masked_reconstruction_loss
 from .masking import MASKING_STRATEGIES
-from .packing import PackedBatch, pack_sequences, validate_sequences
+from .packing import MAX_LEN_HINT, PackedBatch, pack_sequences, validate_sequences
 
 PRESETS: dict[str, dict] = {
     # The paper's model (Table 5 / reference): ~0.4B parameters.
@@ -85,13 +85,20 @@ class LVMAEConfig:
         return asdict(self)
 
 
-def sincos_table(dim: int, num_positions: int) -> torch.Tensor:
+def sincos_table(dim: int, num_positions: int, chunk_rows: int = 1 << 13) -> torch.Tensor:
     """[num_positions + 1, dim]: row 0 zeros (CLS), row p+1 = [sin(p w), cos(p w)], w_i = 10000^(-i/(dim/2)).
-    Computed in float64 then rounded to fp32, exactly as MAE's numpy get_1d_sincos_pos_embed."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
-    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * omega[None, :]
-    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat([angles.sin(), angles.cos()], 1)], 0)
-    return table.float()
+    Computed in float64 then rounded to fp32, exactly as MAE's numpy get_1d_sincos_pos_embed, `chunk_rows`
+    positions at a time: the float64 temporaries stay a few MB whatever max_len is (whole-table float64
+    temporaries peaked at ~6x the fp32 table: 1.5 GB for 65536 x 1024)."""
+    half = dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / (dim / 2.0))
+    table = torch.zeros(num_positions + 1, dim, dtype=torch.float32)
+    for start in range(0, num_positions, chunk_rows):
+        stop = min(start + chunk_rows, num_positions)
+        angles = torch.arange(start, stop, dtype=torch.float64)[:, None] * omega[None, :]
+        table[start + 1: stop + 1, :half] = angles.sin()   # float64 -> fp32: round to nearest, as .float()
+        table[start + 1: stop + 1, half:] = angles.cos()
+    return table
 
 
 class VarlenMeta:
@@ -196,7 +203,8 @@ class LVMAE(nn.Module):
         if batch.x.dim() != 2 or batch.x.shape[1] != self.config.in_dim:
             raise ValueError(f"batch rows have shape {tuple(batch.x.shape)}, model expects [T, {self.config.in_dim}]")
         if batch.max_seqlen > self.config.max_len:
-            raise ValueError(f"batch holds a sequence of length {batch.max_seqlen} > max_len={self.config.max_len}")
+            raise ValueError(f"batch holds a sequence of length {batch.max_seqlen} > max_len={self.config.max_len}"
+                             f"{MAX_LEN_HINT}")
 
     def forward_encoder(self, batch: PackedBatch) -> torch.Tensor:
         """Encoder stream after the final norm: [Te, D] (CLS at enc_cls_slots, tokens at enc_token_slots)."""

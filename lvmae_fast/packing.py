@@ -46,6 +46,11 @@ def cu_seqlens_from_lengths(lengths: Sequence[int], device=None) -> torch.Tensor
     return cu.to(device) if device is not None else cu
 
 
+# How to accept longer sequences (positions are derived, not stored: any checkpoint loads with any max_len).
+MAX_LEN_HINT = ("; raise the model's max_len: LVMAEConfig(max_len=N), LVMAE.from_pretrained(DIR, max_len=N), "
+                "or `--set model.max_len=N` in lvmae pretrain")
+
+
 def validate_sequences(seqs, in_dim: int | None = None, max_len: int | None = None) -> None:
     """Raise ValueError naming the problem for anything the packed model would get silently wrong."""
     if isinstance(seqs, torch.Tensor):
@@ -63,7 +68,8 @@ def validate_sequences(seqs, in_dim: int | None = None, max_len: int | None = No
         if in_dim is not None and s.shape[1] != in_dim:
             raise ValueError(f"sequence {i}: embedding dim {s.shape[1]} does not match the model's input dim {in_dim}")
         if max_len is not None and s.shape[0] > max_len:
-            raise ValueError(f"sequence {i}: length {s.shape[0]} exceeds the configured maximum max_len={max_len}")
+            raise ValueError(f"sequence {i}: length {s.shape[0]} exceeds the configured maximum max_len={max_len}"
+                             f"{MAX_LEN_HINT}")
         if not torch.is_floating_point(s):
             raise ValueError(f"sequence {i}: expected a floating-point tensor, got {s.dtype}")
         if not bool(torch.isfinite(s).all()):

@@ -307,8 +307,12 @@ class Throughput:
         self.tokens += tokens
         self.samples += samples
 
-    def rates(self) -> dict:
-        now = time.perf_counter()
+    def rates(self, now: float | None = None) -> dict:
+        """Rates over the steps added since the last call; `now`: when the last of them finished (default:
+        this call). On the CPU a step has finished when it is queued, and is settled only after the next
+        step's forward/backward has run: timed at settle, each record would measure the next step's compute
+        (and the last record almost none: a made-up rate)."""
+        now = time.perf_counter() if now is None else now
         elapsed = max(now - self.t, 1e-9)
         rates = {"tokens_per_s": round(self.tokens / elapsed, 1), "samples_per_s": round(self.samples / elapsed, 2),
                  "time_s": round(now - self.start, 3)}
@@ -577,7 +581,8 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
         if eval_due(step):
             val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
         if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
-            record = {"step": step, "epoch": done["epoch"], "loss": loss_value, "lr": done["lr"], **meter.rates()}
+            record = {"step": step, "epoch": done["epoch"], "loss": loss_value, "lr": done["lr"],
+                      **meter.rates(done["finished_at"])}
             record["grad_norm"] = grad_norm
             if val_loss is not None:
                 record["val_loss"] = val_loss
@@ -627,7 +632,10 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
                 scalars = HostScalars(loss, grad_norm)  # queued before the update: no wait on it later
                 fused_step(optimizer, nonfinite(loss, grad_norm))
                 optimizer.zero_grad(set_to_none=True)
-            pending = {"scalars": scalars, "lr": lr, "epoch": epoch, "batch": i,
+            # On the CPU the step is done once queued (its end is timed here); on CUDA it is done when
+            # settle has read its scalars back (timed then).
+            finished_at = time.perf_counter() if device.type != "cuda" else None
+            pending = {"scalars": scalars, "lr": lr, "epoch": epoch, "batch": i, "finished_at": finished_at,
                        "tokens": batch.num_tokens, "videos": batch.num_videos}
         del items, stream
         if exit_code == 0 and pending is not None:

@@ -129,6 +129,13 @@ class PretrainConfig:
         if self.max_len < 2:
             raise ValueError(f"max_len={self.max_len}: a crop needs >= 2 segments for anything to be masked "
                              "(keep = max(1, ...) leaves a 1-segment crop whole: the loss would be 0)")
+        model_max_len = model_max_len_of(self.preset, self.model)
+        if self.max_len > model_max_len:
+            # Was found only at the first batch holding a crop that long, after RUN was written, as
+            # "batch holds a sequence of length N > max_len=M" naming neither key.
+            raise ValueError(f"max_len={self.max_len} (segments per crop) exceeds model.max_len={model_max_len}, "
+                             f"the longest sequence the model accepts: raise it too (--set model.max_len={self.max_len}) "
+                             f"or lower max_len")
         if not re.fullmatch(r"(auto|cpu|cuda)(:\d+)?", self.device) or self.device.startswith("auto:"):
             raise ValueError(f"device={self.device!r} must be auto, cpu, cuda or cuda:N")
 
@@ -211,6 +218,13 @@ def check_model_overrides(model: dict, preset: str) -> dict:
                          "tokens that is masked and reconstructed (0 masks nothing: the loss would be 0)")
     LVMAEConfig.from_preset(preset, in_dim=1, **model)  # raises on a bad choice or width/heads; in_dim: the store's
     return model
+
+
+def model_max_len_of(preset: str, model: dict) -> int:
+    """The model's max_len (longest sequence it accepts) for these checked `model` overrides."""
+    from .model import LVMAEConfig
+
+    return LVMAEConfig.from_preset(preset, in_dim=1, **model).max_len
 
 
 def parse_set(items: list[str]) -> dict:

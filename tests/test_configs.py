@@ -280,3 +280,20 @@ def test_store_and_out_expand_the_home_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = tc.resolve([("--set", tc.parse_set(["store=~/stores/a", "out=~/runs/b"]))])  # no shell expands these
     assert (cfg.store, cfg.out) == (str(tmp_path / "stores" / "a"), str(tmp_path / "runs" / "b"))
+
+
+def test_crops_longer_than_the_models_max_len_are_refused_naming_both_keys(tmp_path, capsys):
+    """--set max_len=16384 alone (model.max_len stays 8192) was accepted; the run wrote RUN and then stopped
+    at the first long crop with "batch holds a sequence of length N > max_len=8192", naming neither key."""
+    code, _, err = run_cli(capsys, "pretrain", "--preset", "tiny", "--set", "max_len=16384", "--print-config")
+    assert_one_line_error(code, err, "max_len=16384 (segments per crop) exceeds model.max_len=8192",
+                          "--set model.max_len=16384")
+    code, _, err = run_cli(capsys, "pretrain", "--preset", "tiny", "--set", "max_len=16384", "--store",
+                           tmp_path / "store", "--out", tmp_path / "run", "--no-progress")
+    assert_one_line_error(code, err, "exceeds model.max_len=8192")
+    assert not (tmp_path / "run").exists()
+    cfg = tc.resolve([("--set", tc.parse_set(["max_len=16384", "model.max_len=16384"]))])  # both raised: fine
+    assert (cfg.max_len, cfg.model["max_len"]) == (16384, 16384)
+    with pytest.raises(ValueError, match="exceeds model.max_len=100"):
+        tc.resolve([("t", {"max_len": 101, "model": {"max_len": 100}})])
+    assert tc.resolve([("t", {"max_len": 100, "model": {"max_len": 100}})]).max_len == 100  # equal: fine

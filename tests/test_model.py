@@ -278,3 +278,36 @@ def test_cosine_loss_clamps_norms_at_the_references_eps():
     got = masked_reconstruction_loss(pred, x, torch.tensor([0]), loss="cosine")
     want = 1 - (6e-8 * 3 + 8e-8 * 4) / (1e-6 * 5.0)
     assert abs(float(got) - want) < 1e-12 and abs(want - 0.0) > 0.5  # eps 1e-8 would give ~0
+
+
+def test_sincos_table_is_built_in_chunks_with_the_same_values():
+    """The table is computed a chunk of positions at a time (whole-table float64 temporaries peaked at
+    ~6x the fp32 table: 1.5 GB for max_len 65536 at width 1024); values are bit-identical whatever the
+    chunk size, chunk boundaries included."""
+    def whole(dim, n):
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+        angles = torch.arange(n, dtype=torch.float64)[:, None] * omega[None, :]
+        return torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat([angles.sin(), angles.cos()], 1)],
+                         0).float()
+
+    for dim, n, chunk in ((16, 40, 7), (16, 40, 40), (16, 41, 8), (2, 1, 3), (64, 5000, 1024), (8, 0, 4)):
+        got = sincos_table(dim, n, chunk_rows=chunk)
+        assert got.dtype == torch.float32 and torch.equal(got, whole(dim, n)), (dim, n, chunk)
+    torch.testing.assert_close(sincos_table(16, 40, chunk_rows=3).double(), naive_sincos(16, 40), rtol=0, atol=1e-6)
+
+
+def test_too_long_sequences_name_how_to_raise_max_len_and_a_saved_model_loads_with_a_longer_one(tmp_path):
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, max_len=16, kernels="torch")).eval()
+    seq = torch.randn(40, 8)
+    with pytest.raises(ValueError, match=r"length 40 exceeds .* max_len=16; raise the model's max_len: .*"
+                                         r"LVMAE.from_pretrained\(DIR, max_len=N\)"):
+        model.encode([seq])
+    from lvmae_fast.masking import build_masked_batch
+
+    with pytest.raises(ValueError, match=r"length 40 > max_len=16; raise the model's max_len"):
+        model(build_masked_batch(*pack_sequences([seq]), "random", 0.5, generator=torch.Generator().manual_seed(0)))
+    model.save_pretrained(tmp_path / "m")
+    longer = LVMAE.from_pretrained(tmp_path / "m", max_len=64)  # positions are derived, not stored
+    assert longer.pos_embed.shape == (65, 64) and longer.config.max_len == 64
+    torch.testing.assert_close(longer.encode([seq[:16]])[1], model.encode([seq[:16]])[1])
+    assert longer.encode([seq])[1].shape == (40, 64)

@@ -629,3 +629,28 @@ def test_durations_that_never_span_two_segments_are_refused_before_the_run_dir_i
         check_crop_durations(store, _cfg(path, tmp_path / "run", duration_min=low, duration_max=high))
     assert [max_crop_segments(lo, hi, 5.0) for lo, hi in ((0.5, 2), (5, 10), (10, 10), (1, 10.5), (12, 12))] == \
         [1, 1, 2, 2, 2]
+
+
+def test_logged_rates_time_each_step_itself_on_the_cpu(store, tmp_path, monkeypatch, restore_threads):
+    """On the CPU a step is settled (logged) only after the next step's forward/backward has run, and the
+    rates were timed there: each record measured the next step's compute and the last one almost none
+    (a long-crop run logged 7.9M tokens/s for its last step, ~860 for the others). With a clock that
+    advances 1 s per forward, every step takes exactly 1 s: samples_per_s is the batch's video count."""
+    import types
+
+    import lvmae_fast.train as T
+
+    clock = [0.0]
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
+    forward = LVMAE.forward
+
+    def timed_forward(self, *args, **kwargs):
+        clock[0] += 1.0
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LVMAE, "forward", timed_forward)
+    assert pretrain(_cfg(store, tmp_path / "run", max_steps=4)) == 0
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["samples_per_s"] for r in records] == [8.0] * 4  # 40 videos, 8 per batch
+    assert [r["time_s"] for r in records] == [1.0, 2.0, 3.0, 4.0]
