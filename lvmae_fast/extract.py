@@ -214,7 +214,8 @@ class _Progress:
         self.windows = 0
         self.video_seconds = 0.0
 
-    def update(self, videos: int = 0, windows: int = 0, video_seconds: float = 0.0):
+    def update(self, videos: int = 0, windows: int = 0, video_seconds: float = 0.0, current: str = ""):
+        """`current`: how far the video in flight is (an hours-long one holds the video count still)."""
         self.windows += windows
         self.video_seconds += video_seconds
         if self.bar is not None:
@@ -224,7 +225,8 @@ class _Progress:
             # Refreshed after every encoder batch, not only when a video completes: an hours-long
             # video would otherwise show nothing until its end.
             self.bar.set_postfix_str(f"{self.windows} windows, {self.windows / elapsed:.1f} win/s, "
-                                     f"{self.video_seconds / elapsed:.1f} video-s/s", refresh=windows > 0)
+                                     f"{self.video_seconds / elapsed:.1f} video-s/s"
+                                     + (f", {current}" if current else ""), refresh=windows > 0)
 
     def close(self):
         if self.bar is not None:
@@ -332,8 +334,13 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     decoded_by[job.decoded_by or backend] += 1
                     completed.append(job)
                     bar.update(videos=1)
+            current = ""
+            last = state.get(id(windows[-1].job)) if windows else None
+            if last is not None and "filled" in last and not last.get("done"):
+                current = f"{windows[-1].job.video_id}: {int(last['filled'].sum())}/{len(last['filled'])} windows"
             bar.update(windows=len(windows), video_seconds=float(sum(
-                win.job.plan.times[win.window, 1] - win.job.plan.times[win.window, 0] for win in windows)))
+                win.job.plan.times[win.window, 1] - win.job.plan.times[win.window, 0] for win in windows)),
+                current=current)
             if completed:
                 writer.commit()  # only complete videos are ever committed
                 for job in completed:

@@ -526,3 +526,13 @@ def test_unsupported_devices_are_one_line_errors_before_anything_is_written(corp
         err = capsys.readouterr().err
         assert err.startswith(f"lvmae extract: error: device '{device}'") and len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err and not out.exists(), device
+
+
+def test_progress_shows_how_far_the_video_in_flight_is(tmp_path, capsys):
+    """One long video kept the bar at 0/1 video until its end: the postfix names it and its windows."""
+    synth.write_video(tmp_path / "v" / "long.mp4", duration=6.0, fps=4, codec="h264")
+    extract_videos(tmp_path / "v", tmp_path / "store", encoder="tiny", seconds=1.0, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    for done in (2, 4):  # after each 2-window batch of its 6 windows; the last batch completes it
+        assert f"long: {done}/6 windows" in err
+    assert "long: 6/6" not in err
