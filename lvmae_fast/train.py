@@ -407,6 +407,20 @@ def check_crop_durations(store: Store, cfg: tc.PretrainConfig) -> None:
         f"{tc.PRESETS[cfg.preset]['duration_max']:g} s)")
 
 
+def check_model_backends(model_cfg: LVMAEConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """model.attn_impl / model.kernels that cannot run on this device, dtype and install (flash without
+    flash-attn, torch_varlen or triton on the CPU...) are refused before RUN is written: the first
+    forward would raise them after config.yaml, and the rerun would then be refused as an existing run."""
+    from . import kernels
+    from .attention import resolve_impl
+
+    try:
+        resolve_impl(model_cfg.attn_impl, device, dtype)
+        kernels.use_triton(model_cfg.kernels, torch.empty(0, device=device))
+    except RuntimeError as err:
+        raise ValueError(f"model config on {device} ({str(dtype).replace('torch.', '')}): {err}") from None
+
+
 def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: int) -> float:
     """Mean masked loss over the held-out videos (fixed crops and masks), weighted by masked tokens."""
     model.eval()
@@ -468,6 +482,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     val_sampler = LongVideoSampler(store, val_ids, scfg) if val_ids else None
     device = resolve_device(cfg.device)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    check_model_backends(model_cfg, device, torch.bfloat16 if use_bf16 else torch.float32)
 
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)

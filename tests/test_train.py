@@ -654,3 +654,21 @@ def test_logged_rates_time_each_step_itself_on_the_cpu(store, tmp_path, monkeypa
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [r["samples_per_s"] for r in records] == [8.0] * 4  # 40 videos, 8 per batch
     assert [r["time_s"] for r in records] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_backends_this_device_cannot_run_are_refused_before_the_run_dir_is_written(store, tmp_path, capsys,
+                                                                                  monkeypatch, restore_threads):
+    """attn_impl=flash / torch_varlen and kernels=triton on the CPU raised at the first forward, after
+    RUN/config.yaml was written (a traceback, and the rerun was refused as an existing run)."""
+    from lvmae_fast.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # kernels=triton on CPU needs the interpreter
+    for item, message in (("model.attn_impl=flash", "attn_impl='flash'"),
+                          ("model.attn_impl=torch_varlen", "attn_impl='torch_varlen' needs a CUDA device"),
+                          ("model.kernels=triton", "kernels='triton'")):
+        capsys.readouterr()
+        assert main(["pretrain", "--preset", "tiny", "--store", str(store), "--out", str(tmp_path / "run"),
+                     "--no-progress", "--max-steps", "1", "--device", "cpu", "--set", item]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "error:" in err and "Traceback" not in err, err
+        assert not (tmp_path / "run").exists()
