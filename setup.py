@@ -11,7 +11,7 @@ CORE = ["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.6
 EXTRAS = {
     "triton": ["triton>=3.0"],
     "video": ["av>=12"],
-    "dali": ["nvidia-dali-cuda130>=1.50"],
+    "dali": ["nvidia-dali-cuda130>=2.0"],
     "flash": ["flash-attn>=2.6"],
     "distributed": ["deepspeed>=0.15"],
     "export": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"],

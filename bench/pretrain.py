@@ -223,7 +223,7 @@ def main(argv=None):
                         "(row 'packed+graphs+opt'; it also computes the gradient norm, as the trainer does)")
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="masked-loss kernels")
-    p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--json", "--json-out", dest="json", default=None, help="write results here (--json-out: the data mode's spelling)")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of the first packed batch size here")
     args = p.parse_args(argv)
     if args.graph_optimizer and not args.cuda_graphs:

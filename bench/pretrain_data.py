@@ -183,7 +183,7 @@ def parse_args(argv):
     p.add_argument("--cuda-graphs", action="store_true", help="bucketed batches, forward+backward replayed as CUDA graphs")
     p.add_argument("--graph-optimizer", action="store_true",
                    help="with --cuda-graphs: capture the optimizer update too (whole-step graphs)")
-    p.add_argument("--json-out", help="also write the JSON result here")
+    p.add_argument("--json-out", "--json", dest="json_out", help="also write the JSON result here (--json: the step mode's spelling)")
     p.add_argument("--profile", help="write a torch.profiler table (by self CPU time) of 20 more full-loop steps here")
     args = p.parse_args(argv)
     if args.graph_optimizer and not args.cuda_graphs:

@@ -274,7 +274,9 @@ class StoreWriter:
             if self._index["dim"] != self.dim or self._index["encoder"] != self.encoder:
                 raise ValueError(f"store {self.path} holds embeddings of encoder {self._index['encoder']!r} "
                                  f"(dim {self._index['dim']}); these are from encoder {self.encoder!r} (dim {self.dim}): "
-                                 "write them to another store (or give the store's encoder name if they come from it)")
+                                 + ("write them to another store (or give the store's encoder name if they come from it)"
+                                    if self._index["encoder"] != self.encoder else
+                                    "same encoder name, other width: write them to another store"))
             stored = self._index.get("settings")
             if settings is not None and stored is not None and stored != settings:
                 differ = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))

@@ -582,10 +582,9 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
                    f"weights and fails again, whatever the lr. Rewind to an earlier checkpoint with a lower lr: "
                    f"`lvmae pretrain --out {out} --resume-from {earlier[-1] if earlier else 'step-N'} "
                    f"{lr_flag} {lr_now / 10:.3g}` (now {lr_flag} {lr_now:.3g}; add --grad-clip 1.0 to bound later "
-                   f"steps). Checkpoints before it: {', '.join(earlier) or 'none (lower the lr and start a new run)'}. "
+                   f"steps). Checkpoints before it: {', '.join(earlier) or 'none (lower the lr and start again with another --out)'}. "
                    f"Check the data with `lvmae store verify {cfg.store}`.")
-            log.error(msg)
-            print(f"lvmae pretrain: error: {msg}", file=sys.stderr)
+            print(f"lvmae pretrain: error: {msg}", file=sys.stderr)  # once (a log.error too printed it twice)
             exit_code = EXIT_NONFINITE
             return False
         progress.update(step=progress["step"] + 1, epoch=done["epoch"], batch=done["batch"] + 1)
