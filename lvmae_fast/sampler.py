@@ -56,9 +56,11 @@ class SamplerConfig:
     pad_to_buckets: bool = False      # pad each batch to a bucketed shape (buckets.py; for CUDA graphs)
 
     def __post_init__(self):
-        if not 0 < self.duration_min <= self.duration_max:
-            raise ValueError(f"need 0 < duration_min <= duration_max, got duration_min={self.duration_min} "
+        if not 0 < self.duration_min <= self.duration_max < math.inf:
+            raise ValueError(f"need 0 < duration_min <= duration_max < inf, got duration_min={self.duration_min} "
                              f"duration_max={self.duration_max}")
+        if not 0.0 <= self.mask_ratio < 1.0:  # else it fails only when a worker builds the first batch
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.short_video_policy not in SHORT_VIDEO_POLICIES:
             raise ValueError(f"short_video_policy={self.short_video_policy!r} is not one of {SHORT_VIDEO_POLICIES}")
         if self.masking not in MASKING_STRATEGIES:
@@ -320,9 +322,12 @@ class LongVideoSampler:
         return _batch_loader(EpochStream(self), keys, num_workers, pin_memory, prefetch_factor)
 
     def mean_videos_per_batch(self) -> float:
+        """Videos per batch in epoch 0, over every rank's batches: the same value on each rank (the
+        trainer scales its lr by it; ranks with different lrs would drift apart)."""
         if not self.cfg.max_tokens:
             return float(self.cfg.batch_videos)
-        plan = self.batches(0)
+        crops = plan_crops(self.num_segments, self.segment_seconds, self.cfg, 0)
+        plan = _deal_token_batches(split_batches(crops, self.cfg), self.world)
         return sum(len(b) for b in plan) / max(1, len(plan))
 
 

@@ -536,3 +536,39 @@ def test_progress_shows_how_far_the_video_in_flight_is(tmp_path, capsys):
     for done in (2, 4):  # after each 2-window batch of its 6 windows; the last batch completes it
         assert f"long: {done}/6 windows" in err
     assert "long: 6/6" not in err
+
+
+def test_dali_failing_on_one_video_keeps_the_others_of_its_reader_on_dali(tmp_path, monkeypatch):
+    """A DALI error sends the video it was decoding to PyAV; the reader restarts for the videos after
+    it (before: every unfinished video of that reader went to PyAV). The store equals PyAV's."""
+    pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
+    from lvmae_fast.video import decode_dali
+
+    pairs = [(k, str(synth.write_video(tmp_path / f"{k}.webm", duration=3.0, fps=10, codec="vp9", seed=i).path))
+             for i, k in enumerate("abc")]
+    real_build, built = decode_dali._build_pipe, []
+
+    def first_reader_fails_at_its_second_batch(*args, **kwargs):
+        pipe, runs = real_build(*args, **kwargs), [0]
+        built.append(pipe)
+        real_run = pipe.run
+
+        def run():
+            runs[0] += 1
+            if len(built) == 1 and runs[0] == 2:
+                raise RuntimeError("simulated decoder failure")
+            return real_run()
+        pipe.run = run
+        return pipe
+
+    monkeypatch.setattr(decode_dali, "_build_pipe", first_reader_fails_at_its_second_batch)
+    options = dict(seconds=1.0, frames=4, sampling="index", device="cpu", batch_size=2, readers=1)
+    s = extract_videos(pairs, tmp_path / "dali", decoder="dali", **options)
+    assert (s["done"], s["windows"], s["decoded_by"]) == (3, 9, {"dali": 2, "pyav (fallback)": 1})
+    assert len(built) == 2  # the reader was rebuilt once, for the videos after the failing one
+    ref = extract_videos(pairs, tmp_path / "pyav", decoder="pyav", **options)
+    assert ref["done"] == 3
+    dali, pyav = Store(tmp_path / "dali"), Store(tmp_path / "pyav")
+    for vid in "abc":
+        np.testing.assert_allclose(dali.window_times(vid), pyav.window_times(vid))
+        np.testing.assert_allclose(dali.get(vid), pyav.get(vid), atol=0.1, rtol=0.1)

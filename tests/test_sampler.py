@@ -201,3 +201,29 @@ def test_validation_split_and_fixed_crops(store):
     again = list(LongVideoSampler(store, val, cfg).loader(VAL_EPOCH, num_workers=0))
     assert [b.lengths for b in first] == [b.lengths for b in again]
     assert all(torch.equal(a.x, b.x) and torch.equal(a.masked, b.masked) for a, b in zip(first, again))
+
+
+def test_token_budget_videos_per_batch_agree_across_ranks():
+    """The trainer scales its lr by mean_videos_per_batch: every rank must get the same value (the whole
+    epoch's batches, all ranks together), else data-parallel replicas would step with different lrs."""
+    n, seg = np.array(LENGTHS), np.full(len(LENGTHS), 5.0)
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, max_tokens=64, seed=0)
+    fake = type("FakeStore", (), {"num_segments": lambda self, v: int(n[int(v)]),
+                                  "meta": lambda self, v: {"segment_seconds": 5.0}})()
+    ids = [str(i) for i in range(len(n))]
+    for world in (2, 3):
+        means = {LongVideoSampler(fake, ids, cfg, rank=r, world=world).mean_videos_per_batch() for r in range(world)}
+        plans = [plan_epoch(n, seg, cfg, 0, rank=r, world=world) for r in range(world)]
+        everyone = [b for p in plans for b in p]
+        assert means == {sum(len(b) for b in everyone) / len(everyone)}
+    single = LongVideoSampler(fake, ids, cfg)
+    assert single.mean_videos_per_batch() == np.mean([len(b) for b in plan_epoch(n, seg, cfg, 0)])
+
+
+@pytest.mark.parametrize("bad", [dict(mask_ratio=1.0), dict(mask_ratio=-0.1), dict(mask_ratio=float("nan")),
+                                 dict(duration_max=float("inf")), dict(duration_min=float("inf"))])
+def test_config_refuses_ratios_and_durations_that_fail_later(bad):
+    """Refused when the config is made, not in a DataLoader worker at the first batch (ratio) or at
+    planning time with a numpy OverflowError (infinite duration)."""
+    with pytest.raises(ValueError, match="mask_ratio|duration"):
+        SamplerConfig(**bad)

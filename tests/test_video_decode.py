@@ -178,3 +178,30 @@ def test_preprocessing_in_chunks_equals_one_pass():
     want = ((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).reshape(3, 7, 3, 16, 16)
     got = preprocess.frames_to_input(frames, size, mean, std)
     assert preprocess.CHUNK_FRAMES < 21 and torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["time", "index"])
+def test_dali_error_in_one_video_keeps_the_rest_of_its_reader_on_dali(tmp_path, rule):
+    """A file DALI fails on mid-decode goes to PyAV; the videos after it in the same reader do not (the
+    reader restarts after it) and still decode with DALI, to the same frames as PyAV."""
+    pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
+    from lvmae_fast.video.decode_dali import decode_windows_dali
+
+    spec = WindowSpec(seconds=1.0, frames=4, rule=rule)
+    paths = [synth.write_video(tmp_path / f"{k}.webm", duration=3.0, fps=10, codec="vp9", seed=k).path
+             for k in range(3)]
+    stub = synth.write_video(tmp_path / "stub.webm", duration=0.3, fps=10, codec="vp9").path
+    jobs = [prepare_job(VideoJob(str(k), str(p)), spec) for k, p in enumerate(paths)]
+    jobs[1].path = str(stub)  # replaced after probing: DALI fails on frames the 3-frame file lacks
+    events = list(decode_windows_dali(jobs, spec, device="cpu", readers=1, batch_size=2))
+    handed_back = [e for e in events if isinstance(e, VideoJob)]
+    assert jobs[1] in handed_back and jobs[2] not in handed_back
+    last = [e for e in events if isinstance(e, Window) and e.job is jobs[2]]
+    assert [w.window for w in last] == [0, 1, 2]
+    reference = list(decode_windows_pyav(jobs[2].index, jobs[2].plan))
+    for w, (_, _, times) in zip(last, reference):
+        np.testing.assert_allclose(w.times, times, atol=1e-6)
+    # The first video: DALI's windows + PyAV's (only those DALI did not deliver) = all of them.
+    first = [e.window for e in events if isinstance(e, Window) and e.job is jobs[0]]
+    rest = [] if jobs[0] not in handed_back else list(np.flatnonzero(~jobs[0].skip))
+    assert sorted(first + rest) == [0, 1, 2]

@@ -13,6 +13,8 @@ skips a file it cannot open (it does so with only a warning).
 Throughput: videos are split over several readers (one pipeline each: NVDEC decodes sessions in
 parallel), each pipeline prefetches (DALI runs ahead asynchronously), so the next batches decode
 while the encoder works on this one. Videos are processed in chunks (pipelines rebuilt per chunk).
+A batch DALI fails on (damaged data) hands the video it was decoding to PyAV, for the windows not
+delivered yet, and the reader restarts after that video: the others keep decoding with DALI.
 """
 from __future__ import annotations
 
@@ -83,6 +85,24 @@ class _Shard:
         self.seen = 0
         self.epoch = 0
         self.pipe = None
+        self.last_label: int | None = None  # label of the last sample taken from this reader
+
+    def after_failure(self, done_jobs: set[int]) -> tuple[VideoJob | None, list[VideoJob]]:
+        """DALI failed on a batch: (the job it was most likely decoding, the jobs after it).
+
+        Samples come in file_list order, so nothing after the job of the last sample taken has been
+        delivered; the failing file is that job if it is unfinished, else the next one. Only it goes to
+        PyAV: the reader is rebuilt for the jobs after it (if the guess was wrong, the rebuilt reader
+        fails again and hands over the next job; every failure takes one job out)."""
+        start = 0
+        if self.last_label is not None:
+            owner = self.slots[self.last_label][0]
+            start = next(i for i, j in enumerate(self.jobs) if j is owner)
+            if id(owner) in done_jobs:
+                start += 1
+        if start >= len(self.jobs):
+            return None, []
+        return self.jobs[start], self.jobs[start + 1:]
 
 
 def _build_pipe(file_list: str, seq_len: int, device: str, batch_size: int, device_id, threads: int):
@@ -171,16 +191,21 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
         done_jobs: set[int] = set()
         delivered: dict[int, list[int]] = {id(j): [] for j in jobs}  # windows already yielded, per job
         broken: list[VideoJob] = []
-        for k, shard in enumerate(shards):
+
+        def build(shard: _Shard, k: int) -> bool:
             try:
                 shard.pipe = _build_pipe(shard.file_list, seq_len, device, batch_size,
                                          device_id if device == "gpu" else None, threads)
                 shard.total = shard.pipe.epoch_size("reader")
+                return True
             except Exception as err:  # noqa: BLE001 - DALI raises RuntimeError subclasses freely
                 log.warning("DALI could not open reader %d (%s); its videos go to PyAV", k, err)
                 broken.extend(shard.jobs)
                 shard.pipe = None
-        active = [s for s in shards if s.pipe is not None]
+                return False
+
+        active = [s for k, s in enumerate(shards) if build(s, k)]
+        readers_made = len(shards)
         copies = _GpuCopies() if device == "gpu" and active else None
         while active:
             for shard in list(active):
@@ -189,9 +214,21 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
                         copies.before_next_run()  # the last run's outputs are copied out before DALI reuses them
                     video, label, stamps = shard.pipe.run()
                 except Exception as err:  # noqa: BLE001
-                    log.warning("DALI failed on a batch (%s); unfinished videos of that reader go to PyAV", err)
-                    broken.extend(j for j in shard.jobs if id(j) not in done_jobs)
+                    # One damaged file must not send the rest of its reader to PyAV: that file goes
+                    # (only its windows not delivered yet), the reader restarts after it.
+                    culprit, rest = shard.after_failure(done_jobs)
+                    log.warning("DALI failed on a batch (%s); %s goes to PyAV%s", err,
+                                culprit.path if culprit is not None else "no video",
+                                f", the reader restarts for the {len(rest)} videos after it" if rest else "")
+                    if culprit is not None:
+                        broken.append(culprit)
+                    shard.pipe = None
                     active.remove(shard)
+                    if rest:
+                        retry = _Shard(rest, rule, folder, readers_made)
+                        if build(retry, readers_made):
+                            active.append(retry)
+                        readers_made += 1
                     continue
                 labels = _host_array(label).reshape(-1)
                 stamps = _host_array(stamps).reshape(len(labels), -1)  # seconds since the first frame
@@ -199,6 +236,7 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads):
                     if shard.seen >= shard.total:
                         break  # the rest of the batch wraps around into the next epoch
                     shard.seen += 1
+                    shard.last_label = int(labels[i])
                     job, item = shard.slots[int(labels[i])]
                     if id(job) in done_jobs:
                         continue
