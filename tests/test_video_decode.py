@@ -205,3 +205,19 @@ def test_dali_error_in_one_video_keeps_the_rest_of_its_reader_on_dali(tmp_path, 
     first = [e.window for e in events if isinstance(e, Window) and e.job is jobs[0]]
     rest = [] if jobs[0] not in handed_back else list(np.flatnonzero(~jobs[0].skip))
     assert sorted(first + rest) == [0, 1, 2]
+
+
+def test_damage_budget_is_the_whole_videos_when_windows_are_skipped(tmp_path):
+    """A video finished after a kill or a DALI failure (some windows skipped) got a budget sized on the
+    frames left to decode: the same damaged file could get another verdict than a fresh run."""
+    from lvmae_fast.video.probe import VideoError
+
+    path = synth.write_failure_corpus(tmp_path)["damaged_middle"]
+    job = prepare_job(VideoJob("d", str(path)), WindowSpec(seconds=1.0))
+    messages = []
+    for skip in (None, np.arange(job.num_windows) < 2):  # the first two windows (before the damage) done
+        with pytest.raises(VideoError) as err:
+            for _ in decode_windows_pyav(job.index, job.plan, skip=skip):
+                pass
+        messages.append(str(err.value).split(" (number")[0])
+    assert messages[0] == messages[1] and "sampled frames" in messages[0], messages

@@ -88,7 +88,11 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
         return
     wanted_pts = index.pts[plan.frames[active]]         # [n_active, T] pts of each sampled frame
     needed = np.unique(wanted_pts)                      # ascending
-    budget = _missing_budget(len(needed))
+    # The damage budget is the whole video's: sized on the frames left to decode, a video resumed after a
+    # kill or finished after a DALI failure would get a smaller one than a fresh PyAV run (same file,
+    # another verdict).
+    sampled = len(np.unique(index.pts[plan.frames]))
+    budget = _missing_budget(sampled)
     # A window is complete once the largest pts it needs has been assigned.
     window_last = wanted_pts.max(axis=1)
     # Frames still needed by a later window are kept; others are dropped as decoding advances.
@@ -121,7 +125,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
             missing += 1
             if missing > budget:
                 at = pts_to_seconds(np.asarray([needed[j]]), pts0, index.time_base)[0]
-                raise VideoError(f"damaged video data: more than {budget} of the {len(needed)} sampled frames "
+                raise VideoError(f"damaged video data: more than {budget} of the {sampled} sampled frames "
                                  f"could not be decoded (number {budget + 1} at {at:.2f} s)")
         got[int(needed[j])] = array_of(frame)
         got_pts[int(needed[j])] = frame_pts
