@@ -479,6 +479,11 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     train_ids, val_ids = split_videos(training_videos(store, cfg), cfg.val_videos, cfg.seed)
     check_something_to_mask(store, train_ids, cfg, model_cfg.mask_ratio)
     sampler = LongVideoSampler(store, train_ids, scfg)
+    if val_ids and cfg.short_video_policy == "drop" and all(store.num_segments(v) < 2 for v in val_ids):
+        # The sampler would drop every one of them and refuse to start: train without validation instead.
+        log.warning("validation off: all %d held-out videos have 1 segment and short_video_policy=drop "
+                    "leaves them out", len(val_ids))
+        val_ids = []
     val_sampler = LongVideoSampler(store, val_ids, scfg) if val_ids else None
     device = resolve_device(cfg.device)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

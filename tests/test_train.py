@@ -672,3 +672,30 @@ def test_backends_this_device_cannot_run_are_refused_before_the_run_dir_is_writt
         err = capsys.readouterr().err
         assert message in err and "error:" in err and "Traceback" not in err, err
         assert not (tmp_path / "run").exists()
+
+
+def test_held_out_videos_all_dropped_as_too_short_turn_validation_off(tmp_path, capsys, caplog, restore_threads):
+    """short_video_policy=drop with only 1-segment held-out videos: the validation sampler refused to start
+    ("no videos to sample from"), which stopped the run; it now trains without validation, with a warning."""
+    import logging
+
+    from lvmae_fast.cli import main
+    from lvmae_fast.sampler import split_videos
+
+    rng = np.random.default_rng(0)
+    npys = tmp_path / "npys"
+    npys.mkdir()
+    lengths = {"a": 1, "b": 1, "long": 30}
+    for vid, n in lengths.items():
+        np.save(npys / f"{vid}.npy", rng.standard_normal((n, 8)).astype(np.float32))
+    assert main(["store", "import", str(npys), "--out", str(tmp_path / "store")]) == 0
+    from lvmae_fast.store import Store
+
+    ids = list(Store(tmp_path / "store").video_ids)  # the order the trainer splits
+    seed = next(s for s in range(100) if lengths[split_videos(ids, 1, s)[1][0]] == 1)
+    with caplog.at_level(logging.WARNING):
+        assert main(["pretrain", "--preset", "tiny", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "run"),
+                     "--no-progress", "--max-steps", "1", "--val-videos", "1", "--seed", str(seed),
+                     "--set", "short_video_policy=drop"]) == 0
+    assert "validation off" in caplog.text
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 1
