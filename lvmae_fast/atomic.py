@@ -2,8 +2,54 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+
+class WriteError(OSError):
+    """A write that failed (disk full, I/O error, file too large, permission lost mid-run): str() is one
+    line naming what could not be written and why, for the CLI's one-line error (an OSError, so it is
+    reported like any other path the system refuses)."""
+
+    def __init__(self, message: str, errno_: int | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.errno = errno_  # set after: str() stays the message, not "[Errno N] ..."
+        self.reason = reason or message
+
+
+def _write_errors() -> tuple[type, ...]:
+    """Exceptions a failed write surfaces as: OSError, and the library errors that wrap one: torch.save's
+    RuntimeError ('[enforce fail at inline_container.cc:...] unexpected pos ...') and safetensors'
+    SafetensorError ('Error while serializing: I/O error: No space left on device (os error 28)')."""
+    errors: tuple[type, ...] = (OSError, RuntimeError)
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - a core dependency
+        return errors
+    return (*errors, SafetensorError)
+
+
+WRITE_ERRORS = _write_errors()
+
+
+def write_reason(err: BaseException, where=None) -> str:
+    """Why a write failed, in a few words: the OS's reason (e.g. 'No space left on device'), or for a
+    library error that wraps one (torch.save's zip writer raises RuntimeError('[enforce fail at
+    inline_container.cc:...] unexpected pos ...')) its first line and, when known, the free space left."""
+    if isinstance(err, WriteError):
+        return err.reason
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    reason = f"{type(err).__name__}: {first}"
+    if where is not None:
+        try:
+            free = shutil.disk_usage(where).free
+            reason += f"; {free / 2**20:.1f} MiB free there (is the disk full?)"
+        except OSError:
+            pass
+    return reason
 
 
 def fsync_dir(path) -> None:
@@ -30,7 +76,10 @@ def atomic_write(path, write) -> None:
     """write(tmp_path) fills a temp file in the same directory; it is fsynced, renamed over `path`, and
     the directory is fsynced. Readers see the old file or the complete new one, never a partial one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # no inodes left, directory not writable
+        raise WriteError(f"could not write {path}: {write_reason(err)}", err.errno, write_reason(err)) from err
     os.close(fd)
     try:
         # mkstemp makes the file 0600; a store or checkpoint is read by other users and jobs too.
@@ -39,7 +88,16 @@ def atomic_write(path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except WRITE_ERRORS as err:
+        # Disk full, I/O error, file too large, permission lost: one line naming the file (the OS's own
+        # message often names only the temp file, or nothing; libraries wrap it, see _write_errors).
+        if isinstance(err, WriteError):
+            raise
+        reason = write_reason(err, path.parent)
+        raise WriteError(f"could not write {path}: {reason}", getattr(err, "errno", None), reason) from err
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:  # removed on failure (a full disk must not keep a half-written copy); best effort, so the
+            os.unlink(tmp)  # write's own error is the one reported
+        except OSError:
+            pass
     fsync_dir(path.parent)

@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .atomic import WriteError, write_reason
 from .devices import resolve_device
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
 from .video.partial import PartialVideos
@@ -274,7 +275,9 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     if weights and not given_model:
         settings["weights"] = weights_fingerprint(weights)  # another checkpoint under the same encoder name
     with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds, settings=settings) as writer:
-        failures = open(out / FAILURES_NAME, "w")  # this run's failures (re-runs retry failed files)
+        # This run's failures (re-runs retry failed files). Unbuffered: a failed write (disk full) is
+        # reported where it happens, and close() has nothing left to fail on.
+        failures = open(out / FAILURES_NAME, "wb", buffering=0)
         # Saved windows resume only under the same decoder, device and precision: their pixels and
         # rounding differ, and one video's windows should come from one of them.
         partials = PartialVideos(out, model.dim, settings={**settings, "encoder": encoder, "seed": seed,
@@ -304,8 +307,19 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             counts["failed"] += 1
             partials.drop(job.video_id, job.path)  # saved windows of this file, which cannot be finished
             log.warning("skip %s: %s", job.path, reason)
-            failures.write(json.dumps({"path": job.path, "video_id": job.video_id, "reason": reason}) + "\n")
-            failures.flush()
+            line = (json.dumps({"path": job.path, "video_id": job.video_id, "reason": reason}) + "\n").encode()
+            start = failures.tell()
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[failures.write(view):]
+            except OSError as err:
+                try:
+                    failures.truncate(start)  # no torn line
+                except OSError:
+                    pass
+                raise WriteError(f"could not write to {out / FAILURES_NAME} (recording that {job.path} failed: "
+                                 f"{reason}): {write_reason(err)}", err.errno, write_reason(err)) from err
             bar.update(videos=1)
 
         def encode(windows: list[Window]):

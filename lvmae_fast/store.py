@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import WRITE_ERRORS, WriteError, atomic_write, write_reason
 
 INDEX_NAME = "index.json"
 JOURNAL_NAME = "index.journal"
@@ -73,6 +73,15 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 def _atomic_save_json(path: Path, obj) -> None:
     text = json.dumps(obj, separators=(",", ":")).encode()
     atomic_write(path, _write_with(lambda f: f.write(text)))
+
+
+def _remove_files(paths) -> None:
+    """Best effort (after a failed write, whose error is the one to report)."""
+    for p in paths:
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 def _append_journal_line(path: Path, record: dict) -> None:
@@ -384,25 +393,37 @@ class StoreWriter:
             rows += n
         groups.append(current)
         # The live index is only extended once everything is on disk (and never copied: O(new videos) per commit).
-        new_shards, new_videos = [], []
-        for group in groups:
-            shard_id = len(self._index["shards"]) + len(new_shards)
-            shard = self._write_shard(np.concatenate([e for _, e, _ in group]), np.concatenate([t for _, _, t in group]))
-            offset = 0
-            for entry, _, _ in group:
-                new_videos.append({**entry, "shard": shard_id, "offset": offset})
-                offset += entry["n"]
-            new_shards.append(shard)
-        # atomic_write fsynced shards/ after each rename: the shards are durable before the index names them.
+        new_shards, new_videos, written = [], [], []
         index = self._index
-        if not (self.path / INDEX_NAME).exists():
-            _atomic_save_json(self.path / INDEX_NAME, {**index, "shards": index["shards"] + new_shards,
-                                                       "videos": index["videos"] + new_videos})
-        else:
-            # Append-only journal line (O(new videos)) instead of rewriting the whole index per commit:
-            # an extraction job commits after every encoder batch, for tens of thousands of videos.
-            _append_journal_line(self.path / JOURNAL_NAME,
-                                 {"seq": index["journal_seq"] + 1, "shards": new_shards, "videos": new_videos})
+        try:
+            for group in groups:
+                shard_id = len(self._index["shards"]) + len(new_shards)
+                shard = self._write_shard(np.concatenate([e for _, e, _ in group]),
+                                          np.concatenate([t for _, _, t in group]), written)
+                offset = 0
+                for entry, _, _ in group:
+                    new_videos.append({**entry, "shard": shard_id, "offset": offset})
+                    offset += entry["n"]
+                new_shards.append(shard)
+            # atomic_write fsynced shards/ after each rename: the shards are durable before the index names them.
+            journaled = (self.path / INDEX_NAME).exists()
+            if not journaled:
+                _atomic_save_json(self.path / INDEX_NAME, {**index, "shards": index["shards"] + new_shards,
+                                                           "videos": index["videos"] + new_videos})
+            else:
+                # Append-only journal line (O(new videos)) instead of rewriting the whole index per commit:
+                # an extraction job commits after every encoder batch, for tens of thousands of videos.
+                _append_journal_line(self.path / JOURNAL_NAME,
+                                     {"seq": index["journal_seq"] + 1, "shards": new_shards, "videos": new_videos})
+        except WRITE_ERRORS as err:
+            # Disk full or I/O error: nothing of this commit is visible; its shards are removed now (not
+            # left for the next writer) and the videos stay buffered, so a later commit may retry them.
+            self._remove_unindexed(written)
+            raise WriteError(f"could not commit {len(self._pending)} videos to store {self.path}: "
+                             f"{write_reason(err, self.path)} ({len(self._committed_ids)} videos committed "
+                             f"before are intact; rerunning resumes after them)",
+                             getattr(err, "errno", None), write_reason(err, self.path)) from err
+        if journaled:
             index["journal_seq"] += 1
         index["shards"].extend(new_shards)
         index["videos"].extend(new_videos)
@@ -412,12 +433,27 @@ class StoreWriter:
         if journal.exists() and journal.stat().st_size >= max(FOLD_MIN_BYTES, (self.path / INDEX_NAME).stat().st_size):
             self._fold()
 
-    def _write_shard(self, emb: np.ndarray, times: np.ndarray) -> dict:
+    def _remove_unindexed(self, written: list) -> None:
+        """After a failed commit or compaction: remove the shard files it wrote, except any the index on
+        disk names (an index.json renamed into place whose directory fsync then failed is visible)."""
+        try:
+            index = load_index(self.path)
+            named = {Path(sh[k]).name for sh in index["shards"] for k in ("emb", "times")}
+        except FileNotFoundError:
+            named = set()
+        except Exception:  # noqa: BLE001 - unreadable now: keep them; the next writer sorts them out
+            return
+        _remove_files([p for p in written if p.name not in named])
+
+    def _write_shard(self, emb: np.ndarray, times: np.ndarray, written: list) -> dict:
+        """written: each file is appended once on disk, so a failed commit or compaction can remove them."""
         number = self._next_shard_number
         self._next_shard_number += 1
         emb_name, times_name = f"{SHARD_DIR}/emb-{number:05d}.npy", f"{SHARD_DIR}/times-{number:05d}.npy"
         _atomic_save_npy(self.path / emb_name, emb)
+        written.append(self.path / emb_name)
         _atomic_save_npy(self.path / times_name, times)
+        written.append(self.path / times_name)
         return {"emb": emb_name, "times": times_name, "rows": int(emb.shape[0])}
 
     def compact(self) -> int:
@@ -455,17 +491,25 @@ class StoreWriter:
             data = np.load(self.path / index["shards"][v["shard"]][kind], mmap_mode="r")
             return data[v["offset"]: v["offset"] + v["n"]]
 
-        for group in groups:
-            emb = np.concatenate([rows(v, "emb") for v in group])
-            times = np.concatenate([rows(v, "times") for v in group])
-            shard_id, offset = len(shards), 0
-            for v in group:
-                v["shard"], v["offset"] = shard_id, offset
-                offset += v["n"]
-            shards.append(self._write_shard(emb, times))
+        written = []
+        try:
+            for group in groups:
+                emb = np.concatenate([rows(v, "emb") for v in group])
+                times = np.concatenate([rows(v, "times") for v in group])
+                shard_id, offset = len(shards), 0
+                for v in group:
+                    v["shard"], v["offset"] = shard_id, offset
+                    offset += v["n"]
+                shards.append(self._write_shard(emb, times, written))
+            _atomic_save_json(self.path / INDEX_NAME, {**index, "shards": shards, "videos": videos})
+        except WRITE_ERRORS as err:
+            # The old index and shards are untouched (the store reads as before); the merged copies go.
+            self._remove_unindexed(written)
+            raise WriteError(f"could not compact store {self.path}: {write_reason(err, self.path)} (the store is "
+                             f"unchanged: {len(index['videos'])} videos in {len(index['shards'])} shards)",
+                             getattr(err, "errno", None), write_reason(err, self.path)) from err
         old_files = [self.path / index["shards"][i][k] for i in small for k in ("emb", "times")]
         self._index = {**index, "shards": shards, "videos": videos}
-        _atomic_save_json(self.path / INDEX_NAME, self._index)
         for f in old_files:
             f.unlink()
         return len(small)

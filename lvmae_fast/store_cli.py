@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import WriteError
 from .store import Store, StoreWriter, load_index, show_id, summarize, verify_store
 
 _PY_STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""
@@ -172,6 +173,10 @@ def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float
             try:
                 writer.add(video_id, emb, source_path=source)
                 added += 1
+            except WriteError:
+                # add() commits once a shard fills: a full disk stops the import (one line from the CLI);
+                # it is no fault of this video, and the next ones would fail the same way.
+                raise
             except (ValueError, OSError, RuntimeError) as err:
                 failures.append(f"{video_id} ({source}): {err}")
     finally:

@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import train_config as tc
-from .atomic import atomic_write
+from .atomic import WRITE_ERRORS, WriteError, atomic_write, write_reason
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
@@ -169,10 +169,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.link.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)  # no second copy of the weights where the filesystem allows
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)  # no second copy of the weights where the filesystem allows
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a copy cut short by a full disk
+        raise
 
 
 def link_model_files(out: Path, ckpt: Path) -> None:
@@ -196,19 +200,43 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
     tmp = ckpt_root / f".{name}.tmp"
     for stale in ckpt_root.glob(".step-*.tmp"):  # half-written checkpoints of killed runs (one writer per run dir)
         shutil.rmtree(stale, ignore_errors=True)
-    model.save_pretrained(tmp)
-    state = {"progress": dict(progress), "optimizer": portable_optimizer_state(optimizer), "rng": _rng_state(),
-             "config": cfg.to_dict(), "model_config": model.config.to_dict(), "store_fingerprint": store_fingerprint}
-    torch.save(state, tmp / STATE_NAME)
-    shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step from a killed run
-    os.replace(tmp, final)
-    _atomic_text(pointer, name)
-    link_model_files(out, final)
+    try:
+        model.save_pretrained(tmp)
+        state = {"progress": dict(progress), "optimizer": portable_optimizer_state(optimizer), "rng": _rng_state(),
+                 "config": cfg.to_dict(), "model_config": model.config.to_dict(), "store_fingerprint": store_fingerprint}
+        torch.save(state, tmp / STATE_NAME)
+        shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step from a killed run
+        os.replace(tmp, final)
+    except BaseException as err:
+        # A full disk (ENOSPC; torch.save's zip writer reports it as RuntimeError "unexpected pos") must not
+        # leave a multi-GB half-written checkpoint behind; `latest` and earlier checkpoints are untouched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, WRITE_ERRORS):
+            raise WriteError(f"could not write checkpoint {name} to {ckpt_root}: {write_reason(err, ckpt_root)} "
+                             f"({_intact(ckpt_root, name)})", getattr(err, "errno", None)) from err
+        raise
+    try:
+        _atomic_text(pointer, name)
+    except OSError as err:
+        raise WriteError(f"wrote checkpoint {final} but could not update {pointer}: {write_reason(err, ckpt_root)} "
+                         f"(it still names the previous checkpoint; {_intact(ckpt_root, name)})", err.errno) from err
+    try:
+        link_model_files(out, final)
+    except OSError as err:
+        raise WriteError(f"wrote checkpoint {final} but could not link its model files into {out}: "
+                         f"{write_reason(err, out)} (the checkpoint is complete: --resume relinks them)",
+                         err.errno) from err
     steps = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in (steps[:-cfg.keep_checkpoints] if prune else []):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _intact(ckpt_root: Path, name: str) -> str:
+    """Which checkpoints a failed save left to resume from, for its error message."""
+    done = sorted(p.name for p in ckpt_root.glob("step-*") if p.name != name and (p / STATE_NAME).is_file())
+    return f"earlier checkpoints are intact: {', '.join(done[-3:])}" if done else "no earlier checkpoint"
 
 
 def portable_optimizer_state(optimizer) -> dict:
@@ -268,8 +296,10 @@ def plot_loss(run: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = run / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:  # atomically: a full disk leaves the previous plot, not a cut-off file
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -321,9 +351,21 @@ class Throughput:
 
 
 def log_metrics(record: dict, metrics_file, tb) -> None:
-    """One line of metrics.jsonl (flushed: a killed run keeps what it logged) and the TensorBoard scalars."""
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
+    """One line of metrics.jsonl (unbuffered: a killed run keeps what it logged) and the TensorBoard scalars.
+    metrics_file: opened "ab" with buffering=0. A failed write (disk full) is cut back off, so the file
+    never ends in a torn line, and reported as one line naming the file."""
+    data, start = (json.dumps(record) + "\n").encode(), metrics_file.tell()
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[metrics_file.write(view):]
+    except OSError as err:
+        try:
+            metrics_file.truncate(start)
+        except OSError:
+            pass
+        raise WriteError(f"could not write step {record['step']} to {metrics_file.name}: {write_reason(err)} "
+                         f"(the run stops here; --resume continues from the latest checkpoint)", err.errno) from err
     if tb is not None:
         for key, value in record.items():
             if key not in ("step", "epoch", "time_s"):
@@ -577,8 +619,11 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
         if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
             # The skipped update left the parameters as they were before this step. Earlier checkpoints
             # are kept (no pruning): this state fails again, so recovery starts from one of them.
-            path = save_checkpoint(out, model, optimizer, progress, cfg, store.fingerprint, prune=False)
             what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
+            try:
+                path = save_checkpoint(out, model, optimizer, progress, cfg, store.fingerprint, prune=False)
+            except WriteError as err:
+                raise WriteError(f"non-finite {what} at step {progress['step'] + 1}; {err}", err.errno) from err
             earlier = sorted(p.name for p in path.parent.glob("step-*") if p.is_dir() and p.name < path.name)
             lr_flag = "--lr" if cfg.lr else "--blr"
             lr_now = cfg.lr or cfg.blr
@@ -611,7 +656,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
             checkpoint()
         return True
 
-    with stop.installed(), open(metrics_path, "a") as metrics:
+    with stop.installed(), open(metrics_path, "ab", buffering=0) as metrics:
         # One loader for the whole run (workers live across epochs; see sampler.EpochStream).
         stream = sampler.stream(progress["epoch"], progress["batch"], cfg.epochs, num_workers=cfg.num_workers,
                                 pin_memory=pin, prefetch_factor=cfg.prefetch_factor)
@@ -666,7 +711,13 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     with stop.installed():
         signalled = stop.signum is not None
         if exit_code == 0:
-            path = checkpoint()
+            try:
+                path = checkpoint()
+            except WriteError as err:
+                if signalled:
+                    raise WriteError(f"interrupted by {signal.Signals(stop.signum).name} at step {progress['step']}; "
+                                     f"{err}", err.errno) from err
+                raise
             if signalled:
                 exit_code = EXIT_SIGNAL[stop.signum]
                 print(f"interrupted at step {progress['step']}; checkpoint {path}; continue with --resume",

@@ -189,3 +189,32 @@ def test_unreadable_and_empty_files_are_one_line_errors_naming_the_file(tmp_path
         assert err.startswith(f"lvmae convert-reference: error: {tmp_path / name}") and message in err, err
         assert len(err.strip().splitlines()) == 1 and "Please file an issue" not in err, err
     assert not (tmp_path / "D").exists()
+
+
+def test_a_failed_atomic_write_names_the_file_and_leaves_no_temp(tmp_path):
+    """torch.save's zip writer reports a full disk as RuntimeError('[enforce fail at inline_container.cc...]
+    unexpected pos'): it is a write error (an OSError the CLI prints as one line) naming the file, and the
+    temp file goes; the old file stays."""
+    import errno
+
+    from lvmae_fast.atomic import WriteError, atomic_write
+
+    target = tmp_path / "w.pt"
+    atomic_write(target, lambda tmp: torch.save({"a": 1}, tmp))
+
+    def torch_full(tmp):
+        open(tmp, "wb").write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2483714176 vs 2483714068")
+
+    def enospc(tmp):
+        open(tmp, "wb").write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteError, match=rf"could not write {target}: RuntimeError: \[enforce fail.*MiB free") as err:
+        atomic_write(target, torch_full)
+    assert isinstance(err.value, OSError) and "\n" not in str(err.value)
+    with pytest.raises(WriteError, match=rf"could not write {target}: No space left on device$") as err:
+        atomic_write(target, enospc)
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
+    assert torch.load(target) == {"a": 1}

@@ -572,3 +572,55 @@ def test_dali_failing_on_one_video_keeps_the_others_of_its_reader_on_dali(tmp_pa
     for vid in "abc":
         np.testing.assert_allclose(dali.window_times(vid), pyav.window_times(vid))
         np.testing.assert_allclose(dali.get(vid), pyav.get(vid), atol=0.1, rtol=0.1)
+
+
+def test_a_full_disk_while_saving_windows_or_failures_is_one_line_and_the_rerun_resumes(long_video, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """ENOSPC while a long video's embedded windows are saved beside the store (video/partial.py): no temp
+    file, the chunks saved before stay, one line naming the video and the reason, and a rerun resumes
+    from the saved chunks. ENOSPC on failures.jsonl: one line naming the file, no torn line."""
+    import errno
+    import io
+
+    import lvmae_fast.extract as extract_mod
+    import lvmae_fast.video.partial as partial_mod
+
+    real_savez, calls = partial_mod.np.savez, []
+
+    def savez(f, **arrays):  # the third chunk finds the disk full
+        calls.append(1)
+        if len(calls) == 3:
+            f.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_savez(f, **arrays)
+
+    monkeypatch.setattr(partial_mod.np, "savez", savez)
+    store = tmp_path / "s"
+    args = ["extract", str(long_video.path), "--encoder", "tiny", "--out", str(store), "--seconds", "1",
+            "--batch-size", "2", "--decoder", "pyav", "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lvmae extract: error: could not save embedded windows of video long under {store / 'partial'}: "
+                   "No space left on device (2 chunks saved before are kept; rerunning resumes from them)"], err
+    assert sorted(p.name for p in (store / "partial").rglob("*") if p.is_file()) == [
+        "chunk-000000.npz", "chunk-000001.npz", "meta.json"]
+    monkeypatch.setattr(partial_mod.np, "savez", real_savez)
+    resumed = extract_videos(str(long_video.path), store, encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav")
+    assert (resumed["done"], resumed["windows"]) == (1, 8)  # the 4 windows saved before are not redone
+    assert Store(store).num_segments("long") == 12
+
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("hello")
+
+    class Full(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(extract_mod, "open", lambda path, mode, buffering=-1: Full(path, "w"), raising=False)
+    assert main(["extract", str(bad), "--encoder", "tiny", "--out", str(tmp_path / "s2"), "--seconds", "1",
+                 "--decoder", "pyav", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"lvmae extract: error: could not write to {tmp_path / 's2' / 'failures.jsonl'} (recording that {bad} failed"), err
+    assert err[0].endswith("): No space left on device")
+    assert (tmp_path / "s2" / "failures.jsonl").read_bytes() == b""

@@ -769,3 +769,74 @@ def test_verify_problem_lines_quote_ids_that_need_it(tmp_path):
                                          '  "trail ": 1 of 15 rows hold NaN/Inf',
                                          '  "say \\"hi\\"": 1 of 20 rows hold NaN/Inf'])
     assert lines[-1].endswith('bad videos (4): "  new\\nline" plain "say \\"hi\\"" "trail "')
+
+
+def test_a_full_disk_during_a_commit_or_compaction_keeps_the_store_and_stops_the_import(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """ENOSPC while a commit writes its shards or journal line: the shards already written for it are
+    removed, the committed videos still load, `store import` stops with one line (not a per-video failure
+    for a video that is no worse than the others) and a rerun after freeing space completes the store."""
+    import errno
+
+    import lvmae_fast.store as store_mod
+    from lvmae_fast.atomic import WriteError
+    from lvmae_fast.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        np.save(src / f"v{i}.npy", rng.standard_normal((10, 8)).astype(np.float32))
+    real_save, calls = np.save, []
+
+    def save(f, arr, *a, **k):  # the emb shard of the 2nd commit is written, then its times shard fails
+        calls.append(1)
+        if len(calls) >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(f, arr, *a, **k)
+
+    monkeypatch.setattr(store_mod.np, "save", save)
+    out = tmp_path / "st"
+    assert main(["store", "import", str(src), "--out", str(out), "--shard-rows", "20"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"lvmae store import: error: could not commit 2 videos to store {out}: No space left on device "
+                   "(2 videos committed before are intact; rerunning resumes after them)\n")
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["emb-00000.npy", "times-00000.npy"]
+    assert Store(out).video_ids == ["v0", "v1"] and verify_store(out).ok
+    monkeypatch.setattr(store_mod.np, "save", real_save)
+    assert main(["store", "import", str(src), "--out", str(out), "--shard-rows", "20"]) == 0
+    assert Store(out).video_ids == [f"v{i}" for i in range(6)] and verify_store(out).ok
+
+    # A failed journal append (the commit point) of a direct writer: nothing visible, no shard left.
+    w = StoreWriter(tmp_path / "j", 8, shard_rows=1000)
+    w.add("a", np.ones((3, 8)))
+    w.commit()
+    w.add("b", np.ones((3, 8)))
+
+    def no_journal(path, record):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_mod, "_append_journal_line", no_journal)
+    with pytest.raises(WriteError, match="could not commit 1 videos to store .*: Input/output error"):
+        w.commit()
+    assert sorted(p.name for p in (tmp_path / "j" / "shards").iterdir()) == ["emb-00000.npy", "times-00000.npy"]
+    assert Store(tmp_path / "j").video_ids == ["a"]
+    monkeypatch.undo()
+    w.close()  # space is back: the buffered video commits
+    assert Store(tmp_path / "j").video_ids == ["a", "b"]
+
+    # compact: the merged shards go, the old index and shards stay.
+    with StoreWriter(tmp_path / "c", 8, shard_rows=100) as w:
+        for i in range(4):
+            w.add(f"c{i}", np.full((3, 8), float(i)))
+            w.commit()
+    before = sorted(p.name for p in (tmp_path / "c" / "shards").iterdir())
+
+    def full_index(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "_atomic_save_json", full_index)
+    assert main(["store", "compact", str(tmp_path / "c")]) == 1
+    assert "could not compact store" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "c" / "shards").iterdir()) == before
+    assert [float(Store(tmp_path / "c").get(f"c{i}")[0, 0]) for i in range(4)] == [0, 1, 2, 3]

@@ -699,3 +699,93 @@ def test_held_out_videos_all_dropped_as_too_short_turn_validation_off(tmp_path, 
                      "--set", "short_video_policy=drop"]) == 0
     assert "validation off" in caplog.text
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 1
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(store, tmp_path, monkeypatch, capsys,
+                                                                          restore_threads):
+    """torch.save on a full disk raised a raw RuntimeError ('[enforce fail at inline_container.cc:672] ...
+    unexpected pos ...') and left checkpoints/.step-N.tmp behind. Now: one line naming the checkpoint, the
+    reason and the checkpoints left; no temp dir; `latest` and the earlier checkpoint load; --resume after
+    freeing space finishes the run exactly like an undisturbed one. Same for the non-finite-step save."""
+    import errno
+
+    from lvmae_fast.cli import main
+
+    real_save = torch.save
+
+    def full_at(step, error):
+        def save(obj, f, *a, **k):
+            if isinstance(obj, dict) and obj.get("progress", {}).get("step") == step:
+                open(f, "wb").write(b"x" * 1000)  # half a file, then the disk is full
+                raise error
+            return real_save(obj, f, *a, **k)
+        return save
+
+    args = ["pretrain", "--preset", "tiny", "--store", str(store), "--no-progress", "--max-steps", "8",
+            "--set", "ckpt_every=4", "--set", "tensorboard=false"]
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", full_at(8, RuntimeError(
+        "[enforce fail at inline_container.cc:672] . unexpected pos 2483714176 vs 2483714068")))
+    assert main([*args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"lvmae pretrain: error: could not write checkpoint step-00000008 to {out / 'checkpoints'}: RuntimeError: "
+        "[enforce fail at inline_container.cc:672]"), err
+    assert err[0].endswith("(is the disk full?) (earlier checkpoints are intact: step-00000004)"), err
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000004"]
+    assert (ckpts / "latest").read_text() == "step-00000004"
+    assert load_train_state(ckpts / "step-00000004")["progress"]["step"] == 4
+    LVMAE.from_pretrained(out)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert main([*args, "--out", str(reference)]) == 0
+    assert curve(out) == curve(reference)
+
+    # The save of the state before a non-finite step, on a full disk: both facts, one line.
+    real_forward, calls = LVMAE.forward, []
+
+    def forward(self, batch):
+        calls.append(1)
+        loss = real_forward(self, batch)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(LVMAE, "forward", forward)
+    monkeypatch.setattr(torch, "save", full_at(5, OSError(errno.ENOSPC, "No space left on device")))
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "nonfinite")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lvmae pretrain: error: non-finite loss (nan) at step 6; could not write checkpoint step-00000005 "
+                   f"to {tmp_path / 'nonfinite' / 'checkpoints'}: No space left on device (earlier checkpoints are "
+                   "intact: step-00000004)"], err
+    assert sorted(p.name for p in (tmp_path / "nonfinite" / "checkpoints").iterdir()) == ["latest", "step-00000004"]
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line_without_a_torn_record(store, tmp_path, monkeypatch, capsys,
+                                                                            restore_threads):
+    import errno
+    import io
+
+    import lvmae_fast.train as train_mod
+    from lvmae_fast.cli import main
+
+    class FillsUp(io.FileIO):  # 3 records fit, the 4th is cut short by the full disk
+        def write(self, data):
+            if self.tell() > 0 and str(self.name).endswith("metrics.jsonl") and len(read_metrics(Path(self.name))) >= 3:
+                super().write(bytes(data)[:10])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(train_mod, "open", lambda path, mode="r", buffering=-1: FillsUp(path, "a"), raising=False)
+    out = tmp_path / "run"
+    args = ["pretrain", "--preset", "tiny", "--store", str(store), "--no-progress", "--max-steps", "8",
+            "--set", "ckpt_every=2", "--set", "tensorboard=false"]
+    assert main([*args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lvmae pretrain: error: could not write step 4 to {out / 'metrics.jsonl'}: No space left on device "
+                   "(the run stops here; --resume continues from the latest checkpoint)"], err
+    assert (out / "metrics.jsonl").read_text().count("\n") == 3 and (out / "metrics.jsonl").read_text().endswith("\n")
+    monkeypatch.undo()
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 9))

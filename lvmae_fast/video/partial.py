@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import WriteError, atomic_write, write_reason
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,17 @@ class PartialVideos:
         return emb, filled
 
     def save(self, video_id: str, path: str, num_windows: int, windows: np.ndarray, emb: np.ndarray) -> None:
-        """Append the embeddings of `windows` (window indices of this video) as one chunk."""
+        """Append the embeddings of `windows` (window indices of this video) as one chunk. A failed write
+        (disk full) leaves the chunks saved before as they were (no temp file) and says which video."""
+        try:
+            self._save(video_id, path, num_windows, windows, emb)
+        except OSError as err:
+            saved = self._chunks.get(video_id, 0)
+            raise WriteError(f"could not save embedded windows of video {video_id} under {self.root}: "
+                             f"{write_reason(err, self.root)} ({saved} chunks saved before are kept; "
+                             f"rerunning resumes from them)", err.errno, write_reason(err, self.root)) from err
+
+    def _save(self, video_id: str, path: str, num_windows: int, windows: np.ndarray, emb: np.ndarray) -> None:
         folder = self._folder(video_id)
         if video_id not in self._chunks:
             if folder.exists():  # left by an older job on another version of this file
