@@ -85,6 +85,7 @@ def atomic_write(path, write) -> None:
         # mkstemp makes the file 0600; a store or checkpoint is read by other users and jobs too.
         os.chmod(tmp, _FILE_MODE)
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)  # again: a writer that replaces the file (safetensors) leaves its own 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -101,3 +102,20 @@ def atomic_write(path, write) -> None:
         except OSError:
             pass
     fsync_dir(path.parent)
+
+
+def append_whole(file, data: bytes) -> None:
+    """Append `data` to a binary file opened unbuffered ("ab", buffering=0) in full or not at all: a
+    write that fails part way (disk full) is cut back off, so the file never ends in a torn line; the
+    OSError is re-raised for the caller to name."""
+    start = file.tell()
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[file.write(view):]
+    except OSError:
+        try:
+            file.truncate(start)
+        except OSError:
+            pass
+        raise

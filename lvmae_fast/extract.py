@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .atomic import WriteError, write_reason
+from .atomic import WriteError, append_whole, write_reason
 from .devices import resolve_device
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
 from .video.partial import PartialVideos
@@ -308,16 +308,9 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             partials.drop(job.video_id, job.path)  # saved windows of this file, which cannot be finished
             log.warning("skip %s: %s", job.path, reason)
             line = (json.dumps({"path": job.path, "video_id": job.video_id, "reason": reason}) + "\n").encode()
-            start = failures.tell()
             try:
-                view = memoryview(line)
-                while view:
-                    view = view[failures.write(view):]
+                append_whole(failures, line)  # no torn line
             except OSError as err:
-                try:
-                    failures.truncate(start)  # no torn line
-                except OSError:
-                    pass
                 raise WriteError(f"could not write to {out / FAILURES_NAME} (recording that {job.path} failed: "
                                  f"{reason}): {write_reason(err)}", err.errno, write_reason(err)) from err
             bar.update(videos=1)

@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import train_config as tc
-from .atomic import WRITE_ERRORS, WriteError, atomic_write, write_reason
+from .atomic import WRITE_ERRORS, WriteError, append_whole, atomic_write, write_reason
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
@@ -354,16 +354,9 @@ def log_metrics(record: dict, metrics_file, tb) -> None:
     """One line of metrics.jsonl (unbuffered: a killed run keeps what it logged) and the TensorBoard scalars.
     metrics_file: opened "ab" with buffering=0. A failed write (disk full) is cut back off, so the file
     never ends in a torn line, and reported as one line naming the file."""
-    data, start = (json.dumps(record) + "\n").encode(), metrics_file.tell()
     try:
-        view = memoryview(data)
-        while view:
-            view = view[metrics_file.write(view):]
+        append_whole(metrics_file, (json.dumps(record) + "\n").encode())
     except OSError as err:
-        try:
-            metrics_file.truncate(start)
-        except OSError:
-            pass
         raise WriteError(f"could not write step {record['step']} to {metrics_file.name}: {write_reason(err)} "
                          f"(the run stops here; --resume continues from the latest checkpoint)", err.errno) from err
     if tb is not None:

@@ -218,3 +218,19 @@ def test_a_failed_atomic_write_names_the_file_and_leaves_no_temp(tmp_path):
     assert err.value.errno == errno.ENOSPC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
     assert torch.load(target) == {"a": 1}
+
+
+def test_model_dir_files_follow_the_umask(tmp_path):
+    """safetensors' save_file replaces the temp file with one of mode 0600: a model dir other users or jobs
+    could not read (config.json was 0644)."""
+    import os
+    import stat
+
+    from lvmae_fast.checkpoint import save_model_dir
+    from lvmae_fast.model import LVMAE, LVMAEConfig
+
+    save_model_dir(LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8)), tmp_path / "m")
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
