@@ -17,6 +17,10 @@ class WriteError(OSError):
         self.errno = errno_  # set after: str() stays the message, not "[Errno N] ..."
         self.reason = reason or message
 
+    def within(self, context: str) -> "WriteError":
+        """The same failure, its message prefixed with what the run was doing ("interrupted by SIGINT ...")."""
+        return WriteError(f"{context}; {self}", self.errno, self.reason)
+
 
 def _write_errors() -> tuple[type, ...]:
     """Exceptions a failed write surfaces as: OSError, and the library errors that wrap one: torch.save's
@@ -52,6 +56,12 @@ def write_reason(err: BaseException, where=None) -> str:
     return reason
 
 
+def write_error(what: str, err: BaseException, where=None, then: str = "") -> WriteError:
+    """WriteError "WHAT: REASON THEN" for the failed write `err` (REASON: write_reason(err, where))."""
+    reason = write_reason(err, where)
+    return WriteError(f"{what}: {reason}{then}", getattr(err, "errno", None), reason)
+
+
 def fsync_dir(path) -> None:
     """A rename is durable only once its directory is: after a power cut the directory entry could
     otherwise still name the old file (or nothing) while data that refers to the new one survived."""
@@ -79,7 +89,7 @@ def atomic_write(path, write) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:  # no inodes left, directory not writable
-        raise WriteError(f"could not write {path}: {write_reason(err)}", err.errno, write_reason(err)) from err
+        raise write_error(f"could not write {path}", err) from err
     os.close(fd)
     try:
         # mkstemp makes the file 0600; a store or checkpoint is read by other users and jobs too.
@@ -94,8 +104,7 @@ def atomic_write(path, write) -> None:
         # message often names only the temp file, or nothing; libraries wrap it, see _write_errors).
         if isinstance(err, WriteError):
             raise
-        reason = write_reason(err, path.parent)
-        raise WriteError(f"could not write {path}: {reason}", getattr(err, "errno", None), reason) from err
+        raise write_error(f"could not write {path}", err, path.parent) from err
     finally:
         try:  # removed on failure (a full disk must not keep a half-written copy); best effort, so the
             os.unlink(tmp)  # write's own error is the one reported

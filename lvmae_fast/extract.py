@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .atomic import WriteError, append_whole, write_reason
+from .atomic import append_whole, write_error
 from .devices import resolve_device
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
 from .video.partial import PartialVideos
@@ -311,8 +311,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             try:
                 append_whole(failures, line)  # no torn line
             except OSError as err:
-                raise WriteError(f"could not write to {out / FAILURES_NAME} (recording that {job.path} failed: "
-                                 f"{reason}): {write_reason(err)}", err.errno, write_reason(err)) from err
+                raise write_error(f"could not write to {out / FAILURES_NAME} (recording that {job.path} failed: "
+                                  f"{reason})", err) from err
             bar.update(videos=1)
 
         def encode(windows: list[Window]):

@@ -78,6 +78,11 @@ def repeats_for(num_segments: np.ndarray, policy: str) -> np.ndarray:
     return np.where(num_segments < 2, 8, np.where(num_segments < 5, 3, 1))
 
 
+def kept_by_policy(num_segments: np.ndarray, policy: str) -> np.ndarray:
+    """bool per video: whether the short-video policy samples it ("drop" leaves out videos under 2 segments)."""
+    return num_segments >= 2 if policy == "drop" else np.ones(len(num_segments), dtype=bool)
+
+
 def max_crop_segments(duration_min: float, duration_max: float, segment_seconds: float) -> int:
     """The most segments a crop can span before the video's length and max_len cap it: plan_crops
     takes floor(d / segment_seconds) (at least 1) of a duration d drawn from [duration_min,
@@ -282,7 +287,7 @@ class LongVideoSampler:
     def __init__(self, store, video_ids: list[str], cfg: SamplerConfig, rank: int = 0, world: int = 1):
         self.store, self.cfg, self.rank, self.world = store, cfg, rank, world
         n = np.array([store.num_segments(v) for v in video_ids], dtype=np.int64)
-        keep = n >= 2 if cfg.short_video_policy == "drop" else np.ones(len(n), dtype=bool)
+        keep = kept_by_policy(n, cfg.short_video_policy)
         self.video_ids = [v for v, k in zip(video_ids, keep) if k]
         self.num_segments = n[keep]
         self.segment_seconds = np.array([store.meta(v)["segment_seconds"] for v in self.video_ids], dtype=np.float64)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import WRITE_ERRORS, WriteError, atomic_write, write_reason
+from .atomic import WRITE_ERRORS, atomic_write, write_error
 
 INDEX_NAME = "index.json"
 JOURNAL_NAME = "index.journal"
@@ -419,10 +419,9 @@ class StoreWriter:
             # Disk full or I/O error: nothing of this commit is visible; its shards are removed now (not
             # left for the next writer) and the videos stay buffered, so a later commit may retry them.
             self._remove_unindexed(written)
-            raise WriteError(f"could not commit {len(self._pending)} videos to store {self.path}: "
-                             f"{write_reason(err, self.path)} ({len(self._committed_ids)} videos committed "
-                             f"before are intact; rerunning resumes after them)",
-                             getattr(err, "errno", None), write_reason(err, self.path)) from err
+            raise write_error(f"could not commit {len(self._pending)} videos to store {self.path}", err, self.path,
+                              f" ({len(self._committed_ids)} videos committed before are intact; rerunning "
+                              f"resumes after them)") from err
         if journaled:
             index["journal_seq"] += 1
         index["shards"].extend(new_shards)
@@ -505,9 +504,9 @@ class StoreWriter:
         except WRITE_ERRORS as err:
             # The old index and shards are untouched (the store reads as before); the merged copies go.
             self._remove_unindexed(written)
-            raise WriteError(f"could not compact store {self.path}: {write_reason(err, self.path)} (the store is "
-                             f"unchanged: {len(index['videos'])} videos in {len(index['shards'])} shards)",
-                             getattr(err, "errno", None), write_reason(err, self.path)) from err
+            raise write_error(f"could not compact store {self.path}", err, self.path,
+                              f" (the store is unchanged: {len(index['videos'])} videos in "
+                              f"{len(index['shards'])} shards)") from err
         old_files = [self.path / index["shards"][i][k] for i in small for k in ("emb", "times")]
         self._index = {**index, "shards": shards, "videos": videos}
         for f in old_files:

@@ -44,12 +44,12 @@ import torch
 from safetensors.torch import load_file
 
 from . import train_config as tc
-from .atomic import WRITE_ERRORS, WriteError, append_whole, atomic_write, write_reason
+from .atomic import WRITE_ERRORS, WriteError, append_whole, atomic_write, write_error
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
 from .model import LVMAE, LVMAEConfig
-from .sampler import VAL_EPOCH, LongVideoSampler, SamplerConfig, max_crop_segments, split_videos
+from .sampler import VAL_EPOCH, LongVideoSampler, SamplerConfig, kept_by_policy, max_crop_segments, split_videos
 from .store import Store, scan_nonfinite
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,11 @@ def _atomic_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def complete_checkpoints(ckpt_root: Path) -> list[str]:
+    """Names of the complete checkpoints (step-N holding a train state) in RUN/checkpoints, oldest first."""
+    return sorted(p.name for p in ckpt_root.glob("step-*") if (p / STATE_NAME).is_file()) if ckpt_root.is_dir() else []
+
+
 def checkpoint_by_name(out: Path, name: str) -> Path:
     """RUN/checkpoints/step-N for name 'step-N' or 'N'; ValueError listing the checkpoints otherwise."""
     root = out / "checkpoints"
@@ -83,7 +88,7 @@ def checkpoint_by_name(out: Path, name: str) -> Path:
         name = f"step-{int(name):08d}"
     path = root / name
     if not (path / STATE_NAME).is_file():
-        have = sorted(p.name for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
+        have = complete_checkpoints(root)
         raise ValueError(f"--resume-from {name}: no such checkpoint in {root} (have: {', '.join(have) or 'none'})")
     return path
 
@@ -212,20 +217,19 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
         # leave a multi-GB half-written checkpoint behind; `latest` and earlier checkpoints are untouched.
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, WRITE_ERRORS):
-            raise WriteError(f"could not write checkpoint {name} to {ckpt_root}: {write_reason(err, ckpt_root)} "
-                             f"({_intact(ckpt_root, name)})", getattr(err, "errno", None)) from err
+            raise write_error(f"could not write checkpoint {name} to {ckpt_root}", err, ckpt_root,
+                              f" ({_intact(ckpt_root, name)})") from err
         raise
     try:
         _atomic_text(pointer, name)
     except OSError as err:
-        raise WriteError(f"wrote checkpoint {final} but could not update {pointer}: {write_reason(err, ckpt_root)} "
-                         f"(it still names the previous checkpoint; {_intact(ckpt_root, name)})", err.errno) from err
+        raise write_error(f"wrote checkpoint {final} but could not update {pointer}", err, ckpt_root,
+                          f" (it still names the previous checkpoint; {_intact(ckpt_root, name)})") from err
     try:
         link_model_files(out, final)
     except OSError as err:
-        raise WriteError(f"wrote checkpoint {final} but could not link its model files into {out}: "
-                         f"{write_reason(err, out)} (the checkpoint is complete: --resume relinks them)",
-                         err.errno) from err
+        raise write_error(f"wrote checkpoint {final} but could not link its model files into {out}", err, out,
+                          " (the checkpoint is complete: --resume relinks them)") from err
     steps = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in (steps[:-cfg.keep_checkpoints] if prune else []):
         if old.name != name:
@@ -235,7 +239,7 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
 
 def _intact(ckpt_root: Path, name: str) -> str:
     """Which checkpoints a failed save left to resume from, for its error message."""
-    done = sorted(p.name for p in ckpt_root.glob("step-*") if p.name != name and (p / STATE_NAME).is_file())
+    done = [n for n in complete_checkpoints(ckpt_root) if n != name]
     return f"earlier checkpoints are intact: {', '.join(done[-3:])}" if done else "no earlier checkpoint"
 
 
@@ -357,8 +361,8 @@ def log_metrics(record: dict, metrics_file, tb) -> None:
     try:
         append_whole(metrics_file, (json.dumps(record) + "\n").encode())
     except OSError as err:
-        raise WriteError(f"could not write step {record['step']} to {metrics_file.name}: {write_reason(err)} "
-                         f"(the run stops here; --resume continues from the latest checkpoint)", err.errno) from err
+        raise write_error(f"could not write step {record['step']} to {metrics_file.name}", err,
+                          then=" (the run stops here; --resume continues from the latest checkpoint)") from err
     if tb is not None:
         for key, value in record.items():
             if key not in ("step", "epoch", "time_s"):
@@ -514,7 +518,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     train_ids, val_ids = split_videos(training_videos(store, cfg), cfg.val_videos, cfg.seed)
     check_something_to_mask(store, train_ids, cfg, model_cfg.mask_ratio)
     sampler = LongVideoSampler(store, train_ids, scfg)
-    if val_ids and cfg.short_video_policy == "drop" and all(store.num_segments(v) < 2 for v in val_ids):
+    if val_ids and not kept_by_policy(np.array([store.num_segments(v) for v in val_ids]), cfg.short_video_policy).any():
         # The sampler would drop every one of them and refuse to start: train without validation instead.
         log.warning("validation off: all %d held-out videos have 1 segment and short_video_policy=drop "
                     "leaves them out", len(val_ids))
@@ -616,8 +620,8 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
             try:
                 path = save_checkpoint(out, model, optimizer, progress, cfg, store.fingerprint, prune=False)
             except WriteError as err:
-                raise WriteError(f"non-finite {what} at step {progress['step'] + 1}; {err}", err.errno) from err
-            earlier = sorted(p.name for p in path.parent.glob("step-*") if p.is_dir() and p.name < path.name)
+                raise err.within(f"non-finite {what} at step {progress['step'] + 1}") from err
+            earlier = [n for n in complete_checkpoints(path.parent) if n < path.name]
             lr_flag = "--lr" if cfg.lr else "--blr"
             lr_now = cfg.lr or cfg.blr
             msg = (f"non-finite {what} at step {progress['step'] + 1} (epoch {done['epoch']}, batch {done['batch']}). "
@@ -708,8 +712,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
                 path = checkpoint()
             except WriteError as err:
                 if signalled:
-                    raise WriteError(f"interrupted by {signal.Signals(stop.signum).name} at step {progress['step']}; "
-                                     f"{err}", err.errno) from err
+                    raise err.within(f"interrupted by {signal.Signals(stop.signum).name} at step {progress['step']}") from err
                 raise
             if signalled:
                 exit_code = EXIT_SIGNAL[stop.signum]

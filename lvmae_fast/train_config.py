@@ -10,7 +10,6 @@ lvmae_fast.train_config`; tests/test_configs.py keeps them equal to the presets)
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -108,7 +107,7 @@ class PretrainConfig:
             raise ValueError("cuda_graphs_optimizer captures the update into the CUDA graphs: it needs cuda_graphs=true")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of model config overrides, got {self.model!r}")
-        self.model = check_model_overrides(self.model, self.preset)
+        self.model, model_config = check_model_overrides(self.model, self.preset)
         # `~/runs/x` in a YAML file or `--out=~/x` (no shell expansion there) means the home directory,
         # not a folder named `~` in the working directory
         self.store, self.out = (_expand_home(p) for p in (self.store, self.out))
@@ -129,14 +128,16 @@ class PretrainConfig:
         if self.max_len < 2:
             raise ValueError(f"max_len={self.max_len}: a crop needs >= 2 segments for anything to be masked "
                              "(keep = max(1, ...) leaves a 1-segment crop whole: the loss would be 0)")
-        model_max_len = model_max_len_of(self.preset, self.model)
+        model_max_len = model_config.max_len
         if self.max_len > model_max_len:
             # Was found only at the first batch holding a crop that long, after RUN was written, as
             # "batch holds a sequence of length N > max_len=M" naming neither key.
             raise ValueError(f"max_len={self.max_len} (segments per crop) exceeds model.max_len={model_max_len}, "
                              f"the longest sequence the model accepts: raise it too (--set model.max_len={self.max_len}) "
                              f"or lower max_len")
-        if not re.fullmatch(r"(auto|cpu|cuda)(:\d+)?", self.device) or self.device.startswith("auto:"):
+        from .devices import DEVICE_PATTERN  # torch: imported only when a config is built
+
+        if self.device != "auto" and not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"device={self.device!r} must be auto, cpu, cuda or cuda:N")
 
     def to_dict(self) -> dict:
@@ -202,10 +203,10 @@ def _coerce(key: str, value):
     return _coerce_value(key, FIELD_TYPES[key], value)
 
 
-def check_model_overrides(model: dict, preset: str) -> dict:
-    """`model` overrides with known LVMAEConfig keys (in_dim comes from the store), coerced to their types,
+def check_model_overrides(model: dict, preset: str):
+    """(`model` overrides with known LVMAEConfig keys (in_dim comes from the store), coerced to their types,
     valid over the preset's model (choices, head counts) and with a mask ratio that masks something: 0
-    would train on a loss of 0."""
+    would train on a loss of 0; the preset's LVMAEConfig with them, in_dim a placeholder)."""
     from .model import LVMAEConfig  # torch: imported only when a config is built
 
     kinds = {f.name: f.type for f in fields(LVMAEConfig) if f.name != "in_dim"}
@@ -216,15 +217,8 @@ def check_model_overrides(model: dict, preset: str) -> dict:
     if "mask_ratio" in model and not 0 < model["mask_ratio"] < 1:
         raise ValueError(f"model.mask_ratio={model['mask_ratio']} must be in (0, 1): the fraction of each video's "
                          "tokens that is masked and reconstructed (0 masks nothing: the loss would be 0)")
-    LVMAEConfig.from_preset(preset, in_dim=1, **model)  # raises on a bad choice or width/heads; in_dim: the store's
-    return model
-
-
-def model_max_len_of(preset: str, model: dict) -> int:
-    """The model's max_len (longest sequence it accepts) for these checked `model` overrides."""
-    from .model import LVMAEConfig
-
-    return LVMAEConfig.from_preset(preset, in_dim=1, **model).max_len
+    # Raises on a bad choice or width/heads; in_dim: the store's, not known here.
+    return model, LVMAEConfig.from_preset(preset, in_dim=1, **model)
 
 
 def parse_set(items: list[str]) -> dict:

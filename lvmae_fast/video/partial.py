@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import WriteError, atomic_write, write_reason
+from ..atomic import atomic_write, write_error
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,8 @@ class PartialVideos:
             self._save(video_id, path, num_windows, windows, emb)
         except OSError as err:
             saved = self._chunks.get(video_id, 0)
-            raise WriteError(f"could not save embedded windows of video {video_id} under {self.root}: "
-                             f"{write_reason(err, self.root)} ({saved} chunks saved before are kept; "
-                             f"rerunning resumes from them)", err.errno, write_reason(err, self.root)) from err
+            raise write_error(f"could not save embedded windows of video {video_id} under {self.root}", err,
+                              self.root, f" ({saved} chunks saved before are kept; rerunning resumes from them)") from err
 
     def _save(self, video_id: str, path: str, num_windows: int, windows: np.ndarray, emb: np.ndarray) -> None:
         folder = self._folder(video_id)
