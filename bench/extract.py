@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,8 +31,9 @@ import torch
 from lvmae_fast import synth
 from lvmae_fast.atomic import atomic_write
 from lvmae_fast.devices import resolve_device
-from lvmae_fast.extract import extract_videos, pyav_events
+from lvmae_fast.extract import extract_videos, pyav_events, pyav_threads
 from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
+from lvmae_fast.video.ordered import default_decode_workers, ordered_parallel
 
 NOT_MEASURED = "not measured"
 
@@ -73,15 +75,23 @@ def make_videos(folder: Path, count: int, duration: float, size, fps: float) -> 
     return paths
 
 
-def bench_pyav_decode(paths, spec) -> dict:
-    frames = windows = 0
-    t0 = time.perf_counter()
-    for p in paths:
+def bench_pyav_decode(paths, spec, workers: int = 1) -> dict:
+    """PyAV decode of every window, `workers` videos at once (as `lvmae extract --decode-workers`)."""
+    threads = pyav_threads(workers)
+    frames = [0]
+    lock = threading.Lock()
+
+    def video(p):
         job = prepare_job(VideoJob(p.stem, str(p)), spec)
-        frames += job.index.num_frames  # a sequential decode decodes every frame
-        windows += sum(isinstance(e, Window) for e in pyav_events(job))
+        with lock:
+            frames[0] += job.index.num_frames  # a sequential decode decodes every frame
+        yield from pyav_events(job, threads)
+
+    t0 = time.perf_counter()
+    windows = sum(isinstance(e, Window) for e in ordered_parallel(paths, video, workers=workers, depth=16))
     dt = time.perf_counter() - t0
-    return {"frames_per_s": frames / dt, "windows_per_s": windows / dt, "seconds": dt}
+    return {"frames_per_s": frames[0] / dt, "windows_per_s": windows / dt, "seconds": dt, "workers": workers,
+            "frame_threads": threads or "auto"}
 
 
 def link_copies(paths: list[Path], copies: int) -> list[Path]:
@@ -149,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--videos", type=int, default=None)
     ap.add_argument("--duration", type=float, default=None, help="seconds per test video")
     ap.add_argument("--readers", type=int, default=4)
+    ap.add_argument("--decode-workers", type=int, default=0,
+                    help="decodes PyAV runs at once in the parallel rows (0 = extract's default: one per CPU, at most 8)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--copies", type=int, default=1, help="link each video this many times (amortise start-up)")
@@ -164,11 +176,12 @@ def main(argv=None) -> int:
     else:
         count, duration, size, fps = args.videos or 4, args.duration or 30.0, (1920, 1080), 30.0
     spec = WindowSpec(seconds=5.0, frames=8)
+    workers = args.decode_workers or default_decode_workers()
     batch = args.batch_size or (8 if args.quick else 64)
     results = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                "dtype": str(dtype).replace("torch.", ""), "videos": count, "video_seconds_each": duration,
                "resolution": f"{size[0]}x{size[1]}", "fps": fps, "codec": "h264", "window_seconds": spec.seconds,
-               "frames_per_window": spec.frames, "python": platform.python_version(), "torch": torch.__version__}
+               "frames_per_window": spec.frames, "decode_workers": workers, "python": platform.python_version(), "torch": torch.__version__}
 
     with tempfile.TemporaryDirectory(prefix="lvmae_bench_") as tmp:
         tmp = Path(tmp)
@@ -217,19 +230,30 @@ def main(argv=None) -> int:
             print(f"[bench] DALI warm-up failed: {type(err).__name__}: {err}", file=sys.stderr)
         save()
         if model is not None:
-            def end_to_end():
-                summary = extract_videos([(p.stem, str(p)) for p in paths], tmp / "store", encoder=model,
+            def end_to_end(decoder: str, store: str):
+                summary = extract_videos([(p.stem, str(p)) for p in paths], tmp / store, encoder=model,
                                          seconds=spec.seconds, frames=spec.frames, batch_size=batch,
-                                         device=str(device), readers=args.readers)
+                                         device=str(device), readers=args.readers, decoder=decoder,
+                                         decode_workers=workers)
                 if not summary["done"]:  # a rate over no video would read as a measurement of 0x
                     return f"{NOT_MEASURED} (all {summary['failed']} videos failed to extract)"
-                return {k: summary[k] for k in ("decoder", "decoded_by", "windows", "video_seconds",
-                                                "wall_seconds", "realtime_factor", "done", "failed")}
-            stage("end_to_end", end_to_end)
+                return {k: summary[k] for k in ("decoder", "decoded_by", "decode_workers", "windows",
+                                                "video_seconds", "wall_seconds", "realtime_factor", "done", "failed")}
+            stage("end_to_end", lambda: end_to_end("auto", "store"))
+            # The CPU decode path end to end too (several videos at once), for hosts without DALI.
+            stage("end_to_end_pyav", lambda: end_to_end("pyav", "store_pyav"))
             stage("encoder_fp", lambda: bench_encoder(model, device, dtype, spec.frames, batch, 3 if args.quick else 20))
         else:
-            results["encoder_fp"] = results["end_to_end"] = NOT_MEASURED + " (no encoder)"
+            results["encoder_fp"] = results["end_to_end"] = results["end_to_end_pyav"] = NOT_MEASURED + " (no encoder)"
         stage("decode_pyav", lambda: bench_pyav_decode(originals, spec))
+        if workers > 1:
+            stage("decode_pyav_parallel", lambda: bench_pyav_decode(originals, spec, workers))
+        else:  # the row above already is the one-worker decode
+            results["decode_pyav_parallel"] = f"{NOT_MEASURED} (1 decode worker here: pass --decode-workers N)"
+        one, many = results["decode_pyav"], results["decode_pyav_parallel"]
+        results["decode_pyav_parallel_over_one"] = (many["frames_per_s"] / one["frames_per_s"]
+                                                    if isinstance(one, dict) and isinstance(many, dict) else NOT_MEASURED)
+        save()
         stage("decode_dali_gpu", lambda: bench_dali_decode(paths, spec, args.readers, batch))
         dali, pyav = results["decode_dali_gpu"], results["decode_pyav"]
         results["decode_dali_over_pyav"] = (dali["frames_per_s"] / pyav["frames_per_s"]
@@ -246,7 +270,11 @@ def main(argv=None) -> int:
           f"{results['device']} {results['gpu'] or ''}; T={spec.frames}, S={spec.seconds:g} s)\n")
     print("| measurement | value |")
     print("|---|---|")
-    print(f"| decode, PyAV CPU (frames/s, all frames of the files) | {cell(results['decode_pyav'], 'frames_per_s')} |")
+    print(f"| decode, PyAV CPU, one video at a time (frames/s, all frames of the files) | "
+          f"{cell(results['decode_pyav'], 'frames_per_s')} |")
+    print(f"| decode, PyAV CPU, {workers} videos at once (frames/s) | {cell(results['decode_pyav_parallel'], 'frames_per_s')} |")
+    par = results["decode_pyav_parallel_over_one"]
+    print(f"| decode ratio, PyAV {workers} at once / one at a time | {par if isinstance(par, str) else f'{par:.2f}'} |")
     print(f"| decode, DALI GPU, {args.readers} readers, --sampling time (frames/s, all frames of the files) | "
           f"{cell(results['decode_dali_gpu'], 'frames_per_s')} |")
     print(f"| decode, DALI GPU, {args.readers} readers, --sampling index (frames/s, all frames of the files) | "
@@ -258,6 +286,9 @@ def main(argv=None) -> int:
     how = (", ".join(f"{name} {n}" for name, n in sorted(e2e["decoded_by"].items())) + f"; {e2e['failed']} failed"
            if isinstance(e2e, dict) else "-")
     print(f"| end to end, videos decoded by: {how} (x realtime) | {cell(e2e, 'realtime_factor', '{:.1f}')} |")
+    e2e_pyav = results["end_to_end_pyav"]
+    print(f"| end to end, --decoder pyav, {workers} videos at once (x realtime) | "
+          f"{cell(e2e_pyav, 'realtime_factor', '{:.1f}')} |")
     print("\n" + json.dumps(results, default=str))
     if args.json:
         print(f"\nwrote {args.json}")

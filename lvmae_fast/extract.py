@@ -18,10 +18,9 @@ second is a failure of its own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import queue
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 from .atomic import append_whole, write_error
 from .devices import resolve_device
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
+from .video.ordered import default_decode_workers, ordered_parallel
 from .video.partial import PartialVideos
 from .video.probe import VideoError
 
@@ -100,43 +100,7 @@ def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, s
 def in_background(gen_fn, maxsize: int = 4) -> Iterator:
     """Run a generator in a daemon thread (decode overlaps the encoder; PyAV and torch drop the GIL).
     When the consumer stops early (an error, close()), the thread stops too and closes the generator."""
-    q: queue.Queue = queue.Queue(maxsize=maxsize)
-    end = object()
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work():
-        gen = gen_fn()
-        try:
-            for item in gen:
-                if not put(item):
-                    return
-        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer thread
-            put(("__error__", err))
-            return
-        finally:
-            getattr(gen, "close", lambda: None)()  # open containers/pipelines are released here
-        put(end)
-
-    threading.Thread(target=work, daemon=True, name="lvmae-decode").start()
-    try:
-        while True:
-            item = q.get()
-            if item is end:
-                return
-            if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
-                raise item[1]
-            yield item
-    finally:
-        stop.set()
+    return ordered_parallel([None], lambda _: gen_fn(), workers=1, depth=maxsize)
 
 
 def prepared(jobs: Iterable[VideoJob], spec: WindowSpec, partials: PartialVideos | None = None
@@ -165,11 +129,16 @@ def prepared(jobs: Iterable[VideoJob], spec: WindowSpec, partials: PartialVideos
         yield job
 
 
-def pyav_events(job: VideoJob) -> Iterator[Window | Failed]:
+def pyav_events(job: VideoJob, threads: int = 0, skip: np.ndarray | None = None, damage=None
+                ) -> Iterator[Window | Failed]:
+    """A prepared video's windows decoded by PyAV: all but `skip` (default: the job's own, the windows a
+    killed job embedded). `threads`: frame threads (0 = FFmpeg's choice); `damage`: a SharedDamage when
+    other parts of the video are decoded elsewhere."""
     from .video.decode_pyav import decode_windows_pyav
 
     try:
-        for w, frames, times in decode_windows_pyav(job.index, job.plan, skip=job.skip):
+        for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads,
+                                                    skip=job.skip if skip is None else skip, damage=damage):
             yield Window(job, w, frames, times)
     except VideoError as err:
         yield Failed(job, str(err))
@@ -177,13 +146,55 @@ def pyav_events(job: VideoJob) -> Iterator[Window | Failed]:
         yield Failed(job, f"decode error: {type(err).__name__}: {err}")
 
 
-def pyav_producer(jobs, spec, partials=None):
-    for item in prepared(jobs, spec, partials):
+@dataclasses.dataclass(eq=False)
+class DecodePart:
+    """Consecutive windows of one video for one PyAV decode (None: all the job's windows)."""
+    job: VideoJob
+    windows: np.ndarray | None = None
+    damage: object = None   # SharedDamage of the video's parts
+
+
+def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32) -> Iterator[DecodePart | Failed]:
+    """Probe the videos (ahead, in a thread) and cut each one that is longer than `part_windows` windows
+    into parts of that many, so several workers share a long video (in-order consumption would
+    otherwise leave them waiting on its one decode). A part starts at the keyframe before its first
+    frame, so only containers that seek by index are cut (in others every part would decode from the
+    start of the file)."""
+    from .video.decode_pyav import SharedDamage
+
+    for item in in_background(lambda: prepared(jobs, spec, partials), maxsize=64):
         if isinstance(item, Failed):
             yield item
-        else:
-            item.decoded_by = "pyav"
-            yield from pyav_events(item)
+            continue
+        item.decoded_by = "pyav"
+        active = item.active_windows()
+        if len(active) <= part_windows or not item.index.seeks_by_index:
+            yield DecodePart(item)
+            continue
+        damage = SharedDamage()
+        for start in range(0, len(active), part_windows):
+            yield DecodePart(item, active[start:start + part_windows], damage)
+
+
+def decode_part(part: DecodePart | Failed, threads: int = 0) -> Iterator[Window | Failed]:
+    if isinstance(part, Failed):
+        yield part
+        return
+    job, skip = part.job, None
+    if part.windows is not None:
+        if part.damage.failed:
+            return  # an earlier part refused the video
+        skip = np.ones(job.num_windows, bool)
+        skip[part.windows] = False
+    yield from pyav_events(job, threads, skip=skip, damage=part.damage)
+
+
+def pyav_threads(workers: int) -> int:
+    """Frame threads per decode: FFmpeg's own choice (one per CPU) for a single decode; with several
+    decodes side by side, the CPUs shared out so that they do not oversubscribe the machine."""
+    from .video.ordered import usable_cpus
+
+    return 0 if workers == 1 else max(1, usable_cpus() // workers)
 
 
 def dali_producer(jobs, spec, device, readers, batch_size, partials=None):
@@ -237,7 +248,7 @@ class _Progress:
 def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, seconds: float = 5.0,
                    frames: int = 8, sampling: str = "time", min_last: float = 0.5, decoder: str = "auto",
                    batch_size: int = 32, device: str = "auto", precision: str = "auto", readers: int = 4,
-                   seed: int = 0, progress: bool = False) -> dict:
+                   seed: int = 0, progress: bool = False, decode_workers: int = 0) -> dict:
     """Extract window embeddings of every input video into the store at `out_store`; return a summary.
 
     inputs: a folder, glob, video file, .txt/.csv list, or a list of those / of (video_id, path) pairs.
@@ -253,6 +264,9 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
         raise ValueError("window seconds must be > 0")
     if frames < 1 or batch_size < 1:
         raise ValueError("frames per window and batch size must be >= 1")
+    if decode_workers < 0:
+        raise ValueError(f"--decode-workers must be >= 0 (0 = one per CPU, at most 8), got {decode_workers}")
+    workers = decode_workers or default_decode_workers()
     if not 0.0 <= min_last <= 1.0:  # checked here, not per video: a bad value must not reach the store's settings
         raise ValueError(f"--min-last must be in [0, 1] (a fraction of a window), got {min_last}")
     spec = WindowSpec(seconds=float(seconds), frames=int(frames), rule=sampling, min_last=float(min_last))
@@ -292,9 +306,9 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 todo.append(VideoJob(video_id=vid, path=path))
         bar = _Progress(len(items) + len(clashes), counts["skipped"], progress)
         decoded_by: Counter[str] = Counter()  # videos stored, by the decoder that produced them
-        log.info("extract: %d videos (%d already in %s), encoder %s (d=%d) on %s %s, decoder %s",
+        log.info("extract: %d videos (%d already in %s), encoder %s (d=%d) on %s %s, decoder %s%s",
                  len(items), counts["skipped"], out, encoder, model.dim, dev, str(dtype).replace("torch.", ""),
-                 backend)
+                 backend, f" ({workers} videos at once)" if backend == "pyav" else "")
 
         state: dict[int, dict] = {}          # id(job) -> {"emb": [n, d], "filled": bool[n], "failed": bool}
         batch: list[Window] = []
@@ -373,8 +387,16 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                         event.frames = frames_to_input(raw, model.image_size, model.mean, model.std, dtype)[0]
                 yield event
 
-        if backend == "pyav":  # decode and preprocess in a thread, overlapping the encoder
-            events = in_background(lambda: to_input(pyav_producer(todo, spec, partials)), maxsize=2 * batch_size)
+        if backend == "pyav":
+            # Decode and preprocess in `workers` threads (several videos, or parts of a long one, at once),
+            # overlapping the encoder. Windows still arrive in input order, so batches and the store are
+            # those of one worker. A worker can run ahead by its whole part (the queue holds it), which is
+            # what lets the others work while the consumer drains the part in front.
+            threads = pyav_threads(workers)
+            part_windows = max(8, batch_size)
+            events = ordered_parallel(pyav_parts(todo, spec, partials, part_windows),
+                                      lambda part: to_input(decode_part(part, threads)),
+                                      workers=workers, depth=part_windows + 1)
         else:
             events = to_input(dali_producer(todo, spec, dev, readers, batch_size, partials))
         try:
@@ -418,7 +440,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                "video_seconds": round(bar.video_seconds, 3), "wall_seconds": round(wall, 3),
                "realtime_factor": round(bar.video_seconds / max(wall, 1e-9), 2),
                "store": str(out), "failures": str(out / FAILURES_NAME), "encoder": encoder, "decoder": backend,
-               "decoded_by": dict(decoded_by), "device": str(dev)}
+               "decoded_by": dict(decoded_by), "device": str(dev),
+               "decode_workers": workers if backend == "pyav" else None}
     log.info("extract finished: %d done, %d skipped (already in store), %d failed (see %s); %d windows, "
              "%.1f video-s in %.1f s (%.1fx realtime)", counts["done"], counts["skipped"], counts["failed"],
              summary["failures"], bar.windows, bar.video_seconds, wall, summary["realtime_factor"])
@@ -452,6 +475,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = fp16 on GPU, fp32 on CPU")
     p.add_argument("--readers", type=int, default=4, help="parallel DALI readers (NVDEC sessions), default 4")
+    p.add_argument("--decode-workers", type=int, default=0,
+                   help="PyAV decodes run at once: videos, or parts of a long one (0 = one per CPU, at most 8); "
+                        "windows still reach the encoder in input order, so the store is the same for any value")
     p.add_argument("--seed", type=int, default=0, help="init seed of the tiny encoder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -462,7 +488,7 @@ def run(args) -> int:
                              frames=args.frames, sampling=args.sampling, min_last=args.min_last,
                              decoder=args.decoder, batch_size=args.batch_size, device=args.device,
                              precision=args.precision, readers=args.readers, seed=args.seed,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, decode_workers=args.decode_workers)
     by = ", ".join(f"{name} {n}" for name, n in sorted(summary["decoded_by"].items()))
     print(f"extract: {summary['done']} done, {summary['skipped']} skipped (already in store), "
           f"{summary['failed']} failed (see {summary['failures']}); {summary['windows']} windows, "

@@ -380,21 +380,7 @@ def test_files_cut_mid_gop_and_resumed_mpeg_ts(tmp_path):
     assert [w for w, _, _ in windows] == list(range(len(job.plan)))
 
     # MPEG-TS with B-frames and a distinct picture per frame (synth's scenes repeat one picture).
-    ts = tmp_path / "v.ts"
-    with av.open(str(ts), "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-        stream.options = {"preset": "fast", "x264-params": "keyint=30:min-keyint=30:bframes=3:scenecut=0"}
-        for i in range(200):
-            picture = np.zeros((64, 96, 3), np.uint8)
-            picture[:, :] = (i * 37 % 256, i * 11 % 256, (i * 3) % 256)
-            picture[: 8, : 8 * (i % 12)] = 255
-            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    ts = synth.write_distinct_frames(tmp_path / "v.ts", frames=200, fps=25, keyint=30, bframes=3)
     job = prepare_job(VideoJob("ts", str(ts)), WindowSpec(seconds=1.0))
     full = {w: (f, t) for w, f, t in decode_windows_pyav(job.index, job.plan)}
     for k in range(1, len(job.plan)):

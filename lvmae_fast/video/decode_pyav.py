@@ -16,17 +16,33 @@ yields is a keyframe at or before the first needed frame, else the file is decod
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Iterator
 
 import numpy as np
 
-from .probe import VideoError, VideoIndex, pts_to_seconds
+from .probe import SEEKABLE_FORMATS, VideoError, VideoIndex, pts_to_seconds
 from .windows import WindowPlan, windows_to_decode
 
 log = logging.getLogger(__name__)
 
 MAX_MISSING = 0.05   # fraction of sampled frames that may be stood in for before a video is refused
-SEEKABLE_FORMATS = ("mp4", "mov", "matroska", "webm", "flv", "avi")
+
+
+class SharedDamage:
+    """Stand-in frames counted across the decodes of one video: parts of a long video decoded side by
+    side (extract's chunks) share one budget, so the verdict is the one a single pass would give.
+    `failed` is set once a part refuses the video: the other parts stop early."""
+
+    def __init__(self):
+        self._missing = 0
+        self._lock = threading.Lock()
+        self.failed = False
+
+    def add(self) -> int:
+        with self._lock:
+            self._missing += 1
+            return self._missing
 
 
 def _missing_budget(needed: int) -> int:
@@ -77,10 +93,11 @@ def _video_stream(container, threads: int):
     return stream
 
 
-def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, skip: np.ndarray | None = None
-                        ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, skip: np.ndarray | None = None,
+                        damage: SharedDamage | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (window index, uint8 frames [T, H, W, 3] RGB, seconds [T] of the frames actually decoded)
-    for every window of `plan` not marked in `skip`, in order."""
+    for every window of `plan` not marked in `skip`, in order. `damage`: the stand-in count shared with
+    other decodes of the same video (its other windows), against the one whole-video budget."""
     import av
 
     active = windows_to_decode(len(plan), skip)
@@ -123,10 +140,15 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
         nonlocal j, missing
         if counts_as_damage:
             missing += 1
-            if missing > budget:
+            if (damage.add() if damage is not None else missing) > budget:
+                if damage is not None:
+                    damage.failed = True
                 at = pts_to_seconds(np.asarray([needed[j]]), pts0, index.time_base)[0]
+                # Parts decoded side by side reach the budget in no fixed order: no position then, so the
+                # reason (failures.jsonl) is the same however the parts were scheduled.
+                where = f" (number {budget + 1} at {at:.2f} s)" if damage is None else ""
                 raise VideoError(f"damaged video data: more than {budget} of the {sampled} sampled frames "
-                                 f"could not be decoded (number {budget + 1} at {at:.2f} s)")
+                                 f"could not be decoded{where}")
         got[int(needed[j])] = array_of(frame)
         got_pts[int(needed[j])] = frame_pts
         j += 1
@@ -151,6 +173,8 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     prev, prev_pts, position = None, None, 0
     try:
         for frame in _frames(index, threads, seek_to):
+            if damage is not None and damage.failed:
+                return  # another part refused the video; its Failed event tells the job why
             if index.pts_in_decode_order:
                 if position >= index.num_frames:
                     break

@@ -34,10 +34,16 @@ class VideoIndex:
     # frames (presentation order) carry those numbers shuffled when there are B-frames. Frame k out of
     # the decoder is then frame k of the index (decode_pyav matches by output order, not by pts).
     pts_in_decode_order: bool = False
+    # The container seeks by index to a keyframe (decode_pyav can start a decode mid-file exactly).
+    seeks_by_index: bool = False
 
     @property
     def num_frames(self) -> int:
         return int(self.pts.shape[0])
+
+
+# Containers that seek by index to a keyframe (mpeg-ts/ps seek by byte position and can land past one).
+SEEKABLE_FORMATS = ("mp4", "mov", "matroska", "webm", "flv", "avi")
 
 
 def pts_to_seconds(pts: np.ndarray, pts0: int, time_base: Fraction) -> np.ndarray:
@@ -102,6 +108,7 @@ def probe_video(path) -> VideoIndex:
         stream = container.streams.video[0]
         codec = stream.codec_context.name
         decode_order = "avi" in container.format.name.split(",")
+        seeks = bool(set(container.format.name.split(",")) & set(SEEKABLE_FORMATS)) and not decode_order
         width, height = stream.codec_context.width, stream.codec_context.height
         time_base = stream.time_base
         declared = _declared_duration(container, stream)
@@ -144,4 +151,4 @@ def probe_video(path) -> VideoIndex:
                              f"only {readable:.1f} s is readable")
     return VideoIndex(path=path, codec=codec, width=width, height=height, time_base=time_base,
                       pts=pts_arr, times=times, keyframe=np.asarray(keys, dtype=bool)[order],
-                      duration=duration, pts_in_decode_order=decode_order)
+                      duration=duration, pts_in_decode_order=decode_order, seeks_by_index=seeks)
