@@ -1,10 +1,13 @@
 """Atomic, durable file replacement: nothing written is ever seen half-done or lost to a crash."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class WriteError(OSError):
@@ -110,7 +113,14 @@ def atomic_write(path, write) -> None:
             os.unlink(tmp)  # write's own error is the one reported
         except OSError:
             pass
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(path.parent)
+    except OSError as err:
+        # The new file is in place and every reader sees it: reporting the write as failed would make
+        # callers undo what is already visible (a store would delete the shards its new index names).
+        # Only its survival across a power cut is in doubt, so say that and go on.
+        log.warning("wrote %s, but could not sync its directory (%s): the new file may not survive a "
+                    "power cut", path, err.strerror or err)
 
 
 def append_whole(file, data: bytes) -> None:

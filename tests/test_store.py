@@ -840,3 +840,27 @@ def test_a_full_disk_during_a_commit_or_compaction_keeps_the_store_and_stops_the
     assert "could not compact store" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "c" / "shards").iterdir()) == before
     assert [float(Store(tmp_path / "c").get(f"c{i}")[0, 0]) for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_a_directory_sync_failing_after_the_rename_keeps_what_is_already_visible(tmp_path, monkeypatch, caplog):
+    """The rename of index.json is done (readers see the new index) when the directory fsync fails: the
+    commit must not be reported failed and undone (its shards deleted under the index that names them),
+    only warned about."""
+    import errno
+
+    import lvmae_fast.atomic as atomic_mod
+
+    def no_dir_sync(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(atomic_mod, "fsync_dir", no_dir_sync)
+    with caplog.at_level("WARNING", logger="lvmae_fast.atomic"):
+        with StoreWriter(tmp_path / "s", 8) as w:
+            w.add("a", np.ones((3, 8)))
+            w.commit()   # the first commit writes index.json itself
+            w.add("b", np.full((2, 8), 2.0))
+    monkeypatch.undo()
+    assert Store(tmp_path / "s").video_ids == ["a", "b"] and verify_store(tmp_path / "s").ok
+    assert float(Store(tmp_path / "s").get("b")[0, 0]) == 2.0
+    assert any("could not sync its directory (Input/output error)" in r.message and "index.json" in r.message
+               for r in caplog.records)
