@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
-# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|extract|pretrain|train|graphs|profile]...
+# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|extract|extract_pyav|pretrain|train|graphs|profile]...
 # Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH).
 # Inner timeouts keep each runbook call under the device tool's 600 s: graphtests+graphs 140+200+110+110.
 set -uo pipefail
@@ -17,6 +17,11 @@ for part in "${@:-tests kernels extract pretrain}"; do
       kernels)  timeout 200 python3 bench/kernels.py --no-compile --json "$OUT/kernels.json" 2>&1 | grep -v '^{' | tail -72 ;;
       extract)  timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
                   --copies "${COPIES:-16}" --json "$OUT/extract.json" 2>&1 | tail -20 ;;
+      extract_pyav) # issue 5 without DALI (one call, carry .whl_gpu): PyAV decodes, several videos/parts at once
+                python3 -c 'import av' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+                  --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
+                timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
+                  --copies "${COPIES:-8}" --json "$OUT/extract_pyav.json" 2>&1 | tail -20 ;;
       pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \
                   --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,256 --steps 15 --warmup 5 \
