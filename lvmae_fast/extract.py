@@ -177,24 +177,59 @@ def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32) ->
 
 
 def decode_part(part: DecodePart | Failed, threads: int = 0) -> Iterator[Window | Failed]:
+    """One part's windows. A part that meets damage (a frame to stand in or flagged corrupt, a decode
+    error): its windows from there on and all the video's windows after them come from one decode of the
+    rest of the video from the start of the file, as one pass gives them (decoder state, stand-ins,
+    damage budget, failure); the later parts are superseded, and what they delivered before they knew
+    is dropped in extract's loop (windows already delivered)."""
     if isinstance(part, Failed):
         yield part
         return
-    job, skip = part.job, None
-    if part.windows is not None:
-        if part.damage.failed:
-            return  # an earlier part refused the video
-        skip = np.ones(job.num_windows, bool)
-        skip[part.windows] = False
-    yield from pyav_events(job, threads, skip=skip, damage=part.damage)
+    job = part.job
+    if part.windows is None:
+        yield from pyav_events(job, threads)
+        return
+    from .video.decode_pyav import decode_windows_pyav
+
+    damage, first = part.damage, int(part.windows[0])
+    start = first   # the first window not delivered yet
+    skip = np.ones(job.num_windows, bool)
+    skip[part.windows] = False
+    later = job.active_windows()
+    later = later[later > part.windows[-1]]   # the next part starts at later[0]
+    through = int(job.index.pts[job.plan.frames[later[0]]].min()) if len(later) else None
+    try:
+        for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads, skip=skip,
+                                                    damage=damage, through=through):
+            yield Window(job, w, frames, times)
+            start = w + 1
+        return
+    except Exception as err:  # noqa: BLE001 - damage (or any error) here: the one decode of the rest decides
+        log.info("%s: the part from window %d met damage (%s); decoding the rest from the start", job.path,
+                 first, err)
+    if damage.superseded(first):
+        return  # an earlier part already decodes the rest
+    damage.redo(first)
+    rest = np.zeros(job.num_windows, bool) if job.skip is None else job.skip.copy()
+    rest[:start] = True
+    try:
+        for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads, skip=rest,
+                                                    damage=damage, redo=first):
+            yield Window(job, w, frames, times)
+    except VideoError as err:  # as pyav_events reports it
+        yield Failed(job, str(err))
+    except Exception as err:  # noqa: BLE001
+        yield Failed(job, f"decode error: {type(err).__name__}: {err}")
 
 
 def pyav_threads(workers: int) -> int:
-    """Frame threads per decode: FFmpeg's own choice (one per CPU) for a single decode; with several
-    decodes side by side, the CPUs shared out so that they do not oversubscribe the machine."""
+    """Frame threads per decode: the CPUs shared out among the default number of decodes side by side
+    (one per CPU, at most 8), whatever `workers` is. FFmpeg conceals damaged data differently with another
+    thread count, so a count that followed --decode-workers would make the store of a damaged video
+    depend on it."""
     from .video.ordered import usable_cpus
 
-    return 0 if workers == 1 else max(1, usable_cpus() // workers)
+    return max(1, usable_cpus() // default_decode_workers())
 
 
 def dali_producer(jobs, spec, device, readers, batch_size, partials=None):
@@ -394,9 +429,24 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             # what lets the others work while the consumer drains the part in front.
             threads = pyav_threads(workers)
             part_windows = max(8, batch_size)
-            events = ordered_parallel(pyav_parts(todo, spec, partials, part_windows),
-                                      lambda part: to_input(decode_part(part, threads)),
-                                      workers=workers, depth=part_windows + 1)
+
+            def delivered_once(decoded):
+                # A part that met damage delivers the rest of its video (decode_part); the windows the
+                # parts after it had delivered before they stopped come again: dropped here.
+                last: dict[int, int] = {}
+                try:
+                    for event in decoded:
+                        if isinstance(event, Window):
+                            if event.window <= last.get(id(event.job), -1):
+                                continue
+                            last[id(event.job)] = event.window
+                        yield event
+                finally:
+                    decoded.close()  # stops the decode threads now
+
+            events = delivered_once(ordered_parallel(pyav_parts(todo, spec, partials, part_windows),
+                                                     lambda part: to_input(decode_part(part, threads)),
+                                                     workers=workers, depth=part_windows + 1))
         else:
             events = to_input(dali_producer(todo, spec, dev, readers, batch_size, partials))
         try:

@@ -110,6 +110,40 @@ def test_closing_early_stops_every_worker_and_closes_their_generators():
     assert not [t for t in threading.enumerate() if t.name.startswith("lvmae-decode-")]
 
 
+def test_closing_while_the_input_is_slow_starts_nothing_more_and_closes_the_input():
+    """The next input item is slow to come (extract probes the next video: a demux of the whole file). A
+    worker waits inside the input for it, the other for its turn. Closing must not leave them to start
+    work afterwards (they used to: the waiting worker took the item once it came and started its decode,
+    the other then took the next one too) and the input must still be closed (it was not: the worker
+    inside it held the lock). It also returned only after a 2 s join per worker waiting for its turn."""
+    inside, release, source_closed = threading.Event(), threading.Event(), threading.Event()
+    started = []
+
+    def items():
+        try:
+            yield 0
+            inside.set()
+            release.wait(10)  # probing a big file
+            yield from range(1, 10)
+        finally:
+            source_closed.set()
+
+    def produce(item):
+        started.append(item)
+        yield item
+
+    events = ordered_parallel(items(), produce, workers=2, depth=1)
+    assert next(events) == 0
+    assert inside.wait(10)
+    events.close()
+    release.set()
+    for t in [t for t in threading.enumerate() if t.name.startswith("lvmae-decode-")]:
+        t.join(10)
+    assert started == [0]
+    assert source_closed.is_set()
+    assert not [t for t in threading.enumerate() if t.name.startswith("lvmae-decode-")]
+
+
 def test_memory_is_bounded_per_video_in_flight():
     produced = {}
     lock = threading.Lock()
@@ -229,9 +263,11 @@ def test_only_videos_longer_than_a_part_in_containers_that_seek_by_index_are_cut
     assert parts[2].reason == "file not found"
 
 
-def test_parts_share_one_damage_budget(tmp_path, monkeypatch):
-    """Frames the decoder never produces, 2 in each of 3 parts: each part alone is within the budget
-    (3 of 72 sampled frames), the video is not, and shared parts refuse it as one pass does."""
+def test_parts_of_a_damaged_video_deliver_what_one_pass_delivers(tmp_path, monkeypatch):
+    """Frames the decoder never produces, 2 in each of 3 parts: each part alone would be within the
+    budget (3 of 72 sampled frames), the video is not: one pass refuses it at the 4th (window 5), after
+    windows 0-4. The parts deliver exactly that: the first one to meet damage hands the rest of the
+    video to one decode (one pass's stand-ins, budget and reason), and the parts after it stop."""
     from lvmae_fast.extract import DecodePart, decode_part
     from lvmae_fast.video import decode_pyav
     from lvmae_fast.video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
@@ -244,21 +280,23 @@ def test_parts_share_one_damage_budget(tmp_path, monkeypatch):
     real_frames = decode_pyav._frames
     monkeypatch.setattr(decode_pyav, "_frames", lambda *a: (f for f in real_frames(*a) if f.pts not in lost))
 
-    with pytest.raises(VideoError, match=r"more than 3 of the 72 sampled frames could not be decoded \(number 4 at"):
-        list(decode_pyav.decode_windows_pyav(job.index, job.plan))  # one pass
+    one_pass = []
+    with pytest.raises(VideoError, match=r"more than 3 of the 72 sampled frames could not be decoded \(number 4 at") as err:
+        for w, frames, times in decode_pyav.decode_windows_pyav(job.index, job.plan):
+            one_pass.append((w, frames, times))
+    assert [w for w, _, _ in one_pass] == [0, 1, 2, 3, 4]
     windows = [np.arange(k, k + 4) for k in (0, 4, 8)]
-    for part in windows:  # each part on its own budget: accepted, with its 2 stand-ins
-        alone = DecodePart(job, part, decode_pyav.SharedDamage())
-        assert [e.window for e in decode_part(alone) if isinstance(e, Window)] == list(part)
     shared = decode_pyav.SharedDamage()
     events = [e for part in windows for e in decode_part(DecodePart(job, part, shared))]
-    [failed] = [e for e in events if isinstance(e, Failed)]
-    assert failed.reason == "damaged video data: more than 3 of the 72 sampled frames could not be decoded"
-    assert shared.failed
-    # the 4th lost frame (window 5, 2nd part) refuses the video; the 3rd part then decodes nothing
-    assert [e.window for e in events if isinstance(e, Window)] == list(range(5))
-    # a part whose video another part already refused decodes nothing
-    assert list(decode_part(DecodePart(job, windows[0], shared))) == []
+    assert [e.window for e in events if isinstance(e, Window)] == [0, 1, 2, 3, 4]
+    for e, (w, frames, times) in zip(events, one_pass):
+        np.testing.assert_array_equal(e.frames, frames, err_msg=f"window {w}")
+        np.testing.assert_array_equal(e.times, times)
+    assert isinstance(events[-1], Failed) and events[-1].reason == str(err.value)
+    assert shared.redone_by == 0  # window 0 came from the first part, 1.. from its decode of the rest
+    # the parts after it stop (what they delivered before is dropped by extract's loop)
+    assert list(decode_part(DecodePart(job, windows[2], shared))) == []
+    assert shared.superseded(4) and not shared.superseded(0)
 
 
 def test_a_long_video_cut_into_parts_stores_what_one_pass_stores(tmp_path, monkeypatch):
@@ -280,3 +318,191 @@ def test_a_long_video_cut_into_parts_stores_what_one_pass_stores(tmp_path, monke
     for name in ("parts, 1 worker", "parts, 3 workers"):
         np.testing.assert_array_equal(stores[name].get("long"), stores["one pass"].get("long"), err_msg=name)
         np.testing.assert_array_equal(stores[name].window_times("long"), stores["one pass"].window_times("long"))
+
+
+# ------------------------------------------------------------------ damaged videos: as one pass, any workers
+def damaged_copy(src, dst, near: float, keyframe: bool):
+    """`src` with the middle half of one packet overwritten by random bytes: the video packet nearest
+    `near` seconds that is (or is not) a keyframe; returns dst. The index (mp4 moov) stays intact."""
+    import av
+
+    with av.open(str(src)) as c:
+        stream = c.streams.video[0]
+        packets = [(float(p.pts * stream.time_base), p.pos, p.size) for p in c.demux(stream)
+                   if p.size and p.is_keyframe == keyframe]
+    _, pos, size = min(packets, key=lambda p: abs(p[0] - near))
+    a, b = pos + size // 4, pos + size * 3 // 4
+    data = bytearray(src.read_bytes())
+    data[a:b] = np.random.default_rng(0).integers(0, 256, b - a, dtype=np.uint8).tobytes()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def one_pass_and_parts(monkeypatch, tmp_path, inputs, **options):
+    """extract_videos with each video decoded in one pass (parts longer than any video), and as parts with
+    1 and 3 workers: {name: (summary, Store, failures.jsonl text)}."""
+    from lvmae_fast import extract
+    from lvmae_fast.store import Store
+
+    runs = {}
+    real = extract.pyav_parts
+    for name, workers, cut in (("one pass", 1, False), ("parts, 1 worker", 1, True), ("parts, 3 workers", 3, True)):
+        with monkeypatch.context() as m:
+            if not cut:
+                m.setattr(extract, "pyav_parts", lambda jobs, spec, partials=None, part_windows=0:
+                          real(jobs, spec, partials, part_windows=10**9))
+            out = tmp_path / name
+            summary = extract.extract_videos(inputs, out, decoder="pyav", decode_workers=workers, **options)
+        runs[name] = (summary, Store(out) if (out / "index.json").exists() else None,
+                      (out / "failures.jsonl").read_text())
+    return runs
+
+
+def assert_same_runs(runs):
+    (s0, store0, fail0), *_ = runs.values()
+    for name, (s, store, fail) in list(runs.items())[1:]:
+        assert (s["done"], s["failed"], s["windows"]) == (s0["done"], s0["failed"], s0["windows"]), name
+        assert fail == fail0, name
+        assert (store is None) == (store0 is None), name
+        if store0 is not None:
+            assert store.video_ids == store0.video_ids, name
+            for vid in store0.video_ids:
+                np.testing.assert_array_equal(store.get(vid), store0.get(vid), err_msg=f"{name}: {vid}")
+                np.testing.assert_array_equal(store.window_times(vid), store0.window_times(vid))
+
+
+def test_a_decoder_error_midway_refuses_a_cut_video_as_one_pass_does(tmp_path, monkeypatch):
+    """A damaged packet just before the keyframe where the second part starts makes FFmpeg raise there: one
+    pass stops decoding and stands in every frame after it (refused, the number and time of the stand-in
+    over budget in the reason). The parts after it decoded the rest as if nothing had happened (a few
+    stand-ins in the first part, within budget: the video was stored)."""
+    pytest.importorskip("av")
+    from lvmae_fast import synth
+
+    src = synth.write_video(tmp_path / "src.mp4", duration=24.0, fps=10, codec="h264", gop=12, seed=2).path
+    video = damaged_copy(src, tmp_path / "v" / "broken.mp4", near=7.1, keyframe=False)
+    synth.write_video(tmp_path / "v" / "next.mp4", duration=3.0, fps=10, codec="h264", seed=1)
+    runs = one_pass_and_parts(monkeypatch, tmp_path, [("broken", str(video)), ("next", str(tmp_path / "v" / "next.mp4"))],
+                              seconds=1.0, batch_size=3)
+    summary, _, failures = runs["one pass"]
+    assert (summary["done"], summary["failed"]) == (1, 1)
+    assert "damaged video data: more than 9 of the 192 sampled frames could not be decoded (number 10 at" in failures
+    assert_same_runs(runs)
+
+
+def test_a_damaged_keyframe_where_a_part_starts_gives_the_frames_of_one_pass(tmp_path, monkeypatch):
+    """FFmpeg conceals a damaged keyframe from the frames before it, which a part that starts there (a seek)
+    does not have: its frames then differ from one pass. The seek is not used when its first frame is
+    corrupt (the decode starts at the beginning of the file instead)."""
+    pytest.importorskip("av")
+    from lvmae_fast import synth
+
+    src = synth.write_video(tmp_path / "src.mp4", duration=24.0, fps=10, codec="h264", gop=12, seed=2).path
+    video = damaged_copy(src, tmp_path / "concealed.mp4", near=7.2, keyframe=True)  # the 2nd part seeks to it
+    runs = one_pass_and_parts(monkeypatch, tmp_path, str(video), seconds=1.0, batch_size=8)
+    assert runs["one pass"][0]["done"] == 1
+    assert_same_runs(runs)
+
+
+def test_frame_threads_per_decode_do_not_depend_on_the_number_of_workers(tmp_path):
+    """FFmpeg conceals damaged data differently with another number of frame threads: a decode's threads
+    must not follow --decode-workers, or the store of a damaged (but accepted) video depends on it."""
+    from lvmae_fast.extract import extract_videos, pyav_threads
+    from lvmae_fast.store import Store
+
+    video = damaged_copy(distinct_frames_video(tmp_path / "src.mp4", frames=200), tmp_path / "d.mp4",
+                         near=0.84, keyframe=False)
+    stores = {}
+    for workers in (1, 2, 3):
+        s = extract_videos(str(video), tmp_path / f"w{workers}", seconds=1.0, frames=25, batch_size=8,
+                           decoder="pyav", decode_workers=workers)
+        assert s["done"] == 1
+        stores[workers] = Store(tmp_path / f"w{workers}").get("d")
+    for workers in (2, 3):
+        np.testing.assert_array_equal(stores[workers], stores[1], err_msg=f"{workers} workers")
+    assert len({pyav_threads(w) for w in (1, 2, 3, 8)}) == 1
+
+
+def test_which_part_meets_the_damage_first_changes_nothing(tmp_path, monkeypatch):
+    """Frames lost in the last part of a long video only. With 3 workers that part may be decoded before
+    the others: the windows that reach the encoder (hence the batches of the next video, and its bits)
+    and failures.jsonl must be those of 1 worker. Forced here: parts 1 and 2 wait until part 3's decode
+    has ended (it used to refuse the video alone, and parts 1 and 2 then delivered nothing: 6 windows
+    reached the encoder instead of 22)."""
+    from lvmae_fast import extract
+    from lvmae_fast.store import Store
+    from lvmae_fast.video import decode_pyav
+    from lvmae_fast.video.jobs import VideoJob, WindowSpec, prepare_job
+
+    long = distinct_frames_video(tmp_path / "long.mp4", frames=500)    # 20 one-second windows: parts of 8
+    short = distinct_frames_video(tmp_path / "short.mp4", frames=100)
+    spec = WindowSpec(seconds=1.0, frames=6)
+    job = prepare_job(VideoJob("long", str(long)), spec)
+    assert decode_pyav._missing_budget(len(np.unique(job.plan.frames))) == 6
+    lost = {int(p) for p in job.index.pts[job.plan.frames[[17, 18]]].ravel()}  # 12 frames
+    third = int(job.index.pts[job.plan.frames[12][0]])   # parts 1 and 2 seek before it, part 3 after
+    real_frames = decode_pyav._frames
+    part3_ended = threading.Event()
+
+    def frames(index, threads, seek_to, hold=False):
+        if index.path != str(long):
+            yield from real_frames(index, threads, seek_to)
+            return
+        late = seek_to is not None and seek_to >= third
+        if hold and not late:
+            part3_ended.wait(10)
+        try:
+            yield from (f for f in real_frames(index, threads, seek_to) if f.pts not in lost)
+        finally:
+            if late:
+                part3_ended.set()
+
+    runs = {}
+    for workers in (1, 3):
+        part3_ended.clear()
+        with monkeypatch.context() as m:
+            m.setattr(decode_pyav, "_frames", lambda *a, hold=workers > 1: frames(*a, hold=hold))
+            out = tmp_path / f"w{workers}"
+            summary = extract.extract_videos([("long", str(long)), ("short", str(short))], out, seconds=1.0,
+                                             frames=6, batch_size=3, decoder="pyav", decode_workers=workers)
+        runs[workers] = (summary, Store(out), (out / "failures.jsonl").read_text())
+    (s1, store1, fail1), (s3, store3, fail3) = runs[1], runs[3]
+    assert (s1["done"], s1["failed"]) == (1, 1)
+    assert "damaged video data: more than 6 of the 120 sampled frames" in fail1
+    assert s3["windows"] == s1["windows"]
+    assert fail3 == fail1
+    np.testing.assert_array_equal(store3.get("short"), store1.get("short"))
+
+
+def test_a_decoder_error_between_two_parts_ends_the_video_as_in_one_pass(tmp_path, monkeypatch):
+    """FFmpeg raises at a frame no window samples, after the first part's last frame and before the
+    keyframe where the second part starts (a damaged packet there): only one pass decodes it, and stands
+    in every frame after it (refused). The parts skipped it and stored the video; a part now decodes on
+    to where the next one starts. (Seen with real damage: a mkv whose damaged cluster demuxed to a packet
+    FFmpeg refused between two parts.)"""
+    av = pytest.importorskip("av")
+    from lvmae_fast import synth
+    from lvmae_fast.video import decode_pyav
+    from lvmae_fast.video.jobs import VideoJob, WindowSpec, prepare_job
+
+    video = synth.write_distinct_frames(tmp_path / "long.mp4", frames=500, keyint=25)  # keyframes 0, 25, 50...
+    job = prepare_job(VideoJob("long", str(video)), WindowSpec(seconds=1.0, frames=6))
+    # parts of 8 windows: window 7 (the first part's last) samples up to frame 197, window 8 from frame 202,
+    # and the second part starts at the keyframe at frame 200: frames 198 and 199 are decoded by neither
+    assert job.plan.frames[7].max() == 197 and job.plan.frames[8].min() == 202 and job.index.keyframe[200]
+    bad = int(job.index.pts[198])
+    real_frames = decode_pyav._frames
+
+    def frames(*a):
+        for f in real_frames(*a):
+            if f.pts == bad:
+                raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+            yield f
+
+    monkeypatch.setattr(decode_pyav, "_frames", frames)
+    runs = one_pass_and_parts(monkeypatch, tmp_path, str(video), seconds=1.0, frames=6, batch_size=8)
+    summary, _, failures = runs["one pass"]
+    assert (summary["done"], summary["failed"]) == (0, 1)
+    assert "damaged video data: more than 6 of the 120 sampled frames could not be decoded (number 7 at 9.08 s)" in failures
+    assert_same_runs(runs)

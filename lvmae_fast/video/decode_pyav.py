@@ -10,8 +10,9 @@ first decoded frame, with a warning, and do not count as damage.
 Windows listed in `skip` (embedded by an earlier, killed job) are not produced. When they form a
 prefix, decoding starts at the keyframe before the first needed frame, in containers that seek by
 index to a keyframe (mp4/mov, matroska/webm, flv, avi); the seek is kept only if the first frame it
-yields is a keyframe at or before the first needed frame, else the file is decoded from the start
-(mpeg-ts/ps seek by byte position and can land past a keyframe).
+yields is an intact keyframe at or before the first needed frame, else the file is decoded from the
+start (mpeg-ts/ps seek by byte position and can land past a keyframe; a damaged keyframe is concealed
+from the frames before it).
 """
 from __future__ import annotations
 
@@ -30,19 +31,27 @@ MAX_MISSING = 0.05   # fraction of sampled frames that may be stood in for befor
 
 
 class SharedDamage:
-    """Stand-in frames counted across the decodes of one video: parts of a long video decoded side by
-    side (extract's chunks) share one budget, so the verdict is the one a single pass would give.
-    `failed` is set once a part refuses the video: the other parts stop early."""
+    """What the parts of one long video decoded side by side (extract's parts) share. A part gives the
+    frames of one pass only while nothing in it is damaged: the decoder state, the stand-ins and the
+    whole-video damage budget of one pass all depend on what came before. So a part that meets damage (a
+    frame it must stand in, a frame FFmpeg flags corrupt, a decode error) stops, and the caller decodes
+    the rest of the video in one decode from the start of the file, as one pass would (`redo`); the
+    parts after it are then superseded (they stop)."""
 
     def __init__(self):
-        self._missing = 0
         self._lock = threading.Lock()
-        self.failed = False
+        self.redone_by: int | None = None   # the first window of the earliest part that decodes the rest
 
-    def add(self) -> int:
+    def redo(self, part: int) -> None:
+        """The part whose first window is `part` decodes the rest of the video."""
         with self._lock:
-            self._missing += 1
-            return self._missing
+            if self.redone_by is None or part < self.redone_by:
+                self.redone_by = int(part)
+
+    def superseded(self, part: int) -> bool:
+        """The part whose first window is `part` is covered by an earlier part's decode of the rest."""
+        by = self.redone_by
+        return by is not None and by < part
 
 
 def _missing_budget(needed: int) -> int:
@@ -75,7 +84,10 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None) -> Iterator:
                     first = next(decoded, None)
                 except av.FFmpegError:
                     first = None
-                if first is not None and first.pts is not None and first.pts <= seek_to and first.key_frame:
+                # A keyframe FFmpeg flags corrupt was concealed from the frames before it, which a decode
+                # that starts there does not have: its pictures would differ from one pass's.
+                if (first is not None and first.pts is not None and first.pts <= seek_to and first.key_frame
+                        and not first.is_corrupt):
                     yield first
                     yield from decoded
                     return
@@ -94,10 +106,16 @@ def _video_stream(container, threads: int):
 
 
 def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, skip: np.ndarray | None = None,
-                        damage: SharedDamage | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+                        damage: SharedDamage | None = None, redo: int | None = None, through: int | None = None
+                        ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (window index, uint8 frames [T, H, W, 3] RGB, seconds [T] of the frames actually decoded)
-    for every window of `plan` not marked in `skip`, in order. `damage`: the stand-in count shared with
-    other decodes of the same video (its other windows), against the one whole-video budget."""
+    for every window of `plan` not marked in `skip`, in order. `damage`: this decode is one part of the
+    video (SharedDamage): it stops once an earlier part has handed the rest of the video to one decode,
+    and any damage it meets (a frame to stand in, a frame FFmpeg flags corrupt, a decode error) raises
+    VideoError; the caller then decodes the rest of the video with `redo` (the part's first window):
+    from the start of the file (the decoder state of one pass), stand-ins counted against the budget as
+    in one pass. `through` (a part's): the pts of the next part's first frame; one pass decodes what
+    lies between the two parts too, so the part decodes on to there (a decode error there ends one pass)."""
     import av
 
     active = windows_to_decode(len(plan), skip)
@@ -109,7 +127,9 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     # kill or finished after a DALI failure would get a smaller one than a fresh PyAV run (same file,
     # another verdict).
     sampled = len(np.unique(index.pts[plan.frames]))
-    budget = _missing_budget(sampled)
+    strict = damage is not None and redo is None   # a part: any damage hands the rest to a redo
+    part = int(active[0]) if redo is None else int(redo)   # the part's first window
+    budget = 0 if strict else _missing_budget(sampled)
     # A window is complete once the largest pts it needs has been assigned.
     window_last = wanted_pts.max(axis=1)
     # Frames still needed by a later window are kept; others are dropped as decoding advances.
@@ -140,15 +160,10 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
         nonlocal j, missing
         if counts_as_damage:
             missing += 1
-            if (damage.add() if damage is not None else missing) > budget:
-                if damage is not None:
-                    damage.failed = True
+            if missing > budget:
                 at = pts_to_seconds(np.asarray([needed[j]]), pts0, index.time_base)[0]
-                # Parts decoded side by side reach the budget in no fixed order: no position then, so the
-                # reason (failures.jsonl) is the same however the parts were scheduled.
-                where = f" (number {budget + 1} at {at:.2f} s)" if damage is None else ""
                 raise VideoError(f"damaged video data: more than {budget} of the {sampled} sampled frames "
-                                 f"could not be decoded{where}")
+                                 f"could not be decoded (number {budget + 1} at {at:.2f} s)")
         got[int(needed[j])] = array_of(frame)
         got_pts[int(needed[j])] = frame_pts
         j += 1
@@ -168,13 +183,15 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     # frame still needed (a keyframe's own pts is an exact seek target).
     keys = index.pts[index.keyframe & (index.pts <= needed[0])]
     seek_to = int(keys.max()) if len(keys) and keys.max() > index.pts[0] else None
-    if index.pts_in_decode_order:
+    if index.pts_in_decode_order or redo is not None:
         seek_to = None  # frames are matched by output position, which only a decode from the start knows
     prev, prev_pts, position = None, None, 0
     try:
         for frame in _frames(index, threads, seek_to):
-            if damage is not None and damage.failed:
-                return  # another part refused the video; its Failed event tells the job why
+            if damage is not None and damage.superseded(part):
+                return  # an earlier part decodes the rest of the video, these windows included
+            if strict and frame.is_corrupt:  # concealed: its pixels (and the frames after) may not be one pass's
+                raise VideoError("corrupt frame")
             if index.pts_in_decode_order:
                 if position >= index.num_frames:
                     break
@@ -197,10 +214,10 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
                 j += 1
             prev, prev_pts = frame, pts
             yield from flush(pts)
-            if j == len(needed):
+            if j == len(needed) and (not strict or through is None or pts >= through):
                 break
     except av.FFmpegError as err:
-        if prev is None:
+        if prev is None or strict:
             raise VideoError(f"decoding failed ({err.strerror or err})") from None
         # Damaged tail: remaining frames repeat the last good one (same as a player), within budget.
     if prev is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from typing import Callable, Iterable, Iterator
 
 _END = object()
@@ -55,7 +56,7 @@ def ordered_parallel(items: Iterable, produce: Callable[[object], Iterator], wor
     take = threading.Lock()          # pulls from `source` and numbers the item in one step
     ready = threading.Condition()    # a new slot, or the end of `source`
     slots: dict[int, queue.Queue] = {}
-    state = {"next": 0, "total": None}
+    state = {"next": 0, "total": None, "source_closed": False}
     stop = threading.Event()
 
     def put(q: queue.Queue, item) -> bool:
@@ -67,6 +68,19 @@ def ordered_parallel(items: Iterable, produce: Callable[[object], Iterator], wor
                 pass
         return False
 
+    def acquire_take() -> bool:
+        # A worker waiting for its turn at the input notices `stop` (a plain acquire would keep it until
+        # the worker inside the input gets its item, which can take as long as a probe).
+        while not stop.is_set():
+            if take.acquire(timeout=0.1):
+                return True
+        return False
+
+    def close_source():  # holding `take`: no worker is inside the input
+        if not state["source_closed"]:
+            state["source_closed"] = True
+            getattr(source, "close", lambda: None)()
+
     def open_slot() -> queue.Queue:
         q: queue.Queue = queue.Queue(maxsize=depth)
         with ready:
@@ -76,8 +90,11 @@ def ordered_parallel(items: Iterable, produce: Callable[[object], Iterator], wor
         return q
 
     def work():
-        while not stop.is_set():
-            with take:  # numbering under the lock: slot k always holds the k-th item
+        while acquire_take():
+            try:  # numbering under the lock: slot k always holds the k-th item
+                if stop.is_set():
+                    close_source()
+                    return
                 try:
                     item = next(source)
                 except StopIteration:
@@ -92,7 +109,14 @@ def ordered_parallel(items: Iterable, produce: Callable[[object], Iterator], wor
                         ready.notify_all()
                     put(q, _Raised(err))
                     return
+                if stop.is_set():
+                    # The consumer stopped while this item was coming: start nothing more, and close the
+                    # input, which the consumer could not do while this worker was inside it.
+                    close_source()
+                    return
                 q = open_slot()
+            finally:
+                take.release()
             gen = None
             try:
                 gen = produce(item)
@@ -132,12 +156,14 @@ def ordered_parallel(items: Iterable, produce: Callable[[object], Iterator], wor
             k += 1
     finally:
         stop.set()
-        for t in threads:  # a worker notices `stop` within 0.1 s of its next put
-            t.join(timeout=2.0)
+        deadline = time.monotonic() + 2.0  # a worker notices `stop` within 0.1 s of its next put
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         # The input may be a generator with work of its own (probing ahead in a thread): close it too,
-        # under the lock, so that no worker is inside it.
-        if take.acquire(timeout=2.0):
+        # under the lock, so that no worker is inside it. A worker still inside it closes it when its
+        # item comes (above).
+        if take.acquire(timeout=max(0.0, deadline - time.monotonic())):
             try:
-                getattr(source, "close", lambda: None)()
+                close_source()
             finally:
                 take.release()
