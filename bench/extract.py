@@ -75,9 +75,10 @@ def make_videos(folder: Path, count: int, duration: float, size, fps: float) -> 
     return paths
 
 
-def bench_pyav_decode(paths, spec, workers: int = 1) -> dict:
-    """PyAV decode of every window, `workers` videos at once (as `lvmae extract --decode-workers`)."""
-    threads = pyav_threads(workers)
+def bench_pyav_decode(paths, spec, workers: int = 1, threads: int | None = None) -> dict:
+    """PyAV decode of every window, `workers` videos at once with `threads` frame threads each (default:
+    as `lvmae extract --decode-workers`; 0 = FFmpeg's own count, extract's one decode before 2026-11-26)."""
+    threads = pyav_threads(workers) if threads is None else threads
     frames = [0]
     lock = threading.Lock()
 
@@ -245,9 +246,12 @@ def main(argv=None) -> int:
             stage("encoder_fp", lambda: bench_encoder(model, device, dtype, spec.frames, batch, 3 if args.quick else 20))
         else:
             results["encoder_fp"] = results["end_to_end"] = results["end_to_end_pyav"] = NOT_MEASURED + " (no encoder)"
-        stage("decode_pyav", lambda: bench_pyav_decode(originals, spec))
+        # Both PyAV rows decode the same files: enough of them to keep every worker busy.
+        decode_set = paths[:max(len(originals), 2 * workers)]
+        results["decode_pyav_videos"] = len(decode_set)
+        stage("decode_pyav", lambda: bench_pyav_decode(decode_set, spec, 1, threads=0))
         if workers > 1:
-            stage("decode_pyav_parallel", lambda: bench_pyav_decode(originals, spec, workers))
+            stage("decode_pyav_parallel", lambda: bench_pyav_decode(decode_set, spec, workers))
         else:  # the row above already is the one-worker decode
             results["decode_pyav_parallel"] = f"{NOT_MEASURED} (1 decode worker here: pass --decode-workers N)"
         one, many = results["decode_pyav"], results["decode_pyav_parallel"]
@@ -270,9 +274,11 @@ def main(argv=None) -> int:
           f"{results['device']} {results['gpu'] or ''}; T={spec.frames}, S={spec.seconds:g} s)\n")
     print("| measurement | value |")
     print("|---|---|")
-    print(f"| decode, PyAV CPU, one video at a time (frames/s, all frames of the files) | "
+    print(f"| decode, PyAV CPU, one video at a time, FFmpeg's thread count (frames/s, all frames of the files) | "
           f"{cell(results['decode_pyav'], 'frames_per_s')} |")
-    print(f"| decode, PyAV CPU, {workers} videos at once (frames/s) | {cell(results['decode_pyav_parallel'], 'frames_per_s')} |")
+    par_threads = results["decode_pyav_parallel"].get("frame_threads") if isinstance(results["decode_pyav_parallel"], dict) else "-"
+    print(f"| decode, PyAV CPU, {workers} videos at once, {par_threads} frame threads each (frames/s) | "
+          f"{cell(results['decode_pyav_parallel'], 'frames_per_s')} |")
     par = results["decode_pyav_parallel_over_one"]
     print(f"| decode ratio, PyAV {workers} at once / one at a time | {par if isinstance(par, str) else f'{par:.2f}'} |")
     print(f"| decode, DALI GPU, {args.readers} readers, --sampling time (frames/s, all frames of the files) | "
