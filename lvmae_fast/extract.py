@@ -162,7 +162,7 @@ def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32) ->
     start of the file)."""
     from .video.decode_pyav import SharedDamage
 
-    for item in in_background(lambda: prepared(jobs, spec, partials), maxsize=64):
+    for item in in_background(lambda: prepared(jobs, spec, partials), maxsize=16):  # an index is ~17 B a frame
         if isinstance(item, Failed):
             yield item
             continue
