@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lvmae_fast import synth
-from lvmae_fast.atomic import atomic_write
+from lvmae_fast.atomic import atomic_write_text
 from lvmae_fast.devices import resolve_device
 from lvmae_fast.extract import extract_videos, pyav_events, pyav_threads
 from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
@@ -78,7 +78,7 @@ def make_videos(folder: Path, count: int, duration: float, size, fps: float) -> 
 def bench_pyav_decode(paths, spec, workers: int = 1, threads: int | None = None) -> dict:
     """PyAV decode of every window, `workers` videos at once with `threads` frame threads each (default:
     as `lvmae extract --decode-workers`; 0 = FFmpeg's own count, extract's one decode before 2026-11-26)."""
-    threads = pyav_threads(workers) if threads is None else threads
+    threads = pyav_threads() if threads is None else threads
     frames = [0]
     lock = threading.Lock()
 
@@ -195,8 +195,7 @@ def main(argv=None) -> int:
 
         def save():
             if args.json:  # atomic: a run killed mid-write keeps the previous complete file
-                text = json.dumps(results, indent=2, default=str)
-                atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+                atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
 
         def stage(key, measure):
             """Run one measurement, then save everything so far: a run cut by a time limit keeps it. A

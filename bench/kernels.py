@@ -27,12 +27,11 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from lvmae_fast import kernels as K
-from lvmae_fast.atomic import atomic_write
+from lvmae_fast.atomic import atomic_write_text
 from lvmae_fast.masking import adjacent_cosine, mask_lowest, semantic_mask_torch
 from lvmae_fast.packing import cu_seqlens_from_lengths
 
@@ -364,8 +363,7 @@ def main(argv=None) -> int:
         print(f"[bench] {spec}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         print("\n".join(markdown(new, gpu).splitlines()[2:]), file=sys.stderr, flush=True)
         if args.json:  # atomic: a kill mid-write leaves the previous case's complete file
-            text = json.dumps({"meta": meta, "results": rows}, indent=2)
-            atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+            atomic_write_text(args.json, json.dumps({"meta": meta, "results": rows}, indent=2))
 
     print(f"# kernels benchmark: {name} | torch {torch.__version__} | dtype {dtype} | d={d}"
           f" | peak BW {'%.2f TB/s' % (peak / 1e12) if peak else 'unknown'}")

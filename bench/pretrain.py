@@ -23,7 +23,8 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # sibling bench modules; the checkout if not installed
 
-from lvmae_fast.atomic import atomic_write  # noqa: E402
+from lvmae_fast.atomic import atomic_write_text  # noqa: E402
+from lvmae_fast.devices import resolve_device  # noqa: E402
 from lvmae_fast.buckets import pad_to_bucket  # noqa: E402
 from lvmae_fast.masking import build_masked_batch  # noqa: E402
 from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops  # noqa: E402
@@ -185,11 +186,6 @@ def print_table(rows):
               f"{fmt(r.get('speedup'), '.2f', ratio_missing)} |")
 
 
-def write_json(path, result):
-    """Atomic (temp file + rename): a run killed mid-write leaves the previous complete file."""
-    text = json.dumps(result, indent=2)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -228,9 +224,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    try:
+        device = resolve_device(args.device)  # auto | cpu | cuda[:N], as every lvmae command
+    except ValueError as err:
+        p.error(str(err))
 
     width = LVMAEConfig.from_preset(args.preset, in_dim=8).embed_dim
     in_dim = args.in_dim or width
@@ -259,7 +256,7 @@ def main(argv=None):
               + (f", {row['samples_per_s']:.1f} samples/s" if row.get("status") == "ok" else ""),
               file=sys.stderr, flush=True)
         if args.json:
-            write_json(args.json, result)
+            atomic_write_text(args.json, json.dumps(result, indent=2))  # a killed run keeps the last complete file
 
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         batches = make_batches(4, bs, in_dim, args.min_len, args.max_len, seed=bs)
@@ -296,7 +293,7 @@ def main(argv=None):
     print_table(rows)
     print("\n" + json.dumps(result))
     if args.json:
-        write_json(args.json, result)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lvmae_fast.atomic import atomic_write
+from lvmae_fast.atomic import atomic_write_text
+from lvmae_fast.devices import resolve_device
 from lvmae_fast.model import LVMAE, LVMAEConfig
 from lvmae_fast.sampler import LongVideoSampler, SamplerConfig
 from lvmae_fast.store import Store
@@ -40,7 +41,7 @@ def _make_store(tmp: Path, videos: int, dim: int, seed: int) -> Path:
 
 
 def run(args) -> dict:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,8 +189,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    try:
+        resolve_device(args.device)  # auto | cpu | cuda[:N], as every lvmae command
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
@@ -199,8 +202,7 @@ def main(argv=None) -> dict:
     print(markdown(result))
     print(json.dumps(result))
     if args.json_out:  # atomic: a run killed mid-write leaves no half-written file
-        text = json.dumps(result, indent=2) + "\n"
-        atomic_write(args.json_out, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -123,16 +123,24 @@ def atomic_write(path, write) -> None:
                     "power cut", path, err.strerror or err)
 
 
-def append_whole(file, data: bytes) -> None:
+def atomic_write_text(path, text: str) -> None:
+    """atomic_write of a text file (config, pointer, JSON results)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def append_whole(file, data: bytes, sync: bool = False) -> None:
     """Append `data` to a binary file opened unbuffered ("ab", buffering=0) in full or not at all: a
-    write that fails part way (disk full) is cut back off, so the file never ends in a torn line; the
-    OSError is re-raised for the caller to name."""
+    write that fails part way (disk full), or is interrupted, is cut back off, so the file never ends in
+    a torn line; the error is re-raised for the caller to name. sync: fsync it too, inside the same
+    all-or-nothing (a journal line is committed only once it is durable)."""
     start = file.tell()
     try:
         view = memoryview(data)
         while view:
             view = view[file.write(view):]
-    except OSError:
+        if sync:
+            os.fsync(file.fileno())
+    except BaseException:
         try:
             file.truncate(start)
         except OSError:

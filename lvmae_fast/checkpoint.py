@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write
+from .atomic import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -29,7 +29,7 @@ def save_model_dir(model, directory) -> None:
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     # config.json last: a directory with a config always has the weights that go with it.
     config_text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True)
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+    atomic_write_text(directory / CONFIG_NAME, config_text)
 
 
 def load_model_dir(directory, map_location="cpu", **overrides):

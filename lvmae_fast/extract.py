@@ -222,9 +222,9 @@ def decode_part(part: DecodePart | Failed, threads: int = 0) -> Iterator[Window 
         yield Failed(job, f"decode error: {type(err).__name__}: {err}")
 
 
-def pyav_threads(workers: int) -> int:
+def pyav_threads() -> int:
     """Frame threads per decode: the CPUs shared out among the default number of decodes side by side
-    (one per CPU, at most 8), whatever `workers` is. FFmpeg conceals damaged data differently with another
+    (one per CPU, at most 8), whatever --decode-workers is. FFmpeg conceals damaged data differently with another
     thread count, so a count that followed --decode-workers would make the store of a damaged video
     depend on it."""
     from .video.ordered import usable_cpus
@@ -427,7 +427,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             # overlapping the encoder. Windows still arrive in input order, so batches and the store are
             # those of one worker. A worker can run ahead by its whole part (the queue holds it), which is
             # what lets the others work while the consumer drains the part in front.
-            threads = pyav_threads(workers)
+            threads = pyav_threads()
             part_windows = max(8, batch_size)
 
             def delivered_once(decoded):

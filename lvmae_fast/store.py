@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import WRITE_ERRORS, atomic_write, write_error
+from .atomic import WRITE_ERRORS, append_whole, atomic_write, write_error
 
 INDEX_NAME = "index.json"
 JOURNAL_NAME = "index.journal"
@@ -85,18 +85,11 @@ def _remove_files(paths) -> None:
 
 
 def _append_journal_line(path: Path, record: dict) -> None:
-    # One line, fsynced: the commit point. A kill mid-write leaves a torn last line that readers ignore.
-    with open(path, "ab") as f:
-        start = f.tell()
-        try:
-            f.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        except BaseException:
-            # A failed append (ENOSPC, EIO) must not leave a line behind: a retried commit would append
-            # after it, and readers stop at the torn or repeated line, hiding every later commit.
-            f.truncate(start)
-            raise
+    # One line, fsynced: the commit point. A kill mid-write leaves a torn last line that readers ignore;
+    # a failed append (ENOSPC, EIO) leaves no line behind: a retried commit would append after it, and
+    # readers stop at the torn or repeated line, hiding every later commit.
+    with open(path, "ab", buffering=0) as f:
+        append_whole(f, json.dumps(record, separators=(",", ":")).encode() + b"\n", sync=True)
 
 
 def read_npy_header(path: Path) -> tuple[tuple, np.dtype]:
@@ -434,7 +427,7 @@ class StoreWriter:
 
     def _remove_unindexed(self, written: list) -> None:
         """After a failed commit or compaction: remove the shard files it wrote, except any the index on
-        disk names (an index.json renamed into place whose directory fsync then failed is visible)."""
+        disk names (a journal line whose failed append could not be cut back off is visible)."""
         try:
             index = load_index(self.path)
             named = {Path(sh[k]).name for sh in index["shards"] for k in ("emb", "times")}

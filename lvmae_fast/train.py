@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import train_config as tc
-from .atomic import WRITE_ERRORS, WriteError, append_whole, atomic_write, write_error
+from .atomic import WRITE_ERRORS, WriteError, append_whole, atomic_write, atomic_write_text, write_error
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
@@ -72,10 +72,6 @@ def lr_at(epoch_progress: float, base_lr: float, cfg: tc.PretrainConfig) -> floa
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def complete_checkpoints(ckpt_root: Path) -> list[str]:
     """Names of the complete checkpoints (step-N holding a train state) in RUN/checkpoints, oldest first."""
     return sorted(p.name for p in ckpt_root.glob("step-*") if (p / STATE_NAME).is_file()) if ckpt_root.is_dir() else []
@@ -118,7 +114,7 @@ def rewind_to(out: Path, ckpt: Path) -> None:
             target = target.with_name(f"{p.name}.{int(time.time())}")
         os.replace(p, target)
     truncate_metrics(out / "metrics.jsonl", int(ckpt.name.split("-")[1]), keep_dropped=out / REWOUND_METRICS)
-    _atomic_text(root / LATEST_NAME, ckpt.name)
+    atomic_write_text(root / LATEST_NAME, ckpt.name)
     link_model_files(out, ckpt)
     log.info("rewound %s to %s (%d later checkpoints moved to %s/)", out, ckpt.name, len(later), root / REWOUND_DIR)
 
@@ -221,7 +217,7 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
                               f" ({_intact(ckpt_root, name)})") from err
         raise
     try:
-        _atomic_text(pointer, name)
+        atomic_write_text(pointer, name)
     except OSError as err:
         raise write_error(f"wrote checkpoint {final} but could not update {pointer}", err, ckpt_root,
                           f" (it still names the previous checkpoint; {_intact(ckpt_root, name)})") from err
@@ -276,8 +272,8 @@ def truncate_metrics(path: Path, step: int, keep_dropped: Path | None = None) ->
     dropped = [r for r in records if r.get("step", 0) > step]
     if keep_dropped is not None and dropped:
         old = keep_dropped.read_text() if keep_dropped.exists() else ""
-        _atomic_text(keep_dropped, old + "".join(json.dumps(r) + "\n" for r in dropped))
-    _atomic_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(keep_dropped, old + "".join(json.dumps(r) + "\n" for r in dropped))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_loss(run: Path) -> Path | None:
@@ -560,7 +556,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     out.mkdir(parents=True, exist_ok=True)
     if rewind:
         rewind_to(out, ckpt)
-    _atomic_text(out / "config.yaml", tc.dump_yaml(cfg))
+    atomic_write_text(out / "config.yaml", tc.dump_yaml(cfg))
     metrics_path = out / "metrics.jsonl"
     if resume:  # drop records logged after the checkpoint (all of them when there is none yet)
         truncate_metrics(metrics_path, progress["step"])
@@ -723,7 +719,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
                 log.info("final val loss %.5g", val_loss)
                 if tb is not None:
                     tb.add_scalar("val/loss", val_loss, progress["step"])
-                _atomic_text(out / "val.json", json.dumps({"step": progress["step"], "val_loss": val_loss}) + "\n")
+                atomic_write_text(out / "val.json", json.dumps({"step": progress["step"], "val_loss": val_loss}) + "\n")
         if tb is not None:
             tb.close()
         plot = plot_loss(out)

@@ -405,14 +405,22 @@ def test_a_damaged_keyframe_where_a_part_starts_gives_the_frames_of_one_pass(tmp
     assert_same_runs(runs)
 
 
-def test_frame_threads_per_decode_do_not_depend_on_the_number_of_workers(tmp_path):
+def test_frame_threads_per_decode_do_not_depend_on_the_number_of_workers(tmp_path, monkeypatch):
     """FFmpeg conceals damaged data differently with another number of frame threads: a decode's threads
     must not follow --decode-workers, or the store of a damaged (but accepted) video depends on it."""
-    from lvmae_fast.extract import extract_videos, pyav_threads
+    from lvmae_fast.extract import extract_videos
     from lvmae_fast.store import Store
+    from lvmae_fast.video import decode_pyav
 
     video = damaged_copy(distinct_frames_video(tmp_path / "src.mp4", frames=200), tmp_path / "d.mp4",
                          near=0.84, keyframe=False)
+    real, threads_used = decode_pyav.decode_windows_pyav, {}
+
+    def recording(*a, threads=0, **kw):
+        threads_used.setdefault(workers, set()).add(threads)
+        return real(*a, threads=threads, **kw)
+
+    monkeypatch.setattr(decode_pyav, "decode_windows_pyav", recording)
     stores = {}
     for workers in (1, 2, 3):
         s = extract_videos(str(video), tmp_path / f"w{workers}", seconds=1.0, frames=25, batch_size=8,
@@ -421,7 +429,7 @@ def test_frame_threads_per_decode_do_not_depend_on_the_number_of_workers(tmp_pat
         stores[workers] = Store(tmp_path / f"w{workers}").get("d")
     for workers in (2, 3):
         np.testing.assert_array_equal(stores[workers], stores[1], err_msg=f"{workers} workers")
-    assert len({pyav_threads(w) for w in (1, 2, 3, 8)}) == 1
+    assert len(set().union(*threads_used.values())) == 1 and set(threads_used) == {1, 2, 3}, threads_used
 
 
 def test_which_part_meets_the_damage_first_changes_nothing(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write, write_error
+from ..atomic import atomic_write, atomic_write_text, write_error
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class PartialVideos:
                 shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True, exist_ok=True)
             meta = json.dumps(self._meta(video_id, path, num_windows))
-            atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(meta))
+            atomic_write_text(folder / "meta.json", meta)
             self._chunks[video_id] = 0
         number = self._chunks[video_id]
 
