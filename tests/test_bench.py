@@ -129,3 +129,22 @@ def test_kernels_bench_without_cuda_runs_the_cpu_smoke():
     result = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
     assert result["meta"]["quick"] is True and result["meta"]["cases"] == ["4x64", "16xU2-64"]
     assert "NOT measured" in r.stdout
+
+
+def test_pretrain_benches_take_the_device_values_every_command_takes(tmp_path):
+    """`--device auto` (torch.device('auto') raised a RuntimeError traceback in the step mode) runs; a
+    device this host lacks, or one no command supports, is a one-line argparse error in both modes."""
+    import torch
+
+    out = tmp_path / "auto.json"
+    bench("bench/pretrain.py", "--preset", "tiny", "--device", "auto", "--steps", 1, "--warmup", 1, "--batch-sizes", 2,
+          "--long-len", 0, "--skip-padded", "--json", out)
+    assert [r["status"] for r in json.loads(out.read_text())["rows"]] == ["ok"]
+    bad = ["mps"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for mode in ("step", "data"):
+        for device in bad:
+            r = subprocess.run([sys.executable, "bench/pretrain.py", "--mode", mode, "--preset", "tiny",
+                                "--device", device], cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2, (mode, device, r.stderr[-2000:])
+            assert "Traceback" not in r.stderr
+            assert r.stderr.strip().splitlines()[-1].startswith(f"pretrain.py: error: device '{device}'"), r.stderr[-500:]
