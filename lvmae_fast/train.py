@@ -25,6 +25,7 @@ checkpoints and metrics are moved aside, not deleted.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -507,10 +508,16 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     model_cfg = build_model_config(cfg, store.dim)
     if state is not None and state["model_config"] != model_cfg.to_dict():
         raise ValueError(f"cannot resume {out}: checkpoint model config {state['model_config']} differs from {model_cfg.to_dict()}")
+    device = resolve_device(cfg.device)
+    use_graphs, use_whole_step = cfg.graphs_for(device.type)
+    if "auto" in (cfg.cuda_graphs, cfg.cuda_graphs_optimizer):
+        log.info("cuda_graphs=%s, cuda_graphs_optimizer=%s (auto on %s, %d videos per batch%s)",
+                 use_graphs, use_whole_step, device.type, cfg.batch_videos,
+                 ", max_tokens set" if cfg.max_tokens else "")
     scfg = SamplerConfig(duration_min=cfg.duration_min, duration_max=cfg.duration_max, max_len=cfg.max_len,
                          short_video_policy=cfg.short_video_policy, batch_videos=cfg.batch_videos,
                          max_tokens=cfg.max_tokens, mask_ratio=model_cfg.mask_ratio, masking=model_cfg.masking,
-                         seed=cfg.seed, pad_to_buckets=cfg.cuda_graphs)
+                         seed=cfg.seed, pad_to_buckets=use_graphs)
     train_ids, val_ids = split_videos(training_videos(store, cfg), cfg.val_videos, cfg.seed)
     check_something_to_mask(store, train_ids, cfg, model_cfg.mask_ratio)
     sampler = LongVideoSampler(store, train_ids, scfg)
@@ -520,7 +527,6 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
                     "leaves them out", len(val_ids))
         val_ids = []
     val_sampler = LongVideoSampler(store, val_ids, scfg) if val_ids else None
-    device = resolve_device(cfg.device)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     check_model_backends(model_cfg, device, torch.bfloat16 if use_bf16 else torch.float32)
 
@@ -544,12 +550,12 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     if cfg.compile:
         model.compile_blocks()  # per-block, in place: state-dict names and checkpoints are unchanged
     graphed_step = None
-    if cfg.cuda_graphs:
+    if use_graphs:
         if device.type != "cuda":
             log.warning("cuda_graphs: %s has no CUDA graphs; running the same shape-bucketed step eagerly", device)
         graphed_step = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if use_bf16 else None,
                                         capture=device.type == "cuda",
-                                        optimizer=optimizer if cfg.cuda_graphs_optimizer else None,
+                                        optimizer=optimizer if use_whole_step else None,
                                         grad_clip=cfg.grad_clip)
     whole_step = graphed_step is not None and graphed_step.optimizer is not None
 
@@ -779,10 +785,10 @@ def config_from_args(args) -> tc.PretrainConfig:
     flags = {key: getattr(args, key) for _, key, _, _ in FLAGS if getattr(args, key) is not None}
     if args.compile:
         flags["compile"] = True
-    if args.cuda_graphs:
-        flags["cuda_graphs"] = True
-    if args.cuda_graphs_optimizer:
-        flags["cuda_graphs_optimizer"] = True
+    if args.cuda_graphs is not None:
+        flags["cuda_graphs"] = args.cuda_graphs
+    if args.cuda_graphs_optimizer is not None:
+        flags["cuda_graphs_optimizer"] = args.cuda_graphs_optimizer
     if args.no_progress:
         flags["progress"] = False
     layers.append(("flags", flags))
@@ -814,11 +820,13 @@ def register(sub) -> None:
         p.add_argument(flag, dest=key, type=kind, default=None, choices=FLAG_CHOICES.get(key),
                        help=f"{help_text} (config key {key}; {_flag_default(key)})")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="pad batches to a few shapes and replay forward+backward as CUDA graphs (small batches)")
-    p.add_argument("--cuda-graphs-optimizer", action="store_true",
-                   help="with --cuda-graphs: capture the optimizer update too, one replay per step "
-                        "(not yet measured on a GPU)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="pad batches to a few shapes and replay forward+backward as CUDA graphs (config key "
+                        "cuda_graphs; default auto: on CUDA for batches of <= 64 videos, without --compile or "
+                        "--max-tokens; --no-cuda-graphs turns it off)")
+    p.add_argument("--cuda-graphs-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="with CUDA graphs: capture the optimizer update too, one replay per step (config key "
+                        "cuda_graphs_optimizer; default auto: whenever graphs are on on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", action="store_true",

@@ -12,8 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Union
 
 import yaml
+
+AutoBool = Union[bool, str]  # true, false or "auto" (field annotations name this alias: see _coerce_value)
 
 # Training recipe per preset. paper = Table 5 (AdamW .9/.95, wd .05, blr 1.5e-4, batch 16, 150 epochs,
 # 40 warmup, 256 tokens, 5 s segments); tiny = a CPU-sized model and a recipe that learns in minutes.
@@ -27,6 +30,12 @@ PRESETS: dict[str, dict] = {
 }
 
 DEFAULT_PRESET = "tiny"
+
+# cuda_graphs: auto turns graphs on for batches up to this many videos on CUDA. Measured on an H200
+# (paper preset, bench/pretrain.py): batch 16 eager 286 -> graphs 701 -> whole-step graphs 879 samples/s,
+# batch 64 1149 -> 1313; at batch 256 the step is compute-bound and the bucket padding makes graphs
+# slower (1810 -> 1640), so larger batches stay eager.
+AUTO_GRAPHS_MAX_VIDEOS = 64
 # Allowed values of the string keys with a fixed set (the CLI flags offer them as choices).
 PRECISIONS = ("auto", "bf16", "fp32")
 BAD_VIDEOS = ("error", "skip")
@@ -73,10 +82,12 @@ class PretrainConfig:
     device: str = "auto"                        # auto | cpu | cuda | cuda:N
     precision: str = "auto"                     # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
-    cuda_graphs: bool = False                   # bucketed batch shapes + one CUDA graph per shape (graphs.py):
-                                                # removes the launch overhead that bounds small-batch steps
-    cuda_graphs_optimizer: bool = False         # with cuda_graphs: capture the update too (whole-step graphs:
-                                                # gradients live only inside the step; see graphs.py)
+    cuda_graphs: AutoBool = "auto"              # bucketed batch shapes + one CUDA graph per shape (graphs.py):
+                                                # removes the launch overhead that bounds small-batch steps;
+                                                # auto: on CUDA for batch_videos <= 64 without compile/max_tokens
+    cuda_graphs_optimizer: AutoBool = "auto"    # with cuda_graphs: capture the update too (whole-step graphs:
+                                                # gradients live only inside the step; see graphs.py);
+                                                # auto: whenever graphs are on on CUDA
     cpu_threads: int = 0                        # torch intra-op threads; 0 = torch's default. Tiny ops run
                                                 # fastest on one thread (no sync), and it keeps CPU results exact
     num_workers: int = 2
@@ -101,9 +112,12 @@ class PretrainConfig:
                              f"--set warmup_epochs=N)")
         if min(self.log_every, self.ckpt_every, self.keep_checkpoints) < 1 or min(self.max_steps, self.eval_every) < 0:
             raise ValueError("log_every, ckpt_every and keep_checkpoints must be >= 1; max_steps, eval_every >= 0")
-        if self.compile and self.cuda_graphs:
+        for key in ("cuda_graphs", "cuda_graphs_optimizer"):
+            if getattr(self, key) not in (True, False, "auto"):
+                raise ValueError(f"{key}={getattr(self, key)!r} must be true, false or auto")
+        if self.compile and self.cuda_graphs is True:
             raise ValueError("compile and cuda_graphs are alternatives (both cut launch overhead); choose one")
-        if self.cuda_graphs_optimizer and not self.cuda_graphs:
+        if self.cuda_graphs_optimizer is True and self.cuda_graphs is False:
             raise ValueError("cuda_graphs_optimizer captures the update into the CUDA graphs: it needs cuda_graphs=true")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of model config overrides, got {self.model!r}")
@@ -142,6 +156,18 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def graphs_for(self, device_type: str) -> tuple[bool, bool]:
+        """(cuda_graphs, cuda_graphs_optimizer) with `auto` decided for a device of this type."""
+        graphs = self.cuda_graphs
+        if graphs == "auto":
+            graphs = self.cuda_graphs_optimizer is True or (
+                device_type == "cuda" and not self.compile and self.max_tokens == 0
+                and self.batch_videos <= AUTO_GRAPHS_MAX_VIDEOS)
+        whole_step = self.cuda_graphs_optimizer
+        if whole_step == "auto":
+            whole_step = graphs and device_type == "cuda"
+        return graphs, whole_step
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(PretrainConfig)}
@@ -190,12 +216,15 @@ def _coerce_value(key: str, kind: str, value):
         pass
     if kind == "bool" and isinstance(value, bool) or kind == "dict" and isinstance(value, dict):
         return value
+    if kind == "AutoBool" and (isinstance(value, bool) or value == "auto"):
+        return value
     if kind == "str":
         if value is None and key in ("store", "out"):  # `store:` left empty in a YAML file: not set
             return ""
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ValueError(f"config key {key}: expected {kind}, got {value!r}")
+    expected = "true, false or auto" if kind == "AutoBool" else kind
+    raise ValueError(f"config key {key}: expected {expected}, got {value!r}")
 
 
 def _coerce(key: str, value):

@@ -395,7 +395,42 @@ def test_whole_step_run_checkpoints_and_resumes_like_the_graphed_run(store, tmp_
     a, b = (load_file(str(run / "model.safetensors")) for run in (graphs, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="needs cuda_graphs=true"):
-        tc.PretrainConfig(cuda_graphs_optimizer=True)
+        tc.PretrainConfig(cuda_graphs=False, cuda_graphs_optimizer=True)
+
+
+@pytest.mark.parametrize("settings, device, expected", [
+    ({}, "cuda", (True, True)),                                    # the paper's batch 16: whole-step graphs
+    ({}, "cpu", (False, False)),                                   # no graphs off CUDA: the plain step
+    ({"batch_videos": 64}, "cuda", (True, True)),
+    ({"batch_videos": 65}, "cuda", (False, False)),                # compute-bound: padding would cost
+    ({"compile": True}, "cuda", (False, False)),                   # compile is the other launch-overhead cure
+    ({"max_tokens": 4096}, "cuda", (False, False)),                # batch size not known ahead: left eager
+    ({"cuda_graphs": False}, "cuda", (False, False)),
+    ({"cuda_graphs": True}, "cpu", (True, False)),                 # as before: the bucketed step, eager update
+    ({"cuda_graphs": True, "batch_videos": 256}, "cuda", (True, True)),
+    ({"cuda_graphs": True, "cuda_graphs_optimizer": False}, "cuda", (True, False)),
+    ({"cuda_graphs_optimizer": True}, "cpu", (True, True)),        # asking for the update captured asks for graphs
+])
+def test_cuda_graphs_auto_turns_graphs_on_for_small_cuda_batches_only(settings, device, expected):
+    assert tc.resolve([("t", {"preset": "paper", **settings})]).graphs_for(device) == expected
+
+
+def test_cuda_graphs_flags_and_config_values(tmp_path):
+    """`auto` is the default and survives a YAML round trip; --no-cuda-graphs / --cuda-graphs set the key;
+    anything but true, false or auto is refused naming the key."""
+    cfg = tc.resolve([("t", {"preset": "paper"})])
+    assert (cfg.cuda_graphs, cfg.cuda_graphs_optimizer) == ("auto", "auto")
+    (tmp_path / "c.yaml").write_text(tc.dump_yaml(cfg))
+    assert tc.resolve([("f", tc.load_yaml(tmp_path / "c.yaml"))]) == cfg
+    for flag, value in (("--no-cuda-graphs", "false"), ("--cuda-graphs", "true"), ("--no-cuda-graphs-optimizer", "false")):
+        r = lvmae("pretrain", "--preset", "paper", flag, "--print-config")
+        assert r.returncode == 0, r.stderr
+        key = "cuda_graphs_optimizer" if "optimizer" in flag else "cuda_graphs"
+        assert f"\n{key}: {value}\n" in r.stdout
+    with pytest.raises(ValueError, match="cuda_graphs: expected true, false or auto"):
+        tc.resolve([("--set", tc.parse_set(["cuda_graphs=sometimes"]))])
+    with pytest.raises(ValueError, match="must be true, false or auto"):
+        tc.PretrainConfig(cuda_graphs_optimizer="yes")
 
 
 @pytest.mark.gpu
@@ -408,8 +443,9 @@ def test_gpu_host_scalars_and_graphed_pretraining_track_eager(store, tmp_path):
     assert values[0] == 1.5 and math.isnan(values[1])
     cfg = {"preset": "tiny", "store": str(store), "max_steps": 20, "progress": False, "tensorboard": False,
            "device": "cuda", "num_workers": 1}
-    assert pretrain(tc.resolve([("t", {**cfg, "out": str(tmp_path / "eager")})])) == 0
-    assert pretrain(tc.resolve([("t", {**cfg, "out": str(tmp_path / "graphs"), "cuda_graphs": True})])) == 0
+    assert pretrain(tc.resolve([("t", {**cfg, "out": str(tmp_path / "eager"), "cuda_graphs": False})])) == 0
+    assert pretrain(tc.resolve([("t", {**cfg, "out": str(tmp_path / "graphs"), "cuda_graphs": True,
+                                       "cuda_graphs_optimizer": False})])) == 0
     assert pretrain(tc.resolve([("t", {**cfg, **WHOLE_STEP, "out": str(tmp_path / "whole")})])) == 0
     eager, graphs, whole = (curve(tmp_path / run) for run in ("eager", "graphs", "whole"))
     assert [s for s, _, _ in graphs] == [s for s, _, _ in whole] == [s for s, _, _ in eager] == list(range(1, 21))
