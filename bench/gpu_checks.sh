@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
-# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|extract|extract_pyav|pretrain|train|graphs|profile]...
+# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|pretrain|train|graphs|profile]...
 # Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH).
 # Inner timeouts keep each runbook call under the device tool's 600 s: graphtests+graphs 140+200+110+110.
 set -uo pipefail
@@ -15,6 +15,9 @@ for part in "${@:-tests kernels extract pretrain}"; do
       graphtests) timeout 140 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_train.py -p no:cacheprovider \
                   2>&1 | tail -25 | tee "$OUT/gpu_graph_tests.log" ;;
       kernels)  timeout 200 python3 bench/kernels.py --no-compile --json "$OUT/kernels.json" 2>&1 | grep -v '^{' | tail -72 ;;
+      sweep)    # similarity-kernel launch configs (issue 4): ~190 configs x 3 shapes, then semantic_mask best vs default;
+                # stops timing at its own 150 s budget; kernels_sweep.json is rewritten after every shape
+                timeout 180 python3 bench/kernels.py --sweep-sim --json "$OUT/kernels_sweep.json" 2>&1 | tail -120 ;;
       extract)  timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
                   --copies "${COPIES:-16}" --json "$OUT/extract.json" 2>&1 | tail -20 ;;
       extract_pyav) # issue 5 without DALI (one call, carry .whl_gpu): PyAV decodes, several videos/parts at once

@@ -126,7 +126,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, validate: bool) -> int |
 
 
 def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, inverted: bool = False,
-                  *, max_seqlen: int | None = None, validate: bool = True) -> torch.Tensor:
+                  *, max_seqlen: int | None = None, validate: bool = True, sim_config=None) -> torch.Tensor:
     """bool [T], True = masked: per video the k_i = L_i - max(1, int(L_i * (1 - ratio))) rows with the
     lowest cosine similarity to their predecessor (highest when inverted), ties to the lower row.
 
@@ -135,7 +135,9 @@ def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, 
     differ only in the last bit (near-duplicate rows) may rank differently than in torch's reduction.
     max_seqlen (host int, optional) only picks a block size; validate=False skips the value checks on
     cu_seqlens and x (host reads) and the rescale of rows of norm >= 2^63 (masking.scale_huge_rows), for
-    hot loops that built cu_seqlens themselves from checked, normalised embeddings."""
+    hot loops that built cu_seqlens themselves from checked, normalised embeddings. sim_config (tuning,
+    Triton path only): the similarity kernel's launch configuration, (BLOCK_T, BLOCK_D[, num_warps[,
+    num_stages]]) or a _triton.SimConfig; None = the default (bench/kernels.py --sweep-sim compares them)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a [T, d] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
     if not torch.is_floating_point(x):
@@ -164,7 +166,7 @@ def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, 
     keep = torch.floor(lengths.double() * (1.0 - ratio)).long().clamp_min(1)
     num_masked = (lengths - keep).to(torch.int32)
     return _tk().semantic_mask(x, cu.contiguous(), num_masked, bool(inverted),
-                               max_seqlen=max_seqlen if max_seqlen is not None else longest)
+                               max_seqlen=max_seqlen if max_seqlen is not None else longest, sim_config=sim_config)
 
 
 # ----------------------------------------------------------------------------------------------------

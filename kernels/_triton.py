@@ -20,6 +20,8 @@ row-parallel kernel so that one long video does not leave the GPU idle while its
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 import triton.language.standard as _tl_standard
@@ -292,6 +294,67 @@ def sim_tiles(D: int, T: int, gpu: bool):
     return max(8, min(1024 // block_d if gpu else 256, _pow2(T))), block_d
 
 
+_SIM_KERNELS = ("tile", "stream")
+
+
+class SimConfig(NamedTuple):
+    """Launch configuration of a similarity kernel, for tuning without editing code (bench/kernels.py
+    --sweep-sim). kernel "tile": BLOCK_T rows x BLOCK_D dims per step (d in BLOCK_D chunks); kernel
+    "stream": block_t = ROWS consecutive rows per program, block_d >= d (whole rows). num_stages None =
+    triton's default (3 on CUDA). The interpreter ignores num_warps and num_stages."""
+    block_t: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int | None = None
+    kernel: str = "tile"
+
+
+def default_sim_config(D: int, T: int, kernel: str | None = None, gpu: bool | None = None) -> SimConfig:
+    """The configuration adjacent_keys launches when given none: sim_tiles' tiles at 4 warps for the
+    tiled kernel; STREAM_ROWS whole rows for the stream kernel (the tiled one where d > STREAM_MAX_D)."""
+    kind = kernel or SIM_KERNEL
+    if kind not in _SIM_KERNELS:
+        raise ValueError(f"sim_kernel must be 'tile' or 'stream', got {kind!r}")
+    if kind == "stream" and D <= STREAM_MAX_D:
+        return SimConfig(STREAM_ROWS, _pow2(D), 4, None, "stream")
+    return SimConfig(*sim_tiles(D, T, _gpu_tiles() if gpu is None else gpu), 4, None, "tile")
+
+
+def as_sim_config(config, D: int, kernel: str | None = None) -> SimConfig:
+    """A checked SimConfig from a SimConfig or a tuple (BLOCK_T, BLOCK_D[, num_warps[, num_stages]]), whose
+    kernel is `kernel` (or SIM_KERNEL). ValueError on sizes a launch would reject or get wrong."""
+    if isinstance(config, SimConfig):
+        if kernel is not None and kernel != config.kernel:
+            raise ValueError(f"sim_kernel {kernel!r} contradicts the config's kernel {config.kernel!r}")
+        cfg = config
+    else:
+        try:
+            values = tuple(config)
+        except TypeError:
+            raise ValueError(f"sim config must be a SimConfig or (BLOCK_T, BLOCK_D[, num_warps[, num_stages]]), "
+                             f"got {config!r}") from None
+        if not 2 <= len(values) <= 4:
+            raise ValueError(f"sim config must be (BLOCK_T, BLOCK_D[, num_warps[, num_stages]]), got {config!r}")
+        cfg = SimConfig(*values, kernel=kernel or SIM_KERNEL)
+    if cfg.kernel not in _SIM_KERNELS:
+        raise ValueError(f"sim_kernel must be 'tile' or 'stream', got {cfg.kernel!r}")
+
+    def pow2(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v & (v - 1) == 0
+
+    for name in ("block_t", "block_d", "num_warps"):
+        if not pow2(getattr(cfg, name)):
+            raise ValueError(f"sim config {name} must be a power of two >= 1, got {getattr(cfg, name)!r}")
+    if cfg.num_warps > 32:
+        raise ValueError(f"sim config num_warps must be at most 32, got {cfg.num_warps}")
+    if cfg.num_stages is not None and (isinstance(cfg.num_stages, bool) or not isinstance(cfg.num_stages, int)
+                                       or cfg.num_stages < 1):
+        raise ValueError(f"sim config num_stages must be an int >= 1 or None, got {cfg.num_stages!r}")
+    if cfg.kernel == "stream" and cfg.block_d < D:
+        raise ValueError(f"the stream similarity kernel reads whole rows: block_d must be >= d={D}, got {cfg.block_d}")
+    return cfg
+
+
 def select_tiles(max_seqlen: int | None, B: int, gpu: bool):
     """(VIDS, BLOCK, RADIX_BITS) of the selection kernel.
 
@@ -317,36 +380,41 @@ def loss_tiles(D: int, gpu: bool):
 # launchers (inputs already validated and contiguous in the last dim by kernels/__init__.py)
 # ----------------------------------------------------------------------------------------------------
 def semantic_mask(x, cu_seqlens, num_masked, inverted: bool, max_seqlen: int | None = None,
-                  radix_bits: int | None = None, sim_kernel: str | None = None):
-    """bool [T]. cu_seqlens int32 [B+1] and num_masked int32 [B] on x's device."""
+                  radix_bits: int | None = None, sim_kernel: str | None = None, sim_config=None):
+    """bool [T]. cu_seqlens int32 [B+1] and num_masked int32 [B] on x's device. sim_config: the
+    similarity kernel's launch configuration (see adjacent_keys; None = the default)."""
     import torch
 
     T = x.shape[0]
     B = cu_seqlens.shape[0] - 1
     if T == 0 or B == 0:
         return torch.zeros(T, dtype=torch.bool, device=x.device)
-    keys = adjacent_keys(x, inverted, sim_kernel)
+    keys = adjacent_keys(x, inverted, sim_kernel, config=sim_config)
     return select_lowest(keys, cu_seqlens, num_masked, max_seqlen, radix_bits)
 
 
-def adjacent_keys(x, inverted: bool, sim_kernel: str | None = None):
-    """int32 [T] sortable keys of +-cos(x_t, x_{t-1}) (stage 1 of semantic_mask; T >= 1)."""
+def adjacent_keys(x, inverted: bool, sim_kernel: str | None = None, config=None):
+    """int32 [T] sortable keys of +-cos(x_t, x_{t-1}) (stage 1 of semantic_mask; T >= 1).
+
+    config: None (default_sim_config for this shape) or a launch configuration, a SimConfig or a tuple
+    (BLOCK_T, BLOCK_D[, num_warps[, num_stages]]) for the kernel sim_kernel (or SIM_KERNEL) names. Every
+    configuration computes the same keys wherever the similarities do not depend on summation order."""
     import torch
 
     T, D = x.shape
+    cfg = default_sim_config(D, T, sim_kernel) if config is None else as_sim_config(config, D, sim_kernel)
     keys = torch.empty(T, dtype=torch.int32, device=x.device)
-    kind = sim_kernel or SIM_KERNEL
-    if kind not in ("tile", "stream"):
-        raise ValueError(f"sim_kernel must be 'tile' or 'stream', got {kind!r}")
-    if kind == "stream" and D <= STREAM_MAX_D:
-        adjacent_key_stream_kernel[(triton.cdiv(T, STREAM_ROWS),)](
+    launch = {"num_warps": cfg.num_warps}
+    if cfg.num_stages is not None:
+        launch["num_stages"] = cfg.num_stages
+    if cfg.kernel == "stream":
+        adjacent_key_stream_kernel[(triton.cdiv(T, cfg.block_t),)](
             x, keys, T, D, x.stride(0), INVERTED=bool(inverted), EPS=COSINE_EPS,
-            ROWS=STREAM_ROWS, BLOCK_D=_pow2(D), num_warps=4)
+            ROWS=cfg.block_t, BLOCK_D=cfg.block_d, **launch)
         return keys
-    block_t, block_d = sim_tiles(D, T, _gpu_tiles())
-    adjacent_key_kernel[(triton.cdiv(T, block_t),)](
+    adjacent_key_kernel[(triton.cdiv(T, cfg.block_t),)](
         x, keys, T, D, x.stride(0), INVERTED=bool(inverted), EPS=COSINE_EPS,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, **launch)
     return keys
 
 

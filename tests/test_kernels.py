@@ -127,6 +127,143 @@ def test_stream_similarity_kernel_matches_the_tiled_one_and_torch(interp, monkey
         KT.adjacent_keys(x, inverted, "other")
 
 
+# Launch configurations of the similarity kernels (bench/kernels.py --sweep-sim): BLOCK_D below d (a chunk
+# loop with a partial last chunk) and above it (masked lanes), BLOCK_T 4 and 32 (program boundaries inside
+# videos), num_warps/num_stages (ignored by the interpreter, passed through on GPU), the stream kernel's ROWS.
+SIM_CONFIGS = [(4, 8), (32, 64, 8, 2), (4, 32, 2, 1), (32, 8, 4, 4), (16, 16, 2, 3),
+               ("stream", 4, 32, 4, None), ("stream", 64, 64, 8, 2)]
+
+
+def _sim_config(spec):
+    from lvmae_fast.kernels import _triton as KT
+    if spec[0] == "stream":
+        return KT.SimConfig(*spec[1:], kernel="stream")
+    return spec  # a plain tuple: the tiled kernel (SIM_KERNEL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inverted", [False, True])
+def test_similarity_launch_configs_give_the_default_keys_and_masks(interp, dtype, inverted):
+    """Every config: the default config's keys bit for bit (integer rows: exact in any summation order)
+    and the torch reference's mask, through the launcher and the public semantic_mask, on ragged videos
+    with L=1 ones; d=20 is not a power of two."""
+    from lvmae_fast.kernels import _triton as KT
+    x, cu = packed([1, 2, 1, 5, 19, 1, 30], d=20, dtype=dtype, seed=5)  # 59 rows
+    lengths = (cu[1:] - cu[:-1]).long()
+    k = (lengths - torch.floor(lengths.double() * 0.5).long().clamp_min(1)).to(torch.int32)
+    want_keys = KT.adjacent_keys(x, inverted)
+    want = semantic_mask_torch(x, cu, 0.5, inverted=inverted)
+    for spec in SIM_CONFIGS:
+        cfg = _sim_config(spec)
+        assert torch.equal(KT.adjacent_keys(x, inverted, config=cfg), want_keys), spec
+        check_mask(x, cu, 0.5, inverted, sim_config=cfg)
+    assert torch.equal(KT.semantic_mask(x, cu, k, inverted, max_seqlen=30, sim_config=(4, 8)), want)
+
+
+def test_similarity_launch_config_checks(interp):
+    from lvmae_fast.kernels import _triton as KT
+    x, cu = packed([3, 5], d=20)
+    assert KT.default_sim_config(20, 8, "tile", gpu=True) == KT.SimConfig(*KT.sim_tiles(20, 8, True), 4, None, "tile")
+    assert KT.default_sim_config(20, 8, "stream").kernel == "stream"
+    assert KT.default_sim_config(KT.STREAM_MAX_D + 1, 8, "stream").kernel == "tile"  # wide rows: tiled
+    assert KT.as_sim_config((8, 256), 20, "stream") == KT.SimConfig(8, 256, 4, None, "stream")
+    bad = [((3, 16), "power of two"), ((4, 16, 3), "power of two"), ((4, 16, 64), "at most 32"),
+           ((4, 16, 4, 0), "num_stages"), ((4,), "BLOCK_T, BLOCK_D"), (7, "BLOCK_T, BLOCK_D"),
+           ((4.0, 16), "power of two"), (KT.SimConfig(4, 16, kernel="stream"), "whole rows")]
+    for config, match in bad:
+        with pytest.raises(ValueError, match=match):
+            KT.adjacent_keys(x, False, config=config)
+    with pytest.raises(ValueError, match="whole rows"):
+        KT.adjacent_keys(x, False, "stream", config=(32, 16))
+    with pytest.raises(ValueError, match="contradicts"):
+        KT.adjacent_keys(x, False, "tile", config=KT.SimConfig(32, 32, kernel="stream"))
+    with pytest.raises(ValueError, match="sim_kernel"):
+        KT.adjacent_keys(x, False, "other", config=(4, 16))
+    with pytest.raises(ValueError, match="power of two"):
+        K.semantic_mask(x, cu, 0.5, sim_config=(3, 16))  # the public entry point passes it through
+
+
+def _bench_kernels_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("lvmae_bench_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_similarity_sweep_cpu_smoke(interp, tmp_path, capsys):
+    """bench/kernels.py --sweep-sim without CUDA: a few configs through the interpreter, keys checked
+    against the default's, then semantic_mask with the fastest vs the default; says the timings are not
+    GPU measurements. Timings themselves are not asserted."""
+    bench = _bench_kernels_module()
+    out = tmp_path / "sweep.json"
+    assert bench.main(["--sweep-sim", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "NOT GPU measurements" in printed and "### similarity stage" in printed
+    doc = __import__("json").loads(out.read_text())
+    assert doc["meta"]["complete"] is True and doc["meta"]["gpu_figures_measured"] is False
+    (shape,) = doc["shapes"]
+    assert len(shape["results"]) >= 3 and all(e["status"] == "ok" for e in shape["results"])
+    assert sum(e["default"] for e in shape["results"]) == 1
+    assert {e["kernel"] for e in shape["results"]} == {"tile", "stream"}
+    assert [r["ok"] for r in doc["semantic_mask"]] == [True, True]
+    assert not list(tmp_path.glob(".*"))  # the atomic writes left no temp file
+
+
+def test_similarity_sweep_times_only_configs_whose_keys_match(interp, monkeypatch):
+    """A config whose keys differ from the default's is reported as a mismatch and never timed; a config
+    that fails to launch is reported as failed (and not retried at the next shape)."""
+    from lvmae_fast.kernels import _triton as KT
+    bench = _bench_kernels_module()
+    configs, skipped, default = bench.sweep_configs(48, 64, gpu=False)
+    assert configs[0] == default and len(configs) >= 3
+    real = KT.adjacent_keys
+
+    def faulty(x, inverted, sim_kernel=None, config=None):
+        if config is not None and config.kernel == "stream":
+            raise RuntimeError("out of resource: shared memory")
+        keys = real(x, inverted, sim_kernel, config=config)
+        if config is not None and config.block_t == 4:
+            keys[5] += 1
+        return keys
+
+    monkeypatch.setattr(KT, "adjacent_keys", faulty)
+    timed = []
+
+    def timer(fn):  # records what would be timed; no clock
+        timed.append(fn)
+        return 1.0
+
+    failed = {}
+    result, _, _ = bench.sweep_shape("4x16", 48, torch.float32, torch.device("cpu"), configs, skipped, default,
+                                     None, float("inf"), timer, failed)
+    status = {(e["kernel"], e["block_t"], e["default"]): e["status"] for e in result["results"]}
+    assert status[("tile", default.block_t, True)] == "ok"
+    assert status[("tile", 4, False)] == "mismatch: 1 of 64 keys differ from the default config's"
+    assert [v for k, v in status.items() if k[0] == "stream"] == ["failed: RuntimeError: out of resource: shared memory"]
+    assert len(timed) == 1 and len(failed) == 1
+    monkeypatch.setattr(KT, "adjacent_keys", real)
+    result, _, _ = bench.sweep_shape("2x8", 48, torch.float32, torch.device("cpu"), configs, skipped, default,
+                                     None, float("inf"), timer, failed)
+    assert [e["status"] for e in result["results"]].count("ok") == len(configs) - 1  # the failure carried over
+
+
+def test_kernels_bench_marks_the_uncapturable_torch_reference():
+    """The graph-replayed column of a host-syncing implementation reads "not capturable (host sync)",
+    with the check still "ok"; a real capture error stays visible in the check column."""
+    bench = _bench_kernels_module()
+    base = {"kernel": "semantic_mask", "case": "c", "ms": 1.0, "gbps": 1.0, "ok": True, "error": None,
+            "ms_graph": None, "gbps_graph": None, "bytes": 1, "fits_l2": False}
+    rows = [{**base, "impl": "torch eager", "graph_error": None, "graph_note": "not capturable (host sync)"},
+            {**base, "impl": "triton", "graph_error": "RuntimeError: boom", "graph_note": None}]
+    bench.add_speedups(rows, None)
+    eager, triton_row = bench.markdown(rows, True).splitlines()[2:]
+    assert "| not capturable (host sync) |" in eager and eager.endswith("| ok |") and "Error" not in eager
+    assert triton_row.endswith("| ok (graph: RuntimeError: boom) |")
+
+
 @pytest.mark.parametrize("radix_bits", [2, 4, 8])
 @pytest.mark.parametrize("inverted", [False, True])
 def test_gpu_launch_configs_in_interpreter(interp, gpu_tiles, radix_bits, inverted):
@@ -455,6 +592,19 @@ def test_gpu_semantic_mask(sim_kernel, dtype, inverted, lengths):
     # exact ties on the GPU too
     tie = x[:1].repeat(300, 1)
     check_mask(tie, cu_seqlens_from_lengths([100, 200], "cuda"), 0.5, inverted)
+
+
+@compiled_gpu
+def test_gpu_similarity_launch_configs():
+    """Compiled: a few launch configs (warps, stages, BLOCK_D below/at d, the stream kernel's ROWS) give
+    the default's keys bit for bit at d=1024 on integer rows, and semantic_mask the torch mask."""
+    from lvmae_fast.kernels import _triton as KT
+    x, cu = packed([1, 300, 8192, 2, 57], d=1024, dtype=torch.bfloat16, device="cuda")
+    want = KT.adjacent_keys(x, False)
+    for cfg in [(4, 128, 2, 1), (16, 512, 8, 2), (32, 256, 4, 4), (8, 1024, 4, 3),
+                KT.SimConfig(16, 1024, 8, 2, "stream")]:
+        assert torch.equal(KT.adjacent_keys(x, False, config=cfg), want), cfg
+        check_mask(x, cu, 0.5, False, sim_config=cfg)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
