@@ -220,7 +220,8 @@ def main(argv=None):
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="masked-loss kernels")
     p.add_argument("--json", "--json-out", dest="json", default=None, help="write results here (--json-out: the data mode's spelling)")
-    p.add_argument("--profile", default=None, help="write a torch.profiler table of the first packed batch size here")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of the first packed batch size here (its fastest mode "
+                        "asked for: whole-step graphs with --graph-optimizer, else graphs with --cuda-graphs)")
     args = p.parse_args(argv)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
@@ -260,18 +261,23 @@ def main(argv=None):
 
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         batches = make_batches(4, bs, in_dim, args.min_len, args.max_len, seed=bs)
+        # The profile is of the first batch size's fastest mode asked for: whole-step graphs, else graphs.
         profile = args.profile if not rows else None
+        mode = "opt" if args.graph_optimizer else "graphs" if args.cuda_graphs else "plain"
         name = "packed+compile" if args.compile else "packed"
         first = len(rows)
-        add(summarise(name, run_packed(config, batches, device, args.steps, args.warmup, args.compile, profile),
+        add(summarise(name, run_packed(config, batches, device, args.steps, args.warmup, args.compile,
+                                       profile if mode == "plain" else None),
                       batches, config, args.warmup, args.steps))
         if args.cuda_graphs:  # --compile applies here too: compiled blocks inside the captured graphs
             add(summarise(f"{name}+graphs", run_packed(config, batches, device, args.steps, args.warmup,
-                                                       args.compile, cuda_graphs=True),
+                                                       args.compile, profile if mode == "graphs" else None,
+                                                       cuda_graphs=True),
                           batches, config, args.warmup, args.steps))
         if args.graph_optimizer:
             add(summarise(f"{name}+graphs+opt", run_packed(config, batches, device, args.steps, args.warmup,
-                                                           args.compile, cuda_graphs=True, graph_optimizer=True),
+                                                           args.compile, profile if mode == "opt" else None,
+                                                           cuda_graphs=True, graph_optimizer=True),
                           batches, config, args.warmup, args.steps))
         if not args.skip_padded and bs <= args.padded_max_batch:
             padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),
