@@ -7,7 +7,10 @@ video-seconds per wall-second (x realtime), on H.264 test videos written by lvma
 
 --copies K links every written video K times, so that GPU decode and the end-to-end rate are measured
 over enough video to amortise pipeline start-up (PyAV's CPU decode is timed on the originals only).
-DALI decode is timed with both frame-selection rules (`--sampling time`, the default, and `index`).
+DALI decode is timed through its reader API (`--dali-api reader`, extract's default) with the default
+frame-selection rule (`--sampling time`; also `index` with --index-rule, the slowest row), and through
+its in-memory decoder API (`--dali-api decoder`). End to end: `--decoder dali` with each API where DALI
+and CUDA are present (else `--decoder auto`, which is PyAV), and `--decoder pyav`.
 
 A path that cannot run here (no CUDA, no nvidia-dali, no transformers) is reported as "not measured":
 nothing is estimated. Target on one H100: end-to-end >= 100x realtime.
@@ -32,6 +35,7 @@ from lvmae_fast import synth
 from lvmae_fast.atomic import atomic_write_text
 from lvmae_fast.devices import resolve_device
 from lvmae_fast.extract import extract_videos, pyav_events, pyav_threads
+from lvmae_fast.video.decode_dali import DEFAULT_DALI_API, dali_available
 from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
 from lvmae_fast.video.ordered import default_decode_workers, ordered_parallel
 
@@ -110,7 +114,7 @@ def link_copies(paths: list[Path], copies: int) -> list[Path]:
     return out
 
 
-def bench_dali_decode(paths, spec, readers: int, batch_size: int) -> dict | str:
+def bench_dali_decode(paths, spec, readers: int, batch_size: int, dali_api: str = "reader") -> dict | str:
     if not torch.cuda.is_available():
         return NOT_MEASURED + " (no CUDA)"
     try:
@@ -126,7 +130,7 @@ def bench_dali_decode(paths, spec, readers: int, batch_size: int) -> dict | str:
     frames = sum(j.index.num_frames for j in jobs)
     windows = 0
     for ev in decode_windows_dali(jobs, spec, device="gpu", device_id=torch.cuda.current_device(),
-                                  readers=readers, batch_size=batch_size):
+                                  readers=readers, batch_size=batch_size, dali_api=dali_api):
         windows += isinstance(ev, Window)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -135,7 +139,7 @@ def bench_dali_decode(paths, spec, readers: int, batch_size: int) -> dict | str:
         return f"{NOT_MEASURED} (DALI decoded {windows} of {expected} windows)"
     # frames: every frame of the files (the decoder walks each GOP to the sampled frames)
     return {"frames_per_s": frames / dt, "windows_per_s": windows / dt, "seconds": dt, "readers": readers,
-            "windows": windows}
+            "windows": windows, **({"dali_api": dali_api} if dali_api != "reader" else {})}
 
 
 def bench_encoder(model, device, dtype, T: int, batch: int, iters: int) -> dict:
@@ -164,6 +168,8 @@ def main(argv=None) -> int:
                     help="decodes PyAV runs at once in the parallel rows (0 = extract's default: one per CPU, at most 8)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--index-rule", action="store_true",
+                    help="also time DALI's reader with --sampling index (the slowest row)")
     ap.add_argument("--copies", type=int, default=1, help="link each video this many times (amortise start-up)")
     ap.add_argument("--video-dir", default=None,
                     help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
@@ -224,22 +230,30 @@ def main(argv=None) -> int:
         # seconds, so it goes before DALI's), so a cut run keeps them.
         # DALI's one-off start-up (CUDA context, NVDEC, plugin load) in an untimed run first, so that
         # neither the end-to-end nor the DALI rows pay it (a failure here shows again in the DALI rows).
-        try:
-            bench_dali_decode(originals[:1], spec, args.readers, batch)
-        except Exception as err:
-            print(f"[bench] DALI warm-up failed: {type(err).__name__}: {err}", file=sys.stderr)
+        for api in ("reader", "decoder"):
+            try:
+                bench_dali_decode(originals[:1], spec, args.readers, batch, dali_api=api)
+            except Exception as err:
+                print(f"[bench] DALI warm-up ({api} API) failed: {type(err).__name__}: {err}", file=sys.stderr)
+        results["end_to_end_dali_api"] = DEFAULT_DALI_API  # what the end-to-end row's DALI videos used
         save()
         if model is not None:
-            def end_to_end(decoder: str, store: str):
+            def end_to_end(decoder: str, store: str, dali_api: str = DEFAULT_DALI_API):
                 summary = extract_videos([(p.stem, str(p)) for p in paths], tmp / store, encoder=model,
                                          seconds=spec.seconds, frames=spec.frames, batch_size=batch,
                                          device=str(device), readers=args.readers, decoder=decoder,
-                                         decode_workers=workers)
+                                         decode_workers=workers, dali_api=dali_api)
                 if not summary["done"]:  # a rate over no video would read as a measurement of 0x
                     return f"{NOT_MEASURED} (all {summary['failed']} videos failed to extract)"
                 return {k: summary[k] for k in ("decoder", "decoded_by", "decode_workers", "windows",
                                                 "video_seconds", "wall_seconds", "realtime_factor", "done", "failed")}
-            stage("end_to_end", lambda: end_to_end("auto", "store"))
+            # DALI's path where it can run (GPU + nvidia-dali), else what `--decoder auto` takes (PyAV).
+            on_dali = device.type == "cuda" and dali_available()
+            stage("end_to_end", lambda: end_to_end("dali" if on_dali else "auto", "store"))
+            if on_dali:  # the in-memory decoder API end to end too (reader: the row above)
+                stage("end_to_end_dali_decoder", lambda: end_to_end("dali", "store_dali_decoder", "decoder"))
+            else:
+                results["end_to_end_dali_decoder"] = NOT_MEASURED + " (needs CUDA and nvidia-dali)"
             # The CPU decode path end to end too (several videos at once), for hosts without DALI.
             stage("end_to_end_pyav", lambda: end_to_end("pyav", "store_pyav"))
             stage("encoder_fp", lambda: bench_encoder(model, device, dtype, spec.frames, batch, 3 if args.quick else 20))
@@ -262,8 +276,18 @@ def main(argv=None) -> int:
         results["decode_dali_over_pyav"] = (dali["frames_per_s"] / pyav["frames_per_s"]
                                             if isinstance(dali, dict) and isinstance(pyav, dict) else NOT_MEASURED)
         save()
-        stage("decode_dali_gpu_index_rule", lambda: bench_dali_decode(
-            paths, dataclasses.replace(spec, rule="index"), args.readers, batch))
+        # The in-memory decoder API on the same files, default rule.
+        stage("decode_dali_gpu_decoder_api", lambda: bench_dali_decode(paths, spec, args.readers, batch,
+                                                                       dali_api="decoder"))
+        dec = results["decode_dali_gpu_decoder_api"]
+        results["decode_dali_decoder_api_over_pyav"] = (dec["frames_per_s"] / pyav["frames_per_s"]
+                                                        if isinstance(dec, dict) and isinstance(pyav, dict) else NOT_MEASURED)
+        save()
+        if args.index_rule:  # last: the slowest row (98 s for 32 min of 1080p on an H200)
+            stage("decode_dali_gpu_index_rule", lambda: bench_dali_decode(
+                paths, dataclasses.replace(spec, rule="index"), args.readers, batch))
+        else:
+            results["decode_dali_gpu_index_rule"] = NOT_MEASURED + " (pass --index-rule)"
 
     def cell(r, key, fmt="{:.0f}"):
         return fmt.format(r[key]) if isinstance(r, dict) else r
@@ -280,20 +304,32 @@ def main(argv=None) -> int:
           f"{cell(results['decode_pyav_parallel'], 'frames_per_s')} |")
     par = results["decode_pyav_parallel_over_one"]
     print(f"| decode ratio, PyAV {workers} at once / one at a time | {par if isinstance(par, str) else f'{par:.2f}'} |")
-    print(f"| decode, DALI GPU, {args.readers} readers, --sampling time (frames/s, all frames of the files) | "
-          f"{cell(results['decode_dali_gpu'], 'frames_per_s')} |")
-    print(f"| decode, DALI GPU, {args.readers} readers, --sampling index (frames/s, all frames of the files) | "
-          f"{cell(results['decode_dali_gpu_index_rule'], 'frames_per_s')} |")
+    print(f"| decode, DALI GPU, --dali-api reader, {args.readers} readers, --sampling time (frames/s, all frames of the "
+          f"files) | {cell(results['decode_dali_gpu'], 'frames_per_s')} |")
+    print(f"| decode, DALI GPU, --dali-api reader, {args.readers} readers, --sampling index (frames/s, all frames of "
+          f"the files) | {cell(results['decode_dali_gpu_index_rule'], 'frames_per_s')} |")
     ratio = results["decode_dali_over_pyav"]
-    print(f"| decode ratio, DALI GPU (--sampling time) / PyAV CPU (frames/s) | "
+    print(f"| decode ratio, DALI GPU (--dali-api reader, --sampling time) / PyAV CPU (frames/s) | "
+          f"{ratio if isinstance(ratio, str) else f'{ratio:.2f}'} |")
+    print(f"| decode, DALI GPU, --dali-api decoder, {args.readers} pipelines, --sampling time (frames/s, all frames of "
+          f"the files) | {cell(results['decode_dali_gpu_decoder_api'], 'frames_per_s')} |")
+    ratio = results["decode_dali_decoder_api_over_pyav"]
+    print(f"| decode ratio, DALI GPU (--dali-api decoder, --sampling time) / PyAV CPU (frames/s) | "
           f"{ratio if isinstance(ratio, str) else f'{ratio:.2f}'} |")
     print(f"| encoder {results['encoder']}, {results['dtype']} (windows/s) | {cell(results['encoder_fp'], 'windows_per_s')} |")
+    dali_api = (f" (DALI: --dali-api {results['end_to_end_dali_api']})"
+                if isinstance(e2e, dict) and "dali" in e2e["decoded_by"] else "")
     how = (", ".join(f"{name} {n}" for name, n in sorted(e2e["decoded_by"].items())) + f"; {e2e['failed']} failed"
            if isinstance(e2e, dict) else "-")
-    print(f"| end to end, videos decoded by: {how} (x realtime) | {cell(e2e, 'realtime_factor', '{:.1f}')} |")
+    print(f"| end to end, videos decoded by: {how}{dali_api} (x realtime) | {cell(e2e, 'realtime_factor', '{:.1f}')} |")
     e2e_pyav = results["end_to_end_pyav"]
     print(f"| end to end, --decoder pyav, {workers} videos at once (x realtime) | "
           f"{cell(e2e_pyav, 'realtime_factor', '{:.1f}')} |")
+    e2e_dec = results.get("end_to_end_dali_decoder", NOT_MEASURED)
+    how_dec = (", ".join(f"{name} {n}" for name, n in sorted(e2e_dec["decoded_by"].items()))
+               if isinstance(e2e_dec, dict) else "-")
+    print(f"| end to end, --decoder dali --dali-api decoder, videos decoded by: {how_dec} (x realtime) | "
+          f"{cell(e2e_dec, 'realtime_factor', '{:.1f}')} |")
     print("\n" + json.dumps(results, default=str))
     if args.json:
         print(f"\nwrote {args.json}")

@@ -610,3 +610,20 @@ def test_a_full_disk_while_saving_windows_or_failures_is_one_line_and_the_rerun_
         f"lvmae extract: error: could not write to {tmp_path / 's2' / 'failures.jsonl'} (recording that {bad} failed"), err
     assert err[0].endswith("): No space left on device")
     assert (tmp_path / "s2" / "failures.jsonl").read_bytes() == b""
+
+
+def test_auto_decoder_is_pyav_even_where_dali_could_run(monkeypatch):
+    """`--decoder auto` takes PyAV on a CUDA host with DALI too (measured 3.6x faster end to end there);
+    DALI only when asked for, and asking without DALI installed is a one-line error naming the extra."""
+    import torch
+
+    from lvmae_fast import extract
+    from lvmae_fast.video import decode_dali
+
+    monkeypatch.setattr(decode_dali, "dali_available", lambda: True)
+    for device in ("cuda", "cpu"):
+        assert extract.resolve_decoder("auto", torch.device(device)) == "pyav"
+        assert extract.resolve_decoder("dali", torch.device(device)) == "dali"
+    monkeypatch.setattr(decode_dali, "dali_available", lambda: False)
+    with pytest.raises(ValueError, match=r"nvidia-dali is not installed .*lvmae_fast\[dali\]"):
+        extract.resolve_decoder("dali", torch.device("cuda"))

@@ -1,5 +1,6 @@
 """Probe + decoders on real encoded files (synth): timestamps vs hand-computed, content vs scenes,
-PyAV vs DALI-CPU agreement on VP9 (the DALI GPU path shares this timestamp-selection code)."""
+PyAV vs DALI-CPU agreement on VP9, through both DALI APIs (the DALI GPU path shares this
+timestamp-selection code). tests/test_dali_decoder.py checks the decoder API frame by frame."""
 import numpy as np
 import pytest
 
@@ -65,9 +66,10 @@ def test_pyav_frames_show_the_scene_at_their_time(videos, name):
             assert np.abs(frame.reshape(-1, 3).mean(0) - reference).max() < 12, (t, scene)
 
 
+@pytest.mark.parametrize("api", ["decoder", "reader"])
 @pytest.mark.parametrize("rule", ["time", "index"])
 @pytest.mark.parametrize("name", ["vp9_cfr", "vp9_vfr"])
-def test_pyav_and_dali_cpu_select_the_same_frames(videos, name, rule):
+def test_pyav_and_dali_cpu_select_the_same_frames(videos, name, rule, api):
     pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
     from lvmae_fast.video.decode_dali import decode_windows_dali
 
@@ -76,7 +78,7 @@ def test_pyav_and_dali_cpu_select_the_same_frames(videos, name, rule):
     job, out = _pyav_times(v.path, spec)
     pyav_times = np.stack([t for _, _, t in out])
     np.testing.assert_allclose(pyav_times, _expected_times(v, 5.0, 8, rule), atol=1e-6)
-    events = list(decode_windows_dali([job], spec, device="cpu", readers=2, batch_size=3))
+    events = list(decode_windows_dali([job], spec, device="cpu", readers=2, batch_size=3, dali_api=api))
     windows = [e for e in events if isinstance(e, Window)]
     assert [w.window for w in windows] == list(range(len(job.plan))), events
     dali_times = np.stack([w.times for w in windows])
@@ -88,16 +90,18 @@ def test_pyav_and_dali_cpu_select_the_same_frames(videos, name, rule):
         assert np.abs(dali_mean - frames.reshape(8, -1, 3).mean(1)).max() < 4
 
 
-def test_dali_cpu_hands_h264_back(videos):
+@pytest.mark.parametrize("api", ["decoder", "reader"])
+def test_dali_cpu_hands_h264_back(videos, api):
     pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
     from lvmae_fast.video.decode_dali import decode_windows_dali
 
     job = prepare_job(VideoJob("x", str(videos["h264_cfr"].path)), WindowSpec())
-    events = list(decode_windows_dali([job], WindowSpec(), device="cpu"))
+    events = list(decode_windows_dali([job], WindowSpec(), device="cpu", dali_api=api))
     assert events == [job]  # DALI's CPU decoder has no H.264: the caller decodes it with PyAV
 
 
-def test_dali_decodes_paths_with_spaces(videos, tmp_path):
+@pytest.mark.parametrize("api", ["decoder", "reader"])
+def test_dali_decodes_paths_with_spaces(videos, tmp_path, api):
     # file_list lines are whitespace-separated: a path with a space must not end the whole job.
     pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
     import shutil
@@ -109,7 +113,7 @@ def test_dali_decodes_paths_with_spaces(videos, tmp_path):
     shutil.copy(videos["vp9_cfr"].path, spaced)
     spec = WindowSpec(seconds=5.0, frames=4, rule="time")
     job = prepare_job(VideoJob("x", str(spaced)), spec)
-    events = list(decode_windows_dali([job], spec, device="cpu", readers=1, batch_size=4))
+    events = list(decode_windows_dali([job], spec, device="cpu", readers=1, batch_size=4, dali_api=api))
     assert [e.window for e in events if isinstance(e, Window)] == [0, 1], events  # DALI, not handed back
     # window 0: centres 0.625 + 1.25 i s at 10 fps -> frames 6, 18, 31, 43
     np.testing.assert_allclose(events[0].times, [0.6, 1.8, 3.1, 4.3], atol=1e-6)
@@ -180,8 +184,9 @@ def test_preprocessing_in_chunks_equals_one_pass():
     assert preprocess.CHUNK_FRAMES < 21 and torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("api", ["decoder", "reader"])
 @pytest.mark.parametrize("rule", ["time", "index"])
-def test_dali_error_in_one_video_keeps_the_rest_of_its_reader_on_dali(tmp_path, rule):
+def test_dali_error_in_one_video_keeps_the_rest_of_its_reader_on_dali(tmp_path, rule, api):
     """A file DALI fails on mid-decode goes to PyAV; the videos after it in the same reader do not (the
     reader restarts after it) and still decode with DALI, to the same frames as PyAV."""
     pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
@@ -193,7 +198,7 @@ def test_dali_error_in_one_video_keeps_the_rest_of_its_reader_on_dali(tmp_path, 
     stub = synth.write_video(tmp_path / "stub.webm", duration=0.3, fps=10, codec="vp9").path
     jobs = [prepare_job(VideoJob(str(k), str(p)), spec) for k, p in enumerate(paths)]
     jobs[1].path = str(stub)  # replaced after probing: DALI fails on frames the 3-frame file lacks
-    events = list(decode_windows_dali(jobs, spec, device="cpu", readers=1, batch_size=2))
+    events = list(decode_windows_dali(jobs, spec, device="cpu", readers=1, batch_size=2, dali_api=api))
     handed_back = [e for e in events if isinstance(e, VideoJob)]
     assert jobs[1] in handed_back and jobs[2] not in handed_back
     last = [e for e in events if isinstance(e, Window) and e.job is jobs[2]]
