@@ -18,8 +18,8 @@ for part in "${@:-tests kernels extract pretrain}"; do
       sweep)    # similarity-kernel launch configs (issue 4): ~190 configs x 3 shapes, then semantic_mask best vs default;
                 # stops timing at its own 150 s budget; kernels_sweep.json is rewritten after every shape
                 timeout 180 python3 bench/kernels.py --sweep-sim --json "$OUT/kernels_sweep.json" 2>&1 | tail -120 ;;
-      extract)  timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
-                  --copies "${COPIES:-16}" --json "$OUT/extract.json" 2>&1 | tail -20 ;;
+      extract)  timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" --readers "${READERS:-4}" \
+                  --copies "${COPIES:-16}" --json "$OUT/extract.json" 2>&1 | tail -30 ;;
       extract_pyav) # issue 5 without DALI (one call, carry .whl_gpu): PyAV decodes, several videos/parts at once
                 python3 -c 'import av' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
                   --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
