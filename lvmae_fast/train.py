@@ -510,7 +510,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
         raise ValueError(f"cannot resume {out}: checkpoint model config {state['model_config']} differs from {model_cfg.to_dict()}")
     device = resolve_device(cfg.device)
     use_graphs, use_whole_step = cfg.graphs_for(device.type)
-    if "auto" in (cfg.cuda_graphs, cfg.cuda_graphs_optimizer):
+    if device.type == "cuda" and "auto" in (cfg.cuda_graphs, cfg.cuda_graphs_optimizer):
         log.info("cuda_graphs=%s, cuda_graphs_optimizer=%s (auto on %s, %d videos per batch%s)",
                  use_graphs, use_whole_step, device.type, cfg.batch_videos,
                  ", max_tokens set" if cfg.max_tokens else "")
