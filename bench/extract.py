@@ -1,5 +1,7 @@
 """Ingestion benchmark: decode frames/s (DALI GPU vs PyAV CPU, same files), encoder windows/s, end-to-end
-video-seconds per wall-second (x realtime), on H.264 test videos written by lvmae_fast.synth.
+video-seconds per wall-second (x realtime), on H.264 test videos written by lvmae_fast.synth (--content
+camera by default: High-profile H.264 with B-frames at a camera-like bit rate; flat: the solid scenes
+earlier runs used, which decode several times faster than real footage).
 
     python bench/extract.py                      # 1080p30 H.264, ViT-L/14-sized encoder (random weights), fp16
     python bench/extract.py --quick --device cpu # smoke: small videos, tiny encoder, < 1 min
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -62,21 +65,34 @@ def vit_l14_encoder():
     return enc
 
 
-def video_names(folder: Path, count: int, duration: float, size, fps: float) -> list[Path]:
-    """Named by what they hold: a --video-dir reused with other --duration/--quick settings gets new files
-    instead of silently timing the old ones under the new settings' labels."""
-    return [folder / f"bench{i}_{size[0]}x{size[1]}_{fps:g}fps_{duration:g}s.mp4" for i in range(count)]
+# --content: what the test videos hold. camera: textured, panning, grainy scenes in High-profile H.264
+# with B-frames at 8 Mbit/s (1080p), decoding like real footage; flat: write_video's solid scenes in
+# ultrafast Constrained Baseline H.264 (what runs before 2026-11-26 used), which decode several times faster.
+CONTENTS = ("camera", "flat")
 
 
-def make_videos(folder: Path, count: int, duration: float, size, fps: float) -> list[Path]:
-    paths = []
-    for i, path in enumerate(video_names(folder, count, duration, size, fps)):
+def video_names(folder: Path, count: int, duration: float, size, fps: float, content: str = "camera") -> list[Path]:
+    """Named by what they hold: a --video-dir reused with other --duration/--quick/--content settings gets
+    new files instead of silently timing the old ones under the new settings' labels."""
+    kind = "" if content == "flat" else f"_{content}"  # flat keeps the names earlier runs wrote
+    return [folder / f"bench{i}_{size[0]}x{size[1]}_{fps:g}fps_{duration:g}s{kind}.mp4" for i in range(count)]
+
+
+def make_videos(folder: Path, count: int, duration: float, size, fps: float, content: str = "camera") -> list[Path]:
+    def write(i: int, path: Path) -> Path:
         if not path.is_file():  # written under a temp name, then renamed: a killed run leaves no half file
             tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-            synth.write_video(tmp, duration=duration, fps=fps, size=size, codec="h264", gop=int(fps * 2), seed=i)
+            if content == "camera":
+                synth.write_camera_like(tmp, duration=duration, fps=fps, size=size, seed=i, keyint=int(fps * 2))
+            else:
+                synth.write_video(tmp, duration=duration, fps=fps, size=size, codec="h264", gop=int(fps * 2), seed=i)
             os.replace(tmp, path)
-        paths.append(path)
-    return paths
+        return path
+
+    # Side by side: a camera-like 1080p video takes seconds of numpy and x264 work per second of video.
+    names = video_names(folder, count, duration, size, fps, content)
+    with ThreadPoolExecutor(max_workers=max(1, min(count, os.cpu_count() or 1))) as pool:
+        return list(pool.map(write, range(count), names))
 
 
 def bench_pyav_decode(paths, spec, workers: int = 1, threads: int | None = None) -> dict:
@@ -168,6 +184,10 @@ def main(argv=None) -> int:
                     help="decodes PyAV runs at once in the parallel rows (0 = extract's default: one per CPU, at most 8)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--content", choices=CONTENTS, default="camera",
+                    help="test videos: camera = textured, panning, grainy scenes, High-profile H.264 with B-frames at "
+                         "8 Mbit/s (1080p), decoding like real footage (default); flat = solid scenes, ultrafast "
+                         "Constrained Baseline, as runs before 2026-11-26 (decode several times faster)")
     ap.add_argument("--index-rule", action="store_true",
                     help="also time DALI's reader with --sampling index (the slowest row)")
     ap.add_argument("--copies", type=int, default=1, help="link each video this many times (amortise start-up)")
@@ -187,14 +207,14 @@ def main(argv=None) -> int:
     batch = args.batch_size or (8 if args.quick else 64)
     results = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                "dtype": str(dtype).replace("torch.", ""), "videos": count, "video_seconds_each": duration,
-               "resolution": f"{size[0]}x{size[1]}", "fps": fps, "codec": "h264", "window_seconds": spec.seconds,
+               "resolution": f"{size[0]}x{size[1]}", "fps": fps, "codec": "h264", "content": args.content, "window_seconds": spec.seconds,
                "frames_per_window": spec.frames, "decode_workers": workers, "python": platform.python_version(), "torch": torch.__version__}
 
     with tempfile.TemporaryDirectory(prefix="lvmae_bench_") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         video_dir = Path(args.video_dir) if args.video_dir else tmp / "videos"
-        originals = make_videos(video_dir, count, duration, size, fps)  # reuses the ones already there
+        originals = make_videos(video_dir, count, duration, size, fps, args.content)  # reuses the ones already there
         paths = link_copies(originals, max(1, args.copies))
         results["copies"] = max(1, args.copies)
         results["synth_seconds"] = round(time.perf_counter() - t0, 2)
@@ -293,7 +313,8 @@ def main(argv=None) -> int:
         return fmt.format(r[key]) if isinstance(r, dict) else r
 
     e2e = results["end_to_end"]
-    print(f"\n### Ingestion benchmark ({results['resolution']} H.264 @ {fps:g} fps, {len(paths)} x {duration:g} s; "
+    print(f"\n### Ingestion benchmark ({results['resolution']} H.264 @ {fps:g} fps, {args.content} content, "
+          f"{len(paths)} x {duration:g} s; "
           f"{results['device']} {results['gpu'] or ''}; T={spec.frames}, S={spec.seconds:g} s)\n")
     print("| measurement | value |")
     print("|---|---|")

@@ -62,8 +62,9 @@ def resolve_decoder(decoder: str, device) -> str:
         raise ValueError(f"decoder must be one of {DECODERS}")
     if decoder == "auto":
         # PyAV everywhere until a DALI path measures faster: on an H200 host with 16 cores (2026-11-26,
-        # bench/extract.py, 1080p H.264) PyAV decoding 8 videos at once ran end to end at 131x realtime,
-        # DALI's reader at 36x. DALI stays one flag away (--decoder dali).
+        # bench/extract.py, 1080p H.264, flat synthetic content) PyAV decoding 8 videos at once ran end to
+        # end at 131x realtime, DALI's reader at 36x. Real footage decodes slower on a CPU (camera-like
+        # content: not yet measured on a GPU host). DALI stays one flag away (--decoder dali).
         decoder = "pyav"
     if decoder == "dali" and not dali_available():
         raise ValueError("--decoder dali: nvidia-dali is not installed (pip install 'lvmae_fast[dali]')")
@@ -526,7 +527,7 @@ def register(subparsers) -> None:
                         "1 drops it)")
     p.add_argument("--decoder", choices=DECODERS, default="auto",
                    help="auto = pyav (several videos at once; on an H200 host with 16 cores it measured 3.6x faster "
-                        "end to end than DALI's reader); dali = NVDEC on GPU (needs nvidia-dali), DALI CPU on --device "
+                        "end to end than DALI's reader, on flat synthetic video); dali = NVDEC on GPU (needs nvidia-dali), DALI CPU on --device "
                         "cpu (VP8/VP9/MJPEG; other codecs fall back to PyAV)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per encoder batch (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -152,6 +152,59 @@ def write_distinct_frames(path, frames: int = 300, fps: int = 25, keyint: int = 
     return path
 
 
+def write_camera_like(path, duration: float = 30.0, fps: float = 30.0, size: tuple[int, int] = (1920, 1080),
+                      seed: int = 0, keyint: int | None = None, bitrate: int | None = None) -> Path:
+    """H.264 as cameras and web video ship it, for decode benchmarks: High profile tools (CABAC,
+    deblocking, 8x8 transforms, B-frames: x264 preset veryfast) at a camera-like bit rate (8 Mbit/s at
+    1080p, scaled by pixel count), of textured content that pans every frame and changes scene every
+    2 s, with film-grain noise, so that the encoder spends that rate. write_video's flat scenes encode
+    (ultrafast, Constrained Baseline, no B-frames) to almost nothing, which decodes several times faster
+    than real footage. mp4 by default; pts as the encoder sets them (B-frames shift them by an edit list)."""
+    av = require("av", "video", "writing test videos")
+    path = Path(path)
+    width, height = size
+    if width % 2 or height % 2:
+        raise ValueError("width and height must be even (4:2:0 chroma)")
+    keyint = keyint or int(round(2 * fps))
+    bitrate = bitrate or int(8e6 * width * height / (1920 * 1080))
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = int(np.floor(duration * fps + 1e-9))
+    scene_len = max(1, int(round(2 * fps)))
+    pan = 4  # pixels per frame, both axes: motion the encoder has to search for
+    margin = pan * scene_len
+
+    def scene_texture(k: int) -> np.ndarray:
+        # Smooth random texture (upsampled noise) in the scene's colour: detail at several scales.
+        coarse = rng.integers(0, 256, ((height + margin) // 16 + 2, (width + margin) // 16 + 2, 3), dtype=np.uint8)
+        tex = np.repeat(np.repeat(coarse, 16, axis=0), 16, axis=1)[:height + margin, :width + margin]
+        colour = np.asarray(PALETTE[k % len(PALETTE)], dtype=np.uint16)
+        return ((tex.astype(np.uint16) + colour) // 2).astype(np.uint8)
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.bit_rate = bitrate
+        stream.options = {"preset": "veryfast", "profile": "high",
+                          "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:"
+                                         f"vbv-maxrate={bitrate // 1000}:vbv-bufsize={2 * bitrate // 1000}"}
+        texture = None
+        for i in range(n):
+            if i % scene_len == 0:
+                texture = scene_texture(i // scene_len)
+            o = pan * (i % scene_len)
+            picture = texture[o:o + height, o:o + width].copy()
+            picture += rng.integers(0, 8, picture.shape, dtype=np.uint8)  # grain: no two frames alike
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts = i
+            frame.time_base = Fraction(1, 1) / stream.codec_context.framerate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
 def _write_silence(container, stream, duration: float) -> None:
     av = require("av", "video", "writing test videos")
 

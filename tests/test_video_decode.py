@@ -226,3 +226,27 @@ def test_damage_budget_is_the_whole_videos_when_windows_are_skipped(tmp_path):
                 pass
         messages.append(str(err.value).split(" (number")[0])
     assert messages[0] == messages[1] and "sampled frames" in messages[0], messages
+
+
+def test_camera_like_h264_has_b_frames_and_decodes_the_planned_frames(tmp_path):
+    """The ingestion benchmark's default videos: High-profile H.264 with B-frames in mp4 (pts reordered,
+    shifted by an edit list), grain in every frame. Windows must hold exactly the frames an independent
+    full decode shows at the planned positions (presentation order), at the written frame rate."""
+    import av
+    from av.video.frame import PictureType
+
+    path = synth.write_camera_like(tmp_path / "c.mp4", duration=4.0, fps=10, size=(96, 64), seed=1)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        profile = stream.codec_context.profile
+        decoded = [(f.pts, f.pict_type, f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+    assert profile == "High" and any(kind == PictureType.B for _, kind, _ in decoded)
+    reference = [picture for _, _, picture in sorted(decoded, key=lambda d: d[0])]
+    assert len(reference) == 40
+    assert all(not np.array_equal(a, b) for a, b in zip(reference, reference[1:]))  # no two frames alike
+    job = prepare_job(VideoJob("c", str(path)), WindowSpec(seconds=1.0, frames=4))
+    np.testing.assert_allclose(job.index.times, np.arange(40) / 10, atol=1e-6)
+    windows = list(decode_windows_pyav(job.index, job.plan))
+    assert [w for w, _, _ in windows] == list(range(4))
+    for w, frames, _ in windows:
+        assert np.array_equal(frames, np.stack([reference[k] for k in job.plan.frames[w]]))
