@@ -38,6 +38,7 @@ from lvmae_fast import synth
 from lvmae_fast.atomic import atomic_write_text
 from lvmae_fast.devices import resolve_device
 from lvmae_fast.extract import extract_videos, pyav_events, pyav_threads
+from lvmae_fast.video import decode_pyav
 from lvmae_fast.video.decode_dali import DEFAULT_DALI_API, dali_available
 from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
 from lvmae_fast.video.ordered import default_decode_workers, ordered_parallel
@@ -95,9 +96,18 @@ def make_videos(folder: Path, count: int, duration: float, size, fps: float, con
         return list(pool.map(write, range(count), names))
 
 
-def bench_pyav_decode(paths, spec, workers: int = 1, threads: int | None = None) -> dict:
+def bench_pyav_decode(paths, spec, workers: int = 1, threads: int | None = None, skip_nonref: bool = True) -> dict:
     """PyAV decode of every window, `workers` videos at once with `threads` frame threads each (default:
-    as `lvmae extract --decode-workers`; 0 = FFmpeg's own count, extract's one decode before 2026-11-26)."""
+    as `lvmae extract --decode-workers`; 0 = FFmpeg's own count, extract's one decode before 2026-11-26).
+    skip_nonref=False decodes every frame, as extract did before 2026-11-26 (decode_pyav.SKIP_UNNEEDED_NONREF)."""
+    decode_pyav.SKIP_UNNEEDED_NONREF = skip_nonref
+    try:
+        return _bench_pyav_decode(paths, spec, workers, threads)
+    finally:
+        decode_pyav.SKIP_UNNEEDED_NONREF = True
+
+
+def _bench_pyav_decode(paths, spec, workers: int, threads: int | None) -> dict:
     threads = pyav_threads() if threads is None else threads
     frames = [0]
     lock = threading.Lock()
@@ -283,6 +293,10 @@ def main(argv=None) -> int:
         decode_set = paths[:max(len(originals), 2 * workers)]
         results["decode_pyav_videos"] = len(decode_set)
         stage("decode_pyav", lambda: bench_pyav_decode(decode_set, spec, 1, threads=0))
+        stage("decode_pyav_every_frame", lambda: bench_pyav_decode(decode_set, spec, 1, threads=0, skip_nonref=False))
+        one, every = results["decode_pyav"], results["decode_pyav_every_frame"]
+        results["decode_pyav_skip_over_every_frame"] = (one["frames_per_s"] / every["frames_per_s"]
+                                                        if isinstance(one, dict) and isinstance(every, dict) else NOT_MEASURED)
         if workers > 1:
             stage("decode_pyav_parallel", lambda: bench_pyav_decode(decode_set, spec, workers))
         else:  # the row above already is the one-worker decode
@@ -323,6 +337,11 @@ def main(argv=None) -> int:
     par_threads = results["decode_pyav_parallel"].get("frame_threads") if isinstance(results["decode_pyav_parallel"], dict) else "-"
     print(f"| decode, PyAV CPU, {workers} videos at once, {par_threads} frame threads each (frames/s) | "
           f"{cell(results['decode_pyav_parallel'], 'frames_per_s')} |")
+    print(f"| decode, PyAV CPU, one video at a time, every frame decoded (before 2026-11-26) (frames/s) | "
+          f"{cell(results['decode_pyav_every_frame'], 'frames_per_s')} |")
+    skip = results["decode_pyav_skip_over_every_frame"]
+    print(f"| decode ratio, unsampled non-reference frames skipped / every frame decoded | "
+          f"{skip if isinstance(skip, str) else f'{skip:.2f}'} |")
     par = results["decode_pyav_parallel_over_one"]
     print(f"| decode ratio, PyAV {workers} at once / one at a time | {par if isinstance(par, str) else f'{par:.2f}'} |")
     print(f"| decode, DALI GPU, --dali-api reader, {args.readers} readers, --sampling time (frames/s, all frames of the "

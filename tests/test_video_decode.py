@@ -246,7 +246,22 @@ def test_camera_like_h264_has_b_frames_and_decodes_the_planned_frames(tmp_path):
     assert all(not np.array_equal(a, b) for a, b in zip(reference, reference[1:]))  # no two frames alike
     job = prepare_job(VideoJob("c", str(path)), WindowSpec(seconds=1.0, frames=4))
     np.testing.assert_allclose(job.index.times, np.arange(40) / 10, atol=1e-6)
-    windows = list(decode_windows_pyav(job.index, job.plan))
-    assert [w for w, _, _ in windows] == list(range(4))
-    for w, frames, _ in windows:
-        assert np.array_equal(frames, np.stack([reference[k] for k in job.plan.frames[w]]))
+    for threads in (1, 3):  # frame threads read skip_frame per packet too
+        windows = list(decode_windows_pyav(job.index, job.plan, threads=threads))
+        assert [w for w, _, _ in windows] == list(range(4))
+        for w, frames, _ in windows:
+            assert np.array_equal(frames, np.stack([reference[k] for k in job.plan.frames[w]]))
+
+
+def test_unsampled_non_reference_frames_are_not_decoded(tmp_path):
+    """The B-frames nothing refers to and no window samples are skipped (skip_frame NONREF per packet):
+    every sampled frame still comes out, references too, and fewer frames are decoded in all."""
+    from lvmae_fast.video import decode_pyav
+
+    path = synth.write_camera_like(tmp_path / "c.mp4", duration=6.0, fps=10, size=(96, 64), seed=2)
+    job = prepare_job(VideoJob("c", str(path)), WindowSpec(seconds=1.0, frames=2))
+    keep = {int(p) for p in job.index.pts[np.unique(job.plan.frames)]}
+    every = [f.pts for f in decode_pyav._frames(job.index, 0, None)]
+    some = [f.pts for f in decode_pyav._frames(job.index, 0, None, keep)]
+    assert len(every) == 60 and keep <= set(some) and len(some) < len(every)
+    assert set(some) - keep  # reference frames nobody samples are decoded still

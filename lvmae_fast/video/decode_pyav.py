@@ -28,6 +28,10 @@ from .windows import WindowPlan, windows_to_decode
 log = logging.getLogger(__name__)
 
 MAX_MISSING = 0.05   # fraction of sampled frames that may be stood in for before a video is refused
+# Frames no window samples that are not references (most B-frames of camera and web video) are not
+# decoded at all (FFmpeg's skip_frame=NONREF, set per packet): no other frame is predicted from them,
+# so the sampled frames come out bit for bit the same, and a decode does up to half the work less.
+SKIP_UNNEEDED_NONREF = True
 
 
 class SharedDamage:
@@ -67,9 +71,22 @@ def _open(path: str):
         raise VideoError(f"cannot open for decoding ({err.strerror or err})") from None
 
 
-def _frames(index: VideoIndex, threads: int, seek_to: int | None) -> Iterator:
+def _decoded(container, stream, keep: set[int] | None) -> Iterator:
+    """container.decode(stream), with the packets of frames outside `keep` (pts) decoded only when other
+    frames refer to them (skip_frame is read per packet, frame threads included)."""
+    if keep is None:
+        yield from container.decode(stream)
+        return
+    context = stream.codec_context
+    for packet in container.demux(stream):
+        context.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in keep else "NONREF"
+        yield from packet.decode()
+
+
+def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int] | None = None) -> Iterator:
     """Decoded frames of the video stream, from `seek_to` (a keyframe's pts) when the container can
-    seek there exactly, else from the start."""
+    seek there exactly, else from the start. `keep`: the pts the caller needs; other non-reference
+    frames are skipped (SKIP_UNNEEDED_NONREF)."""
     import av
 
     if seek_to is not None:
@@ -79,7 +96,7 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None) -> Iterator:
             if names & set(SEEKABLE_FORMATS):
                 stream = _video_stream(container, threads)
                 container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
-                decoded = container.decode(stream)
+                decoded = _decoded(container, stream, keep)
                 try:
                     first = next(decoded, None)
                 except av.FFmpegError:
@@ -94,7 +111,7 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None) -> Iterator:
                 log.info("%s: seek to pts %d landed elsewhere; decoding from the start", index.path, seek_to)
     container = _open(index.path)
     with container:
-        yield from container.decode(_video_stream(container, threads))
+        yield from _decoded(container, _video_stream(container, threads), keep)
 
 
 def _video_stream(container, threads: int):
@@ -186,8 +203,10 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     if index.pts_in_decode_order or redo is not None:
         seek_to = None  # frames are matched by output position, which only a decode from the start knows
     prev, prev_pts, position = None, None, 0
+    # Frames matched by output position (no pts) must all come out; otherwise only needed ones must.
+    keep = None if index.pts_in_decode_order or not SKIP_UNNEEDED_NONREF else {int(p) for p in needed}
     try:
-        for frame in _frames(index, threads, seek_to):
+        for frame in _frames(index, threads, seek_to, keep):
             if damage is not None and damage.superseded(part):
                 return  # an earlier part decodes the rest of the video, these windows included
             if strict and frame.is_corrupt:  # concealed: its pixels (and the frames after) may not be one pass's
