@@ -96,18 +96,19 @@ def make_videos(folder: Path, count: int, duration: float, size, fps: float, con
         return list(pool.map(write, range(count), names))
 
 
-def bench_pyav_decode(paths, spec, workers: int = 1, threads: int | None = None, skip_nonref: bool = True) -> dict:
+def bench_pyav_decode(paths, spec, workers: int = 1, threads: int | None = None, skip_nonref: bool = True,
+                      hwaccel=None) -> dict:
     """PyAV decode of every window, `workers` videos at once with `threads` frame threads each (default:
     as `lvmae extract --decode-workers`; 0 = FFmpeg's own count, extract's one decode before 2026-11-26).
     skip_nonref=False decodes every frame, as extract did before 2026-11-26 (decode_pyav.SKIP_UNNEEDED_NONREF)."""
     decode_pyav.SKIP_UNNEEDED_NONREF = skip_nonref
     try:
-        return _bench_pyav_decode(paths, spec, workers, threads)
+        return _bench_pyav_decode(paths, spec, workers, threads, hwaccel)
     finally:
         decode_pyav.SKIP_UNNEEDED_NONREF = True
 
 
-def _bench_pyav_decode(paths, spec, workers: int, threads: int | None) -> dict:
+def _bench_pyav_decode(paths, spec, workers: int, threads: int | None, hwaccel=None) -> dict:
     threads = pyav_threads() if threads is None else threads
     frames = [0]
     lock = threading.Lock()
@@ -116,7 +117,7 @@ def _bench_pyav_decode(paths, spec, workers: int, threads: int | None) -> dict:
         job = prepare_job(VideoJob(p.stem, str(p)), spec)
         with lock:
             frames[0] += job.index.num_frames  # a sequential decode decodes every frame
-        yield from pyav_events(job, threads)
+        yield from pyav_events(job, threads, hwaccel=hwaccel)
 
     t0 = time.perf_counter()
     windows = sum(isinstance(e, Window) for e in ordered_parallel(paths, video, workers=workers, depth=16))
@@ -266,6 +267,8 @@ def main(argv=None) -> int:
             except Exception as err:
                 print(f"[bench] DALI warm-up ({api} API) failed: {type(err).__name__}: {err}", file=sys.stderr)
         results["end_to_end_dali_api"] = DEFAULT_DALI_API  # what the end-to-end row's DALI videos used
+        # NVDEC through PyAV: None when it works here, else why not (checked on a test clip).
+        nvdec_ok = "no CUDA" if device.type != "cuda" else decode_pyav.nvdec_problem(device.index or 0)
         save()
         if model is not None:
             def end_to_end(decoder: str, store: str, dali_api: str = DEFAULT_DALI_API):
@@ -286,6 +289,10 @@ def main(argv=None) -> int:
                 results["end_to_end_dali_decoder"] = NOT_MEASURED + " (needs CUDA and nvidia-dali)"
             # The CPU decode path end to end too (several videos at once), for hosts without DALI.
             stage("end_to_end_pyav", lambda: end_to_end("pyav", "store_pyav"))
+            if nvdec_ok is None:  # PyAV's decodes on NVDEC (FFmpeg's CUDA hwaccel)
+                stage("end_to_end_nvdec", lambda: end_to_end("nvdec", "store_nvdec"))
+            else:
+                results["end_to_end_nvdec"] = f"{NOT_MEASURED} ({nvdec_ok})"
             stage("encoder_fp", lambda: bench_encoder(model, device, dtype, spec.frames, batch, 3 if args.quick else 20))
         else:
             results["encoder_fp"] = results["end_to_end"] = results["end_to_end_pyav"] = NOT_MEASURED + " (no encoder)"
@@ -304,6 +311,15 @@ def main(argv=None) -> int:
         one, many = results["decode_pyav"], results["decode_pyav_parallel"]
         results["decode_pyav_parallel_over_one"] = (many["frames_per_s"] / one["frames_per_s"]
                                                     if isinstance(one, dict) and isinstance(many, dict) else NOT_MEASURED)
+        save()
+        if nvdec_ok is None:
+            stage("decode_nvdec", lambda: bench_pyav_decode(decode_set, spec, workers,
+                                                            hwaccel=lambda: decode_pyav.nvdec_accel(device.index or 0)))
+        else:
+            results["decode_nvdec"] = f"{NOT_MEASURED} ({nvdec_ok})"
+        nv = results["decode_nvdec"]
+        results["decode_nvdec_over_pyav"] = (nv["frames_per_s"] / one["frames_per_s"]
+                                             if isinstance(nv, dict) and isinstance(one, dict) else NOT_MEASURED)
         save()
         stage("decode_dali_gpu", lambda: bench_dali_decode(paths, spec, args.readers, batch))
         dali, pyav = results["decode_dali_gpu"], results["decode_pyav"]
@@ -342,6 +358,10 @@ def main(argv=None) -> int:
     skip = results["decode_pyav_skip_over_every_frame"]
     print(f"| decode ratio, unsampled non-reference frames skipped / every frame decoded | "
           f"{skip if isinstance(skip, str) else f'{skip:.2f}'} |")
+    print(f"| decode, PyAV on NVDEC (--decoder nvdec), {workers} videos at once (frames/s) | "
+          f"{cell(results['decode_nvdec'], 'frames_per_s')} |")
+    nvr = results["decode_nvdec_over_pyav"]
+    print(f"| decode ratio, NVDEC {workers} at once / PyAV CPU one at a time | {nvr if isinstance(nvr, str) else f'{nvr:.2f}'} |")
     par = results["decode_pyav_parallel_over_one"]
     print(f"| decode ratio, PyAV {workers} at once / one at a time | {par if isinstance(par, str) else f'{par:.2f}'} |")
     print(f"| decode, DALI GPU, --dali-api reader, {args.readers} readers, --sampling time (frames/s, all frames of the "
@@ -365,6 +385,8 @@ def main(argv=None) -> int:
     e2e_pyav = results["end_to_end_pyav"]
     print(f"| end to end, --decoder pyav, {workers} videos at once (x realtime) | "
           f"{cell(e2e_pyav, 'realtime_factor', '{:.1f}')} |")
+    print(f"| end to end, --decoder nvdec, {workers} videos at once (x realtime) | "
+          f"{cell(results.get('end_to_end_nvdec', NOT_MEASURED), 'realtime_factor', '{:.1f}')} |")
     e2e_dec = results.get("end_to_end_dali_decoder", NOT_MEASURED)
     how_dec = (", ".join(f"{name} {n}" for name, n in sorted(e2e_dec["decoded_by"].items()))
                if isinstance(e2e_dec, dict) else "-")

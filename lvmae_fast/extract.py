@@ -39,7 +39,7 @@ from .video.probe import VideoError
 log = logging.getLogger("lvmae_fast.extract")
 
 FAILURES_NAME = "failures.jsonl"
-DECODERS = ("auto", "dali", "pyav")
+DECODERS = ("auto", "dali", "pyav", "nvdec")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -71,6 +71,20 @@ def resolve_decoder(decoder: str, device) -> str:
     # Every backend probes timestamps with PyAV (and the CPU path decodes with it): check once, up front,
     # rather than failing every video of the job with the same import error.
     require("av", "video", "video extraction")
+    if decoder == "nvdec":
+        if device.type != "cuda":
+            raise ValueError(f"--decoder nvdec decodes on the GPU's NVDEC: it needs --device cuda (got {device})")
+        from av.codec.hwaccel import hwdevices_available
+
+        if "cuda" not in hwdevices_available():
+            raise ValueError("--decoder nvdec: the FFmpeg inside PyAV has no CUDA hwaccel here (hwdevices: "
+                             f"{', '.join(hwdevices_available()) or 'none'}); use --decoder pyav or dali")
+        from .video.decode_pyav import nvdec_problem
+
+        problem = nvdec_problem(device.index or 0)
+        if problem:
+            raise ValueError(f"--decoder nvdec: NVDEC decode does not work on {device} ({problem}); "
+                             "use --decoder pyav or dali")
     return decoder
 
 
@@ -134,16 +148,17 @@ def prepared(jobs: Iterable[VideoJob], spec: WindowSpec, partials: PartialVideos
         yield job
 
 
-def pyav_events(job: VideoJob, threads: int = 0, skip: np.ndarray | None = None, damage=None
+def pyav_events(job: VideoJob, threads: int = 0, skip: np.ndarray | None = None, damage=None, hwaccel=None
                 ) -> Iterator[Window | Failed]:
     """A prepared video's windows decoded by PyAV: all but `skip` (default: the job's own, the windows a
     killed job embedded). `threads`: frame threads (0 = FFmpeg's choice); `damage`: a SharedDamage when
-    other parts of the video are decoded elsewhere."""
+    other parts of the video are decoded elsewhere; `hwaccel`: NVDEC settings (decode_pyav.nvdec_accel)."""
     from .video.decode_pyav import decode_windows_pyav
 
     try:
         for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads,
-                                                    skip=job.skip if skip is None else skip, damage=damage):
+                                                    skip=job.skip if skip is None else skip, damage=damage,
+                                                    hwaccel=hwaccel):
             yield Window(job, w, frames, times)
     except VideoError as err:
         yield Failed(job, str(err))
@@ -181,7 +196,7 @@ def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32) ->
             yield DecodePart(item, active[start:start + part_windows], damage)
 
 
-def decode_part(part: DecodePart | Failed, threads: int = 0) -> Iterator[Window | Failed]:
+def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> Iterator[Window | Failed]:
     """One part's windows. A part that meets damage (a frame to stand in or flagged corrupt, a decode
     error): its windows from there on and all the video's windows after them come from one decode of the
     rest of the video from the start of the file, as one pass gives them (decoder state, stand-ins,
@@ -192,7 +207,7 @@ def decode_part(part: DecodePart | Failed, threads: int = 0) -> Iterator[Window 
         return
     job = part.job
     if part.windows is None:
-        yield from pyav_events(job, threads)
+        yield from pyav_events(job, threads, hwaccel=hwaccel)
         return
     from .video.decode_pyav import decode_windows_pyav
 
@@ -205,7 +220,7 @@ def decode_part(part: DecodePart | Failed, threads: int = 0) -> Iterator[Window 
     through = int(job.index.pts[job.plan.frames[later[0]]].min()) if len(later) else None
     try:
         for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads, skip=skip,
-                                                    damage=damage, through=through):
+                                                    damage=damage, through=through, hwaccel=hwaccel):
             yield Window(job, w, frames, times)
             start = w + 1
         return
@@ -219,7 +234,7 @@ def decode_part(part: DecodePart | Failed, threads: int = 0) -> Iterator[Window 
     rest[:start] = True
     try:
         for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads, skip=rest,
-                                                    damage=damage, redo=first):
+                                                    damage=damage, redo=first, hwaccel=hwaccel):
             yield Window(job, w, frames, times)
     except VideoError as err:  # as pyav_events reports it
         yield Failed(job, str(err))
@@ -350,7 +365,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
         decoded_by: Counter[str] = Counter()  # videos stored, by the decoder that produced them
         log.info("extract: %d videos (%d already in %s), encoder %s (d=%d) on %s %s, decoder %s%s",
                  len(items), counts["skipped"], out, encoder, model.dim, dev, str(dtype).replace("torch.", ""),
-                 backend, f" ({workers} videos at once)" if backend == "pyav" else "")
+                 backend, f" ({workers} videos at once)" if backend in ("pyav", "nvdec") else "")
 
         state: dict[int, dict] = {}          # id(job) -> {"emb": [n, d], "filled": bool[n], "failed": bool}
         batch: list[Window] = []
@@ -429,7 +444,15 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                         event.frames = frames_to_input(raw, model.image_size, model.mean, model.std, dtype)[0]
                 yield event
 
-        if backend == "pyav":
+        if backend in ("pyav", "nvdec"):
+            # nvdec: the same decodes on the GPU's NVDEC engines (one session per decode), frames matched,
+            # skipped and stood in for by the same code.
+            hwaccel = None
+            if backend == "nvdec":
+                from .video.decode_pyav import nvdec_accel
+
+                index = dev.index if dev.index is not None else torch.cuda.current_device()
+                hwaccel = lambda: nvdec_accel(index)  # noqa: E731 - settings built per decode
             # Decode and preprocess in `workers` threads (several videos, or parts of a long one, at once),
             # overlapping the encoder. Windows still arrive in input order, so batches and the store are
             # those of one worker. A worker can run ahead by its whole part (the queue holds it), which is
@@ -451,8 +474,14 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 finally:
                     decoded.close()  # stops the decode threads now
 
-            events = delivered_once(ordered_parallel(pyav_parts(todo, spec, partials, part_windows),
-                                                     lambda part: to_input(decode_part(part, threads)),
+            def labelled(parts):  # the summary counts videos by the decoder that produced them
+                for part in parts:
+                    if isinstance(part, DecodePart):
+                        part.job.decoded_by = backend
+                    yield part
+
+            events = delivered_once(ordered_parallel(labelled(pyav_parts(todo, spec, partials, part_windows)),
+                                                     lambda part: to_input(decode_part(part, threads, hwaccel)),
                                                      workers=workers, depth=part_windows + 1))
         else:
             events = to_input(dali_producer(todo, spec, dev, readers, batch_size, partials, dali_api))
@@ -498,7 +527,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                "realtime_factor": round(bar.video_seconds / max(wall, 1e-9), 2),
                "store": str(out), "failures": str(out / FAILURES_NAME), "encoder": encoder, "decoder": backend,
                "decoded_by": dict(decoded_by), "device": str(dev),
-               "decode_workers": workers if backend == "pyav" else None}
+               "decode_workers": workers if backend in ("pyav", "nvdec") else None}
     log.info("extract finished: %d done, %d skipped (already in store), %d failed (see %s); %d windows, "
              "%.1f video-s in %.1f s (%.1fx realtime)", counts["done"], counts["skipped"], counts["failed"],
              summary["failures"], bar.windows, bar.video_seconds, wall, summary["realtime_factor"])
@@ -527,7 +556,8 @@ def register(subparsers) -> None:
                         "1 drops it)")
     p.add_argument("--decoder", choices=DECODERS, default="auto",
                    help="auto = pyav (several videos at once; on an H200 host with 16 cores it measured 3.6x faster "
-                        "end to end than DALI's reader, on flat synthetic video); dali = NVDEC on GPU (needs nvidia-dali), DALI CPU on --device "
+                        "end to end than DALI's reader, on flat synthetic video); nvdec = the same PyAV decodes on the "
+                        "GPU's NVDEC through FFmpeg's CUDA hwaccel (--device cuda; not yet run on a GPU); dali = NVDEC on GPU (needs nvidia-dali), DALI CPU on --device "
                         "cpu (VP8/VP9/MJPEG; other codecs fall back to PyAV)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per encoder batch (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

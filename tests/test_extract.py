@@ -627,3 +627,41 @@ def test_auto_decoder_is_pyav_even_where_dali_could_run(monkeypatch):
     monkeypatch.setattr(decode_dali, "dali_available", lambda: False)
     with pytest.raises(ValueError, match=r"nvidia-dali is not installed .*lvmae_fast\[dali\]"):
         extract.resolve_decoder("dali", torch.device("cuda"))
+
+
+def test_nvdec_decoder_is_refused_in_one_line_where_it_cannot_run(monkeypatch):
+    """--decoder nvdec needs a CUDA device, an FFmpeg with the CUDA hwaccel, and NVDEC really decoding
+    (checked on a test clip before the job): each missing piece is one clear error, not a failure per video."""
+    import torch
+    from av.codec import hwaccel
+
+    from lvmae_fast import extract
+
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        extract.resolve_decoder("nvdec", torch.device("cpu"))
+    monkeypatch.setattr(hwaccel, "hwdevices_available", lambda: ["vaapi"])
+    with pytest.raises(ValueError, match=r"no CUDA hwaccel here \(hwdevices: vaapi\)"):
+        extract.resolve_decoder("nvdec", torch.device("cuda"))
+    if not torch.cuda.is_available():  # the test clip really fails to open on the device here
+        monkeypatch.setattr(hwaccel, "hwdevices_available", lambda: ["cuda"])
+        with pytest.raises(ValueError, match=r"NVDEC decode does not work on cuda \(.+\); use --decoder pyav"):
+            extract.resolve_decoder("nvdec", torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_nvdec_decodes_the_frames_software_decoding_gives(tmp_path):
+    """PyAV on NVDEC (FFmpeg's CUDA hwaccel): the test clip check passes, and a camera-like clip (High
+    profile, B-frames) gives the windows of the software decode: the same frames (times), and pixels
+    within rounding (NV12 from the GPU vs planar YUV from libavcodec, then the same RGB conversion)."""
+    from lvmae_fast.video.decode_pyav import decode_windows_pyav, nvdec_accel, nvdec_problem
+    from lvmae_fast.video.jobs import VideoJob, WindowSpec, prepare_job
+
+    assert nvdec_problem(0) is None
+    path = synth.write_camera_like(tmp_path / "c.mp4", duration=6.0, fps=30, size=(640, 360), seed=3)
+    job = prepare_job(VideoJob("c", str(path)), WindowSpec(seconds=2.0, frames=4))
+    cpu = list(decode_windows_pyav(job.index, job.plan))
+    gpu = list(decode_windows_pyav(job.index, job.plan, hwaccel=lambda: nvdec_accel(0)))
+    assert [w for w, _, _ in gpu] == [w for w, _, _ in cpu] == [0, 1, 2]
+    for (_, a, ta), (_, b, tb) in zip(cpu, gpu):
+        np.testing.assert_array_equal(ta, tb)
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0

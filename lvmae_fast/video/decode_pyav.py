@@ -62,11 +62,53 @@ def _missing_budget(needed: int) -> int:
     return max(2, int(MAX_MISSING * needed))
 
 
-def _open(path: str):
+def nvdec_accel(device_index: int = 0):
+    """PyAV decode on NVDEC through FFmpeg's CUDA hwaccel (a fresh settings object per decode). Frames
+    stay on the GPU (is_hw_owned) and only the ones converted, the sampled ones, are downloaded; a
+    stream NVDEC cannot decode falls back to FFmpeg's software decoder."""
+    from av.codec.hwaccel import HWAccel
+
+    return HWAccel("cuda", device=str(device_index), allow_software_fallback=True, is_hw_owned=True)
+
+
+def nvdec_problem(device_index: int = 0) -> str | None:
+    """Why NVDEC decode through PyAV cannot run here (None: it decoded a test clip on the GPU): the CUDA
+    device or the driver's decode library missing, or FFmpeg falling back to software. Checked once per
+    job, so that a host without NVDEC gets one message instead of a failure per video."""
+    import io
+
+    import av
+
+    clip = io.BytesIO()
+    try:
+        with av.open(clip, "w", format="mp4") as out:  # 2 frames of H.264, written here: nothing to ship
+            stream = out.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+            for i in range(2):
+                frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 60 * i, np.uint8), format="rgb24")
+                frame.pts = i
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        clip.seek(0)
+        with av.open(clip, "r", hwaccel=nvdec_accel(device_index)) as container:
+            stream = container.streams.video[0]
+            frames = list(container.decode(stream))
+            if not stream.codec_context.is_hwaccel:
+                return "FFmpeg fell back to its software decoder"
+            if len(frames) != 2:
+                return f"the test clip decoded to {len(frames)} frames, not 2"
+    except (av.FFmpegError, OSError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _open(path: str, hwaccel=None):
     import av
 
     try:
-        return av.open(path, mode="r")
+        return av.open(path, mode="r") if hwaccel is None else av.open(path, mode="r", hwaccel=hwaccel())
     except av.FFmpegError as err:
         raise VideoError(f"cannot open for decoding ({err.strerror or err})") from None
 
@@ -83,14 +125,16 @@ def _decoded(container, stream, keep: set[int] | None) -> Iterator:
         yield from packet.decode()
 
 
-def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int] | None = None) -> Iterator:
+def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int] | None = None,
+            hwaccel=None) -> Iterator:
     """Decoded frames of the video stream, from `seek_to` (a keyframe's pts) when the container can
     seek there exactly, else from the start. `keep`: the pts the caller needs; other non-reference
-    frames are skipped (SKIP_UNNEEDED_NONREF)."""
+    frames are skipped (SKIP_UNNEEDED_NONREF). `hwaccel`: a callable giving PyAV HWAccel settings
+    (nvdec_accel), None = software decode."""
     import av
 
     if seek_to is not None:
-        container = _open(index.path)
+        container = _open(index.path, hwaccel)
         with container:
             names = set(container.format.name.split(","))
             if names & set(SEEKABLE_FORMATS):
@@ -109,7 +153,7 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
                     yield from decoded
                     return
                 log.info("%s: seek to pts %d landed elsewhere; decoding from the start", index.path, seek_to)
-    container = _open(index.path)
+    container = _open(index.path, hwaccel)
     with container:
         yield from _decoded(container, _video_stream(container, threads), keep)
 
@@ -123,8 +167,8 @@ def _video_stream(container, threads: int):
 
 
 def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, skip: np.ndarray | None = None,
-                        damage: SharedDamage | None = None, redo: int | None = None, through: int | None = None
-                        ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+                        damage: SharedDamage | None = None, redo: int | None = None, through: int | None = None,
+                        hwaccel=None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (window index, uint8 frames [T, H, W, 3] RGB, seconds [T] of the frames actually decoded)
     for every window of `plan` not marked in `skip`, in order. `damage`: this decode is one part of the
     video (SharedDamage): it stops once an earlier part has handed the rest of the video to one decode,
@@ -132,7 +176,8 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     VideoError; the caller then decodes the rest of the video with `redo` (the part's first window):
     from the start of the file (the decoder state of one pass), stand-ins counted against the budget as
     in one pass. `through` (a part's): the pts of the next part's first frame; one pass decodes what
-    lies between the two parts too, so the part decodes on to there (a decode error there ends one pass)."""
+    lies between the two parts too, so the part decodes on to there (a decode error there ends one pass).
+    `hwaccel`: decode on NVDEC (nvdec_accel), frames matched and stood in for exactly as in software."""
     import av
 
     active = windows_to_decode(len(plan), skip)
@@ -206,7 +251,8 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     # Frames matched by output position (no pts) must all come out; otherwise only needed ones must.
     keep = None if index.pts_in_decode_order or not SKIP_UNNEEDED_NONREF else {int(p) for p in needed}
     try:
-        for frame in _frames(index, threads, seek_to, keep):
+        # hwaccel is passed only when set, so stand-ins of _frames (tests) need not know of it.
+        for frame in _frames(index, threads, seek_to, keep, **({"hwaccel": hwaccel} if hwaccel else {})):
             if damage is not None and damage.superseded(part):
                 return  # an earlier part decodes the rest of the video, these windows included
             if strict and frame.is_corrupt:  # concealed: its pixels (and the frames after) may not be one pass's
