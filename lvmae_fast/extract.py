@@ -74,7 +74,11 @@ def resolve_decoder(decoder: str, device) -> str:
     if decoder == "nvdec":
         if device.type != "cuda":
             raise ValueError(f"--decoder nvdec decodes on the GPU's NVDEC: it needs --device cuda (got {device})")
-        from av.codec.hwaccel import hwdevices_available
+        try:
+            from av.codec.hwaccel import hwdevices_available
+        except ImportError:
+            raise ValueError("--decoder nvdec needs a PyAV with hardware decoding (av.codec.hwaccel): "
+                             "pip install -U av") from None
 
         if "cuda" not in hwdevices_available():
             raise ValueError("--decoder nvdec: the FFmpeg inside PyAV has no CUDA hwaccel here (hwdevices: "

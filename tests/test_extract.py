@@ -633,10 +633,10 @@ def test_nvdec_decoder_is_refused_in_one_line_where_it_cannot_run(monkeypatch):
     """--decoder nvdec needs a CUDA device, an FFmpeg with the CUDA hwaccel, and NVDEC really decoding
     (checked on a test clip before the job): each missing piece is one clear error, not a failure per video."""
     import torch
-    from av.codec import hwaccel
 
     from lvmae_fast import extract
 
+    hwaccel = pytest.importorskip("av.codec.hwaccel")
     with pytest.raises(ValueError, match="needs --device cuda"):
         extract.resolve_decoder("nvdec", torch.device("cpu"))
     monkeypatch.setattr(hwaccel, "hwdevices_available", lambda: ["vaapi"])

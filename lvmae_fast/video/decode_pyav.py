@@ -99,7 +99,7 @@ def nvdec_problem(device_index: int = 0) -> str | None:
                 return "FFmpeg fell back to its software decoder"
             if len(frames) != 2:
                 return f"the test clip decoded to {len(frames)} frames, not 2"
-    except (av.FFmpegError, OSError, ValueError) as err:
+    except (av.FFmpegError, OSError, ValueError, TypeError) as err:  # TypeError: a PyAV without is_hw_owned
         return f"{type(err).__name__}: {err}"
     return None
 
