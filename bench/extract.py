@@ -37,7 +37,7 @@ import torch
 from lvmae_fast import synth
 from lvmae_fast.atomic import atomic_write_text
 from lvmae_fast.devices import resolve_device
-from lvmae_fast.extract import extract_videos, pyav_events, pyav_threads
+from lvmae_fast.extract import cuda_index, extract_videos, pyav_events, pyav_threads
 from lvmae_fast.video import decode_pyav
 from lvmae_fast.video.decode_dali import DEFAULT_DALI_API, dali_available
 from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
@@ -124,6 +124,15 @@ def _bench_pyav_decode(paths, spec, workers: int, threads: int | None, hwaccel=N
     dt = time.perf_counter() - t0
     return {"frames_per_s": frames[0] / dt, "windows_per_s": windows / dt, "seconds": dt, "workers": workers,
             "frame_threads": threads or "auto"}
+
+
+def frames_ratio(a, b):
+    """a's decode rate over b's, or not measured when either row is not a measurement."""
+    return a["frames_per_s"] / b["frames_per_s"] if isinstance(a, dict) and isinstance(b, dict) else NOT_MEASURED
+
+
+def ratio_cell(r) -> str:
+    return r if isinstance(r, str) else f"{r:.2f}"
 
 
 def link_copies(paths: list[Path], copies: int) -> list[Path]:
@@ -268,7 +277,7 @@ def main(argv=None) -> int:
                 print(f"[bench] DALI warm-up ({api} API) failed: {type(err).__name__}: {err}", file=sys.stderr)
         results["end_to_end_dali_api"] = DEFAULT_DALI_API  # what the end-to-end row's DALI videos used
         # NVDEC through PyAV: None when it works here, else why not (checked on a test clip).
-        nvdec_ok = "no CUDA" if device.type != "cuda" else decode_pyav.nvdec_problem(device.index or 0)
+        nvdec_ok = "no CUDA" if device.type != "cuda" else decode_pyav.nvdec_problem(cuda_index(device))
         save()
         if model is not None:
             def end_to_end(decoder: str, store: str, dali_api: str = DEFAULT_DALI_API, videos=None):
@@ -308,38 +317,28 @@ def main(argv=None) -> int:
         results["decode_pyav_videos"] = len(decode_set)
         stage("decode_pyav", lambda: bench_pyav_decode(decode_set, spec, 1, threads=0))
         stage("decode_pyav_every_frame", lambda: bench_pyav_decode(decode_set, spec, 1, threads=0, skip_nonref=False))
-        one, every = results["decode_pyav"], results["decode_pyav_every_frame"]
-        results["decode_pyav_skip_over_every_frame"] = (one["frames_per_s"] / every["frames_per_s"]
-                                                        if isinstance(one, dict) and isinstance(every, dict) else NOT_MEASURED)
+        one = results["decode_pyav"]
+        results["decode_pyav_skip_over_every_frame"] = frames_ratio(one, results["decode_pyav_every_frame"])
         if workers > 1:
             stage("decode_pyav_parallel", lambda: bench_pyav_decode(decode_set, spec, workers))
         else:  # the row above already is the one-worker decode
             results["decode_pyav_parallel"] = f"{NOT_MEASURED} (1 decode worker here: pass --decode-workers N)"
-        one, many = results["decode_pyav"], results["decode_pyav_parallel"]
-        results["decode_pyav_parallel_over_one"] = (many["frames_per_s"] / one["frames_per_s"]
-                                                    if isinstance(one, dict) and isinstance(many, dict) else NOT_MEASURED)
+        results["decode_pyav_parallel_over_one"] = frames_ratio(results["decode_pyav_parallel"], one)
         save()
         if nvdec_ok is None:
             stage("decode_nvdec", lambda: bench_pyav_decode(decode_set, spec, workers,
-                                                            hwaccel=lambda: decode_pyav.nvdec_accel(device.index or 0)))
+                                                            hwaccel=lambda: decode_pyav.nvdec_accel(cuda_index(device))))
         else:
             results["decode_nvdec"] = f"{NOT_MEASURED} ({nvdec_ok})"
-        nv = results["decode_nvdec"]
-        results["decode_nvdec_over_pyav"] = (nv["frames_per_s"] / one["frames_per_s"]
-                                             if isinstance(nv, dict) and isinstance(one, dict) else NOT_MEASURED)
+        results["decode_nvdec_over_pyav"] = frames_ratio(results["decode_nvdec"], one)
         save()
         # The in-memory decoder API first (never run on a GPU), then the reader (measured), same files.
-        pyav = results["decode_pyav"]
         stage("decode_dali_gpu_decoder_api", lambda: bench_dali_decode(paths, spec, args.readers, batch,
                                                                        dali_api="decoder"))
-        dec = results["decode_dali_gpu_decoder_api"]
-        results["decode_dali_decoder_api_over_pyav"] = (dec["frames_per_s"] / pyav["frames_per_s"]
-                                                        if isinstance(dec, dict) and isinstance(pyav, dict) else NOT_MEASURED)
+        results["decode_dali_decoder_api_over_pyav"] = frames_ratio(results["decode_dali_gpu_decoder_api"], one)
         save()
         stage("decode_dali_gpu", lambda: bench_dali_decode(paths, spec, args.readers, batch))
-        dali = results["decode_dali_gpu"]
-        results["decode_dali_over_pyav"] = (dali["frames_per_s"] / pyav["frames_per_s"]
-                                            if isinstance(dali, dict) and isinstance(pyav, dict) else NOT_MEASURED)
+        results["decode_dali_over_pyav"] = frames_ratio(results["decode_dali_gpu"], one)
         save()
         if args.index_rule:  # last: the slowest row (98 s for 32 min of 1080p on an H200)
             stage("decode_dali_gpu_index_rule", lambda: bench_dali_decode(
@@ -363,27 +362,23 @@ def main(argv=None) -> int:
           f"{cell(results['decode_pyav_parallel'], 'frames_per_s')} |")
     print(f"| decode, PyAV CPU, one video at a time, every frame decoded (before 2026-11-26) (frames/s) | "
           f"{cell(results['decode_pyav_every_frame'], 'frames_per_s')} |")
-    skip = results["decode_pyav_skip_over_every_frame"]
     print(f"| decode ratio, unsampled non-reference frames skipped / every frame decoded | "
-          f"{skip if isinstance(skip, str) else f'{skip:.2f}'} |")
+          f"{ratio_cell(results['decode_pyav_skip_over_every_frame'])} |")
     print(f"| decode, PyAV on NVDEC (--decoder nvdec), {workers} videos at once (frames/s) | "
           f"{cell(results['decode_nvdec'], 'frames_per_s')} |")
-    nvr = results["decode_nvdec_over_pyav"]
-    print(f"| decode ratio, NVDEC {workers} at once / PyAV CPU one at a time | {nvr if isinstance(nvr, str) else f'{nvr:.2f}'} |")
-    par = results["decode_pyav_parallel_over_one"]
-    print(f"| decode ratio, PyAV {workers} at once / one at a time | {par if isinstance(par, str) else f'{par:.2f}'} |")
+    print(f"| decode ratio, NVDEC {workers} at once / PyAV CPU one at a time | "
+          f"{ratio_cell(results['decode_nvdec_over_pyav'])} |")
+    print(f"| decode ratio, PyAV {workers} at once / one at a time | {ratio_cell(results['decode_pyav_parallel_over_one'])} |")
     print(f"| decode, DALI GPU, --dali-api reader, {args.readers} readers, --sampling time (frames/s, all frames of the "
           f"files) | {cell(results['decode_dali_gpu'], 'frames_per_s')} |")
     print(f"| decode, DALI GPU, --dali-api reader, {args.readers} readers, --sampling index (frames/s, all frames of "
           f"the files) | {cell(results['decode_dali_gpu_index_rule'], 'frames_per_s')} |")
-    ratio = results["decode_dali_over_pyav"]
     print(f"| decode ratio, DALI GPU (--dali-api reader, --sampling time) / PyAV CPU (frames/s) | "
-          f"{ratio if isinstance(ratio, str) else f'{ratio:.2f}'} |")
+          f"{ratio_cell(results['decode_dali_over_pyav'])} |")
     print(f"| decode, DALI GPU, --dali-api decoder, {args.readers} pipelines, --sampling time (frames/s, all frames of "
           f"the files) | {cell(results['decode_dali_gpu_decoder_api'], 'frames_per_s')} |")
-    ratio = results["decode_dali_decoder_api_over_pyav"]
     print(f"| decode ratio, DALI GPU (--dali-api decoder, --sampling time) / PyAV CPU (frames/s) | "
-          f"{ratio if isinstance(ratio, str) else f'{ratio:.2f}'} |")
+          f"{ratio_cell(results['decode_dali_decoder_api_over_pyav'])} |")
     print(f"| encoder {results['encoder']}, {results['dtype']} (windows/s) | {cell(results['encoder_fp'], 'windows_per_s')} |")
     dali_api = (f" (DALI: --dali-api {results['end_to_end_dali_api']})"
                 if isinstance(e2e, dict) and "dali" in e2e["decoded_by"] else "")

@@ -54,6 +54,15 @@ def resolve_dtype(precision: str, device):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def cuda_index(device) -> int:
+    """The CUDA device number `device` means (`cuda` alone: the current one), for NVDEC decodes."""
+    import torch
+
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
 def resolve_decoder(decoder: str, device) -> str:
     from .optional import require
     from .video.decode_dali import dali_available
@@ -85,7 +94,7 @@ def resolve_decoder(decoder: str, device) -> str:
                              f"{', '.join(hwdevices_available()) or 'none'}); use --decoder pyav or dali")
         from .video.decode_pyav import nvdec_problem
 
-        problem = nvdec_problem(device.index or 0)
+        problem = nvdec_problem(cuda_index(device))
         if problem:
             raise ValueError(f"--decoder nvdec: NVDEC decode does not work on {device} ({problem}); "
                              "use --decoder pyav or dali")
@@ -455,7 +464,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             if backend == "nvdec":
                 from .video.decode_pyav import nvdec_accel
 
-                index = dev.index if dev.index is not None else torch.cuda.current_device()
+                index = cuda_index(dev)
                 hwaccel = lambda: nvdec_accel(index)  # noqa: E731 - settings built per decode
             # Decode and preprocess in `workers` threads (several videos, or parts of a long one, at once),
             # overlapping the encoder. Windows still arrive in input order, so batches and the store are
@@ -561,8 +570,9 @@ def register(subparsers) -> None:
     p.add_argument("--decoder", choices=DECODERS, default="auto",
                    help="auto = pyav (several videos at once; on an H200 host with 16 cores it measured 3.6x faster "
                         "end to end than DALI's reader, on flat synthetic video); nvdec = the same PyAV decodes on the "
-                        "GPU's NVDEC through FFmpeg's CUDA hwaccel (--device cuda; not yet run on a GPU); dali = NVDEC on GPU (needs nvidia-dali), DALI CPU on --device "
-                        "cpu (VP8/VP9/MJPEG; other codecs fall back to PyAV)")
+                        "GPU's NVDEC through FFmpeg's CUDA hwaccel (--device cuda; not yet run on a GPU); dali = NVDEC "
+                        "on GPU (needs nvidia-dali), DALI CPU on --device cpu (VP8/VP9/MJPEG; other codecs fall back "
+                        "to PyAV)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per encoder batch (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = fp16 on GPU, fp32 on CPU")

@@ -278,7 +278,7 @@ def test_parts_of_a_damaged_video_deliver_what_one_pass_delivers(tmp_path, monke
     assert decode_pyav._missing_budget(len(np.unique(job.plan.frames))) == 3
     lost = {int(job.index.pts[job.plan.frames[w][k]]) for w in (1, 5, 9) for k in (2, 4)}
     real_frames = decode_pyav._frames
-    monkeypatch.setattr(decode_pyav, "_frames", lambda *a: (f for f in real_frames(*a) if f.pts not in lost))
+    monkeypatch.setattr(decode_pyav, "_frames", lambda *a, **kw: (f for f in real_frames(*a, **kw) if f.pts not in lost))
 
     one_pass = []
     with pytest.raises(VideoError, match=r"more than 3 of the 72 sampled frames could not be decoded \(number 4 at") as err:
@@ -453,15 +453,15 @@ def test_which_part_meets_the_damage_first_changes_nothing(tmp_path, monkeypatch
     real_frames = decode_pyav._frames
     part3_ended = threading.Event()
 
-    def frames(index, threads, seek_to, keep=None, hold=False):
+    def frames(index, threads, seek_to, keep=None, hold=False, **kw):
         if index.path != str(long):
-            yield from real_frames(index, threads, seek_to, keep)
+            yield from real_frames(index, threads, seek_to, keep, **kw)
             return
         late = seek_to is not None and seek_to >= third
         if hold and not late:
             part3_ended.wait(10)
         try:
-            yield from (f for f in real_frames(index, threads, seek_to, keep) if f.pts not in lost)
+            yield from (f for f in real_frames(index, threads, seek_to, keep, **kw) if f.pts not in lost)
         finally:
             if late:
                 part3_ended.set()
@@ -470,7 +470,7 @@ def test_which_part_meets_the_damage_first_changes_nothing(tmp_path, monkeypatch
     for workers in (1, 3):
         part3_ended.clear()
         with monkeypatch.context() as m:
-            m.setattr(decode_pyav, "_frames", lambda *a, hold=workers > 1: frames(*a, hold=hold))
+            m.setattr(decode_pyav, "_frames", lambda *a, hold=workers > 1, **kw: frames(*a, hold=hold, **kw))
             out = tmp_path / f"w{workers}"
             summary = extract.extract_videos([("long", str(long)), ("short", str(short))], out, seconds=1.0,
                                              frames=6, batch_size=3, decoder="pyav", decode_workers=workers)
@@ -505,8 +505,8 @@ def test_a_decoder_error_between_two_parts_ends_the_video_as_in_one_pass(tmp_pat
     assert bad in {f.pts for f in decode_pyav._frames(job.index, 0, None, needed)}
     real_frames = decode_pyav._frames
 
-    def frames(*a):
-        for f in real_frames(*a):
+    def frames(*a, **kw):
+        for f in real_frames(*a, **kw):
             if f.pts == bad:
                 raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
             yield f

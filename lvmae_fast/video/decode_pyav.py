@@ -251,8 +251,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     # Frames matched by output position (no pts) must all come out; otherwise only needed ones must.
     keep = None if index.pts_in_decode_order or not SKIP_UNNEEDED_NONREF else {int(p) for p in needed}
     try:
-        # hwaccel is passed only when set, so stand-ins of _frames (tests) need not know of it.
-        for frame in _frames(index, threads, seek_to, keep, **({"hwaccel": hwaccel} if hwaccel else {})):
+        for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel):
             if damage is not None and damage.superseded(part):
                 return  # an earlier part decodes the rest of the video, these windows included
             if strict and frame.is_corrupt:  # concealed: its pixels (and the frames after) may not be one pass's
