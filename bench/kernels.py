@@ -345,10 +345,6 @@ def sim_label(cfg) -> str:
     return f"{cfg.kernel} {size} w{cfg.num_warps} s{stages}"
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def sweep_configs(D: int, T: int, gpu: bool):
     """(configs, skipped, default): the default configuration first (what semantic_mask launches), the
     stream kernel's default next, then the grid; skipped = [(config, why)] for absurd tiles."""
@@ -360,7 +356,7 @@ def sweep_configs(D: int, T: int, gpu: bool):
         return cfg._replace(num_stages=stages) if cfg.num_stages is None else cfg
 
     default = spelt(KT.default_sim_config(D, T, gpu=gpu))
-    width = triton_next_pow2(D)
+    width = KT._pow2(D)  # the stream kernel's whole-row width, as default_sim_config picks it
     stream_default = KT.SimConfig(KT.STREAM_ROWS, width, 4, stages, "stream")
     configs = [default] + ([stream_default] if stream_default != default else [])
     skipped = []
