@@ -648,14 +648,32 @@ def test_nvdec_decoder_is_refused_in_one_line_where_it_cannot_run(monkeypatch):
             extract.resolve_decoder("nvdec", torch.device("cuda"))
 
 
+def test_nvdec_settings_give_ffmpeg_a_cuda_context_of_its_own():
+    """PyAV's is_hw_owned asks FFmpeg for the device's primary context by default, which FFmpeg refuses
+    (ENOTSUP, "[Errno 95] Operation not supported") once torch has brought it up with other scheduling
+    flags: every NVDEC decode in `lvmae extract` failed that way on an H200, the encoder being on the
+    GPU first. The settings must ask for FFmpeg's own context (primary_ctx 0) on the given device."""
+    pytest.importorskip("av.codec.hwaccel")
+    from lvmae_fast.video.decode_pyav import nvdec_accel
+
+    accel = nvdec_accel(1)
+    assert accel.options == {"primary_ctx": "0"}
+    assert accel.device_id == 1 and accel.is_hw_owned and accel.allow_software_fallback
+
+
 @pytest.mark.gpu
 def test_gpu_nvdec_decodes_the_frames_software_decoding_gives(tmp_path):
-    """PyAV on NVDEC (FFmpeg's CUDA hwaccel): the test clip check passes, and a camera-like clip (High
-    profile, B-frames) gives the windows of the software decode: the same frames (times), and pixels
-    within rounding (NV12 from the GPU vs planar YUV from libavcodec, then the same RGB conversion)."""
+    """PyAV on NVDEC (FFmpeg's CUDA hwaccel), after torch has brought up the device's primary context
+    (as the encoder does in extract; this failed with ENOTSUP on an H200 before primary_ctx 0): the
+    test clip check passes, and a camera-like clip (High profile, B-frames) gives the windows of the
+    software decode: the same frames (times, and each GPU frame nearest its own software frame among
+    all sampled frames), pixels within rounding. The H200 showed a mean difference of 2.5 of 255: NV12
+    from the GPU and planar YUV from libavcodec take different chroma paths to RGB."""
     from lvmae_fast.video.decode_pyav import decode_windows_pyav, nvdec_accel, nvdec_problem
     from lvmae_fast.video.jobs import VideoJob, WindowSpec, prepare_job
+    import torch
 
+    torch.zeros(1, device="cuda")                    # torch's primary context first, as in extract
     assert nvdec_problem(0) is None
     path = synth.write_camera_like(tmp_path / "c.mp4", duration=6.0, fps=30, size=(640, 360), seed=3)
     job = prepare_job(VideoJob("c", str(path)), WindowSpec(seconds=2.0, frames=4))
@@ -664,4 +682,8 @@ def test_gpu_nvdec_decodes_the_frames_software_decoding_gives(tmp_path):
     assert [w for w, _, _ in gpu] == [w for w, _, _ in cpu] == [0, 1, 2]
     for (_, a, ta), (_, b, tb) in zip(cpu, gpu):
         np.testing.assert_array_equal(ta, tb)
-        assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 4.0
+    cpu_frames = np.concatenate([a for _, a, _ in cpu]).astype(np.float32)
+    gpu_frames = np.concatenate([b for _, b, _ in gpu]).astype(np.float32)
+    distance = np.array([[np.abs(g - c).mean() for c in cpu_frames] for g in gpu_frames])
+    np.testing.assert_array_equal(distance.argmin(axis=1), np.arange(len(cpu_frames)))

@@ -163,7 +163,10 @@ def test_similarity_launch_configs_give_the_default_keys_and_masks(interp, dtype
 def test_similarity_launch_config_checks(interp):
     from lvmae_fast.kernels import _triton as KT
     x, cu = packed([3, 5], d=20)
-    assert KT.default_sim_config(20, 8, "tile", gpu=True) == KT.SimConfig(*KT.sim_tiles(20, 8, True), 4, None, "tile")
+    assert KT.default_sim_config(20, 8, "tile", gpu=True) == KT.SimConfig(8, 32, 2, 1, "tile")
+    # d=1024 on a GPU: the H200 sweep's winner at 256x8192 (tile 8x128, 2 warps, 1 stage)
+    assert KT.default_sim_config(1024, 1 << 21, gpu=True) == KT.SimConfig(8, 128, 2, 1, "tile")
+    assert KT.default_sim_config(1024, 1 << 21, gpu=False) == KT.SimConfig(256, 512, 4, None, "tile")
     assert KT.default_sim_config(20, 8, "stream").kernel == "stream"
     assert KT.default_sim_config(KT.STREAM_MAX_D + 1, 8, "stream").kernel == "tile"  # wide rows: tiled
     assert KT.as_sim_config((8, 256), 20, "stream") == KT.SimConfig(8, 256, 4, None, "stream")

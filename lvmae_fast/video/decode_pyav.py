@@ -65,10 +65,18 @@ def _missing_budget(needed: int) -> int:
 def nvdec_accel(device_index: int = 0):
     """PyAV decode on NVDEC through FFmpeg's CUDA hwaccel (a fresh settings object per decode). Frames
     stay on the GPU (is_hw_owned) and only the ones converted, the sampled ones, are downloaded; a
-    stream NVDEC cannot decode falls back to FFmpeg's software decoder."""
+    stream NVDEC cannot decode falls back to FFmpeg's software decoder.
+
+    FFmpeg gets a CUDA context of its own (primary_ctx 0). PyAV's is_hw_owned otherwise asks for the
+    device's primary context, which FFmpeg retains only with blocking-sync scheduling: once torch has
+    brought that context up (any CUDA tensor, the encoder on the GPU) with its own flags, FFmpeg refuses
+    it ("Primary context already active with incompatible flags", ENOTSUP = "[Errno 95] Operation not
+    supported"), which is how every NVDEC decode failed in `lvmae extract` on an H200 (2026-11-26). Had
+    FFmpeg come first instead, it would have switched torch's context to blocking sync."""
     from av.codec.hwaccel import HWAccel
 
-    return HWAccel("cuda", device=str(device_index), allow_software_fallback=True, is_hw_owned=True)
+    return HWAccel("cuda", device=str(device_index), allow_software_fallback=True, is_hw_owned=True,
+                   options={"primary_ctx": "0"})
 
 
 def nvdec_problem(device_index: int = 0) -> str | None:
