@@ -332,7 +332,7 @@ def main(argv=None) -> int:
             results["decode_nvdec"] = f"{NOT_MEASURED} ({nvdec_ok})"
         results["decode_nvdec_over_pyav"] = frames_ratio(results["decode_nvdec"], one)
         save()
-        # The in-memory decoder API first (never run on a GPU), then the reader (measured), same files.
+        # The in-memory decoder API first, then the reader, same files.
         stage("decode_dali_gpu_decoder_api", lambda: bench_dali_decode(paths, spec, args.readers, batch,
                                                                        dali_api="decoder"))
         results["decode_dali_decoder_api_over_pyav"] = frames_ratio(results["decode_dali_gpu_decoder_api"], one)

@@ -19,12 +19,12 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 # stops timing at its own 150 s budget; kernels_sweep.json is rewritten after every shape
                 timeout 180 python3 bench/kernels.py --sweep-sim --json "$OUT/kernels_sweep.json" 2>&1 | tail -120 ;;
       extract)  timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" --readers "${READERS:-4}" \
-                  --copies "${COPIES:-16}" --json "$OUT/extract.json" 2>&1 | tail -36 ;;
+                  --decode-workers "${DECODE_WORKERS:-0}" --copies "${COPIES:-16}" --json "$OUT/extract.json" 2>&1 | tail -36 ;;
       extract_pyav) # issue 5 without DALI (one call, carry .whl_gpu): PyAV decodes, several videos/parts at once
                 python3 -c 'import av' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
                   --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
                 timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
-                  --copies "${COPIES:-8}" --json "$OUT/extract_pyav.json" 2>&1 | tail -36 ;;
+                  --decode-workers "${DECODE_WORKERS:-0}" --copies "${COPIES:-8}" --json "$OUT/extract_pyav.json" 2>&1 | tail -36 ;;
       pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \
                   --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,256 --steps 15 --warmup 5 \

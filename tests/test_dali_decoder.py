@@ -230,3 +230,27 @@ def test_unknown_dali_api_is_refused(tmp_path):
         extract_videos(tmp_path, tmp_path / "s", decoder="dali", device="cpu", dali_api="nvdec")
     with pytest.raises(ValueError, match="dali_api"):
         list(decode_windows_dali([], WindowSpec(), device="cpu", dali_api="nvdec"))
+
+
+@pytest.mark.gpu
+def test_gpu_decoder_api_gives_the_readers_windows_of_h264_with_b_frames(tmp_path):
+    """On NVDEC, camera-like H.264 (High profile, B-frames: decode order != presentation order): the
+    in-memory decoder API gives the reader API's windows and times, and every frame is nearest its own
+    software-decoded (PyAV) frame among all sampled frames, so neither API is off by a reordered frame."""
+    path = synth.write_camera_like(tmp_path / "c.mp4", duration=6.0, fps=30, size=(640, 360), seed=5)
+    spec = WindowSpec(seconds=2.0, frames=4)
+    job = prepare_job(VideoJob("c", str(path)), spec)
+    ours = _decode(job, spec, "decoder", device="gpu")
+    reader = _decode(job, spec, "reader", device="gpu")
+    pyav = list(decode_windows_pyav(job.index, job.plan))
+    assert [e.window for e in ours] == [e.window for e in reader] == [w for w, _, _ in pyav] == [0, 1, 2]
+    for a, b, (_, _, times) in zip(ours, reader, pyav):
+        np.testing.assert_allclose(a.times, times, atol=1e-6)
+        np.testing.assert_allclose(b.times, times, atol=1e-6)
+    software = np.concatenate([f for _, f, _ in pyav]).astype(np.float32)
+    for events in (ours, reader):
+        frames = np.concatenate([e.frames.cpu().numpy() for e in events]).astype(np.float32)
+        assert frames.shape == software.shape
+        distance = np.array([[np.abs(g - c).mean() for c in software] for g in frames])
+        np.testing.assert_array_equal(distance.argmin(axis=1), np.arange(len(software)))
+        assert distance.diagonal().max() < 4.0
