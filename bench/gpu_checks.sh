@@ -35,7 +35,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
                   --epochs 20 2>&1 | grep -E 'device|\[|error|Error' ;;
       graphs)   # (the graph GPU tests are in the tests part) batch 16 (the 10x target): eager, forward/backward graphs, whole-step graphs (update captured)
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 \
-                  --long-len 0 --cuda-graphs --graph-optimizer --compile --json "$OUT/pretrain_graphs.json" 2>&1 | grep -E '^\||rror' ;
+                  --long-len 0 --cuda-graphs --graph-optimizer --master-weights --compile --json "$OUT/pretrain_graphs.json" 2>&1 | grep -E '^\||rror' ;
                 for mode in graphs eager; do  # graphs: every timed shape is captured before the clock
                   flags=(); [ "$mode" = graphs ] && flags=(--cuda-graphs --graph-optimizer)
                   timeout 110 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \

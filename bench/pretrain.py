@@ -74,10 +74,10 @@ def autocast(device, dtype):
 
 
 def run_packed(config, batches, device, steps, warmup, compile_model=False, profile_path=None, cuda_graphs=False,
-               graph_optimizer=False):
+               graph_optimizer=False, master_weights=False):
     with torch.device(device):  # init on the GPU: a 0.4B-parameter CPU init costs seconds
         model = LVMAE(config)
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, master_weights)  # before compiling: it may change the weights' dtype
     if compile_model:
         model.compile_blocks()
     g = torch.Generator().manual_seed(0)
@@ -217,6 +217,9 @@ def main(argv=None):
     p.add_argument("--graph-optimizer", action="store_true",
                    help="with --cuda-graphs: also time whole-step graphs, the optimizer update captured too "
                         "(row 'packed+graphs+opt'; it also computes the gradient norm, as the trainer does)")
+    p.add_argument("--master-weights", action="store_true",
+                   help="with --graph-optimizer: also time whole-step graphs with MasterWeightAdamW (bf16 matrix "
+                        "weights, fp32 masters; row 'packed+graphs+opt+master')")
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="masked-loss kernels")
     p.add_argument("--json", "--json-out", dest="json", default=None, help="write results here (--json-out: the data mode's spelling)")
@@ -225,6 +228,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
+    if args.master_weights and not args.graph_optimizer:
+        p.error("--master-weights needs --graph-optimizer")
     try:
         device = resolve_device(args.device)  # auto | cpu | cuda[:N], as every lvmae command
     except ValueError as err:
@@ -239,9 +244,10 @@ def main(argv=None):
             "torch": torch.__version__, "preset": args.preset, "in_dim": in_dim, "mask_ratio": args.mask_ratio,
             "lengths": [args.min_len, args.max_len], "steps": args.steps, "warmup": args.warmup,
             "compile": args.compile, "cuda_graphs": args.cuda_graphs, "graph_optimizer": args.graph_optimizer,
+            "master_weights": args.master_weights,
             "inputs": "packed rows: masked and packed before the clock, batches on the device (graphs rows: "
                       "copied from pinned host memory each step); padded row: masks inside the step, as the "
-                      "reference. Optimizer: fused AdamW (packed), torch default AdamW + GradScaler (padded)",
+                      "reference. Optimizer: fused AdamW (packed; the +master row: MasterWeightAdamW), torch default AdamW + GradScaler (padded)",
             "attn_impl": args.attn_impl, "kernels": args.kernels, "complete": False}
     if args.cuda_graphs and device.type != "cuda":
         meta["note"] = ("no CUDA graphs off a GPU: the '+graphs' rows run the same bucketed step uncaptured, "
@@ -278,6 +284,11 @@ def main(argv=None):
             add(summarise(f"{name}+graphs+opt", run_packed(config, batches, device, args.steps, args.warmup,
                                                            args.compile, profile if mode == "opt" else None,
                                                            cuda_graphs=True, graph_optimizer=True),
+                          batches, config, args.warmup, args.steps))
+        if args.master_weights:
+            add(summarise(f"{name}+graphs+opt+master", run_packed(config, batches, device, args.steps, args.warmup,
+                                                                  args.compile, None, cuda_graphs=True,
+                                                                  graph_optimizer=True, master_weights=True),
                           batches, config, args.warmup, args.steps))
         if not args.skip_padded and bs <= args.padded_max_batch:
             padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),

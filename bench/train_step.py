@@ -9,15 +9,22 @@ from lvmae_fast.graphs import GraphedTrainStep
 LR = 1e-4
 
 
-def make_optimizer(model) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.param_groups(0.05), lr=LR, betas=(0.9, 0.95), fused=True)  # as the trainer
+def make_optimizer(model, master_weights: bool = False) -> torch.optim.Optimizer:
+    """Fused AdamW over fp32 parameters, as the trainer; master_weights: MasterWeightAdamW, which stores
+    the model's matrix weights in bf16 from here on (the model then runs under bf16 autocast only)."""
+    if master_weights:
+        from lvmae_fast.master_adamw import MasterWeightAdamW
+
+        return MasterWeightAdamW(model.param_groups(0.05), lr=LR, betas=(0.9, 0.95))
+    return torch.optim.AdamW(model.param_groups(0.05), lr=LR, betas=(0.9, 0.95), fused=True)
 
 
 def make_step(model, optimizer, device, cuda_graphs=False, graph_optimizer=False, pinned_input=None):
     """(step(batch) -> loss, the GraphedTrainStep or None). Graphed steps copy each batch into their
     static buffers themselves. pinned_input=None: eager batches are already on the device; True/False:
     the eager step copies each batch there (non-blocking from pinned memory)."""
-    bf16 = device.type == "cuda"
+    # bf16 autocast on CUDA, and wherever the weights are bf16 already (MasterWeightAdamW)
+    bf16 = device.type == "cuda" or any(p.dtype == torch.bfloat16 for p in model.parameters())
     graphed = None
     if cuda_graphs:
         graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if bf16 else None,

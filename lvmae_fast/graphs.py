@@ -228,7 +228,9 @@ class GraphedTrainStep:
     def _update(self, loss: torch.Tensor, skip_update: bool) -> torch.Tensor:
         """Gradient norm (and clipping), the device-side skip decision and the optimizer update; all
         without a host sync, so it can be captured. Returns [loss, grad_norm] in the loss's dtype."""
-        norm = grad_norm_(self.params, self.grad_clip)
+        # An optimizer that gathers gradients itself (master_adamw) also folds clipping into its update.
+        prepare = getattr(self.optimizer, "prepare_grads", None)
+        norm = prepare(self.grad_clip) if prepare is not None else grad_norm_(self.params, self.grad_clip)
         if skip_update:  # warm-up of a new shape: initialise optimizer state, change nothing
             found_inf = torch.ones((), dtype=torch.float32, device=self.device)
         else:

@@ -16,11 +16,12 @@ def bench(*args):
 def test_pretrain_step_bench_with_cuda_graphs_rows(tmp_path):
     out = tmp_path / "step.json"
     bench("bench/pretrain.py", "--preset", "tiny", "--device", "cpu", "--steps", 2, "--warmup", 1, "--batch-sizes", 4,
-          "--long-len", 0, "--cuda-graphs", "--graph-optimizer", "--json", out)
+          "--long-len", 0, "--cuda-graphs", "--graph-optimizer", "--master-weights", "--json", out)
     rows = json.loads(out.read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["packed", "packed+graphs", "packed+graphs+opt", "padded (reference)"]
+    assert [r["impl"] for r in rows] == ["packed", "packed+graphs", "packed+graphs+opt", "packed+graphs+opt+master",
+                                         "padded (reference)"]
     assert all(r["status"] == "ok" for r in rows)
-    assert all(r["speedup"] > 0 for r in rows[:3])
+    assert all(r["speedup"] > 0 for r in rows[:4])
 
 
 def test_data_bench_receives_its_own_flags(tmp_path):
