@@ -13,8 +13,9 @@ compared with the card's memory bandwidth (detected from the device name). The g
 left empty where the working set fits in L2 (replays do not flush it: not an HBM figure).
 Each implementation is also checked against the torch reference (mask exactly equal, loss close).
 semantic_mask also gets a row for the row-streaming similarity kernel (a candidate that reads each row
-once) and rows for its two stages apart (similarity in both variants; selection), to show which one
-stands between it and the bandwidth target.
+once), one for the histogram selection kernel (a candidate, checked equal to the default's mask), and
+rows for its two stages apart (similarity in both variants; selection by the radix kernel and by the
+histogram one at two digit widths), to show which one stands between it and the bandwidth target.
 No downloads, no prompts; a failing implementation is reported in the table rather than aborting.
 
     python bench/kernels.py --sweep-sim --json sweep.json   # similarity-kernel launch configs (CUDA)
@@ -152,42 +153,60 @@ def bench_semantic(spec, d, dtype, device, quick, use_compile, have_triton):
     if have_triton:
         from lvmae_fast.kernels import _triton as KT
 
-        def triton_with(sim):
-            def run():  # the similarity kernel semantic_mask launches: the default "tile" or the "stream" candidate
-                default, KT.SIM_KERNEL = KT.SIM_KERNEL, sim
+        def triton_with(sim, select="radix"):
+            def run():  # the kernels semantic_mask launches: similarity "tile" (default) or "stream", selection
+                saved = KT.SIM_KERNEL, KT.SELECT_IMPL  # "radix" (default) or "hist" (the candidates)
+                KT.SIM_KERNEL, KT.SELECT_IMPL = sim, select
                 try:
                     return K.semantic_mask(x, cu, ratio, max_seqlen=max_len, validate=False)
                 finally:
-                    KT.SIM_KERNEL = default
+                    KT.SIM_KERNEL, KT.SELECT_IMPL = saved
             return run
         impls["triton"] = triton_with("tile")
         impls["triton (stream sim)"] = triton_with("stream")
+        impls["triton (hist select)"] = triton_with("tile", "hist")
     bytes_moved = x.numel() * x.element_size() + 2 * cu.numel() * 4 + x.shape[0]  # x once, mask out
     # The torch reference cannot be captured: it reads the per-video counts on the host, and even with
     # them precomputed its indexed writes copy a host value to the device ("Cannot copy between CPU and
     # CUDA tensors during CUDA graph capture"). Its graph column says so instead of that error.
     host_sync = {"torch eager": "host sync"}
+    # The selection candidate must give the default's mask bit for bit (the default is checked against torch).
+    checks = {"triton (hist select)": same_as(impls.get("triton"))}
     rows = []
     for name, fn in impls.items():
         rows.append(measure("semantic_mask", f"{spec} d={d}", name, fn, device, quick, bytes_moved,
-                            check=lambda out: bool(torch.equal(out, want)), not_capturable=host_sync.get(name)))
+                            check=checks.get(name, lambda out: bool(torch.equal(out, want))),
+                            not_capturable=host_sync.get(name)))
     if have_triton:
         rows += semantic_stages(x, cu, k, want, max_len, f"{spec} d={d}", device, quick)
     return rows
 
 
+def same_as(reference):
+    """A measure() check: the output equals reference()'s (called once, at the first check)."""
+    seen = []
+
+    def check(out):
+        if not seen:
+            seen.append(reference())
+        return bool(torch.equal(out, seen[0]))
+    return check
+
+
 def semantic_stages(x, cu, k, want, max_len, case, device, quick):
     """The two kernels of semantic_mask timed apart (which one holds it back from the bandwidth
     target): the similarity pass (reads x, writes int32 keys) in both variants, and the selection
-    (radix passes over the keys, one mask write)."""
+    (radix passes over the keys, one mask write) by the radix kernel and by the histogram candidate,
+    at its default digit width and one other (each checked equal to the radix kernel's mask)."""
     from lvmae_fast.kernels import _triton as KT
 
-    T = x.shape[0]
+    T, B, gpu = x.shape[0], cu.numel() - 1, device.type == "cuda"
     keys = KT.adjacent_keys(x, False, "tile")
     num_masked = k.to(torch.int32)
-    radix_bits = KT.select_tiles(max_len, cu.numel() - 1, device.type == "cuda")[2]
+    radix_bits = KT.select_tiles(max_len, B, gpu)[2]
     sim_bytes = x.numel() * x.element_size() + 4 * T
-    select_bytes = 4 * T * (32 // radix_bits + 1) + T + 2 * cu.numel() * 4  # keys per pass (mostly L2), mask
+    mask_bytes = T + 2 * cu.numel() * 4
+    select_bytes = 4 * T * (32 // radix_bits + 1) + mask_bytes  # keys per pass (mostly L2), mask
     rows = [measure("semantic_mask stage: similarity", case, f"triton {sim}",
                     lambda sim=sim: KT.adjacent_keys(x, False, sim), device, quick, sim_bytes,
                     check=lambda out: out.shape == (T,) and out.dtype == torch.int32)
@@ -195,6 +214,15 @@ def semantic_stages(x, cu, k, want, max_len, case, device, quick):
     rows.append(measure("semantic_mask stage: selection", case, "triton",
                         lambda: KT.select_lowest(keys, cu, num_masked, max_len), device, quick, select_bytes,
                         check=lambda out: bool(torch.equal(out, want))))
+    _, block, hist_bits, _ = KT.select_hist_tiles(max_len, B, gpu)
+    default_mask = same_as(lambda: KT.select_lowest(keys, cu, num_masked, max_len, impl="radix"))
+    for bits in (hist_bits, 5 if hist_bits == 8 else 8):
+        # Videos that fit the tile are read once; longer ones once per pass and once more for the mask.
+        reads = 1 if max_len <= block else -(-32 // bits) + 1
+        rows.append(measure("semantic_mask stage: selection", case,
+                            f"triton hist, {bits}-bit digits" + (" (default)" if bits == hist_bits else ""),
+                            lambda bits=bits: KT.select_lowest(keys, cu, num_masked, max_len, bits, impl="hist"),
+                            device, quick, 4 * T * reads + mask_bytes, check=default_mask))
     return rows
 
 

@@ -17,6 +17,8 @@ A last pass masks keys below the threshold plus the first (k - #below) keys equa
 (a running cumsum across chunks), which is exactly torch's stable-sort tie rule. Cost O(L * passes), any
 L (1 .. 32768+, chunked), no shared-memory sort, deterministic. The similarity itself is a separate
 row-parallel kernel so that one long video does not leave the GPU idle while its d-dim dots run.
+A candidate selection kernel (SELECT_IMPL "hist"; "Histogram selection" below) runs the same search with
+tl.histogram counting the digits and, where a program's videos fit one tile, their keys read only once.
 """
 from __future__ import annotations
 
@@ -160,6 +162,127 @@ def _select_lowest_body(key_ptr, cu_ptr, k_ptr, out_ptr, B,
         seen += tl.sum(eq, axis=1)
 
 
+# Histogram selection (SELECT_IMPL "hist", a candidate): the same threshold search with R-bit digits
+# counted by tl.histogram (one bin per digit and video, instead of a compare against every digit edge),
+# and, where the videos of a program fit in one BLOCK tile, their keys loaded once and kept in registers
+# through every pass. R need not divide 32 (the last pass takes the bits left). No int64: the candidate
+# range [lo, hi] of a pass is an aligned block of int32 around the threshold, so its ends are int32 too.
+_KEY_MAX = tl.constexpr(2147483647)  # padding rows: above every candidate range, so in the top bin
+
+
+def _video_keys_body(key_ptr, start, length, c, offs):
+    """(key, valid) at positions c + offs of each video, [VIDS, BLOCK]: the first row's key is 0 (its
+    similarity is 0.0), padding holds _KEY_MAX."""
+    pos = c + offs
+    valid = pos[None, :] < length[:, None]
+    key = tl.load(key_ptr + start[:, None] + pos[None, :], mask=valid, other=_KEY_MAX)
+    return tl.where((pos[None, :] == 0) & valid, 0, key), valid
+
+
+def _digit_hist_body(key, pre, P: tl.constexpr, R: tl.constexpr, VIDS: tl.constexpr, BLOCK: tl.constexpr):
+    """[VIDS, 2^R] counts of pass P's digit per video, among keys whose bits above TOP equal `pre`.
+    Keys below that range count in bin 0 and keys above it (padding too) in the pass's top digit, so
+    the running count up to any lower bin is exactly #keys below that bin's upper edge; the bins also
+    stay in range (triton 3.6 lowers tl.histogram with warp ballots of the bin's bits, which wraps an
+    out-of-range value into some bin instead of dropping it)."""
+    TOP: tl.constexpr = 32 - P * R
+    SHIFT: tl.constexpr = max(TOP - R, 0)
+    NB: tl.constexpr = 2 ** R
+    if P == 0:
+        digit = (key >> SHIFT) + NB // 2                  # signed top digit -> 0 .. NB-1, in key order
+    else:
+        lo = (pre << TOP)[:, None]
+        hi = lo + (2 ** TOP - 1)
+        digit = (tl.minimum(tl.maximum(key, lo), hi) - lo) >> SHIFT
+    slot = tl.arange(0, VIDS)[:, None] * NB               # one block of NB bins per video of the tile
+    flat = tl.reshape(slot + digit, [VIDS * BLOCK])
+    return tl.reshape(tl.histogram(flat, VIDS * NB), [VIDS, NB])
+
+
+def _narrow_body(hist, k, pre, below, P: tl.constexpr, R: tl.constexpr):
+    """(pre, below) after pass P: pre = the threshold key's bits above this pass's SHIFT (signed), below
+    = #keys under the narrowed range. The first bin whose running count reaches k holds the threshold."""
+    TOP: tl.constexpr = 32 - P * R
+    WIDTH: tl.constexpr = TOP - max(TOP - R, 0)
+    lt = tl.cumsum(hist, axis=1) < k[:, None]
+    j = tl.sum(lt.to(tl.int32), axis=1)
+    below = tl.where(j > 0, tl.sum(tl.where(lt, hist, 0), axis=1), below)
+    if P == 0:
+        pre = j - 2 ** R // 2
+    else:
+        pre = (pre << WIDTH) + j
+    return pre, below
+
+
+def _mark_body(key, valid, thr, need, k, seen):
+    """Rows of the k lowest: keys below thr, plus the first `need` keys equal to it in row order
+    (`seen` of them in earlier chunks). Returns (hit, ties in this chunk)."""
+    eq = ((key == thr[:, None]) & valid).to(tl.int32)
+    ties_before = seen[:, None] + tl.cumsum(eq, axis=1) - eq
+    hit = (key < thr[:, None]) | ((eq != 0) & (ties_before < need[:, None]))
+    return hit & valid & (k[:, None] > 0), tl.sum(eq, axis=1)
+
+
+_video_keys = _jit(_video_keys_body)
+_digit_hist = _jit(_digit_hist_body)
+_narrow = _jit(_narrow_body)
+_mark = _jit(_mark_body)
+
+
+def _select_resident_body(key_ptr, out_ptr, start, length, k, offs,
+                          R: tl.constexpr, VIDS: tl.constexpr, BLOCK: tl.constexpr):
+    """Whole videos in one tile: keys read once, every pass on registers, one store."""
+    key, valid = _video_keys(key_ptr, start, length, 0, offs)
+    pre = tl.zeros([VIDS], tl.int32)
+    below = tl.zeros([VIDS], tl.int32)
+    for p in tl.static_range((32 + R - 1) // R):
+        pre, below = _narrow(_digit_hist(key, pre, p, R, VIDS, BLOCK), k, pre, below, p, R)
+    hit, _ = _mark(key, valid, pre, k - below, k, tl.zeros([VIDS], tl.int32))
+    tl.store(out_ptr + start[:, None] + offs[None, :], hit.to(tl.int8), mask=valid)
+
+
+def _select_chunked_body(key_ptr, out_ptr, start, length, k, offs,
+                         R: tl.constexpr, VIDS: tl.constexpr, BLOCK: tl.constexpr):
+    """Videos longer than the tile: each pass streams them in BLOCK-row chunks (as the radix kernel)."""
+    span = tl.max(length, axis=0)
+    count_span = tl.max(tl.where(k > 0, length, 0), axis=0)  # k <= 0 (ratio 0, L == 1): nothing to count
+    pre = tl.zeros([VIDS], tl.int32)
+    below = tl.zeros([VIDS], tl.int32)
+    for p in tl.static_range((32 + R - 1) // R):
+        hist = tl.zeros([VIDS, 2 ** R], tl.int32)
+        for c in range(0, count_span, BLOCK):
+            key, _ = _video_keys(key_ptr, start, length, c, offs)
+            hist += _digit_hist(key, pre, p, R, VIDS, BLOCK)
+        pre, below = _narrow(hist, k, pre, below, p, R)
+    need = k - below
+    seen = tl.zeros([VIDS], tl.int32)
+    for c in range(0, span, BLOCK):
+        key, valid = _video_keys(key_ptr, start, length, c, offs)
+        hit, ties = _mark(key, valid, pre, need, k, seen)
+        tl.store(out_ptr + start[:, None] + (c + offs)[None, :], hit.to(tl.int8), mask=valid)
+        seen += ties
+
+
+_select_resident = _jit(_select_resident_body)
+_select_chunked = _jit(_select_chunked_body)
+
+
+def _select_hist_body(key_ptr, cu_ptr, k_ptr, out_ptr, B,
+                      VIDS: tl.constexpr, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Same output as _select_lowest_body. Whether a program's videos fit its tile is decided here, from
+    their lengths, so a max_seqlen below the real longest video costs time, never correctness."""
+    vids = tl.program_id(0) * VIDS + tl.arange(0, VIDS)
+    in_B = vids < B
+    start = tl.load(cu_ptr + vids, mask=in_B, other=0)
+    length = tl.load(cu_ptr + vids + 1, mask=in_B, other=0) - start
+    k = tl.load(k_ptr + vids, mask=in_B, other=0).to(tl.int32)
+    offs = tl.arange(0, BLOCK)
+    if tl.max(length, axis=0) <= BLOCK:
+        _select_resident(key_ptr, out_ptr, start, length, k, offs, RADIX_BITS, VIDS, BLOCK)
+    else:
+        _select_chunked(key_ptr, out_ptr, start, length, k, offs, RADIX_BITS, VIDS, BLOCK)
+
+
 def _loss_rows_body(rows_ptr, mask_ptr, N, stride_p, stride_t,
                     HAS_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's loss rows: (i, in_N, active, pred offsets, target offsets). Pred row i pairs with
@@ -258,6 +381,7 @@ def _masked_loss_bwd_body(pred_ptr, tgt_ptr, rows_ptr, mask_ptr, scale_ptr, grad
 adjacent_key_kernel = _jit(_adjacent_key_body)
 adjacent_key_stream_kernel = _jit(_adjacent_key_stream_body)
 select_lowest_kernel = _jit(_select_lowest_body)
+select_hist_kernel = _jit(_select_hist_body)
 loss_fwd_kernel = _jit(_masked_loss_fwd_body)
 loss_bwd_kernel = _jit(_masked_loss_bwd_body)
 
@@ -382,6 +506,43 @@ def select_tiles(max_seqlen: int | None, B: int, gpu: bool):
     return min(vids, _pow2(B)), block, radix_bits
 
 
+# Which selection kernel semantic_mask launches: "radix" (_select_lowest_body, timed on an H200: 0.125 ms
+# of 1.165 ms at 256x8192) or "hist" (_select_hist_body, a candidate not yet timed on a GPU). Both give
+# the torch reference's mask bit for bit in the tests; bench/kernels.py times both side by side.
+SELECT_IMPL = "radix"
+_SELECT_IMPLS = ("radix", "hist")
+# Longest tile of the histogram kernel: videos up to this long stay in registers through all passes
+# (16 keys a thread at 16 warps: 128 registers, no spills at sm_90 with triton 3.6's ptxas; 16384 rows
+# spilled); longer ones are streamed in chunks of it.
+HIST_MAX_BLOCK = 8192
+# Digit width of the histogram kernel on GPU when a program holds one video. Triton 3.6 lowers
+# tl.histogram to one warp ballot per bit of the bin index plus, in each thread, a popcount for each of
+# the num_bins / 32 bins it owns, so 32 bins (5-bit digits, 7 passes) take fewer instructions than 256
+# (8-bit, 4 passes): 7440 against 9376 SASS instructions for an 8192-row video at 8 warps, and half the
+# barriers (the 32-bin scan stays within a warp). Static counts, not timings: bench/kernels.py times
+# 5- and 8-bit digits side by side.
+GPU_HIST_RADIX_BITS = 5
+
+
+def select_hist_tiles(max_seqlen: int | None, B: int, gpu: bool):
+    """(VIDS, BLOCK, RADIX_BITS, num_warps) of the histogram selection kernel.
+
+    BLOCK: the longest video rounded up to a power of two, capped at HIST_MAX_BLOCK; without a
+    host-known max_seqlen, 1024 (any program whose videos fit still keeps them in registers). GPU:
+    short videos share a tile of up to 512 rows (16 videos at most; wider tiles of 16 short videos took
+    168 registers), with 4-bit digits so the tile's histogram stays within 256 bins; a warp per 128 keys
+    up to 16 warps (4-16 keys a thread). BLOCK >= 32 there so that no thread holds a copy of another's
+    key, which a histogram would count twice. Interpreter: big tiles and 8-bit digits (its cost is per
+    op, not per element)."""
+    smallest = 32 if gpu else 8
+    block = 1024 if max_seqlen is None else min(HIST_MAX_BLOCK, max(smallest, _pow2(max_seqlen)))
+    vids = min(16, max(1, 512 // block)) if gpu else max(1, 4096 // block)
+    vids = min(vids, _pow2(B))
+    if not gpu:
+        return vids, block, 8, 4
+    return vids, block, GPU_HIST_RADIX_BITS if vids == 1 else 4, min(16, max(1, vids * block // 128))
+
+
 def loss_tiles(D: int, gpu: bool):
     """(BLOCK_M, BLOCK_D) of the loss kernels. GPU: [8, 256] at 4 warps, ~80 registers (cosine bwd)."""
     block_d = min(_pow2(D), 256 if gpu else 1024)
@@ -392,9 +553,11 @@ def loss_tiles(D: int, gpu: bool):
 # launchers (inputs already validated and contiguous in the last dim by kernels/__init__.py)
 # ----------------------------------------------------------------------------------------------------
 def semantic_mask(x, cu_seqlens, num_masked, inverted: bool, max_seqlen: int | None = None,
-                  radix_bits: int | None = None, sim_kernel: str | None = None, sim_config=None):
+                  radix_bits: int | None = None, sim_kernel: str | None = None, sim_config=None,
+                  select_impl: str | None = None):
     """bool [T]. cu_seqlens int32 [B+1] and num_masked int32 [B] on x's device. sim_config: the
-    similarity kernel's launch configuration (see adjacent_keys; None = the default)."""
+    similarity kernel's launch configuration (see adjacent_keys; None = the default). select_impl:
+    the selection kernel, "radix" or "hist" (None = SELECT_IMPL)."""
     import torch
 
     T = x.shape[0]
@@ -402,7 +565,7 @@ def semantic_mask(x, cu_seqlens, num_masked, inverted: bool, max_seqlen: int | N
     if T == 0 or B == 0:
         return torch.zeros(T, dtype=torch.bool, device=x.device)
     keys = adjacent_keys(x, inverted, sim_kernel, config=sim_config)
-    return select_lowest(keys, cu_seqlens, num_masked, max_seqlen, radix_bits)
+    return select_lowest(keys, cu_seqlens, num_masked, max_seqlen, radix_bits, select_impl)
 
 
 def adjacent_keys(x, inverted: bool, sim_kernel: str | None = None, config=None):
@@ -430,12 +593,25 @@ def adjacent_keys(x, inverted: bool, sim_kernel: str | None = None, config=None)
     return keys
 
 
-def select_lowest(keys, cu_seqlens, num_masked, max_seqlen: int | None = None, radix_bits: int | None = None):
-    """bool [T]: per video the num_masked lowest keys, ties to the lower row (stage 2 of semantic_mask)."""
+def select_lowest(keys, cu_seqlens, num_masked, max_seqlen: int | None = None, radix_bits: int | None = None,
+                  impl: str | None = None):
+    """bool [T]: per video the num_masked lowest keys, ties to the lower row (stage 2 of semantic_mask).
+    impl: "radix" or "hist" (None = SELECT_IMPL); radix_bits: the digit width (None = the tile default)."""
     import torch
 
+    impl = impl or SELECT_IMPL
+    if impl not in _SELECT_IMPLS:
+        raise ValueError(f"select_impl must be one of {_SELECT_IMPLS}, got {impl!r}")
     T, B = keys.shape[0], cu_seqlens.shape[0] - 1
     out = torch.zeros(T, dtype=torch.uint8, device=keys.device)
+    if impl == "hist":
+        vids, block, default_bits, warps = select_hist_tiles(max_seqlen, B, _gpu_tiles())
+        radix_bits = default_bits if radix_bits is None else radix_bits
+        if not 1 <= radix_bits <= 8:  # wider digits: 2^bits bins a video, too many for one histogram
+            raise ValueError(f"radix_bits of the histogram selection must be in 1..8, got {radix_bits}")
+        select_hist_kernel[(triton.cdiv(B, vids),)](
+            keys, cu_seqlens, num_masked, out, B, VIDS=vids, BLOCK=block, RADIX_BITS=radix_bits, num_warps=warps)
+        return out.view(torch.bool)
     vids, block, default_bits = select_tiles(max_seqlen, B, _gpu_tiles())
     radix_bits = radix_bits or default_bits
     if 32 % radix_bits:

@@ -68,6 +68,14 @@ def sim_kernel(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["radix", "hist"])
+def select_impl(request, monkeypatch):
+    """Both selection kernels behind semantic_mask (the radix default and the histogram candidate)."""
+    from lvmae_fast.kernels import _triton as KT
+    monkeypatch.setattr(KT, "SELECT_IMPL", request.param)
+    return request.param
+
+
 @pytest.fixture
 def gpu_tiles(monkeypatch):
     """Use the exact GPU launch configs (tiles, radix 4, videos per program) inside the interpreter."""
@@ -86,6 +94,12 @@ def packed(lengths, d=16, dtype=torch.float32, seed=0, device="cpu", kind="int")
     else:
         x = torch.randn(sum(lengths), d, generator=g)
     return x.to(device=device, dtype=dtype), cu_seqlens_from_lengths(lengths, device)
+
+
+def num_masked(cu, ratio):
+    """k_i per video, as the public semantic_mask computes it for the kernels."""
+    lengths = (cu[1:] - cu[:-1]).long()
+    return (lengths - torch.floor(lengths.double() * (1.0 - ratio)).long().clamp_min(1)).to(torch.int32)
 
 
 def check_mask(x, cu, ratio, inverted, **kw):
@@ -149,8 +163,7 @@ def test_similarity_launch_configs_give_the_default_keys_and_masks(interp, dtype
     with L=1 ones; d=20 is not a power of two."""
     from lvmae_fast.kernels import _triton as KT
     x, cu = packed([1, 2, 1, 5, 19, 1, 30], d=20, dtype=dtype, seed=5)  # 59 rows
-    lengths = (cu[1:] - cu[:-1]).long()
-    k = (lengths - torch.floor(lengths.double() * 0.5).long().clamp_min(1)).to(torch.int32)
+    k = num_masked(cu, 0.5)
     want_keys = KT.adjacent_keys(x, inverted)
     want = semantic_mask_torch(x, cu, 0.5, inverted=inverted)
     for spec in SIM_CONFIGS:
@@ -273,8 +286,7 @@ def test_gpu_launch_configs_in_interpreter(interp, gpu_tiles, radix_bits, invert
     """GPU tiles, several videos per program, and radix widths; max_seqlen unknown -> 1024 chunks."""
     from lvmae_fast.kernels import _triton as KT
     x, cu = packed([3, 1, 60, 1030, 7, 250], d=260, seed=1)  # d=260 > 256: loops over dim chunks
-    lengths = (cu[1:] - cu[:-1]).long()
-    k = (lengths - torch.floor(lengths.double() * 0.5).long().clamp_min(1)).to(torch.int32)
+    k = num_masked(cu, 0.5)
     want = semantic_mask_torch(x, cu, 0.5, inverted=inverted)
     for max_seqlen in (None, 1030):
         got = KT.semantic_mask(x, cu, k, inverted, max_seqlen=max_seqlen, radix_bits=radix_bits)
@@ -285,7 +297,7 @@ def test_gpu_launch_configs_in_interpreter(interp, gpu_tiles, radix_bits, invert
 
 
 @pytest.mark.parametrize("inverted", [False, True])
-def test_ties_equal_embeddings(interp, sim_kernel, inverted):
+def test_ties_equal_embeddings(interp, sim_kernel, select_impl, inverted):
     """All-equal embeddings: every similarity ties, so the lower rows win (after the first row's 0.0)."""
     L = 9
     x = torch.randn(1, 16).repeat(L, 1)
@@ -301,7 +313,7 @@ def test_ties_equal_embeddings(interp, sim_kernel, inverted):
 
 
 @pytest.mark.parametrize("inverted", [False, True])
-def test_ties_alternating_negative_similarity(interp, sim_kernel, inverted):
+def test_ties_alternating_negative_similarity(interp, sim_kernel, select_impl, inverted):
     """A, B, A, B, ...: identical negative similarities (cos is symmetric bit-for-bit)."""
     a = torch.randn(16)
     x = torch.stack([a, -a + 0.1 * torch.randn(16)] * 5)
@@ -310,7 +322,7 @@ def test_ties_alternating_negative_similarity(interp, sim_kernel, inverted):
 
 
 @pytest.mark.parametrize("inverted", [False, True])
-def test_zero_vectors(interp, sim_kernel, inverted):
+def test_zero_vectors(interp, sim_kernel, select_impl, inverted):
     """Zero rows have similarity 0 (no NaN) and tie with each video's first row, -0.0 included."""
     x, cu = packed([6, 10, 1, 5], d=8)
     x[[0, 2, 3, 8, 9, 12, 20]] = 0.0
@@ -320,7 +332,7 @@ def test_zero_vectors(interp, sim_kernel, inverted):
         check_mask(x, cu, ratio, inverted)
 
 
-def test_keep_at_least_one_and_length_one(interp, sim_kernel):
+def test_keep_at_least_one_and_length_one(interp, sim_kernel, select_impl):
     x, cu = packed([1, 1, 2, 3, 1, 40])
     for ratio in (0.5, 0.9, 0.999999):
         m = check_mask(x, cu, ratio, False)
@@ -329,7 +341,7 @@ def test_keep_at_least_one_and_length_one(interp, sim_kernel):
     assert not m[cu[[0, 1, 4]].long()].any()  # L = 1 videos keep their only row
 
 
-def test_many_videos_one_batch(interp):
+def test_many_videos_one_batch(interp, select_impl):
     g = torch.Generator().manual_seed(3)
     lengths = torch.randint(1, 9, (4096,), generator=g).tolist()
     x, cu = packed(lengths, d=4, seed=3)
@@ -337,19 +349,125 @@ def test_many_videos_one_batch(interp):
     check_mask(x, cu, 0.75, True)
 
 
-def test_single_video_and_32768_segments(interp):
+def test_single_video_and_32768_segments(interp, select_impl):
     x, cu = packed([7], d=8)
     check_mask(x, cu, 0.5, False)
     x, cu = packed([1, 3, 32768], d=4, seed=4)  # 32 chunks of 1024 in one program
     check_mask(x, cu, 0.5, False)
 
 
-def test_empty_videos_and_batch(interp, sim_kernel):
+def test_empty_videos_and_batch(interp, sim_kernel, select_impl):
     x, cu = packed([3, 5], d=8)
     cu0 = torch.tensor([0, 3, 3, 8], dtype=torch.int32)  # a zero-length video in the middle
     check_mask(x, cu0, 0.5, False)
     e = K.semantic_mask(torch.zeros(0, 8), torch.zeros(1, dtype=torch.int32), 0.5)
     assert e.shape == (0,) and e.dtype == torch.bool
+
+
+# The histogram selection kernel (SELECT_IMPL "hist", a candidate until timed on a GPU): beyond the tests
+# above that run both kernels through semantic_mask, the paths only it has (videos kept in registers or
+# streamed in chunks, chosen per program; a max_seqlen below the longest video; digit widths that do not
+# divide 32) and the whole int32 key range, both with the interpreter's tiles and the GPU's.
+def reference_lowest(keys, cu, k):
+    """Per video the k lowest int32 keys (first row's key 0), ties to the lower row: torch's stable sort."""
+    out = torch.zeros(keys.shape[0], dtype=torch.bool)
+    for b in range(cu.numel() - 1):
+        s, e = int(cu[b]), int(cu[b + 1])
+        if e > s and int(k[b]) > 0:
+            kk = keys[s:e].long()
+            kk[0] = 0
+            out[s + torch.sort(kk, stable=True).indices[: int(k[b])]] = True
+    return out
+
+
+def raw_keys(T, seed=0):
+    """int32 keys, half anywhere in int32, half at the ends of int32 and of the 8- and 5-bit digits'
+    ranges (many exact ties)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = -2 ** 31, 2 ** 31 - 1
+    anywhere = torch.randint(lo, hi, (T,), generator=g, dtype=torch.int64)
+    edges = torch.tensor([lo, lo + 1, -(1 << 27), -(1 << 24), -1, 0, 1, (1 << 24) - 1, 1 << 24, hi - 1, hi])
+    at_edges = edges[torch.randint(0, edges.numel(), (T,), generator=g)]
+    return torch.where(torch.rand(T, generator=g) < 0.5, anywhere, at_edges).to(torch.int32)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_hist_selection_on_raw_keys(interp, request, gpu):
+    """Keys over all of int32 (both ends, negative and positive, digit-range edges): the k lowest per
+    video exactly, for digit widths that divide 32 and that do not (1, 3, 5, 8), max_seqlen exact, unknown
+    and too small (the kernel then streams what does not fit); equal to the radix kernel too."""
+    from lvmae_fast.kernels import _triton as KT
+    if gpu:
+        request.getfixturevalue("gpu_tiles")
+    lengths = [1, 2, 0, 5, 37, 300, 1500, 130]
+    cu = cu_seqlens_from_lengths(lengths)
+    keys = raw_keys(sum(lengths), seed=7)
+    for ratio in (0.3, 0.999):
+        k = num_masked(cu, ratio)
+        want = reference_lowest(keys, cu, k)
+        assert torch.equal(KT.select_lowest(keys, cu, k, max(lengths), impl="radix"), want)
+        for max_seqlen, bits in ((1500, None), (None, 3), (40, None), (1500, 8), (1500, 1)):
+            got = KT.select_lowest(keys, cu, k, max_seqlen, bits, impl="hist")
+            assert torch.equal(got, want), (ratio, max_seqlen, bits, int((got != want).sum()))
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("inverted", [False, True])
+def test_hist_selection_matches_torch(interp, request, gpu, inverted):
+    """semantic_mask with the histogram kernel against the torch reference: integer rows (exact ties) and
+    zero rows, a video longer than the register tile (9000 > HIST_MAX_BLOCK: chunked) beside short ones,
+    ratio 0 to near 1, max_seqlen given and not."""
+    from lvmae_fast.kernels import _triton as KT
+    if gpu:
+        request.getfixturevalue("gpu_tiles")
+    x, cu = packed([1, 2, 5, 37, 300, 1500, 9000], d=8, seed=8)
+    x[[3, 4, 9, 400]] = 0.0
+    keys = KT.adjacent_keys(x, inverted)
+    for ratio in (0.0, 0.5, 0.999):
+        want = semantic_mask_torch(x, cu, ratio, inverted=inverted)
+        k = num_masked(cu, ratio)
+        for max_seqlen in (9000, None):
+            assert torch.equal(KT.select_lowest(keys, cu, k, max_seqlen, impl="hist"), want), (ratio, max_seqlen)
+    assert torch.equal(KT.semantic_mask(x, cu, k, inverted, max_seqlen=9000, select_impl="hist"), want)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_hist_selection_one_long_video_and_4096_short_ones(interp, request, gpu):
+    """The launch extremes: one 32768-row video (chunks in one program; max_seqlen known and not) and
+    4096 videos of 1-8 rows (many per program; without max_seqlen each would get its own program, which
+    the interpreter takes minutes over)."""
+    from lvmae_fast.kernels import _triton as KT
+    if gpu:
+        request.getfixturevalue("gpu_tiles")
+    g = torch.Generator().manual_seed(3)
+    for lengths, tiles in (([1, 3, 32768], (32768, None)), (torch.randint(1, 9, (4096,), generator=g).tolist(), (8,))):
+        x, cu = packed(lengths, d=4, seed=4)
+        keys = KT.adjacent_keys(x, False)
+        k = num_masked(cu, 0.5)
+        want = semantic_mask_torch(x, cu, 0.5)
+        for max_seqlen in tiles:
+            assert torch.equal(KT.select_lowest(keys, cu, k, max_seqlen, impl="hist"), want)
+
+
+def test_select_impl_choices(interp):
+    from lvmae_fast.kernels import _triton as KT
+    assert KT.SELECT_IMPL == "radix"  # the candidate becomes the default only after a GPU timing
+    # GPU tiles: one video up to HIST_MAX_BLOCK in registers at ~16 keys a thread; short ones share a tile
+    assert KT.select_hist_tiles(8192, 256, gpu=True) == (1, 8192, KT.GPU_HIST_RADIX_BITS, 16)
+    assert KT.select_hist_tiles(32768, 1, gpu=True) == (1, KT.HIST_MAX_BLOCK, KT.GPU_HIST_RADIX_BITS, 16)
+    assert KT.select_hist_tiles(None, 256, gpu=True) == (1, 1024, KT.GPU_HIST_RADIX_BITS, 8)
+    assert KT.select_hist_tiles(8, 4096, gpu=True) == (16, 32, 4, 4)
+    assert KT.select_hist_tiles(256, 1024, gpu=True) == (2, 256, 4, 4)
+    assert KT.select_hist_tiles(3, 1, gpu=True) == (1, 32, KT.GPU_HIST_RADIX_BITS, 1)  # a key a thread
+    x, cu = packed([3, 5], d=8)
+    keys, k = KT.adjacent_keys(x, False), num_masked(cu, 0.5)
+    with pytest.raises(ValueError, match="select_impl"):
+        KT.select_lowest(keys, cu, k, impl="sort")
+    for bits in (0, 9):
+        with pytest.raises(ValueError, match="1..8"):
+            KT.select_lowest(keys, cu, k, radix_bits=bits, impl="hist")
+    with pytest.raises(ValueError, match="divide 32"):
+        KT.select_lowest(keys, cu, k, radix_bits=5, impl="radix")
 
 
 def test_semantic_mask_bad_input():
@@ -527,6 +645,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
          "stride_x": "i32"}, {"INVERTED": False, "EPS": 1e-8, "ROWS": 32, "BLOCK_D": 1024}, 4),
         (KT.select_lowest_kernel, {"key_ptr": "*i32", "cu_ptr": "*i32", "k_ptr": "*i32", "out_ptr": "*u8",
          "B": "i32"}, {"VIDS": 4, "BLOCK": 256, "RADIX_BITS": 4}, 8),
+        (KT.select_hist_kernel, {"key_ptr": "*i32", "cu_ptr": "*i32", "k_ptr": "*i32", "out_ptr": "*u8",
+         "B": "i32"}, {"VIDS": 1, "BLOCK": 8192, "RADIX_BITS": 5}, 16),
+        (KT.select_hist_kernel, {"key_ptr": "*i32", "cu_ptr": "*i32", "k_ptr": "*i32", "out_ptr": "*u8",
+         "B": "i32"}, {"VIDS": 16, "BLOCK": 32, "RADIX_BITS": 4}, 4),
         (KT.loss_fwd_kernel, {**pred, "part_ptr": "*fp32", "N": "i32", "D": "i32", "stride_p": "i32",
          "stride_t": "i32"}, flags, 4),
         (KT.loss_bwd_kernel, {**pred, "scale_ptr": "*fp32", "grad_ptr": "*bf16", "N": "i32", "D": "i32",
@@ -573,11 +695,15 @@ def test_kernels_compile_for_sm90():
     if r.returncode != 0 and ("ptxas" in r.stderr.lower() or "nvcc" in r.stderr.lower()):
         pytest.skip(f"CUDA toolchain unavailable for offline compilation: {r.stderr[-500:]}")
     assert r.returncode == 0 and "COMPILED_OK" in r.stdout, r.stderr[-3000:]
-    usage = {name: (int(regs), int(spills)) for name, regs, spills in
-             (line.split()[1:] for line in r.stdout.splitlines() if line.startswith("REGS "))}
+    launches = [(name, int(regs), int(spills)) for name, regs, spills in
+                (line.split()[1:] for line in r.stdout.splitlines() if line.startswith("REGS "))]
+    usage = {name: (regs, spills) for name, regs, spills in launches}
     for name, budget in SIM_REGISTER_BUDGET.items():
         if name in usage:  # absent where no bundled ptxas reads this triton's PTX
             assert usage[name][0] <= budget and usage[name][1] == 0, (name, usage[name])
+    # The histogram selection keeps a whole video in registers: at 16 warps ptxas caps a thread at 128
+    # registers, so a tile that outgrows them spills instead of failing.
+    assert all(spills == 0 for name, _, spills in launches if name == "_select_hist_body"), launches
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -595,6 +721,27 @@ def test_gpu_semantic_mask(sim_kernel, dtype, inverted, lengths):
     # exact ties on the GPU too
     tie = x[:1].repeat(300, 1)
     check_mask(tie, cu_seqlens_from_lengths([100, 200], "cuda"), 0.5, inverted)
+
+
+@pytest.mark.parametrize("lengths", [[8192] * 256, list(range(1, 257)) * 4, [1, 32768, 5], [8] * 4096, [2, 9, 5]])
+@compiled_gpu
+def test_gpu_hist_selection(monkeypatch, lengths):
+    """Compiled histogram selection (the candidate) = the radix kernel's mask bit for bit at paper shapes,
+    on int32 keys over the whole range: videos in registers (8192), many a program, in chunks (32768), a
+    tile smaller than a warp, max_seqlen known and not; then semantic_mask with it against torch on real
+    similarities."""
+    from lvmae_fast.kernels import _triton as KT
+    cu = cu_seqlens_from_lengths(lengths, "cuda")
+    keys = raw_keys(sum(lengths), seed=9).cuda()
+    for ratio in (0.0, 0.5, 0.9):
+        k = num_masked(cu, ratio)
+        want = KT.select_lowest(keys, cu, k, max(lengths), impl="radix")
+        for max_seqlen in (max(lengths), None):
+            assert torch.equal(KT.select_lowest(keys, cu, k, max_seqlen, impl="hist"), want), (ratio, max_seqlen)
+    monkeypatch.setattr(KT, "SELECT_IMPL", "hist")
+    x, cu = packed(lengths[:64], d=1024, dtype=torch.bfloat16, device="cuda")
+    check_mask(x, cu, 0.5, False)
+    check_mask(x, cu, 0.5, True, validate=False)
 
 
 @compiled_gpu
