@@ -186,7 +186,6 @@ def print_table(rows):
               f"{fmt(r.get('speedup'), '.2f', ratio_missing)} |")
 
 
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = argparse.ArgumentParser(add_help=False)

@@ -154,12 +154,9 @@ def _select_lowest_body(key_ptr, cu_ptr, k_ptr, out_ptr, B,
         rows = start[:, None] + pos[None, :]
         key = tl.load(key_ptr + rows, mask=valid, other=0)
         key = tl.where(pos[None, :] == 0, 0, key)
-        eq = ((key == thr[:, None]) & valid).to(tl.int32)
-        ties_before = seen[:, None] + tl.cumsum(eq, axis=1) - eq
-        hit = (key < thr[:, None]) | ((eq != 0) & (ties_before < need_ties[:, None]))
-        hit = hit & valid & (k[:, None] > 0)
+        hit, ties = _mark(key, valid, thr, need_ties, k, seen)
         tl.store(out_ptr + rows, hit.to(tl.int8), mask=valid)
-        seen += tl.sum(eq, axis=1)
+        seen += ties
 
 
 # Histogram selection (SELECT_IMPL "hist", a candidate): the same threshold search with R-bit digits

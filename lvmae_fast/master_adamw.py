@@ -25,6 +25,8 @@ Limits: the matrix weights are bf16 from construction on, so the model then runs
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from .kernels import use_triton
@@ -38,8 +40,8 @@ class _Segment:
 
     def __init__(self, group_index: int, params: list[torch.nn.Parameter], low_dtype: torch.dtype | None):
         self.group_index, self.params = group_index, params
-        sizes = [p.numel() for p in params]
-        self.bounds = [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(params))]
+        ends = list(accumulate(p.numel() for p in params))
+        self.bounds = list(zip([0] + ends[:-1], ends))
         with torch.no_grad():
             self.master = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params])
             self.m, self.v = torch.zeros_like(self.master), torch.zeros_like(self.master)
