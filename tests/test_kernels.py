@@ -411,6 +411,18 @@ def test_hist_selection_on_raw_keys(interp, request, gpu):
             assert torch.equal(got, want), (ratio, max_seqlen, bits, int((got != want).sum()))
 
 
+def test_selection_refuses_an_unknown_impl_and_too_wide_hist_digits(interp):
+    """A misspelt selection kernel or a digit width the histogram cannot hold is named, not run."""
+    from lvmae_fast.kernels import _triton as KT
+    cu = cu_seqlens_from_lengths([3, 4])
+    keys, k = raw_keys(7, seed=1), num_masked(cu, 0.5)
+    with pytest.raises(ValueError, match=r"select_impl must be one of \('radix', 'hist'\), got 'sort'"):
+        KT.select_lowest(keys, cu, k, 4, impl="sort")
+    for bits in (0, 9):
+        with pytest.raises(ValueError, match=f"histogram selection must be in 1..8, got {bits}"):
+            KT.select_lowest(keys, cu, k, 4, bits, impl="hist")
+
+
 @pytest.mark.parametrize("gpu", [False, True])
 @pytest.mark.parametrize("inverted", [False, True])
 def test_hist_selection_matches_torch(interp, request, gpu, inverted):
