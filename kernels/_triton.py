@@ -17,7 +17,7 @@ A last pass masks keys below the threshold plus the first (k - #below) keys equa
 (a running cumsum across chunks), which is exactly torch's stable-sort tie rule. Cost O(L * passes), any
 L (1 .. 32768+, chunked), no shared-memory sort, deterministic. The similarity itself is a separate
 row-parallel kernel so that one long video does not leave the GPU idle while its d-dim dots run.
-A candidate selection kernel (SELECT_IMPL "hist"; "Histogram selection" below) runs the same search with
+The default selection kernel (SELECT_IMPL "hist"; "Histogram selection" below) runs that search with
 tl.histogram counting the digits and, where a program's videos fit one tile, their keys read only once.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ def _select_lowest_body(key_ptr, cu_ptr, k_ptr, out_ptr, B,
         seen += ties
 
 
-# Histogram selection (SELECT_IMPL "hist", a candidate): the same threshold search with R-bit digits
+# Histogram selection (SELECT_IMPL "hist", the default since its H200 timing): the same threshold search with R-bit digits
 # counted by tl.histogram (one bin per digit and video, instead of a compare against every digit edge),
 # and, where the videos of a program fit in one BLOCK tile, their keys loaded once and kept in registers
 # through every pass. R need not divide 32 (the last pass takes the bits left). No int64: the candidate
@@ -503,10 +503,12 @@ def select_tiles(max_seqlen: int | None, B: int, gpu: bool):
     return min(vids, _pow2(B)), block, radix_bits
 
 
-# Which selection kernel semantic_mask launches: "radix" (_select_lowest_body, timed on an H200: 0.125 ms
-# of 1.165 ms at 256x8192) or "hist" (_select_hist_body, a candidate not yet timed on a GPU). Both give
-# the torch reference's mask bit for bit in the tests; bench/kernels.py times both side by side.
-SELECT_IMPL = "radix"
+# Which selection kernel semantic_mask launches: "hist" (_select_hist_body) or "radix" (_select_lowest_body).
+# Timed on an H200 (bench/results/2026-11-26c_h200/kernels.json), the selection stage at 256x8192 took
+# 0.043 ms by "hist" and 0.131 ms by "radix", and semantic_mask as a whole 1.091 ms (82.1% of peak
+# bandwidth) against 1.165 ms (76.8%); "hist" was as fast or faster at every graph-replayed shape, and
+# its masks equal radix's bit for bit (compiled GPU test, interpreter tests, each bench row checked).
+SELECT_IMPL = "hist"
 _SELECT_IMPLS = ("radix", "hist")
 # Longest tile of the histogram kernel: videos up to this long stay in registers through all passes
 # (16 keys a thread at 16 warps: 128 registers, no spills at sm_90 with triton 3.6's ptxas; 16384 rows

@@ -364,7 +364,7 @@ def test_empty_videos_and_batch(interp, sim_kernel, select_impl):
     assert e.shape == (0,) and e.dtype == torch.bool
 
 
-# The histogram selection kernel (SELECT_IMPL "hist", a candidate until timed on a GPU): beyond the tests
+# The histogram selection kernel (SELECT_IMPL "hist", the default since its H200 timing): beyond the tests
 # above that run both kernels through semantic_mask, the paths only it has (videos kept in registers or
 # streamed in chunks, chosen per program; a max_seqlen below the longest video; digit widths that do not
 # divide 32) and the whole int32 key range, both with the interpreter's tiles and the GPU's.
@@ -463,7 +463,7 @@ def test_hist_selection_one_long_video_and_4096_short_ones(interp, request, gpu)
 
 def test_select_impl_choices(interp):
     from lvmae_fast.kernels import _triton as KT
-    assert KT.SELECT_IMPL == "radix"  # the candidate becomes the default only after a GPU timing
+    assert KT.SELECT_IMPL == "hist"  # the default since its H200 timing (radix stays selectable)
     # GPU tiles: one video up to HIST_MAX_BLOCK in registers at ~16 keys a thread; short ones share a tile
     assert KT.select_hist_tiles(8192, 256, gpu=True) == (1, 8192, KT.GPU_HIST_RADIX_BITS, 16)
     assert KT.select_hist_tiles(32768, 1, gpu=True) == (1, KT.HIST_MAX_BLOCK, KT.GPU_HIST_RADIX_BITS, 16)
@@ -738,7 +738,7 @@ def test_gpu_semantic_mask(sim_kernel, dtype, inverted, lengths):
 @pytest.mark.parametrize("lengths", [[8192] * 256, list(range(1, 257)) * 4, [1, 32768, 5], [8] * 4096, [2, 9, 5]])
 @compiled_gpu
 def test_gpu_hist_selection(monkeypatch, lengths):
-    """Compiled histogram selection (the candidate) = the radix kernel's mask bit for bit at paper shapes,
+    """Compiled histogram selection (the default) = the radix kernel's mask bit for bit at paper shapes,
     on int32 keys over the whole range: videos in registers (8192), many a program, in chunks (32768), a
     tile smaller than a warp, max_seqlen known and not; then semantic_mask with it against torch on real
     similarities."""
