@@ -201,7 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=None, help="seconds per test video")
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--decode-workers", type=int, default=0,
-                    help="decodes PyAV runs at once in the parallel rows (0 = extract's default: one per CPU, at most 8)")
+                    help="decodes PyAV runs at once in the parallel rows (0 = extract's default: one per CPU, at most 16)")
+    ap.add_argument("--nvdec-workers", type=int, default=0,
+                    help="the hybrid row's NVDEC decodes at once, beside --decode-workers CPU ones (0 = extract's default)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--content", choices=CONTENTS, default="camera",
@@ -285,10 +287,10 @@ def main(argv=None) -> int:
                 summary = extract_videos([(p.stem, str(p)) for p in videos], tmp / store, encoder=model,
                                          seconds=spec.seconds, frames=spec.frames, batch_size=batch,
                                          device=str(device), readers=args.readers, decoder=decoder,
-                                         decode_workers=workers, dali_api=dali_api)
+                                         decode_workers=workers, dali_api=dali_api, nvdec_workers=args.nvdec_workers)
                 if not summary["done"]:  # a rate over no video would read as a measurement of 0x
                     return f"{NOT_MEASURED} (all {summary['failed']} videos failed to extract)"
-                return {k: summary[k] for k in ("decoder", "decoded_by", "decode_workers", "windows",
+                return {k: summary[k] for k in ("decoder", "decoded_by", "decode_workers", "nvdec_workers", "windows",
                                                 "video_seconds", "wall_seconds", "realtime_factor", "done", "failed")}
             # The encoder's and the pipeline's one-off start-up (kernels, allocator, threads) in an untimed run.
             try:
@@ -298,10 +300,11 @@ def main(argv=None) -> int:
             # Most informative first (a run cut by its time limit keeps them): the paths a GPU host would
             # use by default or next (PyAV, PyAV on NVDEC, DALI's decoder API), then DALI's reader.
             stage("end_to_end_pyav", lambda: end_to_end("pyav", "store_pyav"))
-            if nvdec_ok is None:  # PyAV's decodes on NVDEC (FFmpeg's CUDA hwaccel)
+            if nvdec_ok is None:  # PyAV's decodes on NVDEC (FFmpeg's CUDA hwaccel), then both at once
+                stage("end_to_end_hybrid", lambda: end_to_end("hybrid", "store_hybrid"))
                 stage("end_to_end_nvdec", lambda: end_to_end("nvdec", "store_nvdec"))
             else:
-                results["end_to_end_nvdec"] = f"{NOT_MEASURED} ({nvdec_ok})"
+                results["end_to_end_hybrid"] = results["end_to_end_nvdec"] = f"{NOT_MEASURED} ({nvdec_ok})"
             on_dali = device.type == "cuda" and dali_available()
             if on_dali:  # the in-memory decoder API end to end
                 stage("end_to_end_dali_decoder", lambda: end_to_end("dali", "store_dali_decoder", "decoder"))
@@ -390,6 +393,12 @@ def main(argv=None) -> int:
           f"{cell(e2e_pyav, 'realtime_factor', '{:.1f}')} |")
     print(f"| end to end, --decoder nvdec, {workers} videos at once (x realtime) | "
           f"{cell(results.get('end_to_end_nvdec', NOT_MEASURED), 'realtime_factor', '{:.1f}')} |")
+    hybrid = results.get("end_to_end_hybrid", NOT_MEASURED)
+    split = (" (" + ", ".join(f"{name} {n}" for name, n in sorted(hybrid["decoded_by"].items())) + " videos)"
+             if isinstance(hybrid, dict) else "")
+    nvdec_at_once = hybrid["nvdec_workers"] if isinstance(hybrid, dict) else args.nvdec_workers or "default"
+    print(f"| end to end, --decoder hybrid, {workers} on the CPU + {nvdec_at_once} on NVDEC at once{split} (x realtime) | "
+          f"{cell(hybrid, 'realtime_factor', '{:.1f}')} |")
     e2e_dec = results.get("end_to_end_dali_decoder", NOT_MEASURED)
     how_dec = (", ".join(f"{name} {n}" for name, n in sorted(e2e_dec["decoded_by"].items()))
                if isinstance(e2e_dec, dict) else "-")

@@ -24,7 +24,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 python3 -c 'import av' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
                   --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
                 timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
-                  --decode-workers "${DECODE_WORKERS:-0}" --copies "${COPIES:-8}" --json "$OUT/extract_pyav.json" 2>&1 | tail -36 ;;
+                  --decode-workers "${DECODE_WORKERS:-0}" --nvdec-workers "${NVDEC_WORKERS:-0}" --copies "${COPIES:-8}" --json "$OUT/extract_pyav.json" 2>&1 | tail -36 ;;
       pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \
                   --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,256 --steps 15 --warmup 5 \

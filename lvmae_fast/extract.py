@@ -32,6 +32,7 @@ from .atomic import append_whole, write_error
 from .devices import resolve_device
 from .video.decode_dali import DALI_APIS, DEFAULT_DALI_API
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
+from .video.hybrid import DEFAULT_NVDEC_SLOTS, DecoderShare
 from .video.ordered import default_decode_workers, ordered_parallel
 from .video.partial import PartialVideos
 from .video.probe import VideoError
@@ -39,7 +40,8 @@ from .video.probe import VideoError
 log = logging.getLogger("lvmae_fast.extract")
 
 FAILURES_NAME = "failures.jsonl"
-DECODERS = ("auto", "dali", "pyav", "nvdec")
+DECODERS = ("auto", "dali", "pyav", "nvdec", "hybrid")
+PYAV_BACKENDS = ("pyav", "nvdec", "hybrid")  # the decoders run by PyAV decode workers
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -80,25 +82,31 @@ def resolve_decoder(decoder: str, device) -> str:
     # Every backend probes timestamps with PyAV (and the CPU path decodes with it): check once, up front,
     # rather than failing every video of the job with the same import error.
     require("av", "video", "video extraction")
-    if decoder == "nvdec":
-        if device.type != "cuda":
-            raise ValueError(f"--decoder nvdec decodes on the GPU's NVDEC: it needs --device cuda (got {device})")
-        try:
-            from av.codec.hwaccel import hwdevices_available
-        except ImportError:
-            raise ValueError("--decoder nvdec needs a PyAV with hardware decoding (av.codec.hwaccel): "
-                             "pip install -U av") from None
-
-        if "cuda" not in hwdevices_available():
-            raise ValueError("--decoder nvdec: the FFmpeg inside PyAV has no CUDA hwaccel here (hwdevices: "
-                             f"{', '.join(hwdevices_available()) or 'none'}); use --decoder pyav or dali")
-        from .video.decode_pyav import nvdec_problem
-
-        problem = nvdec_problem(cuda_index(device))
-        if problem:
-            raise ValueError(f"--decoder nvdec: NVDEC decode does not work on {device} ({problem}); "
-                             "use --decoder pyav or dali")
+    if decoder in ("nvdec", "hybrid"):
+        check_nvdec(decoder, device)
     return decoder
+
+
+def check_nvdec(decoder: str, device) -> None:
+    """--decoder nvdec/hybrid need a CUDA device, an FFmpeg with the CUDA hwaccel, and NVDEC really
+    decoding (a test clip): each missing piece is one error before the job, not a failure per video."""
+    if device.type != "cuda":
+        raise ValueError(f"--decoder {decoder} decodes on the GPU's NVDEC: it needs --device cuda (got {device})")
+    try:
+        from av.codec.hwaccel import hwdevices_available
+    except ImportError:
+        raise ValueError(f"--decoder {decoder} needs a PyAV with hardware decoding (av.codec.hwaccel): "
+                         "pip install -U av") from None
+
+    if "cuda" not in hwdevices_available():
+        raise ValueError(f"--decoder {decoder}: the FFmpeg inside PyAV has no CUDA hwaccel here (hwdevices: "
+                         f"{', '.join(hwdevices_available()) or 'none'}); use --decoder pyav or dali")
+    from .video.decode_pyav import nvdec_problem
+
+    problem = nvdec_problem(cuda_index(device))
+    if problem:
+        raise ValueError(f"--decoder {decoder}: NVDEC decode does not work on {device} ({problem}); "
+                         "use --decoder pyav or dali")
 
 
 def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
@@ -256,13 +264,14 @@ def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> It
 
 
 def pyav_threads() -> int:
-    """Frame threads per decode: the CPUs shared out among the default number of decodes side by side
-    (one per CPU, at most 8), whatever --decode-workers is. FFmpeg conceals damaged data differently with another
-    thread count, so a count that followed --decode-workers would make the store of a damaged video
-    depend on it."""
+    """Frame threads per decode: the CPUs shared out among 8 decodes (fewer on hosts with fewer CPUs),
+    whatever --decode-workers is. FFmpeg conceals damaged data differently with another thread count, so
+    a count that followed --decode-workers would make the store of a damaged video depend on it. (8 was
+    the default worker count until 2026-11-26; kept so stores stay what they were.)"""
     from .video.ordered import usable_cpus
 
-    return max(1, usable_cpus() // default_decode_workers())
+    cpus = usable_cpus()
+    return max(1, cpus // max(1, min(8, cpus)))
 
 
 def dali_producer(jobs, spec, device, readers, batch_size, partials=None, dali_api: str = DEFAULT_DALI_API):
@@ -316,7 +325,8 @@ class _Progress:
 def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, seconds: float = 5.0,
                    frames: int = 8, sampling: str = "time", min_last: float = 0.5, decoder: str = "auto",
                    batch_size: int = 32, device: str = "auto", precision: str = "auto", readers: int = 4,
-                   seed: int = 0, progress: bool = False, decode_workers: int = 0, dali_api: str = DEFAULT_DALI_API) -> dict:
+                   seed: int = 0, progress: bool = False, decode_workers: int = 0, dali_api: str = DEFAULT_DALI_API,
+                   nvdec_workers: int = 0) -> dict:
     """Extract window embeddings of every input video into the store at `out_store`; return a summary.
 
     inputs: a folder, glob, video file, .txt/.csv list, or a list of those / of (video_id, path) pairs.
@@ -333,8 +343,11 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     if frames < 1 or batch_size < 1:
         raise ValueError("frames per window and batch size must be >= 1")
     if decode_workers < 0:
-        raise ValueError(f"--decode-workers must be >= 0 (0 = one per CPU, at most 8), got {decode_workers}")
+        raise ValueError(f"--decode-workers must be >= 0 (0 = one per CPU, at most 16), got {decode_workers}")
+    if nvdec_workers < 0:
+        raise ValueError(f"--nvdec-workers must be >= 0 (0 = {DEFAULT_NVDEC_SLOTS}), got {nvdec_workers}")
     workers = decode_workers or default_decode_workers()
+    nvdec_slots = nvdec_workers or DEFAULT_NVDEC_SLOTS
     if dali_api not in DALI_APIS:
         raise ValueError(f"--dali-api must be one of {', '.join(DALI_APIS)}, got {dali_api!r}")
     if not 0.0 <= min_last <= 1.0:  # checked here, not per video: a bad value must not reach the store's settings
@@ -378,7 +391,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
         decoded_by: Counter[str] = Counter()  # videos stored, by the decoder that produced them
         log.info("extract: %d videos (%d already in %s), encoder %s (d=%d) on %s %s, decoder %s%s",
                  len(items), counts["skipped"], out, encoder, model.dim, dev, str(dtype).replace("torch.", ""),
-                 backend, f" ({workers} videos at once)" if backend in ("pyav", "nvdec") else "")
+                 backend, f" ({workers} videos at once)" if backend in ("pyav", "nvdec") else
+                 f" ({workers} videos at once on the CPU, {nvdec_slots} on NVDEC)" if backend == "hybrid" else "")
 
         state: dict[int, dict] = {}          # id(job) -> {"emb": [n, d], "filled": bool[n], "failed": bool}
         batch: list[Window] = []
@@ -457,11 +471,12 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                         event.frames = frames_to_input(raw, model.image_size, model.mean, model.std, dtype)[0]
                 yield event
 
-        if backend in ("pyav", "nvdec"):
+        if backend in PYAV_BACKENDS:
             # nvdec: the same decodes on the GPU's NVDEC engines (one session per decode), frames matched,
-            # skipped and stood in for by the same code.
+            # skipped and stood in for by the same code; hybrid: both at once, each video on one
+            # (video/hybrid.py).
             hwaccel = None
-            if backend == "nvdec":
+            if backend in ("nvdec", "hybrid"):
                 from .video.decode_pyav import nvdec_accel
 
                 index = cuda_index(dev)
@@ -489,13 +504,28 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
 
             def labelled(parts):  # the summary counts videos by the decoder that produced them
                 for part in parts:
-                    if isinstance(part, DecodePart):
+                    if isinstance(part, DecodePart) and backend != "hybrid":  # hybrid: set as each one starts
                         part.job.decoded_by = backend
                     yield part
 
+            decode = lambda part: to_input(decode_part(part, threads, hwaccel))  # noqa: E731
+            if backend == "hybrid":
+                share = DecoderShare(nvdec_slots)
+
+                def decode(part):
+                    if not isinstance(part, DecodePart):  # a probe failure: nothing to decode
+                        yield from decode_part(part, threads, None)
+                        return
+                    choice = share.start(part.job)
+                    part.job.decoded_by = choice
+                    try:
+                        yield from to_input(decode_part(part, threads, hwaccel if choice == "nvdec" else None))
+                    finally:
+                        share.finish(part.job)
+
+            decodes_at_once = workers + (nvdec_slots if backend == "hybrid" else 0)
             events = delivered_once(ordered_parallel(labelled(pyav_parts(todo, spec, partials, part_windows)),
-                                                     lambda part: to_input(decode_part(part, threads, hwaccel)),
-                                                     workers=workers, depth=part_windows + 1))
+                                                     decode, workers=decodes_at_once, depth=part_windows + 1))
         else:
             events = to_input(dali_producer(todo, spec, dev, readers, batch_size, partials, dali_api))
         try:
@@ -540,7 +570,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                "realtime_factor": round(bar.video_seconds / max(wall, 1e-9), 2),
                "store": str(out), "failures": str(out / FAILURES_NAME), "encoder": encoder, "decoder": backend,
                "decoded_by": dict(decoded_by), "device": str(dev),
-               "decode_workers": workers if backend in ("pyav", "nvdec") else None}
+               "decode_workers": workers if backend in PYAV_BACKENDS else None,
+               "nvdec_workers": nvdec_slots if backend == "hybrid" else None}
     log.info("extract finished: %d done, %d skipped (already in store), %d failed (see %s); %d windows, "
              "%.1f video-s in %.1f s (%.1fx realtime)", counts["done"], counts["skipped"], counts["failed"],
              summary["failures"], bar.windows, bar.video_seconds, wall, summary["realtime_factor"])
@@ -569,11 +600,12 @@ def register(subparsers) -> None:
                         "1 drops it)")
     p.add_argument("--decoder", choices=DECODERS, default="auto",
                    help="auto = pyav (several videos at once; on an H200 host with 16 cores, 1080p camera-like "
-                        "H.264: 39.8x realtime end to end, against 24.5x for DALI's decoder API and 21.1x for its "
-                        "reader); nvdec = the same PyAV decodes on the GPU's NVDEC through FFmpeg's CUDA hwaccel "
-                        "(--device cuda; on an H200 it failed once torch held the GPU, fixed since, not yet rerun); dali = NVDEC "
-                        "on GPU (needs nvidia-dali), DALI CPU on --device cpu (VP8/VP9/MJPEG; other codecs fall back "
-                        "to PyAV)")
+                        "H.264: 61.6-62.9x realtime end to end with 16 at once, against 24.5x for DALI's decoder API "
+                        "and 21.1x for its reader); nvdec = the same PyAV decodes on the GPU's NVDEC through FFmpeg's "
+                        "CUDA hwaccel (--device cuda; 58x there); hybrid = both at once, each video on NVDEC while "
+                        "fewer than --nvdec-workers NVDEC decodes run, else on the CPU (not yet timed on a GPU); "
+                        "dali = NVDEC on GPU (needs nvidia-dali), DALI CPU on --device cpu (VP8/VP9/MJPEG; other "
+                        "codecs fall back to PyAV)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per encoder batch (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = fp16 on GPU, fp32 on CPU")
@@ -585,8 +617,11 @@ def register(subparsers) -> None:
                         "On an H200, camera-like 1080p H.264: decoder 24.5x realtime end to end, reader 21.1x; "
                         "decoder's frames are checked against the reader's on DALI CPU (VP9) only")
     p.add_argument("--decode-workers", type=int, default=0,
-                   help="PyAV decodes run at once: videos, or parts of a long one (0 = one per CPU, at most 8); "
+                   help="PyAV decodes run at once: videos, or parts of a long one (0 = one per CPU, at most 16); "
                         "windows still reach the encoder in input order, so the store is the same for any value")
+    p.add_argument("--nvdec-workers", type=int, default=0,
+                   help=f"--decoder hybrid: NVDEC decodes run at once, beside the --decode-workers CPU ones "
+                        f"(0 = {DEFAULT_NVDEC_SLOTS}, which saturated an H200's NVDEC engines)")
     p.add_argument("--seed", type=int, default=0, help="init seed of the tiny encoder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -598,7 +633,7 @@ def run(args) -> int:
                              decoder=args.decoder, batch_size=args.batch_size, device=args.device,
                              precision=args.precision, readers=args.readers, seed=args.seed,
                              progress=not args.no_progress, decode_workers=args.decode_workers,
-                             dali_api=args.dali_api)
+                             dali_api=args.dali_api, nvdec_workers=args.nvdec_workers)
     by = ", ".join(f"{name} {n}" for name, n in sorted(summary["decoded_by"].items()))
     print(f"extract: {summary['done']} done, {summary['skipped']} skipped (already in store), "
           f"{summary['failed']} failed (see {summary['failures']}); {summary['windows']} windows, "

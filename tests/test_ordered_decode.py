@@ -169,7 +169,7 @@ def test_bad_arguments_and_the_default_worker_count():
         list(ordered_parallel([1], jittery, workers=0))
     with pytest.raises(ValueError, match="depth"):
         list(ordered_parallel([1], jittery, depth=0))
-    assert [default_decode_workers(c) for c in (1, 2, 4, 8, 16, 64)] == [1, 2, 4, 8, 8, 8]
+    assert [default_decode_workers(c) for c in (1, 2, 4, 8, 16, 64)] == [1, 2, 4, 8, 16, 16]
 
 
 # ------------------------------------------------------------------------------- through lvmae extract
@@ -517,3 +517,102 @@ def test_a_decoder_error_between_two_parts_ends_the_video_as_in_one_pass(tmp_pat
     assert (summary["done"], summary["failed"]) == (0, 1)
     assert "damaged video data: more than 6 of the 120 sampled frames could not be decoded (number 7 at 9.08 s)" in failures
     assert_same_runs(runs)
+
+
+# --------------------------------------------------------------------- --decoder hybrid (video/hybrid.py)
+def test_decoder_share_fills_the_nvdec_slots_first_and_keeps_each_video_on_one_decoder():
+    from lvmae_fast.video.hybrid import DecoderShare
+
+    share = DecoderShare(nvdec_slots=2)
+    a, b, c, d = (object() for _ in range(4))
+    assert [share.start(v) for v in (a, b, c)] == ["nvdec", "nvdec", "pyav"]   # third: both slots taken
+    assert share.start(a) == "nvdec"            # a's next part: a stays on NVDEC, over the slot count
+    assert share.running() == {"nvdec": 3, "pyav": 1}
+    share.finish(a)
+    share.finish(a)
+    assert share.start(c) == "pyav"             # a freed a slot, but c's parts stay on the CPU
+    assert share.start(d) == "nvdec"            # a new video takes the free slot
+    assert share.running() == {"nvdec": 2, "pyav": 2}
+    with pytest.raises(ValueError, match="nvdec_slots must be >= 1"):
+        DecoderShare(0)
+
+
+def fake_nvdec(monkeypatch, seconds=0.3):
+    """decode_pyav.nvdec_accel replaced by software decoding that is slow to open (so the other workers
+    start their decodes meanwhile) and counts its decodes; resolve_decoder accepting hybrid on a CPU."""
+    from lvmae_fast import extract
+    from lvmae_fast.video import decode_pyav
+
+    opened = []
+
+    def accel(index=0):
+        opened.append(index)
+        time.sleep(seconds)
+        return None   # av.open(..., hwaccel=None): FFmpeg's software decoder
+    monkeypatch.setattr(decode_pyav, "nvdec_accel", accel)
+    real = extract.resolve_decoder
+    monkeypatch.setattr(extract, "resolve_decoder", lambda decoder, device: "hybrid" if decoder == "hybrid"
+                        else real(decoder, device))
+    return opened
+
+
+def test_hybrid_decoding_splits_the_videos_and_writes_the_store_one_decoder_writes(mixed_corpus, tmp_path,
+                                                                                   monkeypatch):
+    from lvmae_fast.extract import extract_videos
+    from lvmae_fast.store import Store
+
+    opened = fake_nvdec(monkeypatch)
+    runs = {}
+    for decoder in ("pyav", "hybrid"):
+        out = tmp_path / decoder
+        runs[decoder] = (extract_videos(mixed_corpus, out, encoder="tiny", seconds=1.0, batch_size=4,
+                                        decoder=decoder, decode_workers=2, nvdec_workers=1),
+                         Store(out), (out / "failures.jsonl").read_text())
+    (s_cpu, store_cpu, fail_cpu), (s_mix, store_mix, fail_mix) = runs["pyav"], runs["hybrid"]
+    assert (s_mix["done"], s_mix["failed"]) == (s_cpu["done"], s_cpu["failed"]) == (6, 8)
+    assert (s_mix["decode_workers"], s_mix["nvdec_workers"], s_cpu["nvdec_workers"]) == (2, 1, None)
+    # every stored video counted once, under the decoder it went to
+    assert set(s_mix["decoded_by"]) <= {"nvdec", "pyav"} and sum(s_mix["decoded_by"].values()) == 6
+    assert store_mix.video_ids == store_cpu.video_ids
+    for vid in store_cpu.video_ids:   # the fake NVDEC decodes in software: bit-equal
+        np.testing.assert_array_equal(store_mix.get(vid), store_cpu.get(vid))
+    assert fail_mix == fail_cpu
+    # The good videos alone: the first takes the free NVDEC slot, the next ones start while it opens
+    # (0.3 s) and go to the CPU; each NVDEC decode opened through nvdec_accel.
+    opened.clear()
+    good = sorted(mixed_corpus.glob("v*.mp4"))
+    split = extract_videos(good, tmp_path / "good", encoder="tiny", seconds=1.0, batch_size=4, decoder="hybrid",
+                           decode_workers=2, nvdec_workers=1)["decoded_by"]
+    assert split["nvdec"] >= 1 and split["pyav"] >= 1 and sum(split.values()) == 5, split
+    assert len(opened) == split["nvdec"]   # short videos: one decode each
+
+
+def test_hybrid_decodes_every_part_of_a_long_video_on_the_decoder_its_first_part_got(tmp_path, monkeypatch):
+    """20 windows in parts of 8 (batch 8): the first part takes the one NVDEC slot; the two after it,
+    started while it runs (the slot full), must still go to NVDEC, not to the idle CPU workers."""
+    from lvmae_fast.extract import extract_videos
+    from lvmae_fast.store import Store
+
+    video = distinct_frames_video(tmp_path / "long.mp4", frames=500)
+    opened = fake_nvdec(monkeypatch)
+    mixed = extract_videos(str(video), tmp_path / "hybrid", seconds=1.0, batch_size=8, decoder="hybrid",
+                           decode_workers=3, nvdec_workers=1)
+    assert (mixed["done"], mixed["windows"], mixed["decoded_by"]) == (1, 20, {"nvdec": 1})
+    assert len(opened) == 3
+    extract_videos(str(video), tmp_path / "pyav", seconds=1.0, batch_size=8, decoder="pyav", decode_workers=1)
+    np.testing.assert_array_equal(Store(tmp_path / "hybrid").get("long"), Store(tmp_path / "pyav").get("long"))
+
+
+def test_hybrid_is_refused_where_nvdec_cannot_run_and_bad_worker_counts(mixed_corpus, tmp_path, capsys):
+    import torch
+
+    from lvmae_fast import extract
+    from lvmae_fast.cli import main
+
+    pytest.importorskip("av.codec.hwaccel")
+    with pytest.raises(ValueError, match="--decoder hybrid decodes on the GPU's NVDEC: it needs --device cuda"):
+        extract.resolve_decoder("hybrid", torch.device("cpu"))
+    assert main(["extract", str(mixed_corpus / "v0.mp4"), "--encoder", "tiny", "--out", str(tmp_path / "t"),
+                 "--nvdec-workers", "-1"]) == 1
+    assert "--nvdec-workers must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
