@@ -216,6 +216,9 @@ def main(argv=None) -> int:
     ap.add_argument("--video-dir", default=None,
                     help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
     args = ap.parse_args(argv)
+    for flag in ("decode_workers", "nvdec_workers"):  # else every end-to-end row records the same ValueError
+        if getattr(args, flag) < 0:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     logging.basicConfig(level=logging.WARNING)
 
     device = resolve_device(args.device)

@@ -164,6 +164,7 @@ def prepared(jobs: Iterable[VideoJob], spec: WindowSpec, partials: PartialVideos
                 saved = None
             if saved is not None:
                 job.saved_emb, job.skip = saved
+                job.resumed_decoder = partials.saved_decoder(job.video_id)
                 log.info("resuming %s: %d of %d windows already embedded", job.video_id, int(job.skip.sum()),
                          job.num_windows)
         yield job
@@ -456,7 +457,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 st = state[id(job)]
                 if not st.get("done") and not st.get("failed"):
                     partials.save(job.video_id, job.path, job.num_windows, np.asarray(done_windows),
-                                  st["emb"][done_windows])
+                                  st["emb"][done_windows], decoded_by=job.decoded_by)
 
         for vid, path, reason in clashes:
             fail(VideoJob(video_id=vid, path=path), reason)
@@ -516,7 +517,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     if not isinstance(part, DecodePart):  # a probe failure: nothing to decode
                         yield from decode_part(part, threads, None)
                         return
-                    choice = share.start(part.job)
+                    choice = share.start(part.job, pinned=part.job.resumed_decoder)
                     part.job.decoded_by = choice
                     try:
                         yield from to_input(decode_part(part, threads, hwaccel if choice == "nvdec" else None))
@@ -628,6 +629,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.nvdec_workers > 0 and args.decoder != "hybrid":  # else silently ignored: say so
+        raise ValueError(f"--nvdec-workers applies to --decoder hybrid only (got --decoder {args.decoder}; "
+                         "--decoder nvdec runs --decode-workers decodes on NVDEC)")
     summary = extract_videos(args.input, args.out, encoder=args.encoder, weights=args.weights, seconds=args.seconds,
                              frames=args.frames, sampling=args.sampling, min_last=args.min_last,
                              decoder=args.decoder, batch_size=args.batch_size, device=args.device,

@@ -616,3 +616,67 @@ def test_hybrid_is_refused_where_nvdec_cannot_run_and_bad_worker_counts(mixed_co
                  "--nvdec-workers", "-1"]) == 1
     assert "--nvdec-workers must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    # with another decoder it would be ignored: refused instead
+    assert main(["extract", str(mixed_corpus / "v0.mp4"), "--encoder", "tiny", "--out", str(tmp_path / "t"),
+                 "--decoder", "pyav", "--nvdec-workers", "4"]) == 1
+    assert "--nvdec-workers applies to --decoder hybrid only (got --decoder pyav" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_resumed_video_stays_on_the_decoder_its_saved_windows_came_from(tmp_path, monkeypatch):
+    """A hybrid job killed mid-video saves its windows with the decoder that made them (meta.json
+    `decoded_by`); the resumed job decodes the rest of that video on the same decoder, whatever the
+    load. Checked both ways: as saved (NVDEC) and with the record edited to the CPU."""
+    import json
+
+    from lvmae_fast import synth
+    from lvmae_fast.extract import extract_videos
+    from lvmae_fast.store import Store
+    from lvmae_fast.video.encoders import tiny
+    from lvmae_fast.video.partial import PARTIAL_DIR, PartialVideos
+
+    video = synth.write_video(tmp_path / "long.mp4", duration=12.0, fps=10, codec="h264", gop=12, seed=3).path
+    opened = fake_nvdec(monkeypatch, seconds=0.0)
+
+    class Killed(Exception):
+        pass
+
+    real, calls = tiny.TinyVideoEncoder.encode_video, [0]
+
+    def dying(self, x):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise Killed
+        return real(self, x)
+
+    def killed_run(store):
+        calls[0] = 0
+        with monkeypatch.context() as m:
+            m.setattr(tiny.TinyVideoEncoder, "encode_video", dying)
+            with pytest.raises(Killed):
+                extract_videos(str(video), store, seconds=1.0, batch_size=2, decoder="hybrid", decode_workers=1,
+                               nvdec_workers=1)
+        metas = list((store / PARTIAL_DIR).rglob("meta.json"))
+        assert len(metas) == 1 and len(list((store / PARTIAL_DIR).rglob("chunk-*.npz"))) == 3
+        return metas[0]
+
+    meta = killed_run(tmp_path / "a")
+    assert json.loads(meta.read_text())["decoded_by"] == "nvdec"   # the first video takes the free slot
+    opened.clear()
+    s = extract_videos(str(video), tmp_path / "a", seconds=1.0, batch_size=2, decoder="hybrid", decode_workers=1,
+                       nvdec_workers=1)
+    assert (s["done"], s["windows"], s["decoded_by"]) == (1, 6, {"nvdec": 1}) and len(opened) >= 1
+
+    meta = killed_run(tmp_path / "b")
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "decoded_by": "pyav"}))   # as if the CPU had made them
+    assert PartialVideos(tmp_path / "b", dim=record["dim"], settings=record["settings"]).load(
+        "long", str(video), 12) is not None                           # the record is not a setting
+    opened.clear()
+    s = extract_videos(str(video), tmp_path / "b", seconds=1.0, batch_size=2, decoder="hybrid", decode_workers=1,
+                       nvdec_workers=1)
+    assert (s["done"], s["windows"], s["decoded_by"]) == (1, 6, {"pyav": 1}) and opened == []
+    clean = extract_videos(str(video), tmp_path / "clean", seconds=1.0, batch_size=2, decoder="pyav")
+    assert clean["windows"] == 12
+    for store in ("a", "b"):   # the fake NVDEC decodes in software: the same store as one clean run
+        np.testing.assert_array_equal(Store(tmp_path / store).get("long"), Store(tmp_path / "clean").get("long"))

@@ -10,7 +10,10 @@ A video's first part to start picks NVDEC while fewer than `nvdec_slots` NVDEC d
 else the CPU; its later parts use the same decoder, so one video's windows come from one decoder
 (their pixels differ slightly: NV12 from NVDEC takes another chroma path to RGB than libavcodec's
 planar output). The choice follows load, so which videos went where can differ between runs; the
-summary's `decoded_by` counts them.
+summary's `decoded_by` counts them. A video a killed run had begun stays on the decoder it began on.
+
+Limit: since a long video stays on one decoder, a corpus of a few long videos keeps the other one
+idle (their parts all run on the decoder each video's first part took, up to the worker count at once).
 """
 from __future__ import annotations
 
@@ -34,12 +37,17 @@ class DecoderShare:
         self._running = {NVDEC: 0, CPU: 0}
         self._chosen: dict[int, str] = {}    # id(job) -> decoder, for the parts still to come
 
-    def start(self, job) -> str:
-        """The decoder for a decode of `job` that begins now; call `finish(job)` when it ends."""
+    def start(self, job, pinned: str = "") -> str:
+        """The decoder for a decode of `job` that begins now; call `finish(job)` when it ends.
+        pinned: the decoder of windows a killed run saved for this video (video/partial.py), which
+        the rest of it keeps."""
         with self._lock:
             choice = self._chosen.get(id(job))
             if choice is None:
-                choice = NVDEC if self._running[NVDEC] < self.nvdec_slots else CPU
+                if pinned in (NVDEC, CPU):
+                    choice = pinned
+                else:
+                    choice = NVDEC if self._running[NVDEC] < self.nvdec_slots else CPU
                 self._chosen[id(job)] = choice
             self._running[choice] += 1
             return choice

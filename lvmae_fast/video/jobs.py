@@ -19,6 +19,7 @@ class VideoJob:
     skip: np.ndarray | None = None          # bool [n]
     saved_emb: np.ndarray | None = None     # float32 [n, d], rows valid where skip
     decoded_by: str = ""                    # which backend produced its windows (for the job summary)
+    resumed_decoder: str = ""               # the decoded_by of the windows in saved_emb (hybrid keeps it)
 
     def active_windows(self) -> np.ndarray:
         """Indices of the windows to decode, in order."""

@@ -6,7 +6,9 @@ hours-long video spans many encoder batches, so after each batch the windows it 
 videos are written here, one small file per video per batch:
 
     STORE/partial/<key>/meta.json          video id, source path, size and mtime, window count, dim,
-                                           and how the embeddings were made (encoder, window settings)
+                                           and how the embeddings were made (encoder, window settings;
+                                           `decoded_by`: the decoder of its windows, which
+                                           --decoder hybrid keeps when it resumes the video)
     STORE/partial/<key>/chunk-000007.npz   windows int64 [k], emb float32 [k, d]
 
 (<key> is a hash of the video id: ids may contain '/'.) Every file is written atomically (temp file,
@@ -48,6 +50,7 @@ class PartialVideos:
         self.dim = int(dim)
         self.settings = json.loads(json.dumps(settings or {}))  # as it reads back from JSON
         self._chunks: dict[str, int] = {}  # video id -> next chunk number
+        self._decoders: dict[str, str] = {}  # video id -> decoded_by of the progress loaded
 
     def _folder(self, video_id: str) -> Path:  # named as _OWN_FOLDER matches
         return self.root / hashlib.sha1(video_id.encode()).hexdigest()[:20]
@@ -66,8 +69,9 @@ class PartialVideos:
         try:
             saved = json.loads(meta_file.read_text())
             current = self._meta(video_id, path, num_windows)
-        except (OSError, ValueError):
-            saved, current = None, {}
+            decoded_by = saved.pop("decoded_by", "")  # not a setting: which decoder a hybrid run used
+        except (OSError, ValueError, AttributeError):
+            saved, current, decoded_by = None, {}, ""
         if saved != current:
             log.info("discarding saved progress of %s: the file or the settings changed", video_id)
             self.drop(video_id)
@@ -84,25 +88,33 @@ class PartialVideos:
         if filled.all() or not filled.any():  # nothing to resume from (or nothing left to decode)
             self.drop(video_id)
             return None
+        self._decoders[video_id] = str(decoded_by)
         return emb, filled
 
-    def save(self, video_id: str, path: str, num_windows: int, windows: np.ndarray, emb: np.ndarray) -> None:
+    def saved_decoder(self, video_id: str) -> str:
+        """The `decoded_by` recorded with the progress `load` returned for this video ("" if none)."""
+        return self._decoders.get(video_id, "")
+
+    def save(self, video_id: str, path: str, num_windows: int, windows: np.ndarray, emb: np.ndarray,
+             decoded_by: str = "") -> None:
         """Append the embeddings of `windows` (window indices of this video) as one chunk. A failed write
-        (disk full) leaves the chunks saved before as they were (no temp file) and says which video."""
+        (disk full) leaves the chunks saved before as they were (no temp file) and says which video.
+        decoded_by: recorded with the video's first chunk of this run (see saved_decoder)."""
         try:
-            self._save(video_id, path, num_windows, windows, emb)
+            self._save(video_id, path, num_windows, windows, emb, decoded_by)
         except OSError as err:
             saved = self._chunks.get(video_id, 0)
             raise write_error(f"could not save embedded windows of video {video_id} under {self.root}", err,
                               self.root, f" ({saved} chunks saved before are kept; rerunning resumes from them)") from err
 
-    def _save(self, video_id: str, path: str, num_windows: int, windows: np.ndarray, emb: np.ndarray) -> None:
+    def _save(self, video_id: str, path: str, num_windows: int, windows: np.ndarray, emb: np.ndarray,
+              decoded_by: str) -> None:
         folder = self._folder(video_id)
         if video_id not in self._chunks:
             if folder.exists():  # left by an older job on another version of this file
                 shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True, exist_ok=True)
-            meta = json.dumps(self._meta(video_id, path, num_windows))
+            meta = json.dumps({**self._meta(video_id, path, num_windows), "decoded_by": decoded_by})
             atomic_write_text(folder / "meta.json", meta)
             self._chunks[video_id] = 0
         number = self._chunks[video_id]
