@@ -126,6 +126,12 @@ def _bench_pyav_decode(paths, spec, workers: int, threads: int | None, hwaccel=N
             "frame_threads": threads or "auto"}
 
 
+# Every measurement main() runs through stage(): the keys --only selects from.
+STAGE_KEYS = frozenset({"end_to_end_pyav", "end_to_end_hybrid", "end_to_end_nvdec", "end_to_end_dali_decoder",
+                        "end_to_end", "encoder_fp", "decode_pyav", "decode_pyav_every_frame", "decode_pyav_parallel",
+                        "decode_nvdec", "decode_dali_gpu_decoder_api", "decode_dali_gpu", "decode_dali_gpu_index_rule"})
+
+
 def frames_ratio(a, b):
     """a's decode rate over b's, or not measured when either row is not a measurement."""
     return a["frames_per_s"] / b["frames_per_s"] if isinstance(a, dict) and isinstance(b, dict) else NOT_MEASURED
@@ -213,12 +219,20 @@ def main(argv=None) -> int:
     ap.add_argument("--index-rule", action="store_true",
                     help="also time DALI's reader with --sampling index (the slowest row)")
     ap.add_argument("--copies", type=int, default=1, help="link each video this many times (amortise start-up)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated measurement keys to run (e.g. end_to_end_hybrid,end_to_end_pyav; the JSON's "
+                         "keys); the others read 'not measured (not in --only)'. For a second look at a few rows "
+                         "on a GPU host without paying for the rest")
     ap.add_argument("--video-dir", default=None,
                     help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
     args = ap.parse_args(argv)
     for flag in ("decode_workers", "nvdec_workers"):  # else every end-to-end row records the same ValueError
         if getattr(args, flag) < 0:
             ap.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    only = None if args.only is None else {key.strip() for key in args.only.split(",") if key.strip()}
+    if only is not None and not only <= STAGE_KEYS:
+        ap.error(f"--only: unknown measurement {', '.join(sorted(only - STAGE_KEYS))} (choose from "
+                 f"{', '.join(sorted(STAGE_KEYS))})")
     logging.basicConfig(level=logging.WARNING)
 
     device = resolve_device(args.device)
@@ -251,6 +265,9 @@ def main(argv=None) -> int:
         def stage(key, measure):
             """Run one measurement, then save everything so far: a run cut by a time limit keeps it. A
             stage that fails is recorded as not measured (with the error) and the others still run."""
+            if only is not None and key not in only:
+                results[key] = f"{NOT_MEASURED} (not in --only)"
+                return
             t_stage = time.perf_counter()
             try:
                 results[key] = measure()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
-# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|pretrain|train|graphs|profile]...
+# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|extract_e2e|pretrain|train|graphs|profile]...
 # Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH).
 # Inner timeouts keep each runbook call under the device tool's 600 s: graphtests+graphs 140+200+110+110.
 set -uo pipefail
@@ -25,6 +25,14 @@ for part in "${@:-tests kernels extract pretrain}"; do
                   --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
                 timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
                   --decode-workers "${DECODE_WORKERS:-0}" --nvdec-workers "${NVDEC_WORKERS:-0}" --copies "${COPIES:-8}" --json "$OUT/extract_pyav.json" 2>&1 | tail -36 ;;
+      extract_e2e) # issue 5, a second look: the end-to-end rows only (pyav, hybrid, nvdec), on the videos an
+                # earlier extract_pyav call left in /tmp/bench_videos (written again if the machine was released)
+                python3 -c 'import av' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+                  --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
+                timeout 300 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
+                  --decode-workers "${DECODE_WORKERS:-0}" --nvdec-workers "${NVDEC_WORKERS:-0}" --copies "${COPIES:-8}" \
+                  --only end_to_end_pyav,end_to_end_hybrid,end_to_end_nvdec \
+                  --json "$OUT/extract_e2e_nvdec${NVDEC_WORKERS:-0}.json" 2>&1 | grep -E '^\| end to end|rror' ;;
       pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \
                   --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,256 --steps 15 --warmup 5 \

@@ -47,6 +47,30 @@ def test_extract_bench_links_copies(tmp_path):
     assert len(list((tmp_path / "videos").iterdir())) == 3
 
 
+def test_extract_bench_only_runs_the_measurements_asked_for(tmp_path):
+    """--only: the rows named run, the others read not measured; an unknown name is a one-line error.
+    Every stage() key of the benchmark is one --only accepts."""
+    import re
+
+    out = tmp_path / "extract.json"
+    bench("bench/extract.py", "--quick", "--device", "cpu", "--videos", 1, "--duration", 6,
+          "--video-dir", tmp_path / "videos", "--only", "end_to_end_pyav,encoder_fp", "--json", out)
+    result = json.loads(out.read_text())
+    assert result["end_to_end_pyav"]["done"] == 1 and result["encoder_fp"]["windows_per_s"] > 0
+    for key in ("end_to_end", "decode_pyav", "decode_pyav_parallel"):
+        assert result[key] == "not measured (not in --only)", key
+    r = subprocess.run([sys.executable, "bench/extract.py", "--quick", "--only", "end_to_end_pyav,decode_fast"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--only: unknown measurement decode_fast" in r.stderr
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lvmae_bench_extract", REPO / "bench" / "extract.py")
+    extract_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extract_bench)
+    source = (REPO / "bench" / "extract.py").read_text()
+    assert set(re.findall(r'stage\("([a-z_]+)"', source)) == extract_bench.STAGE_KEYS
+
+
 def test_useful_flops_count_the_linear_layers_torch_runs():
     """matmul_flops (behind the benchmark's useful TFLOP/s) against torch's FlopCounterMode on the
     forward pass: the linear layers (input projection on visible tokens, encoder on visible + CLS,
