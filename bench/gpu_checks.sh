@@ -32,7 +32,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 timeout 300 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
                   --decode-workers "${DECODE_WORKERS:-0}" --nvdec-workers "${NVDEC_WORKERS:-0}" --copies "${COPIES:-8}" \
                   --only end_to_end_pyav,end_to_end_hybrid,end_to_end_nvdec \
-                  --json "$OUT/extract_e2e_nvdec${NVDEC_WORKERS:-0}.json" 2>&1 | grep -E '^\| end to end|rror' ;;
+                  --json "$OUT/extract_e2e_cpu${DECODE_WORKERS:-0}_nvdec${NVDEC_WORKERS:-0}.json" 2>&1 | grep -E '^\| end to end|rror' ;;
       pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \
                   --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,256 --steps 15 --warmup 5 \
