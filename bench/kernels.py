@@ -13,9 +13,9 @@ compared with the card's memory bandwidth (detected from the device name). The g
 left empty where the working set fits in L2 (replays do not flush it: not an HBM figure).
 Each implementation is also checked against the torch reference (mask exactly equal, loss close).
 semantic_mask also gets a row for the row-streaming similarity kernel (a candidate that reads each row
-once), one for the histogram selection kernel (a candidate, checked equal to the default's mask), and
-rows for its two stages apart (similarity in both variants; selection by the radix kernel and by the
-histogram one at two digit widths), to show which one stands between it and the bandwidth target.
+once), one for the radix selection kernel (the default until 2026-11-26; the histogram kernel is the
+default now), and rows for its two stages apart (similarity in both variants; selection by the radix
+kernel and by the histogram one at two digit widths), to show which one stands between it and the bandwidth target.
 No downloads, no prompts; a failing implementation is reported in the table rather than aborting.
 
     python bench/kernels.py --sweep-sim --json sweep.json   # similarity-kernel launch configs (CUDA)

@@ -70,7 +70,7 @@ def sim_kernel(request, monkeypatch):
 
 @pytest.fixture(params=["radix", "hist"])
 def select_impl(request, monkeypatch):
-    """Both selection kernels behind semantic_mask (the radix default and the histogram candidate)."""
+    """Both selection kernels behind semantic_mask (the histogram default and the radix alternative)."""
     from lvmae_fast.kernels import _triton as KT
     monkeypatch.setattr(KT, "SELECT_IMPL", request.param)
     return request.param
