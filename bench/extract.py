@@ -37,7 +37,7 @@ import torch
 from lvmae_fast import synth
 from lvmae_fast.atomic import atomic_write_text
 from lvmae_fast.devices import resolve_device
-from lvmae_fast.extract import cuda_index, extract_videos, pyav_events, pyav_threads
+from lvmae_fast.extract import cuda_index, decoded_by_text, extract_videos, pyav_events, pyav_threads
 from lvmae_fast.video import decode_pyav
 from lvmae_fast.video.decode_dali import DEFAULT_DALI_API, dali_available
 from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
@@ -405,8 +405,7 @@ def main(argv=None) -> int:
     print(f"| encoder {results['encoder']}, {results['dtype']} (windows/s) | {cell(results['encoder_fp'], 'windows_per_s')} |")
     dali_api = (f" (DALI: --dali-api {results['end_to_end_dali_api']})"
                 if isinstance(e2e, dict) and "dali" in e2e["decoded_by"] else "")
-    how = (", ".join(f"{name} {n}" for name, n in sorted(e2e["decoded_by"].items())) + f"; {e2e['failed']} failed"
-           if isinstance(e2e, dict) else "-")
+    how = decoded_by_text(e2e["decoded_by"]) + f"; {e2e['failed']} failed" if isinstance(e2e, dict) else "-"
     print(f"| end to end, videos decoded by: {how}{dali_api} (x realtime) | {cell(e2e, 'realtime_factor', '{:.1f}')} |")
     e2e_pyav = results["end_to_end_pyav"]
     print(f"| end to end, --decoder pyav, {workers} videos at once (x realtime) | "
@@ -414,14 +413,12 @@ def main(argv=None) -> int:
     print(f"| end to end, --decoder nvdec, {workers} videos at once (x realtime) | "
           f"{cell(results.get('end_to_end_nvdec', NOT_MEASURED), 'realtime_factor', '{:.1f}')} |")
     hybrid = results.get("end_to_end_hybrid", NOT_MEASURED)
-    split = (" (" + ", ".join(f"{name} {n}" for name, n in sorted(hybrid["decoded_by"].items())) + " videos)"
-             if isinstance(hybrid, dict) else "")
+    split = f" ({decoded_by_text(hybrid['decoded_by'])} videos)" if isinstance(hybrid, dict) else ""
     nvdec_at_once = hybrid["nvdec_workers"] if isinstance(hybrid, dict) else args.nvdec_workers or "default"
     print(f"| end to end, --decoder hybrid, {workers} on the CPU + {nvdec_at_once} on NVDEC at once{split} (x realtime) | "
           f"{cell(hybrid, 'realtime_factor', '{:.1f}')} |")
     e2e_dec = results.get("end_to_end_dali_decoder", NOT_MEASURED)
-    how_dec = (", ".join(f"{name} {n}" for name, n in sorted(e2e_dec["decoded_by"].items()))
-               if isinstance(e2e_dec, dict) else "-")
+    how_dec = decoded_by_text(e2e_dec["decoded_by"]) if isinstance(e2e_dec, dict) else "-"
     print(f"| end to end, --decoder dali --dali-api decoder, videos decoded by: {how_dec} (x realtime) | "
           f"{cell(e2e_dec, 'realtime_factor', '{:.1f}')} |")
     print("\n" + json.dumps(results, default=str))

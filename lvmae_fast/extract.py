@@ -72,10 +72,10 @@ def resolve_decoder(decoder: str, device) -> str:
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}")
     if decoder == "auto":
-        # PyAV everywhere until a DALI path measures faster: on an H200 host with 16 cores (2026-11-26,
-        # bench/extract.py, 1080p H.264, flat synthetic content) PyAV decoding 8 videos at once ran end to
-        # end at 131x realtime, DALI's reader at 36x. Real footage decodes slower on a CPU (camera-like
-        # content: not yet measured on a GPU host). DALI stays one flag away (--decoder dali).
+        # PyAV everywhere until another path measures faster: on an H200 host with 16 cores (2026-11-26,
+        # bench/extract.py, camera-like 1080p H.264) PyAV decoding 16 videos at once ran end to end at
+        # 61.6-62.9x realtime, PyAV on NVDEC at 58x, DALI's decoder API at 24.5x and its reader at 21.1x
+        # (hybrid not yet timed). The others stay one flag away.
         decoder = "pyav"
     if decoder == "dali" and not dali_available():
         raise ValueError("--decoder dali: nvidia-dali is not installed (pip install 'lvmae_fast[dali]')")
@@ -208,7 +208,6 @@ def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32) ->
         if isinstance(item, Failed):
             yield item
             continue
-        item.decoded_by = "pyav"
         active = item.active_windows()
         if len(active) <= part_windows or not item.index.seeks_by_index:
             yield DecodePart(item)
@@ -503,29 +502,23 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 finally:
                     decoded.close()  # stops the decode threads now
 
-            def labelled(parts):  # the summary counts videos by the decoder that produced them
-                for part in parts:
-                    if isinstance(part, DecodePart) and backend != "hybrid":  # hybrid: set as each one starts
-                        part.job.decoded_by = backend
-                    yield part
+            share = DecoderShare(nvdec_slots) if backend == "hybrid" else None
 
-            decode = lambda part: to_input(decode_part(part, threads, hwaccel))  # noqa: E731
-            if backend == "hybrid":
-                share = DecoderShare(nvdec_slots)
+            def decode(part):
+                if not isinstance(part, DecodePart):  # a probe failure: nothing to decode
+                    yield from decode_part(part)
+                    return
+                job = part.job
+                # The decoder of this part (hybrid: chosen as it starts); the summary counts videos by it.
+                job.decoded_by = share.start(job, pinned=job.resumed_decoder) if share else backend
+                try:
+                    yield from to_input(decode_part(part, threads, hwaccel if job.decoded_by == "nvdec" else None))
+                finally:
+                    if share:
+                        share.finish(job)
 
-                def decode(part):
-                    if not isinstance(part, DecodePart):  # a probe failure: nothing to decode
-                        yield from decode_part(part, threads, None)
-                        return
-                    choice = share.start(part.job, pinned=part.job.resumed_decoder)
-                    part.job.decoded_by = choice
-                    try:
-                        yield from to_input(decode_part(part, threads, hwaccel if choice == "nvdec" else None))
-                    finally:
-                        share.finish(part.job)
-
-            decodes_at_once = workers + (nvdec_slots if backend == "hybrid" else 0)
-            events = delivered_once(ordered_parallel(labelled(pyav_parts(todo, spec, partials, part_windows)),
+            decodes_at_once = workers + (nvdec_slots if share else 0)
+            events = delivered_once(ordered_parallel(pyav_parts(todo, spec, partials, part_windows),
                                                      decode, workers=decodes_at_once, depth=part_windows + 1))
         else:
             events = to_input(dali_producer(todo, spec, dev, readers, batch_size, partials, dali_api))
@@ -628,6 +621,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def decoded_by_text(counts: dict) -> str:
+    """A summary's `decoded_by` as printed: 'dali 2, pyav (fallback) 1'."""
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+
+
 def run(args) -> int:
     if args.nvdec_workers > 0 and args.decoder != "hybrid":  # else silently ignored: say so
         raise ValueError(f"--nvdec-workers applies to --decoder hybrid only (got --decoder {args.decoder}; "
@@ -638,7 +636,7 @@ def run(args) -> int:
                              precision=args.precision, readers=args.readers, seed=args.seed,
                              progress=not args.no_progress, decode_workers=args.decode_workers,
                              dali_api=args.dali_api, nvdec_workers=args.nvdec_workers)
-    by = ", ".join(f"{name} {n}" for name, n in sorted(summary["decoded_by"].items()))
+    by = decoded_by_text(summary["decoded_by"])
     print(f"extract: {summary['done']} done, {summary['skipped']} skipped (already in store), "
           f"{summary['failed']} failed (see {summary['failures']}); {summary['windows']} windows, "
           f"{summary['realtime_factor']}x realtime{f'; decoded by {by}' if by else ''}")
