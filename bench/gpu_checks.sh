@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
-# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|extract_e2e|pretrain|train|graphs|profile]...
+# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|extract_e2e|pretrain|train|graphs|overlap|profile]...
 # Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH).
 # Inner timeouts keep each runbook call under the device tool's 600 s: graphtests+graphs 140+200+110+110.
 set -uo pipefail
@@ -49,9 +49,16 @@ for part in "${@:-tests kernels extract pretrain}"; do
                   timeout 110 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \
                     --steps 100 --warmup 10 --num-workers 4 "${flags[@]}" --json-out "$OUT/pretrain_data_$mode.json" \
                     2>&1 | grep -E '^\||rror|captur' ; done ;;
-      profile)  # where a compute-bound batch-256 step and a launch-bound batch-16 step spend GPU time
+      overlap)  # issue 2: batch 16 with the AdamW update on a second stream during backward (row +overlap) beside
+                # whole-step graphs (row +opt) and the padded baseline, in one run; then its GPU test (captured vs eager)
+                timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 --long-len 0 \
+                  --cuda-graphs --graph-optimizer --overlap-update --compile --json "$OUT/pretrain_overlap.json" 2>&1 | grep -E '^\||rror' ;
+                timeout 150 python3 -m pytest -q -m gpu tests/test_graphs.py -k whole_step_graphs_update -p no:cacheprovider \
+                  2>&1 | tail -15 | tee "$OUT/gpu_overlap_tests.log" ;;
+      profile)  # where a compute-bound batch-256 step (compiled: its fastest, 369 TFLOP/s vs the 400 target) and a
+                # launch-bound batch-16 step spend GPU time
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 3 --warmup 2 \
-                  --skip-padded --long-len 0 --profile "$OUT/profile_b256.txt" 2>&1 | grep -E '^\||rror' ;
+                  --skip-padded --long-len 0 --compile --profile "$OUT/profile_b256.txt" 2>&1 | grep -E '^\||rror' ;
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 3 --warmup 2 \
                   --skip-padded --long-len 0 --cuda-graphs --graph-optimizer --compile \
                   --profile "$OUT/profile_b16.txt" 2>&1 | grep -E '^\||rror' ;  # the fastest b16 step: what is left in it

@@ -29,6 +29,17 @@ update on the device through fused AdamW's `found_inf` (GradScaler's mechanism).
 finds both updates skipped, so the parameters it saves are those before step k. New shapes are
 warmed up with the update forced off (optimizer state is initialised, nothing changes).
 
+Overlapped update (`overlap_update=True`, whole-step mode without clipping): the update runs during
+backward instead of after it. Each parameter's post-accumulate-grad hook collects it; once about
+1/`overlap_chunks` of the parameters have their gradients, their norm, non-finite check and fused
+AdamW update are queued on a second stream, which runs them beside the rest of backward (at batch 16
+the paper model's GEMMs leave SMs idle, and AdamW needs bandwidth, not SMs). The main stream joins it
+at the end of the step. The math per parameter is unchanged; what changes is the skip rule: a
+non-finite loss still skips every update, but a non-finite gradient found in one chunk skips that chunk
+and every chunk after it (and, sticky, every later step), while the chunks updated before it in
+backward order (the decoder's first) keep their update. Clipping needs the whole gradient's norm first,
+so it cannot overlap (refused).
+
 capture=False runs the identical static-buffer path eagerly (the CPU tests exercise it); shapes
 beyond `max_graphs` run as plain eager steps.
 """
@@ -94,7 +105,8 @@ class GraphedTrainStep:
 
     def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
                  capture: bool | None = None, max_graphs: int = 64, warmup_iters: int = 1,
-                 optimizer: torch.optim.Optimizer | None = None, grad_clip: float = 0.0):
+                 optimizer: torch.optim.Optimizer | None = None, grad_clip: float = 0.0,
+                 overlap_update: bool = False, overlap_chunks: int = 32):
         self.model = model
         self.device = next(model.parameters()).device
         self.capture = self.device.type == "cuda" if capture is None else capture
@@ -111,10 +123,16 @@ class GraphedTrainStep:
         # free block only on the stream it was allocated on, so captures on fresh streams would each
         # keep their own memory in the "shared" pool (the sum over shapes instead of the largest).
         self._streams: tuple | None = None
+        self._overlap: _OverlappedUpdate | None = None
         if optimizer is None:
+            if overlap_update:
+                raise ValueError("GraphedTrainStep(overlap_update=True) needs optimizer=: it overlaps the update, "
+                                 "which only whole-step mode runs inside the step")
             self.grads = [torch.zeros_like(p) for p in self.params]
         else:
             self._adopt(optimizer)
+            if overlap_update:
+                self._overlap = _OverlappedUpdate(self, overlap_chunks)
 
     def _adopt(self, optimizer: torch.optim.Optimizer) -> None:
         """Whole-step mode: device-tensor learning rates, capturable groups, the sticky skip flag."""
@@ -222,6 +240,8 @@ class GraphedTrainStep:
 
     def _step(self, batch: PackedBatch, skip_update: bool = False) -> torch.Tensor:
         """What a graph holds: forward + backward, and in whole-step mode the update too."""
+        if self._overlap is not None:
+            return self._overlap.step(batch, skip_update)
         loss = self._forward_backward(batch)
         return loss if self.optimizer is None else self._update(loss, skip_update)
 
@@ -241,11 +261,14 @@ class GraphedTrainStep:
             p.grad = None
         return torch.stack([loss, norm.to(loss.dtype)])
 
-    def _forward_backward(self, batch: PackedBatch) -> torch.Tensor:
+    def _forward(self, batch: PackedBatch) -> torch.Tensor:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
                     if self.autocast_dtype is not None else nullcontext())
         with autocast:
-            loss = self.model(batch)
+            return self.model(batch)
+
+    def _forward_backward(self, batch: PackedBatch) -> torch.Tensor:
+        loss = self._forward(batch)
         loss.backward()
         return loss.detach()
 
@@ -287,3 +310,85 @@ class GraphedTrainStep:
         if self.pool is None:
             self.pool = graph.pool()
         bucket.graph = graph
+
+
+class _OverlappedUpdate:
+    """Whole-step mode's update queued chunk by chunk during backward (see the module docstring)."""
+
+    def __init__(self, owner: GraphedTrainStep, chunks: int):
+        if owner.grad_clip > 0:
+            raise ValueError("GraphedTrainStep(overlap_update=True) cannot clip gradients (grad_clip > 0): clipping "
+                             "needs the whole gradient's norm before the first update")
+        if hasattr(owner.optimizer, "prepare_grads"):
+            raise ValueError("GraphedTrainStep(overlap_update=True) needs torch's fused Adam/AdamW; "
+                             f"{type(owner.optimizer).__name__} gathers the gradients itself")
+        if chunks < 1:
+            raise ValueError(f"overlap_chunks must be >= 1, got {chunks}")
+        self.owner = owner
+        self.chunk_numel = max(1, sum(p.numel() for p in owner.params) // chunks)
+        self.stream = torch.cuda.Stream(owner.device) if owner.device.type == "cuda" else None
+        self.main: torch.cuda.Stream | None = None   # the stream backward runs on, during a step
+        self.collecting = False
+        self.ready: list[torch.Tensor] = []          # parameters with a gradient, not yet in a chunk
+        self.ready_numel = 0
+        self.held: list[torch.Tensor] = []           # gradients of queued chunks, alive until the join
+        self.found: torch.Tensor | None = None       # 1 once the loss or any chunk so far is non-finite
+        self.norm_sq: torch.Tensor | None = None     # sum of the chunks' squared gradient norms
+        for p in owner.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def step(self, batch: PackedBatch, skip_update: bool) -> torch.Tensor:
+        owner = self.owner
+        loss = owner._forward(batch)
+        device = owner.device
+        self.main = torch.cuda.current_stream(device) if self.stream is not None else None
+        # Both written in place by the update stream: allocated here, they stay alive until the join.
+        if skip_update:
+            self.found = torch.ones((), dtype=torch.float32, device=device)
+        else:
+            self.found = torch.maximum(nonfinite(loss.detach(), loss.detach()), owner.halted)
+        self.norm_sq = torch.zeros((), dtype=owner.params[0].dtype, device=device)
+        self.collecting = True
+        try:
+            loss.backward()
+            self._queue()  # what is left (less than a chunk)
+        finally:
+            self.collecting, self.ready, self.ready_numel = False, [], 0
+            if self.stream is not None:
+                self.main.wait_stream(self.stream)  # join: the step ends when every update has run
+            self.held = []  # freed on the main stream after the join: no other stream still reads them
+        if not skip_update:
+            owner.halted.copy_(self.found)
+        loss = loss.detach()
+        norm = self.norm_sq.sqrt()
+        self.found = self.norm_sq = None
+        return torch.stack([loss, norm.to(loss.dtype)])
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if not self.collecting:
+            return
+        self.ready.append(param)
+        self.ready_numel += param.numel()
+        if self.ready_numel >= self.chunk_numel:
+            self._queue()
+
+    def _queue(self) -> None:
+        """Norm, non-finite check and update of the ready parameters, on the update stream."""
+        params, self.ready, self.ready_numel = self.ready, [], 0
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        context = nullcontext()
+        if self.stream is not None:
+            self.stream.wait_stream(self.main)  # after backward has written these gradients
+            context = torch.cuda.stream(self.stream)
+        with context:
+            norm = torch.nn.utils.get_total_norm(grads).to(self.norm_sq.dtype)
+            self.norm_sq.add_(norm * norm)
+            torch.maximum(self.found, (~torch.isfinite(norm)).to(torch.float32), out=self.found)
+            # Queued chunks hold no .grad any more and later ones have none yet, so step() updates
+            # exactly these parameters.
+            fused_step(self.owner.optimizer, self.found)
+        self.held.extend(grads)
+        for p in params:
+            p.grad = None

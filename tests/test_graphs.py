@@ -255,9 +255,10 @@ def test_whole_step_skip_is_sticky_after_a_nonfinite_step():
     assert float(step.optimizer.state[model.cls_token]["step"]) == 1.0
 
 
-def test_whole_step_warmup_initialises_the_optimizer_and_changes_nothing():
+@pytest.mark.parametrize("overlap_update", [False, True])
+def test_whole_step_warmup_initialises_the_optimizer_and_changes_nothing(overlap_update):
     """What a new shape's warm-up runs before its capture: the full step with the update forced off."""
-    _, _, model, step = whole_step_pair()
+    _, _, model, step = whole_step_pair(overlap_update=overlap_update)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     step._step(pad_to_bucket(make_batch([7, 3], seed=60)), skip_update=True)
     for k, p in model.named_parameters():
@@ -281,6 +282,94 @@ def test_whole_step_refuses_optimizers_it_cannot_own():
     opt.load_state_dict(opt.state_dict())  # replaces each group's lr: the graphs would read stale tensors
     with pytest.raises(RuntimeError, match="lr tensor was replaced"):
         step.set_lr(1e-3)
+
+
+def record_update_chunks(step):
+    """Wrap the step's optimizer.step: each call records the names of the parameters it updates (those
+    holding a gradient) and of those whose gradient backward has not produced yet."""
+    names = {id(p): k for k, p in step.model.named_parameters()}
+    calls, inner = [], step.optimizer.step
+
+    def step_and_record(*args, **kwargs):
+        with_grad = [names[id(p)] for p in step.params if p.grad is not None]
+        calls.append((with_grad, [names[id(p)] for p in step.params if p.grad is None]))
+        return inner(*args, **kwargs)
+
+    step.optimizer.step = step_and_record
+    return calls
+
+
+def test_overlapped_update_matches_the_eager_trainer_chunk_by_chunk_during_backward():
+    """overlap_update=True: the same losses, norms and parameters as backward + AdamW done eagerly, over
+    two shapes and a changing lr; the update comes in several chunks that partition the parameters, the
+    first queued while backward has not yet reached the encoder's first block."""
+    ref_model, ref_opt, model, step = whole_step_pair(overlap_update=True, overlap_chunks=6)
+    calls = record_update_chunks(step)
+    a = [make_batch([5, 9, 12], seed=s) for s in (40, 41)]
+    b = [make_batch([60, 70, 3, 2], seed=s) for s in (42, 43)]
+    for batch, lr in [(a[0], 1e-3), (b[0], 5e-4), (a[1], 2e-3), (b[1], 1e-3)]:
+        batch = pad_to_bucket(batch)
+        ref_loss, ref_norm = reference_update(ref_model, ref_opt, batch, lr, 0.0)
+        step.set_lr(lr)
+        calls.clear()
+        loss = step(batch)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(step.grad_norm, ref_norm, rtol=1e-10, atol=1e-13)
+        for (k, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-11, msg=f"parameter {k}")
+            assert p.grad is None
+        updated = [k for with_grad, _ in calls for k in with_grad]
+        assert sorted(updated) == sorted(k for k, _ in model.named_parameters())  # each exactly once
+        assert 4 <= len(calls) <= 8, len(calls)
+        assert "blocks.0.attn.qkv.weight" in calls[0][1]  # first chunk queued mid-backward
+    assert float(step.halted) == 0.0
+
+
+def test_overlapped_update_stops_at_the_first_nonfinite_chunk_and_stays_stopped():
+    """A NaN gradient with a finite loss (in the encoder's first block, reached late in backward): the
+    chunks queued before it keep their update, that chunk and all after it are skipped, and the next
+    step is skipped whole (sticky). A NaN loss skips every chunk."""
+    _, _, model, step = whole_step_pair(overlap_update=True, overlap_chunks=6)
+    calls = record_update_chunks(step)
+    step.set_lr(1e-3)
+    step(pad_to_bucket(make_batch([5, 9, 12], seed=50)))
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    poisoned = dict(model.named_parameters())["blocks.0.attn.qkv.weight"]
+    hook = poisoned.register_hook(lambda g: torch.full_like(g, float("nan")))
+    calls.clear()
+    assert torch.isfinite(step(pad_to_bucket(make_batch([60, 70, 3, 2], seed=51))))
+    hook.remove()
+    assert not torch.isfinite(step.grad_norm) and float(step.halted) == 1.0
+    bad_chunk = next(i for i, (with_grad, _) in enumerate(calls) if "blocks.0.attn.qkv.weight" in with_grad)
+    assert bad_chunk > 0
+    for i, (with_grad, _) in enumerate(calls):
+        for k in with_grad:
+            changed = not torch.equal(dict(model.named_parameters())[k], before[k])
+            assert changed == (i < bad_chunk), (k, i, bad_chunk)
+    settled = {k: p.detach().clone() for k, p in model.named_parameters()}
+    assert torch.isfinite(step(pad_to_bucket(make_batch([5, 9, 12], seed=52))))  # clean, still skipped
+    for k, p in model.named_parameters():
+        assert torch.equal(p, settled[k]), k
+
+    _, _, model, step = whole_step_pair(overlap_update=True, overlap_chunks=6)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    nan_loss = make_batch([5, 9, 12], seed=53)
+    nan_loss.x[3, 0] = float("nan")
+    step.set_lr(1e-3)
+    assert not torch.isfinite(step(pad_to_bucket(nan_loss)))
+    for k, p in model.named_parameters():
+        assert torch.equal(p, before[k]), k
+
+
+def test_overlapped_update_refuses_what_it_cannot_overlap():
+    model = make_model()
+    with pytest.raises(ValueError, match="needs optimizer="):
+        GraphedTrainStep(model, capture=False, overlap_update=True)
+    opt = torch.optim.AdamW(model.param_groups(0.05), fused=True)
+    with pytest.raises(ValueError, match="cannot clip gradients"):
+        GraphedTrainStep(model, capture=False, optimizer=opt, grad_clip=1.0, overlap_update=True)
+    with pytest.raises(ValueError, match="overlap_chunks must be >= 1"):
+        GraphedTrainStep(model, capture=False, optimizer=opt, overlap_update=True, overlap_chunks=0)
 
 
 @pytest.mark.gpu
@@ -329,13 +418,16 @@ def test_row_weights_of_the_wrong_length_are_refused():
 
 
 @pytest.mark.gpu
-def test_gpu_whole_step_graphs_update_like_eager_updates():
-    """Captured whole steps (update inside the graph, tensor lr, capturable fused AdamW) vs the
-    forward/backward graphs followed by an eager fused AdamW, over shapes A, B, A, C, B and changing
-    lrs; then a NaN batch and a clean one must both leave everything unchanged (sticky skip, on the
-    device). Updates are compared per parameter (relative error of p - p0; a missed, doubled or stale
-    update is an O(1) error), except the key bias, whose gradient is rounding noise that Adam scales
-    up to lr-sized steps of either sign."""
+@pytest.mark.parametrize("overlap_update", [False, True])
+def test_gpu_whole_step_graphs_update_like_eager_updates(overlap_update):
+    """Captured whole steps (update inside the graph, tensor lr, capturable fused AdamW; with
+    overlap_update on a second stream during backward) vs the forward/backward graphs followed by an
+    eager fused AdamW, over shapes A, B, A, C, B and changing lrs; then a NaN batch and a clean one must
+    both leave everything unchanged (sticky skip, on the device). Updates are compared per parameter
+    (relative error of p - p0; a missed, doubled or stale update is an O(1) error), except the key
+    bias, whose gradient is rounding noise that Adam scales up to lr-sized steps of either sign.
+    Clipping at 1.0 without overlap; overlap cannot clip."""
+    clip = 0.0 if overlap_update else 1.0
     def build():
         torch.manual_seed(0)
         cfg = LVMAEConfig.from_preset("tiny", in_dim=IN_DIM, kernels="auto", attn_impl="auto")
@@ -345,13 +437,15 @@ def test_gpu_whole_step_graphs_update_like_eager_updates():
     ref_model, ref_opt = build()
     ref_step = GraphedTrainStep(ref_model, autocast_dtype=torch.bfloat16)
     model, opt = build()
-    step = GraphedTrainStep(model, autocast_dtype=torch.bfloat16, optimizer=opt, grad_clip=1.0)
+    step = GraphedTrainStep(model, autocast_dtype=torch.bfloat16, optimizer=opt, grad_clip=clip,
+                            overlap_update=overlap_update, overlap_chunks=6)
     start = {k: p.detach().clone() for k, p in model.named_parameters()}
     shapes = {"A": [5, 9, 12], "B": [60, 70, 3, 2], "C": [200, 1, 150]}
     for (name, seed), lr in zip([("A", 0), ("B", 1), ("A", 2), ("C", 3), ("B", 4)], [1e-3, 5e-4, 2e-3, 1e-3, 3e-4]):
         padded = pad_to_bucket(make_batch(shapes[name], seed=seed, dtype=torch.float32))
         ref_loss = ref_step(padded)
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0)
+        ref_norm = (torch.nn.utils.clip_grad_norm_(ref_model.parameters(), clip) if clip
+                    else torch.nn.utils.get_total_norm([p.grad for p in ref_model.parameters()]))
         for group in ref_opt.param_groups:
             group["lr"] = lr
         ref_opt.step()
