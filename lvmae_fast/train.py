@@ -819,10 +819,11 @@ def register(sub) -> None:
     for flag, key, kind, help_text in FLAGS:
         p.add_argument(flag, dest=key, type=kind, default=None, choices=FLAG_CHOICES.get(key),
                        help=f"{help_text} (config key {key}; {_flag_default(key)})")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (with CUDA graphs on, the compiled blocks run inside them)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="pad batches to a few shapes and replay forward+backward as CUDA graphs (config key "
-                        "cuda_graphs; default auto: on CUDA for batches of <= 64 videos, without --compile or "
+                        "cuda_graphs; default auto: on CUDA for batches of <= 64 videos, without "
                         "--max-tokens; --no-cuda-graphs turns it off)")
     p.add_argument("--cuda-graphs-optimizer", action=argparse.BooleanOptionalAction, default=None,
                    help="with CUDA graphs: capture the optimizer update too, one replay per step (config key "
