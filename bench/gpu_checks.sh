@@ -52,7 +52,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
       overlap)  # issue 2: batch 16 with the AdamW update on a second stream during backward (row +overlap) beside
                 # whole-step graphs (row +opt) and the padded baseline, in one run; then its GPU test (captured vs eager)
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 --long-len 0 \
-                  --cuda-graphs --graph-optimizer --overlap-update --compile --json "$OUT/pretrain_overlap.json" 2>&1 | grep -E '^\||rror' ;
+                  --cuda-graphs --graph-optimizer --overlap-update --overlap-chunks 32,8 --compile --json "$OUT/pretrain_overlap.json" 2>&1 | grep -E '^\||rror' ;
                 timeout 150 python3 -m pytest -q -m gpu tests/test_graphs.py -k whole_step_graphs_update -p no:cacheprovider \
                   2>&1 | tail -15 | tee "$OUT/gpu_overlap_tests.log" ;;
       profile)  # where a compute-bound batch-256 step (compiled: its fastest, 369 TFLOP/s vs the 400 target) and a

@@ -74,7 +74,7 @@ def autocast(device, dtype):
 
 
 def run_packed(config, batches, device, steps, warmup, compile_model=False, profile_path=None, cuda_graphs=False,
-               graph_optimizer=False, master_weights=False, overlap_update=False):
+               graph_optimizer=False, master_weights=False, overlap_chunks=0):
     with torch.device(device):  # init on the GPU: a 0.4B-parameter CPU init costs seconds
         model = LVMAE(config)
     opt = make_optimizer(model, master_weights)  # before compiling: it may change the weights' dtype
@@ -92,7 +92,7 @@ def run_packed(config, batches, device, steps, warmup, compile_model=False, prof
             padded = pad_to_bucket(batch)
             packed.append(padded.pin_memory() if device.type == "cuda" else padded)
 
-    step, _ = make_step(model, opt, device, cuda_graphs, graph_optimizer, overlap_update=overlap_update)
+    step, _ = make_step(model, opt, device, cuda_graphs, graph_optimizer, overlap_chunks=overlap_chunks)
     result = _time_steps(step, packed, device, steps, warmup)
     if profile_path and result["status"] == "ok":
         write_profile(step, packed, device, profile_path)
@@ -222,6 +222,9 @@ def main(argv=None):
     p.add_argument("--overlap-update", action="store_true",
                    help="with --graph-optimizer: also time whole-step graphs whose AdamW update runs chunk by chunk "
                         "on a second stream during backward (row 'packed+graphs+opt+overlap')")
+    p.add_argument("--overlap-chunks", default="32",
+                   help="with --overlap-update: how many chunks the update is split into; a comma list times one "
+                        "row per value (rows 'packed+graphs+opt+overlap/N')")
     p.add_argument("--attn-impl", default="auto")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="masked-loss kernels")
     p.add_argument("--json", "--json-out", dest="json", default=None, help="write results here (--json-out: the data mode's spelling)")
@@ -234,6 +237,12 @@ def main(argv=None):
         p.error("--master-weights needs --graph-optimizer")
     if args.overlap_update and not args.graph_optimizer:
         p.error("--overlap-update needs --graph-optimizer")
+    try:
+        overlap_chunks = [int(n) for n in args.overlap_chunks.split(",")]
+    except ValueError:
+        overlap_chunks = []
+    if not overlap_chunks or min(overlap_chunks) < 1:
+        p.error(f"--overlap-chunks must be positive integers, comma-separated; got {args.overlap_chunks!r}")
     try:
         device = resolve_device(args.device)  # auto | cpu | cuda[:N], as every lvmae command
     except ValueError as err:
@@ -249,6 +258,7 @@ def main(argv=None):
             "lengths": [args.min_len, args.max_len], "steps": args.steps, "warmup": args.warmup,
             "compile": args.compile, "cuda_graphs": args.cuda_graphs, "graph_optimizer": args.graph_optimizer,
             "master_weights": args.master_weights, "overlap_update": args.overlap_update,
+            "overlap_chunks": overlap_chunks if args.overlap_update else None,
             "inputs": "packed rows: masked and packed before the clock, batches on the device (graphs rows: "
                       "copied from pinned host memory each step); padded row: masks inside the step, as the "
                       "reference. Optimizer: fused AdamW (packed; the +master row: MasterWeightAdamW), torch default AdamW + GradScaler (padded)",
@@ -294,10 +304,10 @@ def main(argv=None):
                                                                   args.compile, None, cuda_graphs=True,
                                                                   graph_optimizer=True, master_weights=True),
                           batches, config, args.warmup, args.steps))
-        if args.overlap_update:
-            add(summarise(f"{name}+graphs+opt+overlap", run_packed(config, batches, device, args.steps, args.warmup,
-                                                                   args.compile, None, cuda_graphs=True,
-                                                                   graph_optimizer=True, overlap_update=True),
+        for chunks in overlap_chunks if args.overlap_update else []:
+            label = f"{name}+graphs+opt+overlap" + (f"/{chunks}" if len(overlap_chunks) > 1 else "")
+            add(summarise(label, run_packed(config, batches, device, args.steps, args.warmup, args.compile, None,
+                                            cuda_graphs=True, graph_optimizer=True, overlap_chunks=chunks),
                           batches, config, args.warmup, args.steps))
         if not args.skip_padded and bs <= args.padded_max_batch:
             padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),

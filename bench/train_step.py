@@ -20,18 +20,19 @@ def make_optimizer(model, master_weights: bool = False) -> torch.optim.Optimizer
 
 
 def make_step(model, optimizer, device, cuda_graphs=False, graph_optimizer=False, pinned_input=None,
-              overlap_update=False):
+              overlap_chunks=0):
     """(step(batch) -> loss, the GraphedTrainStep or None). Graphed steps copy each batch into their
     static buffers themselves. pinned_input=None: eager batches are already on the device; True/False:
-    the eager step copies each batch there (non-blocking from pinned memory). overlap_update: whole-step
-    graphs whose update runs on a second stream during backward (GraphedTrainStep's overlap_update)."""
+    the eager step copies each batch there (non-blocking from pinned memory). overlap_chunks > 0: whole-step
+    graphs whose update runs in that many chunks on a second stream during backward (GraphedTrainStep's
+    overlap_update)."""
     # bf16 autocast on CUDA, and wherever the weights are bf16 already (MasterWeightAdamW)
     bf16 = device.type == "cuda" or any(p.dtype == torch.bfloat16 for p in model.parameters())
     graphed = None
     if cuda_graphs:
         graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if bf16 else None,
                                    optimizer=optimizer if graph_optimizer else None,
-                                   overlap_update=overlap_update)
+                                   overlap_update=overlap_chunks > 0, overlap_chunks=max(overlap_chunks, 1))
 
     def step(batch):
         if graphed is not None and graphed.optimizer is not None:  # one replay, update included

@@ -16,12 +16,13 @@ def bench(*args):
 def test_pretrain_step_bench_with_cuda_graphs_rows(tmp_path):
     out = tmp_path / "step.json"
     bench("bench/pretrain.py", "--preset", "tiny", "--device", "cpu", "--steps", 2, "--warmup", 1, "--batch-sizes", 4,
-          "--long-len", 0, "--cuda-graphs", "--graph-optimizer", "--master-weights", "--overlap-update", "--json", out)
+          "--long-len", 0, "--cuda-graphs", "--graph-optimizer", "--master-weights", "--overlap-update", "--overlap-chunks", "32,4", "--json", out)
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["packed", "packed+graphs", "packed+graphs+opt", "packed+graphs+opt+master",
-                                         "packed+graphs+opt+overlap", "padded (reference)"]
+                                         "packed+graphs+opt+overlap/32", "packed+graphs+opt+overlap/4",
+                                         "padded (reference)"]
     assert all(r["status"] == "ok" for r in rows)
-    assert all(r["speedup"] > 0 for r in rows[:5])
+    assert all(r["speedup"] > 0 for r in rows[:6])
 
 
 def test_data_bench_receives_its_own_flags(tmp_path):
