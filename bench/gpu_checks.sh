@@ -11,7 +11,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for part in "${@:-tests kernels extract pretrain}"; do
   for p in $part; do
     case $p in
-      tests)    timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
+      tests)    # -v into a file: a run cut by the timeout still names every test it finished, pass or fail
+                timeout 420 python3 -m pytest -v -rfE --durations=10 -m gpu tests -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1 ;
+                grep -cE ' PASSED' "$OUT/gpu_tests.log" ; grep -E ' (FAILED|ERROR)' "$OUT/gpu_tests.log" | head -20 ; tail -25 "$OUT/gpu_tests.log" ;;
       graphtests) timeout 140 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_train.py -p no:cacheprovider \
                   2>&1 | tail -25 | tee "$OUT/gpu_graph_tests.log" ;;
       kernels)  timeout 200 python3 bench/kernels.py --no-compile --json "$OUT/kernels.json" 2>&1 | grep -v '^{' | tail -72 ;;
