@@ -101,7 +101,8 @@ class GraphedTrainStep:
     parameter's `.grad` for an eager optimizer step. With `optimizer` (fused Adam/AdamW over the
     model's parameters) and optional `grad_clip`: runs the whole training step, update included;
     `grad_norm` then holds the step's gradient norm (before clipping), and `set_lr` sets the
-    learning rate of the next steps."""
+    learning rate of the next steps. `overlap_update`: that update runs in `overlap_chunks` pieces on
+    a second stream during backward (module docstring)."""
 
     def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
                  capture: bool | None = None, max_graphs: int = 64, warmup_iters: int = 1,
@@ -124,10 +125,9 @@ class GraphedTrainStep:
         # keep their own memory in the "shared" pool (the sum over shapes instead of the largest).
         self._streams: tuple | None = None
         self._overlap: _OverlappedUpdate | None = None
+        if overlap_update:  # before _adopt changes the optimizer's groups
+            _OverlappedUpdate.check(optimizer, grad_clip, overlap_chunks)
         if optimizer is None:
-            if overlap_update:
-                raise ValueError("GraphedTrainStep(overlap_update=True) needs optimizer=: it overlaps the update, "
-                                 "which only whole-step mode runs inside the step")
             self.grads = [torch.zeros_like(p) for p in self.params]
         else:
             self._adopt(optimizer)
@@ -315,15 +315,21 @@ class GraphedTrainStep:
 class _OverlappedUpdate:
     """Whole-step mode's update queued chunk by chunk during backward (see the module docstring)."""
 
-    def __init__(self, owner: GraphedTrainStep, chunks: int):
-        if owner.grad_clip > 0:
+    @staticmethod
+    def check(optimizer: torch.optim.Optimizer | None, grad_clip: float, chunks: int) -> None:
+        if optimizer is None:
+            raise ValueError("GraphedTrainStep(overlap_update=True) needs optimizer=: it overlaps the update, "
+                             "which only whole-step mode runs inside the step")
+        if grad_clip > 0:
             raise ValueError("GraphedTrainStep(overlap_update=True) cannot clip gradients (grad_clip > 0): clipping "
                              "needs the whole gradient's norm before the first update")
-        if hasattr(owner.optimizer, "prepare_grads"):
+        if hasattr(optimizer, "prepare_grads"):
             raise ValueError("GraphedTrainStep(overlap_update=True) needs torch's fused Adam/AdamW; "
-                             f"{type(owner.optimizer).__name__} gathers the gradients itself")
+                             f"{type(optimizer).__name__} gathers the gradients itself")
         if chunks < 1:
             raise ValueError(f"overlap_chunks must be >= 1, got {chunks}")
+
+    def __init__(self, owner: GraphedTrainStep, chunks: int):
         self.owner = owner
         self.chunk_numel = max(1, sum(p.numel() for p in owner.params) // chunks)
         self.stream = torch.cuda.Stream(owner.device) if owner.device.type == "cuda" else None

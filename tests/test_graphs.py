@@ -368,6 +368,13 @@ def test_overlapped_update_refuses_what_it_cannot_overlap():
     opt = torch.optim.AdamW(model.param_groups(0.05), fused=True)
     with pytest.raises(ValueError, match="cannot clip gradients"):
         GraphedTrainStep(model, capture=False, optimizer=opt, grad_clip=1.0, overlap_update=True)
+    assert all(type(g["lr"]) is float for g in opt.param_groups)  # refused before adopting the optimizer
+    from lvmae_fast.master_adamw import MasterWeightAdamW
+
+    bf16_model = make_model(dtype=torch.float32)
+    master = MasterWeightAdamW(bf16_model.param_groups(0.05))
+    with pytest.raises(ValueError, match="MasterWeightAdamW gathers the gradients itself"):
+        GraphedTrainStep(bf16_model, capture=False, optimizer=master, overlap_update=True)
     with pytest.raises(ValueError, match="overlap_chunks must be >= 1"):
         GraphedTrainStep(model, capture=False, optimizer=opt, overlap_update=True, overlap_chunks=0)
 
