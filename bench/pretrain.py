@@ -25,7 +25,7 @@ sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # sibling bench modules;
 
 from lvmae_fast.atomic import atomic_write_text  # noqa: E402
 from lvmae_fast.devices import resolve_device  # noqa: E402
-from lvmae_fast.buckets import pad_to_bucket  # noqa: E402
+from lvmae_fast.buckets import pad_to_bucket, seqlen_floors  # noqa: E402
 from lvmae_fast.masking import build_masked_batch  # noqa: E402
 from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops  # noqa: E402
 from lvmae_fast.packing import keep_counts, pack_sequences  # noqa: E402
@@ -82,10 +82,10 @@ def run_packed(config, batches, device, steps, warmup, compile_model=False, prof
         model.compile_blocks()
     g = torch.Generator().manual_seed(0)
     packed = []
-    # As the trainer's sampler pads batches for graphs: each stream's max_seqlen fixed at the longest
-    # crop + 1 (CLS), not rounded up to a power of two (512 for the decoder's 257), which would widen
-    # every varlen attention grid.
-    seqlen_floor = max(s.shape[0] for seqs in batches for s in seqs) + 1
+    # As the trainer's sampler pads batches for graphs: each stream's max_seqlen fixed at the most rows a
+    # crop of the longest length gives it, not rounded up to a power of two (512 for the decoder's 257),
+    # which would widen every varlen attention grid.
+    floors = seqlen_floors(max(s.shape[0] for seqs in batches for s in seqs), config.mask_ratio)
     for seqs in batches:  # masking/packing is the data loader's job: built before timing (see --mode data)
         x, cu, lengths = pack_sequences(seqs)
         batch = build_masked_batch(x, cu, lengths, "random", config.mask_ratio, g)
@@ -93,7 +93,7 @@ def run_packed(config, batches, device, steps, warmup, compile_model=False, prof
         if not cuda_graphs:
             packed.append(batch.to(device))
         else:
-            padded = pad_to_bucket(batch, min_seqlen=seqlen_floor)
+            padded = pad_to_bucket(batch, **floors)
             packed.append(padded.pin_memory() if device.type == "cuda" else padded)
 
     step, _ = make_step(model, opt, device, cuda_graphs, graph_optimizer, overlap_chunks=overlap_chunks)

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from .packing import PackedBatch, cu_seqlens_from_lengths
+from .packing import PackedBatch, cu_seqlens_from_lengths, keep_counts
 
 BUCKETS_PER_OCTAVE = 8      # worst-case padding 1/8 of the tokens; ~6% on average
 VIDEO_BUCKETS_PER_OCTAVE = 4  # video counts: at most B/4 + 1 dummies (cheap rows, but the sdpa path pays B*S^2)
@@ -44,17 +44,26 @@ def shape_key(batch: PackedBatch) -> tuple[int, ...]:
             batch.enc_max_seqlen, batch.dec_max_seqlen)
 
 
-def pad_to_bucket(batch: PackedBatch, per_octave: int = BUCKETS_PER_OCTAVE, min_seqlen: int = 0) -> PackedBatch:
+def seqlen_floors(crop_cap: int, mask_ratio: float) -> dict[str, int]:
+    """pad_to_bucket's attention max_seqlen floors for crops of at most `crop_cap` segments: the decoder
+    stream holds up to crop_cap + 1 rows (CLS), the encoder's up to the cap's visible count + 1."""
+    return {"min_seqlen": crop_cap + 1, "enc_min_seqlen": keep_counts([crop_cap], mask_ratio)[0] + 1}
+
+
+def pad_to_bucket(batch: PackedBatch, per_octave: int = BUCKETS_PER_OCTAVE, min_seqlen: int = 0,
+                  enc_min_seqlen: int | None = None) -> PackedBatch:
     """The same batch plus dummy videos, sized so that the video count and the (visible, masked) row
     counts land on bucket sizes.
 
     The video count, which varies a lot with token-budget batches, is rounded up to 4 sizes per
     octave (at least one dummy is always added, to hold the padding rows); the padding rows are
     spread evenly over the dummies (each has >= 1 visible row, as the encoder needs), so that dummies
-    rarely set max_seqlen. Each stream's max_seqlen becomes min_seqlen when it fits, else a power of
-    two; the sampler passes its crop cap + 1 as min_seqlen, so that part of the shape stays fixed
-    without inflating it. Works on CPU (DataLoader workers) and CUDA alike; the result carries row_weights
-    and padding_videos."""
+    rarely set max_seqlen. Each stream's max_seqlen becomes its floor when it fits, else a power of
+    two: min_seqlen for the decoder stream, enc_min_seqlen (default: min_seqlen) for the encoder's. The
+    sampler passes its crop cap + 1 and the cap's visible count + 1 (CLS), so that part of the shape
+    stays fixed without inflating it: a floor of 257 on the encoder's at most 129 rows (mask ratio 0.5)
+    would widen its attention grid by half (3 query blocks of 128 instead of 2). Works on CPU
+    (DataLoader workers) and CUDA alike; the result carries row_weights and padding_videos."""
     if batch.padding_videos:
         raise ValueError("batch is already padded")
     lengths = list(batch.lengths)
@@ -81,7 +90,8 @@ def pad_to_bucket(batch: PackedBatch, per_octave: int = BUCKETS_PER_OCTAVE, min_
                    enc_pos=padded.enc_pos.clamp_max(real_max), dec_pos=padded.dec_pos.clamp_max(real_max),
                    # max_seqlen only sizes the varlen attention grid (blocks past a sequence's end exit
                    # at once), so a coarse bound costs little there and keeps the number of shapes down.
-                   enc_max_seqlen=seqlen_bucket(padded.enc_max_seqlen, min_seqlen),
+                   enc_max_seqlen=seqlen_bucket(padded.enc_max_seqlen,
+                                                min_seqlen if enc_min_seqlen is None else enc_min_seqlen),
                    dec_max_seqlen=seqlen_bucket(padded.dec_max_seqlen, min_seqlen),
                    row_weights=weights, padding_videos=num_dummies)
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .buckets import pad_to_bucket
+from .buckets import pad_to_bucket, seqlen_floors
 from .masking import MASKING_STRATEGIES, build_masked_batch
 from .packing import PackedBatch, cu_seqlens_from_lengths
 
@@ -209,7 +209,7 @@ def build_batch(store, video_ids: list[str], crops: list[Crop], cfg: SamplerConf
     batch = build_masked_batch(x_Td, cu_seqlens_from_lengths(lengths), lengths, cfg.masking,
                                cfg.mask_ratio, generator=generator, kernels="torch")
     if cfg.pad_to_buckets:
-        batch = pad_to_bucket(batch, min_seqlen=cfg.max_len + 1)  # + 1: the CLS token
+        batch = pad_to_bucket(batch, **seqlen_floors(cfg.max_len, cfg.mask_ratio))
     return share_storages(batch)
 
 

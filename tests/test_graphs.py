@@ -6,7 +6,7 @@ checked in the gpu-marked tests."""
 import pytest
 import torch
 
-from lvmae_fast.buckets import bucket_size, pad_to_bucket, shape_key
+from lvmae_fast.buckets import bucket_size, pad_to_bucket, seqlen_floors, shape_key
 from lvmae_fast.graphs import GraphedTrainStep
 from lvmae_fast.masking import build_masked_batch
 from lvmae_fast.model import LVMAE, LVMAEConfig
@@ -95,6 +95,13 @@ def test_seqlen_floor_and_even_dummies():
     assert shape_key(pad_to_bucket(batch))[3:] == (64, 64)  # no floor: a power of two >= the real lengths
     # A 300-row crop: encoder stream (151) stays under the floor, decoder stream (301) goes to 512.
     assert shape_key(pad_to_bucket(make_batch([300, 4], seed=6), min_seqlen=257))[3:] == (257, 512)
+    # Per-stream floors (the sampler's, for crops of <= 256 at mask ratio 0.5): 129 CLS + visible rows at
+    # most, 257 rows in the decoder; a stream past its floor goes to a power of two on its own.
+    floors = seqlen_floors(256, 0.5)
+    assert floors == {"min_seqlen": 257, "enc_min_seqlen": 129}
+    assert shape_key(pad_to_bucket(batch, **floors))[3:] == (129, 257)
+    assert shape_key(pad_to_bucket(make_batch([256, 200, 3], seed=7), **floors))[3:] == (129, 257)
+    assert shape_key(pad_to_bucket(make_batch([300, 4], seed=6), **floors))[3:] == (256, 512)
 
 
 @pytest.mark.parametrize("loss", ["mse", "cosine"])

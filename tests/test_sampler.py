@@ -72,6 +72,19 @@ def test_batch_rows_match_numpy_reference(store):
     assert one_segment.out_len == 8
 
 
+def test_bucketed_batches_share_the_attention_lengths_of_the_crop_cap(store):
+    """pad_to_buckets: every batch's encoder stream is sized for the cap's visible rows + CLS and the
+    decoder's for the cap + CLS (not one floor for both: the encoder's grid would be half again too wide)."""
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=5, mask_ratio=0.75,
+                        pad_to_buckets=True)
+    dataset = LongVideoSampler(store, store.video_ids, cfg).dataset(0)
+    for i in range(len(dataset)):
+        batch = dataset[i]
+        assert (batch.enc_max_seqlen, batch.dec_max_seqlen) == (keep_counts([64], 0.75)[0] + 1, 65) == (17, 65)
+        enc_lengths = (batch.enc_cu_seqlens[1:] - batch.enc_cu_seqlens[:-1]).tolist()
+        assert max(enc_lengths) <= 17 and max(batch.lengths) + 1 <= 65
+
+
 def test_deterministic_and_worker_independent(store):
     cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=4, masking="random", seed=7)
     a = LongVideoSampler(store, store.video_ids, cfg)
