@@ -125,6 +125,7 @@ class GraphedTrainStep:
         # keep their own memory in the "shared" pool (the sum over shapes instead of the largest).
         self._streams: tuple | None = None
         self._overlap: _OverlappedUpdate | None = None
+        self.partial_update: torch.Tensor | None = None  # overlap_update's flag (see _OverlappedUpdate)
         if overlap_update:  # before _adopt changes the optimizer's groups
             _OverlappedUpdate.check(optimizer, grad_clip, overlap_chunks)
         if optimizer is None:
@@ -339,7 +340,12 @@ class _OverlappedUpdate:
         self.ready_numel = 0
         self.held: list[torch.Tensor] = []           # gradients of queued chunks, alive until the join
         self.found: torch.Tensor | None = None       # 1 once the loss or any chunk so far is non-finite
+        self.applied: torch.Tensor | None = None     # 1 once a chunk of this step has been updated
         self.norm_sq: torch.Tensor | None = None     # sum of the chunks' squared gradient norms
+        # Sticky, like halted: 1 once a step updated some chunks and then met a non-finite gradient, so its
+        # weights are no step's state. Persistent (outside the graphs' pool): the trainer reads it only
+        # after a non-finite step, when later steps have replayed (and, halted, applied nothing).
+        owner.partial_update = torch.zeros((), dtype=torch.float32, device=owner.device)
         for p in owner.params:
             p.register_post_accumulate_grad_hook(self._on_grad)
 
@@ -354,6 +360,7 @@ class _OverlappedUpdate:
         else:
             self.found = torch.maximum(nonfinite(loss.detach(), loss.detach()), owner.halted)
         self.norm_sq = torch.zeros((), dtype=owner.params[0].dtype, device=device)
+        self.applied = torch.zeros((), dtype=torch.float32, device=device)
         self.collecting = True
         try:
             loss.backward()
@@ -365,9 +372,10 @@ class _OverlappedUpdate:
             self.held = []  # freed on the main stream after the join: no other stream still reads them
         if not skip_update:
             owner.halted.copy_(self.found)
+            torch.maximum(owner.partial_update, self.applied * self.found, out=owner.partial_update)
         loss = loss.detach()
         norm = self.norm_sq.sqrt()
-        self.found = self.norm_sq = None
+        self.found = self.norm_sq = self.applied = None
         return torch.stack([loss, norm.to(loss.dtype)])
 
     def _on_grad(self, param: torch.Tensor) -> None:
@@ -392,6 +400,7 @@ class _OverlappedUpdate:
             norm = torch.nn.utils.get_total_norm(grads).to(self.norm_sq.dtype)
             self.norm_sq.add_(norm * norm)
             torch.maximum(self.found, (~torch.isfinite(norm)).to(torch.float32), out=self.found)
+            torch.maximum(self.applied, 1.0 - self.found, out=self.applied)  # this chunk is updated unless found
             # Queued chunks hold no .grad any more and later ones have none yet, so step() updates
             # exactly these parameters.
             fused_step(self.owner.optimizer, self.found)

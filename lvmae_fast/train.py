@@ -556,8 +556,11 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
         graphed_step = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if use_bf16 else None,
                                         capture=device.type == "cuda",
                                         optimizer=optimizer if use_whole_step else None,
-                                        grad_clip=cfg.grad_clip)
+                                        grad_clip=cfg.grad_clip, overlap_update=cfg.overlap_update and use_whole_step)
     whole_step = graphed_step is not None and graphed_step.optimizer is not None
+    overlapped = whole_step and cfg.overlap_update
+    if cfg.overlap_update and not overlapped:
+        log.warning("overlap_update: off on %s, where whole-step graphs are off (it overlaps their update)", device)
 
     out.mkdir(parents=True, exist_ok=True)
     if rewind:
@@ -609,9 +612,22 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     def reads_model(step: int) -> bool:
         return step % cfg.ckpt_every == 0 or step == total_steps or eval_due(step)
 
+    def rewind_advice(earlier: list[str]) -> str:
+        """How to recover from a non-finite step: the command resuming the latest of `earlier` with a
+        lower lr, and the checkpoints to choose from."""
+        lr_flag = "--lr" if cfg.lr else "--blr"
+        lr_now = cfg.lr or cfg.blr
+        clip = "--grad-clip 1.0 --set overlap_update=false" if overlapped else "--grad-clip 1.0"
+        return (f"Rewind to an earlier checkpoint with a lower lr: `lvmae pretrain --out {out} --resume-from "
+                f"{earlier[-1] if earlier else 'step-N'} {lr_flag} {lr_now / 10:.3g}` (now {lr_flag} {lr_now:.3g}; "
+                f"add {clip} to bound later steps). Checkpoints before it: "
+                f"{', '.join(earlier) or 'none (lower the lr and start again with another --out)'}. "
+                f"Check the data with `lvmae store verify {cfg.store}`.")
+
     def settle(metrics) -> bool:
         """Read back the pending step, count it, log / evaluate / checkpoint when due. False (after
-        saving the state before it) when its loss or gradient norm was non-finite."""
+        saving the state before it, which overlap_update may not have kept) when its loss or gradient
+        norm was non-finite."""
         nonlocal pending, exit_code
         done, pending = pending, None
         loss_value, grad_norm = done["scalars"].values()
@@ -619,20 +635,21 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
             # The skipped update left the parameters as they were before this step. Earlier checkpoints
             # are kept (no pruning): this state fails again, so recovery starts from one of them.
             what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_norm})"
-            try:
-                path = save_checkpoint(out, model, optimizer, progress, cfg, store.fingerprint, prune=False)
-            except WriteError as err:
-                raise err.within(f"non-finite {what} at step {progress['step'] + 1}") from err
-            earlier = [n for n in complete_checkpoints(path.parent) if n < path.name]
-            lr_flag = "--lr" if cfg.lr else "--blr"
-            lr_now = cfg.lr or cfg.blr
-            msg = (f"non-finite {what} at step {progress['step'] + 1} (epoch {done['epoch']}, batch {done['batch']}). "
-                   f"Saved the state before this step to {path}; resuming from it runs the same step on the same "
-                   f"weights and fails again, whatever the lr. Rewind to an earlier checkpoint with a lower lr: "
-                   f"`lvmae pretrain --out {out} --resume-from {earlier[-1] if earlier else 'step-N'} "
-                   f"{lr_flag} {lr_now / 10:.3g}` (now {lr_flag} {lr_now:.3g}; add --grad-clip 1.0 to bound later "
-                   f"steps). Checkpoints before it: {', '.join(earlier) or 'none (lower the lr and start again with another --out)'}. "
-                   f"Check the data with `lvmae store verify {cfg.store}`.")
+            where = f"non-finite {what} at step {progress['step'] + 1} (epoch {done['epoch']}, batch {done['batch']})"
+            if overlapped and float(graphed_step.partial_update):  # a host read: on this error path only
+                # overlap_update applied the update chunks queued before the non-finite gradient (graphs.py):
+                # these weights are no step's state, so none is saved.
+                msg = (f"{where} with overlap_update: the update chunks queued before the non-finite gradient were "
+                       f"applied, so the weights are neither those before this step nor after it; nothing was saved. "
+                       + rewind_advice(complete_checkpoints(out / "checkpoints")))
+            else:
+                try:
+                    path = save_checkpoint(out, model, optimizer, progress, cfg, store.fingerprint, prune=False)
+                except WriteError as err:
+                    raise err.within(f"non-finite {what} at step {progress['step'] + 1}") from err
+                earlier = [n for n in complete_checkpoints(path.parent) if n < path.name]
+                msg = (f"{where}. Saved the state before this step to {path}; resuming from it runs the same step on "
+                       f"the same weights and fails again, whatever the lr. " + rewind_advice(earlier))
             print(f"lvmae pretrain: error: {msg}", file=sys.stderr)  # once (a log.error too printed it twice)
             exit_code = EXIT_NONFINITE
             return False
@@ -789,6 +806,8 @@ def config_from_args(args) -> tc.PretrainConfig:
         flags["cuda_graphs"] = args.cuda_graphs
     if args.cuda_graphs_optimizer is not None:
         flags["cuda_graphs_optimizer"] = args.cuda_graphs_optimizer
+    if args.overlap_update:
+        flags["overlap_update"] = True
     if args.no_progress:
         flags["progress"] = False
     layers.append(("flags", flags))
@@ -828,6 +847,9 @@ def register(sub) -> None:
     p.add_argument("--cuda-graphs-optimizer", action=argparse.BooleanOptionalAction, default=None,
                    help="with CUDA graphs: capture the optimizer update too, one replay per step (config key "
                         "cuda_graphs_optimizer; default auto: whenever graphs are on on CUDA)")
+    p.add_argument("--overlap-update", action="store_true",
+                   help="with whole-step graphs: run the AdamW update chunk by chunk on a second stream during "
+                        "backward (config key overlap_update; no --grad-clip; not yet measured on a GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", action="store_true",

@@ -47,7 +47,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # turns after a divergence (lr, clipping) and the device. Any other difference is refused on --resume.
 RESUME_MUTABLE = frozenset({"store", "out", "max_steps", "num_workers", "prefetch_factor", "log_every", "ckpt_every",
                             "keep_checkpoints", "tensorboard", "progress", "compile", "cuda_graphs",
-                            "cuda_graphs_optimizer", "eval_every", "device",
+                            "cuda_graphs_optimizer", "overlap_update", "eval_every", "device",
                             "blr", "lr", "min_lr", "grad_clip"})
 
 
@@ -90,6 +90,8 @@ class PretrainConfig:
     cuda_graphs_optimizer: AutoBool = "auto"    # with cuda_graphs: capture the update too (whole-step graphs:
                                                 # gradients live only inside the step; see graphs.py);
                                                 # auto: whenever graphs are on on CUDA
+    overlap_update: bool = False                # with whole-step graphs: the AdamW update runs chunk by chunk on
+                                                # a second stream during backward (graphs.py); no grad_clip
     cpu_threads: int = 0                        # torch intra-op threads; 0 = torch's default. Tiny ops run
                                                 # fastest on one thread (no sync), and it keeps CPU results exact
     num_workers: int = 2
@@ -119,6 +121,12 @@ class PretrainConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be true, false or auto")
         if self.cuda_graphs_optimizer is True and self.cuda_graphs is False:
             raise ValueError("cuda_graphs_optimizer captures the update into the CUDA graphs: it needs cuda_graphs=true")
+        if self.overlap_update and self.grad_clip > 0:
+            raise ValueError(f"overlap_update cannot clip gradients (grad_clip={self.grad_clip}): clipping needs the "
+                             "whole gradient's norm before the first update; set one of them off")
+        if self.overlap_update and self.cuda_graphs_optimizer is False:
+            raise ValueError("overlap_update overlaps the update that whole-step graphs run inside the step: it needs "
+                             "cuda_graphs_optimizer (true or auto)")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of model config overrides, got {self.model!r}")
         self.model, model_config = check_model_overrides(self.model, self.preset)

@@ -340,13 +340,14 @@ def test_overlapped_update_stops_at_the_first_nonfinite_chunk_and_stays_stopped(
     calls = record_update_chunks(step)
     step.set_lr(1e-3)
     step(pad_to_bucket(make_batch([5, 9, 12], seed=50)))
+    assert float(step.partial_update) == 0.0
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     poisoned = dict(model.named_parameters())["blocks.0.attn.qkv.weight"]
     hook = poisoned.register_hook(lambda g: torch.full_like(g, float("nan")))
     calls.clear()
     assert torch.isfinite(step(pad_to_bucket(make_batch([60, 70, 3, 2], seed=51))))
     hook.remove()
-    assert not torch.isfinite(step.grad_norm) and float(step.halted) == 1.0
+    assert not torch.isfinite(step.grad_norm) and float(step.halted) == 1.0 and float(step.partial_update) == 1.0
     bad_chunk = next(i for i, (with_grad, _) in enumerate(calls) if "blocks.0.attn.qkv.weight" in with_grad)
     assert bad_chunk > 0
     for i, (with_grad, _) in enumerate(calls):
@@ -366,6 +367,7 @@ def test_overlapped_update_stops_at_the_first_nonfinite_chunk_and_stays_stopped(
     assert not torch.isfinite(step(pad_to_bucket(nan_loss)))
     for k, p in model.named_parameters():
         assert torch.equal(p, before[k]), k
+    assert float(step.partial_update) == 0.0  # nothing applied: the state before the step
 
 
 def test_overlapped_update_refuses_what_it_cannot_overlap():
