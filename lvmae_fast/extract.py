@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -196,25 +197,53 @@ class DecodePart:
     damage: object = None   # SharedDamage of the video's parts
 
 
-def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32) -> Iterator[DecodePart | Failed]:
+# Near the end of the input, videos are cut into parts of at least this many windows, and of at least
+# TAIL_GOPS_PER_PART keyframe intervals: a part decodes from the keyframe before its first frame, so a
+# part of g GOPs decodes up to 1/g more than it delivers.
+TAIL_MIN_WINDOWS = 2
+TAIL_GOPS_PER_PART = 4
+
+
+def tail_part_windows(index, num_windows: int, videos_left: int, decodes_at_once: int, part_windows: int) -> int:
+    """Windows per part for a video with `videos_left` - 1 videos after it. While at least `decodes_at_once`
+    videos are left, `part_windows`. Fewer: about decodes_at_once / videos_left parts per video, so the
+    last videos keep every decode busy (32 equal videos on 24 decodes would otherwise run a second
+    wave of 8 decodes beside 16 idle ones), but no part shorter than TAIL_MIN_WINDOWS windows or
+    TAIL_GOPS_PER_PART keyframe intervals."""
+    if videos_left >= decodes_at_once or num_windows < 2:
+        return part_windows
+    gop_frames = index.num_frames / max(1, int(index.keyframe.sum()))
+    frames_per_window = index.num_frames / num_windows
+    shortest = max(TAIL_MIN_WINDOWS, math.ceil(TAIL_GOPS_PER_PART * gop_frames / frames_per_window))
+    parts = -(-decodes_at_once // videos_left)
+    return min(part_windows, max(shortest, -(-num_windows // parts)))
+
+
+def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32,
+               decodes_at_once: int = 1) -> Iterator[DecodePart | Failed]:
     """Probe the videos (ahead, in a thread) and cut each one that is longer than `part_windows` windows
     into parts of that many, so several workers share a long video (in-order consumption would
-    otherwise leave them waiting on its one decode). A part starts at the keyframe before its first
+    otherwise leave them waiting on its one decode); the last videos are cut finer to keep
+    `decodes_at_once` decodes busy (tail_part_windows). A part starts at the keyframe before its first
     frame, so only containers that seek by index are cut (in others every part would decode from the
     start of the file)."""
     from .video.decode_pyav import SharedDamage
 
-    for item in in_background(lambda: prepared(jobs, spec, partials), maxsize=16):  # an index is ~17 B a frame
+    jobs = list(jobs)
+    # prepared() yields one item per job, in order: the position says how many videos are left.
+    items = in_background(lambda: prepared(jobs, spec, partials), maxsize=16)  # an index is ~17 B a frame
+    for position, item in enumerate(items):
         if isinstance(item, Failed):
             yield item
             continue
         active = item.active_windows()
-        if len(active) <= part_windows or not item.index.seeks_by_index:
+        size = tail_part_windows(item.index, item.num_windows, len(jobs) - position, decodes_at_once, part_windows)
+        if len(active) <= size or not item.index.seeks_by_index:
             yield DecodePart(item)
             continue
         damage = SharedDamage()
-        for start in range(0, len(active), part_windows):
-            yield DecodePart(item, active[start:start + part_windows], damage)
+        for start in range(0, len(active), size):
+            yield DecodePart(item, active[start:start + size], damage)
 
 
 def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> Iterator[Window | Failed]:
@@ -518,7 +547,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                         share.finish(job)
 
             decodes_at_once = workers + (nvdec_slots if share else 0)
-            events = delivered_once(ordered_parallel(pyav_parts(todo, spec, partials, part_windows),
+            events = delivered_once(ordered_parallel(pyav_parts(todo, spec, partials, part_windows, decodes_at_once),
                                                      decode, workers=decodes_at_once, depth=part_windows + 1))
         else:
             events = to_input(dali_producer(todo, spec, dev, readers, batch_size, partials, dali_api))

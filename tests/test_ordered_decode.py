@@ -250,6 +250,49 @@ def test_parts_of_a_long_video_decode_the_frames_of_one_pass(tmp_path, part_wind
         np.testing.assert_array_equal(e.times, one_pass[e.window][1])
 
 
+def test_tail_part_windows_hand_values():
+    """Windows per part near the end of the input: 32 equal 6-window videos (30 s, 2 s GOPs at 30 fps)
+    on 24 decodes; and the floors (2 windows, 4 keyframe intervals)."""
+    from types import SimpleNamespace
+
+    from lvmae_fast.extract import tail_part_windows
+
+    def index(frames, gop):
+        return SimpleNamespace(num_frames=frames, keyframe=np.arange(frames) % gop == 0)
+
+    camera = index(900, 60)                                  # 150 frames a window, 60-frame GOPs
+    assert tail_part_windows(camera, 6, 32, 24, 32) == 32    # plenty of videos left: the usual parts
+    assert tail_part_windows(camera, 6, 24, 24, 32) == 32
+    assert tail_part_windows(camera, 6, 23, 24, 32) == 3     # 2 parts (24 / 23 rounded up) of 3
+    assert tail_part_windows(camera, 6, 8, 24, 32) == 2      # 3 parts of 2
+    assert tail_part_windows(camera, 6, 1, 24, 32) == 2      # 24 parts wanted; 2 windows is the floor
+    long_camera = index(15000, 60)                           # 100 windows of the same video
+    assert tail_part_windows(long_camera, 100, 1, 4, 32) == 25   # a long last video: 4 parts
+    assert tail_part_windows(long_camera, 100, 1, 2, 32) == 32   # never longer than part_windows
+    web = index(750, 250)                                    # 10 s GOPs, 125 frames a window
+    assert tail_part_windows(web, 6, 1, 24, 32) == 8         # 4 GOPs = 8 windows: a 6-window video stays whole
+    assert tail_part_windows(camera, 1, 1, 24, 32) == 32     # one window: nothing to cut
+    assert tail_part_windows(camera, 6, 1, 1, 32) == 32      # one decode: no tail to fill
+
+
+def test_the_last_videos_are_cut_to_keep_every_decode_busy(tmp_path):
+    """3 videos of 20 one-second windows (1.2 s GOPs: parts of >= 5 windows) on 8 decodes: the first
+    (3 left) in 3 parts of 7, the second (2 left) in 4 of 5, the last (1 left) in 4 of 5 (the GOP floor);
+    with one decode, none is cut (part_windows 32)."""
+    from lvmae_fast.extract import pyav_parts
+    from lvmae_fast.video.jobs import VideoJob, WindowSpec
+
+    spec = WindowSpec(seconds=1.0, frames=4)
+    videos = [distinct_frames_video(tmp_path / f"v{k}.mp4", frames=500) for k in range(3)]
+    jobs = [VideoJob(f"v{k}", str(v)) for k, v in enumerate(videos)]
+    parts = list(pyav_parts(jobs, spec, part_windows=32, decodes_at_once=8))
+    sizes = {}
+    for p in parts:
+        sizes.setdefault(p.job.video_id, []).append(len(p.windows))
+    assert sizes == {"v0": [7, 7, 6], "v1": [5, 5, 5, 5], "v2": [5, 5, 5, 5]}
+    assert [p.windows is None for p in pyav_parts(jobs, spec, part_windows=32, decodes_at_once=1)] == [True] * 3
+
+
 def test_only_videos_longer_than_a_part_in_containers_that_seek_by_index_are_cut(tmp_path):
     from lvmae_fast.extract import pyav_parts
     from lvmae_fast.video.jobs import VideoJob, WindowSpec
@@ -309,7 +352,7 @@ def test_a_long_video_cut_into_parts_stores_what_one_pass_stores(tmp_path, monke
         real = extract.pyav_parts
         with monkeypatch.context() as m:
             if not cut:
-                m.setattr(extract, "pyav_parts", lambda jobs, spec, partials=None, part_windows=0:
+                m.setattr(extract, "pyav_parts", lambda jobs, spec, partials=None, part_windows=0, decodes_at_once=1:
                           real(jobs, spec, partials, part_windows=10**9))
             summary = extract.extract_videos(str(video), tmp_path / name, seconds=1.0, batch_size=8,
                                              decoder="pyav", decode_workers=workers)
@@ -350,7 +393,7 @@ def one_pass_and_parts(monkeypatch, tmp_path, inputs, **options):
     for name, workers, cut in (("one pass", 1, False), ("parts, 1 worker", 1, True), ("parts, 3 workers", 3, True)):
         with monkeypatch.context() as m:
             if not cut:
-                m.setattr(extract, "pyav_parts", lambda jobs, spec, partials=None, part_windows=0:
+                m.setattr(extract, "pyav_parts", lambda jobs, spec, partials=None, part_windows=0, decodes_at_once=1:
                           real(jobs, spec, partials, part_windows=10**9))
             out = tmp_path / name
             summary = extract.extract_videos(inputs, out, decoder="pyav", decode_workers=workers, **options)
@@ -588,8 +631,9 @@ def test_hybrid_decoding_splits_the_videos_and_writes_the_store_one_decoder_writ
 
 
 def test_hybrid_decodes_every_part_of_a_long_video_on_the_decoder_its_first_part_got(tmp_path, monkeypatch):
-    """20 windows in parts of 8 (batch 8): the first part takes the one NVDEC slot; the two after it,
-    started while it runs (the slot full), must still go to NVDEC, not to the idle CPU workers."""
+    """20 windows, the only video, on 4 decodes at once (3 CPU + 1 NVDEC): cut into 4 parts of 5
+    (tail_part_windows). The first part takes the one NVDEC slot; the three after it, started while it
+    runs (the slot full), must still go to NVDEC, not to the idle CPU workers."""
     from lvmae_fast.extract import extract_videos
     from lvmae_fast.store import Store
 
@@ -598,7 +642,7 @@ def test_hybrid_decodes_every_part_of_a_long_video_on_the_decoder_its_first_part
     mixed = extract_videos(str(video), tmp_path / "hybrid", seconds=1.0, batch_size=8, decoder="hybrid",
                            decode_workers=3, nvdec_workers=1)
     assert (mixed["done"], mixed["windows"], mixed["decoded_by"]) == (1, 20, {"nvdec": 1})
-    assert len(opened) == 3
+    assert len(opened) == 4
     extract_videos(str(video), tmp_path / "pyav", seconds=1.0, batch_size=8, decoder="pyav", decode_workers=1)
     np.testing.assert_array_equal(Store(tmp_path / "hybrid").get("long"), Store(tmp_path / "pyav").get("long"))
 
