@@ -354,7 +354,8 @@ class _OverlappedUpdate:
         loss = owner._forward(batch)
         device = owner.device
         self.main = torch.cuda.current_stream(device) if self.stream is not None else None
-        # Both written in place by the update stream: allocated here, they stay alive until the join.
+        # found, norm_sq and applied are written in place by the update stream: allocated here (main
+        # stream), they stay alive until the join.
         if skip_update:
             self.found = torch.ones((), dtype=torch.float32, device=device)
         else:
