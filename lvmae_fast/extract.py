@@ -204,19 +204,21 @@ TAIL_MIN_WINDOWS = 2
 TAIL_GOPS_PER_PART = 4
 
 
-def tail_part_windows(index, num_windows: int, videos_left: int, decodes_at_once: int, part_windows: int) -> int:
-    """Windows per part for a video with `videos_left` - 1 videos after it. While at least `decodes_at_once`
-    videos are left, `part_windows`. Fewer: about decodes_at_once / videos_left parts per video, so the
-    last videos keep every decode busy (32 equal videos on 24 decodes would otherwise run a second
-    wave of 8 decodes beside 16 idle ones), but no part shorter than TAIL_MIN_WINDOWS windows or
+def tail_part_windows(index, num_windows: int, to_decode: int, videos_left: int, decodes_at_once: int,
+                      part_windows: int) -> int:
+    """Windows per part for a video of `num_windows` windows, `to_decode` of them left to decode (fewer
+    when resumed), with `videos_left` - 1 videos after it. While at least `decodes_at_once` videos are
+    left, `part_windows`. Fewer: about decodes_at_once / videos_left parts per video, so the last
+    videos keep every decode busy (32 equal videos on 24 decodes would otherwise run a second wave of
+    8 decodes beside 16 idle ones), but no part shorter than TAIL_MIN_WINDOWS windows or
     TAIL_GOPS_PER_PART keyframe intervals."""
-    if videos_left >= decodes_at_once or num_windows < 2:
+    if videos_left >= decodes_at_once or to_decode < 2:
         return part_windows
     gop_frames = index.num_frames / max(1, int(index.keyframe.sum()))
-    frames_per_window = index.num_frames / num_windows
+    frames_per_window = index.num_frames / max(1, num_windows)
     shortest = max(TAIL_MIN_WINDOWS, math.ceil(TAIL_GOPS_PER_PART * gop_frames / frames_per_window))
     parts = -(-decodes_at_once // videos_left)
-    return min(part_windows, max(shortest, -(-num_windows // parts)))
+    return min(part_windows, max(shortest, -(-to_decode // parts)))
 
 
 def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32,
@@ -237,7 +239,8 @@ def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32,
             yield item
             continue
         active = item.active_windows()
-        size = tail_part_windows(item.index, item.num_windows, len(jobs) - position, decodes_at_once, part_windows)
+        size = tail_part_windows(item.index, item.num_windows, len(active), len(jobs) - position, decodes_at_once,
+                                 part_windows)
         if len(active) <= size or not item.index.seeks_by_index:
             yield DecodePart(item)
             continue

@@ -260,19 +260,20 @@ def test_tail_part_windows_hand_values():
     def index(frames, gop):
         return SimpleNamespace(num_frames=frames, keyframe=np.arange(frames) % gop == 0)
 
-    camera = index(900, 60)                                  # 150 frames a window, 60-frame GOPs
-    assert tail_part_windows(camera, 6, 32, 24, 32) == 32    # plenty of videos left: the usual parts
-    assert tail_part_windows(camera, 6, 24, 24, 32) == 32
-    assert tail_part_windows(camera, 6, 23, 24, 32) == 3     # 2 parts (24 / 23 rounded up) of 3
-    assert tail_part_windows(camera, 6, 8, 24, 32) == 2      # 3 parts of 2
-    assert tail_part_windows(camera, 6, 1, 24, 32) == 2      # 24 parts wanted; 2 windows is the floor
-    long_camera = index(15000, 60)                           # 100 windows of the same video
-    assert tail_part_windows(long_camera, 100, 1, 4, 32) == 25   # a long last video: 4 parts
-    assert tail_part_windows(long_camera, 100, 1, 2, 32) == 32   # never longer than part_windows
-    web = index(750, 250)                                    # 10 s GOPs, 125 frames a window
-    assert tail_part_windows(web, 6, 1, 24, 32) == 8         # 4 GOPs = 8 windows: a 6-window video stays whole
-    assert tail_part_windows(camera, 1, 1, 24, 32) == 32     # one window: nothing to cut
-    assert tail_part_windows(camera, 6, 1, 1, 32) == 32      # one decode: no tail to fill
+    camera = index(900, 60)                                      # 150 frames a window, 60-frame GOPs
+    assert tail_part_windows(camera, 6, 6, 32, 24, 32) == 32     # plenty of videos left: the usual parts
+    assert tail_part_windows(camera, 6, 6, 24, 24, 32) == 32
+    assert tail_part_windows(camera, 6, 6, 23, 24, 32) == 3      # 2 parts (24 / 23 rounded up) of 3
+    assert tail_part_windows(camera, 6, 6, 8, 24, 32) == 2       # 3 parts of 2
+    assert tail_part_windows(camera, 6, 6, 1, 24, 32) == 2       # 24 parts wanted; 2 windows is the floor
+    long_camera = index(15000, 60)                               # 100 windows of the same video
+    assert tail_part_windows(long_camera, 100, 100, 1, 4, 32) == 25  # a long last video: 4 parts
+    assert tail_part_windows(long_camera, 100, 100, 1, 2, 32) == 32  # never longer than part_windows
+    assert tail_part_windows(long_camera, 100, 12, 1, 4, 32) == 3    # resumed, 12 windows left: 4 parts of 3
+    web = index(750, 250)                                        # 10 s GOPs, 125 frames a window
+    assert tail_part_windows(web, 6, 6, 1, 24, 32) == 8          # 4 GOPs = 8 windows: a 6-window video stays whole
+    assert tail_part_windows(camera, 6, 1, 1, 24, 32) == 32      # one window left: nothing to cut
+    assert tail_part_windows(camera, 6, 6, 1, 1, 32) == 32       # one decode: no tail to fill
 
 
 def test_the_last_videos_are_cut_to_keep_every_decode_busy(tmp_path):
