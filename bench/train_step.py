@@ -32,7 +32,7 @@ def make_step(model, optimizer, device, cuda_graphs=False, graph_optimizer=False
     if cuda_graphs:
         graphed = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if bf16 else None,
                                    optimizer=optimizer if graph_optimizer else None,
-                                   overlap_update=overlap_chunks > 0, overlap_chunks=max(overlap_chunks, 1))
+                                   overlap_update=overlap_chunks > 0, overlap_chunks=overlap_chunks)
 
     def step(batch):
         if graphed is not None and graphed.optimizer is not None:  # one replay, update included

@@ -550,17 +550,17 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     if cfg.compile:
         model.compile_blocks()  # per-block, in place: state-dict names and checkpoints are unchanged
     graphed_step = None
+    overlapped = cfg.overlap_update and use_graphs and use_whole_step  # it overlaps the whole-step graphs' update
+    if cfg.overlap_update and not overlapped:
+        log.warning("overlap_update: off on %s, where whole-step graphs are off (it overlaps their update)", device)
     if use_graphs:
         if device.type != "cuda":
             log.warning("cuda_graphs: %s has no CUDA graphs; running the same shape-bucketed step eagerly", device)
         graphed_step = GraphedTrainStep(model, autocast_dtype=torch.bfloat16 if use_bf16 else None,
                                         capture=device.type == "cuda",
                                         optimizer=optimizer if use_whole_step else None,
-                                        grad_clip=cfg.grad_clip, overlap_update=cfg.overlap_update and use_whole_step)
+                                        grad_clip=cfg.grad_clip, overlap_update=overlapped)
     whole_step = graphed_step is not None and graphed_step.optimizer is not None
-    overlapped = whole_step and cfg.overlap_update
-    if cfg.overlap_update and not overlapped:
-        log.warning("overlap_update: off on %s, where whole-step graphs are off (it overlaps their update)", device)
 
     out.mkdir(parents=True, exist_ok=True)
     if rewind:
