@@ -25,6 +25,16 @@ def test_pretrain_step_bench_with_cuda_graphs_rows(tmp_path):
     assert all(r["speedup"] > 0 for r in rows[:6])
 
 
+def test_pretrain_bench_refuses_bad_overlap_flags():
+    for args, message in ((["--overlap-update"], "--overlap-update needs --graph-optimizer"),
+                          (["--cuda-graphs", "--graph-optimizer", "--overlap-update", "--overlap-chunks", "32,0"],
+                           "--overlap-chunks must be positive integers, comma-separated; got '32,0'"),
+                          (["--overlap-chunks", "many"], "--overlap-chunks must be positive integers")):
+        r = subprocess.run([sys.executable, "bench/pretrain.py", "--preset", "tiny", "--device", "cpu", *args],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-500:])
+
+
 def test_data_bench_receives_its_own_flags(tmp_path):
     """--steps/--warmup after --mode data reach the data benchmark (they used to be swallowed)."""
     out = tmp_path / "data.json"
