@@ -12,6 +12,7 @@ batch 1 at --long-len segments (packed only) to check the memory ceiling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -24,6 +25,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent)]  # sibling bench modules; the checkout if not installed
 
 from lvmae_fast.atomic import atomic_write_text  # noqa: E402
+from lvmae_fast.attention import ATTN_IMPLS  # noqa: E402
 from lvmae_fast.devices import resolve_device  # noqa: E402
 from lvmae_fast.buckets import pad_to_bucket, seqlen_floors  # noqa: E402
 from lvmae_fast.masking import build_masked_batch  # noqa: E402
@@ -226,10 +228,13 @@ def main(argv=None):
     p.add_argument("--overlap-update", action="store_true",
                    help="with --graph-optimizer: also time whole-step graphs whose AdamW update runs chunk by chunk "
                         "on a second stream during backward (row 'packed+graphs+opt+overlap')")
-    p.add_argument("--overlap-chunks", default="32",
+    p.add_argument("--overlap-chunks", default="8",
                    help="with --overlap-update: how many chunks the update is split into; a comma list times one "
                         "row per value (rows 'packed+graphs+opt+overlap/N')")
-    p.add_argument("--attn-impl", default="auto")
+    p.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS)
+    p.add_argument("--compare-attn", default="",
+                   help="comma list of attention backends (e.g. fa4): each batch size's last mode asked for is "
+                        "timed again with each, rows '<mode> attn=<impl>' beside the --attn-impl rows")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="masked-loss kernels")
     p.add_argument("--json", "--json-out", dest="json", default=None, help="write results here (--json-out: the data mode's spelling)")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of the first packed batch size here (its fastest mode "
@@ -247,6 +252,10 @@ def main(argv=None):
         overlap_chunks = []
     if not overlap_chunks or min(overlap_chunks) < 1:
         p.error(f"--overlap-chunks must be positive integers, comma-separated; got {args.overlap_chunks!r}")
+    compare_attn = [i for i in args.compare_attn.split(",") if i]
+    if set(compare_attn) - set(ATTN_IMPLS):
+        p.error(f"--compare-attn: unknown backend(s) {sorted(set(compare_attn) - set(ATTN_IMPLS))}; "
+                f"choose from {ATTN_IMPLS}")
     try:
         device = resolve_device(args.device)  # auto | cpu | cuda[:N], as every lvmae command
     except ValueError as err:
@@ -266,7 +275,7 @@ def main(argv=None):
             "inputs": "packed rows: masked and packed before the clock, batches on the device (graphs rows: "
                       "copied from pinned host memory each step); padded row: masks inside the step, as the "
                       "reference. Optimizer: fused AdamW (packed; the +master row: MasterWeightAdamW), torch default AdamW + GradScaler (padded)",
-            "attn_impl": args.attn_impl, "kernels": args.kernels, "complete": False}
+            "attn_impl": args.attn_impl, "compare_attn": compare_attn, "kernels": args.kernels, "complete": False}
     if args.cuda_graphs and device.type != "cuda":
         meta["note"] = ("no CUDA graphs off a GPU: the '+graphs' rows run the same bucketed step uncaptured, "
                         "so they are not a graph measurement")
@@ -290,29 +299,27 @@ def main(argv=None):
         mode = "opt" if args.graph_optimizer else "graphs" if args.cuda_graphs else "plain"
         name = "packed+compile" if args.compile else "packed"
         first = len(rows)
-        add(summarise(name, run_packed(config, batches, device, args.steps, args.warmup, args.compile,
-                                       profile if mode == "plain" else None),
-                      batches, config, args.warmup, args.steps))
+        fastest = {}  # the last (most optimised) mode asked for: the one --compare-attn repeats
+
+        def timed(label, cfg=config, profile_mode=None, **mode_kw):
+            fastest.update(label=label, kw=mode_kw)
+            add(summarise(label, run_packed(cfg, batches, device, args.steps, args.warmup, args.compile,
+                                            profile if profile_mode == mode else None, **mode_kw),
+                          batches, cfg, args.warmup, args.steps))
+
+        timed(name, profile_mode="plain")
         if args.cuda_graphs:  # --compile applies here too: compiled blocks inside the captured graphs
-            add(summarise(f"{name}+graphs", run_packed(config, batches, device, args.steps, args.warmup,
-                                                       args.compile, profile if mode == "graphs" else None,
-                                                       cuda_graphs=True),
-                          batches, config, args.warmup, args.steps))
+            timed(f"{name}+graphs", profile_mode="graphs", cuda_graphs=True)
         if args.graph_optimizer:
-            add(summarise(f"{name}+graphs+opt", run_packed(config, batches, device, args.steps, args.warmup,
-                                                           args.compile, profile if mode == "opt" else None,
-                                                           cuda_graphs=True, graph_optimizer=True),
-                          batches, config, args.warmup, args.steps))
+            timed(f"{name}+graphs+opt", profile_mode="opt", cuda_graphs=True, graph_optimizer=True)
         if args.master_weights:
-            add(summarise(f"{name}+graphs+opt+master", run_packed(config, batches, device, args.steps, args.warmup,
-                                                                  args.compile, None, cuda_graphs=True,
-                                                                  graph_optimizer=True, master_weights=True),
-                          batches, config, args.warmup, args.steps))
+            timed(f"{name}+graphs+opt+master", cuda_graphs=True, graph_optimizer=True, master_weights=True)
         for chunks in overlap_chunks if args.overlap_update else []:
-            label = f"{name}+graphs+opt+overlap" + (f"/{chunks}" if len(overlap_chunks) > 1 else "")
-            add(summarise(label, run_packed(config, batches, device, args.steps, args.warmup, args.compile, None,
-                                            cuda_graphs=True, graph_optimizer=True, overlap_chunks=chunks),
-                          batches, config, args.warmup, args.steps))
+            timed(f"{name}+graphs+opt+overlap" + (f"/{chunks}" if len(overlap_chunks) > 1 else ""),
+                  cuda_graphs=True, graph_optimizer=True, overlap_chunks=chunks)
+        base = dict(fastest)
+        for impl in compare_attn:  # the same mode with another attention backend, in the same run
+            timed(f"{base['label']} attn={impl}", cfg=dataclasses.replace(config, attn_impl=impl), **base["kw"])
         if not args.skip_padded and bs <= args.padded_max_batch:
             padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),
                                batches, config, args.warmup, args.steps)
