@@ -13,6 +13,8 @@ EXTRAS = {
     "video": ["av>=12"],
     "dali": ["nvidia-dali-cuda130>=2.0"],
     "flash": ["flash-attn>=2.6"],
+    # FlashAttention-4 (CuTe DSL, kernels compiled at first use): wheels only; the pre-release pin admits its betas.
+    "fa4": ["flash-attn-4[cu13]>=4.0.0b7"],
     "distributed": ["deepspeed>=0.15"],
     "export": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"],
     "export-gpu": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime-gpu>=1.18"],

@@ -268,13 +268,19 @@ def main(argv=None) -> int:
             if only is not None and key not in only:
                 results[key] = f"{NOT_MEASURED} (not in --only)"
                 return
-            t_stage = time.perf_counter()
+            t_stage, cpu_stage = time.perf_counter(), time.process_time()
             try:
                 results[key] = measure()
+                if isinstance(results[key], dict):
+                    # Process CPU time (every thread: FFmpeg's, DALI's, ours) per wall second: tells a
+                    # CPU-bound stage (near the core count) from one waiting on NVDEC or the GPU.
+                    results[key]["cpu_cores_busy"] = round((time.process_time() - cpu_stage)
+                                                           / max(time.perf_counter() - t_stage, 1e-9), 2)
             except Exception as err:
                 results[key] = f"{NOT_MEASURED} (failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
             print(f"[bench] {key}: {json.dumps(results[key], default=str)[:200]} "
-                  f"({time.perf_counter() - t_stage:.0f} s)", file=sys.stderr, flush=True)
+                  f"({time.perf_counter() - t_stage:.0f} s, ended {time.strftime('%H:%M:%S')})",  # vs nvidia-smi's log
+                  file=sys.stderr, flush=True)
             save()
 
         if args.quick:
@@ -421,6 +427,10 @@ def main(argv=None) -> int:
     how_dec = decoded_by_text(e2e_dec["decoded_by"]) if isinstance(e2e_dec, dict) else "-"
     print(f"| end to end, --decoder dali --dali-api decoder, videos decoded by: {how_dec} (x realtime) | "
           f"{cell(e2e_dec, 'realtime_factor', '{:.1f}')} |")
+    busy = [f"{key} {results[key]['cpu_cores_busy']:g}" for key in sorted(STAGE_KEYS)
+            if isinstance(results.get(key), dict) and "cpu_cores_busy" in results[key]]
+    print(f"| CPU cores busy (process CPU seconds / wall seconds, each stage from its start to its end; "
+          f"{os.cpu_count()} CPUs) | {', '.join(busy) or '-'} |")
     print("\n" + json.dumps(results, default=str))
     if args.json:
         print(f"\nwrote {args.json}")

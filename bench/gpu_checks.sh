@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
-# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|extract_e2e|pretrain|train|graphs|overlap|profile]...
-# Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH).
+# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|extract_e2e|pretrain|train|graphs|overlap|profile|fa4]...
+# Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH); FlashAttention-4
+# and its CuTe DSL into /tmp/fa4site (the fa4 part adds it; bench/GPU_RUNBOOK.md says how they travel).
 # Inner timeouts keep each runbook call under the device tool's 600 s: graphtests+graphs 140+200+110+110.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:${PWD}${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# NVDEC and SM utilisation once a second into $OUT/$1 while a command runs (the extract stages print the
+# time they end): tells saturated decode engines from ones waiting on the CPU.
+with_gpu_log() { local log=$1; shift
+  nvidia-smi --query-gpu=timestamp,utilization.decoder,utilization.gpu --format=csv,noheader -lms 1000 > "$OUT/$log" 2>/dev/null &
+  local sampler=$!; "$@"; local rc=$?; kill $sampler 2>/dev/null; return $rc; }
 for part in "${@:-tests kernels extract pretrain}"; do
   for p in $part; do
     case $p in
@@ -25,16 +31,19 @@ for part in "${@:-tests kernels extract pretrain}"; do
       extract_pyav) # issue 5 without DALI (one call, carry .whl_gpu): PyAV decodes, several videos/parts at once
                 python3 -c 'import av' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
                   --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
-                timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
-                  --decode-workers "${DECODE_WORKERS:-0}" --nvdec-workers "${NVDEC_WORKERS:-0}" --copies "${COPIES:-8}" --json "$OUT/extract_pyav.json" 2>&1 | tail -36 ;;
+                with_gpu_log nvsmi_extract_pyav.csv timeout 420 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" \
+                  --videos "${VIDEOS:-4}" --decode-workers "${DECODE_WORKERS:-0}" --nvdec-workers "${NVDEC_WORKERS:-0}" \
+                  --copies "${COPIES:-8}" --json "$OUT/extract_pyav.json" 2>&1 | tail -37 ;;
       extract_e2e) # issue 5, a second look: the end-to-end rows only (pyav, hybrid, nvdec), on the videos an
                 # earlier extract_pyav call left in /tmp/bench_videos (written again if the machine was released)
                 python3 -c 'import av' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
                   --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
-                timeout 300 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
+                with_gpu_log "nvsmi_e2e_cpu${DECODE_WORKERS:-0}_nvdec${NVDEC_WORKERS:-0}.csv" \
+                  timeout 300 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
                   --decode-workers "${DECODE_WORKERS:-0}" --nvdec-workers "${NVDEC_WORKERS:-0}" --copies "${COPIES:-8}" \
-                  --only end_to_end_pyav,end_to_end_hybrid,end_to_end_nvdec \
-                  --json "$OUT/extract_e2e_cpu${DECODE_WORKERS:-0}_nvdec${NVDEC_WORKERS:-0}.json" 2>&1 | grep -E '^\| end to end|rror' ;;
+                  --only end_to_end_pyav,end_to_end_hybrid,end_to_end_nvdec,decode_nvdec \
+                  --json "$OUT/extract_e2e_cpu${DECODE_WORKERS:-0}_nvdec${NVDEC_WORKERS:-0}.json" 2>&1 \
+                  | grep -E '^\| (end to end|decode, PyAV on NVDEC|CPU cores)|rror|\[bench\]' ;;
       pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \
                   --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,256 --steps 15 --warmup 5 \
@@ -57,6 +66,19 @@ for part in "${@:-tests kernels extract pretrain}"; do
                   --cuda-graphs --graph-optimizer --overlap-update --overlap-chunks 32,8 --compile --json "$OUT/pretrain_overlap.json" 2>&1 | grep -E '^\||rror' ;
                 timeout 150 python3 -m pytest -q -m gpu tests/test_graphs.py -k whole_step_graphs_update -p no:cacheprovider \
                   2>&1 | tail -15 | tee "$OUT/gpu_overlap_tests.log" ;;
+      fa4)      # issue 2: FlashAttention-4 (attn_impl=fa4, its Hopper kernels) beside torch's FlashAttention-2 varlen
+                # kernels: its GPU tests (forward and gradients vs the naive attention), then batch 256 compiled (the
+                # 400 TFLOP/s target) and batch 16 in its fastest form, each with an 'attn=fa4' row in the same run
+                export PYTHONPATH="/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH" ;
+                python3 -c 'from lvmae_fast.attention import _fa4_varlen as f; import sys; sys.exit(f() is None)' \
+                  || python3 -c 'from flash_attn.cute import flash_attn_varlen_func' 2>&1 | tail -5 ;
+                timeout 150 python3 -m pytest -q -m gpu tests/test_attention.py -p no:cacheprovider 2>&1 | tail -15 \
+                  | tee "$OUT/gpu_fa4_tests.log" ;
+                timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 10 --warmup 3 --skip-padded \
+                  --long-len 0 --compile --compare-attn fa4 --json "$OUT/pretrain_fa4_b256.json" 2>&1 | grep -E '^\||rror' ;
+                timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 --skip-padded \
+                  --long-len 0 --cuda-graphs --graph-optimizer --overlap-update --compile --compare-attn fa4 \
+                  --json "$OUT/pretrain_fa4_b16.json" 2>&1 | grep -E '^\||rror' ;;
       profile)  # where a compute-bound batch-256 step (compiled: its fastest, 369 TFLOP/s vs the 400 target) and a
                 # launch-bound batch-16 step spend GPU time
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 3 --warmup 2 \

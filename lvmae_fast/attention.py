@@ -1,9 +1,12 @@
-"""Varlen self-attention behind one switch: attn_impl = auto | flash | torch_varlen | sdpa.
+"""Varlen self-attention behind one switch: attn_impl = auto | flash | fa4 | torch_varlen | sdpa.
 
 Inputs are packed rows q/k/v [T, H, Dh] with int32 cu_seqlens [B+1] and a Python-int max_seqlen;
 attention never crosses a sequence boundary. All backends compute softmax(q k^T / sqrt(Dh)) v.
 - flash:        flash_attn.flash_attn_varlen_func (CUDA, fp16/bf16; optional extra [flash]).
-- torch_varlen: torch.nn.attention.varlen.varlen_attn (CUDA, fp16/bf16, torch >= 2.10).
+- fa4:          flash_attn.cute.flash_attn_varlen_func, FlashAttention-4 (CuTe DSL kernels compiled at
+                first use; Hopper and Blackwell paths; optional extra [fa4], wheels only, no CUDA build).
+- torch_varlen: torch.nn.attention.varlen.varlen_attn (CUDA, fp16/bf16, torch >= 2.10; FlashAttention-2
+                kernels inside torch).
 - sdpa:         any device/dtype: rows scattered into [B, H, max_seqlen, Dh] blocks with a key-padding
                 mask, one batched SDPA call, gathered back (the CPU / fp32 path).
 """
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-ATTN_IMPLS = ("auto", "flash", "torch_varlen", "sdpa")
+ATTN_IMPLS = ("auto", "flash", "fa4", "torch_varlen", "sdpa")
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,6 +29,23 @@ def _flash_varlen():
     except ImportError:
         return None
     return flash_attn_varlen_func
+
+
+@functools.lru_cache(maxsize=None)
+def _fa4_varlen():
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except (ImportError, OSError, RuntimeError) as err:  # also a CuTe DSL whose CUDA libraries do not load
+        log.debug("fa4 unavailable: %s", err)
+        return None
+    return flash_attn_varlen_func
+
+
+@torch.compiler.disable  # FA4 launches its own JIT-compiled kernels: dynamo runs it as an opaque call
+def _fa4_attention(q, k, v, cu_seqlens, max_seqlen: int):
+    out = _fa4_varlen()(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                        max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    return out[0] if isinstance(out, tuple) else out  # (out, lse) in the 4.0 betas
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,6 +65,10 @@ def available_impls(device: torch.device, dtype: torch.dtype) -> list[str]:
             impls.append("flash")
         if _torch_varlen() is not None:
             impls.append("torch_varlen")
+        # After torch_varlen until a GPU run shows it faster on this model's shapes (bench/pretrain.py
+        # --compare-attn fa4): auto picks it only when torch has no varlen kernels.
+        if _fa4_varlen() is not None:
+            impls.append("fa4")
     impls.append("sdpa")
     return impls
 
@@ -64,6 +88,8 @@ def resolve_impl(attn_impl: str, device: torch.device, dtype: torch.dtype) -> st
         chosen = attn_impl
     elif attn_impl == "flash" and _flash_varlen() is None:
         raise RuntimeError("attn_impl='flash' needs flash-attn: pip install 'lvmae_fast[flash]' (CUDA source build)")
+    elif attn_impl == "fa4" and _fa4_varlen() is None:
+        raise RuntimeError("attn_impl='fa4' needs flash-attn-4 and the CuTe DSL: pip install 'lvmae_fast[fa4]'")
     else:
         raise RuntimeError(f"attn_impl={attn_impl!r} needs a CUDA device and fp16/bf16 activations "
                            f"(got {device.type}, {dtype}); use attn_impl='sdpa' or 'auto'")
@@ -150,4 +176,6 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, attn_impl: str = "aut
         return _flash_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0)
     if impl == "torch_varlen":
         return _torch_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    if impl == "fa4":
+        return _fa4_attention(q, k, v, cu_seqlens, max_seqlen)
     return sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, layout=layout)

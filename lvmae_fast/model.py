@@ -47,7 +47,7 @@ class LVMAEConfig:
     masking: str = "semantic"         # random | semantic (paper) | semantic_inverted (reference code)
     loss: str = "mse"                 # mse | cosine
     norm_targets: bool = False        # per-token standardised targets (MAE's norm_pix_loss)
-    attn_impl: str = "auto"           # auto | flash | torch_varlen | sdpa
+    attn_impl: str = "auto"           # auto | flash | fa4 | torch_varlen | sdpa
     kernels: str = "auto"             # auto | triton | torch (semantic masking + masked loss)
 
     def __post_init__(self):

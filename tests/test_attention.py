@@ -41,6 +41,37 @@ def test_auto_on_cpu_picks_sdpa_and_explicit_gpu_backends_fail_clearly():
         resolve_impl("xformers", torch.device("cpu"), torch.float32)
 
 
+def test_fa4_missing_is_named_and_its_call_passes_the_packed_layout(monkeypatch):
+    """FA4 never runs on a CPU: the glue is checked with a stand-in that computes the naive attention
+    from exactly the arguments FA4's flash_attn_varlen_func would get."""
+    from lvmae_fast import attention
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    monkeypatch.setattr(attention, "_fa4_varlen", lambda: None)
+    assert "fa4" not in available_impls(cuda, bf16)
+    with pytest.raises(RuntimeError, match=r"lvmae_fast\[fa4\]"):
+        resolve_impl("fa4", cuda, bf16)
+    with pytest.raises(RuntimeError, match="needs"):
+        resolve_impl("fa4", torch.device("cpu"), torch.float32)
+
+    calls = []
+
+    def fake_fa4(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        calls.append((cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+        lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+        return naive_attention(q, k, v, lengths).to(q.dtype), torch.zeros(q.shape[1], q.shape[0])
+
+    monkeypatch.setattr(attention, "_fa4_varlen", lambda: fake_fa4)
+    if attention._torch_varlen() is not None:  # after torch's own kernels until measured faster
+        assert available_impls(cuda, bf16)[-3:] == ["torch_varlen", "fa4", "sdpa"]
+    q, k, v = qkv()
+    cu = cu_seqlens_from_lengths(LENGTHS)
+    out = varlen_attention(q, k, v, cu, max(LENGTHS), "fa4", resolved=True)
+    torch.testing.assert_close(out.double(), naive_attention(q, k, v, LENGTHS), rtol=1e-6, atol=1e-6)
+    (cu_q, cu_k, max_q, max_k), = calls
+    assert cu_q is cu and cu_k is cu and max_q == max_k == max(LENGTHS)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_backends_agree(dtype):
@@ -54,6 +85,33 @@ def test_gpu_backends_agree(dtype):
     for impl in impls:
         err = (varlen_attention(q, k, v, cu, max(LENGTHS), impl).double() - ref).abs().max().item()
         assert err <= 2 * sdpa_err + 1e-3, (impl, err, sdpa_err)
+
+
+@pytest.mark.gpu
+def test_gpu_backends_agree_in_gradients():
+    """Each CUDA backend's input gradients against the fp64 naive attention's, within 2x the padded
+    bf16 SDPA's own error (plus a floor), as the forward test."""
+    q0, k0, v0 = qkv("cuda", torch.bfloat16, H=16, Dh=64)
+    cu = cu_seqlens_from_lengths(LENGTHS, "cuda")
+    grad_out = torch.randn_like(q0)
+
+    def grads(impl):
+        dtype = torch.float64 if impl == "naive" else q0.dtype
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q0, k0, v0))
+        out = (naive_attention(q, k, v, LENGTHS) if impl == "naive"
+               else varlen_attention(q, k, v, cu, max(LENGTHS), impl))
+        out.backward(grad_out.to(out.dtype))
+        return [t.grad.double() for t in (q, k, v)]
+
+    ref = grads("naive")
+
+    def err(impl):
+        return max((g - r).abs().max().item() for g, r in zip(grads(impl), ref))
+
+    sdpa_err = err("sdpa")
+    for impl in [i for i in available_impls(q0.device, q0.dtype) if i != "sdpa"]:
+        impl_err = err(impl)
+        assert impl_err <= 2 * sdpa_err + 2e-3, (impl, impl_err, sdpa_err)
 
 
 @pytest.mark.gpu

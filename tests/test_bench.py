@@ -1,5 +1,6 @@
 """Benchmarks run end to end at CPU size and write the JSON they promise (timings are not asserted)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,20 +17,26 @@ def bench(*args):
 def test_pretrain_step_bench_with_cuda_graphs_rows(tmp_path):
     out = tmp_path / "step.json"
     bench("bench/pretrain.py", "--preset", "tiny", "--device", "cpu", "--steps", 2, "--warmup", 1, "--batch-sizes", 4,
-          "--long-len", 0, "--cuda-graphs", "--graph-optimizer", "--master-weights", "--overlap-update", "--overlap-chunks", "32,4", "--json", out)
+          "--long-len", 0, "--cuda-graphs", "--graph-optimizer", "--master-weights", "--overlap-update", "--overlap-chunks", "32,4",
+          "--compare-attn", "sdpa,fa4", "--json", out)
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["packed", "packed+graphs", "packed+graphs+opt", "packed+graphs+opt+master",
                                          "packed+graphs+opt+overlap/32", "packed+graphs+opt+overlap/4",
+                                         "packed+graphs+opt+overlap/4 attn=sdpa", "packed+graphs+opt+overlap/4 attn=fa4",
                                          "padded (reference)"]
+    # A backend this machine cannot run is a row saying why, not a lost table.
+    fa4 = rows.pop(7)
+    assert fa4["status"].startswith("failed: RuntimeError") and "lvmae_fast[fa4]" in fa4["status"]
     assert all(r["status"] == "ok" for r in rows)
-    assert all(r["speedup"] > 0 for r in rows[:6])
+    assert all(r["speedup"] > 0 for r in rows[:7])
 
 
 def test_pretrain_bench_refuses_bad_overlap_flags():
     for args, message in ((["--overlap-update"], "--overlap-update needs --graph-optimizer"),
                           (["--cuda-graphs", "--graph-optimizer", "--overlap-update", "--overlap-chunks", "32,0"],
                            "--overlap-chunks must be positive integers, comma-separated; got '32,0'"),
-                          (["--overlap-chunks", "many"], "--overlap-chunks must be positive integers")):
+                          (["--overlap-chunks", "many"], "--overlap-chunks must be positive integers"),
+                          (["--compare-attn", "sdpa,xformers"], "--compare-attn: unknown backend(s) ['xformers']")):
         r = subprocess.run([sys.executable, "bench/pretrain.py", "--preset", "tiny", "--device", "cpu", *args],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-500:])
@@ -68,6 +75,9 @@ def test_extract_bench_only_runs_the_measurements_asked_for(tmp_path):
           "--video-dir", tmp_path / "videos", "--only", "end_to_end_pyav,encoder_fp", "--json", out)
     result = json.loads(out.read_text())
     assert result["end_to_end_pyav"]["done"] == 1 and result["encoder_fp"]["windows_per_s"] > 0
+    # Each measured stage's process CPU time per wall second: positive, at most every core busy.
+    for key in ("end_to_end_pyav", "encoder_fp"):
+        assert 0 < result[key]["cpu_cores_busy"] <= os.cpu_count() + 0.5, (key, result[key])
     for key in ("end_to_end", "decode_pyav", "decode_pyav_parallel"):
         assert result[key] == "not measured (not in --only)", key
     r = subprocess.run([sys.executable, "bench/extract.py", "--quick", "--only", "end_to_end_pyav,decode_fast"],
