@@ -41,11 +41,23 @@ def _fa4_varlen():
     return flash_attn_varlen_func
 
 
-@torch.compiler.disable  # FA4 launches its own JIT-compiled kernels: dynamo runs it as an opaque call
 def _fa4_attention(q, k, v, cu_seqlens, max_seqlen: int):
     out = _fa4_varlen()(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                         max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
     return out[0] if isinstance(out, tuple) else out  # (out, lse) in the 4.0 betas
+
+
+_fa4_opaque_call = None
+
+
+def _fa4_opaque():
+    """_fa4_attention behind torch.compiler.disable (FA4 launches its own JIT-compiled kernels: dynamo runs
+    it as an opaque call), made at first use: wrapping at import would import dynamo, and with it
+    triton, in compiled mode, before a CPU test can ask for the Triton interpreter."""
+    global _fa4_opaque_call
+    if _fa4_opaque_call is None:
+        _fa4_opaque_call = torch.compiler.disable(_fa4_attention)
+    return _fa4_opaque_call
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,6 +106,8 @@ def resolve_impl(attn_impl: str, device: torch.device, dtype: torch.dtype) -> st
         raise RuntimeError(f"attn_impl={attn_impl!r} needs a CUDA device and fp16/bf16 activations "
                            f"(got {device.type}, {dtype}); use attn_impl='sdpa' or 'auto'")
     _log_choice(attn_impl, chosen, device.type, dtype)
+    if chosen == "fa4":
+        _fa4_opaque()  # wrapped here, outside any compiled region
     return chosen
 
 
@@ -177,5 +191,5 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, attn_impl: str = "aut
     if impl == "torch_varlen":
         return _torch_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
     if impl == "fa4":
-        return _fa4_attention(q, k, v, cu_seqlens, max_seqlen)
+        return _fa4_opaque()(q, k, v, cu_seqlens, max_seqlen)
     return sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, layout=layout)

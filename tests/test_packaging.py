@@ -26,6 +26,18 @@ def test_checkout_imports_without_install():
     assert out.stdout.split() == [str(ROOT / "kernels" / "__init__.py"), str(ROOT / "export" / "__init__.py")]
 
 
+def test_importing_the_library_leaves_triton_unimported():
+    """Triton fixes interpreter vs compiled mode at its first import: a module that imports it (or
+    dynamo, which does) at import time would fix compiled mode before TRITON_INTERPRET=1 can be set,
+    and the CPU suite's ~110 interpreter tests of the kernels would skip (as they did for one commit,
+    through a torch.compiler.disable decorator)."""
+    code = ("import sys, lvmae_fast, lvmae_fast.attention, lvmae_fast.model, lvmae_fast.graphs, lvmae_fast.train, "
+            "lvmae_fast.extract, lvmae_fast.kernels; print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]"]
+
+
 def test_top_level_kernels_folder_is_importable_by_name():
     # transformers imports any importable `kernels` while probing for the PyPI package of that name;
     # with the repo root on sys.path (python -m ...) that finds our folder, which must import cleanly.
