@@ -223,6 +223,9 @@ def main(argv=None) -> int:
                     help="comma-separated measurement keys to run (e.g. end_to_end_hybrid,end_to_end_pyav; the JSON's "
                          "keys); the others read 'not measured (not in --only)'. For a second look at a few rows "
                          "on a GPU host without paying for the rest")
+    ap.add_argument("--gop-tails", choices=["skip", "decode"], default="skip",
+                    help="skip (default, as lvmae extract since 2026-11-27) or decode the GOP tails after each GOP's "
+                         "last sampled frame (decode_pyav.SKIP_GOP_TAILS): run twice to see what skipping gains")
     ap.add_argument("--video-dir", default=None,
                     help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
     args = ap.parse_args(argv)
@@ -234,6 +237,7 @@ def main(argv=None) -> int:
         ap.error(f"--only: unknown measurement {', '.join(sorted(only - STAGE_KEYS))} (choose from "
                  f"{', '.join(sorted(STAGE_KEYS))})")
     logging.basicConfig(level=logging.WARNING)
+    decode_pyav.SKIP_GOP_TAILS = args.gop_tails == "skip"
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -247,7 +251,8 @@ def main(argv=None) -> int:
     results = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                "dtype": str(dtype).replace("torch.", ""), "videos": count, "video_seconds_each": duration,
                "resolution": f"{size[0]}x{size[1]}", "fps": fps, "codec": "h264", "content": args.content, "window_seconds": spec.seconds,
-               "frames_per_window": spec.frames, "decode_workers": workers, "python": platform.python_version(), "torch": torch.__version__}
+               "frames_per_window": spec.frames, "decode_workers": workers, "gop_tails": args.gop_tails,
+               "python": platform.python_version(), "torch": torch.__version__}
 
     with tempfile.TemporaryDirectory(prefix="lvmae_bench_") as tmp:
         tmp = Path(tmp)
@@ -391,7 +396,7 @@ def main(argv=None) -> int:
           f"{cell(results['decode_pyav_parallel'], 'frames_per_s')} |")
     print(f"| decode, PyAV CPU, one video at a time, every frame decoded (before 2026-11-26) (frames/s) | "
           f"{cell(results['decode_pyav_every_frame'], 'frames_per_s')} |")
-    print(f"| decode ratio, unsampled non-reference frames skipped / every frame decoded | "
+    print(f"| decode ratio, unneeded frames skipped (unsampled non-reference ones; GOP tails since 2026-11-27) / every frame decoded | "
           f"{ratio_cell(results['decode_pyav_skip_over_every_frame'])} |")
     print(f"| decode, PyAV on NVDEC (--decoder nvdec), {workers} videos at once (frames/s) | "
           f"{cell(results['decode_nvdec'], 'frames_per_s')} |")

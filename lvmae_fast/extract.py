@@ -286,8 +286,10 @@ def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> It
     rest = np.zeros(job.num_windows, bool) if job.skip is None else job.skip.copy()
     rest[:start] = True
     try:
+        one_pass = np.zeros(job.num_windows, bool) if job.skip is None else job.skip
         for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads, skip=rest,
-                                                    damage=damage, redo=first, hwaccel=hwaccel):
+                                                    damage=damage, redo=first, hwaccel=hwaccel,
+                                                    one_pass_skip=one_pass):
             yield Window(job, w, frames, times)
     except VideoError as err:  # as pyav_events reports it
         yield Failed(job, str(err))

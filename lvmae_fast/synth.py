@@ -153,13 +153,16 @@ def write_distinct_frames(path, frames: int = 300, fps: int = 25, keyint: int = 
 
 
 def write_camera_like(path, duration: float = 30.0, fps: float = 30.0, size: tuple[int, int] = (1920, 1080),
-                      seed: int = 0, keyint: int | None = None, bitrate: int | None = None) -> Path:
+                      seed: int = 0, keyint: int | None = None, bitrate: int | None = None,
+                      open_gop: bool = False) -> Path:
     """H.264 as cameras and web video ship it, for decode benchmarks: High profile tools (CABAC,
     deblocking, 8x8 transforms, B-frames: x264 preset veryfast) at a camera-like bit rate (8 Mbit/s at
     1080p, scaled by pixel count), of textured content that pans every frame and changes scene every
     2 s, with film-grain noise, so that the encoder spends that rate. write_video's flat scenes encode
     (ultrafast, Constrained Baseline, no B-frames) to almost nothing, which decodes several times faster
-    than real footage. mp4 by default; pts as the encoder sets them (B-frames shift them by an edit list)."""
+    than real footage. mp4 by default; pts as the encoder sets them (B-frames shift them by an edit list).
+    open_gop: x264's open GOPs, as some broadcast and camera streams: keyframes after the first are
+    non-IDR I frames that B-frames shown before them predict across."""
     av = require("av", "video", "writing test videos")
     path = Path(path)
     width, height = size
@@ -187,7 +190,8 @@ def write_camera_like(path, duration: float = 30.0, fps: float = 30.0, size: tup
         stream.bit_rate = bitrate
         stream.options = {"preset": "veryfast", "profile": "high",
                           "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:"
-                                         f"vbv-maxrate={bitrate // 1000}:vbv-bufsize={2 * bitrate // 1000}"}
+                                         f"vbv-maxrate={bitrate // 1000}:vbv-bufsize={2 * bitrate // 1000}"
+                                         + (":open-gop=1" if open_gop else "")}
         texture = None
         for i in range(n):
             if i % scene_len == 0:

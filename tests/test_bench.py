@@ -65,6 +65,41 @@ def test_extract_bench_links_copies(tmp_path):
     assert len(list((tmp_path / "videos").iterdir())) == 3
 
 
+def load_extract_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lvmae_bench_extract", REPO / "bench" / "extract.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_extract_bench_gop_tails_flag_reaches_the_decoder(tmp_path, monkeypatch):
+    """--gop-tails decode turns GOP-tail skipping off for the run's decodes (the A/B a GPU host runs);
+    the default skips, as lvmae extract does."""
+    from lvmae_fast.video import decode_pyav
+
+    extract_bench = load_extract_bench()
+
+    seen = []
+    real = decode_pyav._decoded
+
+    def spy(container, stream, keep, tails=None):
+        seen.append(tails is not None)
+        return real(container, stream, keep, tails)
+
+    monkeypatch.setattr(decode_pyav, "_decoded", spy)
+    monkeypatch.setattr(decode_pyav, "SKIP_GOP_TAILS", True)  # restored after: main() sets the module flag
+    for mode, skipping in (("decode", False), ("skip", True)):
+        seen.clear()
+        out = tmp_path / f"{mode}.json"
+        assert extract_bench.main(["--quick", "--device", "cpu", "--videos", "1", "--duration", "6", "--video-dir",
+                                   str(tmp_path / "videos"), "--only", "end_to_end_pyav", "--gop-tails", mode,
+                                   "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["gop_tails"] == mode
+        assert seen and set(seen) == {skipping}, (mode, seen)
+
+
 def test_extract_bench_only_runs_the_measurements_asked_for(tmp_path):
     """--only: the rows named run, the others read not measured; an unknown name is a one-line error.
     Every stage() key of the benchmark is one --only accepts."""
@@ -83,11 +118,7 @@ def test_extract_bench_only_runs_the_measurements_asked_for(tmp_path):
     r = subprocess.run([sys.executable, "bench/extract.py", "--quick", "--only", "end_to_end_pyav,decode_fast"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--only: unknown measurement decode_fast" in r.stderr
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lvmae_bench_extract", REPO / "bench" / "extract.py")
-    extract_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(extract_bench)
+    extract_bench = load_extract_bench()
     source = (REPO / "bench" / "extract.py").read_text()
     assert set(re.findall(r'stage\("([a-z_]+)"', source)) == extract_bench.STAGE_KEYS
 

@@ -265,3 +265,89 @@ def test_unsampled_non_reference_frames_are_not_decoded(tmp_path):
     some = [f.pts for f in decode_pyav._frames(job.index, 0, None, keep)]
     assert len(every) == 60 and keep <= set(some) and len(some) < len(every)
     assert set(some) - keep  # reference frames nobody samples are decoded still
+
+
+def test_nal_unit_types_of_length_prefixed_and_annex_b_packets():
+    """Hand-built packets: the NAL types an IDR check reads, for both H.264 storage forms and HEVC."""
+    from lvmae_fast.video.probe import _nal_types, _refreshes_decoder
+
+    avcc = b"\x00\x00\x00\x03\x06\x05\xff" + b"\x00\x00\x00\x02\x65\x88"   # SEI, IDR slice
+    assert _nal_types(avcc, 4, hevc=False) == {6, 5} and _refreshes_decoder("h264", avcc, 4)
+    non_idr = b"\x00\x00\x00\x02\x41\x9a"                                   # non-IDR slice
+    assert not _refreshes_decoder("h264", non_idr, 4)
+    annex_b = b"\x00\x00\x00\x01\x67\x64\x00\x00\x01\x68\xee\x00\x00\x01\x65\x88"  # SPS, PPS, IDR
+    assert _nal_types(annex_b, None, hevc=False) == {7, 8, 5}
+    assert _nal_types(b"\x00\x00\x00\x09\x65", 4, hevc=False) == set()  # length past the end: nothing read
+    cra, trail = bytes([21 << 1, 1]), bytes([1 << 1, 1])
+    assert _refreshes_decoder("hevc", b"\x00\x02" + cra, 2) and not _refreshes_decoder("hevc", b"\x00\x02" + trail, 2)
+    assert _refreshes_decoder("vp9", b"", None) and not _refreshes_decoder("mpeg4", b"\x00\x00\x01\xb6", None)
+
+
+def _decoded_pts(index, keep, tails: bool):
+    from lvmae_fast.video import decode_pyav
+
+    decode_pyav.SKIP_GOP_TAILS = tails
+    try:
+        return [f.pts for f in decode_pyav._frames(index, 0, None, keep)]
+    finally:
+        decode_pyav.SKIP_GOP_TAILS = True
+
+
+def _windows(job, tails: bool):
+    from lvmae_fast.video import decode_pyav
+
+    decode_pyav.SKIP_GOP_TAILS = tails
+    try:
+        return list(decode_windows_pyav(job.index, job.plan))
+    finally:
+        decode_pyav.SKIP_GOP_TAILS = True
+
+
+@pytest.mark.parametrize("suffix,open_gop", [(".mp4", False), (".ts", False), (".mp4", True)])
+def test_gop_tails_are_skipped_behind_clean_keyframes_only(tmp_path, suffix, open_gop):
+    """1-s GOPs, one sampled frame per second: behind every IDR (mp4's length-prefixed NAL units and
+    mpeg-ts's start codes alike) the frames after the sampled one are never decoded, and every window
+    is bit for bit the one a decode of every GOP gives. Open GOPs' later keyframes are non-IDR I frames
+    that B-frames before them predict across: only the first is clean."""
+    path = synth.write_camera_like(tmp_path / f"c{suffix}", duration=6.0, fps=10, size=(96, 64), seed=4,
+                                   keyint=10, open_gop=open_gop)
+    job = prepare_job(VideoJob("c", str(path)), WindowSpec(seconds=2.0, frames=2))
+    index = job.index
+    assert index.keyframe.sum() == 6
+    if open_gop:
+        assert index.clean_keyframe.tolist() == [True] + [False] * 59
+    else:
+        assert np.array_equal(index.clean_keyframe, index.keyframe)
+    with_tails, every_gop = _windows(job, tails=True), _windows(job, tails=False)
+    assert [w for w, _, _ in with_tails] == [w for w, _, _ in every_gop] == [0, 1, 2]
+    for (_, a, ta), (_, b, tb) in zip(with_tails, every_gop):
+        assert np.array_equal(a, b) and np.array_equal(ta, tb)
+    keep = {int(p) for p in index.pts[np.unique(job.plan.frames)]}
+    fewer, more = _decoded_pts(index, keep, True), _decoded_pts(index, keep, False)
+    # The rule, from the file's decode order: of the frames decoded without tail skipping, exactly those
+    # that come in decode order before the last sampled frame between two clean keyframes are decoded.
+    import av
+
+    with av.open(str(path)) as container:
+        order = [pk.pts for pk in container.demux(container.streams.video[0]) if pk.size]
+    position = {pts: i for i, pts in enumerate(order)}
+    clean = np.sort(index.pts[index.clean_keyframe])
+    segment = {pts: int(np.searchsorted(clean, pts, side="right")) for pts in order}
+    last_sampled = {}
+    for pts in keep:
+        last_sampled[segment[pts]] = max(last_sampled.get(segment[pts], -1), position[pts])
+    assert set(fewer) == {pts for pts in more if position[pts] <= last_sampled.get(segment[pts], -1)}
+    assert keep <= set(fewer) and len(fewer) < len(more)
+
+
+def test_a_gop_without_sampled_frames_is_skipped_whole(tmp_path):
+    """0.5-s GOPs, one sampled frame per 3-s window: the GOPs with no sampled frame are not decoded at
+    all, keyframes included; the two windows are the ones a decode of every GOP gives."""
+    path = synth.write_camera_like(tmp_path / "c.mp4", duration=6.0, fps=10, size=(96, 64), seed=5, keyint=5)
+    job = prepare_job(VideoJob("c", str(path)), WindowSpec(seconds=3.0, frames=1))
+    keep = {int(p) for p in job.index.pts[np.unique(job.plan.frames)]}
+    assert len(keep) == 2 and job.index.keyframe.sum() == 12
+    fewer = _decoded_pts(job.index, keep, True)
+    assert keep <= set(fewer) and len(fewer) <= 2 * 5  # at most the two sampled frames' GOPs
+    for (_, a, _), (_, b, _) in zip(_windows(job, True), _windows(job, False), strict=True):
+        assert np.array_equal(a, b)

@@ -32,6 +32,12 @@ MAX_MISSING = 0.05   # fraction of sampled frames that may be stood in for befor
 # decoded at all (FFmpeg's skip_frame=NONREF, set per packet): no other frame is predicted from them,
 # so the sampled frames come out bit for bit the same, and a decode does up to half the work less.
 SKIP_UNNEEDED_NONREF = True
+# Nor are the frames of a GOP after the last one a window samples: once every sampled frame up to the
+# next clean keyframe (probe.VideoIndex.clean_keyframe: an IDR, which nothing after it predicts across)
+# has been sent to the decoder, the packets until that keyframe are dropped (skip_frame=ALL). The
+# sampled frames come out bit for bit the same; at T=8 frames per 5 s and 2-s GOPs about 1/7 of the
+# frames are never decoded, more with shorter GOPs or longer windows (whole GOPs without a sample).
+SKIP_GOP_TAILS = True
 
 
 class SharedDamage:
@@ -121,25 +127,55 @@ def _open(path: str, hwaccel=None):
         raise VideoError(f"cannot open for decoding ({err.strerror or err})") from None
 
 
-def _decoded(container, stream, keep: set[int] | None) -> Iterator:
+def _decoded(container, stream, keep: set[int] | None, tails: dict[int, int] | None = None) -> Iterator:
     """container.decode(stream), with the packets of frames outside `keep` (pts) decoded only when other
-    frames refer to them (skip_frame is read per packet, frame threads included)."""
+    frames refer to them (skip_frame is read per packet, frame threads included). `tails` (_tail_counts):
+    after the last needed packet before the next clean keyframe, nothing is decoded until that keyframe
+    (a segment without needed frames is skipped whole, its keyframe included)."""
     if keep is None:
         yield from container.decode(stream)
         return
     context = stream.codec_context
+    left = None  # needed packets of this segment not yet sent; None until the first clean keyframe
     for packet in container.demux(stream):
-        context.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in keep else "NONREF"
+        pts = packet.pts
+        if tails is not None and pts in tails:
+            left = tails[pts]
+        if pts is None:  # the end-of-stream flush packet among them: every buffered frame comes out
+            context.skip_frame = "DEFAULT"
+        elif left == 0:
+            context.skip_frame = "ALL"
+        elif pts in keep:
+            context.skip_frame = "DEFAULT"
+            left = None if left is None else left - 1
+        else:
+            context.skip_frame = "NONREF"
         yield from packet.decode()
+
+
+def _tail_counts(index: VideoIndex, keep: set[int] | None) -> dict[int, int] | None:
+    """For each clean keyframe (by pts): how many needed frames lie between it and the next clean
+    keyframe (SKIP_GOP_TAILS). None: no tail is skipped (unknown keyframes, or every frame wanted)."""
+    if keep is None or not SKIP_GOP_TAILS or index.clean_keyframe is None:
+        return None
+    clean = index.pts[index.clean_keyframe]              # ascending
+    if len(clean) == 0:
+        return None
+    needed = np.sort(np.fromiter(keep, dtype=np.int64, count=len(keep)))
+    first = np.searchsorted(needed, clean, side="left")
+    return dict(zip(clean.tolist(), (np.append(first[1:], len(needed)) - first).tolist()))
 
 
 def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int] | None = None,
             hwaccel=None) -> Iterator:
     """Decoded frames of the video stream, from `seek_to` (a keyframe's pts) when the container can
     seek there exactly, else from the start. `keep`: the pts the caller needs; other non-reference
-    frames are skipped (SKIP_UNNEEDED_NONREF). `hwaccel`: a callable giving PyAV HWAccel settings
-    (nvdec_accel), None = software decode."""
+    frames, and GOP tails after the last needed frame, are skipped (SKIP_UNNEEDED_NONREF,
+    SKIP_GOP_TAILS). `hwaccel`: a callable giving PyAV HWAccel settings (nvdec_accel), None = software
+    decode."""
     import av
+
+    tails = _tail_counts(index, keep)
 
     if seek_to is not None:
         container = _open(index.path, hwaccel)
@@ -148,7 +184,7 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
             if names & set(SEEKABLE_FORMATS):
                 stream = _video_stream(container, threads)
                 container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
-                decoded = _decoded(container, stream, keep)
+                decoded = _decoded(container, stream, keep, tails)
                 try:
                     first = next(decoded, None)
                 except av.FFmpegError:
@@ -163,7 +199,7 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
                 log.info("%s: seek to pts %d landed elsewhere; decoding from the start", index.path, seek_to)
     container = _open(index.path, hwaccel)
     with container:
-        yield from _decoded(container, _video_stream(container, threads), keep)
+        yield from _decoded(container, _video_stream(container, threads), keep, tails)
 
 
 def _video_stream(container, threads: int):
@@ -176,7 +212,7 @@ def _video_stream(container, threads: int):
 
 def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, skip: np.ndarray | None = None,
                         damage: SharedDamage | None = None, redo: int | None = None, through: int | None = None,
-                        hwaccel=None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+                        hwaccel=None, one_pass_skip: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (window index, uint8 frames [T, H, W, 3] RGB, seconds [T] of the frames actually decoded)
     for every window of `plan` not marked in `skip`, in order. `damage`: this decode is one part of the
     video (SharedDamage): it stops once an earlier part has handed the rest of the video to one decode,
@@ -185,7 +221,10 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     from the start of the file (the decoder state of one pass), stand-ins counted against the budget as
     in one pass. `through` (a part's): the pts of the next part's first frame; one pass decodes what
     lies between the two parts too, so the part decodes on to there (a decode error there ends one pass).
-    `hwaccel`: decode on NVDEC (nvdec_accel), frames matched and stood in for exactly as in software."""
+    `hwaccel`: decode on NVDEC (nvdec_accel), frames matched and stood in for exactly as in software.
+    `one_pass_skip` (a redo's): the windows one pass over the video would skip; the redo then decodes
+    (and skips: non-reference frames, GOP tails) exactly the frames that pass would, those of the windows
+    already delivered included, so that it meets the same damage."""
     import av
 
     active = windows_to_decode(len(plan), skip)
@@ -257,7 +296,13 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
         seek_to = None  # frames are matched by output position, which only a decode from the start knows
     prev, prev_pts, position = None, None, 0
     # Frames matched by output position (no pts) must all come out; otherwise only needed ones must.
-    keep = None if index.pts_in_decode_order or not SKIP_UNNEEDED_NONREF else {int(p) for p in needed}
+    decoded_for = needed if one_pass_skip is None else np.unique(
+        index.pts[plan.frames[windows_to_decode(len(plan), one_pass_skip)]])
+    keep = None if index.pts_in_decode_order or not SKIP_UNNEEDED_NONREF else {int(p) for p in decoded_for}
+    if keep is not None and strict and through is not None:
+        # The next part's first frame ends this part's decode: it must come out (one pass decodes it too,
+        # as a keyframe its windows need), else skipped GOP tails would run the decode to the file's end.
+        keep.add(int(through))
     try:
         for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel):
             if damage is not None and damage.superseded(part):

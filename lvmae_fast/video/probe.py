@@ -36,6 +36,10 @@ class VideoIndex:
     pts_in_decode_order: bool = False
     # The container seeks by index to a keyframe (decode_pyav can start a decode mid-file exactly).
     seeks_by_index: bool = False
+    # bool [n]: keyframes that no later frame decodes past (an H.264 IDR, any HEVC IRAP, a VP8/VP9/AV1
+    # keyframe; no leading pictures, i.e. no frame after it in decode order shown before it). Frames in
+    # front of one are needed by nothing after it, which lets decode_pyav skip GOP tails. None: unknown.
+    clean_keyframe: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
@@ -112,7 +116,9 @@ def probe_video(path) -> VideoIndex:
         width, height = stream.codec_context.width, stream.codec_context.height
         time_base = stream.time_base
         declared = _declared_duration(container, stream)
-        pts, durations, keys = [], [], []
+        pts, durations, keys, clean = [], [], [], []
+        nal_length = _nal_length_size(codec, stream.codec_context.extradata)
+        key_at = None                         # list position of the last keyframe demuxed
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:          # the demuxer's end-of-stream flush packet
@@ -120,6 +126,13 @@ def probe_video(path) -> VideoIndex:
                 p = packet.pts if packet.pts is not None else packet.dts
                 if p is None or p < 0:
                     continue
+                if packet.is_keyframe:
+                    key_at = len(pts)
+                    clean.append(_refreshes_decoder(codec, bytes(packet), nal_length))
+                else:
+                    clean.append(False)
+                    if key_at is not None and p < pts[key_at]:
+                        clean[key_at] = False  # a leading picture: it may predict from before the keyframe
                 pts.append(p)
                 durations.append(packet.duration or 0)
                 keys.append(bool(packet.is_keyframe))
@@ -151,4 +164,56 @@ def probe_video(path) -> VideoIndex:
                              f"only {readable:.1f} s is readable")
     return VideoIndex(path=path, codec=codec, width=width, height=height, time_base=time_base,
                       pts=pts_arr, times=times, keyframe=np.asarray(keys, dtype=bool)[order],
-                      duration=duration, pts_in_decode_order=decode_order, seeks_by_index=seeks)
+                      duration=duration, pts_in_decode_order=decode_order, seeks_by_index=seeks,
+                      clean_keyframe=np.asarray(clean, dtype=bool)[order])
+
+
+# Codecs whose keyframes reset every reference: nothing decoded after one predicts from before it.
+_REFRESHING_KEYFRAMES = frozenset({"vp8", "vp9", "av1"})
+
+
+def _nal_length_size(codec: str, extradata: bytes | None) -> int | None:
+    """Bytes of the length prefix before each NAL unit of an H.264/HEVC packet stored as in mp4/mkv
+    (avcC/hvcC extradata, first byte 1); None: Annex B start codes (mpeg-ts, raw streams)."""
+    if not extradata or extradata[0] != 1:
+        return None
+    if codec == "h264" and len(extradata) > 4:
+        return (extradata[4] & 3) + 1
+    if codec == "hevc" and len(extradata) > 21:
+        return (extradata[21] & 3) + 1
+    return None
+
+
+def _nal_types(data: bytes, length_size: int | None, hevc: bool) -> set[int]:
+    types = set()
+    starts = []
+    if length_size:
+        i = 0
+        while i + length_size < len(data):
+            n = int.from_bytes(data[i:i + length_size], "big")
+            i += length_size
+            if n <= 0 or i + n > len(data):
+                break  # malformed: what was read so far decides
+            starts.append(i)
+            i += n
+    else:
+        i = data.find(b"\x00\x00\x01")
+        while i >= 0 and i + 3 < len(data):
+            starts.append(i + 3)
+            i = data.find(b"\x00\x00\x01", i + 3)
+    for i in starts:
+        types.add((data[i] >> 1) & 0x3F if hevc else data[i] & 0x1F)
+    return types
+
+
+def _refreshes_decoder(codec: str, data: bytes, length_size: int | None) -> bool:
+    """A keyframe packet after which the decoder needs nothing decoded before it: an H.264 IDR slice
+    (a non-IDR I picture may be referenced across), an HEVC IRAP (IDR/CRA/BLA: trailing pictures may
+    not reference across; leading ones are checked by the caller), or a VP8/VP9/AV1 keyframe."""
+    if codec in _REFRESHING_KEYFRAMES:
+        return True
+    if codec == "h264":
+        return 5 in _nal_types(data, length_size, hevc=False)
+    if codec == "hevc":
+        return any(16 <= t <= 21 for t in _nal_types(data, length_size, hevc=True))
+    return False
