@@ -300,8 +300,8 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
         index.pts[plan.frames[windows_to_decode(len(plan), one_pass_skip)]])
     keep = None if index.pts_in_decode_order or not SKIP_UNNEEDED_NONREF else {int(p) for p in decoded_for}
     if keep is not None and strict and through is not None:
-        # The next part's first frame ends this part's decode: it must come out (one pass decodes it too,
-        # as a keyframe its windows need), else skipped GOP tails would run the decode to the file's end.
+        # The next part's first sampled frame ends this part's decode: it must come out (one pass decodes
+        # it too), else skipped GOP tails would run this decode on to the file's end.
         keep.add(int(through))
     try:
         for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel):
