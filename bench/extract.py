@@ -37,6 +37,7 @@ import torch
 from lvmae_fast import synth
 from lvmae_fast.atomic import atomic_write_text
 from lvmae_fast.devices import resolve_device
+from lvmae_fast import extract as extract_module
 from lvmae_fast.extract import cuda_index, decoded_by_text, extract_videos, pyav_events, pyav_threads
 from lvmae_fast.video import decode_pyav
 from lvmae_fast.video.decode_dali import DEFAULT_DALI_API, dali_available
@@ -226,10 +227,13 @@ def main(argv=None) -> int:
     ap.add_argument("--gop-tails", choices=["skip", "decode"], default="skip",
                     help="skip (default, as lvmae extract since 2026-11-27) or decode the GOP tails after each GOP's "
                          "last sampled frame (decode_pyav.SKIP_GOP_TAILS): run twice to see what skipping gains")
+    ap.add_argument("--frame-threads", type=int, default=0,
+                    help="frame threads per PyAV decode in the parallel and end-to-end rows (0 = lvmae extract's "
+                         "own count, extract.pyav_threads: 2 on a 16-CPU host): run twice to see what it costs")
     ap.add_argument("--video-dir", default=None,
                     help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
     args = ap.parse_args(argv)
-    for flag in ("decode_workers", "nvdec_workers"):  # else every end-to-end row records the same ValueError
+    for flag in ("decode_workers", "nvdec_workers", "frame_threads"):  # else every end-to-end row records the same ValueError
         if getattr(args, flag) < 0:
             ap.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     only = None if args.only is None else {key.strip() for key in args.only.split(",") if key.strip()}
@@ -238,6 +242,9 @@ def main(argv=None) -> int:
                  f"{', '.join(sorted(STAGE_KEYS))})")
     logging.basicConfig(level=logging.WARNING)
     decode_pyav.SKIP_GOP_TAILS = args.gop_tails == "skip"
+    if args.frame_threads:  # lvmae extract reads its count through this function, at each job's start
+        global pyav_threads
+        extract_module.pyav_threads = pyav_threads = lambda: args.frame_threads
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -252,6 +259,7 @@ def main(argv=None) -> int:
                "dtype": str(dtype).replace("torch.", ""), "videos": count, "video_seconds_each": duration,
                "resolution": f"{size[0]}x{size[1]}", "fps": fps, "codec": "h264", "content": args.content, "window_seconds": spec.seconds,
                "frames_per_window": spec.frames, "decode_workers": workers, "gop_tails": args.gop_tails,
+               "frame_threads": pyav_threads(),
                "python": platform.python_version(), "torch": torch.__version__}
 
     with tempfile.TemporaryDirectory(prefix="lvmae_bench_") as tmp:

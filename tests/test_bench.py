@@ -74,30 +74,40 @@ def load_extract_bench():
     return module
 
 
-def test_extract_bench_gop_tails_flag_reaches_the_decoder(tmp_path, monkeypatch):
-    """--gop-tails decode turns GOP-tail skipping off for the run's decodes (the A/B a GPU host runs);
-    the default skips, as lvmae extract does."""
+def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
+    """--gop-tails decode turns GOP-tail skipping off for the run's decodes and --frame-threads sets each
+    decode's frame threads (the A/Bs a GPU host runs); the defaults are lvmae extract's own."""
+    from lvmae_fast import extract
     from lvmae_fast.video import decode_pyav
 
     extract_bench = load_extract_bench()
+    tails_seen, threads_seen = [], []
+    real_decoded, real_stream = decode_pyav._decoded, decode_pyav._video_stream
 
-    seen = []
-    real = decode_pyav._decoded
+    def spy_decoded(container, stream, keep, tails=None):
+        tails_seen.append(tails is not None)
+        return real_decoded(container, stream, keep, tails)
 
-    def spy(container, stream, keep, tails=None):
-        seen.append(tails is not None)
-        return real(container, stream, keep, tails)
+    def spy_stream(container, threads):
+        threads_seen.append(threads)
+        return real_stream(container, threads)
 
-    monkeypatch.setattr(decode_pyav, "_decoded", spy)
-    monkeypatch.setattr(decode_pyav, "SKIP_GOP_TAILS", True)  # restored after: main() sets the module flag
-    for mode, skipping in (("decode", False), ("skip", True)):
-        seen.clear()
+    monkeypatch.setattr(decode_pyav, "_decoded", spy_decoded)
+    monkeypatch.setattr(decode_pyav, "_video_stream", spy_stream)
+    # Restored after the test: main() sets these process-wide, as its flags ask.
+    monkeypatch.setattr(decode_pyav, "SKIP_GOP_TAILS", True)
+    monkeypatch.setattr(extract, "pyav_threads", extract.pyav_threads)
+    for mode, threads in (("decode", 0), ("skip", 3)):
+        tails_seen.clear(), threads_seen.clear()
         out = tmp_path / f"{mode}.json"
         assert extract_bench.main(["--quick", "--device", "cpu", "--videos", "1", "--duration", "6", "--video-dir",
                                    str(tmp_path / "videos"), "--only", "end_to_end_pyav", "--gop-tails", mode,
-                                   "--json", str(out)]) == 0
-        assert json.loads(out.read_text())["gop_tails"] == mode
-        assert seen and set(seen) == {skipping}, (mode, seen)
+                                   "--frame-threads", str(threads), "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        expected_threads = threads or extract.pyav_threads()
+        assert result["gop_tails"] == mode and result["frame_threads"] == expected_threads
+        assert tails_seen and set(tails_seen) == {mode == "skip"}, (mode, tails_seen)
+        assert threads_seen and set(threads_seen) == {expected_threads}, (threads, threads_seen)
 
 
 def test_extract_bench_only_runs_the_measurements_asked_for(tmp_path):
