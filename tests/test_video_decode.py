@@ -351,3 +351,64 @@ def test_a_gop_without_sampled_frames_is_skipped_whole(tmp_path):
     assert keep <= set(fewer) and len(fewer) <= 2 * 5  # at most the two sampled frames' GOPs
     for (_, a, _), (_, b, _) in zip(_windows(job, True), _windows(job, False), strict=True):
         assert np.array_equal(a, b)
+
+
+def _write_encoded(path, encoder: str, options: dict, frames: int = 60, fps: int = 10, size=(96, 64)):
+    """A different textured picture in every frame (so a frame decoded from wrong references shows),
+    through any FFmpeg encoder with its own options; pts 0, 1, 2... in a 1/fps time base."""
+    import av
+
+    width, height = size
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (height + 40, width + 40, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(encoder, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = options
+        for i in range(frames):
+            picture = base[i % 40:i % 40 + height, (2 * i) % 40:(2 * i) % 40 + width].copy()
+            picture[:8, : 8 * (i % 12)] = 255
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("name,suffix,encoder,options,all_clean", [
+    ("hevc closed GOPs", ".mp4", "libx265",
+     {"x265-params": "keyint=10:min-keyint=10:scenecut=0:open-gop=0:bframes=3:log-level=error"}, True),
+    ("hevc open GOPs", ".mp4", "libx265",
+     {"x265-params": "keyint=10:min-keyint=10:scenecut=0:open-gop=1:bframes=3:log-level=error"}, False),
+    ("av1", ".mp4", "libsvtav1", {"svtav1-params": "keyint=10:scd=0"}, True),
+    ("vp9", ".webm", "libvpx-vp9", {"g": "10", "keyint_min": "10", "deadline": "realtime", "cpu-used": "8"}, True),
+    ("vp8", ".webm", "libvpx", {"g": "10", "keyint_min": "10", "deadline": "realtime", "cpu-used": "8"}, True),
+])
+def test_frame_skipping_keeps_the_windows_of_other_codecs(tmp_path, name, suffix, encoder, options, all_clean):
+    """HEVC (closed GOPs: IDR, all clean; open GOPs: CRA keyframes with leading pictures, not clean),
+    AV1, VP9 and VP8: windows with unneeded frames skipped (non-reference ones, GOP tails) are bit for bit
+    those of a decode of every frame. AV1's decoder (libdav1d) reads skip_frame only when opened: per
+    packet it dropped sampled frames and refused the video as damaged, so AV1 decodes every frame."""
+    import av
+
+    from lvmae_fast.video import decode_pyav
+
+    if encoder not in av.codecs_available:
+        pytest.skip(f"this FFmpeg has no {encoder}")
+    path = _write_encoded(tmp_path / f"v{suffix}", encoder, options)
+    job = prepare_job(VideoJob("v", str(path)), WindowSpec(seconds=2.0, frames=2))
+    index = job.index
+    assert index.keyframe.sum() >= 2 and not (index.clean_keyframe & ~index.keyframe).any()
+    if all_clean is not None:
+        assert np.array_equal(index.clean_keyframe, index.keyframe) == all_clean, index.clean_keyframe.nonzero()
+    with_tails = _windows(job, tails=True)
+    decode_pyav.SKIP_UNNEEDED_NONREF = False
+    try:
+        every_frame = list(decode_windows_pyav(job.index, job.plan))
+    finally:
+        decode_pyav.SKIP_UNNEEDED_NONREF = True
+    assert [w for w, _, _ in with_tails] == [w for w, _, _ in every_frame] == list(range(job.num_windows))
+    for (_, a, _), (_, b, _) in zip(with_tails, every_frame):
+        assert np.array_equal(a, b), name

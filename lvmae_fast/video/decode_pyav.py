@@ -38,6 +38,11 @@ SKIP_UNNEEDED_NONREF = True
 # sampled frames come out bit for bit the same; at T=8 frames per 5 s and 2-s GOPs about 1/7 of the
 # frames are never decoded, more with shorter GOPs or longer windows (whole GOPs without a sample).
 SKIP_GOP_TAILS = True
+# Both skips need a decoder that reads skip_frame per packet: FFmpeg's own for these codecs (each covered
+# by the skip tests). Others read it once when opened, e.g. libdav1d, PyAV's AV1 decoder: a per-packet
+# NONREF there dropped sampled frames, and every AV1 video was refused as damaged (until 2026-11-27).
+# Their videos decode every frame.
+PER_PACKET_SKIP_DECODERS = frozenset({"h264", "hevc", "vp8", "vp9"})
 
 
 class SharedDamage:
@@ -298,7 +303,8 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     # Frames matched by output position (no pts) must all come out; otherwise only needed ones must.
     decoded_for = needed if one_pass_skip is None else np.unique(
         index.pts[plan.frames[windows_to_decode(len(plan), one_pass_skip)]])
-    keep = None if index.pts_in_decode_order or not SKIP_UNNEEDED_NONREF else {int(p) for p in decoded_for}
+    keep = (None if index.pts_in_decode_order or not SKIP_UNNEEDED_NONREF or index.codec not in PER_PACKET_SKIP_DECODERS
+            else {int(p) for p in decoded_for})
     if keep is not None and strict and through is not None:
         # The next part's first sampled frame ends this part's decode: it must come out (one pass decodes
         # it too), else skipped GOP tails would run this decode on to the file's end.

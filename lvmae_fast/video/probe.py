@@ -117,7 +117,8 @@ def probe_video(path) -> VideoIndex:
         time_base = stream.time_base
         declared = _declared_duration(container, stream)
         pts, durations, keys, clean = [], [], [], []
-        nal_length = _nal_length_size(codec, stream.codec_context.extradata)
+        codec_id = stream.codec_context.codec.canonical_name  # the format's name ("av1"), not the decoder's
+        nal_length = _nal_length_size(codec_id, stream.codec_context.extradata)
         key_at = None                         # list position of the last keyframe demuxed
         try:
             for packet in container.demux(stream):
@@ -128,7 +129,7 @@ def probe_video(path) -> VideoIndex:
                     continue
                 if packet.is_keyframe:
                     key_at = len(pts)
-                    clean.append(_refreshes_decoder(codec, bytes(packet), nal_length))
+                    clean.append(_refreshes_decoder(codec_id, bytes(packet), nal_length))
                 else:
                     clean.append(False)
                     if key_at is not None and p < pts[key_at]:
