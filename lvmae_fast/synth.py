@@ -127,21 +127,29 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
 
 
 def write_distinct_frames(path, frames: int = 300, fps: int = 25, keyint: int = 30, bframes: int = 3,
-                          size: tuple[int, int] = (96, 64)) -> Path:
+                          size: tuple[int, int] = (96, 64), encoder: str = "libx264",
+                          options: dict[str, str] | None = None, texture: bool = False) -> Path:
     """H.264 (mp4, mkv, mpeg-ts... by suffix) with B-frames and a different picture in every frame, pts
     0, 1, 2, ... in a 1/fps time base. write_video's scenes repeat one picture, which would hide a
-    decode that starts or stops one frame off; here every frame differs in colour and in a bar."""
+    decode that starts or stops one frame off; here every frame differs in colour and in a bar.
+    `encoder` + `options`: another FFmpeg encoder and its options instead of x264's (keyint, bframes).
+    `texture`: a panning noise texture instead of the colour, so that a frame predicted from a wrong
+    reference shows it."""
     av = require("av", "video", "writing test videos")
     path = Path(path)
     width, height = size
+    noise = np.random.default_rng(0).integers(0, 256, (height + 40, width + 40, 3), dtype=np.uint8)
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
+        stream = out.add_stream(encoder, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "fast",
-                          "x264-params": f"keyint={keyint}:min-keyint={keyint}:bframes={bframes}:scenecut=0"}
+        stream.options = options if options is not None else {
+            "preset": "fast", "x264-params": f"keyint={keyint}:min-keyint={keyint}:bframes={bframes}:scenecut=0"}
         for i in range(frames):
-            picture = np.zeros((height, width, 3), np.uint8)
-            picture[:, :] = (i * 37 % 256, i * 11 % 256, (i * 3) % 256)
+            if texture:
+                picture = noise[i % 40:i % 40 + height, (2 * i) % 40:(2 * i) % 40 + width].copy()
+            else:
+                picture = np.zeros((height, width, 3), np.uint8)
+                picture[:, :] = (i * 37 % 256, i * 11 % 256, (i * 3) % 256)
             picture[: 8, : 8 * (i % 12)] = 255
             frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             frame.pts = i

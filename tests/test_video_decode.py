@@ -353,30 +353,6 @@ def test_a_gop_without_sampled_frames_is_skipped_whole(tmp_path):
         assert np.array_equal(a, b)
 
 
-def _write_encoded(path, encoder: str, options: dict, frames: int = 60, fps: int = 10, size=(96, 64)):
-    """A different textured picture in every frame (so a frame decoded from wrong references shows),
-    through any FFmpeg encoder with its own options; pts 0, 1, 2... in a 1/fps time base."""
-    import av
-
-    width, height = size
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 256, (height + 40, width + 40, 3), dtype=np.uint8)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(encoder, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = options
-        for i in range(frames):
-            picture = base[i % 40:i % 40 + height, (2 * i) % 40:(2 * i) % 40 + width].copy()
-            picture[:8, : 8 * (i % 12)] = 255
-            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
-
-
 @pytest.mark.parametrize("name,suffix,encoder,options,all_clean", [
     ("hevc closed GOPs", ".mp4", "libx265",
      {"x265-params": "keyint=10:min-keyint=10:scenecut=0:open-gop=0:bframes=3:log-level=error"}, True),
@@ -397,7 +373,8 @@ def test_frame_skipping_keeps_the_windows_of_other_codecs(tmp_path, name, suffix
 
     if encoder not in av.codecs_available:
         pytest.skip(f"this FFmpeg has no {encoder}")
-    path = _write_encoded(tmp_path / f"v{suffix}", encoder, options)
+    path = synth.write_distinct_frames(tmp_path / f"v{suffix}", frames=60, fps=10, encoder=encoder,
+                                       options=options, texture=True)
     job = prepare_job(VideoJob("v", str(path)), WindowSpec(seconds=2.0, frames=2))
     index = job.index
     assert index.keyframe.sum() >= 2 and not (index.clean_keyframe & ~index.keyframe).any()
