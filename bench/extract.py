@@ -230,6 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--frame-threads", type=int, default=0,
                     help="frame threads per PyAV decode in the parallel and end-to-end rows (0 = lvmae extract's "
                          "own count, extract.pyav_threads: 2 on a 16-CPU host): run twice to see what it costs")
+    ap.add_argument("--nvdec-context", choices=["own", "shared"], default="own",
+                    help="NVDEC decodes each in a CUDA context of their own (default, as lvmae extract) or in torch's "
+                         "(decode_pyav.NVDEC_SHARED_CONTEXT): run twice to see which is faster")
     ap.add_argument("--video-dir", default=None,
                     help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
     args = ap.parse_args(argv)
@@ -242,6 +245,7 @@ def main(argv=None) -> int:
                  f"{', '.join(sorted(STAGE_KEYS))})")
     logging.basicConfig(level=logging.WARNING)
     decode_pyav.SKIP_GOP_TAILS = args.gop_tails == "skip"
+    decode_pyav.NVDEC_SHARED_CONTEXT = args.nvdec_context == "shared"
     if args.frame_threads:  # lvmae extract reads its count through this function, at each job's start
         global pyav_threads
         extract_module.pyav_threads = pyav_threads = lambda: args.frame_threads
@@ -259,6 +263,7 @@ def main(argv=None) -> int:
                "dtype": str(dtype).replace("torch.", ""), "videos": count, "video_seconds_each": duration,
                "resolution": f"{size[0]}x{size[1]}", "fps": fps, "codec": "h264", "content": args.content, "window_seconds": spec.seconds,
                "frames_per_window": spec.frames, "decode_workers": workers, "gop_tails": args.gop_tails,
+               "nvdec_context": args.nvdec_context,
                "frame_threads": pyav_threads(),
                "python": platform.python_version(), "torch": torch.__version__}
 

@@ -75,8 +75,9 @@ def load_extract_bench():
 
 
 def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
-    """--gop-tails decode turns GOP-tail skipping off for the run's decodes and --frame-threads sets each
-    decode's frame threads (the A/Bs a GPU host runs); the defaults are lvmae extract's own."""
+    """--gop-tails decode turns GOP-tail skipping off for the run's decodes, --frame-threads sets each
+    decode's frame threads and --nvdec-context the NVDEC decodes' CUDA context (the A/Bs a GPU host
+    runs); the defaults are lvmae extract's own."""
     from lvmae_fast import extract
     from lvmae_fast.video import decode_pyav
 
@@ -97,13 +98,17 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
     # Restored after the test: main() sets these process-wide, as its flags ask.
     monkeypatch.setattr(decode_pyav, "SKIP_GOP_TAILS", True)
     monkeypatch.setattr(extract, "pyav_threads", extract.pyav_threads)
+    monkeypatch.setattr(decode_pyav, "NVDEC_SHARED_CONTEXT", False)
     for mode, threads in (("decode", 0), ("skip", 3)):
         tails_seen.clear(), threads_seen.clear()
         out = tmp_path / f"{mode}.json"
         assert extract_bench.main(["--quick", "--device", "cpu", "--videos", "1", "--duration", "6", "--video-dir",
                                    str(tmp_path / "videos"), "--only", "end_to_end_pyav", "--gop-tails", mode,
-                                   "--frame-threads", str(threads), "--json", str(out)]) == 0
+                                   "--frame-threads", str(threads), "--nvdec-context", "shared" if threads else "own",
+                                   "--json", str(out)]) == 0
         result = json.loads(out.read_text())
+        # (no NVDEC on a CPU box: the flag is checked to reach the module switch the NVDEC settings read)
+        assert decode_pyav.NVDEC_SHARED_CONTEXT == bool(threads) and result["nvdec_context"] == ("shared" if threads else "own")
         expected_threads = threads or extract.pyav_threads()
         assert result["gop_tails"] == mode and result["frame_threads"] == expected_threads
         assert tails_seen and set(tails_seen) == {mode == "skip"}, (mode, tails_seen)

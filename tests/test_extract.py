@@ -661,8 +661,25 @@ def test_nvdec_settings_give_ffmpeg_a_cuda_context_of_its_own():
     assert accel.device_id == 1 and accel.is_hw_owned and accel.allow_software_fallback
 
 
+def test_shared_nvdec_settings_bind_torchs_context_and_ask_ffmpeg_for_the_current_one(monkeypatch):
+    """--nvdec-context shared: the device's primary context is made current on the calling thread
+    (the driver is not on a CPU box: the binding is stood in for), then FFmpeg takes the current
+    context (current_ctx 1) and no context of its own (primary_ctx 0; both 1 would be refused)."""
+    pytest.importorskip("av.codec.hwaccel")
+    from lvmae_fast.video import decode_pyav
+
+    bound = []
+    monkeypatch.setattr(decode_pyav, "_bind_primary_context", bound.append)
+    accel = decode_pyav.nvdec_accel(1, shared=True)
+    assert bound == [1] and accel.options == {"primary_ctx": "0", "current_ctx": "1"} and accel.device_id == 1
+    monkeypatch.setattr(decode_pyav, "NVDEC_SHARED_CONTEXT", True)   # the module default, as the bench sets it
+    assert decode_pyav.nvdec_accel(0).options["current_ctx"] == "1" and bound == [1, 0]
+    assert "current_ctx" not in decode_pyav.nvdec_accel(0, shared=False).options and bound == [1, 0]
+
+
 @pytest.mark.gpu
-def test_gpu_nvdec_decodes_the_frames_software_decoding_gives(tmp_path):
+@pytest.mark.parametrize("shared", [False, True])
+def test_gpu_nvdec_decodes_the_frames_software_decoding_gives(tmp_path, monkeypatch, shared):
     """PyAV on NVDEC (FFmpeg's CUDA hwaccel), after torch has brought up the device's primary context
     (as the encoder does in extract; this failed with ENOTSUP on an H200 before primary_ctx 0): the
     test clip check passes, and a camera-like clip (High profile, B-frames) gives the windows of the
@@ -673,6 +690,9 @@ def test_gpu_nvdec_decodes_the_frames_software_decoding_gives(tmp_path):
     from lvmae_fast.video.jobs import VideoJob, WindowSpec, prepare_job
     import torch
 
+    from lvmae_fast.video import decode_pyav
+
+    monkeypatch.setattr(decode_pyav, "NVDEC_SHARED_CONTEXT", shared)  # shared: in torch's context
     torch.zeros(1, device="cuda")                    # torch's primary context first, as in extract
     assert nvdec_problem(0) is None
     path = synth.write_camera_like(tmp_path / "c.mp4", duration=6.0, fps=30, size=(640, 360), seed=3)

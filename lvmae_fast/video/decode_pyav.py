@@ -73,7 +73,31 @@ def _missing_budget(needed: int) -> int:
     return max(2, int(MAX_MISSING * needed))
 
 
-def nvdec_accel(device_index: int = 0):
+# NVDEC decodes in torch's CUDA context (FFmpeg's current_ctx) instead of one context of their own per
+# decode: no switching between up to 16 decode contexts and torch's on the GPU, no context created per
+# video. Opt-in (bench/extract.py --nvdec-context shared) until a GPU host shows which is faster.
+NVDEC_SHARED_CONTEXT = False
+
+
+def _bind_primary_context(device_index: int) -> None:
+    """Make the device's primary context (torch's) current on this thread, through the driver API:
+    FFmpeg's current_ctx takes whatever context is current when the decoder opens, and a thread that
+    has made no CUDA call has none (torch.cuda.set_device skips the call when the device number already
+    matches)."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    device, context = ctypes.c_int(), ctypes.c_void_p()
+    for call, args in (("cuInit", (0,)), ("cuDeviceGet", (ctypes.byref(device), device_index)),
+                       ("cuDevicePrimaryCtxRetain", (ctypes.byref(context), device)),
+                       ("cuCtxSetCurrent", (context,))):
+        status = getattr(cuda, call)(*args)
+        if status != 0:
+            raise OSError(f"{call} failed (CUresult {status}) for CUDA device {device_index}")
+    cuda.cuDevicePrimaryCtxRelease(device)  # torch holds its own reference; this one was only to look it up
+
+
+def nvdec_accel(device_index: int = 0, shared: bool | None = None):
     """PyAV decode on NVDEC through FFmpeg's CUDA hwaccel (a fresh settings object per decode). Frames
     stay on the GPU (is_hw_owned) and only the ones converted, the sampled ones, are downloaded; a
     stream NVDEC cannot decode falls back to FFmpeg's software decoder.
@@ -83,11 +107,17 @@ def nvdec_accel(device_index: int = 0):
     brought that context up (any CUDA tensor, the encoder on the GPU) with its own flags, FFmpeg refuses
     it ("Primary context already active with incompatible flags", ENOTSUP = "[Errno 95] Operation not
     supported"), which is how every NVDEC decode failed in `lvmae extract` on an H200 (2026-11-26). Had
-    FFmpeg come first instead, it would have switched torch's context to blocking sync."""
+    FFmpeg come first instead, it would have switched torch's context to blocking sync. `shared`
+    (default NVDEC_SHARED_CONTEXT): FFmpeg adopts torch's primary context instead (current_ctx), made
+    current on this thread first; no flags are checked that way."""
     from av.codec.hwaccel import HWAccel
 
+    options = {"primary_ctx": "0"}
+    if NVDEC_SHARED_CONTEXT if shared is None else shared:  # called on the thread that opens the decoder
+        _bind_primary_context(device_index)
+        options["current_ctx"] = "1"
     return HWAccel("cuda", device=str(device_index), allow_software_fallback=True, is_hw_owned=True,
-                   options={"primary_ctx": "0"})
+                   options=options)
 
 
 def nvdec_problem(device_index: int = 0) -> str | None:
