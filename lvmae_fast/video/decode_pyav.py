@@ -94,7 +94,8 @@ def _bind_primary_context(device_index: int) -> None:
         status = getattr(cuda, call)(*args)
         if status != 0:
             raise OSError(f"{call} failed (CUresult {status}) for CUDA device {device_index}")
-    cuda.cuDevicePrimaryCtxRelease(device)  # torch holds its own reference; this one was only to look it up
+    # torch holds its own reference; this one was only to look it up (_v2: what cuda.h has meant since 11.0)
+    getattr(cuda, "cuDevicePrimaryCtxRelease_v2", cuda.cuDevicePrimaryCtxRelease)(device)
 
 
 def nvdec_accel(device_index: int = 0, shared: bool | None = None):
