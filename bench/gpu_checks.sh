@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
-# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|extract_e2e|pretrain|train|graphs|overlap|profile|fa4]...
+# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|extract_e2e|pretrain|train|graphs|overlap|profile|profile16|fa4]...
 # Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH); FlashAttention-4
 # and its CuTe DSL into /tmp/fa4site (the fa4 part adds it; bench/GPU_RUNBOOK.md says how they travel).
 # Inner timeouts keep each runbook call under the device tool's 600 s: graphtests+graphs 140+200+110+110.
@@ -80,6 +80,13 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 --skip-padded \
                   --long-len 0 --cuda-graphs --graph-optimizer --overlap-update --compile --compare-attn fa4 \
                   --json "$OUT/pretrain_fa4_b16.json" 2>&1 | grep -E '^\||rror' ;;
+      profile16) # issue 2, batch 16: where the overlapped step and the MasterWeightAdamW step spend GPU time (their rows
+                # were never profiled: MasterWeightAdamW removes ~1.6 ms of weight/gradient casts per step on paper but
+                # gained 0.2 ms; --profile takes the last mode asked for since 2026-11-27)
+                for extra in --overlap-update --master-weights; do
+                  timeout 120 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 3 --warmup 2 --skip-padded \
+                    --long-len 0 --cuda-graphs --graph-optimizer --compile "$extra" --profile "$OUT/profile_b16_${extra#--}.txt" \
+                    2>&1 | grep -E '^\||rror' ; head -25 "$OUT/profile_b16_${extra#--}.txt" | cut -c1-60,150-230 ; done ;;
       profile)  # where a compute-bound batch-256 step (compiled: its fastest, 369 TFLOP/s vs the 400 target) and a
                 # launch-bound batch-16 step spend GPU time
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 3 --warmup 2 \

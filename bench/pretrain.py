@@ -237,8 +237,9 @@ def main(argv=None):
                         "timed again with each, rows '<mode> attn=<impl>' beside the --attn-impl rows")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="masked-loss kernels")
     p.add_argument("--json", "--json-out", dest="json", default=None, help="write results here (--json-out: the data mode's spelling)")
-    p.add_argument("--profile", default=None, help="write a torch.profiler table of the first packed batch size here (its fastest mode "
-                        "asked for: whole-step graphs with --graph-optimizer, else graphs with --cuda-graphs)")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of the first packed batch size here: of its "
+                        "last mode asked for (overlap, else master, else whole-step graphs, else graphs, else plain; "
+                        "until 2026-11-27 whole-step graphs even when overlap or master rows followed)")
     args = p.parse_args(argv)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
@@ -296,7 +297,9 @@ def main(argv=None):
         batches = make_batches(4, bs, in_dim, args.min_len, args.max_len, seed=bs)
         # The profile is of the first batch size's fastest mode asked for: whole-step graphs, else graphs.
         profile = args.profile if not rows else None
-        mode = "opt" if args.graph_optimizer else "graphs" if args.cuda_graphs else "plain"
+        # The profiled row: the last mode asked for (overlap: its last chunk count).
+        mode = ("overlap" if args.overlap_update else "master" if args.master_weights else "opt" if args.graph_optimizer
+                else "graphs" if args.cuda_graphs else "plain")
         name = "packed+compile" if args.compile else "packed"
         first = len(rows)
         fastest = {}  # the last (most optimised) mode asked for: the one --compare-attn repeats
@@ -313,10 +316,12 @@ def main(argv=None):
         if args.graph_optimizer:
             timed(f"{name}+graphs+opt", profile_mode="opt", cuda_graphs=True, graph_optimizer=True)
         if args.master_weights:
-            timed(f"{name}+graphs+opt+master", cuda_graphs=True, graph_optimizer=True, master_weights=True)
+            timed(f"{name}+graphs+opt+master", profile_mode="master", cuda_graphs=True, graph_optimizer=True,
+                  master_weights=True)
         for chunks in overlap_chunks if args.overlap_update else []:
             timed(f"{name}+graphs+opt+overlap" + (f"/{chunks}" if len(overlap_chunks) > 1 else ""),
-                  cuda_graphs=True, graph_optimizer=True, overlap_chunks=chunks)
+                  profile_mode="overlap" if chunks == overlap_chunks[-1] else None, cuda_graphs=True,
+                  graph_optimizer=True, overlap_chunks=chunks)
         base = dict(fastest)
         for impl in compare_attn:  # the same mode with another attention backend, in the same run
             timed(f"{base['label']} attn={impl}", cfg=dataclasses.replace(config, attn_impl=impl), **base["kw"])

@@ -31,6 +31,32 @@ def test_pretrain_step_bench_with_cuda_graphs_rows(tmp_path):
     assert all(r["speedup"] > 0 for r in rows[:7])
 
 
+def test_pretrain_bench_profiles_the_last_mode_asked_for(tmp_path, monkeypatch):
+    """--profile profiles the last mode asked for, here the overlap row of the last chunk count (it used to
+    profile the whole-step row whatever followed, and a file named for the overlap held that)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lvmae_bench_pretrain", REPO / "bench" / "pretrain.py")
+    bench_pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_pretrain)
+    calls = []
+    real = bench_pretrain.run_packed
+
+    def spy(config, batches, device, steps, warmup, compile_model=False, profile_path=None, **mode):
+        calls.append((profile_path, mode))
+        return real(config, batches, device, steps, warmup, compile_model, profile_path, **mode)
+
+    monkeypatch.setattr(bench_pretrain, "run_packed", spy)
+    out = tmp_path / "profile.txt"
+    assert bench_pretrain.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-sizes",
+                                "4,8", "--long-len", "0", "--skip-padded", "--cuda-graphs", "--graph-optimizer",
+                                "--master-weights", "--overlap-update", "--overlap-chunks", "8,4",
+                                "--profile", str(out)]) == 0
+    assert len(calls) == 2 * 6  # plain, graphs, opt, master, overlap/8, overlap/4 at each batch size
+    assert [mode for path, mode in calls if path] == [{"cuda_graphs": True, "graph_optimizer": True, "overlap_chunks": 4}]
+    assert "Self CPU" in out.read_text()
+
+
 def test_pretrain_bench_refuses_bad_overlap_flags():
     for args, message in ((["--overlap-update"], "--overlap-update needs --graph-optimizer"),
                           (["--cuda-graphs", "--graph-optimizer", "--overlap-update", "--overlap-chunks", "32,0"],
