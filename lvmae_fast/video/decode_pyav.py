@@ -16,6 +16,7 @@ from the frames before it).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Iterator
@@ -79,6 +80,26 @@ def _missing_budget(needed: int) -> int:
 NVDEC_SHARED_CONTEXT = False
 
 
+def _cuda_call(cuda, name: str, *args) -> None:
+    status = getattr(cuda, name)(*args)
+    if status != 0:
+        raise OSError(f"{name} failed (CUresult {status})")
+
+
+@functools.lru_cache(maxsize=None)
+def _primary_context(device_index: int) -> int:
+    """The device's primary context (torch's), retained once for the life of the process: FFmpeg's
+    decoders keep its handle, which a release could otherwise destroy if torch had not retained it yet."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    device, context = ctypes.c_int(), ctypes.c_void_p()
+    _cuda_call(cuda, "cuInit", 0)
+    _cuda_call(cuda, "cuDeviceGet", ctypes.byref(device), device_index)
+    _cuda_call(cuda, "cuDevicePrimaryCtxRetain", ctypes.byref(context), device)
+    return int(context.value)
+
+
 def _bind_primary_context(device_index: int) -> None:
     """Make the device's primary context (torch's) current on this thread, through the driver API:
     FFmpeg's current_ctx takes whatever context is current when the decoder opens, and a thread that
@@ -86,16 +107,7 @@ def _bind_primary_context(device_index: int) -> None:
     matches)."""
     import ctypes
 
-    cuda = ctypes.CDLL("libcuda.so.1")
-    device, context = ctypes.c_int(), ctypes.c_void_p()
-    for call, args in (("cuInit", (0,)), ("cuDeviceGet", (ctypes.byref(device), device_index)),
-                       ("cuDevicePrimaryCtxRetain", (ctypes.byref(context), device)),
-                       ("cuCtxSetCurrent", (context,))):
-        status = getattr(cuda, call)(*args)
-        if status != 0:
-            raise OSError(f"{call} failed (CUresult {status}) for CUDA device {device_index}")
-    # torch holds its own reference; this one was only to look it up (_v2: what cuda.h has meant since 11.0)
-    getattr(cuda, "cuDevicePrimaryCtxRelease_v2", cuda.cuDevicePrimaryCtxRelease)(device)
+    _cuda_call(ctypes.CDLL("libcuda.so.1"), "cuCtxSetCurrent", ctypes.c_void_p(_primary_context(device_index)))
 
 
 def nvdec_accel(device_index: int = 0, shared: bool | None = None):
