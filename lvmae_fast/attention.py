@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,20 +70,24 @@ def _torch_varlen():
     return varlen_attn
 
 
-def available_impls(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Backends that can run on this device/dtype, fastest first."""
-    impls = []
+def _usable_impls(device: torch.device, dtype: torch.dtype) -> Iterator[str]:
+    """Backends that can run on this device/dtype, fastest first, each probed only when asked for: a
+    caller that stops at the first (auto) never imports the ones after it (FA4's import takes seconds)."""
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         if _flash_varlen() is not None:
-            impls.append("flash")
+            yield "flash"
         if _torch_varlen() is not None:
-            impls.append("torch_varlen")
+            yield "torch_varlen"
         # After torch_varlen until a GPU run shows it faster on this model's shapes (bench/pretrain.py
         # --compare-attn fa4): auto picks it only when torch has no varlen kernels.
         if _fa4_varlen() is not None:
-            impls.append("fa4")
-    impls.append("sdpa")
-    return impls
+            yield "fa4"
+    yield "sdpa"
+
+
+def available_impls(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Backends that can run on this device/dtype, fastest first."""
+    return list(_usable_impls(device, dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,10 +98,9 @@ def _log_choice(requested: str, chosen: str, device_type: str, dtype: torch.dtyp
 def resolve_impl(attn_impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"unknown attn_impl {attn_impl!r}; choose one of {ATTN_IMPLS}")
-    possible = available_impls(device, dtype)
     if attn_impl == "auto":
-        chosen = possible[0]
-    elif attn_impl in possible:
+        chosen = next(_usable_impls(device, dtype))
+    elif attn_impl in _usable_impls(device, dtype):
         chosen = attn_impl
     elif attn_impl == "flash" and _flash_varlen() is None:
         raise RuntimeError("attn_impl='flash' needs flash-attn: pip install 'lvmae_fast[flash]' (CUDA source build)")
