@@ -80,8 +80,15 @@ def _missing_budget(needed: int) -> int:
 NVDEC_SHARED_CONTEXT = False
 
 
-def _cuda_call(cuda, name: str, *args) -> None:
-    status = getattr(cuda, name)(*args)
+@functools.lru_cache(maxsize=None)
+def _libcuda():
+    import ctypes
+
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _cuda_call(name: str, *args) -> None:
+    status = getattr(_libcuda(), name)(*args)
     if status != 0:
         raise OSError(f"{name} failed (CUresult {status})")
 
@@ -92,11 +99,10 @@ def _primary_context(device_index: int) -> int:
     decoders keep its handle, which a release could otherwise destroy if torch had not retained it yet."""
     import ctypes
 
-    cuda = ctypes.CDLL("libcuda.so.1")
     device, context = ctypes.c_int(), ctypes.c_void_p()
-    _cuda_call(cuda, "cuInit", 0)
-    _cuda_call(cuda, "cuDeviceGet", ctypes.byref(device), device_index)
-    _cuda_call(cuda, "cuDevicePrimaryCtxRetain", ctypes.byref(context), device)
+    _cuda_call("cuInit", 0)
+    _cuda_call("cuDeviceGet", ctypes.byref(device), device_index)
+    _cuda_call("cuDevicePrimaryCtxRetain", ctypes.byref(context), device)
     return int(context.value)
 
 
@@ -107,7 +113,7 @@ def _bind_primary_context(device_index: int) -> None:
     matches)."""
     import ctypes
 
-    _cuda_call(ctypes.CDLL("libcuda.so.1"), "cuCtxSetCurrent", ctypes.c_void_p(_primary_context(device_index)))
+    _cuda_call("cuCtxSetCurrent", ctypes.c_void_p(_primary_context(device_index)))
 
 
 def nvdec_accel(device_index: int = 0, shared: bool | None = None):
