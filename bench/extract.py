@@ -246,9 +246,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     decode_pyav.SKIP_GOP_TAILS = args.gop_tails == "skip"
     decode_pyav.NVDEC_SHARED_CONTEXT = args.nvdec_context == "shared"
-    if args.frame_threads:  # lvmae extract reads its count through this function, at each job's start
-        global pyav_threads
-        extract_module.pyav_threads = pyav_threads = lambda: args.frame_threads
+    extract_module.FRAME_THREADS = args.frame_threads or None  # read by pyav_threads(), at each job's start
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32

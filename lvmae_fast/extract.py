@@ -283,10 +283,10 @@ def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> It
     if damage.superseded(first):
         return  # an earlier part already decodes the rest
     damage.redo(first)
-    rest = np.zeros(job.num_windows, bool) if job.skip is None else job.skip.copy()
+    one_pass = np.zeros(job.num_windows, bool) if job.skip is None else job.skip   # what one pass skips
+    rest = one_pass.copy()
     rest[:start] = True
     try:
-        one_pass = np.zeros(job.num_windows, bool) if job.skip is None else job.skip
         for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads, skip=rest,
                                                     damage=damage, redo=first, hwaccel=hwaccel,
                                                     one_pass_skip=one_pass):
@@ -297,11 +297,19 @@ def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> It
         yield Failed(job, f"decode error: {type(err).__name__}: {err}")
 
 
+# Frame threads per PyAV decode instead of pyav_threads()'s count (None: that count). For measurements
+# (bench/extract.py --frame-threads); a store's damaged videos depend on it, so extract has no flag.
+FRAME_THREADS: int | None = None
+
+
 def pyav_threads() -> int:
     """Frame threads per decode: the CPUs shared out among 8 decodes (fewer on hosts with fewer CPUs),
     whatever --decode-workers is. FFmpeg conceals damaged data differently with another thread count, so
     a count that followed --decode-workers would make the store of a damaged video depend on it. (8 was
-    the default worker count until 2026-11-26; kept so stores stay what they were.)"""
+    the default worker count until 2026-11-26; kept so stores stay what they were.) FRAME_THREADS
+    overrides it."""
+    if FRAME_THREADS:
+        return FRAME_THREADS
     from .video.ordered import usable_cpus
 
     cpus = usable_cpus()

@@ -123,7 +123,7 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
     monkeypatch.setattr(decode_pyav, "_video_stream", spy_stream)
     # Restored after the test: main() sets these process-wide, as its flags ask.
     monkeypatch.setattr(decode_pyav, "SKIP_GOP_TAILS", True)
-    monkeypatch.setattr(extract, "pyav_threads", extract.pyav_threads)
+    monkeypatch.setattr(extract, "FRAME_THREADS", None)
     monkeypatch.setattr(decode_pyav, "NVDEC_SHARED_CONTEXT", False)
     for mode, threads in (("decode", 0), ("skip", 3)):
         tails_seen.clear(), threads_seen.clear()
