@@ -283,24 +283,25 @@ def test_nal_unit_types_of_length_prefixed_and_annex_b_packets():
     assert _refreshes_decoder("vp9", b"", None) and not _refreshes_decoder("mpeg4", b"\x00\x00\x01\xb6", None)
 
 
+def _skips(tails: bool, nonref: bool = True):
+    """decode_pyav's frame skips set for a block: GOP tails, and non-reference frames."""
+    from unittest import mock
+
+    from lvmae_fast.video import decode_pyav
+
+    return mock.patch.multiple(decode_pyav, SKIP_GOP_TAILS=tails, SKIP_UNNEEDED_NONREF=nonref)
+
+
 def _decoded_pts(index, keep, tails: bool):
     from lvmae_fast.video import decode_pyav
 
-    decode_pyav.SKIP_GOP_TAILS = tails
-    try:
+    with _skips(tails):
         return [f.pts for f in decode_pyav._frames(index, 0, None, keep)]
-    finally:
-        decode_pyav.SKIP_GOP_TAILS = True
 
 
-def _windows(job, tails: bool):
-    from lvmae_fast.video import decode_pyav
-
-    decode_pyav.SKIP_GOP_TAILS = tails
-    try:
+def _windows(job, tails: bool, nonref: bool = True):
+    with _skips(tails, nonref):
         return list(decode_windows_pyav(job.index, job.plan))
-    finally:
-        decode_pyav.SKIP_GOP_TAILS = True
 
 
 @pytest.mark.parametrize("suffix,open_gop", [(".mp4", False), (".ts", False), (".mp4", True)])
@@ -369,8 +370,6 @@ def test_frame_skipping_keeps_the_windows_of_other_codecs(tmp_path, name, suffix
     packet it dropped sampled frames and refused the video as damaged, so AV1 decodes every frame."""
     import av
 
-    from lvmae_fast.video import decode_pyav
-
     if encoder not in av.codecs_available:
         pytest.skip(f"this FFmpeg has no {encoder}")
     path = synth.write_distinct_frames(tmp_path / f"v{suffix}", frames=60, fps=10, encoder=encoder,
@@ -378,14 +377,8 @@ def test_frame_skipping_keeps_the_windows_of_other_codecs(tmp_path, name, suffix
     job = prepare_job(VideoJob("v", str(path)), WindowSpec(seconds=2.0, frames=2))
     index = job.index
     assert index.keyframe.sum() >= 2 and not (index.clean_keyframe & ~index.keyframe).any()
-    if all_clean is not None:
-        assert np.array_equal(index.clean_keyframe, index.keyframe) == all_clean, index.clean_keyframe.nonzero()
-    with_tails = _windows(job, tails=True)
-    decode_pyav.SKIP_UNNEEDED_NONREF = False
-    try:
-        every_frame = list(decode_windows_pyav(job.index, job.plan))
-    finally:
-        decode_pyav.SKIP_UNNEEDED_NONREF = True
+    assert np.array_equal(index.clean_keyframe, index.keyframe) == all_clean, index.clean_keyframe.nonzero()
+    with_tails, every_frame = _windows(job, tails=True), _windows(job, tails=False, nonref=False)
     assert [w for w, _, _ in with_tails] == [w for w, _, _ in every_frame] == list(range(job.num_windows))
     for (_, a, _), (_, b, _) in zip(with_tails, every_frame):
         assert np.array_equal(a, b), name
