@@ -141,6 +141,15 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
         assert threads_seen and set(threads_seen) == {expected_threads}, (threads, threads_seen)
 
 
+def test_extract_bench_refuses_bad_decode_flags():
+    for args, message in ((["--frame-threads", "-1"], "--frame-threads must be >= 0, got -1"),
+                          (["--gop-tails", "sometimes"], "--gop-tails: invalid choice"),
+                          (["--nvdec-context", "borrowed"], "--nvdec-context: invalid choice")):
+        r = subprocess.run([sys.executable, "bench/extract.py", "--quick", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-500:])
+
+
 def test_extract_bench_only_runs_the_measurements_asked_for(tmp_path):
     """--only: the rows named run, the others read not measured; an unknown name is a one-line error.
     Every stage() key of the benchmark is one --only accepts."""
