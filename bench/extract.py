@@ -233,10 +233,14 @@ def main(argv=None) -> int:
     ap.add_argument("--nvdec-context", choices=["own", "shared"], default="own",
                     help="NVDEC decodes each in a CUDA context of their own (default, as lvmae extract) or in torch's "
                          "(decode_pyav.NVDEC_SHARED_CONTEXT): run twice to see which is faster")
+    ap.add_argument("--cpu-decode-nice", type=int, default=0,
+                    help="raise the nice value of CPU decode threads by N in the end-to-end rows (extract.CPU_DECODE_NICE; "
+                         "0 = off, as lvmae extract): NVDEC decodes and the encoder's loop then run first when every core "
+                         "is decoding. Run twice to see what it changes")
     ap.add_argument("--video-dir", default=None,
                     help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
     args = ap.parse_args(argv)
-    for flag in ("decode_workers", "nvdec_workers", "frame_threads"):  # else every end-to-end row records the same ValueError
+    for flag in ("decode_workers", "nvdec_workers", "frame_threads", "cpu_decode_nice"):  # else every end-to-end row records the same ValueError
         if getattr(args, flag) < 0:
             ap.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     only = None if args.only is None else {key.strip() for key in args.only.split(",") if key.strip()}
@@ -247,6 +251,7 @@ def main(argv=None) -> int:
     decode_pyav.SKIP_GOP_TAILS = args.gop_tails == "skip"
     decode_pyav.NVDEC_SHARED_CONTEXT = args.nvdec_context == "shared"
     extract_module.FRAME_THREADS = args.frame_threads or None  # read by pyav_threads(), at each job's start
+    extract_module.CPU_DECODE_NICE = args.cpu_decode_nice
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -261,7 +266,7 @@ def main(argv=None) -> int:
                "dtype": str(dtype).replace("torch.", ""), "videos": count, "video_seconds_each": duration,
                "resolution": f"{size[0]}x{size[1]}", "fps": fps, "codec": "h264", "content": args.content, "window_seconds": spec.seconds,
                "frames_per_window": spec.frames, "decode_workers": workers, "gop_tails": args.gop_tails,
-               "nvdec_context": args.nvdec_context,
+               "nvdec_context": args.nvdec_context, "cpu_decode_nice": args.cpu_decode_nice,
                "frame_threads": pyav_threads(),
                "python": platform.python_version(), "torch": torch.__version__}
 

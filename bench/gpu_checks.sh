@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batched GPU session (the device tool's budget is small): GPU tests, kernel and ingestion benchmarks.
-# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|extract_e2e|pretrain|train|graphs|overlap|profile|profile16|fa4]...
+# Usage on a GPU host from the repo root: OUT=results bash bench/gpu_checks.sh [tests|graphtests|kernels|sweep|extract|extract_pyav|extract_e2e|pretrain|train|graphs|overlap|profile|profile16|fa4|autotune]...
 # Wheels for packages the host lacks (DALI, PyAV) may be pre-installed into /tmp/site (PYTHONPATH); FlashAttention-4
 # and its CuTe DSL into /tmp/fa4site (the fa4 part adds it; bench/GPU_RUNBOOK.md says how they travel).
 # Inner timeouts keep each runbook call under the device tool's 600 s: graphtests+graphs 140+200+110+110.
@@ -38,12 +38,13 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 # earlier extract_pyav call left in /tmp/bench_videos (written again if the machine was released)
                 python3 -c 'import av' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
                   --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
-                with_gpu_log "nvsmi_e2e_cpu${DECODE_WORKERS:-0}_nvdec${NVDEC_WORKERS:-0}_${GOP_TAILS:-skip}_t${FRAME_THREADS:-0}_${NVDEC_CONTEXT:-own}.csv" \
+                tag="cpu${DECODE_WORKERS:-0}_nvdec${NVDEC_WORKERS:-0}_${GOP_TAILS:-skip}_t${FRAME_THREADS:-0}_${NVDEC_CONTEXT:-own}_nice${CPU_NICE:-0}"
+                with_gpu_log "nvsmi_e2e_$tag.csv" \
                   timeout 300 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
                   --decode-workers "${DECODE_WORKERS:-0}" --nvdec-workers "${NVDEC_WORKERS:-0}" --copies "${COPIES:-8}" \
                   --only "${ONLY:-end_to_end_pyav,end_to_end_hybrid,end_to_end_nvdec,decode_nvdec}" --gop-tails "${GOP_TAILS:-skip}" \
-                  --frame-threads "${FRAME_THREADS:-0}" --nvdec-context "${NVDEC_CONTEXT:-own}" \
-                  --json "$OUT/extract_e2e_cpu${DECODE_WORKERS:-0}_nvdec${NVDEC_WORKERS:-0}_${GOP_TAILS:-skip}_t${FRAME_THREADS:-0}_${NVDEC_CONTEXT:-own}.json" 2>&1 \
+                  --frame-threads "${FRAME_THREADS:-0}" --nvdec-context "${NVDEC_CONTEXT:-own}" --cpu-decode-nice "${CPU_NICE:-0}" \
+                  --json "$OUT/extract_e2e_$tag.json" 2>&1 \
                   | grep -E '^\| (end to end|decode, PyAV on NVDEC|CPU cores)|rror|\[bench\]' ;;
       pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \
                   --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
@@ -80,6 +81,17 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 --skip-padded \
                   --long-len 0 --cuda-graphs --graph-optimizer --overlap-update --compile --compare-attn fa4 \
                   --json "$OUT/pretrain_fa4_b16.json" 2>&1 | grep -E '^\||rror' ;;
+      autotune) # issue 2: the blocks compiled with inductor's max-autotune (GEMMs as Triton templates where they
+                # time faster, so GELU can run in the fc1 GEMM's epilogue: GELU forward+backward were 8% of the b256
+                # step, unfused) beside the default compile, same run: batch 256 (the 400 TFLOP/s target), then 16
+                export ENABLE_PERSISTENT_TMA_MATMUL=1 ;  # Hopper's TMA persistent GEMM templates among the choices
+                timeout 330 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 10 --warmup 3 --skip-padded \
+                  --long-len 0 --compile --compare-compile-modes max-autotune-no-cudagraphs \
+                  --json "$OUT/pretrain_autotune_b256.json" 2>&1 | grep -E '^\||rror' ;
+                timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 --skip-padded \
+                  --long-len 0 --cuda-graphs --graph-optimizer --overlap-update --compile \
+                  --compare-compile-modes max-autotune-no-cudagraphs --json "$OUT/pretrain_autotune_b16.json" 2>&1 \
+                  | grep -E '^\||rror' ;;
       profile16) # issue 2, batch 16: where the overlapped step and the MasterWeightAdamW step spend GPU time (their rows
                 # were never profiled: MasterWeightAdamW removes ~1.6 ms of weight/gradient casts per step on paper but
                 # gained 0.2 ms; --profile takes the last mode asked for since 2026-11-27)

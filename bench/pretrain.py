@@ -71,17 +71,22 @@ class Timer:
         self.seconds = time.perf_counter() - self.t0
 
 
+# torch.compile modes --compare-compile-modes offers: none that captures CUDA graphs of its own (the
+# bench's graph rows capture whole steps; reduce-overhead's graphs inside them would not be captured).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
 
 
 def run_packed(config, batches, device, steps, warmup, compile_model=False, profile_path=None, cuda_graphs=False,
-               graph_optimizer=False, master_weights=False, overlap_chunks=0):
+               graph_optimizer=False, master_weights=False, overlap_chunks=0, compile_mode="default"):
     with torch.device(device):  # init on the GPU: a 0.4B-parameter CPU init costs seconds
         model = LVMAE(config)
     opt = make_optimizer(model, master_weights)  # before compiling: it may change the weights' dtype
-    if compile_model:
-        model.compile_blocks()
+    if compile_model:  # another mode: inductor autotunes its GEMMs (Triton templates, epilogues such as GELU fused)
+        model.compile_blocks(**({} if compile_mode == "default" else {"mode": compile_mode}))
     g = torch.Generator().manual_seed(0)
     packed = []
     # As the trainer's sampler pads batches for graphs: each stream's max_seqlen fixed at the most rows a
@@ -235,6 +240,10 @@ def main(argv=None):
     p.add_argument("--compare-attn", default="",
                    help="comma list of attention backends (e.g. fa4): each batch size's last mode asked for is "
                         "timed again with each, rows '<mode> attn=<impl>' beside the --attn-impl rows")
+    p.add_argument("--compare-compile-modes", default="",
+                   help="with --compile: comma list of torch.compile modes (" + ", ".join(COMPILE_MODES[1:]) + "): each "
+                        "batch size's last mode asked for is timed again with the blocks compiled so, rows "
+                        "'<mode> compile=<mode>' beside the default-mode rows")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="masked-loss kernels")
     p.add_argument("--json", "--json-out", dest="json", default=None, help="write results here (--json-out: the data mode's spelling)")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of the first packed batch size here: of its "
@@ -257,6 +266,12 @@ def main(argv=None):
     if set(compare_attn) - set(ATTN_IMPLS):
         p.error(f"--compare-attn: unknown backend(s) {sorted(set(compare_attn) - set(ATTN_IMPLS))}; "
                 f"choose from {ATTN_IMPLS}")
+    compare_compile = [m for m in args.compare_compile_modes.split(",") if m]
+    if set(compare_compile) - set(COMPILE_MODES):
+        p.error(f"--compare-compile-modes: unknown mode(s) {sorted(set(compare_compile) - set(COMPILE_MODES))}; "
+                f"choose from {COMPILE_MODES}")
+    if compare_compile and not args.compile:
+        p.error("--compare-compile-modes needs --compile")
     try:
         device = resolve_device(args.device)  # auto | cpu | cuda[:N], as every lvmae command
     except ValueError as err:
@@ -276,7 +291,7 @@ def main(argv=None):
             "inputs": "packed rows: masked and packed before the clock, batches on the device (graphs rows: "
                       "copied from pinned host memory each step); padded row: masks inside the step, as the "
                       "reference. Optimizer: fused AdamW (packed; the +master row: MasterWeightAdamW), torch default AdamW + GradScaler (padded)",
-            "attn_impl": args.attn_impl, "compare_attn": compare_attn, "kernels": args.kernels, "complete": False}
+            "attn_impl": args.attn_impl, "compare_attn": compare_attn, "compare_compile_modes": compare_compile, "kernels": args.kernels, "complete": False}
     if args.cuda_graphs and device.type != "cuda":
         meta["note"] = ("no CUDA graphs off a GPU: the '+graphs' rows run the same bucketed step uncaptured, "
                         "so they are not a graph measurement")
@@ -325,6 +340,8 @@ def main(argv=None):
         base = dict(fastest)
         for impl in compare_attn:  # the same mode with another attention backend, in the same run
             timed(f"{base['label']} attn={impl}", cfg=dataclasses.replace(config, attn_impl=impl), **base["kw"])
+        for compile_mode in compare_compile:  # the same mode with the blocks compiled another way
+            timed(f"{base['label']} compile={compile_mode}", compile_mode=compile_mode, **base["kw"])
         if not args.skip_padded and bs <= args.padded_max_batch:
             padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),
                                batches, config, args.warmup, args.steps)

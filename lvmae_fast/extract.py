@@ -34,7 +34,7 @@ from .devices import resolve_device
 from .video.decode_dali import DALI_APIS, DEFAULT_DALI_API
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
 from .video.hybrid import DEFAULT_NVDEC_SLOTS, DecoderShare
-from .video.ordered import default_decode_workers, ordered_parallel
+from .video.ordered import default_decode_workers, in_niced_thread, ordered_parallel
 from .video.partial import PartialVideos
 from .video.probe import VideoError
 
@@ -302,6 +302,14 @@ def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> It
 FRAME_THREADS: int | None = None
 
 
+# Nice value added to the threads of CPU decodes (PyAV in software; FFmpeg's frame threads inherit it),
+# each run in a thread of its own: when the cores are all decoding, the threads that feed the GPU (NVDEC
+# decodes of --decoder hybrid, the encoder's loop) still run as soon as they can. 0 = off. Opt-in
+# (bench/extract.py --cpu-decode-nice N) until a GPU host shows that it helps: on an H200 (2026-11-27)
+# hybrid, 16 CPU + 8 NVDEC decodes on 16 cores, ran slower (47.3x realtime) than PyAV alone (57.3x).
+CPU_DECODE_NICE = 0
+
+
 def pyav_threads() -> int:
     """Frame threads per decode: the CPUs shared out among 8 decodes (fewer on hosts with fewer CPUs),
     whatever --decode-workers is. FFmpeg conceals damaged data differently with another thread count, so
@@ -553,8 +561,13 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 job = part.job
                 # The decoder of this part (hybrid: chosen as it starts); the summary counts videos by it.
                 job.decoded_by = share.start(job, pinned=job.resumed_decoder) if share else backend
+                on_nvdec = job.decoded_by == "nvdec"
+                windows = lambda: to_input(decode_part(part, threads, hwaccel if on_nvdec else None))  # noqa: E731
                 try:
-                    yield from to_input(decode_part(part, threads, hwaccel if job.decoded_by == "nvdec" else None))
+                    if CPU_DECODE_NICE and not on_nvdec:
+                        yield from in_niced_thread(windows, CPU_DECODE_NICE, depth=part_windows + 1)
+                    else:
+                        yield from windows()
                 finally:
                     if share:
                         share.finish(job)

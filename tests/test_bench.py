@@ -57,12 +57,44 @@ def test_pretrain_bench_profiles_the_last_mode_asked_for(tmp_path, monkeypatch):
     assert "Self CPU" in out.read_text()
 
 
-def test_pretrain_bench_refuses_bad_overlap_flags():
+def test_pretrain_bench_compiles_the_compared_rows_in_the_mode_asked_for(tmp_path, monkeypatch):
+    """--compare-compile-modes: the last mode asked for is timed again with its blocks compiled in each
+    mode given (the default-mode row first), in the same run."""
+    import importlib.util
+
+    from lvmae_fast.model import LVMAE
+
+    spec = importlib.util.spec_from_file_location("lvmae_bench_pretrain", REPO / "bench" / "pretrain.py")
+    bench_pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_pretrain)
+    compiled = []
+
+    def spy(self, **kwargs):  # records the mode instead of compiling (minutes on a CPU)
+        compiled.append(kwargs)
+        return self
+
+    monkeypatch.setattr(LVMAE, "compile_blocks", spy)
+    out = tmp_path / "modes.json"
+    assert bench_pretrain.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch-sizes",
+                                "4", "--long-len", "0", "--skip-padded", "--compile", "--cuda-graphs",
+                                "--compare-compile-modes", "max-autotune-no-cudagraphs", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["impl"] for r in result["rows"]] == [
+        "packed+compile", "packed+compile+graphs", "packed+compile+graphs compile=max-autotune-no-cudagraphs"]
+    assert compiled == [{}, {}, {"mode": "max-autotune-no-cudagraphs"}]
+    assert result["meta"]["compare_compile_modes"] == ["max-autotune-no-cudagraphs"]
+
+
+def test_pretrain_bench_refuses_bad_flags():
     for args, message in ((["--overlap-update"], "--overlap-update needs --graph-optimizer"),
                           (["--cuda-graphs", "--graph-optimizer", "--overlap-update", "--overlap-chunks", "32,0"],
                            "--overlap-chunks must be positive integers, comma-separated; got '32,0'"),
                           (["--overlap-chunks", "many"], "--overlap-chunks must be positive integers"),
-                          (["--compare-attn", "sdpa,xformers"], "--compare-attn: unknown backend(s) ['xformers']")):
+                          (["--compare-attn", "sdpa,xformers"], "--compare-attn: unknown backend(s) ['xformers']"),
+                          (["--compile", "--compare-compile-modes", "reduce-overhead"],
+                           "--compare-compile-modes: unknown mode(s) ['reduce-overhead']"),
+                          (["--compare-compile-modes", "max-autotune-no-cudagraphs"],
+                           "--compare-compile-modes needs --compile")):
         r = subprocess.run([sys.executable, "bench/pretrain.py", "--preset", "tiny", "--device", "cpu", *args],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-500:])
@@ -102,8 +134,8 @@ def load_extract_bench():
 
 def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
     """--gop-tails decode turns GOP-tail skipping off for the run's decodes, --frame-threads sets each
-    decode's frame threads and --nvdec-context the NVDEC decodes' CUDA context (the A/Bs a GPU host
-    runs); the defaults are lvmae extract's own."""
+    decode's frame threads, --nvdec-context the NVDEC decodes' CUDA context and --cpu-decode-nice the CPU
+    decodes' nice value (the A/Bs a GPU host runs); the defaults are lvmae extract's own."""
     from lvmae_fast import extract
     from lvmae_fast.video import decode_pyav
 
@@ -125,16 +157,18 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
     monkeypatch.setattr(decode_pyav, "SKIP_GOP_TAILS", True)
     monkeypatch.setattr(extract, "FRAME_THREADS", None)
     monkeypatch.setattr(decode_pyav, "NVDEC_SHARED_CONTEXT", False)
+    monkeypatch.setattr(extract, "CPU_DECODE_NICE", 0)
     for mode, threads in (("decode", 0), ("skip", 3)):
         tails_seen.clear(), threads_seen.clear()
         out = tmp_path / f"{mode}.json"
         assert extract_bench.main(["--quick", "--device", "cpu", "--videos", "1", "--duration", "6", "--video-dir",
                                    str(tmp_path / "videos"), "--only", "end_to_end_pyav", "--gop-tails", mode,
                                    "--frame-threads", str(threads), "--nvdec-context", "shared" if threads else "own",
-                                   "--json", str(out)]) == 0
+                                   "--cpu-decode-nice", str(threads), "--json", str(out)]) == 0
         result = json.loads(out.read_text())
         # (no NVDEC on a CPU box: the flag is checked to reach the module switch the NVDEC settings read)
         assert decode_pyav.NVDEC_SHARED_CONTEXT == bool(threads) and result["nvdec_context"] == ("shared" if threads else "own")
+        assert extract.CPU_DECODE_NICE == result["cpu_decode_nice"] == threads
         expected_threads = threads or extract.pyav_threads()
         assert result["gop_tails"] == mode and result["frame_threads"] == expected_threads
         assert tails_seen and set(tails_seen) == {mode == "skip"}, (mode, tails_seen)
@@ -144,7 +178,8 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
 def test_extract_bench_refuses_bad_decode_flags():
     for args, message in ((["--frame-threads", "-1"], "--frame-threads must be >= 0, got -1"),
                           (["--gop-tails", "sometimes"], "--gop-tails: invalid choice"),
-                          (["--nvdec-context", "borrowed"], "--nvdec-context: invalid choice")):
+                          (["--nvdec-context", "borrowed"], "--nvdec-context: invalid choice"),
+                          (["--cpu-decode-nice", "-2"], "--cpu-decode-nice must be >= 0, got -2")):
         r = subprocess.run([sys.executable, "bench/extract.py", "--quick", *args], cwd=REPO, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-500:])

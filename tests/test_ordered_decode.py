@@ -1,5 +1,6 @@
 """Several videos decoded at once (video/ordered.py): the consumer sees the sequential order exactly."""
 import random
+import sys
 import threading
 import time
 
@@ -650,6 +651,83 @@ def test_hybrid_decodes_every_part_of_a_long_video_on_the_decoder_its_first_part
     assert len(opened) == 4
     extract_videos(str(video), tmp_path / "pyav", seconds=1.0, batch_size=8, decoder="pyav", decode_workers=1)
     np.testing.assert_array_equal(Store(tmp_path / "hybrid").get("long"), Store(tmp_path / "pyav").get("long"))
+
+
+def thread_nices() -> dict[int, int]:
+    """{thread id: nice value} of this process's threads, read from /proc (stat field 19)."""
+    from pathlib import Path
+
+    nices = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        nices[int(task.name)] = int(stat[stat.rindex(")") + 2:].split()[16])
+    return nices
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are niced apart on Linux only")
+def test_cpu_decodes_run_niced_with_their_ffmpeg_threads_and_nvdec_decodes_do_not(mixed_corpus, tmp_path,
+                                                                                  monkeypatch):
+    """extract.CPU_DECODE_NICE: each CPU decode runs in a thread of its own with the nice value raised,
+    and FFmpeg's frame threads, started by it, inherit it; NVDEC decodes (hybrid) and the caller's thread
+    keep theirs. The store is the one an un-niced run writes."""
+    import os
+
+    from lvmae_fast import extract
+    from lvmae_fast.store import Store
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if base > 19 - 5:
+        pytest.skip(f"this process already runs at nice {base}")
+    opened_at = []
+    fake_nvdec(monkeypatch)
+    from lvmae_fast.video import decode_pyav
+
+    fake = decode_pyav.nvdec_accel
+
+    def accel(index=0):  # called on the thread that opens the NVDEC decode
+        opened_at.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return fake(index)
+    monkeypatch.setattr(decode_pyav, "nvdec_accel", accel)
+    seen = []   # per CPU decode: (its thread's nice, how many threads of the process run at base + 5)
+    real = extract.decode_part
+
+    def decode_part(part, threads=0, hwaccel=None):
+        first = True
+        for event in real(part, threads, hwaccel):
+            if first and hwaccel is None:  # FFmpeg has opened the decoder (and its frame threads) by now
+                nices = thread_nices()
+                seen.append((nices[threading.get_native_id()], sum(n == base + 5 for n in nices.values())))
+                first = False
+            yield event
+    monkeypatch.setattr(extract, "decode_part", decode_part)
+    monkeypatch.setattr(extract, "FRAME_THREADS", 2)
+    good = sorted(mixed_corpus.glob("v*.mp4"))
+    stores = {}
+    for nice in (0, 5):
+        monkeypatch.setattr(extract, "CPU_DECODE_NICE", nice)
+        for decoder in ("pyav", "hybrid"):
+            seen.clear()
+            opened_at.clear()
+            out = tmp_path / f"{decoder}{nice}"
+            summary = extract.extract_videos(good, out, encoder="tiny", seconds=1.0, batch_size=4, decoder=decoder,
+                                             decode_workers=2, nvdec_workers=1)
+            assert summary["done"] == 5
+            stores[decoder, nice] = Store(out)
+            cpu_decodes = summary["decoded_by"].get("pyav", 0)
+            assert len(seen) == cpu_decodes >= 1
+            if nice:
+                # the decode's own thread and FFmpeg's 2 frame threads (at least) run at base + 5
+                assert all(own == base + 5 and niced >= 3 for own, niced in seen), seen
+            else:
+                assert all(own == base and niced == 0 for own, niced in seen), seen
+            assert opened_at == [base] * summary["decoded_by"].get("nvdec", 0)
+            assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    for vid in stores["pyav", 0].video_ids:
+        for key in stores:
+            np.testing.assert_array_equal(stores[key].get(vid), stores["pyav", 0].get(vid))
 
 
 def test_hybrid_is_refused_where_nvdec_cannot_run_and_bad_worker_counts(mixed_corpus, tmp_path, capsys):

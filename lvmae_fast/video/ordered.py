@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Callable, Iterable, Iterator
@@ -169,3 +170,24 @@ def ordered_parallel(items: Iterable, produce: Callable[[object], Iterator], wor
                 close_source()
             finally:
                 take.release()
+
+
+def lower_thread_priority(by: int) -> bool:
+    """Raise the calling thread's nice value by `by` (at most 19). On Linux nice is a per-thread value
+    that threads started afterwards inherit, FFmpeg's frame threads included; raising it needs no
+    privilege (lowering it again does). False where threads cannot be niced apart (not Linux)."""
+    if by <= 0 or not sys.platform.startswith("linux"):
+        return False
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    return True
+
+
+def in_niced_thread(produce: Callable[[], Iterator], nice: int, depth: int = 8) -> Iterator:
+    """Yield what `produce()` yields, produced in a thread of its own whose nice value is raised by
+    `nice` before it starts (a fresh thread: a pool's thread could not take its priority back)."""
+    def niced(_):
+        lower_thread_priority(nice)
+        yield from produce()
+
+    return ordered_parallel([None], niced, workers=1, depth=depth)
