@@ -237,6 +237,9 @@ def main(argv=None) -> int:
                     help="raise the nice value of CPU decode threads by N in the end-to-end rows (extract.CPU_DECODE_NICE; "
                          "0 = off, as lvmae extract): NVDEC decodes and the encoder's loop then run first when every core "
                          "is decoding. Run twice to see what it changes")
+    ap.add_argument("--side-streams", action="store_true",
+                    help="uploads and preprocessing on each decode thread's CUDA stream, the encoder on its own "
+                         "(extract.SIDE_STREAMS; off = the default stream, as lvmae extract): run twice to see what it changes")
     ap.add_argument("--video-dir", default=None,
                     help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
     args = ap.parse_args(argv)
@@ -252,6 +255,7 @@ def main(argv=None) -> int:
     decode_pyav.NVDEC_SHARED_CONTEXT = args.nvdec_context == "shared"
     extract_module.FRAME_THREADS = args.frame_threads or None  # read by pyav_threads(), at each job's start
     extract_module.CPU_DECODE_NICE = args.cpu_decode_nice
+    extract_module.SIDE_STREAMS = args.side_streams
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -267,6 +271,7 @@ def main(argv=None) -> int:
                "resolution": f"{size[0]}x{size[1]}", "fps": fps, "codec": "h264", "content": args.content, "window_seconds": spec.seconds,
                "frames_per_window": spec.frames, "decode_workers": workers, "gop_tails": args.gop_tails,
                "nvdec_context": args.nvdec_context, "cpu_decode_nice": args.cpu_decode_nice,
+               "side_streams": args.side_streams,
                "frame_threads": pyav_threads(),
                "python": platform.python_version(), "torch": torch.__version__}
 

@@ -18,11 +18,14 @@ second is a failure of its own.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import threading
 import time
+from contextlib import nullcontext
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -309,6 +312,14 @@ FRAME_THREADS: int | None = None
 # hybrid, 16 CPU + 8 NVDEC decodes on 16 cores, ran slower (47.3x realtime) than PyAV alone (57.3x).
 CPU_DECODE_NICE = 0
 
+# torch's GPU work of extract off the legacy default stream: each decode thread uploads and preprocesses
+# its windows on a CUDA stream of its own (and waits for them there), the encoder runs on another. On the
+# default stream every upload from pageable memory waits for the encoder batch queued before it (a
+# decode thread stalls meanwhile), and so do the NVDEC decodes' per-frame copies when they share torch's
+# context (decode_pyav.NVDEC_SHARED_CONTEXT: FFmpeg copies on that context's default stream). Opt-in
+# (bench/extract.py --side-streams) until a GPU host shows it faster; the embeddings are the same.
+SIDE_STREAMS = False
+
 
 def pyav_threads() -> int:
     """Frame threads per decode: the CPUs shared out among 8 decodes (fewer on hosts with fewer CPUs),
@@ -340,6 +351,42 @@ def dali_producer(jobs, spec, device, readers, batch_size, partials=None, dali_a
             if isinstance(event, Window):
                 event.job.decoded_by = "dali"
             yield event
+
+
+class GpuStreams:
+    """extract's CUDA streams when SIDE_STREAMS is on: one per preprocessing thread, one for the encoder."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = device
+        self.encoder = torch.cuda.Stream(device)
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def preprocessing(self):
+        """Run the block on this thread's stream and wait for it there: the window's tensor is complete when
+        it reaches the encoder's stream (a decode thread, not the encoder, waits)."""
+        import torch
+
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # after what this thread queued before (DALI's copies)
+        with torch.cuda.stream(stream):
+            yield
+        stream.synchronize()
+
+    @contextlib.contextmanager
+    def encoding(self, windows):
+        """Run the block on the encoder's stream; the windows' tensors, made on other streams, are marked
+        used by it (the allocator then keeps their memory until the encoder's work on them is done)."""
+        import torch
+
+        for win in windows:
+            win.frames.record_stream(self.encoder)
+        with torch.cuda.stream(self.encoder):
+            yield
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -463,9 +510,11 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                                   f"{reason})", err) from err
             bar.update(videos=1)
 
+        streams = GpuStreams(dev) if SIDE_STREAMS and dev.type == "cuda" else None
+
         def encode(windows: list[Window]):
             # Frames arrive already preprocessed (to_input): [T, 3, size, size] each, one shape.
-            with torch.inference_mode():
+            with torch.inference_mode(), (streams.encoding(windows) if streams else nullcontext()):
                 emb = model.encode_video(torch.stack([win.frames for win in windows])).float().cpu().numpy()
             completed, touched = [], {}
             for win, e in zip(windows, emb):
@@ -516,7 +565,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             [T, 3, size, size] inputs, not full-resolution frames (at 1080p, 50 MB a window in uint8)."""
             for event in source:
                 if isinstance(event, Window):
-                    with torch.inference_mode():  # not held across the yield: the consumer's thread state
+                    # not held across the yield: the consumer's thread state
+                    with torch.inference_mode(), (streams.preprocessing() if streams else nullcontext()):
                         raw = torch.as_tensor(event.frames)[None].to(dev, non_blocking=True)
                         event.frames = frames_to_input(raw, model.image_size, model.mean, model.std, dtype)[0]
                 yield event

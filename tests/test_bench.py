@@ -158,17 +158,20 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
     monkeypatch.setattr(extract, "FRAME_THREADS", None)
     monkeypatch.setattr(decode_pyav, "NVDEC_SHARED_CONTEXT", False)
     monkeypatch.setattr(extract, "CPU_DECODE_NICE", 0)
+    monkeypatch.setattr(extract, "SIDE_STREAMS", False)
     for mode, threads in (("decode", 0), ("skip", 3)):
         tails_seen.clear(), threads_seen.clear()
         out = tmp_path / f"{mode}.json"
         assert extract_bench.main(["--quick", "--device", "cpu", "--videos", "1", "--duration", "6", "--video-dir",
                                    str(tmp_path / "videos"), "--only", "end_to_end_pyav", "--gop-tails", mode,
                                    "--frame-threads", str(threads), "--nvdec-context", "shared" if threads else "own",
-                                   "--cpu-decode-nice", str(threads), "--json", str(out)]) == 0
+                                   "--cpu-decode-nice", str(threads), *(["--side-streams"] if threads else []),
+                                   "--json", str(out)]) == 0
         result = json.loads(out.read_text())
         # (no NVDEC on a CPU box: the flag is checked to reach the module switch the NVDEC settings read)
         assert decode_pyav.NVDEC_SHARED_CONTEXT == bool(threads) and result["nvdec_context"] == ("shared" if threads else "own")
         assert extract.CPU_DECODE_NICE == result["cpu_decode_nice"] == threads
+        assert extract.SIDE_STREAMS == result["side_streams"] == bool(threads)  # (no CUDA here: the switch only)
         expected_threads = threads or extract.pyav_threads()
         assert result["gop_tails"] == mode and result["frame_threads"] == expected_threads
         assert tails_seen and set(tails_seen) == {mode == "skip"}, (mode, tails_seen)

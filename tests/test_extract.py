@@ -707,3 +707,23 @@ def test_gpu_nvdec_decodes_the_frames_software_decoding_gives(tmp_path, monkeypa
     gpu_frames = np.concatenate([b for _, b, _ in gpu]).astype(np.float32)
     distance = np.array([[np.abs(g - c).mean() for c in cpu_frames] for g in gpu_frames])
     np.testing.assert_array_equal(distance.argmin(axis=1), np.arange(len(cpu_frames)))
+
+
+@pytest.mark.gpu
+def test_gpu_side_streams_give_the_store_the_default_stream_gives(corpus, tmp_path, monkeypatch):
+    """extract.SIDE_STREAMS: uploads and preprocessing on each decode thread's stream, the encoder on its
+    own, give the embeddings of the default stream's run exactly (same kernels, same inputs), with
+    several decodes at once and a batch that spans videos."""
+    from lvmae_fast import extract
+
+    stores = {}
+    for side in (False, True):
+        monkeypatch.setattr(extract, "SIDE_STREAMS", side)
+        out = tmp_path / f"side{side}"
+        summary = extract_videos(str(corpus[0]), out, encoder="tiny", seconds=1.0, batch_size=3, device="cuda",
+                                 decoder="pyav", decode_workers=3)
+        assert summary["done"] == len(corpus[1])
+        stores[side] = Store(out)
+    assert stores[True].video_ids == stores[False].video_ids
+    for vid in stores[False].video_ids:
+        np.testing.assert_array_equal(stores[True].get(vid), stores[False].get(vid))
