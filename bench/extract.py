@@ -142,6 +142,45 @@ def ratio_cell(r) -> str:
     return r if isinstance(r, str) else f"{r:.2f}"
 
 
+# --variant: the decode settings a variant may change, each with its allowed values (a type: an int >= 0).
+VARIANT_SETTINGS = {"gop_tails": ("skip", "decode"), "nvdec_context": ("own", "shared"), "side_streams": ("0", "1"),
+                    "frame_threads": int, "cpu_decode_nice": int, "decode_workers": int, "nvdec_workers": int}
+# The rows a variant times again (those of them --only selects), under the variant's settings.
+VARIANT_ROWS = ("end_to_end_pyav", "end_to_end_hybrid", "end_to_end_nvdec", "decode_pyav_parallel", "decode_nvdec")
+
+
+def parse_variant(text: str) -> dict:
+    """'nvdec_context=shared,side_streams=1' -> {'nvdec_context': 'shared', 'side_streams': '1'};
+    'base' (or nothing) -> {}: the run's own settings again. ValueError names what is wrong."""
+    settings = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item or item == "base":
+            continue
+        key, _, value = item.partition("=")
+        key, value = key.strip().replace("-", "_"), value.strip()
+        allowed = VARIANT_SETTINGS.get(key)
+        if allowed is None:
+            raise ValueError(f"unknown setting {key!r} (choose from {', '.join(VARIANT_SETTINGS)})")
+        if allowed is int:
+            if not value.isdigit():
+                raise ValueError(f"{key} takes an integer >= 0, got {value!r}")
+            settings[key] = int(value)
+        elif value not in allowed:
+            raise ValueError(f"{key} takes {' or '.join(allowed)}, got {value!r}")
+        else:
+            settings[key] = value
+    return settings
+
+
+def apply_settings(settings: dict) -> None:
+    """Set the process-wide decode switches a run's (or a variant's) settings name."""
+    decode_pyav.SKIP_GOP_TAILS = settings["gop_tails"] == "skip"
+    decode_pyav.NVDEC_SHARED_CONTEXT = settings["nvdec_context"] == "shared"
+    extract_module.FRAME_THREADS = settings["frame_threads"] or None  # read by pyav_threads(), at each job's start
+    extract_module.CPU_DECODE_NICE = settings["cpu_decode_nice"]
+    extract_module.SIDE_STREAMS = settings["side_streams"] == "1"
+
+
 def link_copies(paths: list[Path], copies: int) -> list[Path]:
     """paths plus (copies - 1) hard links (symlinks where hard links fail) of each, distinct names."""
     out = list(paths)
@@ -240,6 +279,13 @@ def main(argv=None) -> int:
     ap.add_argument("--side-streams", action="store_true",
                     help="uploads and preprocessing on each decode thread's CUDA stream, the encoder on its own "
                          "(extract.SIDE_STREAMS; off = the default stream, as lvmae extract): run twice to see what it changes")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE...]",
+                    help="after every other row, time the end-to-end and parallel decode rows (those --only selects) "
+                         "again with these settings changed, in this process, on the same videos: rows "
+                         "'<row>@<variant>'. Keys: " + ", ".join(VARIANT_SETTINGS) + " (as the flags of the same "
+                         "name; side_streams=0|1). 'base' repeats the run's own settings. Repeatable: one pass each, "
+                         "in order. Saves a process start, a model build and a warm-up per A/B, and keeps each A/B "
+                         "within one run")
     ap.add_argument("--video-dir", default=None,
                     help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
     args = ap.parse_args(argv)
@@ -250,12 +296,18 @@ def main(argv=None) -> int:
     if only is not None and not only <= STAGE_KEYS:
         ap.error(f"--only: unknown measurement {', '.join(sorted(only - STAGE_KEYS))} (choose from "
                  f"{', '.join(sorted(STAGE_KEYS))})")
+    variants = []
+    for text in args.variant:
+        try:
+            variants.append((text.strip() or "base", parse_variant(text)))
+        except ValueError as err:
+            ap.error(f"--variant {text!r}: {err}")
     logging.basicConfig(level=logging.WARNING)
-    decode_pyav.SKIP_GOP_TAILS = args.gop_tails == "skip"
-    decode_pyav.NVDEC_SHARED_CONTEXT = args.nvdec_context == "shared"
-    extract_module.FRAME_THREADS = args.frame_threads or None  # read by pyav_threads(), at each job's start
-    extract_module.CPU_DECODE_NICE = args.cpu_decode_nice
-    extract_module.SIDE_STREAMS = args.side_streams
+    base_settings = {"gop_tails": args.gop_tails, "nvdec_context": args.nvdec_context,
+                     "side_streams": "1" if args.side_streams else "0", "frame_threads": args.frame_threads,
+                     "cpu_decode_nice": args.cpu_decode_nice, "decode_workers": args.decode_workers,
+                     "nvdec_workers": args.nvdec_workers}
+    apply_settings(base_settings)
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -265,6 +317,8 @@ def main(argv=None) -> int:
         count, duration, size, fps = args.videos or 4, args.duration or 30.0, (1920, 1080), 30.0
     spec = WindowSpec(seconds=5.0, frames=8)
     workers = args.decode_workers or default_decode_workers()
+    # The pass running: the run's own (base) or a --variant's; each pass writes stores of its own.
+    current = {"decode_workers": workers, "nvdec_workers": args.nvdec_workers, "stores": ""}
     batch = args.batch_size or (8 if args.quick else 64)
     results = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                "dtype": str(dtype).replace("torch.", ""), "videos": count, "video_seconds_each": duration,
@@ -288,10 +342,15 @@ def main(argv=None) -> int:
             if args.json:  # atomic: a run killed mid-write keeps the previous complete file
                 atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
 
+        measures = {}  # VARIANT_ROWS key -> its measurement, for the --variant passes
+
         def stage(key, measure):
             """Run one measurement, then save everything so far: a run cut by a time limit keeps it. A
-            stage that fails is recorded as not measured (with the error) and the others still run."""
-            if only is not None and key not in only:
+            stage that fails is recorded as not measured (with the error) and the others still run.
+            A variant's row ('<row>@<variant>') runs when its row is selected."""
+            if key in VARIANT_ROWS:
+                measures[key] = measure
+            if only is not None and key.partition("@")[0] not in only:
                 results[key] = f"{NOT_MEASURED} (not in --only)"
                 return
             t_stage, cpu_stage = time.perf_counter(), time.process_time()
@@ -336,10 +395,11 @@ def main(argv=None) -> int:
         if model is not None:
             def end_to_end(decoder: str, store: str, dali_api: str = DEFAULT_DALI_API, videos=None):
                 videos = paths if videos is None else videos
-                summary = extract_videos([(p.stem, str(p)) for p in videos], tmp / store, encoder=model,
+                summary = extract_videos([(p.stem, str(p)) for p in videos], tmp / (store + current["stores"]), encoder=model,
                                          seconds=spec.seconds, frames=spec.frames, batch_size=batch,
                                          device=str(device), readers=args.readers, decoder=decoder,
-                                         decode_workers=workers, dali_api=dali_api, nvdec_workers=args.nvdec_workers)
+                                         decode_workers=current["decode_workers"], dali_api=dali_api,
+                                         nvdec_workers=current["nvdec_workers"])
                 if not summary["done"]:  # a rate over no video would read as a measurement of 0x
                     return f"{NOT_MEASURED} (all {summary['failed']} videos failed to extract)"
                 return {k: summary[k] for k in ("decoder", "decoded_by", "decode_workers", "nvdec_workers", "windows",
@@ -375,13 +435,13 @@ def main(argv=None) -> int:
         one = results["decode_pyav"]
         results["decode_pyav_skip_over_every_frame"] = frames_ratio(one, results["decode_pyav_every_frame"])
         if workers > 1:
-            stage("decode_pyav_parallel", lambda: bench_pyav_decode(decode_set, spec, workers))
+            stage("decode_pyav_parallel", lambda: bench_pyav_decode(decode_set, spec, current["decode_workers"]))
         else:  # the row above already is the one-worker decode
             results["decode_pyav_parallel"] = f"{NOT_MEASURED} (1 decode worker here: pass --decode-workers N)"
         results["decode_pyav_parallel_over_one"] = frames_ratio(results["decode_pyav_parallel"], one)
         save()
         if nvdec_ok is None:
-            stage("decode_nvdec", lambda: bench_pyav_decode(decode_set, spec, workers,
+            stage("decode_nvdec", lambda: bench_pyav_decode(decode_set, spec, current["decode_workers"],
                                                             hwaccel=lambda: decode_pyav.nvdec_accel(cuda_index(device))))
         else:
             results["decode_nvdec"] = f"{NOT_MEASURED} ({nvdec_ok})"
@@ -400,6 +460,20 @@ def main(argv=None) -> int:
                 paths, dataclasses.replace(spec, rule="index"), args.readers, batch))
         else:
             results["decode_dali_gpu_index_rule"] = NOT_MEASURED + " (pass --index-rule)"
+        # --variant passes: the rows measured above again, each under its settings, then the run's own.
+        results["variants"] = {label: settings for label, settings in variants}
+        for number, (label, settings) in enumerate(variants, 1):
+            merged = {**base_settings, **settings}
+            apply_settings(merged)
+            current.update(decode_workers=merged["decode_workers"] or default_decode_workers(),
+                           nvdec_workers=merged["nvdec_workers"], stores=f"_variant{number}")
+            try:
+                for key in VARIANT_ROWS:
+                    if key in measures:
+                        stage(f"{key}@{label}", measures[key])
+            finally:
+                apply_settings(base_settings)
+                current.update(decode_workers=workers, nvdec_workers=args.nvdec_workers, stores="")
 
     def cell(r, key, fmt="{:.0f}"):
         return fmt.format(r[key]) if isinstance(r, dict) else r
@@ -453,6 +527,14 @@ def main(argv=None) -> int:
     how_dec = decoded_by_text(e2e_dec["decoded_by"]) if isinstance(e2e_dec, dict) else "-"
     print(f"| end to end, --decoder dali --dali-api decoder, videos decoded by: {how_dec} (x realtime) | "
           f"{cell(e2e_dec, 'realtime_factor', '{:.1f}')} |")
+    for label, _ in variants:
+        for key in VARIANT_ROWS:
+            row = results.get(f"{key}@{label}")
+            if row is None:
+                continue
+            unit, field = ("x realtime", "realtime_factor") if key.startswith("end_to_end") else ("frames/s", "frames_per_s")
+            busy_note = f", {row['cpu_cores_busy']:g} cores busy" if isinstance(row, dict) and "cpu_cores_busy" in row else ""
+            print(f"| variant {label}: {key} ({unit}{busy_note}) | {cell(row, field, '{:.1f}')} |")
     busy = [f"{key} {results[key]['cpu_cores_busy']:g}" for key in sorted(STAGE_KEYS)
             if isinstance(results.get(key), dict) and "cpu_cores_busy" in results[key]]
     print(f"| CPU cores busy (process CPU seconds / wall seconds, each stage from its start to its end; "

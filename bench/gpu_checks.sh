@@ -38,15 +38,17 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 # earlier extract_pyav call left in /tmp/bench_videos (written again if the machine was released)
                 python3 -c 'import av' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
                   --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
-                tag="cpu${DECODE_WORKERS:-0}_nvdec${NVDEC_WORKERS:-0}_${GOP_TAILS:-skip}_t${FRAME_THREADS:-0}_${NVDEC_CONTEXT:-own}_nice${CPU_NICE:-0}_side${SIDE_STREAMS:-0}"
+                # VARIANTS="k=v,k=v;k=v;base": bench/extract.py --variant passes, the same rows again in this process
+                vargs=(); IFS=';' read -ra vlist <<< "${VARIANTS:-}"; for v in "${vlist[@]}"; do vargs+=(--variant "$v"); done
+                tag="cpu${DECODE_WORKERS:-0}_nvdec${NVDEC_WORKERS:-0}_${GOP_TAILS:-skip}_t${FRAME_THREADS:-0}_${NVDEC_CONTEXT:-own}_nice${CPU_NICE:-0}_side${SIDE_STREAMS:-0}${VARIANTS:+_variants$(printf %s "$VARIANTS" | md5sum | cut -c1-6)}"
                 with_gpu_log "nvsmi_e2e_$tag.csv" \
-                  timeout 300 python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
+                  timeout "${E2E_TIMEOUT:-300}" python3 bench/extract.py --video-dir "${VIDEO_DIR:-/tmp/bench_videos}" --videos "${VIDEOS:-4}" \
                   --decode-workers "${DECODE_WORKERS:-0}" --nvdec-workers "${NVDEC_WORKERS:-0}" --copies "${COPIES:-8}" \
                   --only "${ONLY:-end_to_end_pyav,end_to_end_hybrid,end_to_end_nvdec,decode_nvdec}" --gop-tails "${GOP_TAILS:-skip}" \
                   --frame-threads "${FRAME_THREADS:-0}" --nvdec-context "${NVDEC_CONTEXT:-own}" --cpu-decode-nice "${CPU_NICE:-0}" \
-                  $([ "${SIDE_STREAMS:-0}" = 1 ] && echo --side-streams) \
+                  $([ "${SIDE_STREAMS:-0}" = 1 ] && echo --side-streams) ${vargs[@]+"${vargs[@]}"} \
                   --json "$OUT/extract_e2e_$tag.json" 2>&1 \
-                  | grep -E '^\| (end to end|decode, PyAV on NVDEC|CPU cores)|rror|\[bench\]' ;;
+                  | grep -E '^\| (end to end|decode, PyAV on NVDEC|variant|CPU cores)|rror|\[bench\]' ;;
       pretrain) timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16,64,256 --steps 15 --warmup 5 \
                   --json "$OUT/pretrain.json" 2>&1 | grep '^|' ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16,256 --steps 15 --warmup 5 \

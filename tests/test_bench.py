@@ -178,11 +178,56 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
         assert threads_seen and set(threads_seen) == {expected_threads}, (threads, threads_seen)
 
 
+def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_path, monkeypatch):
+    """--variant: after the run's own rows, each variant's pass times the selected rows again with its
+    settings switched on (and its own stores: a pass that resumed the last one's would time nothing);
+    the run's settings come back after the passes."""
+    from lvmae_fast import extract
+    from lvmae_fast.video import decode_pyav
+
+    extract_bench = load_extract_bench()
+    monkeypatch.setattr(decode_pyav, "SKIP_GOP_TAILS", True)
+    monkeypatch.setattr(decode_pyav, "NVDEC_SHARED_CONTEXT", False)
+    monkeypatch.setattr(extract, "FRAME_THREADS", None)
+    monkeypatch.setattr(extract, "CPU_DECODE_NICE", 0)
+    monkeypatch.setattr(extract, "SIDE_STREAMS", False)
+    calls = []
+    real = extract_bench.extract_videos
+
+    def spy(inputs, out, **kw):
+        calls.append((Path(out).name, kw["decode_workers"], extract.CPU_DECODE_NICE, extract.SIDE_STREAMS,
+                      decode_pyav.SKIP_GOP_TAILS, extract.FRAME_THREADS))
+        return real(inputs, out, **kw)
+
+    monkeypatch.setattr(extract_bench, "extract_videos", spy)
+    out = tmp_path / "variants.json"
+    assert extract_bench.main(["--quick", "--device", "cpu", "--videos", "1", "--duration", "6", "--video-dir",
+                               str(tmp_path / "videos"), "--only", "end_to_end_pyav", "--decode-workers", "2",
+                               "--variant", "cpu_decode_nice=3,side_streams=1,decode_workers=1",
+                               "--variant", "gop-tails=decode,frame_threads=1", "--variant", "base",
+                               "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    first, second = "cpu_decode_nice=3,side_streams=1,decode_workers=1", "gop-tails=decode,frame_threads=1"
+    assert calls == [("store_warmup", 2, 0, False, True, None), ("store_pyav", 2, 0, False, True, None),
+                     ("store_pyav_variant1", 1, 3, True, True, None), ("store_pyav_variant2", 2, 0, False, False, 1),
+                     ("store_pyav_variant3", 2, 0, False, True, None)]
+    for label in (first, second, "base"):
+        row = result[f"end_to_end_pyav@{label}"]
+        assert row["done"] == 1 and row["realtime_factor"] > 0, (label, row)
+    assert result["variants"][first] == {"cpu_decode_nice": 3, "side_streams": "1", "decode_workers": 1}
+    assert "end_to_end_hybrid@base" not in result   # not selected by --only: no variant row either
+    assert (extract.CPU_DECODE_NICE, extract.SIDE_STREAMS, decode_pyav.SKIP_GOP_TAILS, extract.FRAME_THREADS) == (
+        0, False, True, None)
+
+
 def test_extract_bench_refuses_bad_decode_flags():
     for args, message in ((["--frame-threads", "-1"], "--frame-threads must be >= 0, got -1"),
                           (["--gop-tails", "sometimes"], "--gop-tails: invalid choice"),
                           (["--nvdec-context", "borrowed"], "--nvdec-context: invalid choice"),
-                          (["--cpu-decode-nice", "-2"], "--cpu-decode-nice must be >= 0, got -2")):
+                          (["--cpu-decode-nice", "-2"], "--cpu-decode-nice must be >= 0, got -2"),
+                          (["--variant", "colour=red"], "--variant 'colour=red': unknown setting 'colour'"),
+                          (["--variant", "frame_threads=-1"], "frame_threads takes an integer >= 0, got '-1'"),
+                          (["--variant", "nvdec_context=borrowed"], "nvdec_context takes own or shared, got 'borrowed'")):
         r = subprocess.run([sys.executable, "bench/extract.py", "--quick", *args], cwd=REPO, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-500:])
