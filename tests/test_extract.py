@@ -677,6 +677,62 @@ def test_shared_nvdec_settings_bind_torchs_context_and_ask_ffmpeg_for_the_curren
     assert "current_ctx" not in decode_pyav.nvdec_accel(0, shared=False).options and bound == [1, 0]
 
 
+class FakeDriver:
+    """libcuda as _primary_context calls it: records calls, answers cuDevicePrimaryCtxGetState with
+    `flags`, and returns `fail_set` from the flag change."""
+
+    def __init__(self, flags: int, fail_set: int = 0):
+        self.flags, self.fail_set, self.calls = flags, fail_set, []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append(name)
+            if name == "cuDevicePrimaryCtxRetain":
+                args[0]._obj.value = 1234            # the context handle
+            elif name == "cuDevicePrimaryCtxGetState":
+                args[1]._obj.value, args[2]._obj.value = self.flags, 1
+            elif name == "cuDevicePrimaryCtxSetFlags_v2":
+                if self.fail_set:
+                    return self.fail_set
+                self.flags = args[1].value
+            return 0
+        return call
+
+
+@pytest.mark.parametrize("flags, expected, changed", [(0x0, 0x4, True), (0x11, 0x14, True), (0x14, 0x14, False)])
+def test_shared_nvdec_context_is_switched_to_blocking_sync_keeping_its_other_flags(monkeypatch, flags, expected,
+                                                                                  changed):
+    """torch's context schedules by CUDA's default (spin while waiting, with fewer contexts than CPUs):
+    binding it for NVDEC switches its scheduling bits to blocking sync, other flag bits kept, once."""
+    from lvmae_fast.video import decode_pyav
+
+    driver = FakeDriver(flags)
+    monkeypatch.setattr(decode_pyav, "_libcuda", lambda: driver)
+    decode_pyav._primary_context.cache_clear()
+    try:
+        assert decode_pyav._primary_context(0) == 1234
+        assert decode_pyav._primary_context(0) == 1234   # retained once per process
+    finally:
+        decode_pyav._primary_context.cache_clear()
+    assert driver.flags == expected
+    assert driver.calls.count("cuDevicePrimaryCtxRetain") == 1
+    assert ("cuDevicePrimaryCtxSetFlags_v2" in driver.calls) == changed
+
+
+def test_shared_nvdec_context_still_binds_when_the_flags_cannot_change(monkeypatch, caplog):
+    from lvmae_fast.video import decode_pyav
+
+    driver = FakeDriver(0x0, fail_set=201)
+    monkeypatch.setattr(decode_pyav, "_libcuda", lambda: driver)
+    decode_pyav._primary_context.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert decode_pyav._primary_context(0) == 1234
+    finally:
+        decode_pyav._primary_context.cache_clear()
+    assert "will spin while they wait" in caplog.text and "cuDevicePrimaryCtxSetFlags_v2 failed (CUresult 201)" in caplog.text
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shared", [False, True])
 def test_gpu_nvdec_decodes_the_frames_software_decoding_gives(tmp_path, monkeypatch, shared):

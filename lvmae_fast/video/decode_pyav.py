@@ -96,14 +96,39 @@ def _cuda_call(name: str, *args) -> None:
 @functools.lru_cache(maxsize=None)
 def _primary_context(device_index: int) -> int:
     """The device's primary context (torch's), retained once for the life of the process: FFmpeg's
-    decoders keep its handle, which a release could otherwise destroy if torch had not retained it yet."""
+    decoders keep its handle, which a release could otherwise destroy if torch had not retained it yet.
+    Its threads are also made to sleep while they wait on the GPU (_block_while_waiting)."""
     import ctypes
 
     device, context = ctypes.c_int(), ctypes.c_void_p()
     _cuda_call("cuInit", 0)
     _cuda_call("cuDeviceGet", ctypes.byref(device), device_index)
     _cuda_call("cuDevicePrimaryCtxRetain", ctypes.byref(context), device)
+    _block_while_waiting(device)
     return int(context.value)
+
+
+CU_CTX_SCHED_MASK, CU_CTX_SCHED_BLOCKING_SYNC = 0x07, 0x04
+
+
+def _block_while_waiting(device) -> None:
+    """Make threads that wait on the GPU in the primary context sleep instead of spin. torch brings the
+    context up with CUDA's default scheduling, which spins while a wait lasts when a process has fewer
+    contexts than CPUs: NVDEC decodes in that context (each waits for every frame it maps) would then
+    spin on the cores that CPU decodes need. FFmpeg's contexts of its own are blocking-sync already.
+    cuDevicePrimaryCtxSetFlags_v2 changes the flags of an active context; where it fails the decodes
+    still run, spinning, with a warning."""
+    import ctypes
+
+    flags, active = ctypes.c_uint(), ctypes.c_int()
+    try:
+        _cuda_call("cuDevicePrimaryCtxGetState", device, ctypes.byref(flags), ctypes.byref(active))
+        wanted = (flags.value & ~CU_CTX_SCHED_MASK) | CU_CTX_SCHED_BLOCKING_SYNC
+        if flags.value != wanted:
+            _cuda_call("cuDevicePrimaryCtxSetFlags_v2", device, ctypes.c_uint(wanted))
+    except (OSError, AttributeError) as err:  # AttributeError: a driver without the call
+        log.warning("NVDEC decodes in torch's CUDA context will spin while they wait: could not switch the "
+                    "context to blocking sync (%s)", err)
 
 
 def _bind_primary_context(device_index: int) -> None:
