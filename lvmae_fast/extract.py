@@ -25,7 +25,6 @@ import logging
 import math
 import threading
 import time
-from contextlib import nullcontext
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -514,7 +513,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
 
         def encode(windows: list[Window]):
             # Frames arrive already preprocessed (to_input): [T, 3, size, size] each, one shape.
-            with torch.inference_mode(), (streams.encoding(windows) if streams else nullcontext()):
+            with torch.inference_mode(), (streams.encoding(windows) if streams else contextlib.nullcontext()):
                 emb = model.encode_video(torch.stack([win.frames for win in windows])).float().cpu().numpy()
             completed, touched = [], {}
             for win, e in zip(windows, emb):
@@ -566,7 +565,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             for event in source:
                 if isinstance(event, Window):
                     # not held across the yield: the consumer's thread state
-                    with torch.inference_mode(), (streams.preprocessing() if streams else nullcontext()):
+                    with torch.inference_mode(), (streams.preprocessing() if streams else contextlib.nullcontext()):
                         raw = torch.as_tensor(event.frames)[None].to(dev, non_blocking=True)
                         event.frames = frames_to_input(raw, model.image_size, model.mean, model.std, dtype)[0]
                 yield event
