@@ -653,6 +653,21 @@ def test_hybrid_decodes_every_part_of_a_long_video_on_the_decoder_its_first_part
     np.testing.assert_array_equal(Store(tmp_path / "hybrid").get("long"), Store(tmp_path / "pyav").get("long"))
 
 
+def test_a_refused_priority_change_is_a_warning_not_a_failure(monkeypatch, caplog):
+    import os
+
+    from lvmae_fast.video import ordered
+
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    with caplog.at_level("WARNING"):
+        assert list(ordered.in_niced_thread(lambda: iter([1, 2, 3]), nice=5)) == [1, 2, 3]
+    assert ordered.lower_thread_priority(5) is False
+    assert "could not lower a decode thread's priority" in caplog.text or not sys.platform.startswith("linux")
+
+
 def thread_nices() -> dict[int, int]:
     """{thread id: nice value} of this process's threads, read from /proc (stat field 19)."""
     from pathlib import Path

@@ -9,6 +9,7 @@ worker whose queue is full waits while the consumer drains the videos before it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import sys
@@ -16,6 +17,7 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator
 
+log = logging.getLogger(__name__)
 _END = object()
 
 
@@ -179,7 +181,11 @@ def lower_thread_priority(by: int) -> bool:
     if by <= 0 or not sys.platform.startswith("linux"):
         return False
     tid = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except OSError as err:  # a sandbox that filters the call: run at the usual priority
+        log.warning("could not lower a decode thread's priority (%s)", err)
+        return False
     return True
 
 
