@@ -469,7 +469,7 @@ def main(argv=None) -> int:
                            nvdec_workers=merged["nvdec_workers"], stores=f"_variant{number}")
             try:
                 for key in VARIANT_ROWS:
-                    if key in measures:
+                    if key in measures and (only is None or key in only):
                         stage(f"{key}@{label}", measures[key])
             finally:
                 apply_settings(base_settings)
