@@ -474,6 +474,7 @@ def main(argv=None) -> int:
             finally:
                 apply_settings(base_settings)
                 current.update(decode_workers=workers, nvdec_workers=args.nvdec_workers, stores="")
+        save()
 
     def cell(r, key, fmt="{:.0f}"):
         return fmt.format(r[key]) if isinstance(r, dict) else r

@@ -178,7 +178,7 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
         assert threads_seen and set(threads_seen) == {expected_threads}, (threads, threads_seen)
 
 
-def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_path, monkeypatch):
+def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_path, monkeypatch, capsys):
     """--variant: after the run's own rows, each variant's pass times the selected rows again with its
     settings switched on (and its own stores: a pass that resumed the last one's would time nothing);
     the run's settings come back after the passes."""
@@ -215,7 +215,8 @@ def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_pat
         row = result[f"end_to_end_pyav@{label}"]
         assert row["done"] == 1 and row["realtime_factor"] > 0, (label, row)
     assert result["variants"][first] == {"cpu_decode_nice": 3, "side_streams": "1", "decode_workers": 1}
-    assert "end_to_end_hybrid@base" not in result   # not selected by --only: no variant row either
+    # decode_pyav_parallel (2 workers) is not selected by --only: no variant row of it either
+    assert "decode_pyav_parallel@base" not in result and "variant base: decode_pyav_parallel" not in capsys.readouterr().out
     assert (extract.CPU_DECODE_NICE, extract.SIDE_STREAMS, decode_pyav.SKIP_GOP_TAILS, extract.FRAME_THREADS) == (
         0, False, True, None)
 
