@@ -299,9 +299,12 @@ def main(argv=None) -> int:
     variants = []
     for text in args.variant:
         try:
-            variants.append((text.strip() or "base", parse_variant(text)))
+            settings = parse_variant(text)
         except ValueError as err:
             ap.error(f"--variant {text!r}: {err}")
+        label = text.strip() or "base"
+        repeats = sum(name == label or name.startswith(f"{label}#") for name, _ in variants)
+        variants.append((f"{label}#{repeats + 1}" if repeats else label, settings))  # 'base' twice: base, base#2
     logging.basicConfig(level=logging.WARNING)
     base_settings = {"gop_tails": args.gop_tails, "nvdec_context": args.nvdec_context,
                      "side_streams": "1" if args.side_streams else "0", "frame_threads": args.frame_threads,

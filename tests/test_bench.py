@@ -205,13 +205,13 @@ def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_pat
                                str(tmp_path / "videos"), "--only", "end_to_end_pyav", "--decode-workers", "2",
                                "--variant", "cpu_decode_nice=3,side_streams=1,decode_workers=1",
                                "--variant", "gop-tails=decode,frame_threads=1", "--variant", "base",
-                               "--json", str(out)]) == 0
+                               "--variant", "base", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     first, second = "cpu_decode_nice=3,side_streams=1,decode_workers=1", "gop-tails=decode,frame_threads=1"
     assert calls == [("store_warmup", 2, 0, False, True, None), ("store_pyav", 2, 0, False, True, None),
                      ("store_pyav_variant1", 1, 3, True, True, None), ("store_pyav_variant2", 2, 0, False, False, 1),
-                     ("store_pyav_variant3", 2, 0, False, True, None)]
-    for label in (first, second, "base"):
+                     ("store_pyav_variant3", 2, 0, False, True, None), ("store_pyav_variant4", 2, 0, False, True, None)]
+    for label in (first, second, "base", "base#2"):   # a repeated variant keeps both rows
         row = result[f"end_to_end_pyav@{label}"]
         assert row["done"] == 1 and row["realtime_factor"] > 0, (label, row)
     assert result["variants"][first] == {"cpu_decode_nice": 3, "side_streams": "1", "decode_workers": 1}
