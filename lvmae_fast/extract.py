@@ -36,7 +36,7 @@ from .devices import resolve_device
 from .video.decode_dali import DALI_APIS, DEFAULT_DALI_API
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
 from .video.hybrid import DEFAULT_NVDEC_SLOTS, DecoderShare
-from .video.ordered import default_decode_workers, in_niced_thread, ordered_parallel
+from .video.ordered import default_decode_workers, in_background, ordered_parallel
 from .video.partial import PartialVideos
 from .video.probe import VideoError
 
@@ -140,12 +140,6 @@ def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, s
 
 
 # -------------------------------------------------------------------------------------------- producers
-def in_background(gen_fn, maxsize: int = 4) -> Iterator:
-    """Run a generator in a daemon thread (decode overlaps the encoder; PyAV and torch drop the GIL).
-    When the consumer stops early (an error, close()), the thread stops too and closes the generator."""
-    return ordered_parallel([None], lambda _: gen_fn(), workers=1, depth=maxsize)
-
-
 def prepared(jobs: Iterable[VideoJob], spec: WindowSpec, partials: PartialVideos | None = None
              ) -> Iterator[VideoJob | Failed]:
     """Probe and plan each job; with `partials`, attach the windows a killed job already embedded."""
@@ -614,7 +608,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 windows = lambda: to_input(decode_part(part, threads, hwaccel if on_nvdec else None))  # noqa: E731
                 try:
                     if CPU_DECODE_NICE and not on_nvdec:
-                        yield from in_niced_thread(windows, CPU_DECODE_NICE, depth=part_windows + 1)
+                        yield from in_background(windows, maxsize=part_windows + 1, nice=CPU_DECODE_NICE)
                     else:
                         yield from windows()
                 finally:

@@ -663,7 +663,7 @@ def test_a_refused_priority_change_is_a_warning_not_a_failure(monkeypatch, caplo
 
     monkeypatch.setattr(os, "setpriority", refuse)
     with caplog.at_level("WARNING"):
-        assert list(ordered.in_niced_thread(lambda: iter([1, 2, 3]), nice=5)) == [1, 2, 3]
+        assert list(ordered.in_background(lambda: iter([1, 2, 3]), nice=5)) == [1, 2, 3]
     assert ordered.lower_thread_priority(5) is False
     assert "could not lower a decode thread's priority" in caplog.text or not sys.platform.startswith("linux")
 

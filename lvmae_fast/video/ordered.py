@@ -189,11 +189,14 @@ def lower_thread_priority(by: int) -> bool:
     return True
 
 
-def in_niced_thread(produce: Callable[[], Iterator], nice: int, depth: int = 8) -> Iterator:
-    """Yield what `produce()` yields, produced in a thread of its own whose nice value is raised by
-    `nice` before it starts (a fresh thread: a pool's thread could not take its priority back)."""
-    def niced(_):
+def in_background(produce: Callable[[], Iterator], maxsize: int = 4, nice: int = 0) -> Iterator:
+    """Yield what `produce()` yields, produced in a daemon thread of its own (decode overlaps the encoder;
+    PyAV and torch drop the GIL), holding up to `maxsize` items ahead. When the consumer stops early (an
+    error, close()), the thread stops too and closes the generator. `nice` > 0: the thread's nice value
+    is raised by that much before it starts (lower_thread_priority; a fresh thread, since a pool's
+    thread could not take its priority back)."""
+    def run(_):
         lower_thread_priority(nice)
         yield from produce()
 
-    return ordered_parallel([None], niced, workers=1, depth=depth)
+    return ordered_parallel([None], run, workers=1, depth=maxsize)
