@@ -263,13 +263,13 @@ def main(argv=None) -> int:
                     help="comma-separated measurement keys to run (e.g. end_to_end_hybrid,end_to_end_pyav; the JSON's "
                          "keys); the others read 'not measured (not in --only)'. For a second look at a few rows "
                          "on a GPU host without paying for the rest")
-    ap.add_argument("--gop-tails", choices=["skip", "decode"], default="skip",
+    ap.add_argument("--gop-tails", choices=VARIANT_SETTINGS["gop_tails"], default="skip",
                     help="skip (default, as lvmae extract since 2026-11-27) or decode the GOP tails after each GOP's "
                          "last sampled frame (decode_pyav.SKIP_GOP_TAILS): run twice to see what skipping gains")
     ap.add_argument("--frame-threads", type=int, default=0,
                     help="frame threads per PyAV decode in the parallel and end-to-end rows (0 = lvmae extract's "
                          "own count, extract.pyav_threads: 2 on a 16-CPU host): run twice to see what it costs")
-    ap.add_argument("--nvdec-context", choices=["own", "shared"], default="own",
+    ap.add_argument("--nvdec-context", choices=VARIANT_SETTINGS["nvdec_context"], default="own",
                     help="NVDEC decodes each in a CUDA context of their own (default, as lvmae extract) or in torch's "
                          "(decode_pyav.NVDEC_SHARED_CONTEXT): run twice to see which is faster")
     ap.add_argument("--cpu-decode-nice", type=int, default=0,

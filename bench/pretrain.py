@@ -262,14 +262,14 @@ def main(argv=None):
         overlap_chunks = []
     if not overlap_chunks or min(overlap_chunks) < 1:
         p.error(f"--overlap-chunks must be positive integers, comma-separated; got {args.overlap_chunks!r}")
-    compare_attn = [i for i in args.compare_attn.split(",") if i]
-    if set(compare_attn) - set(ATTN_IMPLS):
-        p.error(f"--compare-attn: unknown backend(s) {sorted(set(compare_attn) - set(ATTN_IMPLS))}; "
-                f"choose from {ATTN_IMPLS}")
-    compare_compile = [m for m in args.compare_compile_modes.split(",") if m]
-    if set(compare_compile) - set(COMPILE_MODES):
-        p.error(f"--compare-compile-modes: unknown mode(s) {sorted(set(compare_compile) - set(COMPILE_MODES))}; "
-                f"choose from {COMPILE_MODES}")
+    def comma_list(flag: str, text: str, allowed: tuple, what: str) -> list[str]:
+        items = [item for item in text.split(",") if item]
+        if set(items) - set(allowed):
+            p.error(f"{flag}: unknown {what}(s) {sorted(set(items) - set(allowed))}; choose from {allowed}")
+        return items
+
+    compare_attn = comma_list("--compare-attn", args.compare_attn, ATTN_IMPLS, "backend")
+    compare_compile = comma_list("--compare-compile-modes", args.compare_compile_modes, COMPILE_MODES, "mode")
     if compare_compile and not args.compile:
         p.error("--compare-compile-modes needs --compile")
     try:

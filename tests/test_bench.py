@@ -8,6 +8,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is not a package), to call its main() or patch what it calls."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"lvmae_bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def bench(*args):
     r = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -34,11 +44,7 @@ def test_pretrain_step_bench_with_cuda_graphs_rows(tmp_path):
 def test_pretrain_bench_profiles_the_last_mode_asked_for(tmp_path, monkeypatch):
     """--profile profiles the last mode asked for, here the overlap row of the last chunk count (it used to
     profile the whole-step row whatever followed, and a file named for the overlap held that)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lvmae_bench_pretrain", REPO / "bench" / "pretrain.py")
-    bench_pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_pretrain)
+    bench_pretrain = load_bench("pretrain")
     calls = []
     real = bench_pretrain.run_packed
 
@@ -60,13 +66,9 @@ def test_pretrain_bench_profiles_the_last_mode_asked_for(tmp_path, monkeypatch):
 def test_pretrain_bench_compiles_the_compared_rows_in_the_mode_asked_for(tmp_path, monkeypatch):
     """--compare-compile-modes: the last mode asked for is timed again with its blocks compiled in each
     mode given (the default-mode row first), in the same run."""
-    import importlib.util
-
     from lvmae_fast.model import LVMAE
 
-    spec = importlib.util.spec_from_file_location("lvmae_bench_pretrain", REPO / "bench" / "pretrain.py")
-    bench_pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_pretrain)
+    bench_pretrain = load_bench("pretrain")
     compiled = []
 
     def spy(self, **kwargs):  # records the mode instead of compiling (minutes on a CPU)
@@ -124,12 +126,20 @@ def test_extract_bench_links_copies(tmp_path):
 
 
 def load_extract_bench():
-    import importlib.util
+    return load_bench("extract")
 
-    spec = importlib.util.spec_from_file_location("lvmae_bench_extract", REPO / "bench" / "extract.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+def restore_decode_switches(monkeypatch):
+    """bench/extract.py's main() sets decode switches process-wide, as its flags ask: start each test from
+    lvmae extract's defaults and restore them after it."""
+    from lvmae_fast import extract
+    from lvmae_fast.video import decode_pyav
+
+    monkeypatch.setattr(decode_pyav, "SKIP_GOP_TAILS", True)
+    monkeypatch.setattr(decode_pyav, "NVDEC_SHARED_CONTEXT", False)
+    monkeypatch.setattr(extract, "FRAME_THREADS", None)
+    monkeypatch.setattr(extract, "CPU_DECODE_NICE", 0)
+    monkeypatch.setattr(extract, "SIDE_STREAMS", False)
 
 
 def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
@@ -153,12 +163,7 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(decode_pyav, "_decoded", spy_decoded)
     monkeypatch.setattr(decode_pyav, "_video_stream", spy_stream)
-    # Restored after the test: main() sets these process-wide, as its flags ask.
-    monkeypatch.setattr(decode_pyav, "SKIP_GOP_TAILS", True)
-    monkeypatch.setattr(extract, "FRAME_THREADS", None)
-    monkeypatch.setattr(decode_pyav, "NVDEC_SHARED_CONTEXT", False)
-    monkeypatch.setattr(extract, "CPU_DECODE_NICE", 0)
-    monkeypatch.setattr(extract, "SIDE_STREAMS", False)
+    restore_decode_switches(monkeypatch)
     for mode, threads in (("decode", 0), ("skip", 3)):
         tails_seen.clear(), threads_seen.clear()
         out = tmp_path / f"{mode}.json"
@@ -186,11 +191,7 @@ def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_pat
     from lvmae_fast.video import decode_pyav
 
     extract_bench = load_extract_bench()
-    monkeypatch.setattr(decode_pyav, "SKIP_GOP_TAILS", True)
-    monkeypatch.setattr(decode_pyav, "NVDEC_SHARED_CONTEXT", False)
-    monkeypatch.setattr(extract, "FRAME_THREADS", None)
-    monkeypatch.setattr(extract, "CPU_DECODE_NICE", 0)
-    monkeypatch.setattr(extract, "SIDE_STREAMS", False)
+    restore_decode_switches(monkeypatch)
     calls = []
     real = extract_bench.extract_videos
 
