@@ -699,37 +699,41 @@ class FakeDriver:
         return call
 
 
+@pytest.fixture
+def use_driver(monkeypatch):
+    """Install a stand-in libcuda for the test; the primary context cached per process starts and ends empty."""
+    from lvmae_fast.video import decode_pyav
+
+    def use(driver):
+        monkeypatch.setattr(decode_pyav, "_libcuda", lambda: driver)
+        return driver
+
+    decode_pyav._primary_context.cache_clear()
+    yield use
+    decode_pyav._primary_context.cache_clear()
+
+
 @pytest.mark.parametrize("flags, expected, changed", [(0x0, 0x4, True), (0x11, 0x14, True), (0x14, 0x14, False)])
-def test_shared_nvdec_context_is_switched_to_blocking_sync_keeping_its_other_flags(monkeypatch, flags, expected,
+def test_shared_nvdec_context_is_switched_to_blocking_sync_keeping_its_other_flags(use_driver, flags, expected,
                                                                                   changed):
     """torch's context schedules by CUDA's default (spin while waiting, with fewer contexts than CPUs):
     binding it for NVDEC switches its scheduling bits to blocking sync, other flag bits kept, once."""
     from lvmae_fast.video import decode_pyav
 
-    driver = FakeDriver(flags)
-    monkeypatch.setattr(decode_pyav, "_libcuda", lambda: driver)
-    decode_pyav._primary_context.cache_clear()
-    try:
-        assert decode_pyav._primary_context(0) == 1234
-        assert decode_pyav._primary_context(0) == 1234   # retained once per process
-    finally:
-        decode_pyav._primary_context.cache_clear()
+    driver = use_driver(FakeDriver(flags))
+    assert decode_pyav._primary_context(0) == 1234
+    assert decode_pyav._primary_context(0) == 1234   # retained once per process
     assert driver.flags == expected
     assert driver.calls.count("cuDevicePrimaryCtxRetain") == 1
     assert ("cuDevicePrimaryCtxSetFlags_v2" in driver.calls) == changed
 
 
-def test_shared_nvdec_context_still_binds_when_the_flags_cannot_change(monkeypatch, caplog):
+def test_shared_nvdec_context_still_binds_when_the_flags_cannot_change(use_driver, caplog):
     from lvmae_fast.video import decode_pyav
 
-    driver = FakeDriver(0x0, fail_set=201)
-    monkeypatch.setattr(decode_pyav, "_libcuda", lambda: driver)
-    decode_pyav._primary_context.cache_clear()
-    try:
-        with caplog.at_level("WARNING"):
-            assert decode_pyav._primary_context(0) == 1234
-    finally:
-        decode_pyav._primary_context.cache_clear()
+    use_driver(FakeDriver(0x0, fail_set=201))
+    with caplog.at_level("WARNING"):
+        assert decode_pyav._primary_context(0) == 1234
     assert "will spin while they wait" in caplog.text and "cuDevicePrimaryCtxSetFlags_v2 failed (CUresult 201)" in caplog.text
 
 
