@@ -42,10 +42,22 @@ def load_model_dir(directory, map_location="cpu", **overrides):
     config = LVMAEConfig.from_dict({**json.loads(config_path.read_text()), **overrides})
     model = LVMAE(config)
     state = load_file(str(weights_path), device=str(map_location) if not isinstance(map_location, str) else map_location)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match its config: missing {missing}, unexpected {unexpected}")
+    load_matching_state(model, state, f"{weights_path} does not match its config")
     return model.to(map_location)
+
+
+def load_matching_state(model, state: dict, what: str) -> None:
+    """model.load_state_dict(state), with every mismatch (missing or unexpected keys, and shapes, which
+    torch reports in a multi-line RuntimeError) in one ValueError that starts with `what`."""
+    ours = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} (model {tuple(ours[k].shape)})" for k, v in state.items()
+              if k in ours and v.shape != ours[k].shape]
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    if missing or unexpected or shapes:
+        def few(items):  # a width mismatch touches every layer: name the first few
+            return items[:4] + [f"... {len(items) - 4} more"] if len(items) > 4 else items
+        raise ValueError(f"{what}: missing {few(missing)}, unexpected {few(unexpected)}, other shapes {few(shapes)}")
+    model.load_state_dict(state)
 
 
 # ---- reference import -----------------------------------------------------------------------------
@@ -156,9 +168,7 @@ def convert_reference(ckpt_path, out_dir=None, **config_overrides):
     if config.in_dim != config.embed_dim:
         raise ValueError("reference checkpoints have encoder width == embedding dim; got a mismatch")
     model = LVMAE(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_path}: keys do not match the reference layout: missing {missing}, unexpected {unexpected}")
+    load_matching_state(model, state, f"{ckpt_path}: keys do not match the reference layout")
     if out_dir is not None:
         save_model_dir(model, out_dir)
     return model

@@ -12,6 +12,7 @@ Td = B + T (decoder stream), d input dim, D encoder width, Dd decoder width, H h
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
@@ -64,6 +65,9 @@ class LVMAEConfig:
             raise ValueError("config: sin-cos positions need even embed_dim and decoder_embed_dim")
         if min(self.in_dim, self.depth, self.decoder_depth, self.max_len) < 1:
             raise ValueError("config: in_dim, depth, decoder_depth and max_len must be >= 1")
+        if not (math.isfinite(self.mlp_ratio) and int(self.embed_dim * self.mlp_ratio) >= 1
+                and int(self.decoder_embed_dim * self.mlp_ratio) >= 1):
+            raise ValueError(f"config: mlp_ratio={self.mlp_ratio} must be finite and give MLP widths >= 1")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"config: mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
@@ -211,7 +215,9 @@ class LVMAE(nn.Module):
         tokens = batch.x.index_select(0, batch.visible_rows)
         if self.input_proj is not None:  # fp16/bf16 rows meet fp32 weights outside autocast: cast first
             tokens = self.input_proj(tokens if torch.is_autocast_enabled() else tokens.to(self.input_proj.weight.dtype))
-        src = torch.cat([self.cls_token.view(1, -1).to(tokens.dtype), tokens], 0)
+        # In the CLS token's dtype (the model's): rows of another dtype (bf16/fp16 projections under
+        # autocast, fp64 or bf16 rows given by hand) would otherwise round the CLS token, or fail to add up.
+        src = torch.cat([self.cls_token.view(1, -1), tokens.to(self.cls_token.dtype)], 0)
         h = src.index_select(0, batch.enc_src) + self.pos_embed.index_select(0, batch.enc_pos)
         meta = VarlenMeta(batch.enc_cu_seqlens, batch.enc_max_seqlen, h.shape[0], self.config.attn_impl,
                           h.device, _compute_dtype(h))
@@ -222,7 +228,7 @@ class LVMAE(nn.Module):
     def forward_decoder(self, batch: PackedBatch, enc_out: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Decoder predictions [len(slots), d] for the given decoder-stream slots."""
         e = self.decoder_embed(enc_out)
-        src = torch.cat([e, self.mask_token.view(1, -1).to(e.dtype)], 0)
+        src = torch.cat([e.to(self.mask_token.dtype), self.mask_token.view(1, -1)], 0)  # as CLS above
         h = src.index_select(0, batch.dec_src) + self.decoder_pos_embed.index_select(0, batch.dec_pos)
         meta = VarlenMeta(batch.dec_cu_seqlens, batch.dec_max_seqlen, h.shape[0], self.config.attn_impl,
                           h.device, _compute_dtype(h))
@@ -251,7 +257,10 @@ class LVMAE(nn.Module):
         """Pack sequences the caller has already run through validate_sequences."""
         device = self.cls_token.device
         x_Td, cu, lengths = pack_sequences([s.to(device=device, dtype=self.cls_token.dtype) for s in seqs])
-        if any(s.dtype.itemsize > x_Td.dtype.itemsize for s in seqs) and not bool(torch.isfinite(x_Td).all()):
+        # Any dtype reaching further than the model's (fp32 into fp16, and bf16 into fp16 too, though both
+        # are 2 bytes) can overflow in the cast.
+        if (any(s.is_floating_point() and torch.finfo(s.dtype).max > torch.finfo(x_Td.dtype).max for s in seqs)
+                and not bool(torch.isfinite(x_Td).all())):
             raise ValueError(f"values beyond the range of the model's {x_Td.dtype} (they become Inf when cast)")
         if masked_T is None:
             masked_T = torch.zeros(x_Td.shape[0], dtype=torch.bool, device=device)
@@ -285,12 +294,14 @@ class LVMAE(nn.Module):
 
     # ---- training helpers ------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: no decay on biases, norms and the cls/mask tokens (as MAE/reference)."""
+        """AdamW groups: no decay on biases and norms (1-D parameters); everything else, the cls and mask
+        tokens included, decays. This is the reference's rule (timm's add_weight_decay in MAE's
+        main_pretrain.py: ndim <= 1 or a '.bias' name, no skip list)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or name in ("cls_token", "mask_token") else decay).append(p)
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def save_pretrained(self, directory) -> None:

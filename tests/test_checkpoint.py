@@ -109,6 +109,19 @@ def test_save_load_round_trip_and_missing_dir(tmp_path):
         LVMAE.from_pretrained(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("override, names", [
+    ({"embed_dim": 32}, "blocks.0.attn.qkv.weight"),
+    ({"mlp_ratio": 2.0}, "blocks.0.mlp.fc1.weight"),
+    ({"depth": 3}, "missing ['blocks.2."),
+])
+def test_weights_that_do_not_fit_the_config_are_one_value_error(tmp_path, override, names):
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=12))
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="does not match its config") as err:
+        LVMAE.from_pretrained(tmp_path / "m", **override)
+    assert names in str(err.value) and "\n" not in str(err.value)
+
+
 def test_missing_reference_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         convert_reference(tmp_path / "nope.pth")

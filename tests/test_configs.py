@@ -123,6 +123,8 @@ def assert_one_line_error(code: int, err: str, *expected: str) -> None:
     ("model.mask_ratio=", "model.mask_ratio: expected float, got None"),
     ("model.mask_ratio=0", "model.mask_ratio=0.0 must be in (0, 1)"),          # trained on a loss of 0
     ("model.depth=2.5", "model.depth: expected int, got 2.5"),
+    ("model.mlp_ratio=0", "mlp_ratio=0.0 must be finite and give MLP widths >= 1"),  # was an MLP-less model
+    ("model.mlp_ratio=-1", "mlp_ratio=-1.0 must be finite"),                   # was a RuntimeError traceback
     ("model.nope=1", "model: unknown keys ['nope']"),
     ("epochs=.inf", "config key epochs: expected int, got inf"),               # was an OverflowError traceback
     ("weight_decay=-1", "weight_decay=-1.0 must be >= 0"),                     # was accepted

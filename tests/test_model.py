@@ -110,13 +110,19 @@ def test_presets():
         LVMAEConfig.from_dict({"in_dim": 8, "depthh": 3})
 
 
-def test_param_groups_exclude_norms_biases_tokens():
+def test_param_groups_follow_the_references_rule():
+    """timm's add_weight_decay as MAE's main_pretrain.py calls it (no skip list): no decay for 1-D
+    parameters and '.bias' names; the [1, 1, D] cls and mask tokens decay."""
     model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8))
     decay, no_decay = model.param_groups(0.05)
     names = {id(p): k for k, p in model.named_parameters()}
+    decay_names = {names[id(p)] for p in decay["params"]}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
-    assert all(names[id(p)].endswith("weight") and "norm" not in names[id(p)] for p in decay["params"])
+    want_no_decay = {k for k, p in model.named_parameters() if len(p.shape) == 1 or k.endswith(".bias")}
+    assert no_decay_names == want_no_decay
+    assert decay_names == {k for k, _ in model.named_parameters()} - want_no_decay
+    assert {"cls_token", "mask_token", "blocks.0.attn.qkv.weight"} <= decay_names
+    assert {"norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
 
@@ -134,6 +140,29 @@ def test_bad_input_is_a_clear_value_error(bad, match):
     model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, max_len=32))
     with pytest.raises(ValueError, match=match):
         model.encode(bad)
+
+
+def test_bf16_rows_beyond_an_fp16_models_range_are_refused():
+    """bf16 and fp16 are both 2 bytes, but bf16 reaches ~3e38 and fp16 65504: the cast overflows to Inf."""
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, max_len=32)).half()
+    with pytest.raises(ValueError, match="beyond the range of the model's torch.float16"):
+        model.encode([torch.full((2, 8), 1e6, dtype=torch.bfloat16)])
+    cls, _ = model.encode([torch.full((2, 8), 0.5, dtype=torch.bfloat16)])  # in range: fine
+    assert torch.isfinite(cls).all()
+
+
+@pytest.mark.parametrize("in_dim", [24, 64])  # 64: no input projection
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_batch_rows_of_another_dtype_give_the_loss_of_the_same_values_in_fp32(in_dim, dtype):
+    """A hand-built batch in another dtype runs in the model's dtype: the loss of its values (exactly
+    representable in fp32) is the fp32 batch's, to the bit (the CLS/mask tokens are not rounded to the
+    rows' dtype, and fp64 rows do not meet fp32 weights)."""
+    model, seqs, visible = make_case(in_dim, dtype=torch.float32)
+    seqs = [s.to(dtype).float() for s in seqs]  # values every dtype here holds exactly
+    batch32 = packed_batch(seqs, visible)
+    batch = replace(batch32, x=batch32.x.to(dtype))
+    with torch.no_grad():
+        assert model(batch).item() == model(batch32).item()
 
 
 def test_bad_forward_batch_dim():
