@@ -185,6 +185,15 @@ def pyav_events(job: VideoJob, threads: int = 0, skip: np.ndarray | None = None,
         yield Failed(job, f"decode error: {type(err).__name__}: {err}")
 
 
+def stood_in(win: Window) -> bool:
+    """A frame of this window is not the one the plan samples: the decoder stood in for it (damaged
+    data, or a cut file's lead-in), which video/partial.py must know of a saved window."""
+    if win.times is None:
+        return False
+    planned = win.job.index.times[win.job.plan.frames[win.window]]
+    return not np.allclose(np.asarray(win.times, np.float64), planned, rtol=0.0, atol=1e-9)
+
+
 @dataclasses.dataclass(eq=False)
 class DecodePart:
     """Consecutive windows of one video for one PyAV decode (None: all the job's windows)."""
@@ -428,8 +437,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     from .video.encoders import build_encoder, weights_fingerprint
     from .video.preprocess import frames_to_input
 
-    if seconds <= 0:
-        raise ValueError("window seconds must be > 0")
+    if not math.isfinite(seconds) or seconds <= 0:  # inf would reach the store's settings, nan every check
+        raise ValueError(f"window seconds must be a finite number > 0, got {seconds}")
     if frames < 1 or batch_size < 1:
         raise ValueError("frames per window and batch size must be >= 1")
     if decode_workers < 0:
@@ -516,6 +525,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     continue
                 st["emb"][win.window] = e
                 st["filled"][win.window] = True
+                st["stood_in"][win.window] = stood_in(win)
                 touched.setdefault(id(win.job), (win.job, []))[1].append(win.window)
                 if st["filled"].all():
                     job = win.job
@@ -548,10 +558,14 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 st = state[id(job)]
                 if not st.get("done") and not st.get("failed"):
                     partials.save(job.video_id, job.path, job.num_windows, np.asarray(done_windows),
-                                  st["emb"][done_windows], decoded_by=job.decoded_by)
+                                  st["emb"][done_windows], decoded_by=job.decoded_by,
+                                  stood_in=st["stood_in"][done_windows])
 
-        for vid, path, reason in clashes:
-            fail(VideoJob(video_id=vid, path=path), reason)
+        # The jobs stay referenced for the whole run: `state` is keyed by id(job), and a freed job's id
+        # would be reused by the next one, whose failure would then look recorded already.
+        clash_jobs = [(VideoJob(video_id=vid, path=path), reason) for vid, path, reason in clashes]
+        for job, reason in clash_jobs:
+            fail(job, reason)
 
         def to_input(source):
             """Each window's frames -> encoder input as it arrives, so queues and batches hold
@@ -633,6 +647,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     else:
                         st = state[id(job)] = {"emb": np.zeros((n, model.dim), np.float32),
                                                "filled": np.zeros(n, bool)}
+                    st["stood_in"] = np.zeros(n, bool)
                 if st.get("failed") or st.get("done"):
                     continue
                 batch.append(event)

@@ -134,6 +134,35 @@ def test_input_without_any_video_is_a_clear_error(tmp_path):
     assert out.returncode == 1 and "no videos found" in out.stderr
 
 
+@pytest.mark.parametrize("text, want", [
+    (",video_id,path\n0,x,a.mp4\n1,y,b.mp4\n", [("x", "a.mp4"), ("y", "b.mp4")]),  # pandas' to_csv: index column
+    ("video_id,path\n,a.mp4\ny,b.mp4\n", [("a", "a.mp4"), ("y", "b.mp4")]),        # empty id: the file's stem
+    ("path,video_id\na.mp4\nb.mp4,bb\n", [("a", "a.mp4"), ("bb", "b.mp4")]),         # short row: no id
+    ("# clips\na.mp4\n\n ,\nsub/b.mp4\n", [("a", "a.mp4"), ("b", "sub/b.mp4")]),     # headerless, blank rows
+])
+def test_csv_lists_read_every_row_with_a_path(tmp_path, text, want):
+    from lvmae_fast.video.inputs import list_videos
+
+    (tmp_path / "list.csv").write_text(text)
+    assert list_videos(tmp_path / "list.csv") == [(vid, str(tmp_path / p)) for vid, p in want]
+
+
+def test_csv_rows_without_a_path_are_one_line_errors_naming_the_line(tmp_path):
+    (tmp_path / "list.csv").write_text("video_id,path\nx,a.mp4\n\ny\n")
+    out = subprocess.run([sys.executable, "-m", "lvmae_fast", "extract", str(tmp_path / "list.csv"), "--encoder",
+                          "tiny", "--out", str(tmp_path / "store")], capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "list.csv, line 4: no path in column 2 ('path')" in out.stderr
+
+
+@pytest.mark.parametrize("seconds", ["inf", "nan", "0"])
+def test_window_seconds_must_be_finite_and_positive(tmp_path, capsys, seconds):
+    video = synth.write_video(tmp_path / "v.mp4", duration=2.0, fps=10, codec="h264").path
+    rc = main(["extract", str(video), "--encoder", "tiny", "--out", str(tmp_path / "s"), "--seconds", seconds])
+    assert rc == 1 and "window seconds must be a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # nothing written: a store set to inf would refuse every later run
+
+
 def test_background_producer_stops_when_the_consumer_stops():
     # A consumer that stops early (an encoder error, close()) must not leave the decode thread blocked
     # forever on a full queue with its generator (and the open container inside it) never closed.
@@ -273,6 +302,50 @@ def test_a_killed_job_loses_only_the_batch_in_flight_of_a_long_video(long_video,
     np.testing.assert_allclose(Store(killed).window_times("long"), Store(tmp_path / "clean").window_times("long"))
 
 
+def test_a_killed_job_gives_a_damaged_video_the_verdict_of_one_pass(long_video, tmp_path, monkeypatch):
+    """6 sampled frames never come out of the decoder (3 in window 1, 3 in window 10; the budget is
+    max(2, 5% of 96) = 4): one pass refuses the video. Killed after windows 0-5 were saved, the rerun must
+    refuse it too, not decode windows 6-11 with a fresh budget (3 stand-ins, accepted): saved windows
+    with a stood-in frame make the video start over."""
+    from lvmae_fast.video import decode_pyav, encoders
+    from lvmae_fast.video.jobs import VideoJob, WindowSpec, prepare_job
+    from lvmae_fast.video.partial import PARTIAL_DIR
+
+    job = prepare_job(VideoJob("long", str(long_video.path)), WindowSpec(seconds=1.0))
+    lost = {int(job.index.pts[f]) for w in (1, 10) for f in job.plan.frames[w][[1, 3, 5]]}
+    real_frames = decode_pyav._frames
+
+    def damaged_frames(*args, **kwargs):  # as a damaged stream: these frames are never produced
+        return (frame for frame in real_frames(*args, **kwargs) if frame.pts not in lost)
+
+    monkeypatch.setattr(decode_pyav, "_frames", damaged_frames)
+    run = dict(encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav", decode_workers=1)
+    one_pass = extract_videos(str(long_video.path), tmp_path / "one", **run)
+    assert (one_pass["done"], one_pass["failed"]) == (0, 1)
+
+    class Killed(BaseException):
+        pass
+
+    real_encode, calls = encoders.tiny.TinyVideoEncoder.encode_video, [0]
+
+    def dying(self, x):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise Killed
+        return real_encode(self, x)
+
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(encoders.tiny.TinyVideoEncoder, "encode_video", dying)
+        with pytest.raises(Killed):
+            extract_videos(str(long_video.path), killed, **run)
+    assert len(list((killed / PARTIAL_DIR).rglob("chunk-*.npz"))) == 3  # windows 0-5, window 1 stood in
+    resumed = extract_videos(str(long_video.path), killed, **run)
+    assert (resumed["done"], resumed["failed"]) == (0, 1)
+    [failure] = [json.loads(line) for line in (killed / "failures.jsonl").read_text().splitlines()]
+    assert failure["reason"].startswith("damaged video data: more than 4 of the 96 sampled frames")
+
+
 def test_saved_windows_of_a_changed_file_are_discarded(long_video, tmp_path):
     import os
     import shutil
@@ -303,6 +376,19 @@ def test_two_files_with_one_video_id_fail_the_second_only(tmp_path):
     assert sorted(Store(tmp_path / "s").video_ids) == ["clip", "other"]
     [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
     assert failure["path"].endswith("clip.webm") and "already used by" in failure["reason"]
+
+
+def test_every_clash_of_video_ids_is_a_failure_line(tmp_path):
+    """Three clashing pairs: three failure lines (each clash was once recorded through a job object
+    freed at once, whose reused id made the next clash look recorded already)."""
+    folder = tmp_path / "v"
+    for name in "abc":
+        synth.write_video(folder / f"{name}.mp4", duration=1.0, fps=10, codec="h264")
+        (folder / f"{name}.mkv").write_bytes((folder / f"{name}.mp4").read_bytes())
+    s = extract_videos(folder, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["failed"], s["total"]) == (3, 3, 6)
+    failures = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["video_id"] for f in failures) == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize("rule", ["time", "index"])

@@ -53,14 +53,27 @@ def _from_list(list_file: Path) -> list[tuple[str, str]]:
     rows: list[tuple[str | None, str]] = []
     if list_file.suffix.lower() == ".csv":
         with open(list_file, newline="", encoding="utf-8-sig") as fh:  # Excel's "CSV UTF-8" starts with a BOM
-            table = [r for r in csv.reader(fh) if r and r[0].strip() and not r[0].startswith("#")]
-        header = [c.strip().lower() for c in table[0]] if table else []
+            reader = csv.reader(fh)
+            table = []   # (line number, stripped cells) of rows with content; '#' comments skipped
+            for row in reader:
+                cells = [c.strip() for c in row]
+                first = next((c for c in cells if c), None)  # pandas' to_csv starts its header with ""
+                if first is not None and not first.startswith("#"):
+                    table.append((reader.line_num, cells))
+        header = [c.lower() for c in table[0][1]] if table else []
         if "path" in header:
             p_col = header.index("path")
             id_col = header.index("video_id") if "video_id" in header else None
-            rows = [(r[id_col].strip() if id_col is not None else None, r[p_col].strip()) for r in table[1:]]
+            table = table[1:]
         else:
-            rows = [(None, r[0].strip()) for r in table]
+            p_col, id_col = 0, None
+        for line, cells in table:
+            p = cells[p_col] if p_col < len(cells) else ""
+            if not p:
+                raise ValueError(f"{list_file}, line {line}: no path in column {p_col + 1}"
+                                 + (" ('path')" if header and "path" in header else ""))
+            vid = cells[id_col] if id_col is not None and id_col < len(cells) else ""
+            rows.append((vid or None, p))  # an empty video_id: the file's stem, as without the column
     else:
         for line in list_file.read_text(encoding="utf-8-sig").splitlines():
             line = line.strip()

@@ -9,12 +9,16 @@ videos are written here, one small file per video per batch:
                                            and how the embeddings were made (encoder, window settings;
                                            `decoded_by`: the decoder of its windows, which
                                            --decoder hybrid keeps when it resumes the video)
-    STORE/partial/<key>/chunk-000007.npz   windows int64 [k], emb float32 [k, d]
+    STORE/partial/<key>/chunk-000007.npz   windows int64 [k], emb float32 [k, d], stood_in bool [k]
+                                           (a window with a frame the decoder stood in for)
 
 (<key> is a hash of the video id: ids may contain '/'.) Every file is written atomically (temp file,
 fsync, rename), so a kill leaves whole chunks or none. A resumed job loads the chunks of a video whose
 source file (absolute path, size, mtime) and settings are unchanged, and the decoders skip those
-windows; anything else discards them. Once a video is committed to the store
+windows; anything else discards them. So does a saved window with a stood-in frame (damaged data): a
+resumed decode counts damage only in the windows it decodes, so the video's damage budget
+(decode_pyav.MAX_MISSING) would start over, and a kill could turn one pass's refusal into an accepted
+video. Such a video starts over instead. Once a video is committed to the store
 its folder is removed; folders of videos the store already holds are removed when a job starts.
 """
 from __future__ import annotations
@@ -79,12 +83,19 @@ class PartialVideos:
         emb = np.zeros((num_windows, self.dim), np.float32)
         filled = np.zeros(num_windows, bool)
         chunks = sorted(folder.glob("chunk-*.npz"))
+        stood_in = False
         for chunk in chunks:
             with np.load(chunk) as data:
                 windows, values = data["windows"], data["emb"]
+                stood_in |= "stood_in" in data.files and bool(data["stood_in"].any())
             emb[windows] = values
             filled[windows] = True
         self._chunks[video_id] = len(chunks)
+        if stood_in:
+            log.info("starting %s over: its saved windows hold stood-in frames (damaged data), which the whole "
+                     "video's damage budget must count", video_id)
+            self.drop(video_id)
+            return None
         if filled.all() or not filled.any():  # nothing to resume from (or nothing left to decode)
             self.drop(video_id)
             return None
@@ -96,19 +107,21 @@ class PartialVideos:
         return self._decoders.get(video_id, "")
 
     def save(self, video_id: str, path: str, num_windows: int, windows: np.ndarray, emb: np.ndarray,
-             decoded_by: str = "") -> None:
+             decoded_by: str = "", stood_in: np.ndarray | None = None) -> None:
         """Append the embeddings of `windows` (window indices of this video) as one chunk. A failed write
         (disk full) leaves the chunks saved before as they were (no temp file) and says which video.
-        decoded_by: recorded with the video's first chunk of this run (see saved_decoder)."""
+        decoded_by: recorded with the video's first chunk of this run (see saved_decoder). stood_in:
+        bool per window, True where a frame was stood in for (see the module docstring)."""
+        stood_in = np.zeros(len(windows), bool) if stood_in is None else np.asarray(stood_in, bool)
         try:
-            self._save(video_id, path, num_windows, windows, emb, decoded_by)
+            self._save(video_id, path, num_windows, windows, emb, decoded_by, stood_in)
         except OSError as err:
             saved = self._chunks.get(video_id, 0)
             raise write_error(f"could not save embedded windows of video {video_id} under {self.root}", err,
                               self.root, f" ({saved} chunks saved before are kept; rerunning resumes from them)") from err
 
     def _save(self, video_id: str, path: str, num_windows: int, windows: np.ndarray, emb: np.ndarray,
-              decoded_by: str) -> None:
+              decoded_by: str, stood_in: np.ndarray) -> None:
         folder = self._folder(video_id)
         if video_id not in self._chunks:
             if folder.exists():  # left by an older job on another version of this file
@@ -121,7 +134,7 @@ class PartialVideos:
 
         def write(tmp):
             with open(tmp, "wb") as fh:
-                np.savez(fh, windows=np.asarray(windows, np.int64), emb=np.asarray(emb, np.float32))
+                np.savez(fh, windows=np.asarray(windows, np.int64), emb=np.asarray(emb, np.float32), stood_in=stood_in)
 
         atomic_write(folder / f"chunk-{number:06d}.npz", write)
         self._chunks[video_id] = number + 1
