@@ -120,7 +120,8 @@ def config_from_reference(state: dict, args=None, num_heads: int | None = None, 
     --model name for the reference's fixed-architecture models), or the reference's 16/16."""
     from .model import LVMAEConfig
 
-    required = ["cls_token", "mask_token", "decoder_pred.weight", "blocks.0.attn.qkv.weight", "pos_embed"]
+    required = ["cls_token", "mask_token", "decoder_pred.weight", "blocks.0.attn.qkv.weight",
+                "blocks.0.mlp.fc1.weight", "pos_embed"]
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"reference state dict lacks keys {missing}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections import OrderedDict
@@ -134,12 +135,24 @@ def load_index(path) -> dict:
     for key in ("dim", "encoder", "segment_seconds", "shards", "videos"):
         if key not in index:
             raise ValueError(f"{index_path}: missing key {key!r}")
+    if not (isinstance(index["shards"], list) and isinstance(index["videos"], list) and _is_count(index["dim"])
+            and index["dim"] >= 1 and _is_seconds(index["segment_seconds"])):
+        raise ValueError(f"{index_path}: malformed index (shards and videos must be lists, dim an int >= 1, "
+                         f"segment_seconds a number > 0)")
     index.setdefault("journal_seq", 0)
     for record in read_journal(Path(path) / JOURNAL_NAME, after=index["journal_seq"]):
         index["shards"].extend(record["shards"])
         index["videos"].extend(record["videos"])
         index["journal_seq"] = record["seq"]
     return index
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_seconds(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def read_journal(path: Path, after: int) -> list[dict]:
@@ -246,6 +259,29 @@ class WriterLock:
             self._file = None
 
 
+def stored_embeddings(video_id: str, emb, dim: int | None = None) -> np.ndarray:
+    """One video's embeddings [n, dim] as the store keeps them (float16, C order), or ValueError naming
+    what is wrong. dim None: any width (an import checks the file that is to fix a new store's)."""
+    emb = np.asarray(emb)
+    if emb.ndim != 2 or (dim is not None and emb.shape[1] != dim):
+        raise ValueError(f"video {video_id!r}: embeddings must have shape [n, {dim or 'dim'}], got {list(emb.shape)}")
+    if emb.shape[0] < 1:
+        raise ValueError(f"video {video_id!r}: no segments (n=0); a video needs at least one embedding")
+    if emb.shape[1] < 1:
+        raise ValueError(f"video {video_id!r}: embeddings of width 0")
+    if not np.issubdtype(emb.dtype, np.floating):
+        raise ValueError(f"video {video_id!r}: embeddings must be floating point, got {emb.dtype}")
+    with np.errstate(over="ignore"):
+        # C order always: astype keeps a Fortran-ordered input's layout, and shards must be C-contiguous.
+        emb16 = np.ascontiguousarray(emb.astype(EMB_DTYPE))
+    # Checked after the cast: float32 values beyond float16's range (65504) would become Inf.
+    if not np.isfinite(emb16).all():
+        bad = np.flatnonzero(~np.isfinite(emb16).all(1))
+        raise ValueError(f"video {video_id!r}: non-finite embedding values (NaN/Inf, or beyond float16 range) "
+                         f"in rows {bad[:10].tolist()}")
+    return emb16
+
+
 class StoreWriter:
     """Create or resume a store; add videos; commit atomically. See the module docstring for the layout."""
 
@@ -341,22 +377,8 @@ class StoreWriter:
             raise ValueError(f"video id must be a non-empty string, got {video_id!r}")
         if self.contains(video_id):
             raise ValueError(f"video {video_id!r} is already in the store")
-        emb = np.asarray(emb)
-        if emb.ndim != 2 or emb.shape[1] != self.dim:
-            raise ValueError(f"video {video_id!r}: embeddings must have shape [n, {self.dim}], got {list(emb.shape)}")
-        n = emb.shape[0]
-        if n < 1:
-            raise ValueError(f"video {video_id!r}: no segments (n=0); a video needs at least one embedding")
-        if not np.issubdtype(emb.dtype, np.floating):
-            raise ValueError(f"video {video_id!r}: embeddings must be floating point, got {emb.dtype}")
-        with np.errstate(over="ignore"):
-            # C order always: astype keeps a Fortran-ordered input's layout, and shards must be C-contiguous.
-            emb16 = np.ascontiguousarray(emb.astype(EMB_DTYPE))
-        # Checked after the cast: float32 values beyond float16's range (65504) would become Inf.
-        if not np.isfinite(emb16).all():
-            bad = np.flatnonzero(~np.isfinite(emb16).all(1))
-            raise ValueError(f"video {video_id!r}: non-finite embedding values (NaN/Inf, or beyond float16 range) "
-                             f"in rows {bad[:10].tolist()}")
+        emb16 = stored_embeddings(video_id, emb, self.dim)
+        n = emb16.shape[0]
         if window_times is None:
             times = default_window_times(n, self.segment_seconds)
         else:
@@ -649,6 +671,10 @@ def check_structure(path, index: dict) -> list[Problem]:
     path, problems = Path(path), []
     shard_rows: dict[int, int] = {}  # shards whose headers are sound -> actual rows
     for i, shard in enumerate(index["shards"]):
+        if not (isinstance(shard, dict) and isinstance(shard.get("emb"), str) and isinstance(shard.get("times"), str)
+                and _is_count(shard.get("rows"))):
+            problems.append(Problem(None, f"shard {i}: malformed index entry {shard!r}"))
+            continue
         try:
             emb_shape, emb_dtype = read_npy_header(path / shard["emb"])
             times_shape, times_dtype = read_npy_header(path / shard["times"])
@@ -671,6 +697,9 @@ def check_structure(path, index: dict) -> list[Problem]:
     spans: dict[int, list[tuple[int, int, str]]] = {}
     seen: set = set()
     for v in index["videos"]:
+        if not isinstance(v, dict):
+            problems.append(Problem(None, f"malformed index entry {v!r}"))
+            continue
         vid, shard, offset, n = v.get("id"), v.get("shard"), v.get("offset"), v.get("n")
         if isinstance(vid, str) and vid:
             if vid in seen:
@@ -679,7 +708,9 @@ def check_structure(path, index: dict) -> list[Problem]:
         else:
             problems.append(Problem(None, f"index entry without a video id: {v}"))
             continue
-        if not all(isinstance(x, int) for x in (shard, offset, n)):
+        # segment_seconds and source too: Store.meta, `store info` and the sampler read them.
+        if not (all(_is_count(x) for x in (shard, offset, n)) and _is_seconds(v.get("segment_seconds"))
+                and isinstance(v.get("source"), str)):
             problems.append(Problem(vid, f"malformed index entry {v}"))
             continue
         if n < 1:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import WriteError
-from .store import Store, StoreWriter, load_index, show_id, summarize, verify_store
+from .store import Store, StoreWriter, load_index, show_id, stored_embeddings, summarize, verify_store
 
 _PY_STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""
 _PY_LIST = re.compile(rf"^\[\s*(?:(?:{_PY_STRING})\s*(?:,\s*(?:{_PY_STRING})\s*)*,?\s*)?\]$", re.S)
@@ -162,12 +162,12 @@ def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float
                 continue
             try:
                 emb = load()
-                if writer is None and emb.ndim != 2:
-                    raise ValueError(f"expected [n_segments, dim], got shape {list(emb.shape)}")
+                if writer is None:  # only a file the store would take may fix a new store's dim
+                    stored_embeddings(video_id, emb)
             except (ValueError, OSError, RuntimeError) as err:
                 failures.append(f"{video_id} ({source}): {err}")
                 continue
-            if writer is None:  # the first readable array fixes the store's dim. A store that cannot be
+            if writer is None:  # the first valid array fixes the store's dim. A store that cannot be
                 # created (--out a file or another folder, bad settings) stops the import: not one failure per video
                 writer = StoreWriter(out, emb.shape[1], encoder=encoder, segment_seconds=segment_seconds, **kwargs)
             try:

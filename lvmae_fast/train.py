@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import train_config as tc
-from .atomic import WRITE_ERRORS, WriteError, append_whole, atomic_write, atomic_write_text, write_error
+from .atomic import WRITE_ERRORS, WriteError, append_whole, atomic_write, atomic_write_text, fsync_dir, write_error
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
@@ -206,9 +206,12 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
         model.save_pretrained(tmp)
         state = {"progress": dict(progress), "optimizer": portable_optimizer_state(optimizer), "rng": _rng_state(),
                  "config": cfg.to_dict(), "model_config": model.config.to_dict(), "store_fingerprint": store_fingerprint}
-        torch.save(state, tmp / STATE_NAME)
+        # Fsynced like the weights: `latest` (itself fsynced) must never name a state still in the page cache,
+        # after pruning has removed the checkpoints before it.
+        atomic_write(tmp / STATE_NAME, lambda path: torch.save(state, path))
         shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step from a killed run
         os.replace(tmp, final)
+        fsync_dir(ckpt_root)
     except BaseException as err:
         # A full disk (ENOSPC; torch.save's zip writer reports it as RuntimeError "unexpected pos") must not
         # leave a multi-GB half-written checkpoint behind; `latest` and earlier checkpoints are untouched.
@@ -250,7 +253,20 @@ def portable_optimizer_state(optimizer) -> dict:
 
 
 def load_train_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch's messages (cut zip, empty file) run over many lines
+        raise damaged_checkpoint(ckpt, STATE_NAME, err) from None
+
+
+def damaged_checkpoint(ckpt: Path, name: str, err: BaseException) -> ValueError:
+    """One line for a checkpoint file that cannot be read or does not fit: which, why, and what else
+    there is to resume from."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    others = [n for n in complete_checkpoints(ckpt.parent) if n != ckpt.name]
+    return ValueError(f"checkpoint {ckpt} cannot be resumed: {name}: {first}. "
+                      + (f"Resume an earlier one with --resume-from ({', '.join(others[-3:])})" if others
+                         else "No other checkpoint to resume from"))
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -535,7 +551,10 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     torch.manual_seed(cfg.seed)
     model = LVMAE(model_cfg)
     if state is not None:
-        model.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME)))
+        try:
+            model.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME)))
+        except Exception as err:  # noqa: BLE001 - a cut or damaged file (safetensors' own error types)
+            raise damaged_checkpoint(ckpt, WEIGHTS_NAME, err) from None
     model.to(device).train()
     effective_batch = sampler.mean_videos_per_batch()
     base_lr = cfg.lr or cfg.blr * effective_batch / 256
@@ -544,7 +563,12 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
                                   fused=True)
     progress = {"step": 0, "epoch": 0, "batch": 0}
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:  # parameter groups of another shape: saved by an older lvmae_fast
+            raise damaged_checkpoint(ckpt, f"{STATE_NAME} (optimizer state)", ValueError(
+                f"{err}: it was saved with other AdamW parameter groups (before 2026-11-27 the cls/mask tokens "
+                "had no weight decay; now they decay, as in the reference)")) from None
         _set_rng_state(state["rng"])
         progress = dict(state["progress"])
     if cfg.compile:

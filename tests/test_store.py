@@ -162,6 +162,27 @@ def test_import_directory_resume_and_mixed_dims(tmp_path):
     assert (added, skipped) == (1, 3) and len(Store(tmp_path / "s")) == 4
 
 
+@pytest.mark.parametrize("first", [np.arange(12, dtype=np.int64).reshape(3, 4), np.zeros((0, 4), np.float32),
+                                   np.full((2, 4), np.nan, np.float32)])
+def test_only_a_valid_file_fixes_a_new_stores_dim(tmp_path, first):
+    """A file the store refuses (integers, no rows, NaN) that sorts first must not fix a new store's
+    width: the valid files of another width are imported, and no store is left by refused files alone."""
+    src = tmp_path / "src"
+    src.mkdir()
+    np.save(src / "a_bad.npy", first)
+    added, _, failures = import_embeddings(src, tmp_path / "only_bad")
+    assert added == 0 and len(failures) == 1 and not (tmp_path / "only_bad").exists()
+    clips = {f"clip{k}": np.random.default_rng(k).standard_normal((6, 8)).astype(np.float32) for k in (1, 2)}
+    for vid, emb in clips.items():
+        np.save(src / f"{vid}.npy", emb)
+    added, _, failures = import_embeddings(src, tmp_path / "s")
+    assert added == 2 and [f.split(" ")[0] for f in failures] == ["a_bad"]
+    store = Store(tmp_path / "s")
+    assert store.dim == 8
+    for vid, emb in clips.items():
+        np.testing.assert_array_equal(store.get(vid), emb.astype(np.float16))
+
+
 def test_parse_path_list_never_evaluates():
     assert parse_path_list('["a/b.pt", "c.pt"]') == ["a/b.pt", "c.pt"]
     assert parse_path_list("['a/b.pt', 'it\\'s.pt']") == ["a/b.pt", "it's.pt"]
@@ -734,6 +755,43 @@ def test_index_entry_without_id_is_a_named_problem(tmp_path):
         Store(path)
     r = lvmae("store", "info", path)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "without a video id" in r.stderr
+
+
+def _drop(entry, key):
+    del entry[key]
+
+
+@pytest.mark.parametrize("damage, whole_index", [
+    (lambda i: _drop(i["videos"][0], "segment_seconds"), False),  # verify said OK; info/pretrain: KeyError
+    (lambda i: _drop(i["videos"][0], "source"), False),
+    (lambda i: i["videos"][0].update(n=3.0), False),
+    (lambda i: i["videos"].__setitem__(0, "abc"), False),        # AttributeError
+    (lambda i: _drop(i["shards"][0], "rows"), False),             # KeyError in verify too
+    (lambda i: i["shards"][0].update(emb=5), False),              # TypeError
+    (lambda i: i.update(shards=None), True),                      # TypeError
+    (lambda i: i.update(videos={}), True),
+    (lambda i: i.update(dim="4"), True),
+    (lambda i: i.update(segment_seconds="five"), True),
+])
+def test_a_malformed_index_is_a_problem_for_verify_and_one_line_for_readers(tmp_path, capsys, damage, whole_index):
+    from lvmae_fast.cli import main
+    from lvmae_fast.store import verify_store
+
+    path = write_store(tmp_path / "s", {"a": np.ones((3, 4), np.float32), "b": np.ones((2, 4), np.float32)}, 4)
+    index = json.loads((path / "index.json").read_text())
+    damage(index)
+    (path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="malformed index"):
+        Store(path)
+    if whole_index:  # no entry to name: the index itself is refused, by verify too
+        with pytest.raises(ValueError, match="malformed index"):
+            verify_store(path)
+    else:
+        assert any("malformed index entry" in p.message for p in verify_store(path).problems)
+    capsys.readouterr()
+    assert main(["store", "info", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "malformed index" in err[0], err
 
 
 def test_import_records_absolute_sources(tmp_path, monkeypatch):

@@ -894,6 +894,56 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(store
     assert sorted(p.name for p in (tmp_path / "nonfinite" / "checkpoints").iterdir()) == ["latest", "step-00000004"]
 
 
+@pytest.mark.parametrize("damage", ["state_cut", "state_empty", "weights_cut", "optimizer_groups"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_others(store, tmp_path, capsys, restore_threads,
+                                                                        damage):
+    """A cut or emptied train state, cut weights (tracebacks from torch / safetensors before), or an optimizer
+    state with other parameter groups (an older version's): one line naming the file and the checkpoints
+    to resume instead; resuming one of those works."""
+    from lvmae_fast.cli import main
+
+    args = ["pretrain", "--preset", "tiny", "--store", str(store), "--no-progress", "--max-steps", "8",
+            "--set", "ckpt_every=4", "--set", "tensorboard=false"]
+    out = tmp_path / "run"
+    assert main([*args, "--out", str(out)]) == 0
+    last = out / "checkpoints" / "step-00000008"
+    state_file, weights_file = last / "train_state.pt", last / "model.safetensors"
+    if damage == "state_cut":
+        state_file.write_bytes(state_file.read_bytes()[:5000])
+    elif damage == "state_empty":
+        state_file.write_bytes(b"")
+    elif damage == "weights_cut":
+        weights_file.write_bytes(weights_file.read_bytes()[:100])
+    else:  # the first group's last parameter moved into the second group
+        state = load_train_state(last)
+        groups = state["optimizer"]["param_groups"]
+        groups[1]["params"].insert(0, groups[0]["params"].pop())
+        torch.save(state, state_file)
+    name = "model.safetensors" if damage == "weights_cut" else "train_state.pt"
+    capsys.readouterr()
+    assert main([*args, "--out", str(out), "--resume", "--max-steps", "12"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"checkpoint {last} cannot be resumed: {name}" in err[0], err
+    assert err[0].endswith("Resume an earlier one with --resume-from (step-00000004)"), err
+    if damage == "optimizer_groups":
+        assert "other AdamW parameter groups" in err[0]
+    assert main([*args, "--out", str(out), "--resume-from", "4"]) == 0
+
+
+def test_the_train_state_is_written_atomically_and_fsynced(store, tmp_path, monkeypatch, restore_threads):
+    """train_state.pt goes through atomic_write (temp file, fsync, rename) like the weights: `latest` must
+    never name a state that a power cut could lose after the earlier checkpoints were pruned."""
+    from lvmae_fast import train
+    from lvmae_fast.cli import main
+
+    written, real = [], train.atomic_write
+    monkeypatch.setattr(train, "atomic_write", lambda path, write: (written.append(Path(path).name), real(path, write)))
+    args = ["pretrain", "--preset", "tiny", "--store", str(store), "--no-progress", "--max-steps", "4",
+            "--set", "ckpt_every=2", "--set", "tensorboard=false", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert written.count("train_state.pt") == 2
+
+
 def test_a_full_disk_while_logging_metrics_is_one_line_without_a_torn_record(store, tmp_path, monkeypatch, capsys,
                                                                             restore_threads):
     import errno
