@@ -83,6 +83,17 @@ def check_args(args) -> None:
         raise ValueError(f"--out {args.out} is a file; give a directory for the demo")
 
 
+DEMO_MARKER = ".lvmae-demo"
+
+
+def is_demo_dir(out: Path, stage_dirs: list[Path]) -> bool:
+    """`out` was written by the demo: it has the marker, or (a demo from before the marker) it holds
+    nothing but the demo's stage folders."""
+    if (out / DEMO_MARKER).is_file():
+        return True
+    return all(entry in stage_dirs and entry.is_dir() for entry in out.iterdir())
+
+
 def _run(args) -> int:
     check_args(args)
     out = Path(args.out)
@@ -94,8 +105,17 @@ def _run(args) -> int:
     if existing and not args.overwrite:
         raise ValueError(f"{out} already holds a demo ({', '.join(d.name for d in existing)}); "
                          f"pass --overwrite or another --out")
+    if existing and not is_demo_dir(out, stage_dirs):
+        # --overwrite deletes folders: only ever a demo's (a project folder with its own videos/ or store/
+        # passed as --out by mistake must keep them).
+        raise ValueError(f"{out} holds {', '.join(d.name for d in existing)} but was not written by `lvmae demo` "
+                         f"(no {DEMO_MARKER} file, and other files beside them): --overwrite deletes only a demo's "
+                         f"folders; give another --out")
     for d in existing:
         shutil.rmtree(d)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `lvmae demo`: --overwrite may replace videos/, embeddings/, store/ "
+                                   "and run/ here\n")
     t0 = time.perf_counter()
     progress = not args.no_progress
     if args.source == "videos":

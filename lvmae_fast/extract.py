@@ -470,6 +470,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     settings = {"window_seconds": spec.seconds, "frames": spec.frames, "sampling": spec.rule, "min_last": spec.min_last}
     if weights and not given_model:
         settings["weights"] = weights_fingerprint(weights)  # another checkpoint under the same encoder name
+    elif not given_model:
+        settings["seed"] = int(seed)  # random weights (tiny, or a model built from its config): the seed makes them
     with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds, settings=settings) as writer:
         # This run's failures (re-runs retry failed files). Unbuffered: a failed write (disk full) is
         # reported where it happens, and close() has nothing left to fail on.

@@ -163,6 +163,21 @@ def test_window_seconds_must_be_finite_and_positive(tmp_path, capsys, seconds):
     assert not (tmp_path / "s").exists()  # nothing written: a store set to inf would refuse every later run
 
 
+def test_broken_links_and_listed_folders_are_failures_with_their_reason(tmp_path):
+    folder = tmp_path / "v"
+    synth.write_video(folder / "ok.mp4", duration=1.0, fps=10, codec="h264")
+    (folder / "gone.mp4").symlink_to(tmp_path / "missing.mp4")  # was skipped without a word
+    s = extract_videos(folder, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["failed"]) == (1, 1)
+    [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert failure["path"].endswith("gone.mp4") and failure["reason"] == "broken symbolic link (its target is missing)"
+    (tmp_path / "list.txt").write_text("v/ok.mp4\nv\n")
+    s = extract_videos(tmp_path / "list.txt", tmp_path / "s2", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["failed"]) == (1, 1)
+    [failure] = [json.loads(line) for line in (tmp_path / "s2" / "failures.jsonl").read_text().splitlines()]
+    assert failure["reason"] == "a folder, not a video file"  # was "file not found"
+
+
 def test_background_producer_stops_when_the_consumer_stops():
     # A consumer that stops early (an encoder error, close()) must not leave the decode thread blocked
     # forever on a full queue with its generator (and the open container inside it) never closed.
@@ -243,6 +258,8 @@ def test_resume_with_other_window_settings_is_refused(corpus, tmp_path):
         extract_videos(str(good["d"].path), tmp_path / "s", seconds=1.0, frames=8)
     with pytest.raises(ValueError, match="window_seconds"):
         extract_videos(str(good["d"].path), tmp_path / "s", seconds=2.0, frames=4)
+    with pytest.raises(ValueError, match=r"seed=0 \(now 1\)"):  # another random tiny encoder: other embeddings
+        extract_videos(str(good["d"].path), tmp_path / "s", seconds=1.0, frames=4, seed=1)
     assert Store(tmp_path / "s").video_ids == ["a"]  # nothing written by the refused runs
     assert Store(tmp_path / "s")._entries["a"]["n"] == 3
 

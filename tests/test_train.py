@@ -338,6 +338,31 @@ def test_demo_on_a_small_embedding_corpus(tmp_path, restore_threads):
     assert json.loads((tmp_path / "demo" / "run" / "val.json").read_text())["val_loss"] > 0
 
 
+def test_demo_overwrite_deletes_only_a_demos_folders(tmp_path, capsys):
+    """--overwrite removes videos/, embeddings/, store/ and run/: only in a folder the demo wrote (its
+    marker, or nothing but those folders: a demo from before the marker), never in a project folder
+    passed as --out by mistake."""
+    from lvmae_fast.cli import main
+
+    project = tmp_path / "project"
+    (project / "videos").mkdir(parents=True)
+    (project / "videos" / "mine.mp4").write_bytes(b"precious")
+    (project / "notes.txt").write_text("the user's own files")
+    args = ["demo", "--source", "embeddings", "--videos", "12", "--epochs", "1", "--no-progress", "--overwrite"]
+    assert main([*args, "--out", str(project)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was not written by `lvmae demo`" in err[0], err
+    assert (project / "videos" / "mine.mp4").read_bytes() == b"precious" and not (project / "store").exists()
+
+    legacy = tmp_path / "legacy"  # an older demo: stage folders only, no marker
+    (legacy / "store").mkdir(parents=True)
+    (legacy / "store" / "stale").write_text("x")
+    assert main([*args, "--out", str(legacy)]) == 0
+    assert not (legacy / "store" / "stale").exists() and (legacy / ".lvmae-demo").is_file()
+    (legacy / "notes.txt").write_text("added later")  # the marker still says it is a demo
+    assert main([*args, "--out", str(legacy)]) == 0
+
+
 def test_half_written_checkpoints_of_killed_runs_are_removed(store, reference_run):
     run = store.parent / "stale_tmp"
     base = ["pretrain", *COMMON, "--store", store, "--out", run]

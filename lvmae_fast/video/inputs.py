@@ -29,7 +29,9 @@ def list_videos(spec) -> list[tuple[str, str]]:
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+        # A broken link to a video is an input too: the job lists it as failed, with the reason.
+        files = sorted(p for p in path.rglob("*") if (p.is_file() or (p.is_symlink() and not p.exists()))
+                       and p.suffix.lower() in VIDEO_SUFFIXES)
         return [(_id_from(p, path), str(p)) for p in files]
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         return _from_list(path)

@@ -94,7 +94,8 @@ def probe_video(path) -> VideoIndex:
 
     path = str(path)
     if not Path(path).is_file():
-        raise VideoError("file not found")
+        raise VideoError("a folder, not a video file" if Path(path).is_dir() else
+                         "broken symbolic link (its target is missing)" if Path(path).is_symlink() else "file not found")
     if Path(path).stat().st_size == 0:
         raise VideoError("zero-byte file")
     try:
