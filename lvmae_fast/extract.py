@@ -467,7 +467,9 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     started = time.perf_counter()
     counts = {"done": 0, "skipped": 0, "failed": 0}
     # Everything that decides what a window's embedding is: a resumed job must match it.
-    settings = {"window_seconds": spec.seconds, "frames": spec.frames, "sampling": spec.rule, "min_last": spec.min_last}
+    resample = getattr(model, "resample", "bilinear")  # the encoder's resize filter (video/preprocess.py)
+    settings = {"window_seconds": spec.seconds, "frames": spec.frames, "sampling": spec.rule, "min_last": spec.min_last,
+                "resample": resample}
     if weights and not given_model:
         settings["weights"] = weights_fingerprint(weights)  # another checkpoint under the same encoder name
     elif not given_model:
@@ -520,6 +522,9 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
             # Frames arrive already preprocessed (to_input): [T, 3, size, size] each, one shape.
             with torch.inference_mode(), (streams.encoding(windows) if streams else contextlib.nullcontext()):
                 emb = model.encode_video(torch.stack([win.frames for win in windows])).float().cpu().numpy()
+            if emb.shape[1:] != (model.dim,):  # e.g. an exported tower whose json states another dim
+                raise ValueError(f"encoder {encoder!r} gave embeddings of shape {list(emb.shape[1:])} per window, "
+                                 f"but declares dim {model.dim}: fix its config")
             completed, touched = [], {}
             for win, e in zip(windows, emb):
                 st = state.get(id(win.job))
@@ -577,7 +582,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     # not held across the yield: the consumer's thread state
                     with torch.inference_mode(), (streams.preprocessing() if streams else contextlib.nullcontext()):
                         raw = torch.as_tensor(event.frames)[None].to(dev, non_blocking=True)
-                        event.frames = frames_to_input(raw, model.image_size, model.mean, model.std, dtype)[0]
+                        event.frames = frames_to_input(raw, model.image_size, model.mean, model.std, dtype,
+                                                   resample)[0]
                 yield event
 
         if backend in PYAV_BACKENDS:

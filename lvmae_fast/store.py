@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -44,6 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import WRITE_ERRORS, append_whole, atomic_write, write_error
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 JOURNAL_NAME = "index.journal"
@@ -306,9 +309,16 @@ class StoreWriter:
     def _open(self, settings, segment_seconds, shard_rows) -> None:
         self.segment_seconds, self.shard_rows = float(segment_seconds), int(shard_rows)
         settings = json.loads(json.dumps(settings)) if settings is not None else None  # as it reads back from JSON
-        record_settings = False
-        if (self.path / INDEX_NAME).exists():
-            self._index = load_index(self.path)
+        record_settings, replaced_seq = False, None
+        existing = load_index(self.path) if (self.path / INDEX_NAME).exists() else None
+        if existing is not None and not existing["videos"] and not existing["shards"]:
+            # Nothing stored yet (a job that stopped before its first video, on an encoder config it then
+            # fixed, say): there is nothing to keep consistent with, so the store takes this writer's header.
+            log.info("store %s holds no videos yet: taking dim %d, encoder %r and these settings", self.path,
+                     self.dim, self.encoder)
+            replaced_seq, existing = existing["journal_seq"], None
+        if existing is not None:
+            self._index = existing
             if self._index["dim"] != self.dim or self._index["encoder"] != self.encoder:
                 raise ValueError(f"store {self.path} holds embeddings of encoder {self._index['encoder']!r} "
                                  f"(dim {self._index['dim']}); these are from encoder {self.encoder!r} (dim {self.dim}): "
@@ -338,6 +348,9 @@ class StoreWriter:
                            "journal_seq": 0}
             if settings is not None:
                 self._index["settings"] = settings
+            if replaced_seq is not None:  # commits append to the journal: the snapshot must hold the new header
+                self._index["journal_seq"] = replaced_seq
+                _atomic_save_json(self.path / INDEX_NAME, self._index)
         (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         if (self.path / JOURNAL_NAME).exists():
             self._fold()

@@ -42,6 +42,42 @@ def test_preprocess_shapes_and_normalisation():
     torch.testing.assert_close(x, torch.full_like(x, (128 / 255 - 0.5) / 0.25))
 
 
+def _smooth_frame(h, w, seed=0):
+    """Camera-like content: smooth colour fields with a little grain, uint8 [h, w, 3]."""
+    import numpy as np
+
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([127 + 100 * np.sin(x / (w / 7) + c) * np.cos(y / (h / 5) - c) for c in range(3)], -1)
+    return np.clip(img + np.random.default_rng(seed).normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+SHAPES = [(1080, 1920), (480, 854), (480, 640), (640, 480), (48, 64)]
+
+
+@pytest.mark.parametrize("resample, code", [("bilinear", 2), ("bicubic", 3)])
+def test_preprocessing_matches_the_encoders_own_processors(transformers, resample, code):
+    """Against transformers' CLIPImageProcessor (clip-mean: bicubic) and VideoMAEImageProcessor (X-CLIP:
+    bilinear): same resized size (the long side truncated: 640x480 was resized to 299 wide, not 298, which
+    moved the crop by half a pixel, up to 1.7 in normalised units on noise), the same filter, the same
+    crop; left to differ only by the processors' uint8 rounding of the resized image."""
+    from transformers.image_transforms import get_resize_output_image_size
+
+    from lvmae_fast.video.encoders.base import IMAGENET_MEAN, IMAGENET_STD
+    from lvmae_fast.video.preprocess import resized_shape
+
+    cls = transformers.CLIPImageProcessor if code == 3 else transformers.VideoMAEImageProcessor
+    proc = cls(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=code,
+               image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    for h, w in SHAPES:
+        assert resized_shape(h, w, 224) == tuple(get_resize_output_image_size(
+            torch.zeros(h, w, 3).numpy(), 224, default_to_square=False, input_data_format="channels_last"))
+        frame = _smooth_frame(h, w)
+        ref = torch.as_tensor(proc(images=[frame], return_tensors="pt")["pixel_values"][0])
+        ours = frames_to_input(torch.from_numpy(frame)[None, None], 224, IMAGENET_MEAN, IMAGENET_STD,
+                               resample=resample)[0, 0]
+        assert (ours - ref).abs().mean() < 0.008 and (ours - ref).abs().max() < 0.03, (h, w)
+
+
 @pytest.fixture(scope="module")
 def transformers():
     return pytest.importorskip("transformers", reason="transformers not installed")
@@ -153,6 +189,33 @@ def test_internvideo2_torchscript_layout(tmp_path):
     assert (enc.mean, enc.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
+def test_an_encoder_whose_output_is_not_its_stated_dim_stops_the_job_and_the_store_takes_the_fix(tmp_path):
+    """internvideo2.json says dim 32, the exported tower gives 16: one clear error at the first batch (was
+    numpy's 'could not broadcast'); the store it left holds no video, so the rerun with the json fixed
+    extracts into it (an empty store takes the new width)."""
+    pytest.importorskip("av")
+    from lvmae_fast import synth
+    from lvmae_fast.extract import extract_videos
+    from lvmae_fast.store import Store
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 16)
+
+        def forward(self, x):
+            return self.proj(x.mean(dim=(1, 3, 4)))
+    torch.jit.save(torch.jit.script(Tower()), str(tmp_path / "video_tower.pt"))
+    (tmp_path / "internvideo2.json").write_text(json.dumps({"dim": 32, "image_size": 32, "num_frames": 8}))
+    video = synth.write_video(tmp_path / "v.mp4", duration=2.0, fps=10, codec="h264").path
+    run = dict(encoder="internvideo2", weights=str(tmp_path), seconds=1.0, decoder="pyav")
+    with pytest.raises(ValueError, match=r"gave embeddings of shape \[16\] per window, but declares dim 32"):
+        extract_videos(str(video), tmp_path / "store", **run)
+    (tmp_path / "internvideo2.json").write_text(json.dumps({"dim": 16, "image_size": 32, "num_frames": 8}))
+    assert extract_videos(str(video), tmp_path / "store", **run)["done"] == 1
+    assert Store(tmp_path / "store").dim == 16
+
+
 def _write_tokenizer(path):
     """A hand-written CLIP byte-level BPE tokenizer (vocab.json + merges.txt) small enough for TEXT's
     vocab_size: the two special tokens, a-z inside and at the end of a word, and two merges (d o, do g</w>)."""
@@ -207,3 +270,73 @@ def test_text_tower_without_tokenizer_files_is_explained(tmp_path, transformers)
     enc = build_encoder("clip-mean", weights=str(tmp_path))  # video-only dir: still builds
     with pytest.raises(ValueError, match="no tokenizer"):
         enc.encode_text(["a dog"])
+
+
+def _clip(transformers):
+    return transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24))
+
+
+def test_each_encoder_takes_its_processors_resize_filter(tmp_path, transformers):
+    """clip-mean resizes bicubic (CLIPImageProcessor's default), unless the checkpoint's
+    preprocessor_config.json names another filter; X-CLIP bilinear (VideoMAEImageProcessor's)."""
+    _clip(transformers).save_pretrained(tmp_path / "clip")
+    assert build_encoder("clip-mean", weights=str(tmp_path / "clip")).resample == "bicubic"
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"crop_size": 32, "resample": 2}))
+    assert build_encoder("clip-mean", weights=str(tmp_path / "clip")).resample == "bilinear"
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"crop_size": 32, "resample": 0}))
+    with pytest.raises(ValueError, match="resample=0 is not supported"):
+        build_encoder("clip-mean", weights=str(tmp_path / "clip"))
+    vision = dict(VISION, num_frames=4, mit_hidden_size=24, mit_intermediate_size=48, mit_num_hidden_layers=1,
+                  mit_num_attention_heads=2)
+    transformers.XCLIPModel(transformers.XCLIPConfig(text_config=TEXT, vision_config=vision, projection_dim=24,
+                                                     prompt_layers=1)).save_pretrained(tmp_path / "xclip")
+    assert build_encoder("xclip", weights=str(tmp_path / "xclip")).resample == "bilinear"
+    assert build_encoder("tiny").resample == "bilinear"
+
+
+def test_checkpoints_that_would_load_random_weights_are_refused(tmp_path, transformers):
+    """transformers loads a checkpoint lacking the vision tower, or another architecture's, with a
+    warning and random tensors: two runs then stored different embeddings under one fingerprint."""
+    from safetensors.torch import load_file, save_file
+
+    _clip(transformers).save_pretrained(tmp_path / "novision")
+    weights = tmp_path / "novision" / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("vision_model.")}, str(weights))
+    with pytest.raises(ValueError, match=r"lacks \d+ tensors of the CLIPModel \(e.g. vision_model"):
+        build_encoder("clip-mean", weights=str(tmp_path / "novision"))
+    vision = dict(VISION, num_frames=4, mit_hidden_size=24, mit_intermediate_size=48, mit_num_hidden_layers=1,
+                  mit_num_attention_heads=2)
+    transformers.XCLIPModel(transformers.XCLIPConfig(text_config=TEXT, vision_config=vision, projection_dim=24,
+                                                     prompt_layers=1)).save_pretrained(tmp_path / "xclip")
+    with pytest.raises(ValueError, match="holds a 'xclip' checkpoint, not 'clip'"):
+        build_encoder("clip-mean", weights=str(tmp_path / "xclip"))
+
+
+@pytest.mark.parametrize("name", ["clip-mean", "tiny"])
+def test_damaged_weights_are_one_line_errors(tmp_path, transformers, name, capsys):
+    """A cut safetensors file (SafetensorError tracebacks before) or a config that does not fit the
+    weights (RuntimeError size mismatch): one line from `lvmae extract` naming the checkpoint."""
+    from lvmae_fast.cli import main
+
+    if name == "tiny":
+        from safetensors.torch import save_file
+        save_file(build_encoder("tiny").state_dict(), str(tmp_path / "tiny.safetensors"))
+        damaged = tmp_path / "tiny.safetensors"
+    else:
+        _clip(transformers).save_pretrained(tmp_path)
+        damaged = tmp_path / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"unused: the encoder is built first")
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert main(["extract", str(video), "--encoder", name, "--weights", str(tmp_path), "--out",
+                 str(tmp_path / "store"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"encoder {name!r}: cannot load the checkpoint at {tmp_path}" in err[0], err
+    if name == "clip-mean":  # the whole file again, with a config that does not fit it
+        _clip(transformers).save_pretrained(tmp_path)
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg["vision_config"]["intermediate_size"] = 48
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="cannot load the checkpoint"):
+            build_encoder("clip-mean", weights=str(tmp_path))

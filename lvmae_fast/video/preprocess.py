@@ -1,7 +1,10 @@
 """Frames -> encoder input, in torch on whatever device the frames are on (GPU frames stay on GPU).
 
-CLIP-style: resize the shorter side to the encoder's size (bilinear, antialiased), centre crop,
-scale to [0,1], normalise with the encoder's mean/std. Shared by every decoder backend.
+CLIP-style: resize the shorter side to the encoder's size (the encoder's filter, bilinear or bicubic,
+antialiased), centre crop, scale to [0,1], normalise with the encoder's mean/std. Shared by every decoder
+backend. The resized size is transformers' (get_resize_output_image_size) and torchvision's: the long
+side truncated, int(size * long / short), so the crop window sits where the encoders' own processors
+put it (rounding made 640x480 299 pixels wide instead of 298, half a pixel off across the crop).
 """
 from __future__ import annotations
 
@@ -14,25 +17,35 @@ import torch.nn.functional as F
 # Frames converted to float at a time: the full-resolution float32 copy is the peak of preprocessing
 # (a 1080p frame is 25 MB in fp32), so it is bounded per chunk instead of growing with the batch.
 CHUNK_FRAMES = 8
+RESAMPLE_MODES = ("bilinear", "bicubic")
 
 
 def frames_to_input(frames_NTHWC: torch.Tensor, size: int, mean, std,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32, resample: str = "bilinear") -> torch.Tensor:
     """uint8 [N, T, H, W, 3] -> dtype [N, T, 3, size, size], normalised."""
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
     N, T, H, W, C = frames_NTHWC.shape
     flat = frames_NTHWC.reshape(N * T, H, W, C)
-    out = torch.cat([_chunk_to_input(flat[i:i + CHUNK_FRAMES], size, mean, std, dtype)
+    out = torch.cat([_chunk_to_input(flat[i:i + CHUNK_FRAMES], size, mean, std, dtype, resample)
                      for i in range(0, N * T, CHUNK_FRAMES)])
     return out.reshape(N, T, C, size, size)
 
 
-def _chunk_to_input(frames_FHWC: torch.Tensor, size: int, mean, std, dtype: torch.dtype) -> torch.Tensor:
+def resized_shape(H: int, W: int, size: int) -> tuple[int, int]:
+    """(height, width) with the shorter side `size` and the longer int(size * long / short)."""
+    return (size, int(size * W / H)) if H <= W else (int(size * H / W), size)
+
+
+def _chunk_to_input(frames_FHWC: torch.Tensor, size: int, mean, std, dtype: torch.dtype,
+                    resample: str) -> torch.Tensor:
     H, W = frames_FHWC.shape[1:3]
     x = frames_FHWC.permute(0, 3, 1, 2).float().div_(255.0)
-    scale = size / min(H, W)
-    new_h, new_w = max(size, round(H * scale)), max(size, round(W * scale))
+    new_h, new_w = resized_shape(H, W, size)
     if (new_h, new_w) != (H, W):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(new_h, new_w), mode=resample, align_corners=False, antialias=True)
+        if resample == "bicubic":
+            x = x.clamp_(0.0, 1.0)  # bicubic overshoots at edges; the processors' PIL/uint8 resize clips
     top, left = (new_h - size) // 2, (new_w - size) // 2
     x = x[:, :, top:top + size, left:left + size]
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

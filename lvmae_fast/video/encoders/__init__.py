@@ -44,7 +44,16 @@ ENCODERS = {"tiny": _tiny, "clip-mean": _clip_mean, "xclip": _xclip, "languagebi
 def build_encoder(name: str, weights=None, seed: int = 0) -> VideoEncoder:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose from {', '.join(ENCODERS)}")
-    encoder = ENCODERS[name](weights=weights, seed=seed)
+    try:
+        encoder = ENCODERS[name](weights=weights, seed=seed)
+    except (ValueError, OSError, ImportError):  # already one line naming the problem (or the extra)
+        raise
+    except Exception as err:  # noqa: BLE001 - a cut file, a config that does not fit the weights...
+        if not weights:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"encoder {name!r}: cannot load the checkpoint at {weights}: {type(err).__name__}"
+                         + (f": {first}" if first else "")) from None
     encoder.name = name
     for p in encoder.parameters():
         p.requires_grad_(False)

@@ -15,14 +15,15 @@ class VideoEncoder(nn.Module):
     """Subclasses set the attributes below and implement the two towers.
 
     name: registry name (recorded in the store); dim: embedding width; image_size: square input side;
-    mean/std: per-channel normalisation of [0,1] pixels; num_frames: frames per window the model
-    requires (None: any T works).
+    mean/std: per-channel normalisation of [0,1] pixels; resample: the resize filter of its image
+    processor (bilinear or bicubic); num_frames: frames per window the model requires (None: any T works).
     """
     name: str = "unknown"
     dim: int
     image_size: int
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
+    resample: str = "bilinear"
     num_frames: int | None = None
 
     def encode_video(self, pixels_NTCHW: torch.Tensor) -> torch.Tensor:

@@ -35,15 +35,25 @@ def require_dir(weights, name: str) -> Path:
     return path
 
 
-def normalisation(path: Path, default_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> tuple[tuple, tuple, int]:
-    """mean, std, size from preprocessor_config.json when present, the model's own defaults otherwise."""
+# transformers' preprocessor_config.json names the resize filter by its PIL code.
+PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
+
+
+def normalisation(path: Path, default_size: int, mean=CLIP_MEAN, std=CLIP_STD,
+                  resample: str = "bilinear") -> tuple[tuple, tuple, int, str]:
+    """mean, std, size and resize filter from preprocessor_config.json when present, the model's own
+    defaults otherwise."""
     cfg_file = path / "preprocessor_config.json"
     if not cfg_file.is_file():
-        return mean, std, default_size
+        return mean, std, default_size, resample
     cfg = json.loads(cfg_file.read_text())
     crop = cfg.get("crop_size", default_size)
     size = crop.get("height", default_size) if isinstance(crop, dict) else int(crop)
-    return tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std)), size
+    code = cfg.get("resample")
+    if code is not None and code not in PIL_RESAMPLE:
+        raise ValueError(f"{cfg_file}: resample={code!r} is not supported (2 = bilinear, 3 = bicubic)")
+    return (tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std)), size,
+            PIL_RESAMPLE.get(code, resample))
 
 
 # Vocabulary files of the tokenizers these checkpoints ship (fast, BPE, WordPiece, SentencePiece).
@@ -80,7 +90,18 @@ class TextTowerEncoder(VideoEncoder):
         """self.model from a local save_pretrained directory (never the hub); returns the directory."""
         path = require_dir(weights, self.name)
         model_cls = getattr(offline_transformers(), model_class)
-        self.model = model_cls.from_pretrained(str(path), local_files_only=True).eval()
+        # transformers loads another architecture's checkpoint, or one without the vision tower, with a
+        # warning and random weights where tensors are missing: refuse both.
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type != model_cls.config_class.model_type:
+            raise ValueError(f"encoder {self.name!r}: {path} holds a {model_type!r} checkpoint, not "
+                             f"{model_cls.config_class.model_type!r} ({model_class})")
+        self.model, info = model_cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+        missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
+        if missing:
+            raise ValueError(f"encoder {self.name!r}: {path} lacks {len(missing)} tensors of the {model_class} "
+                             f"(e.g. {', '.join(missing[:3])}); they would be random")
+        self.model.eval()
         return path
 
     def attach_text_tower(self, path: Path) -> None:
@@ -101,7 +122,9 @@ class CLIPMeanEncoder(TextTowerEncoder):
         path = self.load_pretrained("CLIPModel", weights)
         cfg = self.model.config
         self.dim = cfg.projection_dim
-        self.mean, self.std, self.image_size = normalisation(path, cfg.vision_config.image_size)
+        # CLIPImageProcessor resizes bicubic unless the checkpoint's preprocessor_config.json says otherwise.
+        self.mean, self.std, self.image_size, self.resample = normalisation(path, cfg.vision_config.image_size,
+                                                                            resample="bicubic")
         self.attach_text_tower(path)
 
     def encode_video(self, pixels_NTCHW):
@@ -124,8 +147,9 @@ class XCLIPEncoder(TextTowerEncoder):
         self.dim = cfg.projection_dim
         self.num_frames = cfg.vision_config.num_frames
         # microsoft/xclip-* preprocessor_config.json: ImageNet mean/std (not CLIP's).
-        self.mean, self.std, self.image_size = normalisation(path, cfg.vision_config.image_size,
-                                                             IMAGENET_MEAN, IMAGENET_STD)
+        # (and VideoMAEImageProcessor's bilinear resize)
+        self.mean, self.std, self.image_size, self.resample = normalisation(path, cfg.vision_config.image_size,
+                                                                            IMAGENET_MEAN, IMAGENET_STD)
         self.attach_text_tower(path)
 
     def encode_video(self, pixels_NTCHW):
