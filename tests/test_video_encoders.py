@@ -173,15 +173,19 @@ def test_checkpoint_encoders_need_local_weights(tmp_path):
         build_encoder("internvideo2", weights=str(tmp_path))
 
 
-def test_internvideo2_torchscript_layout(tmp_path):
-    class Tower(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(3, 16)
+class MeanTower(torch.nn.Module):
+    """A stand-in InternVideo2 video tower: [N, T, 3, S, S] -> [N, 16]."""
 
-        def forward(self, x):
-            return self.proj(x.mean(dim=(1, 3, 4)))
-    torch.jit.save(torch.jit.script(Tower()), str(tmp_path / "video_tower.pt"))
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 16)
+
+    def forward(self, x):
+        return self.proj(x.mean(dim=(1, 3, 4)))
+
+
+def test_internvideo2_torchscript_layout(tmp_path):
+    torch.jit.save(torch.jit.script(MeanTower()), str(tmp_path / "video_tower.pt"))
     (tmp_path / "internvideo2.json").write_text(json.dumps({"dim": 16, "image_size": 32, "num_frames": 8}))
     enc = build_encoder("internvideo2", weights=str(tmp_path))
     assert enc.encode_video(torch.randn(2, 8, 3, 32, 32)).shape == (2, 16)
@@ -198,14 +202,7 @@ def test_an_encoder_whose_output_is_not_its_stated_dim_stops_the_job_and_the_sto
     from lvmae_fast.extract import extract_videos
     from lvmae_fast.store import Store
 
-    class Tower(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(3, 16)
-
-        def forward(self, x):
-            return self.proj(x.mean(dim=(1, 3, 4)))
-    torch.jit.save(torch.jit.script(Tower()), str(tmp_path / "video_tower.pt"))
+    torch.jit.save(torch.jit.script(MeanTower()), str(tmp_path / "video_tower.pt"))
     (tmp_path / "internvideo2.json").write_text(json.dumps({"dim": 32, "image_size": 32, "num_frames": 8}))
     video = synth.write_video(tmp_path / "v.mp4", duration=2.0, fps=10, codec="h264").path
     run = dict(encoder="internvideo2", weights=str(tmp_path), seconds=1.0, decoder="pyav")
