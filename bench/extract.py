@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # the checkout, if lvmae_fast is not installed
+
 from lvmae_fast import synth
 from lvmae_fast.atomic import atomic_write_text
 from lvmae_fast.devices import resolve_device

@@ -35,8 +35,11 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # the checkout, if lvmae_fast is not installed
 
 from lvmae_fast import kernels as K
 from lvmae_fast.atomic import atomic_write_text
@@ -757,7 +760,7 @@ def main(argv=None) -> int:
     name, peak = peak_bandwidth(device)
 
     meta = {"device": name, "device_type": device.type, "peak_bw_bytes_per_s": peak, "dtype": str(dtype),
-            "dim": d, "torch": torch.__version__, "triton_mode": K.triton_mode(),
+            "dim": d, "torch": torch.__version__, "triton_mode": K.triton_mode() if have_triton else None,
             "gpu_figures_measured": gpu, "argv": sys.argv[1:] if argv is None else list(argv), "quick": args.quick,
             "cases": cases}
     rows = []

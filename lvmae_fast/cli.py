@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .optional import MissingDependency
@@ -44,6 +45,11 @@ def main(argv=None) -> int:
     command = " ".join(filter(None, (args.command, getattr(args, "store_command", None))))
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # `lvmae store info S | head`: the reader has gone, which is no error of ours. Python's recipe: point
+        # stdout at /dev/null so the interpreter's final flush does not raise again, and exit quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError, MissingDependency) as err:
         # Bad input (or a path the system refuses: missing, not writable, disk full) is the user's to
         # fix: one clear line, no traceback. OSError covers FileNotFoundError, PermissionError, ...

@@ -253,8 +253,21 @@ def check_model_overrides(model: dict, preset: str):
     if "mask_ratio" in model and not 0 < model["mask_ratio"] < 1:
         raise ValueError(f"model.mask_ratio={model['mask_ratio']} must be in (0, 1): the fraction of each video's "
                          "tokens that is masked and reconstructed (0 masks nothing: the loss would be 0)")
+    # Canonical: only what differs from the preset stays an override, so a config file that spells out the
+    # preset's model values (as --print-config writes them) is the preset's config, equal and resumable.
+    base = preset_model(preset)
+    model = {key: value for key, value in model.items() if base[key] != value}
     # Raises on a bad choice or width/heads; in_dim: the store's, not known here.
     return model, LVMAEConfig.from_preset(preset, in_dim=1, **model)
+
+
+def preset_model(preset: str) -> dict:
+    """Every model setting a preset gives (LVMAEConfig's fields; in_dim aside: it comes from the store)."""
+    from .model import LVMAEConfig
+
+    values = LVMAEConfig.from_preset(preset, in_dim=1).to_dict()
+    values.pop("in_dim")
+    return values
 
 
 def parse_set(items: list[str]) -> dict:
@@ -336,7 +349,11 @@ def resolve(layers: list[tuple[str, dict]]) -> PretrainConfig:
 
 
 def dump_yaml(cfg: PretrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The config as YAML, with every model setting spelled out (the preset's, then the overrides), so a
+    printed or shipped config shows what it trains and can be edited there."""
+    values = cfg.to_dict()
+    values["model"] = {**preset_model(cfg.preset), **cfg.model}
+    return yaml.safe_dump(values, sort_keys=False)
 
 
 def preset_yaml(preset: str) -> str:

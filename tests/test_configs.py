@@ -59,6 +59,21 @@ def test_loading_the_file_gives_the_preset_config(preset, capsys):
     assert (over.epochs, over.seed) == (300, 7)
 
 
+def test_printed_config_spells_out_the_model_and_reads_back_as_the_preset(capsys):
+    """--print-config (and the shipped files) showed `model: {}`: the widths, depths and masking a user
+    would edit were nowhere. Now every model setting is written; values equal to the preset's read back
+    as no override, so the file is the preset's config (equal, and resumable as the preset)."""
+    from lvmae_fast.model import LVMAEConfig
+
+    printed = yaml.safe_load(print_config(capsys, "--preset", "paper"))
+    paper = LVMAEConfig.from_preset("paper", in_dim=1).to_dict()
+    assert printed["model"] == {k: v for k, v in paper.items() if k != "in_dim"}
+    assert tc.resolve([("file", printed)]).model == {}
+    edited = {**printed, "model": {**printed["model"], "depth": 24, "masking": "random"}}
+    assert tc.resolve([("file", edited)]).model == {"depth": 24, "masking": "random"}
+    assert yaml.safe_load(print_config(capsys, "--preset", "paper", "--set", "model.depth=24"))["model"]["depth"] == 24
+
+
 def test_presets_differ_where_they_should():
     paper, tiny = (yaml.safe_load((CONFIGS / f"{p}.yaml").read_text()) for p in ("paper", "tiny"))
     assert (paper["epochs"], paper["warmup_epochs"], paper["max_len"]) == (150, 40, 256)
@@ -148,9 +163,9 @@ def test_bad_config_values_are_one_line_errors_naming_the_key(item, message, cap
 
 def test_valid_edge_values_still_resolve():
     cfg = tc.resolve([("t", {"preset": "tiny", "epochs": "1e3", "device": "cuda:1", "model": {"mask_ratio": 0.9}}),
-                      ("--set", tc.parse_set(["cpu_threads=0", "min_lr=0", "model.depth=2"]))])
+                      ("--set", tc.parse_set(["cpu_threads=0", "min_lr=0", "model.depth=3"]))])
     assert (cfg.epochs, cfg.device, cfg.cpu_threads) == (1000, "cuda:1", 0)  # YAML 1.1 reads 1e3 as a string
-    assert cfg.model == {"mask_ratio": 0.9, "depth": 2} and type(cfg.model["depth"]) is int
+    assert cfg.model == {"mask_ratio": 0.9, "depth": 3} and type(cfg.model["depth"]) is int
 
 
 @pytest.mark.parametrize("content, message", [

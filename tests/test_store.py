@@ -649,6 +649,16 @@ def test_resume_refuses_a_different_segment_length(tmp_path):
     assert {Store(tmp_path / "s").meta(v)["segment_seconds"] for v in ("v0", "more", "new")} == {5.0}
 
 
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """`lvmae store info S | head -2`: the pipe closes before the output is written. That printed
+    'lvmae store info: error: [Errno 32] Broken pipe'; now nothing."""
+    write_store(tmp_path / "s", random_videos(np.random.default_rng(8), 4, [2, 3]), 4)
+    proc = subprocess.Popen([sys.executable, "-m", "lvmae_fast", "store", "info", str(tmp_path / "s")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has imported anything: its first write meets a closed pipe
+    assert proc.stderr.read() == b"" and proc.wait(timeout=120) == 1
+
+
 def test_info_prints_the_embedding_dtype(tmp_path):
     write_store(tmp_path / "s", random_videos(np.random.default_rng(8), 4, [2, 3]), 4)
     r = lvmae("store", "info", tmp_path / "s", "--json")
