@@ -383,8 +383,10 @@ def write_preset_configs(directory=CONFIGS_DIR) -> list[Path]:
 def resume_conflicts(saved: dict, current: PretrainConfig) -> list[str]:
     """Keys whose change would make a resumed run compute something else than the saved one."""
     now = current.to_dict()
+    # `model` is compared as the model config it builds (train.py: the checkpoint's model_config): the
+    # overrides that spell it can differ (a value equal to the preset's is no override since 2026-11-27).
     return [f"{k}: checkpoint has {saved.get(k)!r}, now {now[k]!r}"
-            for k in now if k not in RESUME_MUTABLE and saved.get(k) != now[k]]
+            for k in now if k not in RESUME_MUTABLE and k != "model" and saved.get(k) != now[k]]
 
 
 if __name__ == "__main__":

@@ -314,3 +314,11 @@ def test_crops_longer_than_the_models_max_len_are_refused_naming_both_keys(tmp_p
     with pytest.raises(ValueError, match="exceeds model.max_len=100"):
         tc.resolve([("t", {"max_len": 101, "model": {"max_len": 100}})])
     assert tc.resolve([("t", {"max_len": 100, "model": {"max_len": 100}})]).max_len == 100  # equal: fine
+
+
+def test_resume_compares_the_model_it_builds_not_how_its_overrides_spell_it():
+    """A checkpoint saved with `model: {depth: 2}` under tiny (its preset value, kept as an override before
+    overrides were made canonical) resumes under `model: {}`; train.py refuses a different model config."""
+    cfg = tc.resolve([("p", {"preset": "tiny"})])
+    assert tc.resume_conflicts({**cfg.to_dict(), "model": {"depth": 2}}, cfg) == []
+    assert tc.resume_conflicts({**cfg.to_dict(), "epochs": 7}, cfg) == [f"epochs: checkpoint has 7, now {cfg.epochs!r}"]
