@@ -339,7 +339,8 @@ class LongVideoSampler:
 def split_videos(video_ids: list[str], val_videos: int, seed: int) -> tuple[list[str], list[str]]:
     """(train ids, held-out val ids): a fixed, seed-determined choice of val_videos videos."""
     if val_videos < 0 or val_videos >= len(video_ids) > 0:
-        raise ValueError(f"val_videos={val_videos} must be >= 0 and leave training videos ({len(video_ids)} in the store)")
+        raise ValueError(f"val_videos={val_videos} must be >= 0 and leave training videos ({len(video_ids)} usable "
+                         "videos: the store's, less any that bad_videos=skip left out)")
     order = _rng(seed, 0x7A1).permutation(len(video_ids))
     held = set(order[:val_videos].tolist())
     return ([v for i, v in enumerate(video_ids) if i not in held], [v for i, v in enumerate(video_ids) if i in held])

@@ -55,10 +55,11 @@ from .store import Store, scan_nonfinite
 
 log = logging.getLogger(__name__)
 STATE_NAME, LATEST_NAME = "train_state.pt", "latest"
-REWOUND_DIR, REWOUND_METRICS = "rewound", "metrics.rewound.jsonl"
+REWOUND_DIR, REWOUND_METRICS, REWOUND_VAL = "rewound", "metrics.rewound.jsonl", "val.rewound.json"
+VAL_NAME = "val.json"
 # What a run dir holds: --out must be new, empty, or hold only these (dot-files are atomic-write temps).
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", REWOUND_METRICS, "checkpoints", "tb", "loss.png",
-                         "model.safetensors", "config.json", "val.json"})
+                         "model.safetensors", "config.json", VAL_NAME, REWOUND_VAL})
 EXIT_NONFINITE, EXIT_SIGNAL = 3, {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -115,6 +116,7 @@ def rewind_to(out: Path, ckpt: Path) -> None:
             target = target.with_name(f"{p.name}.{int(time.time())}")
         os.replace(p, target)
     truncate_metrics(out / "metrics.jsonl", int(ckpt.name.split("-")[1]), keep_dropped=out / REWOUND_METRICS)
+    drop_later_val(out, int(ckpt.name.split("-")[1]), keep_dropped=out / REWOUND_VAL)
     atomic_write_text(root / LATEST_NAME, ckpt.name)
     link_model_files(out, ckpt)
     log.info("rewound %s to %s (%d later checkpoints moved to %s/)", out, ckpt.name, len(later), root / REWOUND_DIR)
@@ -279,6 +281,25 @@ def read_metrics(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 break  # a line cut short by a kill: it and anything after is not trusted
     return records
+
+
+def write_val(out: Path, step: int, val_loss: float | None) -> None:
+    """RUN/val.json: the last validation loss and its step, written at every evaluation (a run stopped
+    early keeps its last one)."""
+    if val_loss is not None:
+        atomic_write_text(out / VAL_NAME, json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+
+
+def drop_later_val(out: Path, step: int, keep_dropped: Path | None = None) -> None:
+    """Remove val.json when it is of a step after `step` (the checkpoint resumed): that evaluation is redone
+    (resume) or abandoned (rewind: moved to keep_dropped)."""
+    path = out / VAL_NAME
+    try:
+        later = json.loads(path.read_text())["step"] > step
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if later:
+        os.replace(path, keep_dropped) if keep_dropped is not None else path.unlink()
 
 
 def truncate_metrics(path: Path, step: int, keep_dropped: Path | None = None) -> None:
@@ -473,7 +494,7 @@ def check_model_backends(model_cfg: LVMAEConfig, device: torch.device, dtype: to
         raise ValueError(f"model config on {device} ({str(dtype).replace('torch.', '')}): {err}") from None
 
 
-def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: int) -> float:
+def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: int) -> float | None:
     """Mean masked loss over the held-out videos (fixed crops and masks), weighted by masked tokens."""
     model.eval()
     total, weight = 0.0, 0
@@ -484,7 +505,7 @@ def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: in
             n = int(batch.masked[: batch.num_tokens].sum())  # real masked rows (padding excluded)
             total, weight = total + float(loss) * n, weight + n
     model.train()
-    return total / max(weight, 1)
+    return total / weight if weight else None  # nothing masked: no loss was measured
 
 
 def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | None = None) -> int:
@@ -537,10 +558,14 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     train_ids, val_ids = split_videos(training_videos(store, cfg), cfg.val_videos, cfg.seed)
     check_something_to_mask(store, train_ids, cfg, model_cfg.mask_ratio)
     sampler = LongVideoSampler(store, train_ids, scfg)
-    if val_ids and not kept_by_policy(np.array([store.num_segments(v) for v in val_ids]), cfg.short_video_policy).any():
-        # The sampler would drop every one of them and refuse to start: train without validation instead.
-        log.warning("validation off: all %d held-out videos have 1 segment and short_video_policy=drop "
-                    "leaves them out", len(val_ids))
+    val_lengths = np.array([store.num_segments(v) for v in val_ids])
+    if val_ids and not (kept_by_policy(val_lengths, cfg.short_video_policy)
+                        & ((val_lengths >= 2) | (cfg.short_video_policy == "repeat"))).any():
+        # drop: the sampler would drop every one of them and refuse to start; keep: their 1-token crops mask
+        # nothing, and a loss of 0 would be reported. Train without validation instead.
+        log.warning("validation off: all %d held-out videos have 1 segment, which short_video_policy=%s %s",
+                    len(val_ids), cfg.short_video_policy,
+                    "leaves out" if cfg.short_video_policy == "drop" else "keeps whole (nothing masked)")
         val_ids = []
     val_sampler = LongVideoSampler(store, val_ids, scfg) if val_ids else None
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -593,6 +618,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     metrics_path = out / "metrics.jsonl"
     if resume:  # drop records logged after the checkpoint (all of them when there is none yet)
         truncate_metrics(metrics_path, progress["step"])
+        drop_later_val(out, progress["step"])
     tb = None
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -684,6 +710,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
         val_loss = None
         if eval_due(step):
             val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
+            write_val(out, step, val_loss)
         if step % cfg.log_every == 0 or val_loss is not None or step == total_steps:
             record = {"step": step, "epoch": done["epoch"], "loss": loss_value, "lr": done["lr"],
                       **meter.rates(done["finished_at"])}
@@ -761,12 +788,13 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
                 exit_code = EXIT_SIGNAL[stop.signum]
                 print(f"interrupted at step {progress['step']}; checkpoint {path}; continue with --resume",
                       file=sys.stderr)
-            elif val_sampler is not None:
+            elif val_sampler is not None and not eval_due(progress["step"]):  # else just evaluated
                 val_loss = evaluate(model, val_sampler, device, autocast, cfg.num_workers)
-                log.info("final val loss %.5g", val_loss)
-                if tb is not None:
-                    tb.add_scalar("val/loss", val_loss, progress["step"])
-                atomic_write_text(out / "val.json", json.dumps({"step": progress["step"], "val_loss": val_loss}) + "\n")
+                if val_loss is not None:
+                    log.info("final val loss %.5g", val_loss)
+                    if tb is not None:
+                        tb.add_scalar("val/loss", val_loss, progress["step"])
+                write_val(out, progress["step"], val_loss)
         if tb is not None:
             tb.close()
         plot = plot_loss(out)

@@ -996,3 +996,50 @@ def test_a_full_disk_while_logging_metrics_is_one_line_without_a_torn_record(sto
     monkeypatch.undo()
     assert main([*args, "--out", str(out), "--resume"]) == 0
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 9))
+
+
+def test_validation_on_videos_with_nothing_to_mask_is_off_not_a_loss_of_0(tmp_path, caplog, restore_threads):
+    """short_video_policy=keep with only 1-segment held-out videos: their crops mask nothing, and the run
+    reported val_loss 0.0 (val.json, metrics, loss.png) for a model never tested. Now validation is off,
+    with a warning, as under drop."""
+    from lvmae_fast.cli import main
+    from lvmae_fast.sampler import split_videos
+
+    path, rng = tmp_path / "store", np.random.default_rng(0)
+    with StoreWriter(path, 8) as w:
+        for k in range(6):
+            w.add(f"one{k}", rng.standard_normal((1, 8)).astype(np.float32))
+            w.add(f"long{k}", rng.standard_normal((60, 8)).astype(np.float32))
+    ids = [f"{kind}{k}" for k in range(6) for kind in ("one", "long")]
+    seed = next(s for s in range(200) if all(v.startswith("one") for v in split_videos(ids, 2, s)[1]))
+    out = tmp_path / "run"
+    assert main(["pretrain", "--preset", "tiny", "--store", str(path), "--out", str(out), "--no-progress",
+                 "--max-steps", "4", "--seed", str(seed), "--val-videos", "2", "--set", "short_video_policy=keep",
+                 "--set", "eval_every=2", "--set", "tensorboard=false"]) == 0
+    assert "validation off: all 2 held-out videos have 1 segment" in caplog.text
+    assert not (out / "val.json").exists()
+    assert not any("val_loss" in r for r in read_metrics(out / "metrics.jsonl"))
+
+
+def test_val_json_follows_every_evaluation_and_a_rewind(store, tmp_path, monkeypatch, restore_threads):
+    """val.json was written only at the end of a completed run (none after an interrupt, however many
+    evaluations) and kept an abandoned branch's result after --resume-from. Now it is written at every
+    evaluation (the final step is not evaluated twice), and a rewind moves a later one aside."""
+    from lvmae_fast import train
+    from lvmae_fast.cli import main
+
+    written, real = [], train.write_val
+    monkeypatch.setattr(train, "write_val", lambda out, step, loss: (written.append(step), real(out, step, loss)))
+    args = ["pretrain", "--preset", "tiny", "--store", str(store), "--no-progress", "--val-videos", "3",
+            "--set", "eval_every=4", "--set", "ckpt_every=2", "--set", "keep_checkpoints=10", "--set", "tensorboard=false"]
+    out = tmp_path / "run"
+    assert main([*args, "--out", str(out), "--max-steps", "8"]) == 0
+    assert written == [4, 8]
+    first = json.loads((out / "val.json").read_text())
+    assert first["step"] == 8 and first == next(
+        {"step": r["step"], "val_loss": r["val_loss"]} for r in read_metrics(out / "metrics.jsonl") if r["step"] == 8)
+    written.clear()
+    assert main([*args, "--out", str(out), "--max-steps", "6", "--resume-from", "2", "--blr", "1e-5"]) == 0
+    assert written == [4, 6]
+    assert json.loads((out / "val.rewound.json").read_text()) == first
+    assert json.loads((out / "val.json").read_text())["step"] == 6
