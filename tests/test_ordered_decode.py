@@ -822,3 +822,62 @@ def test_a_resumed_video_stays_on_the_decoder_its_saved_windows_came_from(tmp_pa
     assert clean["windows"] == 12
     for store in ("a", "b"):   # the fake NVDEC decodes in software: the same store as one clean run
         np.testing.assert_array_equal(Store(tmp_path / store).get("long"), Store(tmp_path / "clean").get("long"))
+
+
+def test_a_window_using_a_frame_predicted_from_damage_shown_after_it_goes_to_the_redo(tmp_path, monkeypatch):
+    """Open-GOP H.264, the P-frame at 31.9 s damaged: decoded before the B-frame at 31.8 s (predicted from
+    it) but shown after it, so it is flagged corrupt one frame after window 31 is complete. The part
+    handed window 31 on before it saw the damage, with its own concealed pixels (they differ by where the
+    decode started); the redo then began at window 32. Parts now hold windows back REORDER_FRAMES frames."""
+    pytest.importorskip("av")
+    from lvmae_fast import synth
+
+    src = synth.write_camera_like(tmp_path / "src.mp4", duration=40, fps=10, size=(160, 96), keyint=20, seed=2,
+                                  open_gop=True)
+    video = damaged_copy(src, tmp_path / "v" / "cam.mp4", near=32.0, keyframe=False)
+    runs = one_pass_and_parts(monkeypatch, tmp_path, str(video), seconds=1.0, frames=4, batch_size=8)
+    assert runs["one pass"][0]["done"] == 1
+    assert_same_runs(runs)
+
+
+def write_resolution_change(path, sizes=((160, 96), (96, 64)), seconds_each=20, fps=10):
+    """One H.264 stream in mkv whose resolution changes midway (joined recordings): in-band SPS per
+    keyframe, keyframes every 2 s."""
+    av = pytest.importorskip("av")
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    n = seconds_each * fps
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = *sizes[0], "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        for seg, (w, h) in enumerate(sizes):
+            enc = av.CodecContext.create("libx264", "w")
+            enc.width, enc.height, enc.pix_fmt = w, h, "yuv420p"
+            enc.time_base, enc.framerate, enc.gop_size, enc.max_b_frames = Fraction(1, fps), fps, 2 * fps, 0
+            enc.options = {"preset": "ultrafast", "x264-params": "repeat-headers=1"}
+            packets = []
+            for i in range(n):
+                img = np.full((h, w, 3), (i * 7 + seg * 80) % 256, np.uint8)
+                img[: h // 2, : w // 2] = rng.integers(0, 256, 3)
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
+                frame.pts = i
+                packets += enc.encode(frame)
+            packets += enc.encode(None)
+            for p in packets:
+                p.stream = stream
+                p.pts = p.dts = (seg * n + p.pts) * (1000 // fps)
+                p.time_base = Fraction(1, 1000)
+                out.mux(p)
+    return path
+
+
+def test_a_video_that_changes_resolution_is_scaled_alike_by_one_pass_and_parts(tmp_path, monkeypatch):
+    """20 s at 160x96, then 20 s at 96x64: every frame is scaled to the stream's probed size. Scaled to the
+    first frame of each decode instead, a part (as a resume) starting after the change kept 96x64 and
+    stored other embeddings than one pass (windows 24-39)."""
+    video = write_resolution_change(tmp_path / "joined.mkv")
+    runs = one_pass_and_parts(monkeypatch, tmp_path, str(video), seconds=1.0, frames=4, batch_size=8)
+    assert runs["one pass"][0]["windows"] == 40
+    assert_same_runs(runs)

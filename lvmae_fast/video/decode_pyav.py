@@ -16,6 +16,7 @@ from the frames before it).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import threading
@@ -39,6 +40,8 @@ SKIP_UNNEEDED_NONREF = True
 # sampled frames come out bit for bit the same; at T=8 frames per 5 s and 2-s GOPs about 1/7 of the
 # frames are never decoded, more with shorter GOPs or longer windows (whole GOPs without a sample).
 SKIP_GOP_TAILS = True
+# Frames a decoder may output before one it decoded earlier (H.264/HEVC reorder at most their DPB's 16).
+REORDER_FRAMES = 16
 # Both skips need a decoder that reads skip_frame per packet: FFmpeg's own for these codecs (each covered
 # by the skip tests). Others read it once when opened, e.g. libdav1d, PyAV's AV1 decoder: a per-packet
 # NONREF there dropped sampled frames, and every AV1 video was refused as damaged (until 2026-11-27).
@@ -332,7 +335,10 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     next_k, j, missing, leading = 0, 0, 0, 0
     last_frame, last_array = None, None
 
-    size: tuple[int, int] | None = None   # (width, height) of the first decoded frame
+    # (width, height) every frame is scaled to: the stream's, as probed, so that a decode starting midway (a part,
+    # a resume) scales like one pass over a video whose resolution changes; the first decoded frame's where
+    # the demuxer could not tell.
+    size: tuple[int, int] | None = (index.width, index.height) if index.width > 0 and index.height > 0 else None
 
     def array_of(frame):
         nonlocal last_frame, last_array, size
@@ -340,7 +346,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
             if size is None:
                 size = (frame.width, frame.height)
             # A stream that changes resolution midway (joined recordings, adaptive streams) is scaled
-            # to its first frame's size, so every window stacks to one shape.
+            # to one size, so every window stacks to one shape.
             last_frame, last_array = frame, frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
         return last_array
 
@@ -383,6 +389,12 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
         # The next part's first sampled frame ends this part's decode: it must come out (one pass decodes
         # it too), else skipped GOP tails would run this decode on to the file's end.
         keep.add(int(through))
+    # A part (strict) hands a window on only once REORDER_FRAMES more frames have come out undamaged, and
+    # decodes that many past its end: a damaged reference decoded before a frame but shown after it
+    # (B-frames, open GOPs) is flagged corrupt only when it comes out, and a window holding a frame
+    # predicted from it must go to the one-pass redo with the rest (its concealed pixels differ by start).
+    held = collections.deque(maxlen=REORDER_FRAMES + 1) if strict else None
+    settled = 0  # frames out since every needed frame (and `through`) came out
     try:
         for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel):
             if damage is not None and damage.superseded(part):
@@ -410,9 +422,16 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
                 got_pts[int(pts)] = pts
                 j += 1
             prev, prev_pts = frame, pts
-            yield from flush(pts)
+            if held is None:
+                yield from flush(pts)
+            else:  # a part: windows wait until REORDER_FRAMES more frames came out undamaged
+                held.append(pts)
+                if len(held) == held.maxlen:
+                    yield from flush(held[0])
             if j == len(needed) and (not strict or through is None or pts >= through):
-                break
+                settled += 1
+                if not strict or settled > REORDER_FRAMES:
+                    break
     except av.FFmpegError as err:
         if prev is None or strict:
             raise VideoError(f"decoding failed ({err.strerror or err})") from None
