@@ -294,6 +294,43 @@ def test_pyav_decode_skipping_windows_gives_the_same_frames(tmp_path, codec):
             np.testing.assert_array_equal(times, full[w][1])
 
 
+def test_a_seek_ffmpeg_refuses_falls_back_to_decoding_from_the_start(tmp_path, monkeypatch):
+    """Resuming past saved windows seeks; a seek that raises (a damaged index) failed the video. It now
+    decodes from the start, as for a seek that lands elsewhere: the same windows as a full decode."""
+    import av
+
+    from lvmae_fast.video import decode_pyav
+    from lvmae_fast.video.jobs import VideoJob, WindowSpec, prepare_job
+
+    video = synth.write_video(tmp_path / "v.mp4", duration=8.0, fps=10, codec="h264", gop=12, seed=4)
+    job = prepare_job(VideoJob("v", str(video.path)), WindowSpec(seconds=1.0))
+    full = {w: f for w, f, _ in decode_pyav.decode_windows_pyav(job.index, job.plan)}
+
+    class RefusesSeeks:  # the container, whose seek fails
+        def __init__(self, container):
+            self.container = container
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+        def seek(self, *a, **kw):
+            raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+
+    real_open, seeks = decode_pyav._open, []
+    monkeypatch.setattr(decode_pyav, "_open", lambda *a: seeks.append(1) or RefusesSeeks(real_open(*a)))
+    skip = np.arange(8) < 5
+    got = list(decode_pyav.decode_windows_pyav(job.index, job.plan, skip=skip))
+    assert [w for w, _, _ in got] == [5, 6, 7] and len(seeks) == 2  # the seek's open, then from the start
+    for w, frames, _ in got:
+        np.testing.assert_array_equal(frames, full[w])
+
+
 def kill_during_4th_batch(video, store, frames=8):
     proc = subprocess.run([sys.executable, "-c", KILLER, str(video), str(store), "4", str(frames), "pyav"], capture_output=True)
     assert proc.returncode == 9, proc.stderr.decode()[-2000:]

@@ -265,9 +265,9 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
             names = set(container.format.name.split(","))
             if names & set(SEEKABLE_FORMATS):
                 stream = _video_stream(container, threads)
-                container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
-                decoded = _decoded(container, stream, keep, tails)
-                try:
+                try:  # a seek FFmpeg refuses (a damaged index) falls back to the decode from the start too
+                    container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
+                    decoded = _decoded(container, stream, keep, tails)
                     first = next(decoded, None)
                 except av.FFmpegError:
                     first = None
