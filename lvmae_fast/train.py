@@ -147,7 +147,9 @@ def check_run_dir(out: Path, store_path: Path, resume: bool) -> None:
 def latest_checkpoint(out: Path) -> Path | None:
     pointer = out / "checkpoints" / LATEST_NAME
     if not pointer.is_file():
-        return None
+        # A kill between a first checkpoint's rename and its `latest` leaves a complete step-N and no pointer.
+        done = complete_checkpoints(out / "checkpoints")
+        return out / "checkpoints" / done[-1] if done else None
     path = out / "checkpoints" / pointer.read_text().strip()
     if not (path / STATE_NAME).is_file():
         raise ValueError(f"{pointer} names {path.name}, which is missing or incomplete")

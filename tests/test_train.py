@@ -1043,3 +1043,21 @@ def test_val_json_follows_every_evaluation_and_a_rewind(store, tmp_path, monkeyp
     assert written == [4, 6]
     assert json.loads((out / "val.rewound.json").read_text()) == first
     assert json.loads((out / "val.json").read_text())["step"] == 6
+
+
+def test_a_checkpoint_without_its_latest_pointer_is_resumed(store, tmp_path, restore_threads, caplog):
+    """A kill between a first checkpoint's rename and the write of `latest`: --resume started again from
+    step 0 beside the complete step-N (and its metrics). It now resumes the newest complete checkpoint."""
+    from lvmae_fast.cli import main
+
+    args = ["pretrain", "--preset", "tiny", "--store", str(store), "--no-progress", "--set", "ckpt_every=2",
+            "--set", "tensorboard=false"]
+    out, reference = tmp_path / "run", tmp_path / "reference"
+    assert main([*args, "--out", str(out), "--max-steps", "4"]) == 0
+    (out / "checkpoints" / "latest").unlink()
+    caplog.clear()
+    caplog.set_level("INFO", logger="lvmae_fast.train")
+    assert main([*args, "--out", str(out), "--max-steps", "6", "--resume"]) == 0
+    assert "resuming at step 4" in caplog.text  # not a run from step 0 again
+    assert main([*args, "--out", str(reference), "--max-steps", "6"]) == 0
+    assert curve(out) == curve(reference)
