@@ -5,13 +5,15 @@ Run directory (RUN = --out)::
     RUN/config.yaml                  resolved PretrainConfig (what --resume starts from)
     RUN/config.json, model.safetensors   latest model: LVMAE.from_pretrained(RUN)
     RUN/metrics.jsonl                one JSON object per logged step: step, epoch, loss, lr, tokens_per_s,
-                                     samples_per_s, time_s, grad_norm (before clipping; + val_loss at
-                                     evaluation steps)
+                                     samples_per_s, time_s (seconds of training, summed over resumed
+                                     sessions), grad_norm (before clipping; + val_loss at evaluation steps)
+    RUN/val.json                     the last validation loss and its step (written at every evaluation)
     RUN/tb/                          TensorBoard events
     RUN/loss.png                     loss curve, drawn at the end
     RUN/checkpoints/step-XXXXXXXX/   config.json + model.safetensors + train_state.pt (optimizer, progress,
                                      RNG, config, store fingerprint); RUN/checkpoints/latest names the newest
-    RUN/checkpoints/rewound/, RUN/metrics.rewound.jsonl   what --resume-from STEP moved aside (a rewind)
+    RUN/checkpoints/rewound/, RUN/metrics.rewound.jsonl, RUN/val.rewound.json   what --resume-from STEP
+                                     moved aside (a rewind)
 
 A checkpoint directory is built under a temp name and renamed into place, then `latest` is replaced
 (temp + rename), then the model files are linked into RUN; a kill at any point leaves the previous
@@ -369,9 +371,11 @@ class Throughput:
     """Tokens/s and samples/s since the last report. Steps are counted when their loss has been read
     back, i.e. once the device has finished them, so no extra synchronisation is needed."""
 
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.t, self.tokens, self.samples = self.start, 0, 0
+    def __init__(self, time_before: float = 0.0):
+        """time_before: seconds of training before this process (a resumed run's last record): time_s
+        counts on from there instead of starting again at 0."""
+        self.start = time.perf_counter() - time_before
+        self.t, self.tokens, self.samples = time.perf_counter(), 0, 0
 
     def add(self, tokens: int, samples: int) -> None:
         self.tokens += tokens
@@ -644,7 +648,8 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     bar = tqdm(total=total_steps, initial=progress["step"], unit="step", dynamic_ncols=True, disable=not cfg.progress,
                file=sys.stderr)
     stop, exit_code = StopFlag(), 0
-    meter = Throughput()
+    earlier = read_metrics(metrics_path) if resume else []
+    meter = Throughput(earlier[-1].get("time_s", 0.0) if earlier else 0.0)
 
     def checkpoint():
         return save_checkpoint(out, model, optimizer, progress, cfg, store.fingerprint)

@@ -1061,3 +1061,5 @@ def test_a_checkpoint_without_its_latest_pointer_is_resumed(store, tmp_path, res
     assert "resuming at step 4" in caplog.text  # not a run from step 0 again
     assert main([*args, "--out", str(reference), "--max-steps", "6"]) == 0
     assert curve(out) == curve(reference)
+    times = [r["time_s"] for r in read_metrics(out / "metrics.jsonl")]
+    assert times == sorted(times)  # time_s counts on across the resume (it started again near 0)
