@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -31,7 +32,7 @@ from lvmae_fast.buckets import pad_to_bucket, seqlen_floors  # noqa: E402
 from lvmae_fast.masking import build_masked_batch  # noqa: E402
 from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops  # noqa: E402
 from lvmae_fast.packing import keep_counts, pack_sequences  # noqa: E402
-from reference_padded import ReferencePaddedMAE, pad_batch  # noqa: E402
+from reference_padded import ReferencePaddedMAE, reference_batch  # noqa: E402
 from train_step import make_optimizer, make_step  # noqa: E402
 
 
@@ -121,24 +122,36 @@ def write_profile(step, items, device, path):
     Path(path).write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40))
 
 
-def run_padded(config, batches, device, steps, warmup):
+def run_padded(config, batches, device, steps, warmup, num_patches: int):
+    """The reference's step (reference_padded.py): its batches built before the clock as its DataLoader
+    workers build them, copied to the device inside the step as it does."""
     with torch.device(device):
-        model = ReferencePaddedMAE(config)
+        model = ReferencePaddedMAE(config, num_patches)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")  # the reference: fp16 + GradScaler
-    padded = [(x.to(device), lengths) for x, lengths in map(pad_batch, batches)]
+    generator = torch.Generator().manual_seed(0)
+    host = [reference_batch(seqs, config.mask_ratio, num_patches, generator) for seqs in batches]
+    if device.type == "cuda":  # its DataLoader pins (MAE's pin_mem default)
+        host = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in host]
 
     def step(item):
-        x, lengths = item
+        b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in item.items()}
         with autocast(device, torch.float16):
-            loss = model(x, lengths, config.mask_ratio)
+            loss = model(b)
+        if not math.isfinite(loss.item()):  # the reference's check: a host sync every step
+            raise FloatingPointError(f"non-finite loss {loss.item()}")
         scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        torch.norm(torch.stack([torch.norm(g, 2.0) for g in grads]), 2.0)  # its logged grad norm
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # as its loop does after every step
         return loss
 
-    return _time_steps(step, padded, device, steps, warmup)
+    return _time_steps(step, host, device, steps, warmup)
 
 
 def _time_steps(step, items, device, steps, warmup):
@@ -289,8 +302,9 @@ def main(argv=None):
             "master_weights": args.master_weights, "overlap_update": args.overlap_update,
             "overlap_chunks": overlap_chunks if args.overlap_update else None,
             "inputs": "packed rows: masked and packed before the clock, batches on the device (graphs rows: "
-                      "copied from pinned host memory each step); padded row: masks inside the step, as the "
-                      "reference. Optimizer: fused AdamW (packed; the +master row: MasterWeightAdamW), torch default AdamW + GradScaler (padded)",
+                      "copied from pinned host memory each step); padded row: as the reference, masked and padded "
+                      "to --max-len rows before the clock (its DataLoader workers), copied from pinned host memory "
+                      "each step, with its per-step host syncs, unscale and gradient norm. Optimizer: fused AdamW (packed; the +master row: MasterWeightAdamW), torch default AdamW + GradScaler (padded)",
             "attn_impl": args.attn_impl, "compare_attn": compare_attn, "compare_compile_modes": compare_compile, "kernels": args.kernels, "complete": False}
     if args.cuda_graphs and device.type != "cuda":
         meta["note"] = ("no CUDA graphs off a GPU: the '+graphs' rows run the same bucketed step uncaptured, "
@@ -343,7 +357,8 @@ def main(argv=None):
         for compile_mode in compare_compile:  # the same mode with the blocks compiled another way
             timed(f"{base['label']} compile={compile_mode}", compile_mode=compile_mode, **base["kw"])
         if not args.skip_padded and bs <= args.padded_max_batch:
-            padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup),
+            padded = summarise("padded (reference)", run_padded(config, batches, device, args.steps, args.warmup,
+                                                                 num_patches=args.max_len),
                                batches, config, args.warmup, args.steps)
             for row in rows[first:]:  # packed (and the graphs rows) vs this padded row
                 if row["status"] == padded["status"] == "ok":

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -360,3 +363,29 @@ def test_pretrain_benches_take_the_device_values_every_command_takes(tmp_path):
             assert r.returncode == 2, (mode, device, r.stderr[-2000:])
             assert "Traceback" not in r.stderr
             assert r.stderr.strip().splitlines()[-1].startswith(f"pretrain.py: error: device '{device}'"), r.stderr[-500:]
+
+
+@pytest.mark.parametrize("in_dim", [64, 24])  # 64: the reference's layout (no input projection)
+def test_the_padded_baseline_computes_the_models_loss_on_the_same_masks(in_dim):
+    """bench/reference_padded.py (the reference's step: samples padded to num_patches, per-sample loops)
+    on the weights of an LVMAE and the masks it drew gives the packed model's loss on those masks."""
+    from lvmae_fast.model import LVMAE, LVMAEConfig
+    from lvmae_fast.packing import PackedBatch, pack_sequences
+
+    reference = load_bench("reference_padded")
+    cfg = LVMAEConfig.from_preset("tiny", in_dim=in_dim, masking="random", attn_impl="sdpa", kernels="torch")
+    torch.manual_seed(0)
+    model = LVMAE(cfg).double()
+    padded = reference.ReferencePaddedMAE(cfg, num_patches=20).double()
+    state = {k.replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.2"): v for k, v in model.state_dict().items()}
+    padded.load_state_dict({k: v for k, v in state.items() if k in padded.state_dict()}, strict=True)
+    seqs = [torch.randn(n, in_dim, dtype=torch.float64) for n in (2, 5, 20, 9, 1)]
+    b = reference.reference_batch(seqs, 0.5, 20, torch.Generator().manual_seed(1))
+    b = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in b.items()}
+    x, cu, lengths = pack_sequences(seqs)
+    masked = torch.cat([b["mask"][i, :n].bool() for i, n in enumerate(lengths)])
+    assert int(masked.sum()) == sum(n - max(1, int(n * 0.5)) for n in lengths)
+    with torch.no_grad():
+        torch.testing.assert_close(padded(b), model(PackedBatch.from_mask(x, cu, lengths, masked)), rtol=1e-7, atol=0)
+    with pytest.raises(ValueError, match="does not fit the reference's 20 patches"):
+        reference.reference_batch([torch.randn(21, in_dim)], 0.5, 20)
