@@ -3,13 +3,14 @@
 Recipe (paper + amazon-science/lv-mae data/CombinedData.py): for every video, every epoch, draw a
 duration ~ U[duration_min, duration_max] seconds (continuous here; the reference draws whole seconds),
 take L = duration // segment_seconds segments (at least 1, at most the video and max_len) from a
-random start, L2-normalise each embedding. Short videos (policy "repeat", the reference's): a crop of
-a video with < 2 segments is tiled x8, with < 5 segments x3 (then cut to max_len); "keep" uses them
-as they are, "drop" leaves videos with < 2 segments out. Note: before cropping, the reference replaces
-any video with n_segments * (1 - mask_ratio) < 1 by a random other one, so with a positive mask ratio
-its x8 branch never runs (1-segment videos are never trained on; at ratio 0.7 neither are 2-3 segment
-ones). "repeat" follows the tiling rule as written and trains on them; "drop" is closer to what the
-reference does in effect.
+random start, L2-normalise each embedding. Short videos, `short_video_policy`:
+- "reference" (the default; what the reference trains on): videos with n_segments * (1 - mask_ratio) < 1
+  are left out (the reference replaces them by another video before cropping: 1-segment videos at any
+  ratio, 2-3-segment ones at 0.7), and a crop of a video with < 5 segments is tiled x3 (< 2 segments:
+  x8, reachable only at mask_ratio 0), then cut to max_len;
+- "repeat": that tiling for every video, 1-segment ones included (x8: copies of one vector);
+- "keep": every video as it is (a 1-segment crop masks nothing);
+- "drop": videos with < 2 segments left out, no tiling.
 
 Determinism: everything is a pure function of (seed, epoch, rank, batch index), never of worker
 count or timing. The plan for an epoch (order, crops, batch boundaries) is a pure function of
@@ -38,7 +39,7 @@ from .buckets import pad_to_bucket, seqlen_floors
 from .masking import MASKING_STRATEGIES, build_masked_batch
 from .packing import PackedBatch, cu_seqlens_from_lengths
 
-SHORT_VIDEO_POLICIES = ("repeat", "keep", "drop")
+SHORT_VIDEO_POLICIES = ("reference", "repeat", "keep", "drop")
 VAL_EPOCH = -1  # the validation plan is "epoch -1": fixed crops, fixed masks, every evaluation alike
 
 
@@ -47,7 +48,7 @@ class SamplerConfig:
     duration_min: float = 10.0        # seconds
     duration_max: float = 1280.0      # seconds (reference default; 1280 s / 5 s = 256 segments)
     max_len: int = 256                # segments per crop (paper: 256 tokens)
-    short_video_policy: str = "repeat"
+    short_video_policy: str = "reference"
     batch_videos: int = 16            # videos per batch when max_tokens is 0
     max_tokens: int = 0               # >0: fill each batch up to this many segments instead
     mask_ratio: float = 0.5
@@ -72,15 +73,20 @@ class SamplerConfig:
 
 
 def repeats_for(num_segments: np.ndarray, policy: str) -> np.ndarray:
-    """Reference tiling of short videos: x8 below 2 segments, x3 below 5, else x1 (policy 'repeat')."""
-    if policy != "repeat":
+    """Reference tiling of short videos: x8 below 2 segments, x3 below 5, else x1 (policies 'reference'
+    and 'repeat')."""
+    if policy not in ("reference", "repeat"):
         return np.ones_like(num_segments)
     return np.where(num_segments < 2, 8, np.where(num_segments < 5, 3, 1))
 
 
-def kept_by_policy(num_segments: np.ndarray, policy: str) -> np.ndarray:
-    """bool per video: whether the short-video policy samples it ("drop" leaves out videos under 2 segments)."""
-    return num_segments >= 2 if policy == "drop" else np.ones(len(num_segments), dtype=bool)
+def kept_by_policy(num_segments: np.ndarray, policy: str, mask_ratio: float) -> np.ndarray:
+    """bool per video: whether the short-video policy samples it ("reference": n * (1 - mask_ratio) >= 1,
+    as the reference's loader; "drop": at least 2 segments)."""
+    n = np.asarray(num_segments)
+    if policy == "reference":
+        return n * (1.0 - mask_ratio) >= 1.0
+    return n >= 2 if policy == "drop" else np.ones(len(n), dtype=bool)
 
 
 def max_crop_segments(duration_min: float, duration_max: float, segment_seconds: float) -> int:
@@ -287,7 +293,7 @@ class LongVideoSampler:
     def __init__(self, store, video_ids: list[str], cfg: SamplerConfig, rank: int = 0, world: int = 1):
         self.store, self.cfg, self.rank, self.world = store, cfg, rank, world
         n = np.array([store.num_segments(v) for v in video_ids], dtype=np.int64)
-        keep = kept_by_policy(n, cfg.short_video_policy)
+        keep = kept_by_policy(n, cfg.short_video_policy, cfg.mask_ratio)
         self.video_ids = [v for v, k in zip(video_ids, keep) if k]
         self.num_segments = n[keep]
         self.segment_seconds = np.array([store.meta(v)["segment_seconds"] for v in self.video_ids], dtype=np.float64)

@@ -565,13 +565,13 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     check_something_to_mask(store, train_ids, cfg, model_cfg.mask_ratio)
     sampler = LongVideoSampler(store, train_ids, scfg)
     val_lengths = np.array([store.num_segments(v) for v in val_ids])
-    if val_ids and not (kept_by_policy(val_lengths, cfg.short_video_policy)
+    if val_ids and not (kept_by_policy(val_lengths, cfg.short_video_policy, model_cfg.mask_ratio)
                         & ((val_lengths >= 2) | (cfg.short_video_policy == "repeat"))).any():
         # drop: the sampler would drop every one of them and refuse to start; keep: their 1-token crops mask
         # nothing, and a loss of 0 would be reported. Train without validation instead.
         log.warning("validation off: all %d held-out videos have 1 segment, which short_video_policy=%s %s",
                     len(val_ids), cfg.short_video_policy,
-                    "leaves out" if cfg.short_video_policy == "drop" else "keeps whole (nothing masked)")
+                    "keeps whole (nothing masked)" if cfg.short_video_policy == "keep" else "leaves out")
         val_ids = []
     val_sampler = LongVideoSampler(store, val_ids, scfg) if val_ids else None
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

@@ -61,7 +61,7 @@ class PretrainConfig:
     duration_min: float = 10.0
     duration_max: float = 1280.0
     max_len: int = 256
-    short_video_policy: str = "repeat"          # repeat (reference) | keep | drop
+    short_video_policy: str = "reference"       # reference | repeat | keep | drop (sampler.py)
     batch_videos: int = 16
     max_tokens: int = 0                         # >0: token-budget batches instead of batch_videos
     val_videos: int = 0                         # held-out videos for a fixed-crop validation loss

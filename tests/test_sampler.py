@@ -52,7 +52,8 @@ def test_duration_and_start_distribution():
 
 
 def test_batch_rows_match_numpy_reference(store):
-    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=5, mask_ratio=0.5)
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=5, mask_ratio=0.5,
+                        short_video_policy="repeat")  # tiles the 1-segment video too (x8)
     sampler = LongVideoSampler(store, store.video_ids, cfg)
     plan, dataset = sampler.batches(3), sampler.dataset(3)
     assert len(dataset) == 3  # ceil(12 / 5)
@@ -187,6 +188,19 @@ def test_token_budget_batches_are_full_and_bounded():
         assert sum(c.out_len for c in plan[-1]) <= 100
 
 
+@pytest.mark.parametrize("ratio, left_out", [(0.5, [1]), (0.7, [1, 3, 2]), (0.0, [])])
+def test_the_reference_policy_trains_on_what_the_reference_trains_on(store, ratio, left_out):
+    """The reference replaces a video with n * (1 - ratio) < 1 by another before cropping (1-segment
+    videos at 0.5; 2-3-segment ones too at 0.7) and tiles the crops of the rest under 5 segments x3."""
+    sampler = LongVideoSampler(store, store.video_ids, SamplerConfig(mask_ratio=ratio, max_len=64))
+    assert SamplerConfig().short_video_policy == "reference"
+    assert sorted(store.video_ids[i] for i, n in enumerate(LENGTHS) if n in left_out) == sorted(
+        set(store.video_ids) - set(sampler.video_ids))
+    for c in (c for b in sampler.batches(0) for c in b):
+        n = sampler.num_segments[c.video]
+        assert c.repeats == (8 if n < 2 else 3 if n < 5 else 1) and n * (1 - ratio) >= 1
+
+
 def test_short_video_policies_and_bad_configs(store):
     keep = LongVideoSampler(store, store.video_ids, SamplerConfig(short_video_policy="keep", max_len=64))
     assert all(c.repeats == 1 for b in keep.batches(0) for c in b)
@@ -220,7 +234,8 @@ def test_token_budget_videos_per_batch_agree_across_ranks():
     """The trainer scales its lr by mean_videos_per_batch: every rank must get the same value (the whole
     epoch's batches, all ranks together), else data-parallel replicas would step with different lrs."""
     n, seg = np.array(LENGTHS), np.full(len(LENGTHS), 5.0)
-    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, max_tokens=64, seed=0)
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, max_tokens=64, seed=0,
+                        short_video_policy="repeat")  # every video planned, as plan_epoch below
     fake = type("FakeStore", (), {"num_segments": lambda self, v: int(n[int(v)]),
                                   "meta": lambda self, v: {"segment_seconds": 5.0}})()
     ids = [str(i) for i in range(len(n))]
