@@ -279,14 +279,24 @@ def test_useful_flops_count_the_linear_layers_torch_runs():
     g = torch.Generator().manual_seed(0)
     x, cu, L = pack_sequences([torch.randn(n, 24, generator=g) for n in lengths])
     batch = build_masked_batch(x, cu, L, "random", 0.5, g)
-    with FlopCounterMode(display=False) as counter:
-        model(batch)
-    counts = counter.get_flop_counts()["Global"]
-    linear = sum(v for op, v in counts.items() if str(op).split(".")[-1] in ("addmm", "mm"))
+    def linear_flops(run):
+        with FlopCounterMode(display=False) as counter:
+            run()
+        return sum(v for op, v in counter.get_flop_counts()["Global"].items() if str(op).split(".")[-1] in ("addmm", "mm"))
+
     keep = batch.visible_rows.numel()
     expected = matmul_flops(cfg, enc_tokens=keep + len(lengths), dec_tokens=sum(lengths) + len(lengths),
                             seq_sq_enc=0, seq_sq_dec=0, pred_tokens=sum(lengths) - keep, num_videos=len(lengths))
-    assert linear == expected
+    assert linear_flops(lambda: model(batch)) == expected
+    # Over forward + backward, what bench/pretrain.py's useful_flops counts: 3x, less the input projection's
+    # input gradient (its input needs none).
+    counted = linear_flops(lambda: model(batch).backward())
+    assert counted == 3 * expected - 2 * keep * 24 * cfg.embed_dim
+    vis = [max(1, int(n * 0.5)) for n in lengths]
+    attention = matmul_flops(cfg, enc_tokens=keep + len(lengths), dec_tokens=sum(lengths) + len(lengths),
+                             seq_sq_enc=sum((k + 1) ** 2 for k in vis), seq_sq_dec=sum((n + 1) ** 2 for n in lengths),
+                             pred_tokens=sum(lengths) - keep, num_videos=len(lengths)) - expected
+    assert load_bench("pretrain").useful_flops(cfg, lengths, 0.5) == counted + 3 * attention
 
 
 def bench_patched(code, *args):
