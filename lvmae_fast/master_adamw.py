@@ -122,8 +122,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             lr = group["lr"]
             lr = lr.reshape(()) if torch.is_tensor(lr) else torch.tensor(float(lr), device=self.step_count.device)
-            step_size = (lr.to(torch.float32) / (1.0 - torch.pow(beta1, self.step_count))).reshape(())
-            bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, self.step_count)).reshape(())
+            # Bias corrections in double, as torch's AdamW: in fp32 a beta2 near 1 (0.9999 -> 0.99989998)
+            # skews 1 - beta2**t by 1.7e-4 relative. Device scalars: still no host sync.
+            t = self.step_count.to(torch.float64)
+            step_size = (lr.to(torch.float64) / (1.0 - torch.pow(beta1, t))).to(torch.float32).reshape(())
+            bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, t)).to(torch.float32).reshape(())
             for seg in self.segments:
                 if seg.group_index == gi:
                     self._update(seg, lr, step_size, bc2_sqrt, skip, beta1, beta2, group["eps"], group["weight_decay"])
