@@ -40,13 +40,14 @@ SKIP_UNNEEDED_NONREF = True
 # sampled frames come out bit for bit the same; at T=8 frames per 5 s and 2-s GOPs about 1/7 of the
 # frames are never decoded, more with shorter GOPs or longer windows (whole GOPs without a sample).
 SKIP_GOP_TAILS = True
-# Frames a decoder may output before one it decoded earlier (H.264/HEVC reorder at most their DPB's 16).
-REORDER_FRAMES = 16
 # Both skips need a decoder that reads skip_frame per packet: FFmpeg's own for these codecs (each covered
 # by the skip tests). Others read it once when opened, e.g. libdav1d, PyAV's AV1 decoder: a per-packet
 # NONREF there dropped sampled frames, and every AV1 video was refused as damaged (until 2026-11-27).
 # Their videos decode every frame.
 PER_PACKET_SKIP_DECODERS = frozenset({"h264", "hevc", "vp8", "vp9"})
+# Frames a decoder may output before one it decoded earlier (H.264/HEVC reorder at most their DPB's 16):
+# how long a part holds a window back (decode_windows_pyav).
+REORDER_FRAMES = 16
 
 
 class SharedDamage:
