@@ -8,6 +8,7 @@ synthetic corpus of embedding sequences with long-range structure.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -29,8 +30,8 @@ def make_videos(out: Path, num_videos: int, duration: float, seed: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(num_videos):
         starts = [0.0]
-        while starts[-1] + 20 < duration:
-            starts.append(round(starts[-1] + float(rng.uniform(5, 20)), 2))
+        while (start := round(starts[-1] + float(rng.uniform(5, 20)), 2)) < duration:
+            starts.append(start)
         write_video(folder / f"video{i:03d}.mp4", duration=duration, fps=5.0, size=(64, 48), codec="h264",
                     scene_starts=starts, seed=seed + i)
     return folder
@@ -72,13 +73,21 @@ def run_pretraining(store: Path, out: Path, epochs: int, seed: int, progress: bo
     return pretrain(cfg), out / "run"
 
 
+MIN_DURATION = 7.5  # seconds per demo video
+
+
 def check_args(args) -> None:
     """Refuse bad numbers before anything is written (0 is not "the default": that is leaving the flag out)."""
     for flag, value, low in (("--videos", args.videos, 1), ("--epochs", args.epochs, 1), ("--dim", args.dim, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if args.source == "videos" and not args.duration >= 5:  # also refuses nan
-        raise ValueError(f"--duration must be >= 5 seconds (one 5-second window per video), got {args.duration}")
+    if args.source == "videos" and not (math.isfinite(args.duration) and args.duration >= MIN_DURATION):
+        # Two 5-second windows (the last may be half a window): pretraining leaves out 1-window videos
+        # (short_video_policy=reference, as the reference's loader).
+        raise ValueError(f"--duration must be a number of seconds >= {MIN_DURATION:g} (two 5-second windows per "
+                         f"video; the last may be half one), got {args.duration}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file; give a directory for the demo")
 
@@ -121,7 +130,7 @@ def _run(args) -> int:
     if args.source == "videos":
         num_videos = args.videos or 24
         videos = make_videos(out, num_videos, args.duration, args.seed)
-        print(f"[1/3] wrote {num_videos} synthetic {args.duration:.0f}-second H.264 videos to {videos}")
+        print(f"[1/3] wrote {num_videos} synthetic {args.duration:g}-second H.264 videos to {videos}")
         store, ext = extract_store(videos, out, progress)
         print(f"[2/3] extracted {ext['windows']} 5-second windows with the tiny encoder (random weights) into {store} "
               f"({ext['realtime_factor']:.0f}x realtime; done {ext['done']}, skipped {ext['skipped']}, failed {ext['failed']})")

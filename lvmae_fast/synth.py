@@ -46,12 +46,14 @@ def frame_times_for(duration: float, fps: float, vfr: bool = False, seed: int = 
     if not vfr:
         n = int(np.floor(duration * fps + 1e-9))
         return np.arange(n, dtype=np.float64) / fps
+    # On a grid of half-frame ticks, summed as integers: float steps drift (7.999999999999997), and a frame
+    # meant to start a scene at 8.0 would show the one before.
     rng = np.random.default_rng(seed)
-    times, t = [], 0.0
-    while t < duration - 1e-9:
-        times.append(t)
-        t += float(rng.choice([0.5, 1.0, 2.0])) / fps
-    return np.asarray(times, dtype=np.float64)
+    ticks, n = [], 0
+    while n / (2 * fps) < duration - 1e-9:
+        ticks.append(n)
+        n += int(rng.choice([1, 2, 4]))
+    return np.asarray(ticks, dtype=np.float64) / (2 * fps)
 
 
 def _scene_image(scene: int, width: int, height: int) -> np.ndarray:
@@ -85,9 +87,11 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
     if width % 2 or height % 2:
         raise ValueError("width and height must be even (4:2:0 chroma)")
     scene_starts = list(scene_starts) if scene_starts is not None else list(np.arange(0.0, duration, 2.0))
-    if not scene_starts or scene_starts[0] != 0.0:
-        raise ValueError("scene_starts must begin with 0.0")
+    if not scene_starts or scene_starts[0] != 0.0 or any(b <= a for a, b in zip(scene_starts, scene_starts[1:])):
+        raise ValueError(f"scene_starts must begin with 0.0 and increase, got {scene_starts}")
     times = frame_times_for(duration, fps, vfr=vfr, seed=seed)
+    if len(times) == 0:
+        raise ValueError(f"duration={duration} s at fps={fps} gives no frame")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     with av.open(str(path), mode="w", options=dict(mux_options or {})) as container:
@@ -117,10 +121,15 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
             container.mux(packet)
         if audio_stream is not None:
             _write_silence(container, audio_stream, duration)
-        time_base = stream.time_base
 
-    # Report what the container stores: times rounded to its time base.
-    stored = np.round(times / float(time_base)) * float(time_base)
+    # Report what the container stores, read back: its muxer rounds to its own time base (webm: 1 ms, halves
+    # up), which a rounding here would have to copy exactly.
+    with av.open(str(path)) as written:
+        video = written.streams.video[0]
+        stored = np.sort(np.asarray([float(p.pts * video.time_base) for p in written.demux(video)
+                                     if p.pts is not None], dtype=np.float64))
+    if len(stored) != len(times):
+        raise RuntimeError(f"{path}: {len(stored)} frames stored, {len(times)} written")
     last_interval = (times[-1] - times[-2]) if len(times) > 1 else 1.0 / fps
     return SynthVideo(path=path, frame_times=stored, duration=float(stored[-1] + last_interval),
                       scene_starts=[float(s) for s in scene_starts], codec=codec)

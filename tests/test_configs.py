@@ -270,7 +270,11 @@ def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),     # 0 silently meant the default 60
     (["--epochs", "-1"], "--epochs must be >= 1, got -1"),   # was refused after writing the data
     (["--dim", "0"], "--dim must be >= 1, got 0"),
-    (["--source", "videos", "--duration", "0"], "--duration must be >= 5 seconds"),  # was a traceback
+    (["--source", "videos", "--duration", "0"], "--duration must be a number of seconds >= 7.5"),  # was a traceback
+    (["--source", "videos", "--duration", "5"], "--duration must be a number of seconds >= 7.5"),  # one window:
+    # pretraining left every 1-window video out, after extracting them all
+    (["--source", "videos", "--duration", "inf"], "--duration must be a number of seconds >= 7.5"),  # hung
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),       # numpy's error, after --overwrite had deleted
 ])
 def test_demo_refuses_bad_numbers_before_writing_anything(args, message, tmp_path, capsys):
     code, _, err = run_cli(capsys, "demo", "--source", "embeddings", *args, "--out", tmp_path / "demo", "--no-progress")
