@@ -182,6 +182,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(src, tmp)
         os.replace(tmp, dst)
+        # rename(2) does nothing when both names are links to one file (dst already is src's link): the
+        # temp name would stay behind.
+        tmp.unlink(missing_ok=True)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a copy cut short by a full disk
         raise
@@ -638,9 +641,11 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
                 f"its {cfg.epochs}-epoch lr schedule is complete (the epoch count is fixed for a run)")
         print(f"lvmae pretrain: nothing to do: {out} is already at step {progress['step']} of {total_steps}; {hint}",
               file=sys.stderr)
-    log.info("pretraining %s (%.2fM params, in_dim %d) on %d videos (%d held out) from %s; %d steps, lr %.3g, device %s%s",
-             cfg.preset, model.num_params() / 1e6, store.dim, len(train_ids), len(val_ids), store.path, total_steps,
-             base_lr, device, f", resuming at step {progress['step']}" if state is not None else "")
+    left_out = len(train_ids) - len(sampler.video_ids)  # by short_video_policy
+    log.info("pretraining %s (%.2fM params, in_dim %d) on %d videos (%d held out%s) from %s; %d steps, lr %.3g, "
+             "device %s%s", cfg.preset, model.num_params() / 1e6, store.dim, len(sampler.video_ids), len(val_ids),
+             f", {left_out} too short for short_video_policy={cfg.short_video_policy}" if left_out else "",
+             store.path, total_steps, base_lr, device, f", resuming at step {progress['step']}" if state is not None else "")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     pin = device.type == "cuda"
 
@@ -853,8 +858,6 @@ def _flag_default(key: str) -> str:
 
 def config_from_args(args) -> tc.PretrainConfig:
     layers = []
-    if (args.resume or args.resume_from) and args.out and (Path(args.out) / "config.yaml").is_file():
-        layers.append((f"{args.out}/config.yaml", tc.load_yaml(Path(args.out) / "config.yaml")))
     if args.config:
         layers.append((args.config, tc.load_yaml(args.config)))
     layers.append(("--set", tc.parse_set(args.set)))
@@ -870,6 +873,13 @@ def config_from_args(args) -> tc.PretrainConfig:
     if args.no_progress:
         flags["progress"] = False
     layers.append(("flags", flags))
+    if args.resume or args.resume_from:
+        # The run's config.yaml goes under every other layer; the run dir may come from any of them (--out,
+        # --set out=RUN, a --config file's out:), and `~` in it is the home directory.
+        out = next((str(values["out"]) for _, values in reversed(layers) if values.get("out")), "")
+        saved = Path(tc.expand_home(out)) / "config.yaml" if out else None
+        if saved is not None and saved.is_file():
+            layers.insert(0, (str(saved), tc.load_yaml(saved)))
     return tc.resolve(layers)
 
 

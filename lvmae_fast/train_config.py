@@ -132,7 +132,7 @@ class PretrainConfig:
         self.model, model_config = check_model_overrides(self.model, self.preset)
         # `~/runs/x` in a YAML file or `--out=~/x` (no shell expansion there) means the home directory,
         # not a folder named `~` in the working directory
-        self.store, self.out = (_expand_home(p) for p in (self.store, self.out))
+        self.store, self.out = (expand_home(p) for p in (self.store, self.out))
         # Values torch or the DataLoader would refuse only after the run dir is written (or silently accept:
         # a negative weight decay, min_lr or grad_clip), refused here with the key's name.
         for key in ("blr", "lr", "min_lr", "weight_decay", "grad_clip", "warmup_epochs", "duration_min", "duration_max"):
@@ -180,7 +180,7 @@ class PretrainConfig:
 FIELD_TYPES = {f.name: f.type for f in fields(PretrainConfig)}
 
 
-def _expand_home(path: str) -> str:
+def expand_home(path: str) -> str:
     if not path.startswith("~"):
         return path
     try:
@@ -338,6 +338,8 @@ def resolve(layers: list[tuple[str, dict]]) -> PretrainConfig:
                 value = _coerce(key, value)
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
+            if key in ("store", "out") and value == "":
+                continue  # left empty (the shipped configs' `store: ''`): unset, not a reset of a lower layer
             merged[key] = {**merged.get("model", {}), **value} if key == "model" else value
     preset = merged.get("preset", DEFAULT_PRESET)
     if preset not in PRESETS:

@@ -1061,5 +1061,24 @@ def test_a_checkpoint_without_its_latest_pointer_is_resumed(store, tmp_path, res
     assert "resuming at step 4" in caplog.text  # not a run from step 0 again
     assert main([*args, "--out", str(reference), "--max-steps", "6"]) == 0
     assert curve(out) == curve(reference)
+    assert not list(out.glob(".*.link.tmp"))  # relinking the same files left their temp names behind
     times = [r["time_s"] for r in read_metrics(out / "metrics.jsonl")]
     assert times == sorted(times)  # time_s counts on across the resume (it started again near 0)
+
+
+def test_resume_reads_the_runs_config_wherever_the_run_dir_is_named(tmp_path, monkeypatch):
+    """The run's config.yaml was read only through a literal --out: with `--set out=RUN`, a --config file's
+    out:, or --out=~/RUN (no shell to expand it) a resume fell back to the preset (a changed lr, or
+    'needs --store'). And a config file's empty `store: ''` (the shipped presets') no longer clears it."""
+    parse = build_parser().parse_args
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run = tmp_path / "home" / "runx"
+    run.mkdir(parents=True)
+    saved = tc.resolve([("t", {"preset": "tiny", "store": "/data/store", "out": str(run), "lr": 0.01, "max_steps": 3})])
+    (run / "config.yaml").write_text(tc.dump_yaml(saved))
+    (tmp_path / "c.yaml").write_text(f"store: ''\nout: {run}\nmax_steps: 5\n")
+    for argv in (["--set", f"out={run}"], ["--out=~/runx"], ["--config", str(tmp_path / "c.yaml")],
+                 ["--out", str(run), "--config", str(tmp_path / "c.yaml")]):
+        cfg = config_from_args(parse(["pretrain", *argv, "--resume"]))
+        assert (cfg.store, cfg.lr, cfg.out) == ("/data/store", 0.01, str(run)), argv
+    assert config_from_args(parse(["pretrain", "--config", str(tmp_path / "c.yaml"), "--resume"])).max_steps == 5
