@@ -401,3 +401,55 @@ def test_frame_skipping_keeps_the_windows_of_other_codecs(tmp_path, name, suffix
     assert [w for w, _, _ in with_tails] == [w for w, _, _ in every_frame] == list(range(job.num_windows))
     for (_, a, _), (_, b, _) in zip(with_tails, every_frame):
         assert np.array_equal(a, b), name
+
+
+def _write_two_video_tracks(path):
+    """Matroska with two VP9 tracks: track 0 (not default) flat grey at 5 fps, track 1 (default) grey 4*i at
+    10 fps, frame i at i/10 s. FFmpeg's best video stream (DALI's) is track 1."""
+    av = pytest.importorskip("av")
+    from fractions import Fraction
+
+    from av.stream import Disposition
+
+    with av.open(str(path), "w", format="matroska") as c:
+        streams = []
+        for rate in (5, 10):
+            s = c.add_stream("libvpx-vp9", rate=rate)
+            s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+            s.codec_context.time_base = Fraction(1, 1000)
+            s.options = {"lossless": "1", "deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+            streams.append(s)
+        streams[0].disposition, streams[1].disposition = Disposition(0), Disposition.default
+        events = [(k / 5, 0, 252) for k in range(30)] + [(k / 10, 1, 4 * k) for k in range(60)]
+        for t, which, grey in sorted(events):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), grey, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int(round(t * 1000)), Fraction(1, 1000)
+            for p in streams[which].encode(frame):
+                c.mux(p)
+        for s in streams:
+            for p in s.encode():
+                c.mux(p)
+    return path
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "dali-reader", "dali-decoder"])
+def test_every_decoder_reads_the_best_video_stream(tmp_path, decoder):
+    """With two video tracks, the probe and PyAV took the first and DALI the best (the default-marked one):
+    DALI's windows held the other track's frames, and PyAV's fallback switched tracks mid-video."""
+    video = _write_two_video_tracks(tmp_path / "two.mkv")
+    spec = WindowSpec(seconds=2.0, frames=4, rule="time")
+    job, out = _pyav_times(video, spec)
+    assert job.index.num_frames == 60 and job.index.stream_index == 1
+    if decoder == "pyav":
+        windows = [(frames, times) for _, frames, times in out]
+    else:
+        pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
+        from lvmae_fast.video.decode_dali import decode_windows_dali
+
+        events = decode_windows_dali([job], spec, device="cpu", readers=1, batch_size=2,
+                                     dali_api=decoder.split("-")[1])
+        windows = [(np.asarray(e.frames), e.times) for e in events if isinstance(e, Window)]
+    assert len(windows) == 3
+    for frames, times in windows:
+        grey = frames.reshape(len(frames), -1).mean(1)
+        np.testing.assert_allclose(grey, 4 * np.round(np.asarray(times) * 10), atol=3)  # track 1's frame at t

@@ -175,7 +175,7 @@ def counts_frames_as_the_index(job: VideoJob) -> bool:
 
     try:
         with av.open(job.path) as container:
-            declared = container.streams.video[0].frames
+            declared = next(s for s in container.streams if s.index == job.index.stream_index).frames
     except Exception:  # noqa: BLE001 - unreadable now: DALI fails on it too and hands it to PyAV
         return True
     return declared <= 0 or declared == job.index.num_frames

@@ -265,7 +265,7 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
         with container:
             names = set(container.format.name.split(","))
             if names & set(SEEKABLE_FORMATS):
-                stream = _video_stream(container, threads)
+                stream = _video_stream(container, index, threads)
                 try:  # a seek FFmpeg refuses (a damaged index) falls back to the decode from the start too
                     container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
                     decoded = _decoded(container, stream, keep, tails)
@@ -282,11 +282,12 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
                 log.info("%s: seek to pts %d landed elsewhere; decoding from the start", index.path, seek_to)
     container = _open(index.path, hwaccel)
     with container:
-        yield from _decoded(container, _video_stream(container, threads), keep, tails)
+        yield from _decoded(container, _video_stream(container, index, threads), keep, tails)
 
 
-def _video_stream(container, threads: int):
-    stream = container.streams.video[0]
+def _video_stream(container, index: VideoIndex, threads: int):
+    """The stream the probe indexed (the best video stream, as DALI's: not always the first)."""
+    stream = next(s for s in container.streams if s.index == index.stream_index)
     stream.thread_type = "AUTO"
     if threads:
         stream.thread_count = threads

@@ -40,6 +40,8 @@ class VideoIndex:
     # keyframe; no leading pictures, i.e. no frame after it in decode order shown before it). Frames in
     # front of one are needed by nothing after it, which lets decode_pyav skip GOP tails. None: unknown.
     clean_keyframe: np.ndarray | None = None
+    # The stream indexed (container.streams position): the best video stream, which DALI decodes too.
+    stream_index: int = 0
 
     @property
     def num_frames(self) -> int:
@@ -82,8 +84,9 @@ def _declared_duration(container, stream) -> tuple[float, float | None] | None:
     if tagged is not None and tagged > 0:
         return tagged, 0.0
     # webm/mkv declare only the whole file's duration: that is the video's only when nothing else
-    # is in the file (a longer audio track must not make the video look truncated).
-    if container.duration and container.duration > 0 and all(s.type == "video" for s in container.streams):
+    # is in the file (a longer audio track, or another video track, must not make the video look truncated).
+    if (container.duration and container.duration > 0 and len(container.streams.video) == 1
+            and all(s.type == "video" for s in container.streams)):
         return container.duration / av.time_base, 0.0
     return None
 
@@ -110,7 +113,10 @@ def probe_video(path) -> VideoIndex:
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise VideoError(f"no video stream (streams: {', '.join(kinds)})")
-        stream = container.streams.video[0]
+        # The stream DALI's readers decode (FFmpeg's av_find_best_stream: a default-marked track before
+        # others, a cover picture last); the PyAV decoders open the same one by its index.
+        stream = container.streams.best("video") or container.streams.video[0]
+        stream_index = stream.index  # read while the container is open (a closed one's stream is freed)
         codec = stream.codec_context.name
         decode_order = "avi" in container.format.name.split(",")
         seeks = bool(set(container.format.name.split(",")) & set(SEEKABLE_FORMATS)) and not decode_order
@@ -167,7 +173,7 @@ def probe_video(path) -> VideoIndex:
     return VideoIndex(path=path, codec=codec, width=width, height=height, time_base=time_base,
                       pts=pts_arr, times=times, keyframe=np.asarray(keys, dtype=bool)[order],
                       duration=duration, pts_in_decode_order=decode_order, seeks_by_index=seeks,
-                      clean_keyframe=np.asarray(clean, dtype=bool)[order])
+                      clean_keyframe=np.asarray(clean, dtype=bool)[order], stream_index=stream_index)
 
 
 # Codecs whose keyframes reset every reference: nothing decoded after one predicts from before it.
