@@ -160,9 +160,9 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
         tails_seen.append(tails is not None)
         return real_decoded(container, stream, keep, tails)
 
-    def spy_stream(container, threads):
+    def spy_stream(container, index, threads):
         threads_seen.append(threads)
-        return real_stream(container, threads)
+        return real_stream(container, index, threads)
 
     monkeypatch.setattr(decode_pyav, "_decoded", spy_decoded)
     monkeypatch.setattr(decode_pyav, "_video_stream", spy_stream)
