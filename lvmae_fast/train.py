@@ -305,8 +305,10 @@ def drop_later_val(out: Path, step: int, keep_dropped: Path | None = None) -> No
         later = json.loads(path.read_text())["step"] > step
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if later:
-        os.replace(path, keep_dropped) if keep_dropped is not None else path.unlink()
+    if later and keep_dropped is not None:
+        os.replace(path, keep_dropped)
+    elif later:
+        path.unlink()
 
 
 def truncate_metrics(path: Path, step: int, keep_dropped: Path | None = None) -> None:

@@ -45,6 +45,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .jobs import Failed, VideoJob, Window, WindowSpec
+from .probe import indexed_stream
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def counts_frames_as_the_index(job: VideoJob) -> bool:
 
     try:
         with av.open(job.path) as container:
-            declared = next(s for s in container.streams if s.index == job.index.stream_index).frames
+            declared = indexed_stream(container, job.index).frames
     except Exception:  # noqa: BLE001 - unreadable now: DALI fails on it too and hands it to PyAV
         return True
     return declared <= 0 or declared == job.index.num_frames

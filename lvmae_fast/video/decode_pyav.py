@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .probe import SEEKABLE_FORMATS, VideoError, VideoIndex, pts_to_seconds
+from .probe import SEEKABLE_FORMATS, VideoError, VideoIndex, indexed_stream, pts_to_seconds
 from .windows import WindowPlan, windows_to_decode
 
 log = logging.getLogger(__name__)
@@ -286,8 +286,7 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
 
 
 def _video_stream(container, index: VideoIndex, threads: int):
-    """The stream the probe indexed (the best video stream, as DALI's: not always the first)."""
-    stream = next(s for s in container.streams if s.index == index.stream_index)
+    stream = indexed_stream(container, index)
     stream.thread_type = "AUTO"
     if threads:
         stream.thread_count = threads
@@ -395,7 +394,8 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     # decodes that many past its end: a damaged reference decoded before a frame but shown after it
     # (B-frames, open GOPs) is flagged corrupt only when it comes out, and a window holding a frame
     # predicted from it must go to the one-pass redo with the rest (its concealed pixels differ by start).
-    held = collections.deque(maxlen=REORDER_FRAMES + 1) if strict else None
+    lag = REORDER_FRAMES if strict else 0
+    held = collections.deque(maxlen=lag + 1)  # pts of the last lag + 1 frames out: windows up to the oldest go
     settled = 0  # frames out since every needed frame (and `through`) came out
     try:
         for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel):
@@ -424,15 +424,12 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
                 got_pts[int(pts)] = pts
                 j += 1
             prev, prev_pts = frame, pts
-            if held is None:
-                yield from flush(pts)
-            else:  # a part: windows wait until REORDER_FRAMES more frames came out undamaged
-                held.append(pts)
-                if len(held) == held.maxlen:
-                    yield from flush(held[0])
+            held.append(pts)
+            if len(held) == held.maxlen:
+                yield from flush(held[0])
             if j == len(needed) and (not strict or through is None or pts >= through):
                 settled += 1
-                if not strict or settled > REORDER_FRAMES:
+                if settled > lag:
                     break
     except av.FFmpegError as err:
         if prev is None or strict:

@@ -48,6 +48,12 @@ class VideoIndex:
         return int(self.pts.shape[0])
 
 
+def indexed_stream(container, index: VideoIndex):
+    """The stream of an open container that `index` describes (the best video stream, as DALI's, which
+    is not always the first)."""
+    return container.streams[index.stream_index]
+
+
 # Containers that seek by index to a keyframe (mpeg-ts/ps seek by byte position and can land past one).
 SEEKABLE_FORMATS = ("mp4", "mov", "matroska", "webm", "flv", "avi")
 
