@@ -453,3 +453,15 @@ def test_every_decoder_reads_the_best_video_stream(tmp_path, decoder):
     for frames, times in windows:
         grey = frames.reshape(len(frames), -1).mean(1)
         np.testing.assert_allclose(grey, 4 * np.round(np.asarray(times) * 10), atol=3)  # track 1's frame at t
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scene_starts=[0.0, 4.0, 2.0]), r"scene_starts must begin with 0.0 and increase, got \[0.0, 4.0, 2.0\]"),
+    (dict(scene_starts=[1.0]), "scene_starts must begin with 0.0"),
+    (dict(duration=0.05, fps=10), "duration=0.05 s at fps=10 gives no frame"),  # was a TypeError after writing
+    (dict(size=(63, 48)), "width and height must be even"),
+])
+def test_the_generator_refuses_what_it_cannot_write(tmp_path, kwargs, message):
+    pytest.importorskip("av")
+    with pytest.raises(ValueError, match=message):
+        synth.write_video(tmp_path / "v.mp4", **kwargs)

@@ -337,3 +337,8 @@ def test_damaged_weights_are_one_line_errors(tmp_path, transformers, name, capsy
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(ValueError, match="cannot load the checkpoint"):
             build_encoder("clip-mean", weights=str(tmp_path))
+
+
+def test_an_unknown_resize_filter_is_refused():
+    with pytest.raises(ValueError, match="resample must be one of"):
+        frames_to_input(torch.zeros(1, 1, 8, 8, 3, dtype=torch.uint8), 4, (0.5,) * 3, (0.5,) * 3, resample="lanczos")
