@@ -6,7 +6,7 @@ Run directory (RUN = --out)::
     RUN/config.json, model.safetensors   latest model: LVMAE.from_pretrained(RUN)
     RUN/metrics.jsonl                one JSON object per logged step: step, epoch, loss, lr, tokens_per_s,
                                      samples_per_s, time_s (seconds of training, summed over resumed
-                                     sessions), grad_norm (before clipping; + val_loss at evaluation steps)
+                                     sessions), grad_norm (before clipping; + val_loss at evaluation steps and the last)
     RUN/val.json                     the last validation loss and its step (written at every evaluation)
     RUN/tb/                          TensorBoard events
     RUN/loss.png                     loss curve, drawn at the end
@@ -671,7 +671,8 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     pending: dict | None = None
 
     def eval_due(step: int) -> bool:
-        return val_sampler is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0
+        # The last step is always evaluated, in its own metrics record (and val.json), not only after the loop.
+        return val_sampler is not None and (step == total_steps or cfg.eval_every > 0 and step % cfg.eval_every == 0)
 
     def reads_model(step: int) -> bool:
         return step % cfg.ckpt_every == 0 or step == total_steps or eval_due(step)

@@ -421,7 +421,7 @@ def test_whole_step_run_checkpoints_and_resumes_like_the_graphed_run(store, tmp_
     records = read_metrics(whole / "metrics.jsonl")
     assert records == [{**r, **{k: records[i][k] for k in ("tokens_per_s", "samples_per_s", "time_s")}}
                        for i, r in enumerate(read_metrics(graphs / "metrics.jsonl"))]
-    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 10]  # and the last step
     for step in (3, 6, 9, 10):
         name = f"step-{step:08d}"
         a, b = (load_file(str(run / "checkpoints" / name / "model.safetensors")) for run in (graphs, whole))
@@ -1042,7 +1042,10 @@ def test_val_json_follows_every_evaluation_and_a_rewind(store, tmp_path, monkeyp
     assert main([*args, "--out", str(out), "--max-steps", "6", "--resume-from", "2", "--blr", "1e-5"]) == 0
     assert written == [4, 6]
     assert json.loads((out / "val.rewound.json").read_text()) == first
-    assert json.loads((out / "val.json").read_text())["step"] == 6
+    final = json.loads((out / "val.json").read_text())
+    # 6 is no eval_every step: the last step's evaluation was in val.json only, not in metrics.jsonl.
+    assert final["step"] == 6 and final == next(
+        {"step": r["step"], "val_loss": r["val_loss"]} for r in read_metrics(out / "metrics.jsonl") if r["step"] == 6)
 
 
 def test_a_checkpoint_without_its_latest_pointer_is_resumed(store, tmp_path, restore_threads, caplog):
