@@ -468,8 +468,14 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     counts = {"done": 0, "skipped": 0, "failed": 0}
     # Everything that decides what a window's embedding is: a resumed job must match it.
     resample = getattr(model, "resample", "bilinear")  # the encoder's resize filter (video/preprocess.py)
+    resize, style = getattr(model, "resize", None), getattr(model, "preprocess_style", "transformers")
     settings = {"window_seconds": spec.seconds, "frames": spec.frames, "sampling": spec.rule, "min_last": spec.min_last,
                 "resample": resample}
+    # Recorded only where they differ from the defaults, so stores written before they existed resume.
+    if resize is not None and resize != model.image_size:
+        settings["resize"] = list(resize) if isinstance(resize, tuple) else int(resize)
+    if style != "transformers":
+        settings["preprocess_style"] = style
     if weights and not given_model:
         settings["weights"] = weights_fingerprint(weights)  # another checkpoint under the same encoder name
     elif not given_model:
@@ -583,7 +589,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     with torch.inference_mode(), (streams.preprocessing() if streams else contextlib.nullcontext()):
                         raw = torch.as_tensor(event.frames)[None].to(dev, non_blocking=True)
                         event.frames = frames_to_input(raw, model.image_size, model.mean, model.std, dtype,
-                                                   resample)[0]
+                                                       resample, resize, style)[0]
                 yield event
 
         if backend in PYAV_BACKENDS:

@@ -471,6 +471,26 @@ def test_dali_cpu_decode_skipping_windows_gives_the_same_frames(tmp_path, rule):
         np.testing.assert_allclose(times, full[w][1])
 
 
+def test_an_encoders_resize_size_and_style_reach_the_frames_and_the_stores_settings(corpus, tmp_path):
+    """A checkpoint's preprocessor `size` (or LanguageBind's preprocessing style) changes every window's
+    pixels: extract must preprocess with it, and a store written without it must refuse to mix."""
+    from lvmae_fast.video.encoders import build_encoder
+
+    _, good, _ = corpus
+    plain = extract_videos(str(good["a"].path), tmp_path / "plain", encoder=build_encoder("tiny"), seconds=1.0, frames=4)
+    other = build_encoder("tiny")
+    other.resize, other.preprocess_style = 40, "pytorchvideo"
+    wider = extract_videos(str(good["a"].path), tmp_path / "wider", encoder=other, seconds=1.0, frames=4)
+    assert plain["done"] == wider["done"] == 1
+    settings = json.loads((tmp_path / "wider" / "index.json").read_text())["settings"]
+    assert (settings["resize"], settings["preprocess_style"]) == (40, "pytorchvideo")
+    assert "resize" not in json.loads((tmp_path / "plain" / "index.json").read_text())["settings"]
+    a, b = (Store(tmp_path / name).get("a") for name in ("plain", "wider"))
+    assert a.shape == b.shape and not np.allclose(a, b, atol=1e-3)
+    with pytest.raises(ValueError, match=r"resize=40 \(now None\)"):
+        extract_videos(str(good["d"].path), tmp_path / "wider", encoder=build_encoder("tiny"), seconds=1.0, frames=4)
+
+
 def test_saved_windows_survive_a_clashing_file_and_never_mix_settings(long_video, tmp_path):
     """A second file claiming the id of a half-done video fails alone (the first file's saved windows
     are kept and used); a job with other window settings re-embeds every window."""

@@ -54,28 +54,68 @@ def _smooth_frame(h, w, seed=0):
 SHAPES = [(1080, 1920), (480, 854), (480, 640), (640, 480), (48, 64)]
 
 
+@pytest.mark.parametrize("size", [{"shortest_edge": 224}, {"shortest_edge": 256}, {"height": 240, "width": 288}])
 @pytest.mark.parametrize("resample, code", [("bilinear", 2), ("bicubic", 3)])
-def test_preprocessing_matches_the_encoders_own_processors(transformers, resample, code):
+def test_preprocessing_matches_the_encoders_own_processors(tmp_path, transformers, resample, code, size):
     """Against transformers' CLIPImageProcessor (clip-mean: bicubic) and VideoMAEImageProcessor (X-CLIP:
-    bilinear): same resized size (the long side truncated: 640x480 was resized to 299 wide, not 298, which
-    moved the crop by half a pixel, up to 1.7 in normalised units on noise), the same filter, the same
-    crop; left to differ only by the processors' uint8 rounding of the resized image."""
+    bilinear), with the settings read back from the preprocessor_config.json each saves: same resized size
+    (the long side truncated: 640x480 was resized to 299 wide, not 298, which moved the crop by half a
+    pixel, up to 1.7 in normalised units on noise; a `size` other than the crop's was ignored, so the crop
+    saw another field of view), the same filter, the same crop; left to differ only by the processors'
+    uint8 rounding of the resized image."""
     from transformers.image_transforms import get_resize_output_image_size
 
     from lvmae_fast.video.encoders.base import IMAGENET_MEAN, IMAGENET_STD
+    from lvmae_fast.video.encoders.hf import normalisation
     from lvmae_fast.video.preprocess import resized_shape
 
     cls = transformers.CLIPImageProcessor if code == 3 else transformers.VideoMAEImageProcessor
-    proc = cls(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=code,
+    proc = cls(size=size, crop_size={"height": 224, "width": 224}, resample=code,
                image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    proc.save_pretrained(tmp_path)
+    mean, std, crop, filt, resize = normalisation(tmp_path, 32, resample="nearest")
+    assert (crop, filt) == (224, resample)
     for h, w in SHAPES:
-        assert resized_shape(h, w, 224) == tuple(get_resize_output_image_size(
-            torch.zeros(h, w, 3).numpy(), 224, default_to_square=False, input_data_format="channels_last"))
+        if "shortest_edge" in size:
+            assert resized_shape(h, w, resize) == tuple(get_resize_output_image_size(
+                torch.zeros(h, w, 3).numpy(), size["shortest_edge"], default_to_square=False,
+                input_data_format="channels_last"))
         frame = _smooth_frame(h, w)
         ref = torch.as_tensor(proc(images=[frame], return_tensors="pt")["pixel_values"][0])
-        ours = frames_to_input(torch.from_numpy(frame)[None, None], 224, IMAGENET_MEAN, IMAGENET_STD,
-                               resample=resample)[0, 0]
+        ours = frames_to_input(torch.from_numpy(frame)[None, None], crop, mean, std, resample=filt,
+                               resize=resize)[0, 0]
         assert (ours - ref).abs().mean() < 0.008 and (ours - ref).abs().max() < 0.03, (h, w)
+
+
+def _pytorchvideo_short_side_scale(frames_THWC, size, mean, std):
+    """LanguageBind's video transform, written out: x / 255, normalise, pytorchvideo's ShortSideScale
+    (F.interpolate bilinear, align_corners=False, no antialiasing; the long side floor(long * size /
+    short)), torchvision's CenterCropVideo."""
+    import math
+
+    import torch.nn.functional as F
+
+    x = frames_THWC.permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    h, w = x.shape[-2:]
+    new = (size, int(math.floor(w / h * size))) if w >= h else (int(math.floor(h / w * size)), size)
+    x = F.interpolate(x, size=new, mode="bilinear", align_corners=False)
+    top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    return x[..., top:top + size, left:left + size]
+
+
+def test_languagebind_preprocessing_is_its_own_transform(tmp_path, transformers):
+    """LanguageBind resizes with pytorchvideo's ShortSideScale, which does not antialias, and crops with
+    torchvision's rounding; frames were resized antialiased and cropped as transformers' processors do
+    (mean 0.07, max 0.5 off at 1080p)."""
+    _languagebind_dir(tmp_path, transformers, zero_temporal=True)
+    enc = build_encoder("languagebind", weights=str(tmp_path))
+    for h, w in [(1080, 1920), (480, 854), (640, 480), (480, 495)]:  # 495: the crop at an odd 3.5-pixel offset
+        frames = torch.from_numpy(_smooth_frame(h, w))[None]
+        want = _pytorchvideo_short_side_scale(frames, 224, enc.mean, enc.std)
+        got = frames_to_input(frames[None], 224, enc.mean, enc.std, resample=enc.resample, resize=enc.resize,
+                              style=enc.preprocess_style)[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{h}x{w}")
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +301,18 @@ def test_text_tower(tmp_path, transformers, name):
         _check_text_tower(enc, ref, expected)
 
 
+def test_languagebind_text_tower_loads_clips_tokenizer_under_its_own_names(tmp_path, transformers):
+    """LanguageBind's checkpoints name the model type LanguageBindVideo and save CLIP's BPE files under its
+    own tokenizer class, neither known to AutoTokenizer: the text tower failed with "no tokenizer" although
+    the files were there. Its text features are CLIP's text tower on the same weights."""
+    clip = _languagebind_dir(tmp_path, transformers, zero_temporal=True)
+    expected = _write_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LanguageBindVideoTokenizer"}))
+    enc = build_encoder("languagebind", weights=str(tmp_path))
+    with torch.no_grad():
+        _check_text_tower(enc, clip.eval(), expected)
+
+
 def test_text_tower_without_tokenizer_files_is_explained(tmp_path, transformers):
     transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=VISION,
                                                    projection_dim=24)).save_pretrained(tmp_path)
@@ -289,6 +341,12 @@ def test_each_encoder_takes_its_processors_resize_filter(tmp_path, transformers)
                                                      prompt_layers=1)).save_pretrained(tmp_path / "xclip")
     assert build_encoder("xclip", weights=str(tmp_path / "xclip")).resample == "bilinear"
     assert build_encoder("tiny").resample == "bilinear"
+    for cfg, problem in [({"crop_size": 32, "size": {"shortest_edge": 24}}, "smaller than crop_size 32"),
+                         ({"crop_size": 32, "size": {"longest_edge": 48}}, "is not supported"),
+                         ({"crop_size": 32, "do_center_crop": False}, "do_center_crop=false is not supported")]:
+        (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=problem):
+            build_encoder("clip-mean", weights=str(tmp_path / "clip"))
 
 
 def test_checkpoints_that_would_load_random_weights_are_refused(tmp_path, transformers):

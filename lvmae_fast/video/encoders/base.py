@@ -16,7 +16,9 @@ class VideoEncoder(nn.Module):
 
     name: registry name (recorded in the store); dim: embedding width; image_size: square input side;
     mean/std: per-channel normalisation of [0,1] pixels; resample: the resize filter of its image
-    processor (bilinear or bicubic); num_frames: frames per window the model requires (None: any T works).
+    processor (bilinear or bicubic); resize: the shorter side before the centre crop (None: image_size),
+    or an exact (height, width); preprocess_style: video/preprocess.py's STYLES, as its own preprocessing;
+    num_frames: frames per window the model requires (None: any T works).
     """
     name: str = "unknown"
     dim: int
@@ -24,6 +26,8 @@ class VideoEncoder(nn.Module):
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
     resample: str = "bilinear"
+    resize: int | tuple[int, int] | None = None
+    preprocess_style: str = "transformers"
     num_frames: int | None = None
 
     def encode_video(self, pixels_NTCHW: torch.Tensor) -> torch.Tensor:

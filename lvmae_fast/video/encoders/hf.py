@@ -40,20 +40,43 @@ PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
 
 def normalisation(path: Path, default_size: int, mean=CLIP_MEAN, std=CLIP_STD,
-                  resample: str = "bilinear") -> tuple[tuple, tuple, int, str]:
-    """mean, std, size and resize filter from preprocessor_config.json when present, the model's own
-    defaults otherwise."""
+                  resample: str = "bilinear") -> tuple[tuple, tuple, int, str, int | tuple[int, int] | None]:
+    """mean, std, crop size, resize filter and resize size (the shorter side, an exact (height, width),
+    or None: the crop size) from preprocessor_config.json when present, the model's own defaults
+    otherwise."""
     cfg_file = path / "preprocessor_config.json"
     if not cfg_file.is_file():
-        return mean, std, default_size, resample
+        return mean, std, default_size, resample, None
     cfg = json.loads(cfg_file.read_text())
     crop = cfg.get("crop_size", default_size)
     size = crop.get("height", default_size) if isinstance(crop, dict) else int(crop)
     code = cfg.get("resample")
     if code is not None and code not in PIL_RESAMPLE:
         raise ValueError(f"{cfg_file}: resample={code!r} is not supported (2 = bilinear, 3 = bicubic)")
+    for step in ("do_resize", "do_center_crop"):
+        if cfg.get(step) is False:
+            raise ValueError(f"{cfg_file}: {step}=false is not supported (frames are resized, then centre "
+                             f"cropped to {size}x{size}, as the encoder's input)")
+    resize = _resize_size(cfg.get("size"), cfg_file)
+    if resize is not None and min(resize if isinstance(resize, tuple) else (resize,)) < size:
+        raise ValueError(f"{cfg_file}: size={cfg['size']!r} is smaller than crop_size {size}")
     return (tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std)), size,
-            PIL_RESAMPLE.get(code, resample))
+            PIL_RESAMPLE.get(code, resample), resize)
+
+
+def _resize_size(size, cfg_file: Path) -> int | tuple[int, int] | None:
+    """A processor's `size` as frames_to_input's `resize`: an int or {"shortest_edge": S} resize the
+    shorter side to S; {"height": H, "width": W} resizes to exactly H x W."""
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+        return int(size["shortest_edge"])
+    if isinstance(size, dict) and set(size) == {"height", "width"}:
+        return int(size["height"]), int(size["width"])
+    raise ValueError(f"{cfg_file}: size={size!r} is not supported (an int, {{\"shortest_edge\": S}} or "
+                     "{\"height\": H, \"width\": W})")
 
 
 # Vocabulary files of the tokenizers these checkpoints ship (fast, BPE, WordPiece, SentencePiece).
@@ -63,8 +86,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model
 class HFTextTower:
     """Lazy tokenizer: only needed for retrieval, so a video-only checkpoint dir still extracts."""
 
-    def __init__(self, path: Path, name: str):
-        self.path, self.name, self._tok = path, name, None
+    def __init__(self, path: Path, name: str, tokenizer_class: str | None = None):
+        # tokenizer_class: a transformers class to load the files with; None = AutoTokenizer, which picks
+        # it from tokenizer_config.json / config.json (and fails on a model type it does not know).
+        self.path, self.name, self.tokenizer_class, self._tok = path, name, tokenizer_class, None
 
     def tokenize(self, texts, device, max_length: int):
         if self._tok is None:
@@ -75,7 +100,8 @@ class HFTextTower:
                                  f"{', '.join(TOKENIZER_FILES)}); copy the checkpoint's tokenizer files there")
             transformers = offline_transformers()
             try:
-                self._tok = transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+                loader = getattr(transformers, self.tokenizer_class or "AutoTokenizer")
+                self._tok = loader.from_pretrained(str(self.path), local_files_only=True)
             except (OSError, ValueError) as err:
                 raise ValueError(f"encoder {self.name!r}: no tokenizer in {self.path} ({err})") from None
         batch = self._tok(list(texts), padding=True, truncation=True, max_length=max_length,
@@ -104,8 +130,8 @@ class TextTowerEncoder(VideoEncoder):
         self.model.eval()
         return path
 
-    def attach_text_tower(self, path: Path) -> None:
-        self.text = HFTextTower(path, self.name)
+    def attach_text_tower(self, path: Path, tokenizer_class: str | None = None) -> None:
+        self.text = HFTextTower(path, self.name, tokenizer_class)
         self.max_text = self.model.config.text_config.max_position_embeddings
 
     def encode_text(self, texts):
@@ -123,8 +149,8 @@ class CLIPMeanEncoder(TextTowerEncoder):
         cfg = self.model.config
         self.dim = cfg.projection_dim
         # CLIPImageProcessor resizes bicubic unless the checkpoint's preprocessor_config.json says otherwise.
-        self.mean, self.std, self.image_size, self.resample = normalisation(path, cfg.vision_config.image_size,
-                                                                            resample="bicubic")
+        self.mean, self.std, self.image_size, self.resample, self.resize = normalisation(
+            path, cfg.vision_config.image_size, resample="bicubic")
         self.attach_text_tower(path)
 
     def encode_video(self, pixels_NTCHW):
@@ -148,8 +174,8 @@ class XCLIPEncoder(TextTowerEncoder):
         self.num_frames = cfg.vision_config.num_frames
         # microsoft/xclip-* preprocessor_config.json: ImageNet mean/std (not CLIP's).
         # (and VideoMAEImageProcessor's bilinear resize)
-        self.mean, self.std, self.image_size, self.resample = normalisation(path, cfg.vision_config.image_size,
-                                                                            IMAGENET_MEAN, IMAGENET_STD)
+        self.mean, self.std, self.image_size, self.resample, self.resize = normalisation(
+            path, cfg.vision_config.image_size, IMAGENET_MEAN, IMAGENET_STD)
         self.attach_text_tower(path)
 
     def encode_video(self, pixels_NTCHW):

@@ -68,8 +68,14 @@ class LanguageBindVideoEncoder(TextTowerEncoder):
         self.num_frames = T if self.time_attn else None
         self.dim = config.projection_dim
         self.image_size = vcfg.image_size
-        self.mean, self.std = CLIP_MEAN, CLIP_STD  # LanguageBind's video transform uses OpenAI CLIP's
-        self.attach_text_tower(path)
+        # LanguageBind's video transform: OpenAI CLIP's mean/std, pytorchvideo's ShortSideScale (bilinear,
+        # no antialiasing) and torchvision's CenterCropVideo. (Its random horizontal flip, p=0.5, is left
+        # out: embeddings here are deterministic.)
+        self.mean, self.std = CLIP_MEAN, CLIP_STD
+        self.resample, self.preprocess_style = "bilinear", "pytorchvideo"
+        # Its tokenizer is CLIP's BPE, saved under LanguageBind's own class names, which AutoTokenizer
+        # does not know (nor the config's LanguageBindVideo model type).
+        self.attach_text_tower(path, tokenizer_class="CLIPTokenizer")
 
     def encode_video(self, pixels_NTCHW):
         N, T = pixels_NTCHW.shape[:2]
