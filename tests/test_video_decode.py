@@ -465,3 +465,88 @@ def test_the_generator_refuses_what_it_cannot_write(tmp_path, kwargs, message):
     pytest.importorskip("av")
     with pytest.raises(ValueError, match=message):
         synth.write_video(tmp_path / "v.mp4", **kwargs)
+
+
+def _vp9_numbered(path, n, gop):
+    """Frame i flat grey 2*i at i/10 s, lossless VP9 in webm, a keyframe every `gop` frames."""
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libvpx-vp9", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.options = {"lossless": "1", "deadline": "realtime", "lag-in-frames": "0", "g": str(gop)}
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 2 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 10)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def _remux_damaged(src, dst, drop=(), garble=()):
+    """A copy of `src`'s video packets without the packets numbered in `drop` (a file cut mid-GOP) and
+    with those in `garble` overwritten by 0xff bytes of the same size (damaged data)."""
+    import av
+
+    with av.open(str(src)) as i, av.open(str(dst), "w") as o:
+        st = i.streams.video[0]
+        out = o.add_stream_from_template(st)
+        for k, p in enumerate(x for x in i.demux(st) if x.size):
+            if k in drop:
+                continue
+            if k in garble:
+                bad = av.Packet(b"\xff" * p.size)
+                bad.pts, bad.dts, bad.time_base, bad.is_keyframe = p.pts, p.dts, p.time_base, p.is_keyframe
+                p = bad
+            p.stream = out
+            o.mux(p)
+    return dst
+
+
+def _naive_windows(path, plan, index):
+    """Independent reference: decode packet by packet in one thread, skipping packets the decoder refuses;
+    each planned frame is the decoded frame of its pts, else the last one decoded before it (damage), else
+    (before the first decodable frame) the first one decoded."""
+    import av
+
+    decoded = {}
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        s.thread_type, s.thread_count = "SLICE", 1
+        for packet in c.demux(s):
+            try:
+                for f in packet.decode():
+                    decoded[f.pts] = f.to_ndarray(format="rgb24")
+            except av.FFmpegError:
+                pass
+    have = np.array(sorted(decoded))
+    out = []
+    for w in range(len(plan)):
+        frames = []
+        for p in index.pts[plan.frames[w]]:
+            before = have[have <= p]
+            frames.append(decoded[int(before[-1] if len(before) else have[0])])
+        out.append(np.stack(frames))
+    return out
+
+
+@pytest.mark.parametrize("case", ["cut_mid_gop", "one_bad_packet"])
+def test_packets_the_decoder_refuses_are_damage_not_the_end(tmp_path, case):
+    """VP9 (also VP8, MJPEG) raises for a damaged packet where H.264 conceals; that error ended the decode:
+    a webm cut mid-GOP (its lead-in packets undecodable) was refused as "decoding failed", and one bad
+    packet made every later sampled frame a stand-in, refusing the video. Decoding goes on after such a
+    packet, as players do: the frames are the naive packet-by-packet decode's."""
+    whole = _vp9_numbered(tmp_path / "whole.webm", 120, gop=24)
+    damage = {"cut_mid_gop": dict(drop=set(range(5))), "one_bad_packet": dict(garble={70})}[case]
+    path = _remux_damaged(whole, tmp_path / f"{case}.webm", **damage)
+    index = probe_video(path)
+    plan = plan_windows(index.times, index.duration, 2.0, 4)
+    want = _naive_windows(path, plan, index)
+    got = list(decode_windows_pyav(index, plan, threads=1))
+    assert [w for w, _, _ in got] == list(range(len(plan)))
+    for w, frames, _ in got:
+        np.testing.assert_array_equal(frames, want[w], err_msg=f"window {w}")

@@ -210,30 +210,40 @@ def _open(path: str, hwaccel=None):
         raise VideoError(f"cannot open for decoding ({err.strerror or err})") from None
 
 
-def _decoded(container, stream, keep: set[int] | None, tails: dict[int, int] | None = None) -> Iterator:
+def _decoded(container, stream, keep: set[int] | None, tails: dict[int, int] | None = None,
+             errors: list[str] | None = None) -> Iterator:
     """container.decode(stream), with the packets of frames outside `keep` (pts) decoded only when other
     frames refer to them (skip_frame is read per packet, frame threads included). `tails` (_tail_counts):
     after the last needed packet before the next clean keyframe, nothing is decoded until that keyframe
-    (a segment without needed frames is skipped whole, its keyframe included)."""
-    if keep is None:
-        yield from container.decode(stream)
-        return
+    (a segment without needed frames is skipped whole, its keyframe included). `errors`: a packet the
+    decoder refuses (VP9, VP8 and MJPEG raise for a damaged packet where H.264 conceals) is noted there
+    and decoding goes on, as players and the ffmpeg tool do; None: its error is raised."""
+    import av
+
     context = stream.codec_context
     left = None  # needed packets of this segment not yet sent; None until the first clean keyframe
     for packet in container.demux(stream):
-        pts = packet.pts
-        if tails is not None and pts in tails:
-            left = tails[pts]
-        if pts is None:  # the end-of-stream flush packet among them: every buffered frame comes out
-            context.skip_frame = "DEFAULT"
-        elif left == 0:
-            context.skip_frame = "ALL"
-        elif pts in keep:
-            context.skip_frame = "DEFAULT"
-            left = None if left is None else left - 1
-        else:
-            context.skip_frame = "NONREF"
-        yield from packet.decode()
+        if keep is not None:
+            pts = packet.pts
+            if tails is not None and pts in tails:
+                left = tails[pts]
+            if pts is None:  # the end-of-stream flush packet among them: every buffered frame comes out
+                context.skip_frame = "DEFAULT"
+            elif left == 0:
+                context.skip_frame = "ALL"
+            elif pts in keep:
+                context.skip_frame = "DEFAULT"
+                left = None if left is None else left - 1
+            else:
+                context.skip_frame = "NONREF"
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as err:
+            if errors is None:
+                raise
+            errors.append(err.strerror or str(err))
+            continue
+        yield from frames
 
 
 def _tail_counts(index: VideoIndex, keep: set[int] | None) -> dict[int, int] | None:
@@ -250,12 +260,12 @@ def _tail_counts(index: VideoIndex, keep: set[int] | None) -> dict[int, int] | N
 
 
 def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int] | None = None,
-            hwaccel=None) -> Iterator:
+            hwaccel=None, errors: list[str] | None = None) -> Iterator:
     """Decoded frames of the video stream, from `seek_to` (a keyframe's pts) when the container can
     seek there exactly, else from the start. `keep`: the pts the caller needs; other non-reference
     frames, and GOP tails after the last needed frame, are skipped (SKIP_UNNEEDED_NONREF,
     SKIP_GOP_TAILS). `hwaccel`: a callable giving PyAV HWAccel settings (nvdec_accel), None = software
-    decode."""
+    decode. `errors`: as _decoded's (a seek that is given up leaves none there)."""
     import av
 
     tails = _tail_counts(index, keep)
@@ -266,9 +276,10 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
             names = set(container.format.name.split(","))
             if names & set(SEEKABLE_FORMATS):
                 stream = _video_stream(container, index, threads)
+                noted = None if errors is None else len(errors)
                 try:  # a seek FFmpeg refuses (a damaged index) falls back to the decode from the start too
                     container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
-                    decoded = _decoded(container, stream, keep, tails)
+                    decoded = _decoded(container, stream, keep, tails, errors)
                     first = next(decoded, None)
                 except av.FFmpegError:
                     first = None
@@ -280,9 +291,11 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
                     yield from decoded
                     return
                 log.info("%s: seek to pts %d landed elsewhere; decoding from the start", index.path, seek_to)
+                if errors is not None:
+                    del errors[noted:]
     container = _open(index.path, hwaccel)
     with container:
-        yield from _decoded(container, _video_stream(container, index, threads), keep, tails)
+        yield from _decoded(container, _video_stream(container, index, threads), keep, tails, errors)
 
 
 def _video_stream(container, index: VideoIndex, threads: int):
@@ -303,7 +316,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     VideoError; the caller then decodes the rest of the video with `redo` (the part's first window):
     from the start of the file (the decoder state of one pass), stand-ins counted against the budget as
     in one pass. `through` (a part's): the pts of the next part's first frame; one pass decodes what
-    lies between the two parts too, so the part decodes on to there (a decode error there ends one pass).
+    lies between the two parts too, so the part decodes on to there (a decode error there is damage).
     `hwaccel`: decode on NVDEC (nvdec_accel), frames matched and stood in for exactly as in software.
     `one_pass_skip` (a redo's): the windows one pass over the video would skip; the redo then decodes
     (and skips: non-reference frames, GOP tails) exactly the frames that pass would, those of the windows
@@ -397,8 +410,10 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     lag = REORDER_FRAMES if strict else 0
     held = collections.deque(maxlen=lag + 1)  # pts of the last lag + 1 frames out: windows up to the oldest go
     settled = 0  # frames out since every needed frame (and `through`) came out
+    # Packets the decoder refused (one pass goes on after them; a part hands the video to a redo).
+    errors: list[str] | None = None if strict else []
     try:
-        for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel):
+        for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel, errors=errors):
             if damage is not None and damage.superseded(part):
                 return  # an earlier part decodes the rest of the video, these windows included
             if strict and frame.is_corrupt:  # concealed: its pixels (and the frames after) may not be one pass's
@@ -431,15 +446,18 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
                 settled += 1
                 if settled > lag:
                     break
-    except av.FFmpegError as err:
+    except av.FFmpegError as err:  # strict: a packet's decode error; else the demuxer's (an unreadable rest)
         if prev is None or strict:
             raise VideoError(f"decoding failed ({err.strerror or err})") from None
         # Damaged tail: remaining frames repeat the last good one (same as a player), within budget.
     if prev is None:
-        raise VideoError("decoder produced no frames")
+        raise VideoError(f"decoding failed ({errors[0]})" if errors else "decoder produced no frames")
     while j < len(needed):
         stand_in(prev, prev_pts, counts_as_damage=True)
     if missing or leading:
         log.warning("%s: %d of %d sampled frames could not be decoded (%d before the first decodable frame); "
                     "the nearest decoded frame stands in", index.path, missing + leading, len(needed), leading)
+    if errors:
+        log.warning("%s: the decoder refused %d packets (first: %s); decoding went on after them", index.path,
+                    len(errors), errors[0])
     yield from flush(np.inf)
