@@ -550,3 +550,49 @@ def test_packets_the_decoder_refuses_are_damage_not_the_end(tmp_path, case):
     assert [w for w, _, _ in got] == list(range(len(plan)))
     for w, frames, _ in got:
         np.testing.assert_array_equal(frames, want[w], err_msg=f"window {w}")
+
+
+def test_negative_timestamps_of_a_webm_are_frames_every_decoder_shows(tmp_path):
+    """A webm muxed without avoid_negative_ts starts before 0: its first second is frames the decoders
+    show (DALI indexes them), not an edit list's cut (an mp4 flags those discard). The probe dropped them:
+    PyAV's windows started a second later than DALI's, and the first second was never embedded."""
+    from fractions import Fraction
+
+    import av
+
+    ms = Fraction(1, 1000)
+    path = tmp_path / "neg.webm"
+    with av.open(str(path), "w", format="webm", options={"avoid_negative_ts": "disabled"}) as c:
+        s = c.add_stream("libvpx-vp9", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.time_base = ms
+        s.options = {"lossless": "1", "deadline": "realtime", "lag-in-frames": "0"}
+        for i in range(60):  # frame i: flat grey 4*i at (i - 10) / 10 s
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = (i - 10) * 100, ms
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    index = probe_video(path)
+    assert (index.num_frames, index.pts[0], index.duration) == (60, -1000, pytest.approx(6.0))
+    spec = WindowSpec(seconds=2.0, frames=4)
+    job = prepare_job(VideoJob("neg", str(path)), spec)
+    pyav_times = {}
+    for w, frames, times in decode_windows_pyav(job.index, job.plan):
+        shown = np.round(frames.reshape(4, -1).mean(1) / 4).astype(int)
+        assert shown.tolist() == job.plan.frames[w].tolist()
+        pyav_times[w] = times
+    np.testing.assert_allclose(pyav_times[0], job.plan.frames[0] / 10)  # time 0: the first frame's (-1 s)
+    pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
+    from lvmae_fast.video.decode_dali import decode_windows_dali
+
+    # The decoder API gives the index's frames (and its times); the reader's timestamps are off there, so
+    # it hands such a video to PyAV.
+    assert list(decode_windows_dali([job], spec, device="cpu", dali_api="reader")) == [job]
+    windows = [e for e in decode_windows_dali([job], spec, device="cpu", dali_api="decoder") if isinstance(e, Window)]
+    assert [e.window for e in windows] == list(range(len(job.plan)))
+    for e in windows:
+        shown = np.round(e.frames.numpy().reshape(4, -1).mean(1) / 4).astype(int)
+        assert shown.tolist() == job.plan.frames[e.window].tolist()
+        np.testing.assert_allclose(e.times, pyav_times[e.window], atol=1e-6)

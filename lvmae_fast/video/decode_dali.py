@@ -13,7 +13,7 @@ decoder cannot seek: a sample decodes its file from the first frame up to the la
 cut into P parts is thus decoded about (P+1)/2 times; a long one that would cost more than
 MAX_DECODE_PASSES decodes goes to the reader API below, which seeks by its index. Without an index,
 this API's frame k is the k-th frame the decoder outputs from the start of the file: frame k of the
-probe's index as long as the stream has no packet the index leaves out (negative pts; a container that
+probe's index as long as the stream has no packet the index leaves out (an edit list's discarded frames; a container that
 declares another frame count goes to the reader API too) and every packet decodes to one frame (a
 stream whose decoder drops frames would shift the later ones; pad_mode="none" at least makes a file
 shorter than planned an error, not black frames).
@@ -166,10 +166,17 @@ def suits_decoder_api(job: VideoJob, part_windows: int) -> bool:
     return decoded <= MAX_DECODE_PASSES * max(job.index.num_frames, 1)
 
 
+def reader_times_hold(job: VideoJob) -> bool:
+    """False for a stream whose first frame is before time 0 (a webm muxed without avoid_negative_ts):
+    DALI 2.4's reader gives the right frames there but not their timestamps (0.1/0.3/0.6/0.8 s for frames
+    at 0.2/0.7/1.2/1.7 s from the first), which would mark every window stood in. PyAV takes such videos."""
+    return int(job.index.pts[0]) >= 0
+
+
 def counts_frames_as_the_index(job: VideoJob) -> bool:
     """False when the container declares another frame count than the probe's index (mp4/mov declare
     one; matroska, mpeg-ts do not). Without an index, the decoder numbers every frame it outputs, also
-    those of packets the index leaves out (negative pts: frames an edit list cuts, as in an mp4 cut
+    those of packets the index leaves out (flagged discard: frames an edit list cuts, as in an mp4 cut
     without re-encoding, which NVDEC decodes and shows): every later frame would be shifted. The reader
     API builds the index's numbering, so such a video goes there."""
     import av
@@ -331,6 +338,9 @@ def decode_windows_dali(jobs: Iterable[VideoJob], spec: WindowSpec, device: str 
         if dali_api == "decoder" and device == "gpu" and job.index.codec not in DALI_GPU_CODECS:
             yield job  # fn.decoders.video would fail the whole batch on it
             continue
+        if dali_api == "reader" and not reader_times_hold(job):
+            yield job
+            continue
         chunk.append(job)
         size += len(job.active_windows())
         if size >= chunk_windows:
@@ -347,7 +357,8 @@ def _decode_chunk_with(dali_api, jobs, spec, device, device_id, readers, batch_s
     part_windows = max(1, min(PART_WINDOWS, batch_size))
     fits = [suits_decoder_api(j, part_windows) and counts_frames_as_the_index(j) for j in jobs]
     in_memory = [j for j, ok in zip(jobs, fits) if ok]
-    to_reader = [j for j, ok in zip(jobs, fits) if not ok]
+    to_reader = [j for j, ok in zip(jobs, fits) if not ok and reader_times_hold(j)]
+    yield from (j for j, ok in zip(jobs, fits) if not ok and not reader_times_hold(j))  # to PyAV
     if to_reader:
         log.info("DALI: %d videos go to the reader API (long ones, which the in-memory decoder would decode "
                  "once per part, or ones whose container counts frames the index leaves out)", len(to_reader))

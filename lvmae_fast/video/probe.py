@@ -1,9 +1,12 @@
 """Frame index of a video from its packets (no decoding): what windows and decoders agree on.
 
 The index mirrors the one DALI's experimental video reader builds (frames_decoder_base.cc, BuildIndex):
-packets of the best video stream, pts (dts when pts is missing), negative pts dropped, sorted by pts;
-frame i is the i-th entry; time 0 is the first entry's pts. Using the same definition is what lets
-our frame indices be handed to DALI verbatim.
+packets of the best video stream, pts (dts when pts is missing), sorted by pts; frame i is the i-th
+entry; time 0 is the first entry's pts. Using the same definition is what lets our frame indices be
+handed to DALI verbatim. Packets the demuxer flags discard are left out: an mp4's frames an edit list
+cuts (negative pts), which the decoders do not show either (DALI's index counts them; such mp4s go to
+its reader, decode_dali.counts_frames_as_the_index). Other negative pts (a webm muxed without
+avoid_negative_ts) are frames like any other, shown by every decoder and indexed by DALI.
 """
 from __future__ import annotations
 
@@ -138,7 +141,7 @@ def probe_video(path) -> VideoIndex:
                 if packet.size == 0:          # the demuxer's end-of-stream flush packet
                     continue
                 p = packet.pts if packet.pts is not None else packet.dts
-                if p is None or p < 0:
+                if p is None or packet.is_discard:
                     continue
                 if packet.is_keyframe:
                     key_at = len(pts)
