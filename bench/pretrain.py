@@ -86,6 +86,7 @@ def autocast(device, dtype):
 
 def run_packed(config, batches, device, steps, warmup, compile_model=False, profile_path=None, cuda_graphs=False,
                graph_optimizer=False, master_weights=False, overlap_chunks=0, compile_mode="default"):
+    torch.manual_seed(0)  # every packed row starts from the same weights: their losses compare (--compare-attn)
     with torch.device(device):  # init on the GPU: a 0.4B-parameter CPU init costs seconds
         model = LVMAE(config)
     opt = make_optimizer(model, master_weights)  # before compiling: it may change the weights' dtype

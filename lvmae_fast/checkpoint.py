@@ -129,6 +129,9 @@ def config_from_reference(state: dict, args=None, num_heads: int | None = None, 
     Dd = state["mask_token"].shape[-1]
     in_dim = state["decoder_pred.weight"].shape[0]
     mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    for name, value in (("num_heads", num_heads), ("decoder_num_heads", decoder_num_heads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     args_heads, args_dec_heads = reference_heads(args)
     heads = num_heads or args_heads or 16
     dec_heads = decoder_num_heads or args_dec_heads or 16
@@ -158,13 +161,16 @@ def convert_reference(ckpt_path, out_dir=None, **config_overrides):
     from .model import LVMAE, sincos_table
 
     state, args = _load_reference_state(ckpt_path)
+    stored = {k: v.dtype for k, v in state.items()}
     state = {k: v.float() for k, v in state.items()}
     config = config_from_reference(state, args, **config_overrides)
     for key, width in (("pos_embed", config.embed_dim), ("decoder_pos_embed", config.decoder_embed_dim)):
         if key in state:
             ref_table = state.pop(key)[0]
             ours = sincos_table(width, ref_table.shape[0] - 1)
-            if not torch.allclose(ref_table, ours, atol=1e-5):
+            # A checkpoint saved in fp16/bf16 holds the table rounded to that precision (values in [-1, 1]).
+            atol = max(1e-5, torch.finfo(stored[key]).eps) if stored[key].is_floating_point else 1e-5
+            if not torch.allclose(ref_table, ours, atol=atol):
                 raise ValueError(f"{ckpt_path}: {key} is not the fixed 1-D sin-cos table this model uses")
     if config.in_dim != config.embed_dim:
         raise ValueError("reference checkpoints have encoder width == embedding dim; got a mismatch")

@@ -56,7 +56,9 @@ def validate_sequences(seqs, in_dim: int | None = None, max_len: int | None = No
     if isinstance(seqs, torch.Tensor):
         raise ValueError(f"expected a list of [L_i, d] tensors, got one tensor of shape {tuple(seqs.shape)} "
                          "(pass list(x) for a [B, L, d] batch of equal lengths)")
-    if not isinstance(seqs, (list, tuple)) or len(seqs) == 0:
+    if not isinstance(seqs, (list, tuple)):
+        raise ValueError(f"expected a list of [L_i, d] tensors, got a {type(seqs).__name__} (pass list(...))")
+    if len(seqs) == 0:
         raise ValueError("empty batch: expected a non-empty list of [L_i, d] tensors")
     for i, s in enumerate(seqs):
         if not isinstance(s, torch.Tensor):

@@ -42,6 +42,10 @@ def test_pretrain_step_bench_with_cuda_graphs_rows(tmp_path):
     assert fa4["status"].startswith("failed: RuntimeError") and "lvmae_fast[fa4]" in fa4["status"]
     assert all(r["status"] == "ok" for r in rows)
     assert all(r["speedup"] > 0 for r in rows[:7])
+    # Every packed row starts from the same weights and batches (each built its own random model before):
+    # the same loss, master weights' rounding aside.
+    assert all(abs(r["loss"] - rows[0]["loss"]) < 1e-5 for r in rows[:7] if "master" not in r["impl"]), rows
+    assert abs(rows[3]["loss"] - rows[0]["loss"]) < 1e-2 * rows[0]["loss"]
 
 
 def test_pretrain_bench_profiles_the_last_mode_asked_for(tmp_path, monkeypatch):
@@ -156,9 +160,9 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
     tails_seen, threads_seen = [], []
     real_decoded, real_stream = decode_pyav._decoded, decode_pyav._video_stream
 
-    def spy_decoded(container, stream, keep, tails=None):
+    def spy_decoded(container, stream, keep, tails=None, errors=None):
         tails_seen.append(tails is not None)
-        return real_decoded(container, stream, keep, tails)
+        return real_decoded(container, stream, keep, tails, errors)
 
     def spy_stream(container, index, threads):
         threads_seen.append(threads)

@@ -248,3 +248,24 @@ def test_model_dir_files_follow_the_umask(tmp_path):
     os.umask(umask)
     for f in (tmp_path / "m").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_reference_checkpoint_converts(tmp_path, dtype):
+    """A checkpoint saved in fp16/bf16 holds the sin-cos tables rounded to that precision (up to 2e-3 off in
+    bf16): it was refused as "not the fixed 1-D sin-cos table". Its weights load as they were stored."""
+    sd = {k: v.to(dtype) for k, v in reference_state_dict().items()}
+    save_reference(tmp_path / "half.pth", sd, num_heads=4, decoder_num_heads=2)
+    model = convert_reference(tmp_path / "half.pth")
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"].float())
+    wrong = dict(sd, pos_embed=(sd["pos_embed"].float() + 0.05).to(dtype))  # off by more than the rounding
+    save_reference(tmp_path / "bad.pth", wrong, num_heads=4, decoder_num_heads=2)
+    with pytest.raises(ValueError, match="sin-cos"):
+        convert_reference(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("flag", ["num_heads", "decoder_num_heads"])
+def test_zero_heads_are_refused_not_replaced(tmp_path, flag):
+    save_reference(tmp_path / "ref.pth", reference_state_dict(), num_heads=4, decoder_num_heads=2)
+    with pytest.raises(ValueError, match=f"{flag} must be a positive integer, got 0"):
+        convert_reference(tmp_path / "ref.pth", **{flag: 0})

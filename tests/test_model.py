@@ -340,3 +340,11 @@ def test_too_long_sequences_name_how_to_raise_max_len_and_a_saved_model_loads_wi
     assert longer.pos_embed.shape == (65, 64) and longer.config.max_len == 64
     torch.testing.assert_close(longer.encode([seq[:16]])[1], model.encode([seq[:16]])[1])
     assert longer.encode([seq])[1].shape == (40, 64)
+
+
+def test_a_generator_of_sequences_is_named_not_called_empty():
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8))
+    with pytest.raises(ValueError, match="got a generator"):
+        model.encode(torch.randn(3, 8) for _ in range(2))
+    with pytest.raises(ValueError, match="empty batch"):
+        model.encode([])
