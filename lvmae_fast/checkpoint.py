@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, atomic_write_text
@@ -39,9 +40,21 @@ def load_model_dir(directory, map_location="cpu", **overrides):
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{directory} is not a model directory: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
-    config = LVMAEConfig.from_dict({**json.loads(config_path.read_text()), **overrides})
+    try:
+        values = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{config_path}: expected a JSON object of config values")
+    try:
+        config = LVMAEConfig.from_dict({**values, **overrides})
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from None
     model = LVMAE(config)
-    state = load_file(str(weights_path), device=str(map_location) if not isinstance(map_location, str) else map_location)
+    try:
+        state = load_file(str(weights_path), device=str(map_location) if not isinstance(map_location, str) else map_location)
+    except SafetensorError as err:  # a truncated or overwritten file (its header, its length)
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({type(err).__name__}: {err})") from None
     load_matching_state(model, state, f"{weights_path} does not match its config")
     return model.to(map_location)
 

@@ -13,6 +13,7 @@ Td = B + T (decoder stream), d input dim, D encoder width, Dd decoder width, H h
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
@@ -52,6 +53,12 @@ class LVMAEConfig:
     kernels: str = "auto"             # auto | triton | torch (semantic masking + masked loss)
 
     def __post_init__(self):
+        # Types first: a config.json with "max_len": 2.5 or "depth": "2" failed later inside torch.
+        kinds = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, kinds[f.type]) or (isinstance(value, bool) and f.type != "bool"):
+                raise ValueError(f"config: {f.name}={value!r} is not a{'n' if f.type == 'int' else ''} {f.type}")
         for name, value, choices in (("masking", self.masking, MASKING_STRATEGIES), ("loss", self.loss, LOSSES),
                                      ("attn_impl", self.attn_impl, ATTN_IMPLS),
                                      ("kernels", self.kernels, ("auto", "triton", "torch"))):

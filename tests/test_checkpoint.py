@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from lvmae_fast.checkpoint import convert_reference
+from lvmae_fast.checkpoint import convert_reference, save_model_dir
 from lvmae_fast.model import LVMAE, LVMAEConfig
 
 from naive_lvmae import naive_forward, naive_sincos
@@ -269,3 +269,25 @@ def test_zero_heads_are_refused_not_replaced(tmp_path, flag):
     save_reference(tmp_path / "ref.pth", reference_state_dict(), num_heads=4, decoder_num_heads=2)
     with pytest.raises(ValueError, match=f"{flag} must be a positive integer, got 0"):
         convert_reference(tmp_path / "ref.pth", **{flag: 0})
+
+
+def test_a_damaged_model_dir_is_one_value_error_naming_the_file(tmp_path):
+    """from_pretrained on a damaged dir raised SafetensorError / JSONDecodeError / a TypeError from torch
+    without naming the file."""
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8))
+    save_model_dir(model, tmp_path / "m")
+    config, weights = tmp_path / "m" / "config.json", tmp_path / "m" / "model.safetensors"
+    good_config, good_weights = config.read_text(), weights.read_bytes()
+    damage = [(config, "{not json", "not valid JSON"),
+              (config, "[1, 2]", "expected a JSON object"),
+              (config, json.dumps({**json.loads(good_config), "max_len": 2.5}), "max_len=2.5 is not an int"),
+              (config, json.dumps({**json.loads(good_config), "depth": "2"}), "depth='2' is not an int"),
+              (weights, good_weights[: len(good_weights) // 2], "unreadable safetensors file")]
+    for path, content, message in damage:
+        config.write_text(good_config), weights.write_bytes(good_weights)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ValueError, match=message) as err:
+            LVMAE.from_pretrained(tmp_path / "m")
+        assert str(path) in str(err.value)
+    config.write_text(good_config), weights.write_bytes(good_weights)
+    assert LVMAE.from_pretrained(tmp_path / "m").config == model.config
