@@ -12,8 +12,8 @@ Run directory (RUN = --out)::
     RUN/loss.png                     loss curve, drawn at the end
     RUN/checkpoints/step-XXXXXXXX/   config.json + model.safetensors + train_state.pt (optimizer, progress,
                                      RNG, config, store fingerprint); RUN/checkpoints/latest names the newest
-    RUN/checkpoints/rewound/, RUN/metrics.rewound.jsonl, RUN/val.rewound.json   what --resume-from STEP
-                                     moved aside (a rewind)
+    RUN/checkpoints/rewound/, RUN/metrics.rewound.jsonl, RUN/val.rewound.jsonl   what --resume-from STEP
+                                     moved aside (each rewind appends; nothing is overwritten)
 
 A checkpoint directory is built under a temp name and renamed into place, then `latest` is replaced
 (temp + rename), then the model files are linked into RUN; a kill at any point leaves the previous
@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -52,16 +53,17 @@ from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
 from .model import LVMAE, LVMAEConfig
-from .sampler import VAL_EPOCH, LongVideoSampler, SamplerConfig, kept_by_policy, max_crop_segments, split_videos
+from .sampler import VAL_EPOCH, LongVideoSampler, kept_by_policy, max_crop_segments, split_videos
 from .store import Store, scan_nonfinite
 
 log = logging.getLogger(__name__)
 STATE_NAME, LATEST_NAME = "train_state.pt", "latest"
-REWOUND_DIR, REWOUND_METRICS, REWOUND_VAL = "rewound", "metrics.rewound.jsonl", "val.rewound.json"
+REWOUND_DIR, REWOUND_METRICS, REWOUND_VAL = "rewound", "metrics.rewound.jsonl", "val.rewound.jsonl"
 VAL_NAME = "val.json"
-# What a run dir holds: --out must be new, empty, or hold only these (dot-files are atomic-write temps).
+# What a run dir holds: --out must be new, empty, or hold only these (dot-files are atomic-write temps;
+# val.rewound.json: one rewind's val.json, as runs before 2026-11-27c kept it).
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", REWOUND_METRICS, "checkpoints", "tb", "loss.png",
-                         "model.safetensors", "config.json", VAL_NAME, REWOUND_VAL})
+                         "model.safetensors", "config.json", VAL_NAME, REWOUND_VAL, "val.rewound.json"})
 EXIT_NONFINITE, EXIT_SIGNAL = 3, {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -84,8 +86,9 @@ def complete_checkpoints(ckpt_root: Path) -> list[str]:
 def checkpoint_by_name(out: Path, name: str) -> Path:
     """RUN/checkpoints/step-N for name 'step-N' or 'N'; ValueError listing the checkpoints otherwise."""
     root = out / "checkpoints"
-    if name.isdigit():
-        name = f"step-{int(name):08d}"
+    number = re.fullmatch(r"(?:step-)?(\d+)", name)
+    if number:  # 36, step-36 and step-00000036 name one checkpoint
+        name = f"step-{int(number.group(1)):08d}"
     path = root / name
     if not (path / STATE_NAME).is_file():
         have = complete_checkpoints(root)
@@ -299,15 +302,17 @@ def write_val(out: Path, step: int, val_loss: float | None) -> None:
 
 def drop_later_val(out: Path, step: int, keep_dropped: Path | None = None) -> None:
     """Remove val.json when it is of a step after `step` (the checkpoint resumed): that evaluation is redone
-    (resume) or abandoned (rewind: moved to keep_dropped)."""
+    (resume) or abandoned (rewind: appended to keep_dropped, a JSON line per rewind, first)."""
     path = out / VAL_NAME
     try:
-        later = json.loads(path.read_text())["step"] > step
+        text = path.read_text()
+        later = json.loads(text)["step"] > step
     except (OSError, ValueError, KeyError, TypeError):
         return
     if later and keep_dropped is not None:
-        os.replace(path, keep_dropped)
-    elif later:
+        old = keep_dropped.read_text() if keep_dropped.exists() else ""
+        atomic_write_text(keep_dropped, old + text.strip() + "\n")
+    if later:
         path.unlink()
 
 
@@ -562,10 +567,7 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
         log.info("cuda_graphs=%s, cuda_graphs_optimizer=%s (auto on %s, %d videos per batch%s)",
                  use_graphs, use_whole_step, device.type, cfg.batch_videos,
                  ", max_tokens set" if cfg.max_tokens else "")
-    scfg = SamplerConfig(duration_min=cfg.duration_min, duration_max=cfg.duration_max, max_len=cfg.max_len,
-                         short_video_policy=cfg.short_video_policy, batch_videos=cfg.batch_videos,
-                         max_tokens=cfg.max_tokens, mask_ratio=model_cfg.mask_ratio, masking=model_cfg.masking,
-                         seed=cfg.seed, pad_to_buckets=use_graphs)
+    scfg = cfg.sampler_config(model_cfg, pad_to_buckets=use_graphs)
     train_ids, val_ids = split_videos(training_videos(store, cfg), cfg.val_videos, cfg.seed)
     check_something_to_mask(store, train_ids, cfg, model_cfg.mask_ratio)
     sampler = LongVideoSampler(store, train_ids, scfg)
@@ -574,9 +576,12 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
                         & ((val_lengths >= 2) | (cfg.short_video_policy == "repeat"))).any():
         # drop: the sampler would drop every one of them and refuse to start; keep: their 1-token crops mask
         # nothing, and a loss of 0 would be reported. Train without validation instead.
-        log.warning("validation off: all %d held-out videos have 1 segment, which short_video_policy=%s %s",
-                    len(val_ids), cfg.short_video_policy,
-                    "keeps whole (nothing masked)" if cfg.short_video_policy == "keep" else "leaves out")
+        why = {"keep": "keeps 1-segment videos whole (nothing to mask), and all of them have 1 segment",
+               "drop": "leaves out 1-segment videos, and all of them have 1 segment"}.get(
+            cfg.short_video_policy, f"leaves out videos of n segments with n x (1 - mask_ratio) < 1 (mask_ratio "
+                                    f"{model_cfg.mask_ratio:g}), and all of them are")
+        log.warning("validation off: none of the %d held-out videos can be validated: short_video_policy=%s %s",
+                    len(val_ids), cfg.short_video_policy, why)
         val_ids = []
     val_sampler = LongVideoSampler(store, val_ids, scfg) if val_ids else None
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

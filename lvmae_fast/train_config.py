@@ -161,6 +161,16 @@ class PretrainConfig:
 
         if self.device != "auto" and not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"device={self.device!r} must be auto, cpu, cuda or cuda:N")
+        self.sampler_config(model_config)  # its checks (durations, short_video_policy, batch sizes) now, too
+
+    def sampler_config(self, model_config, pad_to_buckets: bool = False):
+        """The SamplerConfig of this run (crops, batches, masking), for the model config `model_config`."""
+        from .sampler import SamplerConfig
+
+        return SamplerConfig(duration_min=self.duration_min, duration_max=self.duration_max, max_len=self.max_len,
+                             short_video_policy=self.short_video_policy, batch_videos=self.batch_videos,
+                             max_tokens=self.max_tokens, mask_ratio=model_config.mask_ratio,
+                             masking=model_config.masking, seed=self.seed, pad_to_buckets=pad_to_buckets)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -155,6 +155,11 @@ def assert_one_line_error(code: int, err: str, *expected: str) -> None:
     ("max_len=1", "max_len=1: a crop needs >= 2 segments"),                    # was a loss of 0 at every step
     ("device=meta", "device='meta' must be auto, cpu, cuda or cuda:N"),        # was a traceback mid-run
     ("device=mps", "device='mps' must be auto, cpu, cuda or cuda:N"),
+    # The sampler's own checks: --print-config accepted these, a run refused them.
+    ("short_video_policy=foo", "short_video_policy='foo' is not one of"),
+    ("batch_videos=0", "max_len and batch_videos must be >= 1"),
+    ("duration_min=900", "need 0 < duration_min <= duration_max"),
+    ("max_tokens=3", "max_tokens=3 must be >= max_len"),
 ])
 def test_bad_config_values_are_one_line_errors_naming_the_key(item, message, capsys):
     code, _, err = run_cli(capsys, "pretrain", "--preset", "tiny", "--set", item, "--print-config")

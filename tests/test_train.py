@@ -1016,9 +1016,30 @@ def test_validation_on_videos_with_nothing_to_mask_is_off_not_a_loss_of_0(tmp_pa
     assert main(["pretrain", "--preset", "tiny", "--store", str(path), "--out", str(out), "--no-progress",
                  "--max-steps", "4", "--seed", str(seed), "--val-videos", "2", "--set", "short_video_policy=keep",
                  "--set", "eval_every=2", "--set", "tensorboard=false"]) == 0
-    assert "validation off: all 2 held-out videos have 1 segment" in caplog.text
+    assert ("validation off: none of the 2 held-out videos can be validated: short_video_policy=keep keeps "
+            "1-segment videos whole") in caplog.text
     assert not (out / "val.json").exists()
     assert not any("val_loss" in r for r in read_metrics(out / "metrics.jsonl"))
+
+
+def test_validation_off_says_why_under_the_reference_policy(tmp_path, caplog, restore_threads):
+    """At mask_ratio 0.7 the reference policy leaves out 3-segment videos too (3 x 0.3 < 1): the warning
+    said the held-out videos "have 1 segment" when one had 3."""
+    from lvmae_fast.cli import main
+    from lvmae_fast.sampler import split_videos
+
+    path, rng = tmp_path / "store", np.random.default_rng(0)
+    with StoreWriter(path, 8) as w:
+        for k in range(6):
+            for kind, n in (("one", 1), ("three", 3), ("long", 60)):
+                w.add(f"{kind}{k}", rng.standard_normal((n, 8)).astype(np.float32))
+    ids = [f"{kind}{k}" for k in range(6) for kind in ("one", "three", "long")]
+    seed = next(s for s in range(500) if sorted(v.rstrip("012345") for v in split_videos(ids, 2, s)[1]) == ["one", "three"])
+    assert main(["pretrain", "--preset", "tiny", "--store", str(path), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--max-steps", "1", "--seed", str(seed), "--val-videos", "2", "--set", "model.mask_ratio=0.7",
+                 "--set", "tensorboard=false"]) == 0
+    assert ("none of the 2 held-out videos can be validated: short_video_policy=reference leaves out videos of n "
+            "segments with n x (1 - mask_ratio) < 1 (mask_ratio 0.7)") in caplog.text
 
 
 def test_val_json_follows_every_evaluation_and_a_rewind(store, tmp_path, monkeypatch, restore_threads):
@@ -1041,7 +1062,12 @@ def test_val_json_follows_every_evaluation_and_a_rewind(store, tmp_path, monkeyp
     written.clear()
     assert main([*args, "--out", str(out), "--max-steps", "6", "--resume-from", "2", "--blr", "1e-5"]) == 0
     assert written == [4, 6]
-    assert json.loads((out / "val.rewound.json").read_text()) == first
+    assert [json.loads(line) for line in (out / "val.rewound.jsonl").read_text().splitlines()] == [first]
+    # A second rewind keeps the first's abandoned result (it was overwritten) and adds its own; 36, step-36
+    # and step-00000036 name one checkpoint (step-36 was refused).
+    second = json.loads((out / "val.json").read_text())
+    assert main([*args, "--out", str(out), "--max-steps", "6", "--resume-from", "step-4", "--blr", "1e-6"]) == 0
+    assert [json.loads(line) for line in (out / "val.rewound.jsonl").read_text().splitlines()] == [first, second]
     final = json.loads((out / "val.json").read_text())
     # 6 is no eval_every step: the last step's evaluation was in val.json only, not in metrics.jsonl.
     assert final["step"] == 6 and final == next(
