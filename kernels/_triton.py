@@ -356,9 +356,10 @@ def _masked_loss_bwd_body(pred_ptr, tgt_ptr, rows_ptr, mask_ptr, scale_ptr, grad
         np_c = tl.maximum(norm_p, EPS)
         nt_c = tl.maximum(tl.sqrt_rn(sq_t), EPS)
         cos = dot / (np_c * nt_c)
-        # d(1 - cos)/dp = -t / (|p|c |t|c) + cos * p / |p|^2 (second term only where the clamp is off)
+        # d(1 - cos)/dp = -t / (|p|c |t|c) + cos * p / (|p|c |p|), as torch's cosine_similarity: it clamps
+        # the norms in place under no_grad, so the norm's own gradient p / |p| flows below the clamp too.
         coef_t = tl.where(active, -scale / (np_c * nt_c), 0.0)
-        coef_p = tl.where(active & (norm_p > EPS), scale * cos / (np_c * np_c), 0.0)
+        coef_p = tl.where(active & (norm_p > 0.0), scale * cos / (np_c * norm_p), 0.0)
     else:
         coef_p = tl.where(active, 2.0 * scale / D, 0.0)   # d mean((p - t)^2)/dp = 2 (p - t) / D
         coef_t = -coef_p

@@ -29,23 +29,27 @@ from .packing import keep_counts, video_of_rows
 MASKING_STRATEGIES = ("random", "semantic", "semantic_inverted")
 COSINE_EPS = 1e-8
 # Rows whose fp32 norm reaches 2^63 (squared norm 2^126, or overflowed to inf: |x| ~ 1e19 and up, fp32 or
-# bf16) would give inf/inf = NaN similarities. scale_huge_rows scales them by 2^-80 (exact, a power of two;
-# cosine is scale-invariant) before the similarity is taken; the public kernels.semantic_mask does it when
-# validating, so neither the hot loop's torch path nor the Triton kernels pay for it.
+# bf16) would give inf/inf = NaN similarities. scale_huge_rows scales each to a norm in [0.5, 1) by a power
+# of two (exact; cosine is scale-invariant) before the similarity is taken; the public kernels.semantic_mask
+# does it when validating, so neither the hot loop's torch path nor the Triton kernels pay for it. (A fixed
+# 2^-80 left a 1e19 row at norm ~1e-5, whose product with a small neighbour's norm fell under COSINE_EPS:
+# the clamp then shrank their cosine.)
 BIG_NORM = 2.0 ** 63
-BIG_ROW_SCALE = 2.0 ** -80
 
 
 def scale_huge_rows(x_Td: torch.Tensor) -> torch.Tensor:
-    """x unchanged when no row can reach BIG_NORM; else fp32 x with those rows scaled by BIG_ROW_SCALE.
-    One pass (a row's norm is at most its max |value| * sqrt(d)), plus a norm pass in the rare case."""
+    """x unchanged when no row can reach BIG_NORM; else fp32 x with those rows scaled by 2^-e to a norm
+    in [0.5, 1) (e from the row's float64 norm, which cannot overflow). One pass (a row's norm is at most
+    its max |value| * sqrt(d)), plus a norm pass in the rare case."""
     if x_Td.numel() == 0:
         return x_Td
     if float(x_Td.abs().amax()) * x_Td.shape[1] ** 0.5 < BIG_NORM:
         return x_Td
     x = x_Td.float()
-    big = x.norm(dim=-1) >= BIG_NORM
-    return x * torch.where(big, BIG_ROW_SCALE, 1.0)[:, None]
+    norm = x.double().norm(dim=-1)
+    exponent = torch.frexp(norm).exponent
+    scale = torch.where(norm >= BIG_NORM, torch.ldexp(torch.ones_like(norm), -exponent), 1.0)
+    return x * scale.float()[:, None]
 
 
 def adjacent_cosine(x_Td: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,9 @@ def keep_counts(lengths: Sequence[int], mask_ratio: float) -> list[int]:
     An empty video (L = 0) keeps 0: it has no token to keep (check_lengths rejects it before packing)."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    return [max(1, int(n * (1.0 - mask_ratio))) if n > 0 else 0 for n in lengths]
+    # In Python floats (double), as the kernels count it: a float32 0.3 gave 10 x 0.7f = 7.0, not 6.
+    ratio = float(mask_ratio)
+    return [max(1, int(n * (1.0 - ratio))) if n > 0 else 0 for n in lengths]
 
 
 def check_lengths(lengths: Sequence[int], total: int | None = None) -> list[int]:

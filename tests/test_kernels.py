@@ -927,6 +927,12 @@ def test_semantic_mask_huge_rows_keep_their_cosine(request, monkeypatch, path):
             for scale in (torch.full_like(some, huge, dtype=torch.float32), torch.where(some, huge, 1.0)):
                 got = K.semantic_mask((xd.float() * scale).to(dtype), cu, 0.5, inverted=inverted)
                 assert torch.equal(got, want), (dtype, inverted)
+    # A huge row beside a small one: scaled by a fixed 2^-80 it kept a norm of ~1e-5, and the product of
+    # the two norms fell under the clamp, shrinking their cosine (0.97 -> 0.66: row 2 was masked instead).
+    x = torch.tensor([[5e-4, 3e-4], [1e19, 1e19], [1.0, 0.0]])
+    true_cos = F.cosine_similarity(x[1:].double(), x[:-1].double(), dim=-1)  # 0.970, 0.707
+    assert true_cos[0] > true_cos[1]
+    assert K.semantic_mask(x, torch.tensor([0, 3], dtype=torch.int32), 1 / 3, inverted=True).tolist() == [False, True, False]
 
 
 @pytest.mark.parametrize("path", ["torch", "interpreter"])
@@ -988,3 +994,47 @@ def test_semantic_mask_takes_offset_lists_and_tensor_ratios_losses_refuse_d0(req
         K.masked_mse(torch.zeros(4, 0), torch.zeros(4, 0), torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="d=0"):
         K.masked_mse_rows(torch.zeros(2, 0), torch.zeros(4, 0), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("path", ["torch", "interpreter"])
+def test_a_float32_or_tensor_ratio_keeps_the_count_of_its_double(request, monkeypatch, path):
+    """keep_counts took n * (1 - ratio) in the ratio's own type: float32(0.3) gave 10 x 0.7f = 7.0 kept where
+    the kernels (in double) keep int(6.99999988) = 6, so the torch and Triton paths masked different counts and
+    build_masked_batch(kernels="triton") failed its count check."""
+    import numpy as np
+
+    from lvmae_fast.masking import build_masked_batch, make_mask
+
+    if path == "interpreter":
+        request.getfixturevalue("interp")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, cu = packed([10, 7], kind="randn", seed=21)
+    for ratio in (np.float32(0.3), torch.tensor(0.3)):
+        keep = [max(1, int(n * (1 - float(ratio)))) for n in (10, 7)]  # 6, 4
+        assert keep == [6, 4]
+        torch_mask = make_mask("semantic", x, cu, ratio, kernels="torch")
+        assert [int((~torch_mask[a:b]).sum()) for a, b in ((0, 10), (10, 17))] == keep
+        assert torch.equal(K.semantic_mask(x, cu, ratio), torch_mask)
+        batch = build_masked_batch(x, cu, [10, 7], "semantic", ratio, kernels="triton" if path == "interpreter" else "torch")
+        assert len(batch.visible_rows) == sum(keep) and torch.equal(batch.masked, torch_mask)
+
+
+def test_cosine_loss_gradient_below_the_norm_clamp_is_torchs(interp):
+    """Below |p| = 1e-6 the kernel dropped the norm's own gradient, where torch's cosine_similarity (the
+    reference's loss) keeps it: gradients of predictions (and targets) that small differed by a few %."""
+    g = torch.Generator().manual_seed(22)
+    target = torch.randn(6, 4, generator=g)
+    target[4] *= 1e-7
+    rows = torch.tensor([1, 4, 2])
+    pred = torch.randn(3, 4, generator=g)
+    pred[0] *= 1e-7
+
+    def grads(p, t):
+        p, t = p.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        loss = K.masked_mse_rows(p, t, rows, loss="cosine") if p.dtype == torch.float32 else \
+            ref_row_loss(p, t[rows], "cosine").mean()
+        return torch.autograd.grad(loss, (p, t))
+
+    for got, want in zip(grads(pred, target), grads(pred.double(), target.double())):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
