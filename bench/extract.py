@@ -58,6 +58,7 @@ def vit_l14_encoder():
     text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
     vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=224, patch_size=14)
+    # Built without a checkpoint dir: the class's defaults (bicubic resize, as CLIPImageProcessor) hold.
     enc = CLIPMeanEncoder.__new__(CLIPMeanEncoder)
     torch.nn.Module.__init__(enc)
     enc.model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).eval()

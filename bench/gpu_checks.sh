@@ -77,7 +77,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 export PYTHONPATH="/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH" ;
                 python3 -c 'from lvmae_fast.attention import _fa4_varlen as f; import sys; sys.exit(f() is None)' \
                   || python3 -c 'from flash_attn.cute import flash_attn_varlen_func' 2>&1 | tail -5 ;
-                timeout 150 python3 -m pytest -q -m gpu tests/test_attention.py -p no:cacheprovider 2>&1 | tail -15 \
+                timeout 120 python3 -m pytest -q -m gpu tests/test_attention.py -p no:cacheprovider 2>&1 | tail -15 \
                   | tee "$OUT/gpu_fa4_tests.log" ;
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 10 --warmup 3 --skip-padded \
                   --long-len 0 --compile --compare-attn fa4 --json "$OUT/pretrain_fa4_b256.json" 2>&1 | grep -E '^\||rror' ;

@@ -403,3 +403,24 @@ def test_the_padded_baseline_computes_the_models_loss_on_the_same_masks(in_dim):
         torch.testing.assert_close(padded(b), model(PackedBatch.from_mask(x, cu, lengths, masked)), rtol=1e-7, atol=0)
     with pytest.raises(ValueError, match="does not fit the reference's 20 patches"):
         reference.reference_batch([torch.randn(21, in_dim)], 0.5, 20)
+
+
+def test_the_ingestion_benchs_encoder_preprocesses_as_clip_mean(tmp_path, monkeypatch):
+    """The bench builds its ViT-L/14 without a checkpoint dir (CLIPMeanEncoder.__new__): it resized bilinear
+    (the base class's default) while `lvmae extract --encoder clip-mean` resizes bicubic, so its rows left
+    out the bicubic resize a real job runs. (A small vision tower here: the ViT-L/14 would take seconds.)"""
+    import transformers
+
+    from lvmae_fast.video.encoders import build_encoder
+
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                patch_size=14)
+    real_config = transformers.CLIPConfig
+    monkeypatch.setattr(transformers, "CLIPConfig", lambda text_config, vision_config, projection_dim:
+                        real_config(text_config=text_config, vision_config=tiny, projection_dim=projection_dim))
+    enc = load_extract_bench().vit_l14_encoder()
+    transformers.CLIPModel(real_config(vision_config=tiny, projection_dim=24)).save_pretrained(tmp_path)
+    real = build_encoder("clip-mean", weights=str(tmp_path))
+    assert real.resample == "bicubic"
+    assert (enc.resample, enc.resize, enc.preprocess_style, enc.mean, enc.std) == \
+        (real.resample, real.resize, real.preprocess_style, real.mean, real.std)

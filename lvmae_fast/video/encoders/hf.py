@@ -142,15 +142,15 @@ class TextTowerEncoder(VideoEncoder):
 class CLIPMeanEncoder(TextTowerEncoder):
     """CLIP image features of each of the T frames, averaged: a strong frame-level baseline."""
     name = "clip-mean"
+    resample = "bicubic"  # CLIPImageProcessor's, unless the checkpoint's preprocessor_config.json says otherwise
 
     def __init__(self, weights):
         super().__init__()
         path = self.load_pretrained("CLIPModel", weights)
         cfg = self.model.config
         self.dim = cfg.projection_dim
-        # CLIPImageProcessor resizes bicubic unless the checkpoint's preprocessor_config.json says otherwise.
         self.mean, self.std, self.image_size, self.resample, self.resize = normalisation(
-            path, cfg.vision_config.image_size, resample="bicubic")
+            path, cfg.vision_config.image_size, resample=type(self).resample)
         self.attach_text_tower(path)
 
     def encode_video(self, pixels_NTCHW):
