@@ -19,6 +19,13 @@ COMMAND_MODULES = [
 ]
 
 
+# What to say when Ctrl-C ends a command (pretrain handles its signals itself: a checkpoint, then exit 130).
+INTERRUPTED_HINTS = {
+    "extract": "run the same command again to resume: stored videos are skipped, unfinished ones continue "
+               "from their saved windows",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lvmae", description="LV-MAE: long-video masked-embedding autoencoders, packed and fast.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -45,6 +52,11 @@ def main(argv=None) -> int:
     command = " ".join(filter(None, (args.command, getattr(args, "store_command", None))))
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C: what was written is consistent (atomic writes, committed videos, saved windows): no traceback.
+        hint = INTERRUPTED_HINTS.get(args.command)
+        print(f"lvmae {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `lvmae store info S | head`: the reader has gone, which is no error of ours. Python's recipe: point
         # stdout at /dev/null so the interpreter's final flush does not raise again, and exit quietly.

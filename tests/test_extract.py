@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,6 +355,33 @@ def test_a_killed_job_loses_only_the_batch_in_flight_of_a_long_video(long_video,
     np.testing.assert_allclose(Store(killed).get("long").astype(np.float32),
                                Store(tmp_path / "clean").get("long").astype(np.float32), atol=2e-3)
     np.testing.assert_allclose(Store(killed).window_times("long"), Store(tmp_path / "clean").window_times("long"))
+
+
+CTRL_C_DURING_3RD_SAVE = """
+import sys
+from lvmae_fast.cli import main
+from lvmae_fast.video import partial
+saves, real = [], partial.PartialVideos.save
+def save(self, *args, **kwargs):
+    saves.append(1)
+    if len(saves) == 3:
+        raise KeyboardInterrupt  # as Ctrl-C arrives
+    return real(self, *args, **kwargs)
+partial.PartialVideos.save = save
+sys.exit(main(["extract", sys.argv[1], "--encoder", "tiny", "--out", sys.argv[2], "--seconds", "1", "--batch-size", "2",
+               "--decoder", "pyav", "--no-progress"]))
+"""
+
+
+def test_ctrl_c_ends_extract_with_a_resume_hint_not_a_traceback(long_video, tmp_path):
+    store = tmp_path / "s"
+    r = subprocess.run([sys.executable, "-c", CTRL_C_DURING_3RD_SAVE, str(long_video.path), str(store)],
+                       capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert "lvmae extract: interrupted; run the same command again to resume" in r.stderr
+    resumed = extract_videos(str(long_video.path), store, encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav")
+    assert (resumed["done"], resumed["windows"]) == (1, 8)  # 2 saved batches of 2 windows kept
 
 
 def test_a_killed_job_gives_a_damaged_video_the_verdict_of_one_pass(long_video, tmp_path, monkeypatch):
