@@ -143,6 +143,9 @@ def load_index(path) -> dict:
         raise ValueError(f"{index_path}: malformed index (shards and videos must be lists, dim an int >= 1, "
                          f"segment_seconds a number > 0)")
     index.setdefault("journal_seq", 0)
+    if not _is_count(index["journal_seq"]) or index["journal_seq"] < 0:
+        raise ValueError(f"{index_path}: malformed index (journal_seq must be an int >= 0, "
+                         f"got {index['journal_seq']!r})")
     for record in read_journal(Path(path) / JOURNAL_NAME, after=index["journal_seq"]):
         index["shards"].extend(record["shards"])
         index["videos"].extend(record["videos"])
@@ -159,21 +162,34 @@ def _is_seconds(x) -> bool:
 
 
 def read_journal(path: Path, after: int) -> list[dict]:
-    """Journal records with seq after+1, after+2, ... in order. Reading stops at the first line that is
-    torn (a writer killed mid-append), unparsable or out of sequence: nothing after it was committed."""
+    """Journal records with seq after+1, after+2, ... in order. Reading stops at a last line that is torn
+    (a writer killed mid-append: nothing after it was committed). A bad line with more lines after it is
+    damage, not a kill, and a ValueError: the lines after it may be committed videos, which a writer
+    folding the journal up to the bad line would drop (and delete their shards)."""
     if not path.is_file():
         return []
     records, expected = [], after + 1
-    for line in path.read_bytes().split(b"\n"):
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, 1):
+        problem = None
         try:
             record = json.loads(line)
         except ValueError:
-            break
-        if not isinstance(record, dict) or not {"seq", "shards", "videos"} <= set(record):
-            break
-        if record["seq"] <= after:  # already folded into the snapshot (a fold killed before truncating)
-            continue
-        if record["seq"] != expected:
+            problem = "not JSON"
+        else:
+            if not (isinstance(record, dict) and {"seq", "shards", "videos"} <= set(record) and _is_count(record["seq"])
+                    and isinstance(record["shards"], list) and isinstance(record["videos"], list)):
+                problem = "not a journal record"
+            elif record["seq"] <= after:  # already folded into the snapshot (a fold killed before truncating)
+                continue
+            elif record["seq"] != expected:
+                problem = f"seq {record['seq']} where {expected} was next"
+        if problem is not None:
+            following = sum(1 for rest in lines[number:] if rest.strip())
+            if following:
+                raise ValueError(f"{path}: line {number} is damaged ({problem}) and {following} more line(s) "
+                                 f"follow it, so it is no write cut short by a kill; the store is refused so that "
+                                 f"no writer drops the videos recorded after it (restore the file from a backup)")
             break
         records.append(record)
         expected += 1
@@ -396,10 +412,12 @@ class StoreWriter:
             times = default_window_times(n, self.segment_seconds)
         else:
             times = np.asarray(window_times, dtype=np.float64)
-            if times.shape != (n, 2) or not np.isfinite(times).all() or (times[:, 1] < times[:, 0]).any():
-                raise ValueError(f"video {video_id!r}: window_times must be finite [n={n}, 2] (start, end) "
-                                 f"with end >= start, got shape {list(times.shape)}")
-            times = np.ascontiguousarray(times.astype(TIMES_DTYPE))
+            with np.errstate(over="ignore"):  # checked as stored: a value beyond float32 becomes inf there
+                stored = times.astype(TIMES_DTYPE) if times.shape == (n, 2) else times
+            if times.shape != (n, 2) or not np.isfinite(stored).all() or (stored[:, 1] < stored[:, 0]).any():
+                raise ValueError(f"video {video_id!r}: window_times must be finite in float32 [n={n}, 2] (start, "
+                                 f"end) with end >= start, got shape {list(times.shape)}")
+            times = np.ascontiguousarray(stored)
         entry = {"id": video_id, "n": int(n), "segment_seconds": self.segment_seconds, "source": str(source_path)}
         self._pending.append((entry, emb16, times))
         self._pending_ids.add(video_id)
@@ -635,14 +653,19 @@ class Store:
         return self._rows(video_id, "times")
 
     def _rows(self, video_id: str, kind: str) -> np.ndarray:
-        v = self._entry(video_id)
-        try:
-            rows = self._map(v["shard"], kind)
-        except FileNotFoundError:
-            self._reload()  # compacted while we read: the same videos now live in other shards
+        def rows():
             v = self._entry(video_id)
-            rows = self._map(v["shard"], kind)
-        return rows[v["offset"]: v["offset"] + v["n"]]
+            return self._map(v["shard"], kind)[v["offset"]: v["offset"] + v["n"]]
+        return self.despite_compaction(rows)
+
+    def despite_compaction(self, read):
+        """read(), again after re-reading the index when a shard it opens is gone: compacted while we
+        read, the same videos now live in other shards. `read` must look shards up on each call."""
+        try:
+            return read()
+        except FileNotFoundError:
+            self._reload()
+            return read()
 
     def _reload(self) -> None:
         """Re-read the index after a compaction moved the rows; every video this reader knows must
@@ -746,6 +769,10 @@ def check_structure(path, index: dict) -> list[Problem]:
 
 def scan_nonfinite(store: Store, chunk_rows: int = 1 << 16) -> dict[str, int]:
     """{video_id: number of rows with NaN/Inf} over the whole store (one sequential read of every shard)."""
+    return store.despite_compaction(lambda: _scan_nonfinite(store, chunk_rows))
+
+
+def _scan_nonfinite(store: Store, chunk_rows: int) -> dict[str, int]:
     bad: dict[str, int] = {}
     by_shard: dict[int, list[dict]] = {}
     for vid in store.video_ids:
@@ -799,7 +826,8 @@ def verify_store(path) -> VerifyReport:
 def summarize(store: Store) -> dict:
     """Numbers for `lvmae store info`."""
     lengths = np.array([store.num_segments(v) for v in store.video_ids], dtype=np.int64)
-    size = sum((store.path / s[k]).stat().st_size for s in store._shards for k in ("emb", "times"))
+    size = store.despite_compaction(
+        lambda: sum((store.path / s[k]).stat().st_size for s in store._shards for k in ("emb", "times")))
     hours = float(sum(store.num_segments(v) * store._entry(v)["segment_seconds"] for v in store.video_ids)) / 3600
     return {
         "path": str(store.path), "videos": len(store), "dim": store.dim, "dtype": store.dtype, "encoder": store.encoder,

@@ -470,6 +470,69 @@ def test_journal_folds_when_it_outgrows_the_snapshot(tmp_path, monkeypatch):
     assert Store(tmp_path / "s").video_ids == [f"v{i}" for i in range(40)]
 
 
+def test_a_damaged_journal_line_before_valid_ones_refuses_the_store_and_deletes_nothing(tmp_path):
+    """Only a last line can be torn by a kill. A damaged line with valid ones after it read as the end of the
+    journal: verify said OK, and the next writer folded the shortened index and deleted the shards of every
+    video recorded after it."""
+    from lvmae_fast.store import JOURNAL_NAME
+
+    rng = np.random.default_rng(2)
+    videos = random_videos(rng, 4, [2, 3, 4, 2, 5])
+    w = StoreWriter(tmp_path / "s", dim=4)
+    for vid, emb in videos.items():  # v0 in index.json, v1..v4 on journal lines 1..4
+        w.add(vid, emb)
+        w.commit()
+    w._lock.release()  # killed: the journal stays
+    journal = tmp_path / "s" / JOURNAL_NAME
+    lines = journal.read_bytes().split(b"\n")
+    shards_before = sorted((tmp_path / "s" / "shards").iterdir())
+    for bad in (b"X" + lines[1][1:], lines[1].replace(b'"seq":2', b'"seq":"2"'),
+                lines[1].replace(b'"shards":[', b'"shards":5,"x":[')):
+        assert bad != lines[1]
+        journal.write_bytes(b"\n".join([lines[0], bad, *lines[2:]]))
+        for open_it in (lambda: Store(tmp_path / "s"), lambda: StoreWriter(tmp_path / "s", dim=4)):
+            with pytest.raises(ValueError, match=r"line 2 is damaged .* 2 more line\(s\) follow it"):
+                open_it()
+        assert not verify_store_ok(tmp_path / "s")
+        assert sorted((tmp_path / "s" / "shards").iterdir()) == shards_before  # nothing deleted
+    journal.write_bytes(b"\n".join(lines))  # restored from a backup: every video is back
+    assert Store(tmp_path / "s").video_ids == list(videos)
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    (tmp_path / "s" / "index.json").write_text(json.dumps({**index, "journal_seq": None}))
+    with pytest.raises(ValueError, match="journal_seq must be an int"):
+        Store(tmp_path / "s")
+
+
+def verify_store_ok(path) -> bool:
+    r = lvmae("store", "verify", path)
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    return r.returncode == 0
+
+
+def test_readers_opened_before_a_compaction_scan_and_summarize_it(tmp_path):
+    """Only get() re-read the index when a compaction had replaced the shards: the NaN scan (run by pretrain
+    and verify at start) and `store info`'s size raised FileNotFoundError."""
+    from lvmae_fast.store import scan_nonfinite, summarize
+
+    rng = np.random.default_rng(5)
+    videos = random_videos(rng, 3, [5, 1, 7, 2])
+    w = StoreWriter(tmp_path / "s", dim=3, shard_rows=16)
+    for vid, emb in videos.items():
+        w.add(vid, emb)
+        w.commit()
+    before = Store(tmp_path / "s")
+    w.compact()
+    w.close()
+    assert scan_nonfinite(before) == {}
+    assert summarize(before)["bytes_on_disk"] == summarize(Store(tmp_path / "s"))["bytes_on_disk"]
+
+
+def test_window_times_beyond_float32_are_refused_when_added(tmp_path):
+    with StoreWriter(tmp_path / "s", dim=4) as w:
+        with pytest.raises(ValueError, match="window_times must be finite in float32"):
+            w.add("a", np.ones((2, 4), np.float32), window_times=[[0, 5], [5, 1e39]])
+
+
 def test_compact_merges_small_shards_and_keeps_every_video(tmp_path):
     from lvmae_fast.store import JOURNAL_NAME
 
