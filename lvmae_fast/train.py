@@ -310,8 +310,7 @@ def drop_later_val(out: Path, step: int, keep_dropped: Path | None = None) -> No
     except (OSError, ValueError, KeyError, TypeError):
         return
     if later and keep_dropped is not None:
-        old = keep_dropped.read_text() if keep_dropped.exists() else ""
-        atomic_write_text(keep_dropped, old + text.strip() + "\n")
+        append_atomically(keep_dropped, text.strip() + "\n")
     if later:
         path.unlink()
 
@@ -323,9 +322,13 @@ def truncate_metrics(path: Path, step: int, keep_dropped: Path | None = None) ->
     kept = [r for r in records if r.get("step", 0) <= step]
     dropped = [r for r in records if r.get("step", 0) > step]
     if keep_dropped is not None and dropped:
-        old = keep_dropped.read_text() if keep_dropped.exists() else ""
-        atomic_write_text(keep_dropped, old + "".join(json.dumps(r) + "\n" for r in dropped))
+        append_atomically(keep_dropped, "".join(json.dumps(r) + "\n" for r in dropped))
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def append_atomically(path: Path, text: str) -> None:
+    """path's text + `text`, rewritten whole (temp + rename): a kill leaves the old file or the new one."""
+    atomic_write_text(path, (path.read_text() if path.exists() else "") + text)
 
 
 def plot_loss(run: Path) -> Path | None:
