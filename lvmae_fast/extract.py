@@ -38,7 +38,7 @@ from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
 from .video.hybrid import DEFAULT_NVDEC_SLOTS, DecoderShare
 from .video.ordered import default_decode_workers, in_background, ordered_parallel
 from .video.partial import PartialVideos
-from .video.probe import VideoError
+from .video.probe import INDEX_VERSION, VideoError
 
 log = logging.getLogger("lvmae_fast.extract")
 
@@ -488,7 +488,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
         # rounding differ, and one video's windows should come from one of them.
         partials = PartialVideos(out, model.dim, settings={**settings, "encoder": encoder, "seed": seed,
                                                            "decoder": f"{backend}/{dev.type}",
-                                                           "precision": str(dtype).replace("torch.", "")})
+                                                           "precision": str(dtype).replace("torch.", ""),
+                                                           "frame_index": INDEX_VERSION})
         partials.remove_committed(writer.contains)
         todo = []
         for vid, path in items:

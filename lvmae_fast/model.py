@@ -17,6 +17,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -53,12 +54,16 @@ class LVMAEConfig:
     kernels: str = "auto"             # auto | triton | torch (semantic masking + masked loss)
 
     def __post_init__(self):
-        # Types first: a config.json with "max_len": 2.5 or "depth": "2" failed later inside torch.
-        kinds = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool}
+        # Types first: a config.json with "max_len": 2.5 or "depth": "2" failed later inside torch. numpy
+        # scalars (a sweep table's) become Python ones: the config is saved as JSON.
+        kinds = {"int": (numbers.Integral, int), "float": (numbers.Real, float), "str": (str, str),
+                 "bool": ((bool, np.bool_), bool)}
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, kinds[f.type]) or (isinstance(value, bool) and f.type != "bool"):
+            accepted, python_type = kinds[f.type]
+            if not isinstance(value, accepted) or (isinstance(value, (bool, np.bool_)) and f.type != "bool"):
                 raise ValueError(f"config: {f.name}={value!r} is not a{'n' if f.type == 'int' else ''} {f.type}")
+            setattr(self, f.name, python_type(value))
         for name, value, choices in (("masking", self.masking, MASKING_STRATEGIES), ("loss", self.loss, LOSSES),
                                      ("attn_impl", self.attn_impl, ATTN_IMPLS),
                                      ("kernels", self.kernels, ("auto", "triton", "torch"))):

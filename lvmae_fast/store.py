@@ -121,12 +121,36 @@ def default_window_times(n: int, segment_seconds: float) -> np.ndarray:
     return np.stack([starts, starts + segment_seconds], 1).astype(TIMES_DTYPE)
 
 
+class _StaleSnapshot(Exception):
+    """The journal starts after the index.json we read: a writer folded it between our two reads."""
+
+
+# Reads of index.json + journal before a reader gives up on a writer that keeps folding under it.
+SNAPSHOT_READS = 5
+
+
 def load_index(path) -> dict:
     """The committed index: the index.json snapshot plus the journal lines committed after it."""
     index_path = Path(path) / INDEX_NAME
     if not index_path.is_file():
         raise FileNotFoundError(f"no embedding store at {path} ({INDEX_NAME} missing); "
                                 f"create one with `lvmae store import`")
+    for _ in range(SNAPSHOT_READS):
+        index = _read_snapshot(index_path)
+        try:
+            records = read_journal(Path(path) / JOURNAL_NAME, after=index["journal_seq"])
+        except _StaleSnapshot:
+            continue  # the writer replaced index.json after we read it: read both again
+        for record in records:
+            index["shards"].extend(record["shards"])
+            index["videos"].extend(record["videos"])
+            index["journal_seq"] = record["seq"]
+        return index
+    raise ValueError(f"{Path(path) / JOURNAL_NAME} starts after {index_path} in {SNAPSHOT_READS} reads of both "
+                     f"(a writer folding it each time, or a journal that is not this snapshot's)")
+
+
+def _read_snapshot(index_path: Path) -> dict:
     try:
         index = json.loads(index_path.read_text())
     except json.JSONDecodeError as err:
@@ -146,10 +170,6 @@ def load_index(path) -> dict:
     if not _is_count(index["journal_seq"]) or index["journal_seq"] < 0:
         raise ValueError(f"{index_path}: malformed index (journal_seq must be an int >= 0, "
                          f"got {index['journal_seq']!r})")
-    for record in read_journal(Path(path) / JOURNAL_NAME, after=index["journal_seq"]):
-        index["shards"].extend(record["shards"])
-        index["videos"].extend(record["videos"])
-        index["journal_seq"] = record["seq"]
     return index
 
 
@@ -182,6 +202,8 @@ def read_journal(path: Path, after: int) -> list[dict]:
                 problem = "not a journal record"
             elif record["seq"] <= after:  # already folded into the snapshot (a fold killed before truncating)
                 continue
+            elif number == 1 and record["seq"] > expected:  # a newer snapshot's journal
+                raise _StaleSnapshot
             elif record["seq"] != expected:
                 problem = f"seq {record['seq']} where {expected} was next"
         if problem is not None:

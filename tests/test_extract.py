@@ -346,6 +346,10 @@ def test_a_killed_job_loses_only_the_batch_in_flight_of_a_long_video(long_video,
     kill_during_4th_batch(long_video.path, killed)
     assert not (killed / "index.json").exists()  # nothing complete, nothing committed
     assert len(list((killed / PARTIAL_DIR).rglob("chunk-*.npz"))) == 3
+    # Saved windows name the frame-index version they were planned on (another version's are not reused).
+    from lvmae_fast.video.probe import INDEX_VERSION
+    (meta,) = (killed / PARTIAL_DIR).rglob("meta.json")
+    assert json.loads(meta.read_text())["settings"]["frame_index"] == INDEX_VERSION
     resumed = extract_videos(str(long_video.path), killed, encoder="tiny", seconds=1.0, batch_size=2, decoder="pyav")
     assert (resumed["done"], resumed["windows"]) == (1, 6)
     assert not any((killed / PARTIAL_DIR).iterdir())  # committed: its saved windows are gone

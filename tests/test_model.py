@@ -348,3 +348,19 @@ def test_a_generator_of_sequences_is_named_not_called_empty():
         model.encode(torch.randn(3, 8) for _ in range(2))
     with pytest.raises(ValueError, match="empty batch"):
         model.encode([])
+
+
+def test_numpy_scalars_in_a_config_become_python_values():
+    """A sweep table's numpy values: np.bool_ was refused ("is not a bool"), and numpy ints/floats stayed
+    numpy, which config.json (json.dumps) cannot write."""
+    import json
+
+    import numpy as np
+
+    cfg = LVMAEConfig.from_preset("tiny", in_dim=np.int64(8), norm_targets=np.bool_(True), mask_ratio=np.float32(0.5))
+    assert (type(cfg.in_dim), type(cfg.norm_targets), type(cfg.mask_ratio)) == (int, bool, float)
+    assert json.loads(json.dumps(cfg.to_dict()))["norm_targets"] is True
+    for bad, message in ((dict(depth=True), "depth=True is not an int"), (dict(mask_ratio="0.5"), "is not a float"),
+                         (dict(norm_targets=1), "norm_targets=1 is not a bool")):
+        with pytest.raises(ValueError, match=message):
+            LVMAEConfig.from_preset("tiny", in_dim=8, **bad)

@@ -503,6 +503,34 @@ def test_a_damaged_journal_line_before_valid_ones_refuses_the_store_and_deletes_
         Store(tmp_path / "s")
 
 
+def test_a_reader_racing_a_writers_fold_reads_the_new_snapshot(tmp_path, monkeypatch):
+    """A writer folding the journal and committing twice between a reader's read of index.json and of the
+    journal: the journal then starts after the snapshot the reader holds. That is no damage: the reader
+    reads both again (it was refused as damaged)."""
+    from lvmae_fast import store as store_mod
+
+    rng = np.random.default_rng(3)
+    w = StoreWriter(tmp_path / "s", dim=4)
+    w.add("v0", rng.standard_normal((2, 4)).astype(np.float32))
+    w.commit()  # index.json holds v0; the journal is empty
+    real, raced = store_mod.read_journal, []
+
+    def racing(path, after):
+        if not raced:
+            raced.append(1)
+            w._fold()
+            for vid in ("v1", "v2"):
+                w.add(vid, rng.standard_normal((2, 4)).astype(np.float32))
+                w.commit()
+        return real(path, after)
+
+    w.add("v1x", rng.standard_normal((2, 4)).astype(np.float32))
+    w.commit()  # a journal line, which the fold moves into index.json
+    monkeypatch.setattr(store_mod, "read_journal", racing)
+    assert Store(tmp_path / "s").video_ids == ["v0", "v1x", "v1", "v2"]
+    w.close()
+
+
 def verify_store_ok(path) -> bool:
     r = lvmae("store", "verify", path)
     assert "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -596,3 +596,34 @@ def test_negative_timestamps_of_a_webm_are_frames_every_decoder_shows(tmp_path):
         shown = np.round(e.frames.numpy().reshape(4, -1).mean(1) / 4).astype(int)
         assert shown.tolist() == job.plan.frames[e.window].tolist()
         np.testing.assert_allclose(e.times, pyav_times[e.window], atol=1e-6)
+
+
+def test_a_refused_packet_in_an_avi_does_not_shift_the_later_frames(tmp_path):
+    """AVI frames are matched by output position: going on after a packet the decoder refuses (MJPEG raises)
+    would show frame k+1 for frame k to the end of the file. There the first refusal ends the decode: the
+    frames after it are stood in (damage), never shifted."""
+    from lvmae_fast.video.probe import VideoError
+
+    src = tmp_path / "whole.avi"
+    import av
+
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("mjpeg", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(60):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    path = _remux_damaged(src, tmp_path / "bad.avi", garble={20})
+    index = probe_video(path)
+    assert index.pts_in_decode_order
+    plan = plan_windows(index.times, index.duration, 1.0, 10)
+    shown = {}
+    with pytest.raises(VideoError, match="damaged video data"):
+        for w, frames, _ in decode_windows_pyav(index, plan):
+            shown[w] = np.round(frames.reshape(10, -1).mean(1) / 4).astype(int)
+    assert sorted(shown) == [0, 1]  # before the refused packet: its own frames
+    for w, got in shown.items():
+        assert got.tolist() == plan.frames[w].tolist()

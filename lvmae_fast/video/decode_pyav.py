@@ -410,8 +410,10 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     lag = REORDER_FRAMES if strict else 0
     held = collections.deque(maxlen=lag + 1)  # pts of the last lag + 1 frames out: windows up to the oldest go
     settled = 0  # frames out since every needed frame (and `through`) came out
-    # Packets the decoder refused (one pass goes on after them; a part hands the video to a redo).
-    errors: list[str] | None = None if strict else []
+    # Packets the decoder refused (one pass goes on after them; a part hands the video to a redo). Frames
+    # matched by output position (AVI) cannot go on: a packet without a frame would shift every later one,
+    # so there the first refusal ends the decode (the frames after it are stood in, as a damaged tail).
+    errors: list[str] | None = None if strict or index.pts_in_decode_order else []
     try:
         for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel, errors=errors):
             if damage is not None and damage.superseded(part):

@@ -17,6 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+# Which frames the index holds and how they are numbered: windows saved by a killed job (video/partial.py)
+# are reused only under the same version. 2 (2026-11-27): negative pts kept, only discard-flagged packets
+# left out (1 left out every negative pts: a webm's lead-in).
+INDEX_VERSION = 2
+
 
 class VideoError(Exception):
     """A file that cannot be ingested; the message is the reason recorded in failures.jsonl."""
