@@ -979,3 +979,12 @@ def test_gpu_side_streams_give_the_store_the_default_stream_gives(corpus, tmp_pa
     assert stores[True].video_ids == stores[False].video_ids
     for vid in stores[False].video_ids:
         np.testing.assert_array_equal(stores[True].get(vid), stores[False].get(vid))
+
+
+def test_folder_inputs_take_camera_and_disc_suffixes(tmp_path):
+    """A folder of AVCHD (.MTS/.M2TS), MXF and VOB files was skipped silently: none of them was listed."""
+    from lvmae_fast.video.inputs import list_videos
+
+    for name in ("00001.MTS", "00002.m2ts", "C0001.MXF", "VTS_01_1.VOB", "clip.mp4", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(vid for vid, _ in list_videos(tmp_path)) == ["00001", "00002", "C0001", "VTS_01_1", "clip"]

@@ -1,6 +1,8 @@
 """Probe + decoders on real encoded files (synth): timestamps vs hand-computed, content vs scenes,
 PyAV vs DALI-CPU agreement on VP9, through both DALI APIs (the DALI GPU path shares this
 timestamp-selection code). tests/test_dali_decoder.py checks the decoder API frame by frame."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -509,8 +511,9 @@ def _remux_damaged(src, dst, drop=(), garble=()):
 
 def _naive_windows(path, plan, index):
     """Independent reference: decode packet by packet in one thread, skipping packets the decoder refuses;
-    each planned frame is the decoded frame of its pts, else the last one decoded before it (damage), else
-    (before the first decodable frame) the first one decoded."""
+    each planned frame is the decoded frame of its pts (the first, where FFmpeg outputs two with one pts: B-frames
+    around an edit list's cuts), else the last one decoded before it (damage), else (before the first decodable
+    frame) the first one decoded."""
     import av
 
     decoded = {}
@@ -520,7 +523,8 @@ def _naive_windows(path, plan, index):
         for packet in c.demux(s):
             try:
                 for f in packet.decode():
-                    decoded[f.pts] = f.to_ndarray(format="rgb24")
+                    if f.pts not in decoded:
+                        decoded[f.pts] = f.to_ndarray(format="rgb24")
             except av.FFmpegError:
                 pass
     have = np.array(sorted(decoded))
@@ -627,3 +631,72 @@ def test_a_refused_packet_in_an_avi_does_not_shift_the_later_frames(tmp_path):
     assert sorted(shown) == [0, 1]  # before the refused packet: its own frames
     for w, got in shown.items():
         assert got.tolist() == plan.frames[w].tolist()
+
+
+def _mp4_with_edit_list(path, sections, frames=500, fps=25, options=None):
+    """An H.264 mp4 of `frames` distinct frames whose edit list shows only `sections` [(start s, length s)]
+    of its media, as an editor cutting parts out without re-encoding leaves it (elst rewritten in place)."""
+    import struct
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=fps, options=options or {"bf": "0", "g": "50"})
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for k in range(frames):
+            img = np.empty((48, 64, 3), np.uint8)
+            img[:, :32, 0], img[:, 32:, 0] = k * 23 % 256, (k * 71 + 40) % 256
+            img[:24, :, 1], img[24:, :, 1], img[:, :, 2] = (k * 5 + 100) % 256, k * 131 % 256, (k // 7) * 97 % 256
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = k, Fraction(1, fps)
+            for p in s.encode(f):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    b = bytearray(Path(path).read_bytes())
+
+    def box(tag, lo=0, hi=None):
+        hi, i = len(b) if hi is None else hi, lo
+        while i < hi:
+            n, t = struct.unpack(">I4s", b[i:i + 8])
+            if t == tag:
+                return i, n
+            i += n
+        raise AssertionError(tag)
+
+    moov = box(b"moov")
+    trak, mvhd = box(b"trak", moov[0] + 8, sum(moov)), box(b"mvhd", moov[0] + 8, sum(moov))
+    edts, tkhd = box(b"edts", trak[0] + 8, sum(trak)), box(b"tkhd", trak[0] + 8, sum(trak))
+    elst, mdhd = box(b"elst", edts[0] + 8, sum(edts)), box(b"mdhd", box(b"mdia", trak[0] + 8, sum(trak))[0] + 8)
+    movie_ts, media_ts = (struct.unpack(">I", b[x[0] + 20:x[0] + 24])[0] for x in (mvhd, mdhd))
+    media0 = struct.unpack(">i", b[elst[0] + 20:elst[0] + 24])[0]
+    entries = b"".join(struct.pack(">Iii", int(d * movie_ts), media0 + int(st * media_ts), 0x10000) for st, d in sections)
+    new = struct.pack(">I4sII", 16 + len(entries), b"elst", 0, len(sections)) + entries
+    total = int(sum(d for _, d in sections) * movie_ts)
+    struct.pack_into(">I", b, mvhd[0] + 24, total)
+    struct.pack_into(">I", b, tkhd[0] + 28, total)
+    for x in (moov, trak, edts):  # moov follows mdat: no chunk offset moves
+        struct.pack_into(">I", b, x[0], x[1] + len(new) - elst[1])
+    b[elst[0]:sum(elst)] = new
+    Path(path).write_bytes(b)
+    return path
+
+
+@pytest.mark.parametrize("sections, options", [
+    ([(1.0, 4.0), (6.5, 4.0), (12.5, 4.0)], {"bf": "0", "g": "50"}),
+    ([(2 * k + 0.5, 1.2) for k in range(9)], {"bf": "2", "g": "25", "sc_threshold": "0"}),
+])
+def test_an_mp4_cut_by_an_edit_list_of_several_sections_gives_the_shown_frames(tmp_path, sections, options):
+    """Before each section FFmpeg hands over the lead-in packets from its GOP's keyframe, flagged discard
+    (decoded, never shown, not in the index); their pts may equal a shown frame's. Counted as that needed
+    frame, it let the GOP-tail skip drop the real one: wrong frames, or a "damaged" refusal."""
+    path = _mp4_with_edit_list(tmp_path / "cut.mp4", sections, options=options)
+    index = probe_video(path)
+    for seconds in (5.0, 2.0):
+        plan = plan_windows(index.times, index.duration, seconds, 8)
+        want = _naive_windows(path, plan, index)
+        got = list(decode_windows_pyav(index, plan, threads=1))
+        assert [w for w, _, _ in got] == list(range(len(plan)))
+        for w, frames, _ in got:
+            np.testing.assert_array_equal(frames, want[w], err_msg=f"{seconds} s windows: window {w}")

@@ -110,3 +110,23 @@ def test_cut_mkv_with_audio_is_truncated(tmp_path, codec):
     cut.write_bytes(data[: len(data) // 3])
     with pytest.raises(VideoError, match=r"truncated: the header declares 12\.0 s of video"):
         probe_video(cut)
+
+
+def test_a_raw_h264_stream_is_refused_with_how_to_remux_it(tmp_path):
+    """An elementary stream (a DVR's .h264 export) has no timestamps: it was refused as "video stream has no
+    frames" although it decodes."""
+    import av
+
+    path = tmp_path / "cam.h264"
+    with av.open(str(path), "w", format="h264") as out:
+        s = out.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for k in range(30):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), k, np.uint8), format="rgb24")
+            f.pts, f.time_base = k, Fraction(1, 25)
+            for p in s.encode(f):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    with pytest.raises(VideoError, match=r"30 frames without timestamps: a raw h264 stream, not a container; remux"):
+        probe_video(path)

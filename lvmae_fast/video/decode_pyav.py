@@ -223,7 +223,11 @@ def _decoded(container, stream, keep: set[int] | None, tails: dict[int, int] | N
     context = stream.codec_context
     left = None  # needed packets of this segment not yet sent; None until the first clean keyframe
     for packet in container.demux(stream):
-        if keep is not None:
+        if keep is not None and packet.is_discard:
+            # An edit list's lead-in to the next shown section (decoded, never shown, not in the index): its
+            # pts may equal a needed frame's, so it must not count as that frame (nor as a tail's keyframe).
+            context.skip_frame = "ALL" if left == 0 else "NONREF"
+        elif keep is not None:
             pts = packet.pts
             if tails is not None and pts in tails:
                 left = tails[pts]

@@ -15,8 +15,11 @@ import csv
 import glob
 from pathlib import Path
 
-VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
-                  ".3gp", ".ogv"}
+# Folder inputs take files with these suffixes (any case): camera (AVCHD .mts/.m2ts, .mxf, .dv), disc
+# (.vob), web and container formats FFmpeg demuxes. A glob or a list takes any file.
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
+                  ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".3g2", ".ogv", ".mxf", ".vob", ".dv", ".ivf", ".nut",
+                  ".m2v", ".y4m"}
 LIST_SUFFIXES = {".txt", ".csv", ".lst"}
 
 

@@ -141,11 +141,13 @@ def probe_video(path) -> VideoIndex:
         codec_id = stream.codec_context.codec.canonical_name  # the format's name ("av1"), not the decoder's
         nal_length = _nal_length_size(codec_id, stream.codec_context.extradata)
         key_at = None                         # list position of the last keyframe demuxed
+        untimed = 0                           # packets with neither pts nor dts
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:          # the demuxer's end-of-stream flush packet
                     continue
                 p = packet.pts if packet.pts is not None else packet.dts
+                untimed += p is None
                 if p is None or packet.is_discard:
                     continue
                 if packet.is_keyframe:
@@ -163,6 +165,9 @@ def probe_video(path) -> VideoIndex:
                 raise VideoError(f"unreadable video data ({err.strerror or err})") from None
             # A damaged tail: keep what was demuxed (DALI's index stops at the same point); a long
             # one is caught by the truncation check below.
+    if not pts and untimed:
+        raise VideoError(f"{untimed} frames without timestamps: a raw {codec} stream, not a container; remux it "
+                         f"with its frame rate, e.g. `ffmpeg -r 25 -i IN -c copy OUT.mp4`")
     if not pts:
         raise VideoError("video stream has no frames")
     order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
