@@ -44,7 +44,7 @@ class SynthVideo:
 def frame_times_for(duration: float, fps: float, vfr: bool = False, seed: int = 0) -> np.ndarray:
     """Frame start times in [0, duration). CFR: k/fps. VFR: intervals drawn from {0.5, 1, 2}/fps."""
     if not vfr:
-        n = int(np.floor(duration * fps + 1e-9))
+        n = int(np.ceil(duration * fps - 1e-9))  # every k with k / fps < duration (floor left 7.4 s out of 7.5)
         return np.arange(n, dtype=np.float64) / fps
     # On a grid of half-frame ticks, summed as integers: float steps drift (7.999999999999997), and a frame
     # meant to start a scene at 8.0 would show the one before.
@@ -82,9 +82,7 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
     path = Path(path)
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose from {sorted(CODECS)}")
-    encoder_name, _, pix_fmt = CODECS[codec]
-    width, height = size
-    if width % 2 or height % 2:
+    if size[0] % 2 or size[1] % 2:
         raise ValueError("width and height must be even (4:2:0 chroma)")
     scene_starts = list(scene_starts) if scene_starts is not None else list(np.arange(0.0, duration, 2.0))
     if not scene_starts or scene_starts[0] != 0.0 or any(b <= a for a, b in zip(scene_starts, scene_starts[1:])):
@@ -94,6 +92,24 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
         raise ValueError(f"duration={duration} s at fps={fps} gives no frame")
     path.parent.mkdir(parents=True, exist_ok=True)
 
+    def scenes_at(t):
+        return np.searchsorted(np.asarray(scene_starts), t, side="right") - 1
+
+    stored = _encode(av, path, times, scenes_at(times), fps, size, codec, gop, audio, duration, mux_options)
+    # The muxer rounds to its own time base (webm: 1 ms, halves up): a frame 0.2 ms before a scene start
+    # (59.94 fps) is stored at the start and must show that scene. Scenes chosen on the stored times, again.
+    if not np.array_equal(scenes_at(stored), scenes_at(times)):
+        stored = _encode(av, path, times, scenes_at(stored), fps, size, codec, gop, audio, duration, mux_options)
+    # The last frame shows for one nominal frame interval: its packet's duration in the file.
+    return SynthVideo(path=path, frame_times=stored, duration=float(stored[-1] + 1.0 / fps),
+                      scene_starts=[float(x) for x in scene_starts], codec=codec)
+
+
+def _encode(av, path: Path, times: np.ndarray, scene_of: np.ndarray, fps, size, codec: str, gop: int, audio: bool,
+            duration: float, mux_options) -> np.ndarray:
+    """Write frame k (scene scene_of[k]) at times[k]; return the frame times as stored, ascending."""
+    encoder_name, _, pix_fmt = CODECS[codec]
+    width, height = size
     with av.open(str(path), mode="w", options=dict(mux_options or {})) as container:
         stream = container.add_stream(encoder_name, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
@@ -109,8 +125,7 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
         audio_stream = container.add_stream("aac", rate=16000) if audio else None
         # One converted frame per scene, re-sent with new timestamps (the encoder keeps its own reference).
         scene_frames = [av.VideoFrame.from_ndarray(_scene_image(i, width, height), format="rgb24").reformat(format=pix_fmt)
-                        for i in range(len(scene_starts))]
-        scene_of = np.searchsorted(np.asarray(scene_starts), times, side="right") - 1
+                        for i in range(int(scene_of.max()) + 1)]
         for t, scene in zip(times, scene_of):
             frame = scene_frames[scene]
             frame.pts = int(round(t * 90000))
@@ -130,9 +145,7 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
                                      if p.pts is not None], dtype=np.float64))
     if len(stored) != len(times):
         raise RuntimeError(f"{path}: {len(stored)} frames stored, {len(times)} written")
-    last_interval = (times[-1] - times[-2]) if len(times) > 1 else 1.0 / fps
-    return SynthVideo(path=path, frame_times=stored, duration=float(stored[-1] + last_interval),
-                      scene_starts=[float(s) for s in scene_starts], codec=codec)
+    return stored
 
 
 def write_distinct_frames(path, frames: int = 300, fps: int = 25, keyint: int = 30, bframes: int = 3,

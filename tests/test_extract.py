@@ -22,7 +22,7 @@ def corpus(tmp_path_factory):
     good = {
         "a": synth.write_video(d / "a.mp4", duration=3.0, fps=10, codec="h264"),
         "b": synth.write_video(d / "b.webm", duration=3.0, fps=10, codec="vp9", vfr=True, seed=1),
-        "sub/c": synth.write_video(d / "sub" / "c.mkv", duration=3.4, fps=8, codec="vp9"),
+        "sub/c": synth.write_video(d / "sub" / "c.mkv", duration=3.3, fps=8, codec="vp9"),  # 27 frames: 3.375 s
         "d": synth.write_video(d / "d.mp4", duration=3.0, fps=10, codec="h264", audio=True),
     }
     bad = synth.write_failure_corpus(d / "bad")
@@ -38,7 +38,7 @@ def test_cli_extracts_good_files_and_lists_failures(corpus, tmp_path, capsys):
     store = Store(store_dir)
     assert sorted(store.video_ids) == sorted(good)
     assert store.dim == 64
-    # 3.0 s -> 3 windows; 3.4 s -> 3 full + 0.4 s tail (< 0.5 s): dropped
+    # 3.0 s -> 3 windows; 3.375 s -> 3 full + 0.375 s tail (< 0.5 s): dropped
     for vid in good:
         assert store.get(vid).shape == (3, 64)
         np.testing.assert_allclose(store.window_times(vid), [[0, 1], [1, 2], [2, 3]])
