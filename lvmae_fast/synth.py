@@ -202,7 +202,7 @@ def write_camera_like(path, duration: float = 30.0, fps: float = 30.0, size: tup
     bitrate = bitrate or int(8e6 * width * height / (1920 * 1080))
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = int(np.floor(duration * fps + 1e-9))
+    n = len(frame_times_for(duration, fps))  # every k / fps below the duration, as write_video
     scene_len = max(1, int(round(2 * fps)))
     pan = 4  # pixels per frame, both axes: motion the encoder has to search for
     margin = pan * scene_len
