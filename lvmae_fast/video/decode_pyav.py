@@ -251,14 +251,16 @@ def _decoded(container, stream, keep: set[int] | None, tails: dict[int, int] | N
 
 
 def _tail_counts(index: VideoIndex, keep: set[int] | None) -> dict[int, int] | None:
-    """For each clean keyframe (by pts): how many needed frames lie between it and the next clean
-    keyframe (SKIP_GOP_TAILS). None: no tail is skipped (unknown keyframes, or every frame wanted)."""
+    """For each clean keyframe (by pts): how many needed packets lie between it and the next clean
+    keyframe (SKIP_GOP_TAILS), counted as _decoded counts them: every indexed packet whose pts is needed (B-frames
+    around an edit list's cut can give two shown packets one pts). None: no tail is skipped (unknown
+    keyframes, or every frame wanted)."""
     if keep is None or not SKIP_GOP_TAILS or index.clean_keyframe is None:
         return None
     clean = index.pts[index.clean_keyframe]              # ascending
     if len(clean) == 0:
         return None
-    needed = np.sort(np.fromiter(keep, dtype=np.int64, count=len(keep)))
+    needed = index.pts[np.isin(index.pts, np.fromiter(keep, dtype=np.int64, count=len(keep)))]  # ascending
     first = np.searchsorted(needed, clean, side="left")
     return dict(zip(clean.tolist(), (np.append(first[1:], len(needed)) - first).tolist()))
 
