@@ -8,7 +8,8 @@ earlier runs used, which decode several times faster than real footage).
     python bench/extract.py --copies 16 --json results.json   # 16x the corpus (links, no re-encoding)
 
 --copies K links every written video K times, so that GPU decode and the end-to-end rate are measured
-over enough video to amortise pipeline start-up (PyAV's CPU decode is timed on the originals only).
+over enough video to amortise pipeline start-up (PyAV's CPU decode is timed on the originals, or on 2
+videos per decode worker where the copies give that many).
 DALI decode is timed through its reader API (`--dali-api reader`, extract's default) with the default
 frame-selection rule (`--sampling time`; also `index` with --index-rule, the slowest row), and through
 its in-memory decoder API (`--dali-api decoder`). End to end: `--decoder dali` with each API where DALI
@@ -440,9 +441,14 @@ def main(argv=None) -> int:
         stage("decode_pyav_every_frame", lambda: bench_pyav_decode(decode_set, spec, 1, threads=0, skip_nonref=False))
         one = results["decode_pyav"]
         results["decode_pyav_skip_over_every_frame"] = frames_ratio(one, results["decode_pyav_every_frame"])
+        def parallel():  # 2 videos per worker of this pass (a variant may raise the count), as many as there are
+            n = current["decode_workers"]
+            return bench_pyav_decode(paths[:max(len(originals), 2 * n)], spec, n)
+
         if workers > 1:
-            stage("decode_pyav_parallel", lambda: bench_pyav_decode(decode_set, spec, current["decode_workers"]))
-        else:  # the row above already is the one-worker decode
+            stage("decode_pyav_parallel", parallel)
+        else:  # the row above already is the one-worker decode; a variant with more workers still runs it
+            measures["decode_pyav_parallel"] = parallel
             results["decode_pyav_parallel"] = f"{NOT_MEASURED} (1 decode worker here: pass --decode-workers N)"
         results["decode_pyav_parallel_over_one"] = frames_ratio(results["decode_pyav_parallel"], one)
         save()

@@ -229,6 +229,28 @@ def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_pat
         0, False, True, None)
 
 
+def test_a_decode_workers_variant_times_the_parallel_row_with_its_own_workers_and_videos(tmp_path, monkeypatch):
+    """With one decode worker the run has no parallel row, and a decode_workers=3 variant had none to repeat;
+    a variant raising the count decoded the run's own 2-per-worker set (2 videos for 3 workers)."""
+    extract_bench = load_extract_bench()
+    restore_decode_switches(monkeypatch)
+    calls, real = [], extract_bench.bench_pyav_decode
+
+    def spy(paths, spec, workers=1, **kw):
+        calls.append((len(paths), workers))
+        return real(paths, spec, workers, **kw)
+
+    monkeypatch.setattr(extract_bench, "bench_pyav_decode", spy)
+    out = tmp_path / "v.json"
+    assert extract_bench.main(["--quick", "--device", "cpu", "--videos", "1", "--duration", "5", "--copies", "6",
+                               "--video-dir", str(tmp_path / "videos"), "--only", "decode_pyav_parallel",
+                               "--decode-workers", "1", "--variant", "decode_workers=3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["decode_pyav_parallel"].startswith("not measured")
+    assert result["decode_pyav_parallel@decode_workers=3"]["workers"] == 3
+    assert calls[-1] == (6, 3)
+
+
 def test_extract_bench_refuses_bad_decode_flags():
     for args, message in ((["--frame-threads", "-1"], "--frame-threads must be >= 0, got -1"),
                           (["--gop-tails", "sometimes"], "--gop-tails: invalid choice"),
