@@ -219,17 +219,21 @@ def tail_part_windows(index, num_windows: int, to_decode: int, videos_left: int,
     TAIL_GOPS_PER_PART keyframe intervals."""
     if videos_left >= decodes_at_once or to_decode < 2:
         return part_windows
+    parts = -(-decodes_at_once // videos_left)
+    return min(part_windows, max(shortest_tail_part(index, num_windows), -(-to_decode // parts)))
+
+
+def shortest_tail_part(index, num_windows: int) -> int:
+    """TAIL_MIN_WINDOWS windows or TAIL_GOPS_PER_PART keyframe intervals, whichever is longer."""
     gop_frames = index.num_frames / max(1, int(index.keyframe.sum()))
     frames_per_window = index.num_frames / max(1, num_windows)
-    shortest = max(TAIL_MIN_WINDOWS, math.ceil(TAIL_GOPS_PER_PART * gop_frames / frames_per_window))
-    parts = -(-decodes_at_once // videos_left)
-    return min(part_windows, max(shortest, -(-to_decode // parts)))
+    return max(TAIL_MIN_WINDOWS, math.ceil(TAIL_GOPS_PER_PART * gop_frames / frames_per_window))
 
 
 def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32,
                decodes_at_once: int = 1) -> Iterator[DecodePart | Failed]:
     """Probe the videos (ahead, in a thread) and cut each one that is longer than `part_windows` windows
-    into parts of that many, so several workers share a long video (in-order consumption would
+    into parts of near-equal length, at most that many, so several workers share a long video (in-order consumption would
     otherwise leave them waiting on its one decode); the last videos are cut finer to keep
     `decodes_at_once` decodes busy (tail_part_windows). A part starts at the keyframe before its first
     frame, so only containers that seek by index are cut (in others every part would decode from the
@@ -249,9 +253,13 @@ def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32,
         if len(active) <= size or not item.index.seeks_by_index:
             yield DecodePart(item)
             continue
+        # Parts of near-equal length, at most `size`: a leftover part (21 windows in parts of 5 left 1) would
+        # decode up to a GOP more than it delivers. Cut for the tail, none shorter than its floor either.
+        floor = shortest_tail_part(item.index, item.num_windows) if size < part_windows else 1
+        count = max(1, min(-(-len(active) // size), len(active) // floor))
         damage = SharedDamage()
-        for start in range(0, len(active), size):
-            yield DecodePart(item, active[start:start + size], damage)
+        for windows in np.array_split(active, count):
+            yield DecodePart(item, windows, damage)
 
 
 def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> Iterator[Window | Failed]:

@@ -240,8 +240,9 @@ def test_parts_of_a_long_video_decode_the_frames_of_one_pass(tmp_path, part_wind
     job = parts[0].job
     one_pass = {w: (f, t) for w, f, t in decode_windows_pyav(job.index, job.plan)}
     assert len(one_pass) == len(job.plan) == 12
-    assert [list(p.windows) for p in parts] == [list(range(k, min(k + part_windows, 12)))
-                                                for k in range(0, 12, part_windows)]
+    # 12 windows in near-equal parts of at most part_windows (5: 4, 4, 4, not 5, 5 and a 2-window leftover)
+    sizes = {1: [1] * 12, 3: [3] * 4, 5: [4] * 3}[part_windows]
+    assert [list(p.windows) for p in parts] == [list(range(sum(sizes[:i]), sum(sizes[:i + 1]))) for i in range(len(sizes))]
     assert all(isinstance(p, DecodePart) and p.job is job and p.damage is parts[0].damage for p in parts)
     got = [e for p in parts for e in decode_part(p)]
     assert all(isinstance(e, Window) for e in got)
@@ -292,6 +293,11 @@ def test_the_last_videos_are_cut_to_keep_every_decode_busy(tmp_path):
     for p in parts:
         sizes.setdefault(p.job.video_id, []).append(len(p.windows))
     assert sizes == {"v0": [7, 7, 6], "v1": [5, 5, 5, 5], "v2": [5, 5, 5, 5]}
+    # 21 and 22 windows in parts of 5 (the floor): the leftover window(s) were parts of their own (1, 2)
+    for frames, want in ((525, [6, 5, 5, 5]), (550, [6, 6, 5, 5])):
+        last = distinct_frames_video(tmp_path / f"last{frames}.mp4", frames=frames)
+        got = [len(p.windows) for p in pyav_parts([VideoJob("x", str(last))], spec, part_windows=32, decodes_at_once=24)]
+        assert got == want, frames
     assert [p.windows is None for p in pyav_parts(jobs, spec, part_windows=32, decodes_at_once=1)] == [True] * 3
 
 
