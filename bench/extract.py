@@ -443,7 +443,10 @@ def main(argv=None) -> int:
         results["decode_pyav_skip_over_every_frame"] = frames_ratio(one, results["decode_pyav_every_frame"])
         def parallel():  # 2 videos per worker of this pass (a variant may raise the count), as many as there are
             n = current["decode_workers"]
-            return bench_pyav_decode(paths[:max(len(originals), 2 * n)], spec, n)
+            if n == 1:
+                return f"{NOT_MEASURED} (1 decode worker: the decode_pyav row is that decode)"
+            subset = paths[:max(len(originals), 2 * n)]
+            return {**bench_pyav_decode(subset, spec, n), "videos": len(subset)}
 
         if workers > 1:
             stage("decode_pyav_parallel", parallel)

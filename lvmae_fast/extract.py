@@ -256,7 +256,7 @@ def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32,
         # Parts of near-equal length, at most `size`: a leftover part (21 windows in parts of 5 left 1) would
         # decode up to a GOP more than it delivers. Cut for the tail, none shorter than its floor either.
         floor = shortest_tail_part(item.index, item.num_windows) if size < part_windows else 1
-        count = max(1, min(-(-len(active) // size), len(active) // floor))
+        count = max(-(-len(active) // part_windows), min(-(-len(active) // size), len(active) // floor))
         damage = SharedDamage()
         for windows in np.array_split(active, count):
             yield DecodePart(item, windows, damage)

@@ -244,11 +244,13 @@ def test_a_decode_workers_variant_times_the_parallel_row_with_its_own_workers_an
     out = tmp_path / "v.json"
     assert extract_bench.main(["--quick", "--device", "cpu", "--videos", "1", "--duration", "5", "--copies", "6",
                                "--video-dir", str(tmp_path / "videos"), "--only", "decode_pyav_parallel",
-                               "--decode-workers", "1", "--variant", "decode_workers=3", "--json", str(out)]) == 0
+                               "--decode-workers", "1", "--variant", "decode_workers=3", "--variant", "base",
+                               "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["decode_pyav_parallel"].startswith("not measured")
-    assert result["decode_pyav_parallel@decode_workers=3"]["workers"] == 3
-    assert calls[-1] == (6, 3)
+    row = result["decode_pyav_parallel@decode_workers=3"]
+    assert (row["workers"], row["videos"]) == (3, 6) and calls[-1] == (6, 3)
+    assert result["decode_pyav_parallel@base"].startswith("not measured (1 decode worker")  # no 1-worker "parallel" row
 
 
 def test_extract_bench_refuses_bad_decode_flags():

@@ -298,6 +298,14 @@ def test_the_last_videos_are_cut_to_keep_every_decode_busy(tmp_path):
         last = distinct_frames_video(tmp_path / f"last{frames}.mp4", frames=frames)
         got = [len(p.windows) for p in pyav_parts([VideoJob("x", str(last))], spec, part_windows=32, decodes_at_once=24)]
         assert got == want, frames
+    # The floor (8 windows: 4 GOPs of 2 s) never makes a tail part longer than part_windows (12 windows, 9 a
+    # part: one part of 12 left a decode idle).
+    from lvmae_fast import synth
+
+    long_gops = synth.write_distinct_frames(tmp_path / "g.mp4", frames=300, fps=25, keyint=50)
+    got = [(p.job.video_id, len(p.windows)) for p in pyav_parts(
+        [VideoJob("first", str(long_gops)), VideoJob("last", str(long_gops))], spec, part_windows=9, decodes_at_once=2)]
+    assert got == [("first", 6), ("first", 6), ("last", 6), ("last", 6)]
     assert [p.windows is None for p in pyav_parts(jobs, spec, part_windows=32, decodes_at_once=1)] == [True] * 3
 
 
