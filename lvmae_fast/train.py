@@ -110,7 +110,8 @@ def needs_rewind(out: Path, ckpt: Path) -> bool:
 
 def rewind_to(out: Path, ckpt: Path) -> None:
     """Make `ckpt` the latest: later checkpoints move to checkpoints/rewound/ and later metrics records
-    to metrics.rewound.jsonl (kept, not deleted: that branch of the run is abandoned, not recomputed)."""
+    to metrics.rewound.jsonl, a later val.json to val.rewound.jsonl (kept, not deleted: that branch of the
+    run is abandoned, not recomputed)."""
     root = ckpt.parent
     later = later_checkpoints(ckpt)
     if later:
@@ -120,8 +121,9 @@ def rewind_to(out: Path, ckpt: Path) -> None:
         if target.exists():  # rewound past this step before: keep both
             target = target.with_name(f"{p.name}.{int(time.time())}")
         os.replace(p, target)
-    truncate_metrics(out / "metrics.jsonl", int(ckpt.name.split("-")[1]), keep_dropped=out / REWOUND_METRICS)
-    drop_later_val(out, int(ckpt.name.split("-")[1]), keep_dropped=out / REWOUND_VAL)
+    step = int(ckpt.name.split("-")[1])
+    truncate_metrics(out / "metrics.jsonl", step, keep_dropped=out / REWOUND_METRICS)
+    drop_later_val(out, step, keep_dropped=out / REWOUND_VAL)
     atomic_write_text(root / LATEST_NAME, ckpt.name)
     link_model_files(out, ckpt)
     log.info("rewound %s to %s (%d later checkpoints moved to %s/)", out, ckpt.name, len(later), root / REWOUND_DIR)
@@ -309,10 +311,11 @@ def drop_later_val(out: Path, step: int, keep_dropped: Path | None = None) -> No
         later = json.loads(text)["step"] > step
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if later and keep_dropped is not None:
+    if not later:
+        return
+    if keep_dropped is not None:
         append_atomically(keep_dropped, text.strip() + "\n")
-    if later:
-        path.unlink()
+    path.unlink()
 
 
 def truncate_metrics(path: Path, step: int, keep_dropped: Path | None = None) -> None:

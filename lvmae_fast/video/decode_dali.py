@@ -338,9 +338,6 @@ def decode_windows_dali(jobs: Iterable[VideoJob], spec: WindowSpec, device: str 
         if dali_api == "decoder" and device == "gpu" and job.index.codec not in DALI_GPU_CODECS:
             yield job  # fn.decoders.video would fail the whole batch on it
             continue
-        if dali_api == "reader" and not reader_times_hold(job):
-            yield job
-            continue
         chunk.append(job)
         size += len(job.active_windows())
         if size >= chunk_windows:
@@ -352,13 +349,12 @@ def decode_windows_dali(jobs: Iterable[VideoJob], spec: WindowSpec, device: str 
 
 def _decode_chunk_with(dali_api, jobs, spec, device, device_id, readers, batch_size, threads):
     if dali_api == "reader":
-        yield from _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads)
+        yield from _decode_with_reader(jobs, spec, device, device_id, readers, batch_size, threads)
         return
     part_windows = max(1, min(PART_WINDOWS, batch_size))
     fits = [suits_decoder_api(j, part_windows) and counts_frames_as_the_index(j) for j in jobs]
     in_memory = [j for j, ok in zip(jobs, fits) if ok]
-    to_reader = [j for j, ok in zip(jobs, fits) if not ok and reader_times_hold(j)]
-    yield from (j for j, ok in zip(jobs, fits) if not ok and not reader_times_hold(j))  # to PyAV
+    to_reader = [j for j, ok in zip(jobs, fits) if not ok]
     if to_reader:
         log.info("DALI: %d videos go to the reader API (long ones, which the in-memory decoder would decode "
                  "once per part, or ones whose container counts frames the index leaves out)", len(to_reader))
@@ -366,7 +362,16 @@ def _decode_chunk_with(dali_api, jobs, spec, device, device_id, readers, batch_s
         yield from _decode_chunk(in_memory, spec, device, device_id, readers, batch_size, threads,
                                  part_windows=part_windows)
     if to_reader:
-        yield from _decode_chunk(to_reader, spec, device, device_id, readers, batch_size, threads)
+        yield from _decode_with_reader(to_reader, spec, device, device_id, readers, batch_size, threads)
+
+
+def _decode_with_reader(jobs, spec, device, device_id, readers, batch_size, threads):
+    """The reader API for `jobs`, but for those whose frame times it misreports (reader_times_hold):
+    PyAV takes those."""
+    yield from (j for j in jobs if not reader_times_hold(j))
+    timed = [j for j in jobs if reader_times_hold(j)]
+    if timed:
+        yield from _decode_chunk(timed, spec, device, device_id, readers, batch_size, threads)
 
 
 def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads, part_windows: int | None = None):

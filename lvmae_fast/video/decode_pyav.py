@@ -454,7 +454,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
                 settled += 1
                 if settled > lag:
                     break
-    except av.FFmpegError as err:  # strict: a packet's decode error; else the demuxer's (an unreadable rest)
+    except av.FFmpegError as err:  # a packet's decode error where `errors` is None, else the demuxer's
         if prev is None or strict:
             raise VideoError(f"decoding failed ({err.strerror or err})") from None
         # Damaged tail: remaining frames repeat the last good one (same as a player), within budget.

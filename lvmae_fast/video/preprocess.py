@@ -36,9 +36,11 @@ def frames_to_input(frames_NTHWC: torch.Tensor, size: int, mean, std,
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     N, T, H, W, C = frames_NTHWC.shape
+    resized = resized_shape(H, W, size if resize is None else resize)
+    if min(resized) < size:
+        raise ValueError(f"resize to {resized[0]}x{resized[1]} is smaller than the {size}x{size} crop")
     flat = frames_NTHWC.reshape(N * T, H, W, C)
-    out = torch.cat([_chunk_to_input(flat[i:i + CHUNK_FRAMES], size, mean, std, dtype, resample,
-                                     size if resize is None else resize, style)
+    out = torch.cat([_chunk_to_input(flat[i:i + CHUNK_FRAMES], size, mean, std, dtype, resample, resized, style)
                      for i in range(0, N * T, CHUNK_FRAMES)])
     return out.reshape(N, T, C, size, size)
 
@@ -52,12 +54,10 @@ def resized_shape(H: int, W: int, size: int | tuple[int, int]) -> tuple[int, int
 
 
 def _chunk_to_input(frames_FHWC: torch.Tensor, size: int, mean, std, dtype: torch.dtype,
-                    resample: str, resize: int | tuple[int, int], style: str) -> torch.Tensor:
+                    resample: str, resized: tuple[int, int], style: str) -> torch.Tensor:
     H, W = frames_FHWC.shape[1:3]
     x = frames_FHWC.permute(0, 3, 1, 2).float().div_(255.0)
-    new_h, new_w = resized_shape(H, W, resize)
-    if min(new_h, new_w) < size:
-        raise ValueError(f"resize to {new_h}x{new_w} is smaller than the {size}x{size} crop")
+    new_h, new_w = resized
     if (new_h, new_w) != (H, W):
         x = F.interpolate(x, size=(new_h, new_w), mode=resample, align_corners=False,
                           antialias=style == "transformers")

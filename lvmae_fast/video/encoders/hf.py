@@ -58,7 +58,7 @@ def normalisation(path: Path, default_size: int, mean=CLIP_MEAN, std=CLIP_STD,
             raise ValueError(f"{cfg_file}: {step}=false is not supported (frames are resized, then centre "
                              f"cropped to {size}x{size}, as the encoder's input)")
     resize = _resize_size(cfg.get("size"), cfg_file)
-    if resize is not None and min(resize if isinstance(resize, tuple) else (resize,)) < size:
+    if resize is not None and (min(resize) if isinstance(resize, tuple) else resize) < size:
         raise ValueError(f"{cfg_file}: size={cfg['size']!r} is smaller than crop_size {size}")
     return (tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std)), size,
             PIL_RESAMPLE.get(code, resample), resize)
