@@ -10,7 +10,7 @@ CORE = ["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.6
         "tensorboard>=2.12"]
 EXTRAS = {
     "triton": ["triton>=3.0"],
-    "video": ["av>=12"],
+    "video": ["av>=17"],
     "dali": ["nvidia-dali-cuda130>=2.0"],
     "flash": ["flash-attn>=2.6"],
     # FlashAttention-4 (CuTe DSL, kernels compiled at first use): wheels only; the pre-release pin admits its betas.
@@ -22,7 +22,7 @@ EXTRAS = {
     "encoders": ["transformers>=4.40"],
 }
 # CI exercises every CPU path for real: Triton interpreter, PyAV, DALI's CPU pipeline (VP9), transformers encoders.
-EXTRAS["test"] = ["pytest>=7", "triton>=3.0", "av>=12", "transformers>=4.40", "nvidia-dali-cuda130>=2.0"]
+EXTRAS["test"] = ["pytest>=7", "triton>=3.0", "av>=17", "transformers>=4.40", "nvidia-dali-cuda130>=2.0"]
 
 setup(
     name="lvmae_fast",

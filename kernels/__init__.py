@@ -128,7 +128,8 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, validate: bool) -> int |
 def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, inverted: bool = False,
                   *, max_seqlen: int | None = None, validate: bool = True, sim_config=None) -> torch.Tensor:
     """bool [T], True = masked: per video the k_i = L_i - max(1, int(L_i * (1 - ratio))) rows with the
-    lowest cosine similarity to their predecessor (highest when inverted), ties to the lower row.
+    lowest cosine similarity to their predecessor, ties to the lower row (inverted: the rows left after
+    keeping the max(1, int(L_i * (1 - ratio))) lowest, ties kept from the lower row, as the reference).
 
     Equals masking.semantic_mask_torch (same fp32 similarity formula, same tie rule): exactly wherever
     the similarities do not depend on summation order (e.g. integer-valued rows); two similarities that

@@ -564,7 +564,11 @@ def semantic_mask(x, cu_seqlens, num_masked, inverted: bool, max_seqlen: int | N
     B = cu_seqlens.shape[0] - 1
     if T == 0 or B == 0:
         return torch.zeros(T, dtype=torch.bool, device=x.device)
-    keys = adjacent_keys(x, inverted, sim_kernel, config=sim_config)
+    keys = adjacent_keys(x, False, sim_kernel, config=sim_config)
+    if inverted:
+        # As the reference: keep the L - k lowest similarities (ties to the lower row), mask the rest.
+        keep = (cu_seqlens[1:] - cu_seqlens[:-1] - num_masked).to(torch.int32)
+        return ~select_lowest(keys, cu_seqlens, keep, max_seqlen, radix_bits, select_impl)
     return select_lowest(keys, cu_seqlens, num_masked, max_seqlen, radix_bits, select_impl)
 
 

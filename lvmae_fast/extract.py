@@ -34,6 +34,7 @@ import numpy as np
 from .atomic import append_whole, write_error
 from .devices import resolve_device
 from .video.decode_dali import DALI_APIS, DEFAULT_DALI_API
+from .video.decode_pyav import PYAV_MINIMUM, PYAV_MINIMUM_WHY
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
 from .video.hybrid import DEFAULT_NVDEC_SLOTS, DecoderShare
 from .video.ordered import default_decode_workers, in_background, ordered_parallel
@@ -84,7 +85,7 @@ def resolve_decoder(decoder: str, device) -> str:
         raise ValueError("--decoder dali: nvidia-dali is not installed (pip install 'lvmae_fast[dali]')")
     # Every backend probes timestamps with PyAV (and the CPU path decodes with it): check once, up front,
     # rather than failing every video of the job with the same import error.
-    require("av", "video", "video extraction")
+    require("av", "video", "video extraction", minimum=PYAV_MINIMUM, why=PYAV_MINIMUM_WHY)
     if decoder in ("nvdec", "hybrid"):
         check_nvdec(decoder, device)
     return decoder

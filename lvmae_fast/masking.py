@@ -4,8 +4,9 @@ Every strategy reduces to "per video, mask the k_i rows with the lowest score, t
 - random: scores are uniform noise (MAE);
 - semantic (paper, default): scores are the cosine similarity of each embedding with its predecessor,
   so the most distinct segments (lowest similarity) are masked;
-- semantic_inverted (amazon-science/lv-mae code): scores are the negated similarity, so the most
-  redundant segments are masked.
+- semantic_inverted (amazon-science/lv-mae code): the most redundant segments are masked. As the
+  reference's importance_masking does it: the keep_i rows of lowest similarity are kept (ties to the
+  lower row, a stable ascending sort) and the rest masked, so among tied rows the higher ones go.
 The first token of a video has no predecessor; its similarity is defined as 0.0 (as the reference code
 does). A zero vector has similarity 0.0 with anything (no NaN). The formula is dot / max(|a| |b|, 1e-8) in
 fp32, so for rows of tiny norm (|a| |b| < 1e-8) the value is dot / 1e-8 (near 0, ordered by the dot
@@ -13,10 +14,9 @@ product); rows of huge norm (>= 2^63) are scaled by 2^-80 first by the public, v
 kernels.semantic_mask (scale_huge_rows: their true cosine, no overflow).
 k_i = L_i - keep_i with keep_i = max(1, int(L_i * (1 - ratio))) (an empty video masks nothing).
 Exact ties (equal scores) go to the lower row, here and in the Triton kernel. The reference breaks ties by
-torch.argsort order (not stable): on CPU it keeps the lower rows of a tie for L <= 16 and an unspecified
-order beyond. So where its own short-video tiling makes exact ties (x8 / x3 copies of a crop),
-semantic_inverted masks other copies (same embeddings, other positions) than the reference; without ties
-the selections are equal.
+torch.argsort order (not stable): on CPU it keeps the lower rows of a tie for L <= 16, as semantic_inverted
+does, and an unspecified order beyond. Its own short-video tiling (x8 / x3 copies of a crop, L <= 12)
+makes exact ties, and there semantic_inverted masks the copies the reference masks.
 """
 from __future__ import annotations
 
@@ -80,10 +80,12 @@ def mask_lowest(scores_T: torch.Tensor, cu_seqlens: torch.Tensor, num_masked: to
     return masked
 
 
-def _num_masked(cu_seqlens: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+def _keep_and_masked(cu_seqlens: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 [B] each: rows kept and rows masked per video."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     keep = keep_counts(lengths, mask_ratio)
-    return torch.tensor([n - k for n, k in zip(lengths, keep)], dtype=torch.int64, device=cu_seqlens.device)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=cu_seqlens.device)  # noqa: E731
+    return as_tensor(keep), as_tensor([n - k for n, k in zip(lengths, keep)])
 
 
 def random_mask(cu_seqlens: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None,
@@ -91,15 +93,17 @@ def random_mask(cu_seqlens: torch.Tensor, mask_ratio: float, generator: torch.Ge
     device = device if device is not None else cu_seqlens.device
     T = int(cu_seqlens[-1])
     noise = torch.rand(T, generator=generator, device=generator.device if generator is not None else device)
-    return mask_lowest(noise.to(device), cu_seqlens.to(device), _num_masked(cu_seqlens, mask_ratio).to(device))
+    return mask_lowest(noise.to(device), cu_seqlens.to(device), _keep_and_masked(cu_seqlens, mask_ratio)[1].to(device))
 
 
 def semantic_mask_torch(x_Td: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float,
                         inverted: bool = False) -> torch.Tensor:
     """Paper semantics (mask lowest adjacent similarity); inverted=True reproduces the reference code."""
     sim = adjacent_cosine(x_Td, cu_seqlens)
-    scores = -sim if inverted else sim
-    return mask_lowest(scores, cu_seqlens, _num_masked(cu_seqlens, mask_ratio).to(x_Td.device))
+    keep, num_masked = (n.to(x_Td.device) for n in _keep_and_masked(cu_seqlens, mask_ratio))
+    if inverted:  # the reference keeps the lowest similarities and masks the rest (module docstring)
+        return ~mask_lowest(sim, cu_seqlens, keep)
+    return mask_lowest(sim, cu_seqlens, num_masked)
 
 
 def make_mask(strategy: str, x_Td: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float,

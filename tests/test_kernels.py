@@ -125,6 +125,17 @@ def test_semantic_mask_matches_torch(interp, dtype, inverted, kind):
             assert not m.any()
 
 
+@pytest.mark.parametrize("inverted", [False, True])
+def test_exact_ties_are_broken_as_torch_breaks_them(interp, inverted):
+    # Tiled rows give exactly equal similarities: a short video tiled x8 (as the reference's recipe), and
+    # one of 1800 rows, longer than the 1024-row chunk, whose ties cross the chunk boundary.
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(1, 8, generator=g).repeat(8, 1), torch.randn(3, 8, generator=g).repeat(600, 1)])
+    cu = cu_seqlens_from_lengths([8, 1800], x.device)
+    for ratio in (0.25, 0.5, 0.9):
+        check_mask(x, cu, ratio, inverted)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inverted", [False, True])
 def test_stream_similarity_kernel_matches_the_tiled_one_and_torch(interp, monkeypatch, dtype, inverted):
@@ -298,17 +309,19 @@ def test_gpu_launch_configs_in_interpreter(interp, gpu_tiles, radix_bits, invert
 
 @pytest.mark.parametrize("inverted", [False, True])
 def test_ties_equal_embeddings(interp, sim_kernel, select_impl, inverted):
-    """All-equal embeddings: every similarity ties, so the lower rows win (after the first row's 0.0)."""
+    """All-equal embeddings: every similarity ties (after the first row's 0.0), broken by row."""
     L = 9
     x = torch.randn(1, 16).repeat(L, 1)
     cu = cu_seqlens_from_lengths([L])
     m = check_mask(x, cu, 0.5, inverted)
-    k = L - max(1, int(L * 0.5))
+    keep = max(1, int(L * 0.5))
     want = torch.zeros(L, dtype=torch.bool)
-    # paper: first row (0.0) < cos(a, a) ~ 1 -> rows 0..k-1; inverted: -1 < 0 -> rows 1..k
-    want[1:k + 1] = True if inverted else False
-    if not inverted:
-        want[:k] = True
+    # paper: first row (0.0) < cos(a, a) ~ 1, the k = L - keep lowest masked -> rows 0..k-1;
+    # inverted (the reference): the keep lowest kept -> rows 0..keep-1, the rest masked
+    if inverted:
+        want[keep:] = True
+    else:
+        want[:L - keep] = True
     assert torch.equal(m, want)
 
 
@@ -434,12 +447,16 @@ def test_hist_selection_matches_torch(interp, request, gpu, inverted):
         request.getfixturevalue("gpu_tiles")
     x, cu = packed([1, 2, 5, 37, 300, 1500, 9000], d=8, seed=8)
     x[[3, 4, 9, 400]] = 0.0
-    keys = KT.adjacent_keys(x, inverted)
+    keys = KT.adjacent_keys(x, False)
     for ratio in (0.0, 0.5, 0.999):
         want = semantic_mask_torch(x, cu, ratio, inverted=inverted)
         k = num_masked(cu, ratio)
         for max_seqlen in (9000, None):
-            assert torch.equal(KT.select_lowest(keys, cu, k, max_seqlen, impl="hist"), want), (ratio, max_seqlen)
+            if inverted:  # the reference's rule: the lowest L - k kept, the rest masked
+                got = ~KT.select_lowest(keys, cu, (cu[1:] - cu[:-1] - k).to(torch.int32), max_seqlen, impl="hist")
+            else:
+                got = KT.select_lowest(keys, cu, k, max_seqlen, impl="hist")
+            assert torch.equal(got, want), (ratio, max_seqlen)
     assert torch.equal(KT.semantic_mask(x, cu, k, inverted, max_seqlen=9000, select_impl="hist"), want)
 
 

@@ -21,9 +21,12 @@ def naive_semantic(seqs, ratio, inverted):
     for s in seqs:
         rows = s.tolist()
         sims = [0.0] + [naive_cos(rows[i], rows[i - 1]) for i in range(1, len(rows))]
-        k = len(rows) - max(1, int(len(rows) * (1 - ratio)))
-        key = (lambda i: (-sims[i], i)) if inverted else (lambda i: (sims[i], i))
-        chosen = set(sorted(range(len(rows)), key=key)[:k])
+        keep = max(1, int(len(rows) * (1 - ratio)))
+        ascending = sorted(range(len(rows)), key=lambda i: (sims[i], i))
+        if inverted:  # the reference's importance_masking: keep the lowest similarities, mask the rest
+            chosen = set(ascending[keep:])
+        else:  # the paper: mask the lowest
+            chosen = set(ascending[:len(rows) - keep])
         out += [i in chosen for i in range(len(rows))]
     return torch.tensor(out)
 
@@ -62,8 +65,10 @@ def test_semantic_masks_scene_changes_and_inverted_masks_redundant():
 def test_ties_and_zero_vectors():
     x = torch.ones(6, 4)
     cu = torch.tensor([0, 6], dtype=torch.int32)
-    # sims: [0, 1, 1, 1, 1, 1]; mask 3 highest (inverted) -> ties go to lower rows 1, 2, 3.
-    assert semantic_mask_torch(x, cu, 0.5, inverted=True).nonzero().flatten().tolist() == [1, 2, 3]
+    # sims: [0, 1, 1, 1, 1, 1]; inverted keeps the 3 lowest (row 0, then the tie's lower rows 1, 2) and
+    # masks the rest; the paper masks the 3 lowest.
+    assert semantic_mask_torch(x, cu, 0.5, inverted=True).nonzero().flatten().tolist() == [3, 4, 5]
+    assert semantic_mask_torch(x, cu, 0.5).nonzero().flatten().tolist() == [0, 1, 2]
     z = torch.zeros(5, 4)
     sims = adjacent_cosine(z, torch.tensor([0, 5], dtype=torch.int32))
     assert torch.equal(sims, torch.zeros(5))
@@ -176,3 +181,26 @@ def test_empty_videos_are_masking_no_ops_and_keep_zero():
         assert torch.equal(semantic_mask_torch(x, with_empty, 0.5, inverted=inverted), want)
     assert adjacent_cosine(x, with_empty)[[0, 4]].tolist() == [0.0, 0.0]
     assert masked_counts(random_mask(with_empty, 0.5, torch.Generator().manual_seed(0)), with_empty) == [0, 2, 0, 4, 0]
+
+
+def _reference_importance_masking(x: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    # amazon-science/lv-mae's importance_masking (data/CombinedData.py), one video: argsort the adjacent
+    # cosine similarities ascending (first row 0) and keep the first len_keep; 1 = masked. Its CPU argsort
+    # keeps tied rows in order at these lengths; stable=True says so.
+    L = x.shape[0]
+    len_keep = int(L * (1 - mask_ratio))
+    sims = torch.cat([torch.zeros(1), torch.nn.functional.cosine_similarity(x[:-1], x[1:], dim=1)])
+    ids_shuffle = torch.argsort(sims, dim=0, stable=True)
+    mask = torch.ones(L)
+    mask[:len_keep] = 0
+    return torch.gather(mask, 0, torch.argsort(ids_shuffle, dim=0)).bool()
+
+
+@pytest.mark.parametrize("crop, copies", [(1, 8), (2, 3), (3, 3), (4, 3)])
+def test_inverted_masks_the_copies_the_reference_masks_in_its_tiled_short_videos(crop, copies):
+    # The reference tiles videos of < 2 segments x8 and of < 5 x3: exact similarity ties, broken as it does.
+    torch.manual_seed(crop)
+    seqs = [torch.randn(crop, 6).repeat(copies, 1), torch.randn(9, 6)]
+    x, cu, _ = pack_sequences(seqs)
+    want = torch.cat([_reference_importance_masking(s, 0.5) for s in seqs])
+    assert torch.equal(semantic_mask_torch(x, cu, 0.5, inverted=True), want)

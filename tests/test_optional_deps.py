@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 BLOCKED = ["av", "triton", "transformers", "nvidia", "flash_attn", "deepspeed", "onnx", "onnxruntime", "tensorrt"]
 
@@ -57,3 +58,17 @@ def test_extra_only_features_name_the_extra(blocked_env, argv, extra):
     out = run("-m", "lvmae_fast", *argv, cwd=blocked_env)
     assert out.returncode == 1
     assert extra in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_an_installed_pyav_older_than_the_floor_is_refused_by_name(monkeypatch):
+    # pip keeps a PyAV the user already has when it satisfies another package: extract checks the version.
+    av = pytest.importorskip("av")
+    from lvmae_fast.extract import resolve_decoder
+    from lvmae_fast.optional import MissingDependency
+    from lvmae_fast.video.decode_pyav import PYAV_MINIMUM
+
+    monkeypatch.setattr(av, "__version__", "16.1.0")
+    with pytest.raises(MissingDependency, match=rf"'av' >= {PYAV_MINIMUM}, found 16.1.0 \(.*BT.709"):
+        resolve_decoder("pyav", torch.device("cpu"))
+    monkeypatch.setattr(av, "__version__", f"{PYAV_MINIMUM}.0.0")
+    assert resolve_decoder("pyav", torch.device("cpu")) == "pyav"

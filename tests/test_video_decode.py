@@ -720,3 +720,35 @@ def test_an_mp4_cut_by_an_edit_list_of_several_sections_gives_the_shown_frames(t
         assert [w for w, _, _ in got] == list(range(len(plan)))
         for w, frames, _ in got:
             np.testing.assert_array_equal(frames, want[w], err_msg=f"{seconds} s windows: window {w}")
+
+
+@pytest.mark.parametrize("colorspace, matrix", [(1, (0.2126, 0.0722)), (5, (0.299, 0.114))])  # BT.709, BT.601
+def test_tagged_colour_is_converted_with_the_streams_matrix(tmp_path, colorspace, matrix):
+    # A flat limited-range Y'CbCr colour, lossless, tagged with its matrix: the decoded RGB must be the
+    # standard's formula (PyAV 14-16 converted BT.709 with BT.601's matrix: 8 levels off in red).
+    av = pytest.importorskip("av")
+    ycbcr = (120, 90, 170)
+    path = tmp_path / "flat.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        ctx = stream.codec_context
+        ctx.colorspace, ctx.color_primaries, ctx.color_trc, ctx.color_range = colorspace, colorspace, colorspace, 1
+        for i in range(150):
+            frame = av.VideoFrame(64, 48, "yuv420p")
+            for plane, value in zip(frame.planes, ycbcr):
+                plane.update(np.full(plane.buffer_size, value, np.uint8).tobytes())
+            frame.colorspace, frame.color_range, frame.pts = colorspace, 1, i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    kr, kb = matrix
+    kg = 1 - kr - kb
+    y, cb, cr = (ycbcr[0] - 16) / 219, (ycbcr[1] - 128) / 224, (ycbcr[2] - 128) / 224
+    r, b = y + 2 * (1 - kr) * cr, y + 2 * (1 - kb) * cb
+    g = (y - kr * r - kb * b) / kg
+    expected = np.clip(np.round(np.array([r, g, b]) * 255), 0, 255)
+    index = probe_video(str(path))
+    _, frames, _ = next(decode_windows_pyav(index, plan_windows(index.times, index.duration)))
+    assert np.abs(frames[0, 24, 32].astype(float) - expected).max() <= 2, (frames[0, 24, 32], expected)

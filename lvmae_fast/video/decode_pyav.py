@@ -29,6 +29,11 @@ from .windows import WindowPlan, windows_to_decode
 
 log = logging.getLogger(__name__)
 
+# The oldest PyAV whose frames come out right: 14-16's to_ndarray converts BT.709 and BT.2020 video with
+# BT.601's matrix (a flat BT.709 grey-orange came out 8 levels off in red), and 12-13 lack APIs the probe
+# uses (a review on 2026-11-27 ran 12.3 to 18.1).
+PYAV_MINIMUM = "17"
+PYAV_MINIMUM_WHY = "older versions convert BT.709 colour with BT.601's matrix"
 MAX_MISSING = 0.05   # fraction of sampled frames that may be stood in for before a video is refused
 # Frames no window samples that are not references (most B-frames of camera and web video) are not
 # decoded at all (FFmpeg's skip_frame=NONREF, set per packet): no other frame is predicted from them,
