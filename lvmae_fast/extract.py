@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter
@@ -118,26 +119,51 @@ def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, s
     (video_id, path) pairs. A second file with an id already taken is a clash: reported as a failure
     of that file, so one naming accident does not stop a long job."""
     from .video.inputs import VIDEO_SUFFIXES, list_videos
+    from .video.probe import not_a_file
 
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
-    items, clashes, seen = [], [], {}
+    items, clashes, seen = [], [], {}   # seen: video id -> its position in items
     for item in inputs:
         pairs = [tuple(item)] if isinstance(item, (tuple, list)) else list_videos(item)
         for vid, path in pairs:
             vid, path = str(vid), str(path)
             if vid in seen:
-                if Path(seen[vid]).resolve() != Path(path).resolve():  # one file listed twice is one input
-                    clashes.append((vid, path, f"video id {vid!r} is already used by {seen[vid]}: rename one of "
+                first = items[seen[vid]][1]
+                if Path(first).resolve() == Path(path).resolve():  # one file listed twice is one input
+                    continue
+                missing = not_a_file(first)
+                if missing and not not_a_file(path):
+                    # A stale list entry does not take the id from a file that exists.
+                    items[seen[vid]] = (vid, path)
+                    clashes.append((vid, first, missing))
+                else:
+                    clashes.append((vid, path, f"video id {vid!r} is already used by {first}: rename one of "
                                                "the files, or list them in a CSV with a video_id column"))
                 continue
-            seen[vid] = path
+            seen[vid] = len(items)
             items.append((vid, path))
     if not items:
         # Nothing to do is almost always a wrong path or pattern: say so instead of "0 done".
         raise ValueError(f"no videos found in {', '.join(map(str, inputs))} "
                          f"(folders are searched recursively for {', '.join(sorted(VIDEO_SUFFIXES))})")
     return items, clashes
+
+
+def held_by_another_file(items: list[tuple[str, str]], sources: dict[str, str]
+                         ) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """Split off the inputs whose id the store already holds from another file that still exists: two
+    files with one id across runs are a clash as within one (a file moved since is the same video, and
+    stays skipped). Returns (the other inputs, clashes [(video_id, path, reason)])."""
+    kept, clashes = [], []
+    for vid, path in items:
+        source = sources.get(vid, "")
+        if source and Path(source).is_file() and Path(path).is_file() and not os.path.samefile(source, path):
+            clashes.append((vid, path, f"video id {vid!r} is already in the store, from {source}: rename one of "
+                                       "the files, or list them in a CSV with a video_id column"))
+        else:
+            kept.append((vid, path))
+    return kept, clashes
 
 
 # -------------------------------------------------------------------------------------------- producers
@@ -500,6 +526,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                                                            "precision": str(dtype).replace("torch.", ""),
                                                            "frame_index": INDEX_VERSION})
         partials.remove_committed(writer.contains)
+        items, held_elsewhere = held_by_another_file(items, writer.sources())
+        clashes = clashes + held_elsewhere
         todo = []
         for vid, path in items:
             if writer.contains(vid):

@@ -420,6 +420,10 @@ class StoreWriter:
     def contains(self, video_id: str) -> bool:
         return video_id in self._committed_ids or video_id in self._pending_ids
 
+    def sources(self) -> dict[str, str]:
+        """video id -> the source path recorded when it was added ("" if none), for committed videos."""
+        return {v["id"]: v["source"] for v in self._index["videos"]}
+
     def add(self, video_id: str, emb: np.ndarray, source_path: str = "", window_times: np.ndarray | None = None) -> None:
         """Buffer one video's embeddings [n, dim]; written at the next commit (or when a shard fills up)."""
         if self._closed:

@@ -988,3 +988,71 @@ def test_folder_inputs_take_camera_and_disc_suffixes(tmp_path):
     for name in ("00001.MTS", "00002.m2ts", "C0001.MXF", "VTS_01_1.VOB", "clip.mp4", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert sorted(vid for vid, _ in list_videos(tmp_path)) == ["00001", "00002", "C0001", "VTS_01_1", "clip"]
+
+
+def test_a_file_name_that_is_not_utf8_is_extracted_and_resumed(tmp_path):
+    # Its id holds surrogate escapes (os.fsdecode); hashing it for saved progress ended the whole job.
+    import os
+
+    folder = tmp_path / "v"
+    synth.write_video(folder / "ok.mp4", duration=1.0, fps=10, codec="h264")
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9.mp4")
+    os.link(os.fsencode(folder / "ok.mp4"), odd)
+    s = extract_videos(folder, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["failed"]) == (2, 0)
+    assert os.fsdecode(b"caf\xe9") in Store(tmp_path / "s").video_ids
+    s = extract_videos(folder, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["skipped"], s["failed"]) == (0, 2, 0)
+
+
+def test_a_store_id_from_another_existing_file_is_a_clash_across_runs(tmp_path):
+    one = synth.write_video(tmp_path / "sub1" / "clip.mp4", duration=1.0, fps=10, codec="h264").path
+    synth.write_video(tmp_path / "sub2" / "clip.mp4", duration=2.0, fps=10, codec="h264", seed=1)
+    extract_videos(tmp_path / "sub1", tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    s = extract_videos(tmp_path / "sub2" / "clip.mp4", tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["skipped"], s["failed"], s["total"]) == (0, 0, 1, 1)  # was "skipped, already in store"
+    [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert "already in the store, from" in failure["reason"] and str(Path(one).resolve()) in failure["reason"]
+    # The same file again, or the file moved since: the video the store holds, skipped.
+    s = extract_videos(one, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["skipped"], s["failed"]) == (1, 0)
+    moved = Path(one).rename(tmp_path / "clip.mp4")
+    s = extract_videos(moved, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["skipped"], s["failed"]) == (1, 0)
+    assert Store(tmp_path / "s").num_segments("clip") == 1
+
+
+def test_a_stale_list_entry_does_not_take_the_id_of_a_file_that_exists(tmp_path):
+    synth.write_video(tmp_path / "real" / "clip.mp4", duration=1.0, fps=10, codec="h264")
+    (tmp_path / "list.txt").write_text("old/clip.mp4\nreal/clip.mp4\n")
+    s = extract_videos(tmp_path / "list.txt", tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["failed"], s["total"]) == (1, 1, 2)
+    [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert failure["path"].endswith("old/clip.mp4") and failure["reason"] == "file not found"
+    assert Store(tmp_path / "s").meta("clip")["source"] == str((tmp_path / "real" / "clip.mp4").resolve())
+
+
+def test_csv_comments_only_before_the_first_row_or_in_headerless_lists(tmp_path):
+    from lvmae_fast.video.inputs import list_videos
+
+    (tmp_path / "list.csv").write_text("# made by hand\nvideo_id,path\n#7,a.mp4\nx,#b.mp4\n")
+    assert list_videos(tmp_path / "list.csv") == [("#7", str(tmp_path / "a.mp4")), ("x", str(tmp_path / "#b.mp4"))]
+
+
+def test_folders_and_globs_follow_folder_links_once_and_list_each_file_once(tmp_path):
+    from lvmae_fast.video.inputs import list_videos
+
+    root = tmp_path / "sym"
+    for name in ("real/a.mp4", "ext/e.mp4"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    root.mkdir()
+    (root / "real").symlink_to(tmp_path / "real")
+    (root / "linkdir").symlink_to(tmp_path / "ext")           # a linked folder: was missed by folder inputs
+    (root / "link_a.mp4").symlink_to(tmp_path / "real" / "a.mp4")   # a second path to one file
+    (root / "broken.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    (tmp_path / "real" / "loop").symlink_to(root)              # a loop: a glob stored a.mp4 81 times
+    want = [("broken", str(root / "broken.mp4")), ("link_a", str(root / "link_a.mp4")),
+            ("linkdir/e", str(root / "linkdir" / "e.mp4"))]
+    assert list_videos(root) == want
+    assert list_videos(f"{root}/**/*.mp4") == want

@@ -7,12 +7,17 @@ Video ids (the store key, stable across re-runs so resume works):
 Two files with one id (clip.mp4 and clip.webm, say): the first keeps it, the others are reported by
 `lvmae extract` as failures (rename them, or give a `video_id` column) and the job goes on.
 List files: .txt = one path per line ('#' comments); .csv = header with a `path` column (optional
-`video_id`), or headerless first column. Relative paths resolve against the list file's folder.
+`video_id`), or headerless first column. In a CSV, '#' lines are comments before its first row and, in a
+headerless one, anywhere; below a header every row is data (an id "#7" is an id). Relative paths resolve
+against the list file's folder.
+Folders and globs follow symbolic links to folders (a link back up the tree is walked once) and list
+each file once, under its first id in path order, however many links reach it.
 """
 from __future__ import annotations
 
 import csv
 import glob
+import os
 from pathlib import Path
 
 # Folder inputs take files with these suffixes (any case): camera (AVCHD .mts/.m2ts, .mxf, .dv), disc
@@ -28,13 +33,57 @@ def _id_from(path: Path, root: Path) -> str:
     return rel.with_suffix("").as_posix()
 
 
+def _is_input_file(p: Path) -> bool:
+    # A broken link to a video is an input too: the job lists it as failed, with the reason.
+    return p.is_file() or (p.is_symlink() and not p.exists())
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every file under root, following links to folders; a folder reached twice (a link loop, two links
+    to one folder) is walked once."""
+    files, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        files += [Path(folder) / name for name in names]
+    return files
+
+
+def _through_a_loop(p: Path, root: Path) -> bool:
+    """Whether a glob's match lies behind a folder the path has passed through already (a link loop:
+    each turn matches the same files again under a longer path). Checked from the top, where the
+    path's prefixes still resolve."""
+    seen = {os.path.realpath(root)}
+    folder = root
+    for part in p.relative_to(root).parts[:-1]:
+        folder = folder / part
+        real = os.path.realpath(folder)
+        if real in seen:
+            return True
+        seen.add(real)
+    return False
+
+
+def _once_per_file(files: list[Path]) -> list[Path]:
+    """Sorted, and a file that several links reach listed once (the first path)."""
+    out, seen = [], set()
+    for p in sorted(files):
+        key = p.resolve() if p.exists() else p.parent.resolve() / p.name  # a broken link: by its own place
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
 def list_videos(spec) -> list[tuple[str, str]]:
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
-        # A broken link to a video is an input too: the job lists it as failed, with the reason.
-        files = sorted(p for p in path.rglob("*") if (p.is_file() or (p.is_symlink() and not p.exists()))
-                       and p.suffix.lower() in VIDEO_SUFFIXES)
+        files = _once_per_file([p for p in _walk(path) if _is_input_file(p) and p.suffix.lower() in VIDEO_SUFFIXES])
         return [(_id_from(p, path), str(p)) for p in files]
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         return _from_list(path)
@@ -48,7 +97,8 @@ def list_videos(spec) -> list[tuple[str, str]]:
             fixed.append(part)
         root = Path(*fixed) if fixed else Path(".")
         # The user chose the pattern: every file it matches is an input (non-videos fail with a reason).
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        files = _once_per_file([Path(p) for p in glob.glob(spec, recursive=True)
+                                if _is_input_file(Path(p)) and not _through_a_loop(Path(p), root)])
         return [(_id_from(p, root), str(p)) for p in files]
     raise FileNotFoundError(f"input {spec!r} is not a folder, a glob, a video or a .txt/.csv list")
 
@@ -59,20 +109,21 @@ def _from_list(list_file: Path) -> list[tuple[str, str]]:
     if list_file.suffix.lower() == ".csv":
         with open(list_file, newline="", encoding="utf-8-sig") as fh:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.reader(fh)
-            table = []   # (line number, stripped cells) of rows with content; '#' comments skipped
+            table = []   # (line number, stripped cells, is a '#' line) of rows with content
             for row in reader:
                 cells = [c.strip() for c in row]
                 first = next((c for c in cells if c), None)  # pandas' to_csv starts its header with ""
-                if first is not None and not first.startswith("#"):
-                    table.append((reader.line_num, cells))
+                if first is not None and (table or not first.startswith("#")):  # comments before the first row
+                    table.append((reader.line_num, cells, first.startswith("#")))
         header = [c.lower() for c in table[0][1]] if table else []
         if "path" in header:
             p_col = header.index("path")
             id_col = header.index("video_id") if "video_id" in header else None
             table = table[1:]
-        else:
+        else:  # headerless: '#' lines are comments, as in a .txt list
             p_col, id_col = 0, None
-        for line, cells in table:
+            table = [row for row in table if not row[2]]
+        for line, cells, _ in table:
             p = cells[p_col] if p_col < len(cells) else ""
             if not p:
                 raise ValueError(f"{list_file}, line {line}: no path in column {p_col + 1}"

@@ -57,7 +57,8 @@ class PartialVideos:
         self._decoders: dict[str, str] = {}  # video id -> decoded_by of the progress loaded
 
     def _folder(self, video_id: str) -> Path:  # named as _OWN_FOLDER matches
-        return self.root / hashlib.sha1(video_id.encode()).hexdigest()[:20]
+        # surrogatepass: a file name that is not UTF-8 reaches its id as surrogate escapes (os.fsdecode).
+        return self.root / hashlib.sha1(video_id.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
     def _meta(self, video_id: str, path: str, num_windows: int) -> dict:
         return {"video_id": video_id, **_source(path), "num_windows": int(num_windows), "dim": self.dim,

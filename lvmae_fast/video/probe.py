@@ -105,14 +105,23 @@ def _declared_duration(container, stream) -> tuple[float, float | None] | None:
     return None
 
 
+def not_a_file(path) -> str | None:
+    """Why `path` cannot be a video file (missing, a broken link, a folder), None for a file."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    return ("a folder, not a video file" if path.is_dir() else
+            "broken symbolic link (its target is missing)" if path.is_symlink() else "file not found")
+
+
 def probe_video(path) -> VideoIndex:
     """Demux every packet of the video stream; raise VideoError with a readable reason on bad input."""
     import av
 
     path = str(path)
-    if not Path(path).is_file():
-        raise VideoError("a folder, not a video file" if Path(path).is_dir() else
-                         "broken symbolic link (its target is missing)" if Path(path).is_symlink() else "file not found")
+    unreadable = not_a_file(path)
+    if unreadable:
+        raise VideoError(unreadable)
     if Path(path).stat().st_size == 0:
         raise VideoError("zero-byte file")
     try:
