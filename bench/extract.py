@@ -35,8 +35,10 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # the checkout, if lvmae_fast is not installed
+# Sibling bench modules, and the checkout if lvmae_fast is not installed.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
+from bench_args import at_least, writable_json
 from lvmae_fast import synth
 from lvmae_fast.atomic import atomic_write_text
 from lvmae_fast.devices import resolve_device
@@ -293,9 +295,15 @@ def main(argv=None) -> int:
     ap.add_argument("--video-dir", default=None,
                     help="keep the test videos here and reuse ones already written (writing 1080p costs minutes)")
     args = ap.parse_args(argv)
-    for flag in ("decode_workers", "nvdec_workers", "frame_threads", "cpu_decode_nice"):  # else every end-to-end row records the same ValueError
-        if getattr(args, flag) < 0:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    # Negative worker counts: else every end-to-end row records the same ValueError; 0 videos, seconds or
+    # batch: else the defaults stood in for them.
+    at_least(ap, args, decode_workers=0, nvdec_workers=0, frame_threads=0, cpu_decode_nice=0, videos=1,
+             duration=1.0, batch_size=1, readers=1, copies=1)
+    writable_json(ap, "--json", args.json)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        ap.error(str(err))
     only = None if args.only is None else {key.strip() for key in args.only.split(",") if key.strip()}
     if only is not None and not only <= STAGE_KEYS:
         ap.error(f"--only: unknown measurement {', '.join(sorted(only - STAGE_KEYS))} (choose from "
@@ -316,7 +324,6 @@ def main(argv=None) -> int:
                      "nvdec_workers": args.nvdec_workers}
     apply_settings(base_settings)
 
-    device = resolve_device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if args.quick:
         count, duration, size, fps = args.videos or 2, args.duration or 10.0, (320, 180), 30.0

@@ -22,7 +22,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 grep -cE ' PASSED' "$OUT/gpu_tests.log" ; grep -E ' (FAILED|ERROR)' "$OUT/gpu_tests.log" | head -20 ; tail -25 "$OUT/gpu_tests.log" ;;
       graphtests) timeout 140 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_train.py -p no:cacheprovider \
                   2>&1 | tail -25 | tee "$OUT/gpu_graph_tests.log" ;;
-      kernels)  timeout 200 python3 bench/kernels.py --no-compile --json "$OUT/kernels.json" 2>&1 | grep -v '^{' | tail -72 ;;
+      kernels)  timeout 200 python3 bench/kernels.py --no-compile --json "$OUT/kernels.json" 2>&1 | grep -v '^{' | tail -96 ;;  # 6 cases x 13 rows + header: 80 lines
       sweep)    # similarity-kernel launch configs (issue 4): ~190 configs x 3 shapes, then semantic_mask best vs default;
                 # stops timing at its own 150 s budget; kernels_sweep.json is rewritten after every shape
                 timeout 180 python3 bench/kernels.py --sweep-sim --json "$OUT/kernels_sweep.json" 2>&1 | tail -120 ;;

@@ -32,6 +32,7 @@ from lvmae_fast.buckets import pad_to_bucket, seqlen_floors  # noqa: E402
 from lvmae_fast.masking import build_masked_batch  # noqa: E402
 from lvmae_fast.model import LVMAE, LVMAEConfig, matmul_flops  # noqa: E402
 from lvmae_fast.packing import keep_counts, pack_sequences  # noqa: E402
+from bench_args import at_least, positive_ints, writable_json  # noqa: E402
 from reference_padded import ReferencePaddedMAE, reference_batch  # noqa: E402
 from train_step import make_optimizer, make_step  # noqa: E402
 
@@ -267,6 +268,13 @@ def main(argv=None):
                         "last mode asked for (overlap, else master, else whole-step graphs, else graphs, else plain; "
                         "until 2026-11-27 whole-step graphs even when overlap or master rows followed)")
     args = p.parse_args(argv)
+    batch_sizes = positive_ints(p, "--batch-sizes", args.batch_sizes)
+    at_least(p, args, steps=1, warmup=0, min_len=1, long_len=0, padded_max_batch=0)
+    if args.max_len < args.min_len:
+        p.error(f"--max-len ({args.max_len}) must be >= --min-len ({args.min_len})")
+    if not 0 < args.mask_ratio < 1:
+        p.error(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    writable_json(p, "--json", args.json)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
     if args.master_weights and not args.graph_optimizer:
@@ -326,7 +334,7 @@ def main(argv=None):
         if args.json:
             atomic_write_text(args.json, json.dumps(result, indent=2))  # a killed run keeps the last complete file
 
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+    for bs in batch_sizes:
         batches = make_batches(4, bs, in_dim, args.min_len, args.max_len, seed=bs)
         # The profile is of the first batch size's fastest mode asked for: whole-step graphs, else graphs.
         profile = args.profile if not rows else None

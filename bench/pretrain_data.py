@@ -26,7 +26,8 @@ from lvmae_fast.store import Store
 from lvmae_fast.store_cli import import_embeddings
 from lvmae_fast.synthetic import synthetic_corpus, write_corpus
 from lvmae_fast.train_config import PRESETS
-from train_step import make_optimizer, make_step  # sibling module (bench/ is on sys.path when run)
+from bench_args import at_least, writable_json  # sibling modules (bench/ is on sys.path when run)
+from train_step import make_optimizer, make_step
 
 
 def _sync(device):
@@ -187,6 +188,9 @@ def parse_args(argv):
     p.add_argument("--json-out", "--json", dest="json_out", help="also write the JSON result here (--json: the step mode's spelling)")
     p.add_argument("--profile", help="write a torch.profiler table (by self CPU time) of 20 more full-loop steps here")
     args = p.parse_args(argv)
+    at_least(p, args, videos=1, dim=1, steps=1, warmup=0, batch_videos=0, max_tokens=0, num_workers=0,
+             prefetch_factor=1, threads=0)
+    writable_json(p, "--json-out", args.json_out)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
     try:

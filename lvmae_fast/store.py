@@ -187,9 +187,13 @@ def read_journal(path: Path, after: int) -> list[dict]:
     damage, not a kill, and a ValueError: the lines after it may be committed videos, which a writer
     folding the journal up to the bad line would drop (and delete their shards)."""
     if not path.is_file():
-        return []
+        return []  # none since the snapshot (or folded before we looked: our snapshot is then an earlier commit)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _StaleSnapshot from None  # folded between the two calls: into a newer index.json than ours
     records, expected = [], after + 1
-    lines = path.read_bytes().split(b"\n")
+    lines = data.split(b"\n")
     for number, line in enumerate(lines, 1):
         problem = None
         try:
@@ -621,12 +625,7 @@ class Store:
 
     def __init__(self, path):
         self.path = Path(path)
-        index = load_index(self.path)
-        problems = check_structure(self.path, index)  # includes ids that appear twice or are missing
-        if problems:
-            again = load_index(self.path)  # a compaction may have replaced the shards after we read the index
-            if again != index:
-                index, problems = again, check_structure(self.path, again)
+        index, problems = checked_index(self.path)
         if problems:
             raise ValueError(f"store {self.path} is inconsistent ({len(problems)} problems; run `lvmae store verify`): "
                              + "; ".join(str(p) for p in problems[:5]))
@@ -832,11 +831,26 @@ class VerifyReport:
         return not self.problems
 
 
+def checked_index(path) -> tuple[dict, list[Problem]]:
+    """The index and its structural problems (check_structure), read again while they may come from a
+    compaction that replaced the shards after the index was read (then the index has changed too)."""
+    index = load_index(path)
+    problems = check_structure(path, index)  # includes ids that appear twice or are missing
+    for _ in range(SNAPSHOT_READS):
+        if not problems:
+            break
+        again = load_index(path)
+        if again == index:
+            break
+        index, problems = again, check_structure(path, again)
+    return index, problems
+
+
 def verify_store(path) -> VerifyReport:
     """Every check a reader relies on, reporting (not raising) what is wrong and which videos it hits."""
-    index = load_index(path)
+    index, problems = checked_index(path)
     report = VerifyReport(num_videos=len(index["videos"]))
-    report.problems += check_structure(path, index)
+    report.problems += problems
     if report.problems:
         return report  # the data scan needs sound shards
     store = Store(path)

@@ -103,7 +103,7 @@ def iter_reference_csv(csv_path: Path):
     """(video_id, source, loader) per row of an amazon-science/lv-mae segments CSV."""
     old_limit = csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # pandas' utf-8-sig and Excel write a BOM
             reader = csv.DictReader(f)
             try:
                 rows = list(reader)
@@ -118,6 +118,8 @@ def iter_reference_csv(csv_path: Path):
         video_id = row.get("video_filename") or row.get("video_id") or str(i)
 
         def load(row=row, video_id=video_id):
+            if row.get("segment_paths") is None:  # csv.DictReader's filler for a row cut short
+                raise ValueError("no segment_paths (the row ends before that column)")
             paths = [Path(p) if Path(p).is_absolute() else csv_path.parent / p for p in parse_path_list(row["segment_paths"])]
             if row.get("number_of_segments") not in (None, "") and int(row["number_of_segments"]) != len(paths):
                 raise ValueError(f"number_of_segments={row['number_of_segments']} but {len(paths)} segment paths")
@@ -150,7 +152,8 @@ def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float
             if index.get("settings"):  # an extraction job's store: its rows were made one known way
                 raise ValueError(f"store {out} was written by `lvmae extract` (settings {index['settings']}); "
                                  "import into another store so one store never mixes embeddings made two ways")
-            writer = StoreWriter(out, index["dim"], encoder=encoder, segment_seconds=segment_seconds, **kwargs)
+            if index["videos"]:  # a store holding no video yet takes the first valid array's dim, as a new one
+                writer = StoreWriter(out, index["dim"], encoder=encoder, segment_seconds=segment_seconds, **kwargs)
         for video_id, source, load in items:
             if video_id in seen:  # checked before the resume skip: the first copy may be in the store by now
                 failures.append(f"{video_id} ({source}): video id repeated in the source (first at {seen[video_id]}); "

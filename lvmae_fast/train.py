@@ -78,21 +78,29 @@ def lr_at(epoch_progress: float, base_lr: float, cfg: tc.PretrainConfig) -> floa
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
+def is_complete(ckpt: Path) -> bool:
+    """A checkpoint folder holding all its files (a kill while pruning one used to leave some)."""
+    return all((ckpt / f).is_file() for f in (STATE_NAME, WEIGHTS_NAME, CONFIG_NAME))
+
+
 def complete_checkpoints(ckpt_root: Path) -> list[str]:
-    """Names of the complete checkpoints (step-N holding a train state) in RUN/checkpoints, oldest first."""
-    return sorted(p.name for p in ckpt_root.glob("step-*") if (p / STATE_NAME).is_file()) if ckpt_root.is_dir() else []
+    """Names of the complete checkpoints (step-N holding all its files) in RUN/checkpoints, oldest first."""
+    return sorted(p.name for p in ckpt_root.glob("step-*") if is_complete(p)) if ckpt_root.is_dir() else []
 
 
 def checkpoint_by_name(out: Path, name: str) -> Path:
-    """RUN/checkpoints/step-N for name 'step-N' or 'N'; ValueError listing the checkpoints otherwise."""
+    """RUN/checkpoints/step-N for name 'step-N' or 'N'; ValueError listing the checkpoints otherwise
+    (also for a path: a rewind moves checkpoints and rewrites `latest`, which must stay in this run)."""
     root = out / "checkpoints"
+    have = complete_checkpoints(root)
     number = re.fullmatch(r"(?:step-)?(\d+)", name)
-    if number:  # 36, step-36 and step-00000036 name one checkpoint
-        name = f"step-{int(number.group(1)):08d}"
+    if not number:
+        raise ValueError(f"--resume-from takes the name of a checkpoint in {root}: step-N or N, got {name!r} "
+                         f"(have: {', '.join(have) or 'none'})")
+    name = f"step-{int(number.group(1)):08d}"  # 36, step-36 and step-00000036 name one checkpoint
     path = root / name
-    if not (path / STATE_NAME).is_file():
-        have = complete_checkpoints(root)
-        raise ValueError(f"--resume-from {name}: no such checkpoint in {root} (have: {', '.join(have) or 'none'})")
+    if not is_complete(path):
+        raise ValueError(f"--resume-from {name}: no such complete checkpoint in {root} (have: {', '.join(have) or 'none'})")
     return path
 
 
@@ -158,8 +166,9 @@ def latest_checkpoint(out: Path) -> Path | None:
         done = complete_checkpoints(out / "checkpoints")
         return out / "checkpoints" / done[-1] if done else None
     path = out / "checkpoints" / pointer.read_text().strip()
-    if not (path / STATE_NAME).is_file():
-        raise ValueError(f"{pointer} names {path.name}, which is missing or incomplete")
+    if not is_complete(path):
+        raise ValueError(f"{pointer} names {path.name}, which is missing or incomplete (a rewind killed "
+                         f"midway: run the same --resume-from again to finish it)")
     return path
 
 
@@ -247,7 +256,12 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
     steps = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in (steps[:-cfg.keep_checkpoints] if prune else []):
         if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+            # Out of sight first: a kill midway through deleting leaves a temp name the next save clears,
+            # not a step-N missing some of its files.
+            doomed = ckpt_root / f".{old.name}.tmp"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
@@ -605,6 +619,10 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     model.to(device).train()
     effective_batch = sampler.mean_videos_per_batch()
     base_lr = cfg.lr or cfg.blr * effective_batch / 256
+    if cfg.min_lr > base_lr:  # the half-cycle "decay" would climb from the peak to min_lr
+        raise ValueError(f"min_lr={cfg.min_lr:g} exceeds the peak learning rate {base_lr:g} ("
+                         + ("lr" if cfg.lr else f"blr x {effective_batch:g} videos per batch / 256")
+                         + "): the schedule decays from the peak to min_lr; lower min_lr")
     # Fused on every device: its found_inf input lets a non-finite step be skipped without a host sync.
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=base_lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=True)

@@ -10,6 +10,7 @@ lvmae_fast.train_config`; tests/test_configs.py keeps them equal to the presets)
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Union
@@ -144,6 +145,8 @@ class PretrainConfig:
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
+        if not 0 <= self.seed < 2 ** 64:  # torch.manual_seed's range; numpy's SeedSequence refuses negatives
+            raise ValueError(f"seed={self.seed} must be in [0, 2^64)")
         for key, low in (("num_workers", 0), ("cpu_threads", 0), ("prefetch_factor", 1)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= {low}")
@@ -223,6 +226,8 @@ def _coerce_value(key: str, kind: str, value):
         value = _yaml_scalar(value)
     try:
         if kind == "int" and not isinstance(value, bool):
+            if hasattr(value, "__index__"):  # an int (numpy's too) as it is: float() would round 2^53 + 1
+                return operator.index(value)
             # YAML 1.1 reads `1e3` as a string: accept any integral number, refuse 2.5 and inf
             number = float(value) if isinstance(value, str) else value
             if float(number) == int(number):

@@ -448,3 +448,52 @@ def test_the_ingestion_benchs_encoder_preprocesses_as_clip_mean(tmp_path, monkey
     assert real.resample == "bicubic"
     assert (enc.resample, enc.resize, enc.preprocess_style, enc.mean, enc.std) == \
         (real.resample, real.resize, real.preprocess_style, real.mean, real.std)
+
+
+def test_kernels_bench_checks_the_gradient_of_its_fwd_bwd_rows(monkeypatch):
+    # The fwd+bwd rows read "ok" whatever the gradient was: a backward off by -1000x passed.
+    kb = load_bench("kernels")
+
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, loss):
+            return loss.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * -1000.0
+
+    for fn, ok in ((lambda p, t, r: WrongGrad.apply(kb._mse_eager(p, t, r)), False), (kb._mse_eager, True)):
+        monkeypatch.setattr(kb.K, "masked_mse_rows", fn)
+        rows = kb.bench_masked_mse("4x16", 16, torch.float32, torch.device("cpu"), True, False, True, True)
+        assert {row["impl"]: row["ok"] for row in rows} == {"torch eager": True, "triton": ok}
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("pretrain.py", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    ("pretrain.py", ["--batch-sizes", "4,x"], "--batch-sizes must be integers >= 1"),
+    ("pretrain.py", ["--batch-sizes", "0"], "--batch-sizes must be integers >= 1"),
+    ("pretrain.py", ["--min-len", "10", "--max-len", "5"], "--max-len (5) must be >= --min-len (10)"),
+    ("pretrain.py", ["--min-len", "0"], "--min-len must be >= 1"),
+    ("pretrain.py", ["--mask-ratio", "1.0"], "--mask-ratio must be in (0, 1)"),
+    ("pretrain.py", ["--json", "/nonexistent/dir/x.json"], "folder /nonexistent/dir does not exist"),
+    ("pretrain.py", ["--mode", "data", "--steps", "0"], "--steps must be >= 1, got 0"),
+    ("pretrain.py", ["--mode", "data", "--json-out", "/nonexistent/x.json"], "does not exist or is not writable"),
+    ("extract.py", ["--videos", "0"], "--videos must be >= 1, got 0"),
+    ("extract.py", ["--duration", "0"], "--duration must be >= 1.0, got 0.0"),
+    ("extract.py", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("extract.py", ["--json", "/nonexistent/x.json"], "does not exist or is not writable"),
+])
+def test_bench_flags_out_of_range_are_one_argparse_error_before_anything_runs(script, args, message):
+    # Were tracebacks after a measurement, fake "failed" rows with exit 0, or defaults put in their place.
+    r = subprocess.run([sys.executable, f"bench/{script}", "--device", "cpu", *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_extract_bench_on_a_host_without_the_device_asked_for_is_one_argparse_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    r = subprocess.run([sys.executable, "bench/extract.py", "--device", "cuda"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cuda" in r.stderr, r.stderr[-2000:]

@@ -1023,3 +1023,73 @@ def test_a_directory_sync_failing_after_the_rename_keeps_what_is_already_visible
     assert float(Store(tmp_path / "s").get("b")[0, 0]) == 2.0
     assert any("could not sync its directory (Input/output error)" in r.message and "index.json" in r.message
                for r in caplog.records)
+
+
+def test_verify_during_a_compaction_rereads_the_index_it_checked(tmp_path, monkeypatch):
+    # verify checked the index it read first: a compaction that deleted those shards since made a sound
+    # store "damaged" (2780 problems in a review's run), where readers re-read the index.
+    import lvmae_fast.store as S
+
+    rng = np.random.default_rng(9)
+    w = StoreWriter(tmp_path / "s", dim=3, shard_rows=16)
+    for vid, emb in random_videos(rng, 3, [5, 1, 7, 2]).items():
+        w.add(vid, emb)
+        w.commit()
+    before = S.load_index(tmp_path / "s")
+    assert w.compact() > 0
+    w.close()
+    reads = iter([before])
+    real = S.load_index
+    monkeypatch.setattr(S, "load_index", lambda path: next(reads, None) or real(path))
+    report = verify_store(tmp_path / "s")
+    assert report.ok, [str(p) for p in report.problems[:3]]
+
+
+def test_a_journal_folded_between_a_readers_two_reads_reads_the_new_snapshot(tmp_path, monkeypatch):
+    # is_file() saw the journal, the writer folded it away, read_bytes() raised FileNotFoundError.
+    import lvmae_fast.store as S
+
+    rng = np.random.default_rng(10)
+    w = StoreWriter(tmp_path / "s", dim=3)
+    videos = random_videos(rng, 3, [2, 3, 1])
+    for vid, emb in videos.items():
+        w.add(vid, emb)
+        w.commit()
+    journal = tmp_path / "s" / S.JOURNAL_NAME
+    assert journal.is_file()
+    real_read_bytes = Path.read_bytes
+    folded = []
+
+    def read_bytes(self):
+        if self == journal and not folded:
+            folded.append(True)
+            w._fold()  # the writer, between the reader's is_file() and read_bytes()
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert [v["id"] for v in S.load_index(tmp_path / "s")["videos"]] == list(videos) and folded
+    w.close()
+
+
+def test_reference_csv_with_a_short_row_or_a_bom_imports_the_rest_by_their_names(tmp_path):
+    seg = tmp_path / "segs"
+    paths = segment_files(seg, "a", 2)
+    import io
+
+    rows = io.StringIO()
+    csv.writer(rows).writerows([["video_filename", "segment_paths", "number_of_segments"],
+                                ["a.mp4", json.dumps(paths), 2], ["b.mp4"], ["c.mp4", json.dumps(paths), 2]])
+    (tmp_path / "seg.csv").write_text("\ufeff" + rows.getvalue(), encoding="utf-8")
+    r = lvmae("store", "import", tmp_path / "seg.csv", "--out", tmp_path / "s")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # a traceback stopped at b.mp4
+    assert "b.mp4" in r.stderr and "no segment_paths" in r.stderr
+    assert Store(tmp_path / "s").video_ids == ["a.mp4", "c.mp4"]  # the BOM made them row numbers
+
+
+def test_import_into_an_empty_store_takes_the_arrays_dim(tmp_path):
+    StoreWriter(tmp_path / "s", dim=8).close()
+    (tmp_path / "d").mkdir()
+    np.save(tmp_path / "d" / "a.npy", np.ones((2, 16), np.float32))
+    added, skipped, failures = import_embeddings(tmp_path / "d", tmp_path / "s")
+    assert (added, skipped, failures) == (1, 0, [])
+    assert Store(tmp_path / "s").dim == 16

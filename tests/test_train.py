@@ -545,7 +545,7 @@ def test_resume_from_an_earlier_checkpoint_replays_the_run_and_keeps_the_abandon
     assert sorted(p.name for p in (again / "checkpoints" / "rewound").iterdir()) == ["step-00000008", "step-00000012"]
     final, ref = load_file(str(again / "model.safetensors")), load_file(str(first / "model.safetensors"))
     assert all(torch.equal(final[k], ref[k]) for k in ref)
-    with pytest.raises(ValueError, match=r"no such checkpoint .* \(have: step-00000004, step-00000008, step-00000012\)"):
+    with pytest.raises(ValueError, match=r"no such complete checkpoint .* \(have: step-00000004, step-00000008, step-00000012\)"):
         pretrain(_cfg(store, again, max_steps=12), resume_from="step-00000099")
 
 
@@ -1111,3 +1111,71 @@ def test_resume_reads_the_runs_config_wherever_the_run_dir_is_named(tmp_path, mo
         cfg = config_from_args(parse(["pretrain", *argv, "--resume"]))
         assert (cfg.store, cfg.lr, cfg.out) == ("/data/store", 0.01, str(run)), argv
     assert config_from_args(parse(["pretrain", "--config", str(tmp_path / "c.yaml"), "--resume"])).max_steps == 5
+
+
+def test_resume_from_takes_only_a_checkpoint_name_of_this_run(store, tmp_path, restore_threads):
+    # A path was joined to RUN/checkpoints: ../../other/checkpoints/step-N rewound the other run (moved its
+    # later checkpoints, rewrote its `latest`), rewound/step-N nested a rewound/ in rewound/.
+    import shutil
+
+    settings = dict(max_steps=12, ckpt_every=4, keep_checkpoints=5)
+    other = tmp_path / "other"
+    assert pretrain(_cfg(store, other, **settings)) == 0
+    run = tmp_path / "run"
+    shutil.copytree(other, run)
+    before = sorted(p.name for p in (other / "checkpoints").iterdir())
+    for name in ("../../other/checkpoints/step-00000004", str(other / "checkpoints" / "step-00000004"),
+                 "rewound/step-00000008"):
+        with pytest.raises(ValueError, match="takes the name of a checkpoint in .*: step-N or N"):
+            pretrain(_cfg(store, run, **settings), resume_from=name)
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == before
+    assert (other / "checkpoints" / "latest").read_text().strip() == "step-00000012"
+
+
+def test_a_checkpoint_missing_a_file_is_not_a_resume_target_and_pruning_never_leaves_one(store, tmp_path,
+                                                                                        monkeypatch, restore_threads):
+    import shutil
+
+    import lvmae_fast.train as T
+
+    settings = dict(max_steps=12, ckpt_every=4, keep_checkpoints=2)
+    run = tmp_path / "run"
+    # A kill midway through pruning step-4 (rmtree removed one file, then the process died).
+    real_rmtree = shutil.rmtree
+
+    def killed_rmtree(path, *a, **k):
+        path = Path(path)
+        if (path / "config.json").is_file():
+            (path / "config.json").unlink()
+            raise KeyboardInterrupt
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(T.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_cfg(store, run, **settings))
+    monkeypatch.undo()
+    # Pruning renames first: no step-N folder lacks a file, whatever moment the kill came at.
+    steps = [p for p in (run / "checkpoints").glob("step-*")]
+    assert steps and all(T.is_complete(p) for p in steps), [sorted(f.name for f in p.iterdir()) for p in steps]
+    # A step-N missing its config (a run killed by the old pruning) is refused before anything is written.
+    last = sorted(steps)[-1]
+    (last / "config.json").unlink()
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="no such complete checkpoint"):
+        pretrain(_cfg(store, run, **settings), resume_from=last.name)
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_seed_beyond_float_precision_is_kept_exactly_and_out_of_range_seeds_are_refused():
+    for value in (123456789012345678, "9007199254740993", np.int64(2 ** 62 + 1)):
+        cfg = tc.resolve([("t", {"preset": "tiny", "seed": value})])
+        assert cfg.seed == int(value) and type(cfg.seed) is int
+    for value in (-1, 2 ** 64):
+        with pytest.raises(ValueError, match=r"seed=.* must be in \[0, 2\^64\)"):
+            tc.resolve([("t", {"preset": "tiny", "seed": value})])
+
+
+def test_min_lr_above_the_peak_lr_is_refused_before_the_run_dir_is_written(store, tmp_path, restore_threads):
+    with pytest.raises(ValueError, match=r"min_lr=0.01 exceeds the peak learning rate 0.001 \(lr\)"):
+        pretrain(_cfg(store, tmp_path / "run", max_steps=2, lr=1e-3, min_lr=0.01))
+    assert not (tmp_path / "run").exists()
