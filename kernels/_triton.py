@@ -648,10 +648,13 @@ def masked_loss_backward(pred, target, rows, mask, scale, cosine: bool):
 
     N, D = pred.shape
     block_m, block_d = loss_tiles(D, _gpu_tiles())
-    grad = torch.empty_like(pred)
+    # The interpreter truncates fp32 -> bf16 in .to() (the GPU rounds to nearest even): there the kernel
+    # writes fp32 and torch rounds, so CPU runs get the gradients a GPU gives.
+    rounds_later = INTERPRETED and pred.dtype == torch.bfloat16
+    grad = torch.empty_like(pred, dtype=torch.float32 if rounds_later else pred.dtype)
     loss_bwd_kernel[(triton.cdiv(N, block_m),)](
         pred, target, rows if rows is not None else scale, mask if mask is not None else scale, scale, grad,
         N, D, pred.stride(0), target.stride(0), grad.stride(0),
         HAS_ROWS=rows is not None, HAS_MASK=mask is not None, COSINE=bool(cosine), EPS=LOSS_COSINE_EPS,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
-    return grad
+    return grad.to(pred.dtype) if rounds_later else grad

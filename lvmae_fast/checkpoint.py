@@ -169,10 +169,25 @@ def recipe_from_reference_args(args) -> dict:
     return recipe
 
 
+def check_model_out(out: Path) -> None:
+    """A converted model goes to a new or empty folder, or replaces a model folder's two files: never
+    into a training run (its model files are a checkpoint's) or a folder holding anything else."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the model")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in
+                        (CONFIG_NAME, WEIGHTS_NAME))
+        if others:
+            raise ValueError(f"--out {out} holds more than a model ({', '.join(others[:5])}"
+                             f"{' ...' if len(others) > 5 else ''}); choose a new or empty directory")
+
+
 def convert_reference(ckpt_path, out_dir=None, **config_overrides):
     """Load a reference checkpoint into an LVMAE (and write it as a model dir when out_dir is given)."""
     from .model import LVMAE, sincos_table
 
+    if out_dir is not None:
+        check_model_out(Path(out_dir))
     state, args = _load_reference_state(ckpt_path)
     stored = {k: v.dtype for k, v in state.items()}
     state = {k: v.float() for k, v in state.items()}

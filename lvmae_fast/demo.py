@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -147,6 +148,10 @@ def _run(args) -> int:
         code, run = run_pretraining(store, out, args.epochs or 60, args.seed, progress,
                                     val_videos=demo_val_videos(num_videos))
         dim = args.dim
+    if code != 0:  # interrupted (Ctrl-C, SIGTERM) or stopped by a non-finite loss: no "demo done"
+        print(f"demo stopped in its pretraining (exit {code}); its run continues with: lvmae pretrain --out {run} "
+              f"--resume", file=sys.stderr)
+        return code
     records = read_metrics(run / "metrics.jsonl")
     if records:
         val = [r["val_loss"] for r in records if "val_loss" in r]

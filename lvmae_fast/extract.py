@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -805,4 +806,9 @@ def run(args) -> int:
     print(f"extract: {summary['done']} done, {summary['skipped']} skipped (already in store), "
           f"{summary['failed']} failed (see {summary['failures']}); {summary['windows']} windows, "
           f"{summary['realtime_factor']}x realtime{f'; decoded by {by}' if by else ''}")
+    if summary["failed"] and not summary["done"] and not summary["skipped"]:
+        # Still exit 0 (the job finished; the interface promises it), but a script should not read it as work done.
+        print(f"extract: warning: every input failed, nothing is in {args.out} from this run (reasons in "
+              f"{summary['failures']}; relative paths in a list file resolve against the list's folder)",
+              file=sys.stderr)
     return 0

@@ -77,6 +77,22 @@ def test_cli_convert_and_python_m_are_one_cli(tmp_path):
     assert (cfg["num_heads"], cfg["decoder_num_heads"], cfg["max_len"]) == (8, 4, 64)
 
 
+def test_convert_refuses_an_out_folder_holding_more_than_a_model(tmp_path):
+    # It replaced a training run's model files (its checkpoints' link) without a word.
+    save_reference(tmp_path / "ref.pth", reference_state_dict())
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(b"the run's")
+    with pytest.raises(ValueError, match=r"holds more than a model \(checkpoints\)"):
+        convert_reference(tmp_path / "ref.pth", run)
+    assert (run / "model.safetensors").read_bytes() == b"the run's"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        convert_reference(tmp_path / "ref.pth", tmp_path / "file")
+    convert_reference(tmp_path / "ref.pth", tmp_path / "m")
+    convert_reference(tmp_path / "ref.pth", tmp_path / "m")  # a model folder again: replaced
+
+
 class Evil:
     """Any non-allow-listed global: weights_only loading must refuse it (no blind pickle fallback)."""
 

@@ -1056,3 +1056,12 @@ def test_folders_and_globs_follow_folder_links_once_and_list_each_file_once(tmp_
             ("linkdir/e", str(root / "linkdir" / "e.mp4"))]
     assert list_videos(root) == want
     assert list_videos(f"{root}/**/*.mp4") == want
+
+
+def test_a_job_where_every_input_failed_exits_0_with_a_warning(corpus, tmp_path, capsys):
+    _, _, bad = corpus
+    rc = main(["extract", str(Path(bad["zero_byte"]).parent), "--encoder", "tiny", "--out", str(tmp_path / "s"),
+               "--no-progress"])
+    assert rc == 0  # the job finished (the interface's promise)
+    err = capsys.readouterr().err
+    assert "warning: every input failed" in err

@@ -1055,3 +1055,20 @@ def test_cosine_loss_gradient_below_the_norm_clamp_is_torchs(interp):
 
     for got, want in zip(grads(pred, target), grads(pred.double(), target.double())):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_bf16_loss_gradients_are_rounded_to_nearest_as_on_a_gpu(interp, cosine):
+    # The interpreter's .to(bfloat16) truncates: half the gradient entries came out one bf16 step small.
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(64, 100, generator=g).to(torch.bfloat16).requires_grad_()
+    target = torch.randn(64, 100, generator=g).to(torch.bfloat16)
+    rows = torch.arange(64)
+    got, = torch.autograd.grad(K.masked_mse_rows(pred, target, rows, "cosine" if cosine else "mse"), pred)
+    p32 = pred.detach().float().requires_grad_()
+    if cosine:
+        want_loss = (1 - torch.nn.functional.cosine_similarity(p32, target.float(), dim=-1)).mean()
+    else:
+        want_loss = ((p32 - target.float()) ** 2).mean(-1).mean()
+    want, = torch.autograd.grad(want_loss, p32)
+    assert (got == want.to(torch.bfloat16)).float().mean() > 0.99

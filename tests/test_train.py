@@ -1179,3 +1179,16 @@ def test_min_lr_above_the_peak_lr_is_refused_before_the_run_dir_is_written(store
     with pytest.raises(ValueError, match=r"min_lr=0.01 exceeds the peak learning rate 0.001 \(lr\)"):
         pretrain(_cfg(store, tmp_path / "run", max_steps=2, lr=1e-3, min_lr=0.01))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_demo_whose_pretraining_stops_says_how_to_continue_and_not_done(tmp_path, monkeypatch, capsys,
+                                                                          restore_threads):
+    import lvmae_fast.demo as D
+    from lvmae_fast.cli import main
+
+    monkeypatch.setattr(D, "pretrain", lambda cfg: 130)  # as an interrupted run returns
+    assert main(["demo", "--source", "embeddings", "--videos", "12", "--epochs", "2", "--no-progress",
+                 "--out", str(tmp_path / "demo")]) == 130
+    out, err = capsys.readouterr()
+    assert "demo done" not in out
+    assert f"lvmae pretrain --out {tmp_path / 'demo' / 'run'} --resume" in err
