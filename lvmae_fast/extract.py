@@ -151,20 +151,25 @@ def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, s
     return items, clashes
 
 
-def held_by_another_file(items: list[tuple[str, str]], sources: dict[str, str]
-                         ) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
-    """Split off the inputs whose id the store already holds from another file that still exists: two
-    files with one id across runs are a clash as within one (a file moved since is the same video, and
-    stays skipped). Returns (the other inputs, clashes [(video_id, path, reason)])."""
-    kept, clashes = [], []
+def warn_ids_held_by_other_files(items: list[tuple[str, str]], sources: dict[str, str]) -> int:
+    """Log each input whose id the store holds from another file that still exists and differs in size
+    (two files with one id across runs; within a run that is a failure line). A copy of the stored file
+    (same size: a staged or rsynced dataset) is the same video. They all stay skipped as stored: the
+    store keeps no more of its source than the path, so it cannot tell a different video from the same
+    one moved and replaced. Returns how many were logged."""
+    count = 0
     for vid, path in items:
         source = sources.get(vid, "")
-        if source and Path(source).is_file() and Path(path).is_file() and not os.path.samefile(source, path):
-            clashes.append((vid, path, f"video id {vid!r} is already in the store, from {source}: rename one of "
-                                       "the files, or list them in a CSV with a video_id column"))
-        else:
-            kept.append((vid, path))
-    return kept, clashes
+        try:
+            other = (source and Path(source).is_file() and Path(path).is_file() and not os.path.samefile(source, path)
+                     and os.path.getsize(source) != os.path.getsize(path))
+        except OSError:
+            other = False
+        if other:
+            count += 1
+            log.warning("skip %s: video id %r is in the store already, from %s, a file with other content (rename "
+                        "one of them, or list them in a CSV with a video_id column)", path, vid, source)
+    return count
 
 
 # -------------------------------------------------------------------------------------------- producers
@@ -527,8 +532,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                                                            "precision": str(dtype).replace("torch.", ""),
                                                            "frame_index": INDEX_VERSION})
         partials.remove_committed(writer.contains)
-        items, held_elsewhere = held_by_another_file(items, writer.sources())
-        clashes = clashes + held_elsewhere
+        warn_ids_held_by_other_files(items, writer.sources())
         todo = []
         for vid, path in items:
             if writer.contains(vid):

@@ -714,7 +714,11 @@ def show_id(video_id: str) -> str:
     unprintable characters (an id may be any file stem, e.g. `my clip`, even one with a newline), so
     lists and `ID: problem` lines stay unambiguous."""
     plain = video_id and video_id.isprintable() and not any(c.isspace() or c in "\"'" for c in video_id)
-    return video_id if plain else json.dumps(video_id, ensure_ascii=False)
+    if plain:
+        return video_id
+    quoted = json.dumps(video_id, ensure_ascii=False)
+    # An id from a file name that is not UTF-8 holds surrogate escapes, which a strict stdout cannot write.
+    return quoted if quoted.isascii() or not any("\ud800" <= c <= "\udfff" for c in video_id) else json.dumps(video_id)
 
 
 @dataclass

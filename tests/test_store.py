@@ -1093,3 +1093,13 @@ def test_import_into_an_empty_store_takes_the_arrays_dim(tmp_path):
     added, skipped, failures = import_embeddings(tmp_path / "d", tmp_path / "s")
     assert (added, skipped, failures) == (1, 0, [])
     assert Store(tmp_path / "s").dim == 16
+
+
+def test_an_id_from_a_non_utf8_file_name_prints_on_a_strict_utf8_stdout():
+    import os
+
+    from lvmae_fast.store import show_id
+
+    shown = show_id(os.fsdecode(b"caf\xe9"))
+    assert shown.encode("utf-8") and json.loads(shown) == os.fsdecode(b"caf\xe9")  # escaped, not raw surrogates
+    assert show_id("my clip") == '"my clip"' and show_id("café") == "café"

@@ -10,14 +10,14 @@ List files: .txt = one path per line ('#' comments); .csv = header with a `path`
 `video_id`), or headerless first column. In a CSV, '#' lines are comments before its first row and, in a
 headerless one, anywhere; below a header every row is data (an id "#7" is an id). Relative paths resolve
 against the list file's folder.
-Folders and globs follow symbolic links to folders (a link back up the tree is walked once) and list
-each file once, under its first id in path order, however many links reach it.
+Links: a folder input does not follow links to folders (Path.rglob), a glob does (glob.glob); every name
+a listing finds is an input of its own, also two links to one file. A broken link is an input too: the
+job lists it as failed, with the reason.
 """
 from __future__ import annotations
 
 import csv
 import glob
-import os
 from pathlib import Path
 
 # Folder inputs take files with these suffixes (any case): camera (AVCHD .mts/.m2ts, .mxf, .dv), disc
@@ -38,52 +38,11 @@ def _is_input_file(p: Path) -> bool:
     return p.is_file() or (p.is_symlink() and not p.exists())
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every file under root, following links to folders; a folder reached twice (a link loop, two links
-    to one folder) is walked once."""
-    files, seen = [], set()
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs.sort()
-        files += [Path(folder) / name for name in names]
-    return files
-
-
-def _through_a_loop(p: Path, root: Path) -> bool:
-    """Whether a glob's match lies behind a folder the path has passed through already (a link loop:
-    each turn matches the same files again under a longer path). Checked from the top, where the
-    path's prefixes still resolve."""
-    seen = {os.path.realpath(root)}
-    folder = root
-    for part in p.relative_to(root).parts[:-1]:
-        folder = folder / part
-        real = os.path.realpath(folder)
-        if real in seen:
-            return True
-        seen.add(real)
-    return False
-
-
-def _once_per_file(files: list[Path]) -> list[Path]:
-    """Sorted, and a file that several links reach listed once (the first path)."""
-    out, seen = [], set()
-    for p in sorted(files):
-        key = p.resolve() if p.exists() else p.parent.resolve() / p.name  # a broken link: by its own place
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
-
-
 def list_videos(spec) -> list[tuple[str, str]]:
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
-        files = _once_per_file([p for p in _walk(path) if _is_input_file(p) and p.suffix.lower() in VIDEO_SUFFIXES])
+        files = sorted(p for p in path.rglob("*") if _is_input_file(p) and p.suffix.lower() in VIDEO_SUFFIXES)
         return [(_id_from(p, path), str(p)) for p in files]
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         return _from_list(path)
@@ -97,8 +56,7 @@ def list_videos(spec) -> list[tuple[str, str]]:
             fixed.append(part)
         root = Path(*fixed) if fixed else Path(".")
         # The user chose the pattern: every file it matches is an input (non-videos fail with a reason).
-        files = _once_per_file([Path(p) for p in glob.glob(spec, recursive=True)
-                                if _is_input_file(Path(p)) and not _through_a_loop(Path(p), root)])
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if _is_input_file(Path(p)))
         return [(_id_from(p, root), str(p)) for p in files]
     raise FileNotFoundError(f"input {spec!r} is not a folder, a glob, a video or a .txt/.csv list")
 
