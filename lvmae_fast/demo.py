@@ -17,7 +17,7 @@ from pathlib import Path
 from . import train_config as tc
 from .store_cli import import_embeddings
 from .synthetic import synthetic_corpus, write_corpus
-from .train import pretrain, read_metrics
+from .train import EXIT_SIGNAL, pretrain, read_metrics
 
 
 def make_videos(out: Path, num_videos: int, duration: float, seed: int) -> Path:
@@ -149,8 +149,9 @@ def _run(args) -> int:
                                     val_videos=demo_val_videos(num_videos))
         dim = args.dim
     if code != 0:  # interrupted (Ctrl-C, SIGTERM) or stopped by a non-finite loss: no "demo done"
-        print(f"demo stopped in its pretraining (exit {code}); its run continues with: lvmae pretrain --out {run} "
-              f"--resume", file=sys.stderr)
+        how = (f"its run continues with: lvmae pretrain --out {run} --resume" if code in EXIT_SIGNAL.values() else
+               "pretrain's message above says how to rewind its run")  # a non-finite stop fails again on --resume
+        print(f"demo stopped in its pretraining (exit {code}); {how}", file=sys.stderr)
         return code
     records = read_metrics(run / "metrics.jsonl")
     if records:

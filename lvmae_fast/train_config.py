@@ -145,8 +145,8 @@ class PretrainConfig:
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
-        if not 0 <= self.seed < 2 ** 64:  # torch.manual_seed's range; numpy's SeedSequence refuses negatives
-            raise ValueError(f"seed={self.seed} must be in [0, 2^64)")
+        if not -2 ** 63 <= self.seed < 2 ** 64:  # torch.manual_seed's range (the sampler reduces it mod 2^32)
+            raise ValueError(f"seed={self.seed} must be in [-2^63, 2^64)")
         for key, low in (("num_workers", 0), ("cpu_threads", 0), ("prefetch_factor", 1)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= {low}")

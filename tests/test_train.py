@@ -1167,11 +1167,11 @@ def test_a_checkpoint_missing_a_file_is_not_a_resume_target_and_pruning_never_le
 
 
 def test_a_seed_beyond_float_precision_is_kept_exactly_and_out_of_range_seeds_are_refused():
-    for value in (123456789012345678, "9007199254740993", np.int64(2 ** 62 + 1)):
+    for value in (123456789012345678, "9007199254740993", np.int64(2 ** 62 + 1), -1):  # -1: runs made before
         cfg = tc.resolve([("t", {"preset": "tiny", "seed": value})])
         assert cfg.seed == int(value) and type(cfg.seed) is int
-    for value in (-1, 2 ** 64):
-        with pytest.raises(ValueError, match=r"seed=.* must be in \[0, 2\^64\)"):
+    for value in (-2 ** 63 - 1, 2 ** 64):
+        with pytest.raises(ValueError, match=r"seed=.* must be in \[-2\^63, 2\^64\)"):
             tc.resolve([("t", {"preset": "tiny", "seed": value})])
 
 
@@ -1186,9 +1186,10 @@ def test_a_demo_whose_pretraining_stops_says_how_to_continue_and_not_done(tmp_pa
     import lvmae_fast.demo as D
     from lvmae_fast.cli import main
 
-    monkeypatch.setattr(D, "pretrain", lambda cfg: 130)  # as an interrupted run returns
-    assert main(["demo", "--source", "embeddings", "--videos", "12", "--epochs", "2", "--no-progress",
-                 "--out", str(tmp_path / "demo")]) == 130
-    out, err = capsys.readouterr()
-    assert "demo done" not in out
-    assert f"lvmae pretrain --out {tmp_path / 'demo' / 'run'} --resume" in err
+    for code, hint in ((130, f"lvmae pretrain --out {tmp_path / 'demo' / 'run'} --resume"),  # interrupted
+                       (3, "pretrain's message above says how to rewind")):  # non-finite: --resume fails again
+        monkeypatch.setattr(D, "pretrain", lambda cfg, code=code: code)
+        assert main(["demo", "--source", "embeddings", "--videos", "12", "--epochs", "2", "--no-progress",
+                     "--out", str(tmp_path / "demo"), "--overwrite"]) == code
+        out, err = capsys.readouterr()
+        assert "demo done" not in out and hint in err, err
