@@ -151,13 +151,12 @@ def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, s
     return items, clashes
 
 
-def warn_ids_held_by_other_files(items: list[tuple[str, str]], sources: dict[str, str]) -> int:
+def warn_ids_held_by_other_files(items: list[tuple[str, str]], sources: dict[str, str]) -> None:
     """Log each input whose id the store holds from another file that still exists and differs in size
     (two files with one id across runs; within a run that is a failure line). A copy of the stored file
     (same size: a staged or rsynced dataset) is the same video. They all stay skipped as stored: the
     store keeps no more of its source than the path, so it cannot tell a different video from the same
-    one moved and replaced. Returns how many were logged."""
-    count = 0
+    one moved and replaced."""
     for vid, path in items:
         source = sources.get(vid, "")
         try:
@@ -166,10 +165,8 @@ def warn_ids_held_by_other_files(items: list[tuple[str, str]], sources: dict[str
         except OSError:
             other = False
         if other:
-            count += 1
-            log.warning("skip %s: video id %r is in the store already, from %s, a file with other content (rename "
+            log.warning("skip %s: video id %r is in the store already, from %s, a file of another size (rename "
                         "one of them, or list them in a CSV with a video_id column)", path, vid, source)
-    return count
 
 
 # -------------------------------------------------------------------------------------------- producers
