@@ -169,6 +169,21 @@ def warn_ids_held_by_other_files(items: list[tuple[str, str]], sources: dict[str
                         "one of them, or list them in a CSV with a video_id column)", path, vid, source)
 
 
+def recorded_fingerprint(out: Path, weights) -> str:
+    """The checkpoint's fingerprint as this store records it: the current kind, or the kind a store
+    written before 2026-11-27 holds when it is this checkpoint's (so that job resumes)."""
+    from .store import load_index
+    from .video.encoders import FINGERPRINT_VERSION, legacy_weights_fingerprint, weights_fingerprint
+
+    held = None
+    if (Path(out) / "index.json").is_file():
+        with contextlib.suppress(OSError, ValueError):
+            held = (load_index(out).get("settings") or {}).get("weights")
+    if isinstance(held, str) and not held.startswith(FINGERPRINT_VERSION) and held == legacy_weights_fingerprint(weights):
+        return held
+    return weights_fingerprint(weights)
+
+
 # -------------------------------------------------------------------------------------------- producers
 def prepared(jobs: Iterable[VideoJob], spec: WindowSpec, partials: PartialVideos | None = None
              ) -> Iterator[VideoJob | Failed]:
@@ -472,7 +487,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     import torch
 
     from .store import StoreWriter
-    from .video.encoders import build_encoder, weights_fingerprint
+    from .video.encoders import build_encoder
     from .video.preprocess import frames_to_input
 
     if not math.isfinite(seconds) or seconds <= 0:  # inf would reach the store's settings, nan every check
@@ -515,7 +530,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     if style != "transformers":
         settings["preprocess_style"] = style
     if weights and not given_model:
-        settings["weights"] = weights_fingerprint(weights)  # another checkpoint under the same encoder name
+        settings["weights"] = recorded_fingerprint(out, weights)  # another checkpoint under the same encoder name
     elif not given_model:
         settings["seed"] = int(seed)  # random weights (tiny, or a model built from its config): the seed makes them
     with StoreWriter(out, dim=model.dim, encoder=encoder, segment_seconds=spec.seconds, settings=settings) as writer:

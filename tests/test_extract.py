@@ -633,6 +633,16 @@ def test_another_checkpoint_under_the_same_encoder_name_is_refused(corpus, tmp_p
     for other in (tmp_path / "B", None):
         with pytest.raises(ValueError, match="weights="):
             extract_videos(str(corpus[1]["d"].path), tmp_path / "s", weights=other, seconds=1.0)
+    # A store written before 2026-11-27 records the sampled fingerprint: the same checkpoint resumes it.
+    from lvmae_fast.store import load_index
+    from lvmae_fast.video.encoders import legacy_weights_fingerprint
+
+    index = load_index(tmp_path / "s")
+    index["settings"]["weights"] = legacy_weights_fingerprint(tmp_path / "A")
+    (tmp_path / "s" / "index.json").write_text(json.dumps(index))
+    assert extract_videos(str(corpus[1]["d"].path), tmp_path / "s", weights=copy, seconds=1.0)["done"] == 1
+    with pytest.raises(ValueError, match="weights="):
+        extract_videos(str(corpus[1]["b"].path), tmp_path / "s", weights=tmp_path / "B", seconds=1.0)
 
 
 def test_out_must_be_a_store_or_new_and_other_inputs_are_checked_first(corpus, tmp_path):

@@ -233,6 +233,36 @@ def test_internvideo2_torchscript_layout(tmp_path):
     assert (enc.mean, enc.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
+def test_internvideo2_exported_program_layout(tmp_path):
+    # build_encoder's eval() raised NotImplementedError: a torch.export module refuses train(False).
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(MeanTower(), (torch.randn(2, 8, 3, 32, 32),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "video_tower.pt2"))
+    (tmp_path / "internvideo2.json").write_text(json.dumps({"dim": 16, "image_size": 32, "num_frames": 8}))
+    enc = build_encoder("internvideo2", weights=str(tmp_path))
+    assert not any(m.training for m in enc.modules())
+    x = torch.randn(3, 8, 3, 32, 32)
+    torch.testing.assert_close(enc.encode_video(x), program.module()(x))
+
+
+def test_the_weights_fingerprint_reads_every_byte_and_skips_tokenizer_files(tmp_path):
+    from lvmae_fast.video.encoders import SAMPLE_BYTES, legacy_weights_fingerprint, weights_fingerprint
+
+    # A change between the old sampled regions (a fine-tune of a few layers) left the old fingerprint as it was.
+    data = bytearray(range(256)) * (4 * SAMPLE_BYTES // 256)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "model.safetensors").write_bytes(bytes(data))
+    data[SAMPLE_BYTES + 5] ^= 1
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "model.safetensors").write_bytes(bytes(data))
+    assert legacy_weights_fingerprint(tmp_path / "a") == legacy_weights_fingerprint(tmp_path / "b")
+    assert weights_fingerprint(tmp_path / "a") != weights_fingerprint(tmp_path / "b")
+    before = weights_fingerprint(tmp_path / "a")
+    _write_tokenizer(tmp_path / "a")  # what encode_text asks for: the video embeddings stay the same
+    (tmp_path / "a" / "README.md").write_text("notes")
+    assert weights_fingerprint(tmp_path / "a") == before
+
+
 def test_an_encoder_whose_output_is_not_its_stated_dim_stops_the_job_and_the_store_takes_the_fix(tmp_path):
     """internvideo2.json says dim 32, the exported tower gives 16: one clear error at the first batch (was
     numpy's 'could not broadcast'); the store it left holds no video, so the rerun with the json fixed

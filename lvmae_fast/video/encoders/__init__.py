@@ -57,18 +57,55 @@ def build_encoder(name: str, weights=None, seed: int = 0) -> VideoEncoder:
     encoder.name = name
     for p in encoder.parameters():
         p.requires_grad_(False)
-    return encoder.eval()
+    # eval() by hand: a tower loaded from torch.export (internvideo2's .pt2) refuses train(False) itself.
+    for module in encoder.modules():
+        module.training = False
+    return encoder
+
+
+# Files of a checkpoint dir that do not decide its video embeddings: adding the tokenizer files that
+# encode_text asks for must not refuse the resume of an extract job.
+TEXT_ONLY_FILES = frozenset({"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                             "special_tokens_map.json", "added_tokens.json", "spiece.model",
+                             "sentencepiece.bpe.model"})
+FINGERPRINT_VERSION = "v2:"
+
+
+def _checkpoint_files(weights) -> tuple[Path, list[Path]]:
+    root = Path(weights)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    return root, files
 
 
 def weights_fingerprint(weights) -> str | None:
     """A short content id of a local checkpoint (file or directory), recorded in the store's settings so
-    a resumed job never mixes embeddings of two checkpoints under one encoder name. Reads names, sizes
-    and 1 MiB at the start, middle and end of each file: seconds for multi-GB weights, and two trained
-    checkpoints of one architecture differ there (equal configs and headers alone would not)."""
+    a resumed job never mixes embeddings of two checkpoints under one encoder name: every byte of every
+    file that can change the video embeddings (not tokenizer files, docs or dot-files). Reading all of
+    it costs seconds for multi-GB weights, once per job, and the model load reads the same files next.
+    (Until 2026-11-27 it read 1 MiB at three places per file, which a fine-tune of a few layers can miss:
+    legacy_weights_fingerprint.)"""
     if not weights:
         return None
-    root = Path(weights)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    root, files = _checkpoint_files(weights)
+    digest = hashlib.sha256()
+    for f in files:
+        name = f.relative_to(root) if root.is_dir() else Path(f.name)
+        if root.is_dir() and (f.name in TEXT_ONLY_FILES or f.suffix.lower() == ".md"
+                              or any(part.startswith(".") for part in name.parts)):
+            continue
+        digest.update(f"{name.as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(16 << 20):
+                digest.update(chunk)
+    return FINGERPRINT_VERSION + digest.hexdigest()[:16]
+
+
+def legacy_weights_fingerprint(weights) -> str | None:
+    """The fingerprint stores written before 2026-11-27 record (names, sizes and 1 MiB at the start,
+    middle and end of every file), so that their jobs still resume with the same checkpoint."""
+    if not weights:
+        return None
+    root, files = _checkpoint_files(weights)
     digest = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
