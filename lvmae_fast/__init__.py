@@ -1,6 +1,7 @@
 """lvmae_fast: packed-sequence LV-MAE (long-video masked-embedding autoencoders)."""
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -29,7 +30,15 @@ _root = Path(__file__).resolve().parent.parent
 if (_root / "setup.py").is_file() and not any(isinstance(f, _CheckoutSubpackages) for f in sys.meta_path):
     sys.meta_path.append(_CheckoutSubpackages(_root))
 
-from .model import LVMAE, LVMAEConfig  # noqa: E402
-from .packing import PackedBatch  # noqa: E402
-
 __all__ = ["LVMAE", "LVMAEConfig", "PackedBatch", "__version__"]
+_LAZY = {"LVMAE": "model", "LVMAEConfig": "model", "PackedBatch": "packing"}
+
+
+def __getattr__(name: str):
+    # Imported on first use (PEP 562): `lvmae ...` reaches its Ctrl-C handling before torch loads, so an
+    # interrupt during the seconds that takes is one line too, not a traceback.
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch and the feature modules: seconds on a small machine
+    except KeyboardInterrupt:
+        print("lvmae: interrupted while starting", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

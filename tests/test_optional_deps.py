@@ -72,3 +72,19 @@ def test_an_installed_pyav_older_than_the_floor_is_refused_by_name(monkeypatch):
         resolve_decoder("pyav", torch.device("cpu"))
     monkeypatch.setattr(av, "__version__", f"{PYAV_MINIMUM}.0.0")
     assert resolve_decoder("pyav", torch.device("cpu")) == "pyav"
+
+
+def test_the_cli_entry_point_reaches_its_ctrl_c_handling_before_torch_loads(monkeypatch, capsys):
+    # Ctrl-C in the first second of `lvmae extract` (torch importing) printed a traceback: the package's
+    # __init__ imported the model, and with it torch, before main() could catch anything.
+    r = subprocess.run([sys.executable, "-c", "import sys, lvmae_fast.cli; print('torch' in sys.modules)"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    from lvmae_fast import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["extract", "x", "--out", "y"]) == 130
+    assert capsys.readouterr().err.strip() == "lvmae: interrupted while starting"
