@@ -84,8 +84,8 @@ def _keep_and_masked(cu_seqlens: torch.Tensor, mask_ratio: float) -> tuple[torch
     """int64 [B] each: rows kept and rows masked per video."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     keep = keep_counts(lengths, mask_ratio)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=cu_seqlens.device)  # noqa: E731
-    return as_tensor(keep), as_tensor([n - k for n, k in zip(lengths, keep)])
+    counts = torch.tensor([keep, [n - k for n, k in zip(lengths, keep)]], dtype=torch.int64, device=cu_seqlens.device)
+    return counts[0], counts[1]
 
 
 def random_mask(cu_seqlens: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None,

@@ -716,9 +716,8 @@ def show_id(video_id: str) -> str:
     plain = video_id and video_id.isprintable() and not any(c.isspace() or c in "\"'" for c in video_id)
     if plain:
         return video_id
-    quoted = json.dumps(video_id, ensure_ascii=False)
     # An id from a file name that is not UTF-8 holds surrogate escapes, which a strict stdout cannot write.
-    return quoted if quoted.isascii() or not any("\ud800" <= c <= "\udfff" for c in video_id) else json.dumps(video_id)
+    return json.dumps(video_id, ensure_ascii=any("\ud800" <= c <= "\udfff" for c in video_id))
 
 
 @dataclass

@@ -256,10 +256,9 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
     steps = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in (steps[:-cfg.keep_checkpoints] if prune else []):
         if old.name != name:
-            # Out of sight first: a kill midway through deleting leaves a temp name the next save clears,
-            # not a step-N missing some of its files.
+            # Out of sight first: a kill midway through deleting leaves a temp name the next save clears
+            # (its stale-temp sweep above), not a step-N missing some of its files.
             doomed = ckpt_root / f".{old.name}.tmp"
-            shutil.rmtree(doomed, ignore_errors=True)
             os.replace(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
     return final
