@@ -212,17 +212,18 @@ def prepared(jobs: Iterable[VideoJob], spec: WindowSpec, partials: PartialVideos
         yield job
 
 
-def pyav_events(job: VideoJob, threads: int = 0, skip: np.ndarray | None = None, damage=None, hwaccel=None
-                ) -> Iterator[Window | Failed]:
+def pyav_events(job: VideoJob, threads: int = 0, skip: np.ndarray | None = None, damage=None, hwaccel=None,
+                on_software=None) -> Iterator[Window | Failed]:
     """A prepared video's windows decoded by PyAV: all but `skip` (default: the job's own, the windows a
     killed job embedded). `threads`: frame threads (0 = FFmpeg's choice); `damage`: a SharedDamage when
-    other parts of the video are decoded elsewhere; `hwaccel`: NVDEC settings (decode_pyav.nvdec_accel)."""
+    other parts of the video are decoded elsewhere; `hwaccel`: NVDEC settings (decode_pyav.nvdec_accel);
+    `on_software`: called if FFmpeg decodes in software instead (decode_windows_pyav)."""
     from .video.decode_pyav import decode_windows_pyav
 
     try:
         for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads,
                                                     skip=job.skip if skip is None else skip, damage=damage,
-                                                    hwaccel=hwaccel):
+                                                    hwaccel=hwaccel, on_software=on_software):
             yield Window(job, w, frames, times)
     except VideoError as err:
         yield Failed(job, str(err))
@@ -307,18 +308,19 @@ def pyav_parts(jobs, spec: WindowSpec, partials=None, part_windows: int = 32,
             yield DecodePart(item, windows, damage)
 
 
-def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> Iterator[Window | Failed]:
+def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None, on_software=None
+                ) -> Iterator[Window | Failed]:
     """One part's windows. A part that meets damage (a frame to stand in or flagged corrupt, a decode
     error): its windows from there on and all the video's windows after them come from one decode of the
     rest of the video from the start of the file, as one pass gives them (decoder state, stand-ins,
     damage budget, failure); the later parts are superseded, and what they delivered before they knew
-    is dropped in extract's loop (windows already delivered)."""
+    is dropped in extract's loop (windows already delivered). `hwaccel`, `on_software`: as pyav_events'."""
     if isinstance(part, Failed):
         yield part
         return
     job = part.job
     if part.windows is None:
-        yield from pyav_events(job, threads, hwaccel=hwaccel)
+        yield from pyav_events(job, threads, hwaccel=hwaccel, on_software=on_software)
         return
     from .video.decode_pyav import decode_windows_pyav
 
@@ -331,7 +333,8 @@ def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> It
     through = int(job.index.pts[job.plan.frames[later[0]]].min()) if len(later) else None
     try:
         for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads, skip=skip,
-                                                    damage=damage, through=through, hwaccel=hwaccel):
+                                                    damage=damage, through=through, hwaccel=hwaccel,
+                                                    on_software=on_software):
             yield Window(job, w, frames, times)
             start = w + 1
         return
@@ -347,7 +350,7 @@ def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None) -> It
     try:
         for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads, skip=rest,
                                                     damage=damage, redo=first, hwaccel=hwaccel,
-                                                    one_pass_skip=one_pass):
+                                                    one_pass_skip=one_pass, on_software=on_software):
             yield Window(job, w, frames, times)
     except VideoError as err:  # as pyav_events reports it
         yield Failed(job, str(err))
@@ -606,7 +609,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     st["done"] = True
                     st.pop("emb")
                     counts["done"] += 1
-                    decoded_by[job.decoded_by or backend] += 1
+                    decoded_by[NVDEC_FALLBACK if job.software_fallback else job.decoded_by or backend] += 1
                     completed.append(job)
                     bar.update(videos=1)
             current = ""
@@ -688,7 +691,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 # The decoder of this part (hybrid: chosen as it starts); the summary counts videos by it.
                 job.decoded_by = share.start(job, pinned=job.resumed_decoder) if share else backend
                 on_nvdec = job.decoded_by == "nvdec"
-                windows = lambda: to_input(decode_part(part, threads, hwaccel if on_nvdec else None))  # noqa: E731
+                windows = lambda: to_input(decode_part(part, threads, hwaccel if on_nvdec else None,  # noqa: E731
+                                                       lambda: software_fallback(job)))
                 try:
                     if CPU_DECODE_NICE and not on_nvdec:
                         yield from in_background(windows, maxsize=part_windows + 1, nice=CPU_DECODE_NICE)
@@ -801,6 +805,19 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="init seed of the tiny encoder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+# The summary's `decoded_by` name of a video NVDEC was given but FFmpeg's software decoder decoded.
+NVDEC_FALLBACK = "pyav (nvdec fallback)"
+
+
+def software_fallback(job: VideoJob) -> None:
+    """Given NVDEC, FFmpeg decoded (a part of) this video in software, on the CPU: said once per video, and
+    counted apart in the summary, so that an NVDEC run's speed is not read as NVDEC's."""
+    if not job.software_fallback:
+        job.software_fallback = True
+        log.warning("%s: NVDEC did not decode this video (FFmpeg's software decoder did, on the CPU); counted "
+                    "as %r in the summary", job.path, NVDEC_FALLBACK)
 
 
 def decoded_by_text(counts: dict) -> str:

@@ -160,9 +160,9 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
     tails_seen, threads_seen = [], []
     real_decoded, real_stream = decode_pyav._decoded, decode_pyav._video_stream
 
-    def spy_decoded(container, stream, keep, tails=None, errors=None):
+    def spy_decoded(container, stream, keep, tails=None, errors=None, on_software=None):
         tails_seen.append(tails is not None)
-        return real_decoded(container, stream, keep, tails, errors)
+        return real_decoded(container, stream, keep, tails, errors, on_software)
 
     def spy_stream(container, index, threads):
         threads_seen.append(threads)
@@ -251,6 +251,23 @@ def test_a_decode_workers_variant_times_the_parallel_row_with_its_own_workers_an
     row = result["decode_pyav_parallel@decode_workers=3"]
     assert (row["workers"], row["videos"]) == (3, 6) and calls[-1] == (6, 3)
     assert result["decode_pyav_parallel@base"].startswith("not measured (1 decode worker")  # no 1-worker "parallel" row
+
+
+def test_extract_bench_nvdec_decode_row_counts_the_videos_ffmpeg_decoded_in_software(tmp_path):
+    """The NVDEC decode row's rate is NVDEC's only if NVDEC decoded: videos whose NVDEC settings FFmpeg
+    did not use (decoded in software, silently) are counted in the row; a CPU row has no such count."""
+    from av.codec.hwaccel import HWAccel
+
+    from lvmae_fast import synth
+    from lvmae_fast.video.jobs import WindowSpec
+
+    extract_bench = load_extract_bench()
+    paths = [synth.write_video(tmp_path / f"v{k}.mp4", duration=2.0, fps=10, codec="h264", seed=k).path
+             for k in range(3)]
+    spec = WindowSpec(seconds=1.0)
+    unused = extract_bench.bench_pyav_decode(paths, spec, 2, hwaccel=lambda: HWAccel("drm", allow_software_fallback=True))
+    assert unused["software_fallback_videos"] == 3 and unused["windows_per_s"] > 0
+    assert "software_fallback_videos" not in extract_bench.bench_pyav_decode(paths, spec, 2)
 
 
 def test_extract_bench_refuses_bad_decode_flags():

@@ -960,7 +960,10 @@ def test_gpu_nvdec_decodes_the_frames_software_decoding_gives(tmp_path, monkeypa
     path = synth.write_camera_like(tmp_path / "c.mp4", duration=6.0, fps=30, size=(640, 360), seed=3)
     job = prepare_job(VideoJob("c", str(path)), WindowSpec(seconds=2.0, frames=4))
     cpu = list(decode_windows_pyav(job.index, job.plan))
-    gpu = list(decode_windows_pyav(job.index, job.plan, hwaccel=lambda: nvdec_accel(0)))
+    software = []   # FFmpeg decoding in software though given NVDEC: frames not 'cuda' (decode_pyav.HW_FRAME_FORMAT)
+    gpu = list(decode_windows_pyav(job.index, job.plan, hwaccel=lambda: nvdec_accel(0),
+                                   on_software=lambda: software.append(1)))
+    assert software == [], "NVDEC did not decode the clip: FFmpeg fell back to software"
     assert [w for w, _, _ in gpu] == [w for w, _, _ in cpu] == [0, 1, 2]
     for (_, a, ta), (_, b, tb) in zip(cpu, gpu):
         np.testing.assert_array_equal(ta, tb)

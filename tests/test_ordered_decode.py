@@ -722,9 +722,9 @@ def test_cpu_decodes_run_niced_with_their_ffmpeg_threads_and_nvdec_decodes_do_no
     seen = []   # per CPU decode: (its thread's nice, how many threads of the process run at base + 5)
     real = extract.decode_part
 
-    def decode_part(part, threads=0, hwaccel=None):
+    def decode_part(part, threads=0, hwaccel=None, on_software=None):
         first = True
-        for event in real(part, threads, hwaccel):
+        for event in real(part, threads, hwaccel, on_software):
             if first and hwaccel is None:  # FFmpeg has opened the decoder (and its frame threads) by now
                 nices = thread_nices()
                 seen.append((nices[threading.get_native_id()], sum(n == base + 5 for n in nices.values())))
@@ -894,3 +894,62 @@ def test_a_video_that_changes_resolution_is_scaled_alike_by_one_pass_and_parts(t
     runs = one_pass_and_parts(monkeypatch, tmp_path, str(video), seconds=1.0, frames=4, batch_size=8)
     assert runs["one pass"][0]["windows"] == 40
     assert_same_runs(runs)
+
+
+def software_settings(index=0):
+    """HWAccel settings PyAV cannot use for H.264 on this machine: it drops them and FFmpeg's software
+    decoder decodes, silently, as where NVDEC cannot decode a stream (frames in yuv420p, not 'cuda')."""
+    from av.codec.hwaccel import HWAccel
+
+    return HWAccel("drm", allow_software_fallback=True)
+
+
+def test_a_decode_given_nvdec_settings_that_ffmpeg_ran_in_software_is_told(tmp_path, caplog):
+    """PyAV's `is_hwaccel` cannot tell whether NVDEC decoded: the frames' format can. A decode given
+    settings that FFmpeg did not use calls on_software once (or logs it), with the frames of a plain
+    software decode; a decode without settings, or whose factory gives none, never does."""
+    from lvmae_fast import synth
+    from lvmae_fast.video.decode_pyav import decode_windows_pyav
+    from lvmae_fast.video.jobs import VideoJob, WindowSpec, prepare_job
+
+    video = synth.write_video(tmp_path / "v.mp4", duration=4.0, fps=10, codec="h264", gop=6, seed=2)
+    job = prepare_job(VideoJob("v", str(video.path)), WindowSpec(seconds=1.0))
+    plain = list(decode_windows_pyav(job.index, job.plan))
+    calls = []
+    for hwaccel, expected in ((None, 0), (lambda: None, 0), (software_settings, 1)):
+        calls.clear()
+        got = list(decode_windows_pyav(job.index, job.plan, hwaccel=hwaccel, on_software=lambda: calls.append(1)))
+        assert len(calls) == expected
+        assert [w for w, _, _ in got] == [w for w, _, _ in plain] == [0, 1, 2, 3]
+        for (_, a, _), (_, b, _) in zip(plain, got):
+            np.testing.assert_array_equal(a, b)
+    with caplog.at_level("WARNING"):   # no callback: a warning naming the file
+        list(decode_windows_pyav(job.index, job.plan, hwaccel=software_settings))
+    assert "NVDEC did not decode this video" in caplog.text and str(video.path) in caplog.text
+
+
+def test_nvdec_decodes_ffmpeg_ran_in_software_are_counted_apart_in_the_summary(mixed_corpus, tmp_path, monkeypatch,
+                                                                             caplog):
+    """--decoder hybrid where NVDEC's settings were not used: those videos were decoded on the CPU, and the
+    summary says so ('pyav (nvdec fallback)') instead of counting them as NVDEC's, with one warning per
+    video however many parts it was cut into."""
+    from lvmae_fast import extract
+    from lvmae_fast.extract import extract_videos
+    from lvmae_fast.video import decode_pyav
+
+    fake_nvdec(monkeypatch, seconds=0.0)
+    monkeypatch.setattr(decode_pyav, "nvdec_accel", software_settings)
+    good = sorted(mixed_corpus.glob("v*.mp4"))
+    with caplog.at_level("WARNING"):
+        by = extract_videos(good, tmp_path / "s", encoder="tiny", seconds=1.0, batch_size=4, decoder="hybrid",
+                            decode_workers=1, nvdec_workers=1)["decoded_by"]
+    assert "nvdec" not in by and by[extract.NVDEC_FALLBACK] >= 1 and sum(by.values()) == 5, by
+    warned = [r for r in caplog.records if "NVDEC did not decode this video" in r.getMessage()]
+    assert len(warned) == by[extract.NVDEC_FALLBACK]
+
+
+def test_nvdec_check_refuses_settings_ffmpeg_did_not_use(monkeypatch):
+    from lvmae_fast.video import decode_pyav
+
+    monkeypatch.setattr(decode_pyav, "nvdec_accel", software_settings)
+    assert decode_pyav.nvdec_problem(0) == "FFmpeg fell back to its software decoder"

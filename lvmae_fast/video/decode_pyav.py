@@ -20,7 +20,7 @@ import collections
 import functools
 import logging
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -197,7 +197,8 @@ def nvdec_problem(device_index: int = 0) -> str | None:
         with av.open(clip, "r", hwaccel=nvdec_accel(device_index)) as container:
             stream = container.streams.video[0]
             frames = list(container.decode(stream))
-            if not stream.codec_context.is_hwaccel:
+            # is_hwaccel only says the settings were taken; the frames say who decoded them.
+            if not stream.codec_context.is_hwaccel or any(f.format.name != HW_FRAME_FORMAT for f in frames):
                 return "FFmpeg fell back to its software decoder"
             if len(frames) != 2:
                 return f"the test clip decoded to {len(frames)} frames, not 2"
@@ -206,23 +207,37 @@ def nvdec_problem(device_index: int = 0) -> str | None:
     return None
 
 
-def _open(path: str, hwaccel=None):
+def _open(path: str, settings=None):
+    """The container, for a decode on NVDEC where `settings` (PyAV HWAccel) are given."""
     import av
 
     try:
-        return av.open(path, mode="r") if hwaccel is None else av.open(path, mode="r", hwaccel=hwaccel())
+        return av.open(path, mode="r") if settings is None else av.open(path, mode="r", hwaccel=settings)
     except av.FFmpegError as err:
         raise VideoError(f"cannot open for decoding ({err.strerror or err})") from None
 
 
+# The pixel format of a frame NVDEC decoded, left on the GPU (is_hw_owned). Given NVDEC settings, PyAV
+# decodes in software, silently, where NVDEC cannot: a codec without a CUDA hwaccel (PyAV then drops the
+# settings), or, with allow_software_fallback, a stream or session NVDEC refuses (`is_hwaccel` still says
+# True there: it tells only that the settings were taken). The frames then come out in yuv420p & co.
+HW_FRAME_FORMAT = "cuda"
+
+
+def _log_software(path: str) -> None:
+    log.warning("%s: NVDEC did not decode this video; FFmpeg's software decoder did, on the CPU", path)
+
+
 def _decoded(container, stream, keep: set[int] | None, tails: dict[int, int] | None = None,
-             errors: list[str] | None = None) -> Iterator:
+             errors: list[str] | None = None, on_software: Callable[[], None] | None = None) -> Iterator:
     """container.decode(stream), with the packets of frames outside `keep` (pts) decoded only when other
     frames refer to them (skip_frame is read per packet, frame threads included). `tails` (_tail_counts):
     after the last needed packet before the next clean keyframe, nothing is decoded until that keyframe
     (a segment without needed frames is skipped whole, its keyframe included). `errors`: a packet the
     decoder refuses (VP9, VP8 and MJPEG raise for a damaged packet where H.264 conceals) is noted there
-    and decoding goes on, as players and the ffmpeg tool do; None: its error is raised."""
+    and decoding goes on, as players and the ffmpeg tool do; None: its error is raised. `on_software` (a
+    decode given NVDEC settings): called at its first frame that is not a GPU frame (FFmpeg's software
+    decoder made it)."""
     import av
 
     context = stream.codec_context
@@ -252,6 +267,9 @@ def _decoded(container, stream, keep: set[int] | None, tails: dict[int, int] | N
                 raise
             errors.append(err.strerror or str(err))
             continue
+        if on_software is not None and frames and frames[0].format.name != HW_FRAME_FORMAT:
+            on_software()
+            on_software = None   # once is enough
         yield from frames
 
 
@@ -271,18 +289,27 @@ def _tail_counts(index: VideoIndex, keep: set[int] | None) -> dict[int, int] | N
 
 
 def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int] | None = None,
-            hwaccel=None, errors: list[str] | None = None) -> Iterator:
+            hwaccel=None, errors: list[str] | None = None, on_software: Callable[[], None] | None = None
+            ) -> Iterator:
     """Decoded frames of the video stream, from `seek_to` (a keyframe's pts) when the container can
     seek there exactly, else from the start. `keep`: the pts the caller needs; other non-reference
     frames, and GOP tails after the last needed frame, are skipped (SKIP_UNNEEDED_NONREF,
     SKIP_GOP_TAILS). `hwaccel`: a callable giving PyAV HWAccel settings (nvdec_accel), None = software
-    decode. `errors`: as _decoded's (a seek that is given up leaves none there)."""
+    decode. `errors`: as _decoded's (a seek that is given up leaves none there); `on_software`: called
+    at the first frame FFmpeg's software decoder made though NVDEC settings were given (default: a
+    warning is logged)."""
     import av
 
     tails = _tail_counts(index, keep)
 
+    def opened():
+        """(container, what _decoded calls at a software frame: None where no NVDEC settings were given)."""
+        settings = None if hwaccel is None else hwaccel()   # fresh per open: PyAV binds them to one decoder
+        software = None if settings is None else on_software or functools.partial(_log_software, index.path)
+        return _open(index.path, settings), software
+
     if seek_to is not None:
-        container = _open(index.path, hwaccel)
+        container, software = opened()
         with container:
             names = set(container.format.name.split(","))
             if names & set(SEEKABLE_FORMATS):
@@ -290,7 +317,7 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
                 noted = None if errors is None else len(errors)
                 try:  # a seek FFmpeg refuses (a damaged index) falls back to the decode from the start too
                     container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
-                    decoded = _decoded(container, stream, keep, tails, errors)
+                    decoded = _decoded(container, stream, keep, tails, errors, software)
                     first = next(decoded, None)
                 except av.FFmpegError:
                     first = None
@@ -304,9 +331,9 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
                 log.info("%s: seek to pts %d landed elsewhere; decoding from the start", index.path, seek_to)
                 if errors is not None:
                     del errors[noted:]
-    container = _open(index.path, hwaccel)
+    container, software = opened()
     with container:
-        yield from _decoded(container, _video_stream(container, index, threads), keep, tails, errors)
+        yield from _decoded(container, _video_stream(container, index, threads), keep, tails, errors, software)
 
 
 def _video_stream(container, index: VideoIndex, threads: int):
@@ -319,7 +346,8 @@ def _video_stream(container, index: VideoIndex, threads: int):
 
 def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, skip: np.ndarray | None = None,
                         damage: SharedDamage | None = None, redo: int | None = None, through: int | None = None,
-                        hwaccel=None, one_pass_skip: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+                        hwaccel=None, one_pass_skip: np.ndarray | None = None,
+                        on_software: Callable[[], None] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (window index, uint8 frames [T, H, W, 3] RGB, seconds [T] of the frames actually decoded)
     for every window of `plan` not marked in `skip`, in order. `damage`: this decode is one part of the
     video (SharedDamage): it stops once an earlier part has handed the rest of the video to one decode,
@@ -328,7 +356,8 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     from the start of the file (the decoder state of one pass), stand-ins counted against the budget as
     in one pass. `through` (a part's): the pts of the next part's first frame; one pass decodes what
     lies between the two parts too, so the part decodes on to there (a decode error there is damage).
-    `hwaccel`: decode on NVDEC (nvdec_accel), frames matched and stood in for exactly as in software.
+    `hwaccel`: decode on NVDEC (nvdec_accel), frames matched and stood in for exactly as in software;
+    `on_software`: called if FFmpeg decodes the video in software instead (default: a warning is logged).
     `one_pass_skip` (a redo's): the windows one pass over the video would skip; the redo then decodes
     (and skips: non-reference frames, GOP tails) exactly the frames that pass would, those of the windows
     already delivered included, so that it meets the same damage."""
@@ -426,7 +455,7 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     # so there the first refusal ends the decode (the frames after it are stood in, as a damaged tail).
     errors: list[str] | None = None if strict or index.pts_in_decode_order else []
     try:
-        for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel, errors=errors):
+        for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel, errors=errors, on_software=on_software):
             if damage is not None and damage.superseded(part):
                 return  # an earlier part decodes the rest of the video, these windows included
             if strict and frame.is_corrupt:  # concealed: its pixels (and the frames after) may not be one pass's

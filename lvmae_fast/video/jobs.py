@@ -20,6 +20,8 @@ class VideoJob:
     saved_emb: np.ndarray | None = None     # float32 [n, d], rows valid where skip
     decoded_by: str = ""                    # which backend produced its windows (for the job summary)
     resumed_decoder: str = ""               # the decoded_by of the windows in saved_emb (hybrid keeps it)
+    # Given NVDEC, FFmpeg decoded it in software on the CPU instead (decode_pyav.HW_FRAME_FORMAT).
+    software_fallback: bool = False
 
     def active_windows(self) -> np.ndarray:
         """Indices of the windows to decode, in order."""
