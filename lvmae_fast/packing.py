@@ -76,6 +76,8 @@ def validate_sequences(seqs, in_dim: int | None = None, max_len: int | None = No
                              f"{MAX_LEN_HINT}")
         if not torch.is_floating_point(s):
             raise ValueError(f"sequence {i}: expected a floating-point tensor, got {s.dtype}")
+        if s.is_meta:
+            raise ValueError(f"sequence {i}: a meta tensor holds no data to embed")
         if not bool(torch.isfinite(s).all()):
             raise ValueError(f"sequence {i}: contains NaN or Inf values")
 

@@ -135,6 +135,7 @@ def test_param_groups_follow_the_references_rule():
     ([torch.randn(33, 8)], "exceeds the configured maximum"),
     ([torch.full((2, 8), 1e39, dtype=torch.float64)], "beyond the range of the model's torch.float32"),
     (torch.randn(2, 5, 8), r"got one tensor of shape \(2, 5, 8\)"),
+    ([torch.randn(3, 8, device="meta")], "sequence 0: a meta tensor holds no data"),
 ])
 def test_bad_input_is_a_clear_value_error(bad, match):
     model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, max_len=32))
@@ -348,6 +349,9 @@ def test_a_generator_of_sequences_is_named_not_called_empty():
         model.encode(torch.randn(3, 8) for _ in range(2))
     with pytest.raises(ValueError, match="empty batch"):
         model.encode([])
+    seqs = [torch.randn(3, 8)]
+    with pytest.raises(ValueError, match="list of visible masks, got a generator"):
+        model.reconstruct(seqs, (torch.ones(3, dtype=torch.bool) for _ in seqs))
 
 
 def test_numpy_scalars_in_a_config_become_python_values():
