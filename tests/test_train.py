@@ -370,9 +370,11 @@ def test_half_written_checkpoints_of_killed_runs_are_removed(store, reference_ru
     stale = run / "checkpoints" / ".step-00000007.tmp"  # what a run killed mid-checkpoint leaves
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
+    pointer_tmp = run / "checkpoints" / ".latest.eb3ba3f_.tmp"  # a kill while `latest` was rewritten
+    pointer_tmp.write_text("step-0000000")
     r = lvmae(*base, "--max-steps", 20, "--resume")
     assert r.returncode == 0, r.stderr
-    assert not stale.exists()
+    assert not stale.exists() and not pointer_tmp.exists()
     assert curve(run) == curve(reference_run)[:20]
 
 
