@@ -1,6 +1,6 @@
 # The README's two commands: `make test` and `make demo`. Both create .venv and install into it.
 # TORCH: which torch to install first. The default is the CPU wheel used by CI; on a GPU host use e.g.
-#   make test TORCH="torch"     (or any torch>=2.4 already matching your CUDA)
+#   make test TORCH="torch"     (or any torch>=2.6 already matching your CUDA)
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 # Where torch comes from: empty = pip's configured indexes (CI's machines hold a CPU wheel of 2.13.0

@@ -6,7 +6,8 @@ site-packages.
 """
 from setuptools import find_packages, setup
 
-CORE = ["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.7",
+# torch 2.6: torch.nn.utils.get_total_norm (the gradient norm every step logs); 2.11 and 2.13 are the tested ones.
+CORE = ["torch>=2.6", "numpy>=1.24", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.7",
         "tensorboard>=2.12"]
 EXTRAS = {
     "triton": ["triton>=3.0"],
