@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -96,12 +97,25 @@ def check_args(args) -> None:
 DEMO_MARKER = ".lvmae-demo"
 
 
+# What each stage folder of a demo from before the marker holds (the names the demo writes): a project's
+# own videos/ or store/ never pass for one (a user's clips, a store folder of unrelated files).
+_LEGACY_FILES = {"videos": re.compile(r"video\d{3,}\.mp4"), "embeddings": re.compile(r"video\d{5,}\.npy")}
+_LEGACY_MUST_HOLD = {"store": "index.json", "run": "config.yaml"}
+
+
+def _looks_like_demo_stage(folder: Path) -> bool:
+    if folder.name in _LEGACY_FILES:
+        names = _LEGACY_FILES[folder.name]
+        return all(entry.is_file() and names.fullmatch(entry.name) for entry in folder.iterdir())
+    return (folder / _LEGACY_MUST_HOLD[folder.name]).is_file()
+
+
 def is_demo_dir(out: Path, stage_dirs: list[Path]) -> bool:
     """`out` was written by the demo: it has the marker, or (a demo from before the marker) it holds
-    nothing but the demo's stage folders."""
+    nothing but the demo's stage folders, each holding what the demo writes there."""
     if (out / DEMO_MARKER).is_file():
         return True
-    return all(entry in stage_dirs and entry.is_dir() for entry in out.iterdir())
+    return all(entry in stage_dirs and entry.is_dir() and _looks_like_demo_stage(entry) for entry in out.iterdir())
 
 
 def _run(args) -> int:
@@ -112,15 +126,15 @@ def _run(args) -> int:
         from .optional import require
         require("av", "video", "writing the demo's test videos")
     existing = [d for d in stage_dirs if d.exists()]
-    if existing and not args.overwrite:
-        raise ValueError(f"{out} already holds a demo ({', '.join(d.name for d in existing)}); "
-                         f"pass --overwrite or another --out")
     if existing and not is_demo_dir(out, stage_dirs):
         # --overwrite deletes folders: only ever a demo's (a project folder with its own videos/ or store/
         # passed as --out by mistake must keep them).
         raise ValueError(f"{out} holds {', '.join(d.name for d in existing)} but was not written by `lvmae demo` "
-                         f"(no {DEMO_MARKER} file, and other files beside them): --overwrite deletes only a demo's "
-                         f"folders; give another --out")
+                         f"(no {DEMO_MARKER} file, and files the demo does not write): --overwrite deletes only "
+                         f"a demo's folders; give another --out")
+    if existing and not args.overwrite:
+        raise ValueError(f"{out} already holds a demo ({', '.join(d.name for d in existing)}); "
+                         f"pass --overwrite or another --out")
     for d in existing:
         shutil.rmtree(d)
     out.mkdir(parents=True, exist_ok=True)

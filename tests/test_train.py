@@ -340,9 +340,10 @@ def test_demo_on_a_small_embedding_corpus(tmp_path, restore_threads):
 
 def test_demo_overwrite_deletes_only_a_demos_folders(tmp_path, capsys):
     """--overwrite removes videos/, embeddings/, store/ and run/: only in a folder the demo wrote (its
-    marker, or nothing but those folders: a demo from before the marker), never in a project folder
-    passed as --out by mistake."""
+    marker, or nothing but those folders holding what the demo writes: a demo from before the marker),
+    never in a project folder passed as --out by mistake."""
     from lvmae_fast.cli import main
+    from lvmae_fast.demo import DEMO_MARKER
 
     project = tmp_path / "project"
     (project / "videos").mkdir(parents=True)
@@ -354,11 +355,26 @@ def test_demo_overwrite_deletes_only_a_demos_folders(tmp_path, capsys):
     assert len(err) == 1 and "was not written by `lvmae demo`" in err[0], err
     assert (project / "videos" / "mine.mp4").read_bytes() == b"precious" and not (project / "store").exists()
 
-    legacy = tmp_path / "legacy"  # an older demo: stage folders only, no marker
+    # Only a demo's stage folders, no marker: still not a demo when they hold what the demo never writes (the
+    # user's clips; a store folder of other files). Without --overwrite the message says so too.
+    for name, inside in (("videos", "holiday.mp4"), ("store", "precious.txt")):
+        mine = tmp_path / f"mine_{name}"
+        (mine / name).mkdir(parents=True)
+        (mine / name / inside).write_bytes(b"precious")
+        for flags in (args, [a for a in args if a != "--overwrite"]):
+            assert main([*flags, "--out", str(mine)]) == 1
+            assert "was not written by `lvmae demo`" in capsys.readouterr().err
+        assert (mine / name / inside).read_bytes() == b"precious" and not (mine / DEMO_MARKER).exists()
+
+    legacy = tmp_path / "legacy"  # an older demo: stage folders only, no marker, holding what the demo writes
     (legacy / "store").mkdir(parents=True)
+    (legacy / "store" / "index.json").write_text("{}")
     (legacy / "store" / "stale").write_text("x")
+    (legacy / "videos").mkdir()
+    (legacy / "videos" / "video007.mp4").write_bytes(b"old demo clip")
     assert main([*args, "--out", str(legacy)]) == 0
     assert not (legacy / "store" / "stale").exists() and (legacy / ".lvmae-demo").is_file()
+    assert not (legacy / "videos").exists()   # --source embeddings writes none
     (legacy / "notes.txt").write_text("added later")  # the marker still says it is a demo
     assert main([*args, "--out", str(legacy)]) == 0
 
