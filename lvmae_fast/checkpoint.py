@@ -81,6 +81,9 @@ def _load_reference_state(path) -> dict:
     """torch.load with weights_only=True; argparse.Namespace (the reference saves its args) allow-listed.
     A file torch cannot read, or one that pickles anything else, is one line naming the file (torch's
     own messages run over many lines and suggest weights_only=False, which must not be done here)."""
+    if Path(path).is_dir():
+        raise ValueError(f"reference checkpoint {path} is a directory; give the .pth file (the reference's "
+                         f"checkpoint-N.pth)")
     if not Path(path).is_file():
         raise FileNotFoundError(f"reference checkpoint {path} not found")
     if Path(path).stat().st_size == 0:
@@ -151,7 +154,7 @@ def config_from_reference(state: dict, args=None, num_heads: int | None = None, 
     return LVMAEConfig(in_dim=in_dim, embed_dim=D, depth=_count_blocks(state, "blocks"), num_heads=heads,
                        decoder_embed_dim=Dd, decoder_depth=_count_blocks(state, "decoder_blocks"),
                        decoder_num_heads=dec_heads, mlp_ratio=mlp_hidden / D,
-                       max_len=max_len or state["pos_embed"].shape[1] - 1,
+                       max_len=state["pos_embed"].shape[1] - 1 if max_len is None else max_len,  # 0: refused
                        **{**recipe_from_reference_args(args), **overrides})
 
 
@@ -165,7 +168,11 @@ def recipe_from_reference_args(args) -> dict:
               "norm_targets": bool(getattr(args, "norm_pix_loss", False)),
               "masking": "semantic_inverted" if getattr(args, "masking_strategy", True) else "random"}
     if getattr(args, "mask_ratio", None) is not None:
-        recipe["mask_ratio"] = float(args.mask_ratio)
+        try:
+            recipe["mask_ratio"] = float(args.mask_ratio)
+        except (TypeError, ValueError):
+            raise ValueError(f"the checkpoint's saved args (its 'args' entry) hold mask_ratio={args.mask_ratio!r}, "
+                             f"not a number") from None
     return recipe
 
 

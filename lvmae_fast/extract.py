@@ -126,6 +126,9 @@ def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, s
         inputs = [inputs]
     items, clashes, seen = [], [], {}   # seen: video id -> its position in items
     for item in inputs:
+        if isinstance(item, str) and not item.strip():  # Path("") is the current folder: every video below it
+            raise ValueError("an input is an empty string (an unset shell variable?); give a folder, glob, "
+                             "video file or list of videos")
         pairs = [tuple(item)] if isinstance(item, (tuple, list)) else list_videos(item)
         for vid, path in pairs:
             vid, path = str(vid), str(path)
@@ -507,6 +510,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
         raise ValueError(f"--dali-api must be one of {', '.join(DALI_APIS)}, got {dali_api!r}")
     if not 0.0 <= min_last <= 1.0:  # checked here, not per video: a bad value must not reach the store's settings
         raise ValueError(f"--min-last must be in [0, 1] (a fraction of a window), got {min_last}")
+    if not -2 ** 63 <= seed < 2 ** 64:  # torch.manual_seed's range (beyond it: "Overflow when unpacking long long")
+        raise ValueError(f"--seed must be in [-2^63, 2^64), got {seed}")
     spec = WindowSpec(seconds=float(seconds), frames=int(frames), rule=sampling, min_last=float(min_last))
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)

@@ -26,6 +26,10 @@ from .loss import LOSSES, masked_reconstruction_loss
 from .masking import MASKING_STRATEGIES
 from .packing import MAX_LEN_HINT, PackedBatch, pack_sequences, validate_sequences
 
+# The longest max_len a config may ask for: 2^22 segments of 5 s are 243 days of video, and beyond it the
+# position tables alone (max_len x width, fp32) run to tens of GB, a failed allocation deep inside torch.
+MAX_LEN_LIMIT = 1 << 22
+
 PRESETS: dict[str, dict] = {
     # The paper's model (Table 5 / reference): ~0.4B parameters.
     "paper": dict(embed_dim=1024, depth=32, num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
@@ -69,14 +73,18 @@ class LVMAEConfig:
                                      ("kernels", self.kernels, ("auto", "triton", "torch"))):
             if value not in choices:
                 raise ValueError(f"config: {name}={value!r} is not one of {choices}")
+        for name in ("in_dim", "embed_dim", "decoder_embed_dim", "depth", "decoder_depth", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config: {name}={getattr(self, name)} must be >= 1")
+        if self.max_len > MAX_LEN_LIMIT:  # its position tables alone would not fit: refused before allocating them
+            raise ValueError(f"config: max_len={self.max_len} is beyond {MAX_LEN_LIMIT} segments (about "
+                             f"{MAX_LEN_LIMIT * 5 / 86400:.0f} days of 5-second windows)")
         for width, heads, what in ((self.embed_dim, self.num_heads, "embed_dim/num_heads"),
                                    (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim/decoder_num_heads")):
             if heads < 1 or width % heads:
                 raise ValueError(f"config: {what} = {width}/{heads} must divide evenly")
         if self.embed_dim % 2 or self.decoder_embed_dim % 2:
             raise ValueError("config: sin-cos positions need even embed_dim and decoder_embed_dim")
-        if min(self.in_dim, self.depth, self.decoder_depth, self.max_len) < 1:
-            raise ValueError("config: in_dim, depth, decoder_depth and max_len must be >= 1")
         if not (math.isfinite(self.mlp_ratio) and int(self.embed_dim * self.mlp_ratio) >= 1
                 and int(self.decoder_embed_dim * self.mlp_ratio) >= 1):
             raise ValueError(f"config: mlp_ratio={self.mlp_ratio} must be finite and give MLP widths >= 1")

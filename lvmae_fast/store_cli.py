@@ -136,6 +136,9 @@ def iter_reference_csv(csv_path: Path):
 def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float = 5.0,
                       shard_rows: int | None = None) -> tuple[int, int, list[str]]:
     """Import into `out` (created or resumed). Returns (added, skipped as already present, failures)."""
+    if isinstance(src, str) and not src.strip():  # Path("") is the current folder
+        raise ValueError("the import source is an empty string (an unset shell variable?); give a directory "
+                         "of <video_id>.npy/.pt files or a reference segments CSV")
     src, out = Path(src), Path(out)
     if not src.exists():
         raise FileNotFoundError(f"import source {src} does not exist")

@@ -9,6 +9,8 @@ lvmae_fast.train_config`; tests/test_configs.py keeps them equal to the presets)
 """
 from __future__ import annotations
 
+import collections.abc
+
 import math
 import operator
 from dataclasses import asdict, dataclass, field, fields
@@ -307,6 +309,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):   # `[a, b]: 1`: safe_load's own error, not a TypeError
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        "found unhashable key", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
             seen.add(key)

@@ -142,6 +142,8 @@ def test_weights_that_do_not_fit_the_config_are_one_value_error(tmp_path, overri
 def test_missing_reference_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         convert_reference(tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="is a directory; give the .pth file"):   # was "not found"
+        convert_reference(tmp_path)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -285,6 +287,19 @@ def test_zero_heads_are_refused_not_replaced(tmp_path, flag):
     save_reference(tmp_path / "ref.pth", reference_state_dict(), num_heads=4, decoder_num_heads=2)
     with pytest.raises(ValueError, match=f"{flag} must be a positive integer, got 0"):
         convert_reference(tmp_path / "ref.pth", **{flag: 0})
+
+
+def test_a_saved_mask_ratio_that_is_not_a_number_is_named(tmp_path):
+    save_reference(tmp_path / "ref.pth", reference_state_dict(), num_heads=4, decoder_num_heads=2, mask_ratio="abc")
+    with pytest.raises(ValueError, match=r"saved args \(its 'args' entry\) hold mask_ratio='abc', not a number"):
+        convert_reference(tmp_path / "ref.pth")   # was "could not convert string to float: 'abc'"
+
+
+def test_a_zero_max_len_is_refused_not_replaced_by_the_table_size(tmp_path):
+    save_reference(tmp_path / "ref.pth", reference_state_dict(), num_heads=4, decoder_num_heads=2)
+    with pytest.raises(ValueError, match="max_len=0 must be >= 1"):
+        convert_reference(tmp_path / "ref.pth", max_len=0)
+    assert convert_reference(tmp_path / "ref.pth", max_len=300).config.max_len == 300
 
 
 def test_a_damaged_model_dir_is_one_value_error_naming_the_file(tmp_path):

@@ -141,6 +141,9 @@ def assert_one_line_error(code: int, err: str, *expected: str) -> None:
     ("model.mlp_ratio=0", "mlp_ratio=0.0 must be finite and give MLP widths >= 1"),  # was an MLP-less model
     ("model.mlp_ratio=-1", "mlp_ratio=-1.0 must be finite"),                   # was a RuntimeError traceback
     ("model.nope=1", "model: unknown keys ['nope']"),
+    ("model.embed_dim=-4", "embed_dim=-4 must be >= 1"),                      # was named as an mlp_ratio error
+    ("model.decoder_embed_dim=0", "decoder_embed_dim=0 must be >= 1"),
+    ("model.max_len=1000000000000", "max_len=1000000000000 is beyond 4194304 segments"),  # was an allocation traceback
     ("epochs=.inf", "config key epochs: expected int, got inf"),               # was an OverflowError traceback
     ("weight_decay=-1", "weight_decay=-1.0 must be >= 0"),                     # was accepted
     ("min_lr=-1e-4", "min_lr=-0.0001 must be >= 0"),                           # was accepted: lr < 0 at the end
@@ -252,6 +255,17 @@ def test_store_verify_quotes_ids_with_spaces(tmp_path, capsys):
     assert out.splitlines()[-1].endswith('bad videos (3): "my clip" plain "two\\nlines"')
 
 
+def test_an_empty_input_is_refused_not_read_as_the_current_folder(tmp_path, capsys, npy_dir, monkeypatch):
+    """`lvmae extract "$UNSET" ...`: Path("") is ".", so every video below the current folder was
+    extracted (and every array below it imported)."""
+    monkeypatch.chdir(npy_dir)   # a folder holding importable arrays: an empty source would import them
+    code, _, err = run_cli(capsys, "store", "import", "", "--out", tmp_path / "s")
+    assert_one_line_error(code, err, "lvmae store import: error:", "empty string (an unset shell variable?)")
+    code, _, err = run_cli(capsys, "extract", "", "--encoder", "tiny", "--out", tmp_path / "e", "--no-progress")
+    assert_one_line_error(code, err, "lvmae extract: error:", "empty string (an unset shell variable?)")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "e").exists()
+
+
 def test_store_compact_refuses_zero_shard_rows(tmp_path, capsys, npy_dir):
     assert run_cli(capsys, "store", "import", npy_dir, "--out", tmp_path / "s")[0] == 0
     code, _, err = run_cli(capsys, "store", "compact", tmp_path / "s", "--shard-rows", "0")
@@ -300,6 +314,10 @@ def test_config_file_keys_given_twice_or_dotted_are_named(tmp_path, capsys):
     (tmp_path / "dotted.yaml").write_text("model.mask_ratio: 0.3\n")  # the --set spelling, in a file
     code, _, err = run_cli(capsys, "pretrain", "--config", tmp_path / "dotted.yaml", "--print-config")
     assert_one_line_error(code, err, "unknown config keys ['model.mask_ratio']", "go under `model:`")
+    for text, line in (("[lr, blr]: 0.1\n", 1), ("model:\n  {a: 1}: 2\n", 2)):  # was a TypeError traceback
+        (tmp_path / "unhashable.yaml").write_text(text)
+        code, _, err = run_cli(capsys, "pretrain", "--config", tmp_path / "unhashable.yaml", "--print-config")
+        assert_one_line_error(code, err, f"at line {line}", "found unhashable key")
 
 
 def test_store_and_out_expand_the_home_directory(tmp_path, monkeypatch):

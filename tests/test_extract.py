@@ -661,6 +661,8 @@ def test_out_must_be_a_store_or_new_and_other_inputs_are_checked_first(corpus, t
         extract_videos(video, a_file, seconds=1.0)
     with pytest.raises(ValueError, match="min-last must be in"):
         extract_videos(video, tmp_path / "s", min_last=1.5)
+    with pytest.raises(ValueError, match=r"--seed must be in \[-2\^63, 2\^64\), got 10{23}$"):  # was torch's overflow
+        extract_videos(video, tmp_path / "s", seed=10 ** 23)
     assert not (tmp_path / "s").exists()  # refused before a store (and its settings) existed
 
 
