@@ -276,7 +276,8 @@ class WriterLock:
 
     NAME = ".lock"
 
-    def __init__(self, store_path: Path):
+    def __init__(self, store_path: Path, busy: str | None = None):
+        """busy: the refusal when another process holds the lock ({path}, {holder} filled in); default a store's."""
         self._file = None
         store_path.mkdir(parents=True, exist_ok=True)
         try:
@@ -290,8 +291,9 @@ class WriterLock:
             f.seek(0)
             holder = f.read().strip()
             f.close()
-            raise ValueError(f"store {store_path} is open for writing by another process ({holder or 'unknown'}); "
-                             "one writer per store at a time: wait for it to finish, or write to another store") from None
+            busy = busy or ("store {path} is open for writing by another process ({holder}); one writer per store "
+                            "at a time: wait for it to finish, or write to another store")
+            raise ValueError(busy.format(path=store_path, holder=holder or "unknown")) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}\n")
@@ -360,6 +362,13 @@ class StoreWriter:
                      self.dim, self.encoder)
             replaced_seq, existing = existing["journal_seq"], None
         if existing is not None:
+            # Refused as readers refuse it: a damaged entry (a file name or key garbled in the journal) would
+            # make the intact shard it should name look unreferenced, and _remove_uncommitted_files would
+            # delete the only copy of those videos.
+            problems = check_structure(self.path, existing)
+            if problems:
+                raise ValueError(f"store {self.path} is inconsistent ({len(problems)} problems; run `lvmae store "
+                                 f"verify`), so it is not opened for writing: " + "; ".join(str(p) for p in problems[:5]))
             self._index = existing
             if self._index["dim"] != self.dim or self._index["encoder"] != self.encoder:
                 raise ValueError(f"store {self.path} holds embeddings of encoder {self._index['encoder']!r} "

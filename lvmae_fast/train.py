@@ -54,7 +54,7 @@ from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
 from .model import LVMAE, LVMAEConfig
 from .sampler import VAL_EPOCH, LongVideoSampler, kept_by_policy, max_crop_segments, split_videos
-from .store import Store, scan_nonfinite
+from .store import Store, WriterLock, scan_nonfinite
 
 log = logging.getLogger(__name__)
 STATE_NAME, LATEST_NAME = "train_state.pt", "latest"
@@ -545,10 +545,43 @@ def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: in
     return total / weight if weight else None  # nothing masked: no loss was measured
 
 
+RUN_BUSY = ("run {path} is in use by another `lvmae pretrain` ({holder}); one run per run dir at a time: wait "
+            "for it to finish, or choose another --out")
+
+
+class RunDirLock:
+    """One `lvmae pretrain` per run dir: store.WriterLock's flock on RUN/.lock. Two runs in one dir deleted
+    each other's half-written checkpoints and interleaved their metrics. Taken before an existing run's
+    checkpoints are read, or right after a new run dir is made (nothing else is written to RUN before)."""
+
+    def __init__(self):
+        self._lock: WriterLock | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+    def take(self, out: Path) -> None:
+        self._lock = WriterLock(out, busy=RUN_BUSY)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
 def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | None = None) -> int:
     """Train per cfg; returns an exit code (0 done, 3 non-finite loss, 130/143 interrupted).
     resume_from: a checkpoint of the run ('step-N' or N) to continue from instead of the latest (a
     rewind, e.g. past a non-finite step with a lower lr); implies resume."""
+    lock = RunDirLock()
+    try:
+        return _pretrain(cfg, resume, resume_from, lock)
+    finally:
+        lock.release()
+
+
+def _pretrain(cfg: tc.PretrainConfig, resume: bool, resume_from: str | None, lock: RunDirLock) -> int:
     if not cfg.store or not cfg.out:
         raise ValueError("pretrain needs --store STORE and --out RUN")
     resume = resume or resume_from is not None
@@ -556,6 +589,8 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     cfg = dataclasses.replace(cfg, store=str(Path(cfg.store).resolve()), out=str(Path(cfg.out).resolve()))
     out = Path(cfg.out)
     check_run_dir(out, Path(cfg.store), resume)
+    if out.is_dir():
+        lock.take(out)
     store = Store(cfg.store)
     if len(store) == 0:
         raise ValueError(f"store {cfg.store} holds no videos")
@@ -653,6 +688,11 @@ def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | No
     whole_step = graphed_step is not None and graphed_step.optimizer is not None
 
     out.mkdir(parents=True, exist_ok=True)
+    if not lock.held:  # a new run dir: another run may have made it since the check above
+        lock.take(out)
+        check_run_dir(out, Path(cfg.store), resume)
+        if latest_checkpoint(out) is not None:   # (with --resume an empty dir passes: not one a run has used)
+            raise ValueError(f"{out} was started by another run meanwhile; pass --resume to continue it")
     if rewind:
         rewind_to(out, ckpt)
     atomic_write_text(out / "config.yaml", tc.dump_yaml(cfg))

@@ -1,6 +1,7 @@
 """Embedding store: layout readable by numpy alone, atomic/resumable writes, import, info, verify."""
 import csv
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -468,6 +469,38 @@ def test_journal_folds_when_it_outgrows_the_snapshot(tmp_path, monkeypatch):
     assert all(b >= 1.5 * a for a, b in zip(snapshots[1:], snapshots[2:]))
     w.close()
     assert Store(tmp_path / "s").video_ids == [f"v{i}" for i in range(40)]
+
+
+def test_a_journal_entry_that_parses_but_names_a_wrong_file_or_lacks_a_key_opens_no_writer(tmp_path):
+    """A garbled shard name (or a missing key) on a journal line that still parses: verify flags it, but
+    the next writer (compact, import, an extract resume) folded it and deleted the intact shard it should
+    name as unreferenced, the only copy of that video; with a key missing it raised KeyError."""
+    from lvmae_fast.cli import main
+    from lvmae_fast.store import JOURNAL_NAME
+
+    rng = np.random.default_rng(3)
+    videos = random_videos(rng, 4, [2, 3, 4, 2])
+    w = StoreWriter(tmp_path / "s", dim=4)
+    for vid, emb in videos.items():
+        w.add(vid, emb)
+        w.commit()
+    w._lock.release()  # killed: the journal stays
+    journal = tmp_path / "s" / JOURNAL_NAME
+    good = journal.read_bytes()
+    shards_before = sorted(p.name for p in (tmp_path / "s" / "shards").iterdir())
+    line = good.split(b"\n")[1]
+    name = re.search(rb"shards/emb-\d+\.npy", line).group()
+    for bad in (good.replace(name, name[:-1] + b"_"), good.replace(b'"times"', b'"#imes"', 1)):
+        assert bad != good
+        journal.write_bytes(bad)
+        assert not verify_store_ok(tmp_path / "s")
+        with pytest.raises(ValueError, match=r"is inconsistent \(\d problems; run `lvmae store verify`\), so it is not opened for writing"):
+            StoreWriter(tmp_path / "s", dim=4)
+        assert main(["store", "compact", str(tmp_path / "s")]) == 1   # a writer too
+        assert sorted(p.name for p in (tmp_path / "s" / "shards").iterdir()) == shards_before  # nothing deleted
+        assert journal.read_bytes() == bad   # not folded either
+    journal.write_bytes(good)  # repaired: every video is there
+    assert Store(tmp_path / "s").video_ids == list(videos)
 
 
 def test_a_damaged_journal_line_before_valid_ones_refuses_the_store_and_deletes_nothing(tmp_path):

@@ -153,7 +153,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(store, reference_run)
 
 
 def _snapshot(run):
-    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file()}
+    """The run's files and contents; the lock file (RUN/.lock: the pid of the last pretrain that took it) aside."""
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.relative_to(run) != Path(".lock")}
 
 
 def test_resume_extends_max_steps_and_refuses_other_configs(store, reference_run):
@@ -1211,3 +1213,32 @@ def test_a_demo_whose_pretraining_stops_says_how_to_continue_and_not_done(tmp_pa
                      "--out", str(tmp_path / "demo"), "--overwrite"]) == code
         out, err = capsys.readouterr()
         assert "demo done" not in out and hint in err, err
+
+
+def test_a_run_dir_another_pretrain_is_using_is_refused(store, reference_run, tmp_path):
+    """Two `lvmae pretrain` in one run dir deleted each other's half-written checkpoints and interleaved
+    their metrics. A second one (resuming, or starting a new run in a folder another has just made) is
+    refused in one line, and the run's files are left as they were; once the first has ended, it goes."""
+    from lvmae_fast.train import RunDirLock
+
+    run = tmp_path / "busy"
+    shutil.copytree(reference_run, run)
+    before = (run / "metrics.jsonl").read_bytes()
+    holder = RunDirLock()
+    holder.take(run)   # as a running pretrain holds it
+    try:
+        r = lvmae("pretrain", *COMMON, "--store", store, "--out", run, "--max-steps", STEPS + 10, "--resume")
+        assert r.returncode == 1 and "is in use by another `lvmae pretrain`" in r.stderr.strip().splitlines()[-1]
+        assert (run / "metrics.jsonl").read_bytes() == before
+        fresh = tmp_path / "fresh"   # made by the other run a moment ago: only its lock file so far
+        holder_fresh = RunDirLock()
+        holder_fresh.take(fresh)
+        r = lvmae("pretrain", *COMMON, "--store", store, "--out", fresh, "--max-steps", 5)
+        assert r.returncode == 1 and "is in use by another `lvmae pretrain`" in r.stderr
+        assert sorted(p.name for p in fresh.iterdir()) == [".lock"]
+        holder_fresh.release()
+    finally:
+        holder.release()
+    r = lvmae("pretrain", *COMMON, "--store", store, "--out", run, "--max-steps", STEPS + 10, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert read_metrics(run / "metrics.jsonl")[-1]["step"] == STEPS + 10
