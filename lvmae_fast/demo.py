@@ -98,16 +98,26 @@ DEMO_MARKER = ".lvmae-demo"
 
 
 # What each stage folder of a demo from before the marker holds (the names the demo writes): a project's
-# own videos/ or store/ never pass for one (a user's clips, a store folder of unrelated files).
+# own videos/ or store/ never pass for one (a user's clips, a store folder of unrelated files, a store of
+# another encoder).
 _LEGACY_FILES = {"videos": re.compile(r"video\d{3,}\.mp4"), "embeddings": re.compile(r"video\d{5,}\.npy")}
-_LEGACY_MUST_HOLD = {"store": "index.json", "run": "config.yaml"}
+_DEMO_ENCODERS = ("tiny", "synthetic")   # the videos demo extracts with `tiny`; the embeddings demo imports
+# A store the demo's extraction was killed in before its first commit: no index yet, only a writer's files.
+_UNCOMMITTED_STORE = {".lock", "failures.jsonl", "shards", "partial"}
 
 
 def _looks_like_demo_stage(folder: Path) -> bool:
     if folder.name in _LEGACY_FILES:
         names = _LEGACY_FILES[folder.name]
         return all(entry.is_file() and names.fullmatch(entry.name) for entry in folder.iterdir())
-    return (folder / _LEGACY_MUST_HOLD[folder.name]).is_file()
+    if folder.name == "run":
+        return (folder / "config.yaml").is_file()
+    try:
+        return json.loads((folder / "index.json").read_text()).get("encoder") in _DEMO_ENCODERS
+    except FileNotFoundError:
+        return {entry.name for entry in folder.iterdir()} <= _UNCOMMITTED_STORE
+    except (OSError, ValueError, AttributeError):   # unreadable, not JSON, not an object: not the demo's
+        return False
 
 
 def is_demo_dir(out: Path, stage_dirs: list[Path]) -> bool:

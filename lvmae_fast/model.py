@@ -302,6 +302,8 @@ class LVMAE(nn.Module):
         `seqs` as in encode: L2-normalised rows for a model trained by `lvmae pretrain`."""
         # Sequences first, so that an empty batch or an empty sequence is named as such.
         validate_sequences(seqs, self.config.in_dim, self.config.max_len)
+        if isinstance(visible, torch.Tensor) and visible.dim() == 2:
+            visible = list(visible)   # [B, L] for B sequences of one length: one row each
         if not isinstance(visible, (list, tuple)):
             raise ValueError(f"expected a list of visible masks, got a {type(visible).__name__} (pass list(...))")
         if len(visible) != len(seqs):

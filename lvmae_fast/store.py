@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import re
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,12 +268,30 @@ def refuse_foreign_directory(path: Path) -> None:
                          f"{' ...' if len(foreign) > 5 else ''}); write the store to a new or empty directory")
 
 
+_HELD_LOCKS: "weakref.WeakSet[WriterLock]" = weakref.WeakSet()
+
+
+def _close_held_locks_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the lock's open file: the flock would outlive a SIGKILLed
+    # parent until every worker had noticed and exited, refusing the --resume meant to follow. Closing the
+    # child's copy leaves the parent's lock in place (it holds its own descriptor).
+    for lock in list(_HELD_LOCKS):
+        if lock._file is not None:
+            lock._file.close()
+            lock._file = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class WriterLock:
     """One writer per store: an exclusive flock on STORE/.lock, held from open to close.
 
     Two writers would pick the same next shard number and replace each other's committed shards, and
     their journals would interleave; the lock turns that into a clear error. The kernel drops it when
-    the process dies, so a killed job never leaves a stale lock behind. (No-op where fcntl is missing.)"""
+    the process dies, so a killed job never leaves a stale lock behind; forked children do not hold it
+    (_close_held_locks_in_child). (No-op where fcntl is missing.)"""
 
     NAME = ".lock"
 
@@ -299,6 +318,7 @@ class WriterLock:
         f.write(f"pid {os.getpid()}\n")
         f.flush()
         self._file = f
+        _HELD_LOCKS.add(self)
 
     def release(self) -> None:
         if self._file is not None:

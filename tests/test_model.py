@@ -352,6 +352,10 @@ def test_a_generator_of_sequences_is_named_not_called_empty():
     seqs = [torch.randn(3, 8)]
     with pytest.raises(ValueError, match="list of visible masks, got a generator"):
         model.reconstruct(seqs, (torch.ones(3, dtype=torch.bool) for _ in seqs))
+    seqs = [torch.randn(3, 8), torch.randn(3, 8)]   # one [B, L] mask for sequences of one length: its rows
+    visible = torch.tensor([[True, False, True], [False, True, True]])
+    for got, want in zip(model.reconstruct(seqs, visible), model.reconstruct(seqs, list(visible))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_numpy_scalars_in_a_config_become_python_values():

@@ -949,7 +949,38 @@ def test_nvdec_decodes_ffmpeg_ran_in_software_are_counted_apart_in_the_summary(m
 
 
 def test_nvdec_check_refuses_settings_ffmpeg_did_not_use(monkeypatch):
+    """Two ways NVDEC settings go unused: PyAV drops them (is_hwaccel False), or FFmpeg takes them and
+    falls back to software with is_hwaccel still True: only the frames' format tells that one."""
+    import av
+
     from lvmae_fast.video import decode_pyav
 
     monkeypatch.setattr(decode_pyav, "nvdec_accel", software_settings)
+    assert decode_pyav.nvdec_problem(0) == "FFmpeg fell back to its software decoder"
+
+    class Claims:   # wraps a PyAV object, overriding some attributes
+        def __init__(self, inner, **override):
+            self._inner, self._override = inner, override
+
+        def __getattr__(self, name):
+            return self._override[name] if name in self._override else getattr(self._inner, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._inner.__exit__(*exc)
+
+    real_open = av.open
+
+    def open_claiming_nvdec(file, mode="r", **kw):   # software decoding, its context saying NVDEC was taken
+        if mode != "r":
+            return real_open(file, mode, **kw)
+        kw.pop("hwaccel", None)
+        container = real_open(file, mode, **kw)
+        stream = container.streams.video[0]
+        claimed = Claims(stream, codec_context=Claims(stream.codec_context, is_hwaccel=True))
+        return Claims(container, streams=Claims(container.streams, video=[claimed]),
+                      decode=lambda s: container.decode(stream))
+    monkeypatch.setattr(av, "open", open_claiming_nvdec)
     assert decode_pyav.nvdec_problem(0) == "FFmpeg fell back to its software decoder"

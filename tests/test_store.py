@@ -1,7 +1,9 @@
 """Embedding store: layout readable by numpy alone, atomic/resumable writes, import, info, verify."""
 import csv
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -831,6 +833,40 @@ def test_one_writer_per_store(tmp_path):
         w.add("v1", np.ones((2, 4), np.float32))
     with StoreWriter(path, 4) as w:  # and so did close()
         assert w.contains("v1")
+    assert Store(path).video_ids == ["v0", "v1"]
+
+
+def test_a_killed_writers_forked_children_do_not_keep_its_lock(tmp_path):
+    """A pretrain's DataLoader workers are forks: they shared the lock's open file, so after a SIGKILL of the
+    main process the lock stayed held until the workers noticed (seconds), and the --resume meant to follow
+    was refused naming the dead pid. The children close their copy at fork; the parent's lock holds."""
+    path = write_store(tmp_path / "s", {"v0": np.ones((3, 4), np.float32)}, 4)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, time
+        from lvmae_fast.store import StoreWriter
+        w = StoreWriter({str(path)!r}, 4)
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+        time.sleep(60)
+    """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(ValueError, match="open for writing by another process"):
+            StoreWriter(path, 4)   # the parent (alive) holds it, its child's copy closed or not
+        holder.kill()
+        holder.wait()
+        with StoreWriter(path, 4) as w:   # at once, while the child still runs
+            w.add("v1", np.ones((2, 4), np.float32))
+        os.kill(child, 0)   # (still alive: raises ProcessLookupError otherwise)
+    finally:
+        holder.kill()
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert Store(path).video_ids == ["v0", "v1"]
 
 

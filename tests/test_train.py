@@ -368,9 +368,21 @@ def test_demo_overwrite_deletes_only_a_demos_folders(tmp_path, capsys):
             assert "was not written by `lvmae demo`" in capsys.readouterr().err
         assert (mine / name / inside).read_bytes() == b"precious" and not (mine / DEMO_MARKER).exists()
 
+    own_store = tmp_path / "own_store"   # a store of the user's own (another encoder): not a demo's either
+    (own_store / "store").mkdir(parents=True)
+    (own_store / "store" / "index.json").write_text(json.dumps({"encoder": "xclip"}))
+    assert main([*args, "--out", str(own_store)]) == 1 and (own_store / "store" / "index.json").exists()
+    capsys.readouterr()
+
+    killed = tmp_path / "killed"   # an older demo killed in extraction before the store's first commit
+    (killed / "store" / "shards").mkdir(parents=True)
+    (killed / "store" / ".lock").write_text("pid 1")
+    (killed / "store" / "failures.jsonl").write_text("")
+    assert main([*args, "--out", str(killed)]) == 0 and (killed / ".lvmae-demo").is_file()
+
     legacy = tmp_path / "legacy"  # an older demo: stage folders only, no marker, holding what the demo writes
     (legacy / "store").mkdir(parents=True)
-    (legacy / "store" / "index.json").write_text("{}")
+    (legacy / "store" / "index.json").write_text(json.dumps({"encoder": "tiny"}))
     (legacy / "store" / "stale").write_text("x")
     (legacy / "videos").mkdir()
     (legacy / "videos" / "video007.mp4").write_bytes(b"old demo clip")
