@@ -313,6 +313,11 @@ class WriterLock:
             busy = busy or ("store {path} is open for writing by another process ({holder}); one writer per store "
                             "at a time: wait for it to finish, or write to another store")
             raise ValueError(busy.format(path=store_path, holder=holder or "unknown")) from None
+        except OSError as err:  # a filesystem without flock (some FUSE mounts: ENOSYS, EOPNOTSUPP; ENOLCK)
+            f.close()
+            log.warning("%s: cannot lock %s (%s); going on without the one-writer guard", store_path, self.NAME,
+                        err.strerror or err)
+            return
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}\n")

@@ -870,6 +870,22 @@ def test_a_killed_writers_forked_children_do_not_keep_its_lock(tmp_path):
     assert Store(path).video_ids == ["v0", "v1"]
 
 
+def test_a_filesystem_without_flock_writes_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some FUSE mounts (bucket filesystems) answer flock with ENOSYS/EOPNOTSUPP: the store (and a run dir)
+    is still written, with a warning that the one-writer guard is off, not refused with a traceback."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level("WARNING"):
+        with StoreWriter(tmp_path / "s", dim=4) as w:
+            w.add("v0", np.ones((3, 4), np.float32))
+    assert Store(tmp_path / "s").video_ids == ["v0"]
+    assert "cannot lock .lock (Function not implemented); going on without the one-writer guard" in caplog.text
+
+
 def test_truncated_shard_is_named_by_verify(tmp_path):
     path = write_store(tmp_path / "s", {"a": np.ones((3, 4), np.float32), "b": np.ones((2, 4), np.float32)}, 4,
                        shard_rows=3)
