@@ -26,7 +26,8 @@ random crop is one contiguous slice of a memory map. Reading without this packag
 Writers (StoreWriter) buffer videos and write whole shards, each via temp file + rename, then commit
 them with one journal line (the first commit writes index.json; once the journal outgrows the snapshot, and on close
 the journal is folded into a new index.json). The numpy-only snippet above ignores the journal: it is
-exact for closed stores; docs/store.md shows how to apply a busy writer's journal too. A shard that no committed index names is garbage from a killed
+exact only for stores whose last writer closed; a busy or killed writer's journal holds committed
+videos, and docs/store.md shows how to apply it. A shard that no committed index names is garbage from a killed
 writer: readers never see it and the next writer deletes it. Re-opening a store with StoreWriter
 resumes (dim, encoder and segment_seconds must match the store): `contains(video_id)` tells an importer what to skip.
 """

@@ -1188,3 +1188,35 @@ def test_an_id_from_a_non_utf8_file_name_prints_on_a_strict_utf8_stdout():
     shown = show_id(os.fsdecode(b"caf\xe9"))
     assert shown.encode("utf-8") and json.loads(shown) == os.fsdecode(b"caf\xe9")  # escaped, not raw surrogates
     assert show_id("my clip") == '"my clip"' and show_id("café") == "café"
+
+
+def test_the_docs_numpy_only_reader_reads_a_killed_writers_store_and_refuses_a_damaged_journal(tmp_path, monkeypatch):
+    """docs/store.md's reader (json + numpy alone), run as written: a killed writer leaves its journal,
+    holding committed videos, which the reader applies (the docs once said the journal exists only while a
+    writer is busy); a bad line with lines after it is damage, refused as lvmae_fast refuses it (the
+    snippet used to stop there and return part of the store)."""
+    from lvmae_fast.store import JOURNAL_NAME
+
+    doc = (Path(REPO) / "docs" / "store.md").read_text()
+    snippet = re.search(r"Reading without lvmae_fast:\n\n```python\n(.*?)```", doc, re.S).group(1)
+    rng = np.random.default_rng(5)
+    videos = random_videos(rng, 4, [2, 3, 1, 4])
+    w = StoreWriter(tmp_path / "STORE", dim=4)
+    for vid, emb in videos.items():
+        w.add(vid, emb)
+        w.commit()
+    w._lock.release()  # killed: index.json holds the first video, the journal the others
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(snippet, "docs/store.md", "exec"), scope)
+    assert [v["id"] for v in scope["index"]["videos"]] == Store(tmp_path / "STORE").video_ids == list(videos)
+    np.testing.assert_array_equal(scope["emb"], Store(tmp_path / "STORE").get(list(videos)[0]))
+    journal = tmp_path / "STORE" / JOURNAL_NAME
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([lines[0], "{garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match="index.journal line 2 is damaged"):
+        exec(compile(snippet, "docs/store.md", "exec"), {})
+    journal.write_text("\n".join([*lines, '{"seq": 9, "sh']) + "\n")   # a torn last line: a kill, read past
+    scope = {}
+    exec(compile(snippet, "docs/store.md", "exec"), scope)
+    assert len(scope["index"]["videos"]) == len(videos)
