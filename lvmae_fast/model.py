@@ -304,6 +304,9 @@ class LVMAE(nn.Module):
         validate_sequences(seqs, self.config.in_dim, self.config.max_len)
         if isinstance(visible, torch.Tensor) and visible.dim() == 2:
             visible = list(visible)   # [B, L] for B sequences of one length: one row each
+        if isinstance(visible, torch.Tensor):
+            raise ValueError(f"expected a list of visible masks, one per sequence, got one tensor of shape "
+                             f"{tuple(visible.shape)} (for one sequence pass [mask])")
         if not isinstance(visible, (list, tuple)):
             raise ValueError(f"expected a list of visible masks, got a {type(visible).__name__} (pass list(...))")
         if len(visible) != len(seqs):
@@ -312,6 +315,8 @@ class LVMAE(nn.Module):
             if not isinstance(v, torch.Tensor) or v.dtype != torch.bool or v.shape != (s.shape[0],):
                 got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"visible[{i}] must be a bool tensor of shape ({s.shape[0]},), got {got}")
+            if v.is_meta:
+                raise ValueError(f"visible[{i}]: a meta tensor holds no data")
             if not bool(v.any()):
                 raise ValueError(f"visible[{i}] has no visible token; the encoder needs at least one")
         masked_T = ~torch.cat([v.to(self.cls_token.device) for v in visible])

@@ -275,11 +275,12 @@ _HELD_LOCKS: "weakref.WeakSet[WriterLock]" = weakref.WeakSet()
 def _close_held_locks_in_child() -> None:
     # A forked child (a DataLoader worker) shares the lock's open file: the flock would outlive a SIGKILLed
     # parent until every worker had noticed and exited, refusing the --resume meant to follow. Closing the
-    # child's copy leaves the parent's lock in place (it holds its own descriptor).
+    # child's copy leaves the parent's lock in place (it holds its own descriptor). A raw descriptor: a
+    # Python file object's close takes a lock that another thread of the parent may have held at the fork.
     for lock in list(_HELD_LOCKS):
-        if lock._file is not None:
-            lock._file.close()
-            lock._file = None
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 if hasattr(os, "register_at_fork"):
@@ -298,38 +299,41 @@ class WriterLock:
 
     def __init__(self, store_path: Path, busy: str | None = None):
         """busy: the refusal when another process holds the lock ({path}, {holder} filled in); default a store's."""
-        self._file = None
+        self._fd: int | None = None
         store_path.mkdir(parents=True, exist_ok=True)
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
             return
-        f = open(store_path / self.NAME, "a+")
+        self._fd = os.open(store_path / self.NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        _HELD_LOCKS.add(self)   # from here: a fork while the flock is being taken must not keep it either
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            f.close()
+            holder = os.read(self._fd, 256).decode(errors="replace").strip()
+            self.release()
             busy = busy or ("store {path} is open for writing by another process ({holder}); one writer per store "
                             "at a time: wait for it to finish, or write to another store")
             raise ValueError(busy.format(path=store_path, holder=holder or "unknown")) from None
         except OSError as err:  # a filesystem without flock (some FUSE mounts: ENOSYS, EOPNOTSUPP; ENOLCK)
-            f.close()
+            self.release()
             log.warning("%s: cannot lock %s (%s); going on without the one-writer guard", store_path, self.NAME,
                         err.strerror or err)
             return
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
-        self._file = f
-        _HELD_LOCKS.add(self)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the descriptor drops the flock
-            self._file = None
+        fd, self._fd = self._fd, None
+        _HELD_LOCKS.discard(self)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def __del__(self):  # a writer dropped without close() (an error path) unlocks, as a file object would
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the process exit drops the lock anyway
+            pass
 
 
 def stored_embeddings(video_id: str, emb, dim: int | None = None) -> np.ndarray:

@@ -356,6 +356,10 @@ def test_a_generator_of_sequences_is_named_not_called_empty():
     visible = torch.tensor([[True, False, True], [False, True, True]])
     for got, want in zip(model.reconstruct(seqs, visible), model.reconstruct(seqs, list(visible))):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"got one tensor of shape \(3,\) \(for one sequence pass \[mask\]\)"):
+        model.reconstruct(seqs[:1], visible[0])
+    with pytest.raises(ValueError, match=r"visible\[1\]: a meta tensor holds no data"):
+        model.reconstruct(seqs, [visible[0], visible[1].to("meta")])
 
 
 def test_numpy_scalars_in_a_config_become_python_values():
