@@ -35,6 +35,7 @@ import numpy as np
 
 from .atomic import append_whole, write_error
 from .devices import resolve_device
+from .train_config import in_torch_seed_range
 from .video.decode_dali import DALI_APIS, DEFAULT_DALI_API
 from .video.decode_pyav import PYAV_MINIMUM, PYAV_MINIMUM_WHY
 from .video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
@@ -510,7 +511,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
         raise ValueError(f"--dali-api must be one of {', '.join(DALI_APIS)}, got {dali_api!r}")
     if not 0.0 <= min_last <= 1.0:  # checked here, not per video: a bad value must not reach the store's settings
         raise ValueError(f"--min-last must be in [0, 1] (a fraction of a window), got {min_last}")
-    if not -2 ** 63 <= seed < 2 ** 64:  # torch.manual_seed's range (beyond it: "Overflow when unpacking long long")
+    if not in_torch_seed_range(seed):
         raise ValueError(f"--seed must be in [-2^63, 2^64), got {seed}")
     spec = WindowSpec(seconds=float(seconds), frames=int(frames), rule=sampling, min_last=float(min_last))
     dev = resolve_device(device)

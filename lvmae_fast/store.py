@@ -397,8 +397,7 @@ class StoreWriter:
             # delete the only copy of those videos.
             problems = check_structure(self.path, existing)
             if problems:
-                raise ValueError(f"store {self.path} is inconsistent ({len(problems)} problems; run `lvmae store "
-                                 f"verify`), so it is not opened for writing: " + "; ".join(str(p) for p in problems[:5]))
+                raise inconsistent(self.path, problems, ", so it is not opened for writing")
             self._index = existing
             if self._index["dim"] != self.dim or self._index["encoder"] != self.encoder:
                 raise ValueError(f"store {self.path} holds embeddings of encoder {self._index['encoder']!r} "
@@ -666,8 +665,7 @@ class Store:
         self.path = Path(path)
         index, problems = checked_index(self.path)
         if problems:
-            raise ValueError(f"store {self.path} is inconsistent ({len(problems)} problems; run `lvmae store verify`): "
-                             + "; ".join(str(p) for p in problems[:5]))
+            raise inconsistent(self.path, problems)
         self.fingerprint = index_fingerprint(index)
         self.layout_fingerprint = layout_fingerprint(index)
         self.dim, self.encoder = int(index["dim"]), str(index["encoder"])
@@ -871,6 +869,12 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def inconsistent(path, problems: list[Problem], consequence: str = "") -> ValueError:
+    """The error a reader or writer raises for a store check_structure finds problems in (the first five)."""
+    return ValueError(f"store {path} is inconsistent ({len(problems)} problems; run `lvmae store verify`)"
+                      f"{consequence}: " + "; ".join(str(p) for p in problems[:5]))
 
 
 def checked_index(path) -> tuple[dict, list[Problem]]:

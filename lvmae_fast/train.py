@@ -223,10 +223,13 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
         link_model_files(out, final)
         return final
     tmp = ckpt_root / f".{name}.tmp"
-    for stale in ckpt_root.glob(".step-*.tmp"):  # half-written checkpoints of killed runs (one writer per run dir)
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in ckpt_root.glob(f".{LATEST_NAME}.*.tmp"):  # atomic_write_text's temp of a `latest` a kill cut
-        stale.unlink(missing_ok=True)
+    # What killed runs left under temp names (one writer per run dir, RunDirLock): half-written or half-pruned
+    # checkpoints (.step-N.tmp folders) and a `latest` cut mid-write (atomic_write_text's .latest.*.tmp).
+    for stale in ckpt_root.glob(".*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     try:
         model.save_pretrained(tmp)
         state = {"progress": dict(progress), "optimizer": portable_optimizer_state(optimizer), "rng": _rng_state(),

@@ -54,6 +54,11 @@ RESUME_MUTABLE = frozenset({"store", "out", "max_steps", "num_workers", "prefetc
                             "blr", "lr", "min_lr", "grad_clip"})
 
 
+def in_torch_seed_range(seed: int) -> bool:
+    """torch.manual_seed's range, [-2^63, 2^64): beyond it torch raises "Overflow when unpacking long long"."""
+    return -2 ** 63 <= seed < 2 ** 64
+
+
 @dataclass
 class PretrainConfig:
     preset: str = DEFAULT_PRESET
@@ -147,7 +152,7 @@ class PretrainConfig:
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
-        if not -2 ** 63 <= self.seed < 2 ** 64:  # torch.manual_seed's range (the sampler reduces it mod 2^32)
+        if not in_torch_seed_range(self.seed):  # (the sampler reduces it mod 2^32)
             raise ValueError(f"seed={self.seed} must be in [-2^63, 2^64)")
         for key, low in (("num_workers", 0), ("cpu_threads", 0), ("prefetch_factor", 1)):
             if getattr(self, key) < low:

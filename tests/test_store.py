@@ -35,6 +35,17 @@ def write_store(path, videos, dim, shard_rows=16, **kw):
     return path
 
 
+def killed_writer_store(path, videos, dim=4):
+    """A store whose writer committed each video on its own and was then killed (its lock dropped, as the
+    kernel does): the first video in index.json, the others on journal lines 1, 2, ..."""
+    w = StoreWriter(path, dim=dim)
+    for vid, emb in videos.items():
+        w.add(vid, emb)
+        w.commit()
+    w._lock.release()
+    return path
+
+
 def test_round_trip_and_numpy_only_layout(tmp_path):
     rng = np.random.default_rng(0)
     videos = random_videos(rng, 8, [3, 20, 1, 7, 16, 5])
@@ -482,11 +493,7 @@ def test_a_journal_entry_that_parses_but_names_a_wrong_file_or_lacks_a_key_opens
 
     rng = np.random.default_rng(3)
     videos = random_videos(rng, 4, [2, 3, 4, 2])
-    w = StoreWriter(tmp_path / "s", dim=4)
-    for vid, emb in videos.items():
-        w.add(vid, emb)
-        w.commit()
-    w._lock.release()  # killed: the journal stays
+    killed_writer_store(tmp_path / "s", videos)  # the journal stays
     journal = tmp_path / "s" / JOURNAL_NAME
     good = journal.read_bytes()
     shards_before = sorted(p.name for p in (tmp_path / "s" / "shards").iterdir())
@@ -513,11 +520,7 @@ def test_a_damaged_journal_line_before_valid_ones_refuses_the_store_and_deletes_
 
     rng = np.random.default_rng(2)
     videos = random_videos(rng, 4, [2, 3, 4, 2, 5])
-    w = StoreWriter(tmp_path / "s", dim=4)
-    for vid, emb in videos.items():  # v0 in index.json, v1..v4 on journal lines 1..4
-        w.add(vid, emb)
-        w.commit()
-    w._lock.release()  # killed: the journal stays
+    killed_writer_store(tmp_path / "s", videos)  # v0 in index.json, v1..v4 on journal lines 1..4
     journal = tmp_path / "s" / JOURNAL_NAME
     lines = journal.read_bytes().split(b"\n")
     shards_before = sorted((tmp_path / "s" / "shards").iterdir())
@@ -1201,11 +1204,7 @@ def test_the_docs_numpy_only_reader_reads_a_killed_writers_store_and_refuses_a_d
     snippet = re.search(r"Reading without lvmae_fast:\n\n```python\n(.*?)```", doc, re.S).group(1)
     rng = np.random.default_rng(5)
     videos = random_videos(rng, 4, [2, 3, 1, 4])
-    w = StoreWriter(tmp_path / "STORE", dim=4)
-    for vid, emb in videos.items():
-        w.add(vid, emb)
-        w.commit()
-    w._lock.release()  # killed: index.json holds the first video, the journal the others
+    killed_writer_store(tmp_path / "STORE", videos)  # index.json holds the first video, the journal the others
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(snippet, "docs/store.md", "exec"), scope)
