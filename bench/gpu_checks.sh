@@ -38,6 +38,11 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 # earlier extract_pyav call left in /tmp/bench_videos (written again if the machine was released)
                 python3 -c 'import av' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
                   --no-cache-dir --target /tmp/site .whl_gpu/av-*.whl ;
+                # NVDEC's prerequisites: the driver's decode library (containers get it only with the "video"
+                # driver capability) and the check extract runs (FFmpeg's own words when it falls back)
+                echo "[bench] NVIDIA_DRIVER_CAPABILITIES=${NVIDIA_DRIVER_CAPABILITIES:-unset};" \
+                  "libnvcuvid: $( (ldconfig -p 2>/dev/null | grep -o 'libnvcuvid[^ ]*' | sort -u | tr '\n' ' ') || true)" | tee -a "$OUT/gpu.txt" ;
+                python3 -c 'from lvmae_fast.video.decode_pyav import nvdec_problem as p; print("[bench] NVDEC check:", p(0) or "NVDEC decoded the test clip")' 2>&1 | tail -2 | tee -a "$OUT/gpu.txt" ;
                 # VARIANTS="k=v,k=v;k=v;base": bench/extract.py --variant passes, the same rows again in this process
                 vargs=(); IFS=';' read -ra vlist <<< "${VARIANTS:-}"; for v in "${vlist[@]}"; do vargs+=(--variant "$v"); done
                 tag="cpu${DECODE_WORKERS:-0}_nvdec${NVDEC_WORKERS:-0}_${GOP_TAILS:-skip}_t${FRAME_THREADS:-0}_${NVDEC_CONTEXT:-own}_nice${CPU_NICE:-0}_side${SIDE_STREAMS:-0}${VARIANTS:+_variants$(printf %s "$VARIANTS" | md5sum | cut -c1-6)}"

@@ -984,3 +984,31 @@ def test_nvdec_check_refuses_settings_ffmpeg_did_not_use(monkeypatch):
                       decode=lambda s: container.decode(stream))
     monkeypatch.setattr(av, "open", open_claiming_nvdec)
     assert decode_pyav.nvdec_problem(0) == "FFmpeg fell back to its software decoder"
+
+
+def test_nvdec_check_says_why_ffmpeg_fell_back(monkeypatch):
+    """FFmpeg names a fallback's cause only in its log, which PyAV keeps off: the check captures what
+    FFmpeg warned of meanwhile (on any thread: frame threads set the hwaccel up) and leaves the log
+    level as it was."""
+    import threading
+
+    import av.logging
+
+    from lvmae_fast.video import decode_pyav
+
+    def settings_ffmpeg_refuses(index=0):   # FFmpeg's words on a host without the driver's decode library
+        said = [(av.logging.ERROR, "nvdec", "Cannot load libnvcuvid.so.1\n"),
+                (av.logging.ERROR, "h264", "Failed setup for format cuda: hwaccel initialisation returned error.\n"),
+                (av.logging.ERROR, "nvdec", "Cannot load libnvcuvid.so.1\n"),   # said again: once in the reason
+                (av.logging.VERBOSE, "h264", "detail below the warning level\n")]
+        thread = threading.Thread(target=lambda: [av.logging.log(*line) for line in said])
+        thread.start()
+        thread.join()
+        return software_settings()
+
+    monkeypatch.setattr(decode_pyav, "nvdec_accel", settings_ffmpeg_refuses)
+    before = av.logging.get_level()
+    assert decode_pyav.nvdec_problem(0) == (
+        "FFmpeg fell back to its software decoder (FFmpeg said: [nvdec] Cannot load libnvcuvid.so.1; "
+        "[h264] Failed setup for format cuda: hwaccel initialisation returned error.)")
+    assert av.logging.get_level() == before

@@ -17,6 +17,7 @@ from the frames before it).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import threading
@@ -173,6 +174,23 @@ def nvdec_accel(device_index: int = 0, shared: bool | None = None):
                    options=options)
 
 
+@contextlib.contextmanager
+def _ffmpeg_log():
+    """FFmpeg's warnings and errors while the block runs, all threads (a hwaccel is set up on a frame
+    thread), as a callable giving them in one line: why a fallback happened ("Cannot load
+    libnvcuvid.so.1", "Failed setup for format cuda") is only ever said there, and PyAV keeps FFmpeg's
+    log off by default. The log level is global: meant for a check once per job, not around decodes."""
+    import av.logging
+
+    before = av.logging.get_level()
+    av.logging.set_level(av.logging.WARNING)
+    try:
+        with av.logging.Capture(local=False) as logs:
+            yield lambda: "; ".join(dict.fromkeys(f"[{name}] {text.strip()}" for _, name, text in logs))
+    finally:
+        av.logging.set_level(before)
+
+
 def nvdec_problem(device_index: int = 0) -> str | None:
     """Why NVDEC decode through PyAV cannot run here (None: it decoded a test clip on the GPU): the CUDA
     device or the driver's decode library missing, or FFmpeg falling back to software. Checked once per
@@ -194,14 +212,15 @@ def nvdec_problem(device_index: int = 0) -> str | None:
             for packet in stream.encode():
                 out.mux(packet)
         clip.seek(0)
-        with av.open(clip, "r", hwaccel=nvdec_accel(device_index)) as container:
+        with _ffmpeg_log() as said, av.open(clip, "r", hwaccel=nvdec_accel(device_index)) as container:
             stream = container.streams.video[0]
             frames = list(container.decode(stream))
             # is_hwaccel only says the settings were taken; the frames say who decoded them.
-            if not stream.codec_context.is_hwaccel or any(f.format.name != HW_FRAME_FORMAT for f in frames):
-                return "FFmpeg fell back to its software decoder"
-            if len(frames) != 2:
-                return f"the test clip decoded to {len(frames)} frames, not 2"
+            software = not stream.codec_context.is_hwaccel or any(f.format.name != HW_FRAME_FORMAT for f in frames)
+        if software:
+            return "FFmpeg fell back to its software decoder" + (f" (FFmpeg said: {said()})" if said() else "")
+        if len(frames) != 2:
+            return f"the test clip decoded to {len(frames)} frames, not 2"
     except (av.FFmpegError, OSError, ValueError, TypeError) as err:  # TypeError: a PyAV without is_hw_owned
         return f"{type(err).__name__}: {err}"
     return None
