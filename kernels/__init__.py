@@ -20,13 +20,13 @@ import torch
 
 # Absolute import: this folder sits at the repo top level, where tools that probe for a PyPI package
 # named `kernels` (transformers does) may import it as top-level `kernels`; that must not crash them.
-from lvmae_fast.loss import LOSS_COSINE_EPS
-from lvmae_fast.masking import scale_huge_rows, semantic_mask_torch
+from lvmae_fast.loss import LOSS_COSINE_EPS, checked_loss_rows
+from lvmae_fast.loss import check_loss_inputs as _check_loss_inputs
+from lvmae_fast.masking import require_columns, scale_huge_rows, semantic_mask_torch
 
 __all__ = ["semantic_mask", "masked_mse", "masked_mse_rows", "use_triton", "triton_available", "triton_mode"]
 
 _SWITCHES = ("auto", "triton", "torch")
-_LOSSES = ("mse", "cosine")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp64 stays on the exact torch path
 
 
@@ -143,6 +143,7 @@ def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, 
         raise ValueError(f"x must be a [T, d] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
     if not torch.is_floating_point(x):
         raise ValueError(f"x must be floating point, got {x.dtype}")
+    require_columns(x)
     ratio = _check_ratio(mask_ratio)
     if not isinstance(cu_seqlens, torch.Tensor) and hasattr(cu_seqlens, "__len__"):  # list, tuple, numpy array
         try:
@@ -236,21 +237,6 @@ def _loss_torch(pred, target, rows, masked, cosine: bool) -> torch.Tensor:
     return per_row.sum() / masked.sum().clamp_min(1)
 
 
-def _check_loss_inputs(pred: torch.Tensor, target: torch.Tensor, loss: str) -> None:
-    if loss not in _LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {_LOSSES}")
-    if not isinstance(pred, torch.Tensor) or pred.dim() != 2:
-        raise ValueError(f"pred must be [N, d], got shape {tuple(getattr(pred, 'shape', ()))}")
-    if not isinstance(target, torch.Tensor) or target.dim() != 2:
-        raise ValueError(f"target must be [T, d], got shape {tuple(getattr(target, 'shape', ()))}")
-    if pred.shape[1] != target.shape[1]:
-        raise ValueError(f"pred dim {pred.shape[1]} != target dim {target.shape[1]}")
-    if pred.shape[1] == 0:  # a mean over no dims would be a silent NaN
-        raise ValueError("pred and target have d=0 columns: the loss is undefined")
-    if pred.device != target.device:
-        raise ValueError(f"pred on {pred.device} but target on {target.device}")
-
-
 def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -281,16 +267,9 @@ def masked_mse_rows(pred_rows: torch.Tensor, target: torch.Tensor, rows: torch.T
     Differentiable w.r.t. pred_rows (and target, when it requires grad). Tm == 0 gives a zero loss that
     still back-propagates."""
     _check_loss_inputs(pred_rows, target, loss)
-    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.shape[0] != pred_rows.shape[0]:
-        raise ValueError(f"rows must be a 1-D index tensor of length {pred_rows.shape[0]}, got "
-                         f"{tuple(getattr(rows, 'shape', ()))}")
-    if rows.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"rows must be int64 (or int32), got {rows.dtype}")
-    rows = rows.to(pred_rows.device)
+    rows = checked_loss_rows(pred_rows, target, rows)
     if pred_rows.shape[0] == 0:
         return pred_rows.sum().float() * 0.0
-    if not rows.is_cuda and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= target.shape[0]):
-        raise ValueError(f"rows index out of range [0, {target.shape[0]})")  # checked where it is free
     if not _runs_triton(pred_rows):
         return _loss_torch(pred_rows, target, rows, None, loss == "cosine")
     return _MaskedLoss.apply(_rowmajor(pred_rows), _rowmajor(target), rows.contiguous(), None,

@@ -22,14 +22,46 @@ def standardise_targets(target: torch.Tensor) -> torch.Tensor:
     return (target - mean) / (var + 1e-6).sqrt()
 
 
+def check_loss_inputs(pred: torch.Tensor, target: torch.Tensor, loss: str) -> None:
+    """pred [N, d] against target [T, d] rows: ValueError naming what does not fit (both loss paths)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    if not isinstance(pred, torch.Tensor) or pred.dim() != 2:
+        raise ValueError(f"pred must be [N, d], got shape {tuple(getattr(pred, 'shape', ()))}")
+    if not isinstance(target, torch.Tensor) or target.dim() != 2:
+        raise ValueError(f"target must be [T, d], got shape {tuple(getattr(target, 'shape', ()))}")
+    if pred.shape[1] != target.shape[1]:
+        raise ValueError(f"pred dim {pred.shape[1]} != target dim {target.shape[1]}")
+    if pred.shape[1] == 0:  # a mean over no dims would be a silent NaN
+        raise ValueError("pred and target have d=0 columns: the loss is undefined")
+    if pred.device != target.device:
+        raise ValueError(f"pred on {pred.device} but target on {target.device}")
+
+
+def checked_loss_rows(pred_rows: torch.Tensor, target: torch.Tensor, rows) -> torch.Tensor:
+    """`rows` (the target row of each predicted row) on pred's device, ValueError when they do not fit."""
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.shape[0] != pred_rows.shape[0]:
+        raise ValueError(f"rows must be a 1-D index tensor of length {pred_rows.shape[0]}, got "
+                         f"{tuple(getattr(rows, 'shape', ()))}")
+    if rows.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"rows must be int64 (or int32), got {rows.dtype}")
+    rows = rows.to(pred_rows.device)
+    if not rows.is_cuda and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= target.shape[0]):
+        raise ValueError(f"rows index out of range [0, {target.shape[0]})")  # checked where it is free
+    return rows
+
+
 def masked_reconstruction_loss(pred_rows: torch.Tensor, x_Td: torch.Tensor, masked_rows: torch.Tensor,
                                loss: str = "mse", norm_targets: bool = False, kernels: str = "torch",
                                row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """row_weights [Tm] (shape-bucketed batches): sum(w * per-row loss) replaces the plain mean, so
     padding rows (w = 0) drop out; the torch path computes it (a bucketed step runs as a CUDA graph,
     where the extra launches cost nothing)."""
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    check_loss_inputs(pred_rows, x_Td, loss)
+    masked_rows = checked_loss_rows(pred_rows, x_Td, masked_rows)
+    if norm_targets and x_Td.shape[1] < 2:
+        raise ValueError(f"norm_targets needs embeddings of 2 or more dims, got {x_Td.shape[1]}: "
+                         "the variance of one value is undefined")
     if row_weights is not None and row_weights.shape != (pred_rows.shape[0],):
         raise ValueError(f"row_weights has shape {tuple(row_weights.shape)}, expected ({pred_rows.shape[0]},)")
     if pred_rows.shape[0] == 0:

@@ -96,9 +96,16 @@ def random_mask(cu_seqlens: torch.Tensor, mask_ratio: float, generator: torch.Ge
     return mask_lowest(noise.to(device), cu_seqlens.to(device), _keep_and_masked(cu_seqlens, mask_ratio)[1].to(device))
 
 
+def require_columns(x_Td: torch.Tensor) -> None:
+    """Semantic masking ranks cosines: embeddings of no dims have none (every one would tie at 0)."""
+    if x_Td.shape[-1] == 0:
+        raise ValueError("x has d=0 columns: the cosine similarity semantic masking ranks is undefined")
+
+
 def semantic_mask_torch(x_Td: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float,
                         inverted: bool = False) -> torch.Tensor:
     """Paper semantics (mask lowest adjacent similarity); inverted=True reproduces the reference code."""
+    require_columns(x_Td)
     sim = adjacent_cosine(x_Td, cu_seqlens)
     keep, num_masked = (n.to(x_Td.device) for n in _keep_and_masked(cu_seqlens, mask_ratio))
     if inverted:  # the reference keeps the lowest similarities and masks the rest (module docstring)

@@ -90,6 +90,9 @@ class LVMAEConfig:
             raise ValueError(f"config: mlp_ratio={self.mlp_ratio} must be finite and give MLP widths >= 1")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"config: mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.norm_targets and self.in_dim < 2:  # each target is standardised over its dims
+            raise ValueError(f"config: norm_targets needs in_dim >= 2 (the variance of {self.in_dim} value "
+                             "is undefined: every loss would be NaN)")
 
     @classmethod
     def from_preset(cls, name: str, in_dim: int, **overrides) -> "LVMAEConfig":

@@ -656,6 +656,47 @@ def test_masked_loss_bad_input():
         K.masked_mse(t, t, torch.zeros(10))
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_the_model_loss_refuses_bad_input_alike_on_both_paths(interp, kernels):
+    """masked_reconstruction_loss's torch path (CPU's default) raised torch's IndexError/RuntimeError
+    where the Triton path names the problem; norm_targets over 1-dim embeddings was a NaN loss."""
+    from lvmae_fast.loss import masked_reconstruction_loss
+
+    p, t = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"rows index out of range \[0, 10\)"):
+        masked_reconstruction_loss(p, t, torch.tensor([0, 1, 2, 10]), kernels=kernels)
+    with pytest.raises(ValueError, match="pred dim 4 != target dim 8"):
+        masked_reconstruction_loss(p[:, :4], t, torch.arange(4), kernels=kernels)
+    with pytest.raises(ValueError, match="rows must be a 1-D index tensor of length 4"):
+        masked_reconstruction_loss(p, t, torch.arange(3), kernels=kernels)
+    with pytest.raises(ValueError, match="d=0 columns"):
+        masked_reconstruction_loss(p[:, :0], t[:, :0], torch.arange(4), kernels=kernels)
+    with pytest.raises(ValueError, match="norm_targets needs embeddings of 2 or more dims, got 1"):
+        masked_reconstruction_loss(p[:, :1], t[:, :1], torch.arange(4), norm_targets=True, kernels=kernels)
+    # two dims are enough: the loss against the standardised targets, by hand
+    rows = torch.tensor([1, 3, 5, 7])
+    got = masked_reconstruction_loss(p[:, :2], t[:, :2], rows, norm_targets=True, kernels=kernels)
+    x = t[rows, :2].double()
+    z = (x - x.mean(1, keepdim=True)) / (x.var(1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(got.double(), ((p[:, :2].double() - z) ** 2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_norm_targets_config_needs_two_dims():
+    from lvmae_fast.model import LVMAEConfig
+
+    with pytest.raises(ValueError, match=r"config: norm_targets needs in_dim >= 2"):
+        LVMAEConfig.from_preset("tiny", in_dim=1, norm_targets=True)
+    assert LVMAEConfig.from_preset("tiny", in_dim=1).in_dim == 1   # without it one dim is fine
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_semantic_masking_refuses_embeddings_without_columns(interp, kernels):
+    """With no columns every cosine is 0 and the mask was the tie-break's row order, silently."""
+    x, cu = torch.zeros(6, 0), torch.tensor([0, 2, 6])
+    with pytest.raises(ValueError, match="d=0 columns"):
+        K.semantic_mask(x, cu, 0.5) if kernels == "triton" else semantic_mask_torch(x, cu, 0.5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the compiled (non-interpreted) kernels: front end + PTX for sm_90 without a GPU
 # ----------------------------------------------------------------------------------------------------

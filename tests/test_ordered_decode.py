@@ -1012,3 +1012,39 @@ def test_nvdec_check_says_why_ffmpeg_fell_back(monkeypatch):
         "FFmpeg fell back to its software decoder (FFmpeg said: [nvdec] Cannot load libnvcuvid.so.1; "
         "[h264] Failed setup for format cuda: hwaccel initialisation returned error.)")
     assert av.logging.get_level() == before
+
+
+def test_a_rotated_video_is_embedded_as_stored_with_one_warning_however_many_parts(tmp_path, caplog):
+    """A phone's portrait video is stored landscape with a display rotation, which players apply and the
+    decoders (PyAV's arrays, DALI) do not: its frames are embedded as stored, so the user is told, once
+    per video though its parts decode apart; a video without rotation gets no warning."""
+    import av
+
+    from lvmae_fast.extract import decode_part, pyav_parts
+    from lvmae_fast.video import decode_pyav
+    from lvmae_fast.video.jobs import VideoJob, WindowSpec
+
+    def write(path, rotation):
+        with av.open(str(path), "w") as out:
+            s = out.add_stream("libx264", rate=10)
+            s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+            if rotation:
+                s.set_display_rotation(rotation)
+            for k in range(40):
+                f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * k, np.uint8), format="rgb24")
+                f.pts = k
+                for p in s.encode(f):
+                    out.mux(p)
+            for p in s.encode():
+                out.mux(p)
+        return str(path)
+
+    spec = WindowSpec(seconds=1.0, frames=2)
+    with caplog.at_level("WARNING", logger=decode_pyav.__name__):
+        for name, rotation in (("portrait.mp4", 90), ("landscape.mp4", 0)):
+            parts = list(pyav_parts([VideoJob(name, write(tmp_path / name, rotation))], spec, part_windows=1))
+            assert len(parts) == 4
+            windows = [w for p in parts for w in decode_part(p)]
+            assert [w.frames.shape for w in windows] == [(2, 48, 64, 3)] * 4   # as stored
+    told = [r.getMessage() for r in caplog.records if "display matrix" in r.getMessage()]
+    assert len(told) == 1 and "portrait.mp4: its player shows it rotated by 90 degrees" in told[0], told

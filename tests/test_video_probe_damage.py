@@ -130,3 +130,110 @@ def test_a_raw_h264_stream_is_refused_with_how_to_remux_it(tmp_path):
             out.mux(p)
     with pytest.raises(VideoError, match=r"30 frames without timestamps: a raw h264 stream, not a container; remux"):
         probe_video(path)
+
+
+def _write(path, tracks, frames=30, fmt=None, value=10):
+    """A file of `tracks` in order: 'h264' (10 fps, `frames` frames of grey `value`), 'cover' (one mjpeg
+    picture, attached-picture disposition) or 'audio' (aac silence)."""
+    import av
+
+    with av.open(str(path), "w", format=fmt) as out:
+        streams = []
+        for kind in tracks:
+            if kind == "audio":
+                streams.append(out.add_stream("aac", rate=16000))
+                continue
+            s = out.add_stream("libx264" if kind == "h264" else "mjpeg", rate=10 if kind == "h264" else 1)
+            s.width, s.height, s.pix_fmt = 64, 48, "yuv420p" if kind == "h264" else "yuvj420p"
+            if kind == "cover":
+                s.disposition = av.stream.Disposition.attached_pic
+            streams.append(s)
+        for kind, s in zip(tracks, streams):
+            if kind == "audio":
+                chunks = [av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                          for _ in range(10)]
+            else:
+                chunks = [av.VideoFrame.from_ndarray(np.full((48, 64, 3), value, np.uint8), format="rgb24")
+                          for _ in range(frames if kind == "h264" else 1)]
+            for k, chunk in enumerate(chunks):
+                chunk.pts = k * 1024 if kind == "audio" else k
+                if kind == "audio":
+                    chunk.sample_rate = 16000
+                for p in s.encode(chunk):
+                    out.mux(p)
+            for p in s.encode():
+                out.mux(p)
+    return path
+
+
+def test_recordings_joined_without_re_timing_are_refused(tmp_path):
+    """Two mpeg-ts recordings joined byte-wise (`cat a.ts b.ts`), both timed from 0: sorted by pts they
+    interleave, and the windows covered the first 12 s of the 24 s only, silently."""
+    first = _write(tmp_path / "a.ts", ["h264"], frames=120, value=40)
+    assert probe_video(first).duration == pytest.approx(12.0)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + _write(tmp_path / "b.ts", ["h264"], frames=120, value=200).read_bytes())
+    with pytest.raises(VideoError, match=r"timestamps go back: .*\(\d+ such frames; recordings joined"):
+        probe_video(joined)
+
+
+def test_a_video_of_b_frames_reordered_by_the_most_h264_allows_is_not_refused(tmp_path):
+    """The timestamps check allows what decoders reorder: x264 with 16 B-frames (its most) and b-pyramid."""
+    import av
+
+    path = tmp_path / "b16.mp4"
+    texture = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=25, options={"bf": "16", "x264-params": "b-adapt=0:b-pyramid=normal"})
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for k in range(200):   # a pan: B-frames pay off, x264 keeps all 16
+            f = av.VideoFrame.from_ndarray(np.roll(texture, k, axis=1), format="rgb24")
+            f.pts = k
+            for p in s.encode(f):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    with av.open(str(path)) as c:  # the file reorders that far: a frame shown before one demuxed 16 packets earlier
+        demuxed = np.array([p.pts for p in c.demux(c.streams.video[0]) if p.pts is not None])
+    assert (demuxed[16:] < np.maximum.accumulate(demuxed)[:-16]).any()
+    assert probe_video(path).num_frames == 200
+
+
+def test_cover_pictures_and_unknown_codecs_get_a_reason(tmp_path):
+    """An audio file with a cover picture was refused with "a raw mjpeg stream, not a container; remux
+    it..." and a video track FFmpeg has no decoder for with an AttributeError; a cover picture or an
+    unknown track beside a real video leaves that video to be indexed."""
+    with pytest.raises(VideoError, match=r"^no video stream, only an attached cover picture \(streams: audio, video\)$"):
+        probe_video(_write(tmp_path / "song.mp4", ["audio", "cover"]))
+    index = probe_video(_write(tmp_path / "clip.mp4", ["audio", "cover", "h264"]))
+    assert (index.codec, index.num_frames) == ("h264", 30)   # the mp4 muxer moves cover pictures last
+
+    plain = _write(tmp_path / "plain.mp4", ["h264"]).read_bytes()
+    unknown = tmp_path / "unknown.mp4"
+    unknown.write_bytes(plain.replace(b"avc1", b"zzzz"))   # the sample entry's codec tag
+    with pytest.raises(VideoError, match=r"^no decoder for its video codec \(FFmpeg does not know the codec of its video stream\)$"):
+        probe_video(unknown)
+    two = _write(tmp_path / "two.mkv", ["h264", "h264"]).read_bytes()
+    first_unknown = tmp_path / "first_unknown.mkv"
+    first_unknown.write_bytes(two.replace(b"V_MPEG4/ISO/AVC", b"V_MPEG4/ISO/ZZZ", 1))
+    index = probe_video(first_unknown)
+    assert (index.stream_index, index.codec, index.num_frames) == (1, "h264", 30)
+
+
+def test_a_raw_mjpeg_stream_is_refused_with_how_to_remux_it(tmp_path):
+    """Raw JPEGs back to back carry no rate: FFmpeg times them at 25 fps, so 3 s at 10 fps came out as 1.2 s."""
+    import av
+
+    path = tmp_path / "cam.avi"   # a raw stream under a video suffix
+    with av.open(str(path), "w", format="mjpeg") as out:
+        s = out.add_stream("mjpeg", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuvj420p"
+        for k in range(30):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10, np.uint8), format="rgb24")
+            f.pts = k
+            for p in s.encode(f):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    with pytest.raises(VideoError, match=r"^a raw mjpeg stream, not a container: .* remux it with its frame rate"):
+        probe_video(path)

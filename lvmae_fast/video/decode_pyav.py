@@ -243,6 +243,23 @@ def _open(path: str, settings=None):
 HW_FRAME_FORMAT = "cuda"
 
 
+_rotated_told: collections.OrderedDict[str, None] = collections.OrderedDict()  # paths warned of (the last 4096)
+_rotated_lock = threading.Lock()
+
+
+def _tell_rotated(path: str, degrees: int) -> None:
+    """Warn once per video (its parts decode apart) that its display rotation is not applied."""
+    with _rotated_lock:
+        if path in _rotated_told:
+            return
+        _rotated_told[path] = None
+        if len(_rotated_told) > 4096:
+            _rotated_told.popitem(last=False)
+    log.warning("%s: its player shows it rotated by %d degrees (display matrix), its frames are embedded "
+                "as stored, unrotated, as DALI decodes them; to embed what viewers see, re-encode it "
+                "upright first (the ffmpeg tool applies the rotation when it re-encodes)", path, degrees)
+
+
 def _log_software(path: str) -> None:
     log.warning("%s: NVDEC did not decode this video; FFmpeg's software decoder did, on the CPU", path)
 
@@ -416,6 +433,8 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     def array_of(frame):
         nonlocal last_frame, last_array, size
         if frame is not last_frame or last_array is None:
+            if last_frame is None and getattr(frame, "rotation", 0):   # the first frame this decode converts
+                _tell_rotated(index.path, frame.rotation)
             if size is None:
                 size = (frame.width, frame.height)
             # A stream that changes resolution midway (joined recordings, adaptive streams) is scaled

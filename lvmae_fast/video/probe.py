@@ -114,6 +114,54 @@ def not_a_file(path) -> str | None:
             "broken symbolic link (its target is missing)" if path.is_symlink() else "file not found")
 
 
+# AV_DISPOSITION_ATTACHED_PIC: a stream holding one cover picture, not moving video.
+_ATTACHED_PICTURE = 0x400
+# H.264 and HEVC reorder at most 16 frames: a frame shown before one demuxed more than 16 packets
+# earlier is a timestamp that went back (recordings joined byte-wise, a reset), not B-frame reordering.
+_MAX_REORDER = 16
+
+
+def _video_stream(container):
+    """The video stream to index: the one DALI's readers decode (FFmpeg's av_find_best_stream: a
+    default-marked track before others, a cover picture last) when FFmpeg can decode it, else the first
+    that it can; the PyAV decoders open the same one by its index. VideoError when there is none."""
+    # FFmpeg opens any text file as an "ansi" video (its tty demuxer renders text as frames).
+    videos = list(container.streams.video)
+    if container.format.name == "tty" or any(s.codec_context is not None and s.codec_context.name == "ansi"
+                                             for s in videos):
+        raise VideoError("not a video: a text file (FFmpeg would render it as an 'ansi' video)")
+    kinds = ", ".join(sorted({s.type for s in container.streams}) or ["none"])
+    if not videos:
+        raise VideoError(f"no video stream (streams: {kinds})")
+    moving = [s for s in videos if not int(s.disposition) & _ATTACHED_PICTURE]
+    if not moving:
+        raise VideoError(f"no video stream, only an attached cover picture (streams: {kinds})")
+    decodable = [s for s in moving if s.codec_context is not None]  # None: a codec FFmpeg has no decoder for
+    if not decodable:
+        raise VideoError("no decoder for its video codec (FFmpeg does not know the codec of "
+                         + ("its video stream)" if len(moving) == 1 else f"any of its {len(moving)} video streams)"))
+    best = container.streams.best("video")
+    return next((s for s in decodable if best is not None and s.index == best.index), decodable[0])
+
+
+def _timestamps_go_back(demuxed: list[int], time_base: Fraction) -> str | None:
+    """Why the timestamps (pts in demux order) cannot be windowed, None when they can: a frame shown
+    before frames demuxed more than _MAX_REORDER packets earlier (joined recordings, a timestamp reset:
+    sorting by pts would interleave the parts and the windows would cover the first only)."""
+    pts = np.asarray(demuxed, dtype=np.int64)
+    if len(pts) <= _MAX_REORDER + 1:
+        return None
+    earlier = np.maximum.accumulate(pts)[:-(_MAX_REORDER + 1)]
+    back = np.flatnonzero(pts[_MAX_REORDER + 1:] < earlier)
+    if not len(back):
+        return None
+    i = int(back[0])
+    at, after = (float(v * time_base) for v in (pts[i + _MAX_REORDER + 1], earlier[i]))
+    return (f"timestamps go back: a frame timed {at:.2f} s follows frames timed up to {after:.2f} s in the file "
+            f"({len(back)} such frames; recordings joined without re-timing, or a timestamp reset), "
+            f"which windows by timestamp cannot follow; remux it with increasing timestamps")
+
+
 def probe_video(path) -> VideoIndex:
     """Demux every packet of the video stream; raise VideoError with a readable reason on bad input."""
     import av
@@ -129,17 +177,12 @@ def probe_video(path) -> VideoIndex:
     except av.FFmpegError as err:
         raise VideoError(f"not a readable media file ({type(err).__name__}: {err.strerror or err})") from None
     with container:
-        # FFmpeg opens any text file as an "ansi" video (its tty demuxer renders text as frames).
-        if container.format.name == "tty" or (container.streams.video and
-                                              container.streams.video[0].codec_context.name == "ansi"):
-            raise VideoError("not a video: a text file (FFmpeg would render it as an 'ansi' video)")
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise VideoError(f"no video stream (streams: {', '.join(kinds)})")
-        # The stream DALI's readers decode (FFmpeg's av_find_best_stream: a default-marked track before
-        # others, a cover picture last); the PyAV decoders open the same one by its index.
-        stream = container.streams.best("video") or container.streams.video[0]
+        stream = _video_stream(container)
         stream_index = stream.index  # read while the container is open (a closed one's stream is freed)
+        if container.format.name == "mjpeg":  # raw JPEGs back to back: nothing says their rate
+            raise VideoError("a raw mjpeg stream, not a container: FFmpeg would time its frames at 25 fps "
+                             "whatever their rate; remux it with its frame rate, e.g. "
+                             "`ffmpeg -r 10 -i IN -c copy OUT.mkv`")
         codec = stream.codec_context.name
         decode_order = "avi" in container.format.name.split(",")
         seeks = bool(set(container.format.name.split(",")) & set(SEEKABLE_FORMATS)) and not decode_order
@@ -179,6 +222,10 @@ def probe_video(path) -> VideoIndex:
                          f"with its frame rate, e.g. `ffmpeg -r 25 -i IN -c copy OUT.mp4`")
     if not pts:
         raise VideoError("video stream has no frames")
+    if not decode_order:  # AVI's "pts" are packet numbers, in order by construction
+        went_back = _timestamps_go_back(pts, time_base)
+        if went_back:
+            raise VideoError(went_back)
     order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
     pts_arr = np.asarray(pts, dtype=np.int64)[order]
     dur_arr = np.asarray(durations, dtype=np.int64)[order]
