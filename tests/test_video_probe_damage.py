@@ -112,29 +112,9 @@ def test_cut_mkv_with_audio_is_truncated(tmp_path, codec):
         probe_video(cut)
 
 
-def test_a_raw_h264_stream_is_refused_with_how_to_remux_it(tmp_path):
-    """An elementary stream (a DVR's .h264 export) has no timestamps: it was refused as "video stream has no
-    frames" although it decodes."""
-    import av
-
-    path = tmp_path / "cam.h264"
-    with av.open(str(path), "w", format="h264") as out:
-        s = out.add_stream("libx264", rate=25)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for k in range(30):
-            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), k, np.uint8), format="rgb24")
-            f.pts, f.time_base = k, Fraction(1, 25)
-            for p in s.encode(f):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
-    with pytest.raises(VideoError, match=r"30 frames without timestamps: a raw h264 stream, not a container; remux"):
-        probe_video(path)
-
-
 def _write(path, tracks, frames=30, fmt=None, value=10):
-    """A file of `tracks` in order: 'h264' (10 fps, `frames` frames of grey `value`), 'cover' (one mjpeg
-    picture, attached-picture disposition) or 'audio' (aac silence)."""
+    """A file of `tracks` in order: 'h264' or 'mjpeg' (10 fps, `frames` frames of grey `value`), 'cover'
+    (one mjpeg picture, attached-picture disposition) or 'audio' (aac silence); `fmt`: the muxer."""
     import av
 
     with av.open(str(path), "w", format=fmt) as out:
@@ -143,7 +123,7 @@ def _write(path, tracks, frames=30, fmt=None, value=10):
             if kind == "audio":
                 streams.append(out.add_stream("aac", rate=16000))
                 continue
-            s = out.add_stream("libx264" if kind == "h264" else "mjpeg", rate=10 if kind == "h264" else 1)
+            s = out.add_stream("libx264" if kind == "h264" else "mjpeg", rate=1 if kind == "cover" else 10)
             s.width, s.height, s.pix_fmt = 64, 48, "yuv420p" if kind == "h264" else "yuvj420p"
             if kind == "cover":
                 s.disposition = av.stream.Disposition.attached_pic
@@ -154,7 +134,7 @@ def _write(path, tracks, frames=30, fmt=None, value=10):
                           for _ in range(10)]
             else:
                 chunks = [av.VideoFrame.from_ndarray(np.full((48, 64, 3), value, np.uint8), format="rgb24")
-                          for _ in range(frames if kind == "h264" else 1)]
+                          for _ in range(1 if kind == "cover" else frames)]
             for k, chunk in enumerate(chunks):
                 chunk.pts = k * 1024 if kind == "audio" else k
                 if kind == "audio":
@@ -164,6 +144,18 @@ def _write(path, tracks, frames=30, fmt=None, value=10):
             for p in s.encode():
                 out.mux(p)
     return path
+
+
+@pytest.mark.parametrize("codec,suffix,reason", [
+    # An elementary stream (a DVR's .h264 export) has no timestamps: it was refused as "video stream has
+    # no frames" although it decodes.
+    ("h264", "h264", r"^30 frames without timestamps: a raw h264 stream, not a container; remux"),
+    # Raw JPEGs back to back carry no rate: FFmpeg times them at 25 fps (3 s at 10 fps came out as 1.2 s).
+    ("mjpeg", "avi", r"^a raw mjpeg stream, not a container: .* remux it with its frame rate"),
+])
+def test_a_raw_stream_is_refused_with_how_to_remux_it(tmp_path, codec, suffix, reason):
+    with pytest.raises(VideoError, match=reason):
+        probe_video(_write(tmp_path / f"cam.{suffix}", [codec], fmt=codec))
 
 
 def test_recordings_joined_without_re_timing_are_refused(tmp_path):
@@ -218,22 +210,3 @@ def test_cover_pictures_and_unknown_codecs_get_a_reason(tmp_path):
     first_unknown.write_bytes(two.replace(b"V_MPEG4/ISO/AVC", b"V_MPEG4/ISO/ZZZ", 1))
     index = probe_video(first_unknown)
     assert (index.stream_index, index.codec, index.num_frames) == (1, "h264", 30)
-
-
-def test_a_raw_mjpeg_stream_is_refused_with_how_to_remux_it(tmp_path):
-    """Raw JPEGs back to back carry no rate: FFmpeg times them at 25 fps, so 3 s at 10 fps came out as 1.2 s."""
-    import av
-
-    path = tmp_path / "cam.avi"   # a raw stream under a video suffix
-    with av.open(str(path), "w", format="mjpeg") as out:
-        s = out.add_stream("mjpeg", rate=10)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuvj420p"
-        for k in range(30):
-            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10, np.uint8), format="rgb24")
-            f.pts = k
-            for p in s.encode(f):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
-    with pytest.raises(VideoError, match=r"^a raw mjpeg stream, not a container: .* remux it with its frame rate"):
-        probe_video(path)
