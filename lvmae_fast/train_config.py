@@ -272,9 +272,11 @@ def check_model_overrides(model: dict, preset: str):
     if unknown:
         raise ValueError(f"model: unknown keys {unknown} (allowed: {sorted(kinds)})")
     model = {key: _coerce_value(f"model.{key}", kinds[key], value) for key, value in model.items()}
-    if "mask_ratio" in model and not 0 < model["mask_ratio"] < 1:
+    # 1 - ratio rounding to 1 (ratios up to 2^-54, about 5.6e-17) keeps int(L * (1 - ratio)) = L tokens: as 0, nothing masked.
+    if "mask_ratio" in model and not (0 < model["mask_ratio"] < 1 and 1.0 - model["mask_ratio"] < 1.0):
         raise ValueError(f"model.mask_ratio={model['mask_ratio']} must be in (0, 1): the fraction of each video's "
-                         "tokens that is masked and reconstructed (0 masks nothing: the loss would be 0)")
+                         "tokens that is masked and reconstructed (0, or so small that 1 - ratio rounds to 1, "
+                         "masks nothing: the loss would be 0)")
     # Canonical: only what differs from the preset stays an override, so a config file that spells out the
     # preset's model values (as --print-config writes them) is the preset's config, equal and resumable.
     base = preset_model(preset)

@@ -137,6 +137,7 @@ def assert_one_line_error(code: int, err: str, *expected: str) -> None:
     ("model.mask_ratio=abc", "model.mask_ratio: expected float, got 'abc'"),   # was a TypeError traceback
     ("model.mask_ratio=", "model.mask_ratio: expected float, got None"),
     ("model.mask_ratio=0", "model.mask_ratio=0.0 must be in (0, 1)"),          # trained on a loss of 0
+    ("model.mask_ratio=1e-17", "model.mask_ratio=1e-17 must be in (0, 1)"),    # 1 - ratio == 1: as 0
     ("model.depth=2.5", "model.depth: expected int, got 2.5"),
     ("model.mlp_ratio=0", "mlp_ratio=0.0 must be finite and give MLP widths >= 1"),  # was an MLP-less model
     ("model.mlp_ratio=-1", "mlp_ratio=-1.0 must be finite"),                   # was a RuntimeError traceback
