@@ -210,3 +210,21 @@ def test_cover_pictures_and_unknown_codecs_get_a_reason(tmp_path):
     first_unknown.write_bytes(two.replace(b"V_MPEG4/ISO/AVC", b"V_MPEG4/ISO/ZZZ", 1))
     index = probe_video(first_unknown)
     assert (index.stream_index, index.codec, index.num_frames) == (1, "h264", 30)
+
+
+def test_a_few_stray_timestamps_are_sorted_into_place_not_refused():
+    """One frame of a long recording stamped far back (a glitching muxer; muxers refuse to write one, so
+    the rule is fed timestamps) is not a second timeline: sorted into place, harmless. A second
+    timeline is many such frames, however short."""
+    from lvmae_fast.video.probe import _timestamps_go_back
+
+    base = Fraction(1, 10)
+    glitch = list(range(300))
+    glitch[150] = 0
+    assert _timestamps_go_back(glitch, base) is None
+    # Past the reorder window every frame of a second timeline counts: 10 (under 16 frames, 1 s) pass,
+    # 40 do not.
+    assert _timestamps_go_back(list(range(300)) + list(range(10)), base) is None
+    said = _timestamps_go_back(list(range(300)) + list(range(40)), base)
+    assert said.startswith("timestamps go back: a frame timed 0.00 s follows frames timed up to 29.90 s "
+                           "in the file (40 such frames;"), said
