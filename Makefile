@@ -33,5 +33,6 @@ demo: install
 bench-smoke: install
 	$(PY) bench/pretrain.py --preset tiny --device cpu --steps 2 --warmup 1 --batch-sizes 4,16 --long-len 1024
 
+# Only what install and demo made: runs/ also holds the user's own runs (README's examples write there).
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) runs/demo *.egg-info

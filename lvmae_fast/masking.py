@@ -114,7 +114,7 @@ def semantic_mask_torch(x_Td: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio
 
 
 def make_mask(strategy: str, x_Td: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float,
-              generator: torch.Generator | None = None, kernels: str = "torch",
+              generator: torch.Generator | None = None, kernels: str = "auto",
               max_seqlen: int | None = None) -> torch.Tensor:
     """Dispatch one masking strategy. kernels='triton'/'auto' routes semantic masking to kernels/.
     max_seqlen (host int) comes from a caller that built cu_seqlens itself: the kernel then skips its
@@ -140,7 +140,7 @@ def masked_counts(masked_T: torch.Tensor, cu_seqlens: torch.Tensor) -> list[int]
 
 
 def build_masked_batch(x_Td: torch.Tensor, cu_seqlens: torch.Tensor, lengths: Sequence[int], strategy: str,
-                       mask_ratio: float, generator: torch.Generator | None = None, kernels: str = "torch"):
+                       mask_ratio: float, generator: torch.Generator | None = None, kernels: str = "auto"):
     """Mask a packed batch and build its PackedBatch (works on CPU in DataLoader workers or on CUDA).
     `lengths` (host ints) are checked first: an empty batch or a zero-length video is a ValueError."""
     from .packing import PackedBatch, check_lengths

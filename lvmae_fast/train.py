@@ -975,7 +975,8 @@ def register(sub) -> None:
                                    f"{tc.DEFAULT_PRESET}, unless --preset (or a config file) names another of "
                                    f"{', '.join(tc.PRESETS)}. The defaults shown below are the {tc.DEFAULT_PRESET} "
                                    "preset's; `--preset NAME --print-config` prints every value of a preset. "
-                                   "Run dir: config.yaml, metrics.jsonl, tb/, loss.png, model files, checkpoints/.")
+                                   "Run dir: config.yaml, metrics.jsonl, tb/, loss.png, val.json (with validation videos), model files, "
+                                   "checkpoints/.")
     p.add_argument("--config", help="YAML file of config keys, or a preset name (write one to edit with "
                                     "--preset paper --print-config > my.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -1001,6 +1002,6 @@ def register(sub) -> None:
                    help="continue the run in --out from its latest checkpoint (starts fresh if it has none)")
     p.add_argument("--resume-from", metavar="STEP",
                    help="continue the run in --out from an earlier checkpoint (step-N or N), e.g. past a non-finite "
-                        "step with a lower --lr; later checkpoints and metrics move aside (checkpoints/rewound/, "
-                        "metrics.rewound.jsonl)")
+                        "step with a lower --lr; later checkpoints, metrics and validation move aside "
+                        "(checkpoints/rewound/, metrics.rewound.jsonl, val.rewound.jsonl)")
     p.set_defaults(func=_run)

@@ -204,3 +204,17 @@ def test_inverted_masks_the_copies_the_reference_masks_in_its_tiled_short_videos
     x, cu, _ = pack_sequences(seqs)
     want = torch.cat([_reference_importance_masking(s, 0.5) for s in seqs])
     assert torch.equal(semantic_mask_torch(x, cu, 0.5, inverted=True), want)
+
+
+def test_masking_functions_pick_their_kernels_with_auto_by_default(monkeypatch):
+    """README: the Triton selection serves masking on CUDA tensors. build_masked_batch and make_mask
+    defaulted to kernels='torch', so they never asked (a caller had to know to pass 'auto')."""
+    from lvmae_fast import kernels as K
+    from lvmae_fast.masking import make_mask
+
+    asked = []
+    monkeypatch.setattr(K, "use_triton", lambda switch, tensor: asked.append(switch) or False)
+    x, cu = pack_sequences([torch.randn(6, 4), torch.randn(4, 4)])[:2]
+    make_mask("semantic", x, cu, 0.5)
+    build_masked_batch(*pack_sequences([torch.randn(6, 4), torch.randn(4, 4)]), "semantic", 0.5)
+    assert asked == ["auto", "auto"]
