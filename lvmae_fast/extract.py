@@ -408,7 +408,7 @@ def dali_producer(jobs, spec, device, readers, batch_size, partials=None, dali_a
                                      batch_size=max(1, batch_size), dali_api=dali_api):
         if isinstance(event, VideoJob):  # DALI could not take it: PyAV decodes it (any codec)
             event.decoded_by = "pyav (fallback)"
-            yield from pyav_events(event)
+            yield from pyav_events(event, pyav_threads())  # the count --decoder pyav uses: the same concealment
         else:
             if isinstance(event, Window):
                 event.job.decoded_by = "dali"

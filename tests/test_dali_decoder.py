@@ -254,3 +254,34 @@ def test_gpu_decoder_api_gives_the_readers_windows_of_h264_with_b_frames(tmp_pat
         distance = np.array([[np.abs(g - c).mean() for c in software] for g in frames])
         np.testing.assert_array_equal(distance.argmin(axis=1), np.arange(len(software)))
         assert distance.diagonal().max() < 4.0
+
+
+def test_a_video_dali_hands_back_is_stored_as_decoder_pyav_stores_it(tmp_path, monkeypatch, capsys):
+    """DALI's hand-backs are the damaged videos, whose concealed frames depend on FFmpeg's frame-thread
+    count: the fallback decoded with FFmpeg's own count instead of pyav_threads(), so such a video's rows
+    differed from `--decoder pyav`'s (by 0.43 in a review)."""
+    import av
+
+    from lvmae_fast import extract
+    from lvmae_fast.cli import main
+    from lvmae_fast.store import Store
+
+    monkeypatch.setattr(extract, "FRAME_THREADS", 1)   # FFmpeg's own count is more on any multi-core host
+    folder = tmp_path / "videos"
+    path = synth.write_video(folder / "damaged.webm", duration=15.0, fps=10, codec="vp9", seed=4,
+                             size=(66, 50), gop=30).path
+    with av.open(str(path)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for k in range(40, 70, 3):   # garbage payloads mid-GOP, the container intact
+        pos, size = packets[k]
+        data[pos + 4:pos + size - 4] = rng.integers(0, 256, size - 8, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    stores = {}
+    for decoder in ("pyav", "dali"):
+        assert main(["extract", str(folder), "--encoder", "tiny", "--out", str(tmp_path / decoder), "--decoder",
+                     decoder, "--device", "cpu", "--no-progress"]) == 0
+        stores[decoder] = Store(tmp_path / decoder)
+    assert "decoded by pyav (fallback) 1" in capsys.readouterr().out   # DALI failed on it
+    np.testing.assert_array_equal(stores["dali"].get("damaged"), stores["pyav"].get("damaged"))
