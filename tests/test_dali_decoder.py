@@ -260,24 +260,14 @@ def test_a_video_dali_hands_back_is_stored_as_decoder_pyav_stores_it(tmp_path, m
     """DALI's hand-backs are the damaged videos, whose concealed frames depend on FFmpeg's frame-thread
     count: the fallback decoded with FFmpeg's own count instead of pyav_threads(), so such a video's rows
     differed from `--decoder pyav`'s (by 0.43 in a review)."""
-    import av
-
     from lvmae_fast import extract
     from lvmae_fast.cli import main
     from lvmae_fast.store import Store
 
     monkeypatch.setattr(extract, "FRAME_THREADS", 1)   # FFmpeg's own count is more on any multi-core host
     folder = tmp_path / "videos"
-    path = synth.write_video(folder / "damaged.webm", duration=15.0, fps=10, codec="vp9", seed=4,
-                             size=(66, 50), gop=30).path
-    with av.open(str(path)) as container:
-        packets = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
-    data = bytearray(path.read_bytes())
-    rng = np.random.default_rng(0)
-    for k in range(40, 70, 3):   # garbage payloads mid-GOP, the container intact
-        pos, size = packets[k]
-        data[pos + 4:pos + size - 4] = rng.integers(0, 256, size - 8, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
+    _garble(synth.write_video(folder / "damaged.webm", duration=15.0, fps=10, codec="vp9", seed=4,
+                              size=(66, 50), gop=30).path, range(40, 70, 3))
     stores = {}
     for decoder in ("pyav", "dali"):
         assert main(["extract", str(folder), "--encoder", "tiny", "--out", str(tmp_path / decoder), "--decoder",
@@ -285,3 +275,41 @@ def test_a_video_dali_hands_back_is_stored_as_decoder_pyav_stores_it(tmp_path, m
         stores[decoder] = Store(tmp_path / decoder)
     assert "decoded by pyav (fallback) 1" in capsys.readouterr().out   # DALI failed on it
     np.testing.assert_array_equal(stores["dali"].get("damaged"), stores["pyav"].get("damaged"))
+
+
+def _garble(path, packets):
+    """Random bytes over the payloads of these packets (by demux position), the container left intact:
+    a file that probes fine and that DALI fails on."""
+    import av
+
+    with av.open(str(path)) as container:
+        where = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for k in packets:
+        pos, size = where[k]
+        data[pos + 4:pos + size - 4] = rng.integers(0, 256, size - 8, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("api", ["decoder", "reader"])
+@pytest.mark.parametrize("batch_size", [32, 2])   # all in one batch; or failures after partial deliveries
+def test_only_the_file_dali_fails_on_alone_goes_to_pyav(tmp_path, api, batch_size):
+    """A failed batch names no file. The guess (the video of the last sample taken, else the first of a
+    fresh pipeline) sent every good video ahead of the damaged one in that batch to PyAV, one per
+    rebuilt pipeline; now a guess decodes alone first and only a file DALI fails on alone is handed
+    back: the good ones keep DALI's frames, bit for bit those of their own undamaged runs."""
+    spec = WindowSpec(seconds=1.0, frames=4)
+    paths = [synth.write_video(tmp_path / f"{k}.webm", duration=3.0, fps=10, codec="vp9", seed=k).path
+             for k in range(6)]
+    _garble(paths[4], [12])   # a mid-GOP packet of the 5th file
+    reference = {k: [e.frames.numpy() for e in _decode(prepare_job(VideoJob(str(k), str(p)), spec), spec, api)]
+                 for k, p in enumerate(paths) if k != 4}
+    jobs = [prepare_job(VideoJob(str(k), str(p)), spec) for k, p in enumerate(paths)]
+    events = list(decode_windows_dali(jobs, spec, device="cpu", readers=1, batch_size=batch_size, dali_api=api))
+    assert [j.video_id for j in events if isinstance(j, VideoJob)] == ["4"]
+    for k in reference:
+        got = [e for e in events if isinstance(e, Window) and e.job is jobs[k]]
+        assert [e.window for e in got] == [0, 1, 2], k
+        for e, frames in zip(got, reference[k]):
+            np.testing.assert_array_equal(e.frames.numpy(), frames)

@@ -32,8 +32,9 @@ Throughput (both): videos are split over several pipelines ("readers"; NVDEC dec
 parallel, and the decoder API also decodes the samples of a batch side by side), each pipeline
 prefetches (DALI runs ahead asynchronously), so the next batches decode while the encoder works on
 this one. Videos are processed in chunks (pipelines rebuilt per chunk). A batch DALI fails on (damaged
-data) hands the video it was most likely decoding to PyAV, for the windows not delivered yet, and the
-pipeline restarts after that video: the others keep decoding with DALI.
+data) names no file: the video it was most likely decoding is decoded alone next (its windows not
+delivered yet) and the pipeline restarts after it; only a video DALI fails on alone goes to PyAV, so a
+wrong guess costs a pipeline, not a good video's decode by PyAV.
 """
 from __future__ import annotations
 
@@ -91,10 +92,12 @@ def split_over_readers(jobs: list[VideoJob], readers: int) -> list[list[VideoJob
 
 
 class _Shard:
-    """One pipeline: its videos, the label -> (job, ...) map of its samples, progress through its epoch."""
+    """One pipeline: its videos, the label -> (job, ...) map of its samples, progress through its epoch.
+    `left(job)`: the windows it decodes of each (default: those no killed job embedded)."""
 
-    def __init__(self, jobs: list[VideoJob]):
+    def __init__(self, jobs: list[VideoJob], left=VideoJob.active_windows):
         self.jobs = jobs
+        self.left = left
         self.slots: list[tuple] = []   # label -> (job, what the sample holds of it)
         self.seen = 0   # samples taken from the pipeline
         self.total = 0  # samples in its epoch
@@ -105,9 +108,9 @@ class _Shard:
         """DALI failed on a batch: (the job it was most likely decoding, the jobs after it).
 
         Samples come in job order, so nothing after the job of the last sample taken has been
-        delivered; the failing file is that job if it is unfinished, else the next one. Only it goes to
-        PyAV: the pipeline is rebuilt for the jobs after it (if the guess was wrong, the rebuilt one
-        fails again and hands over the next job; every failure takes one job out)."""
+        delivered; the failing file is that job if it is unfinished, else the next one. A guess: DALI
+        prefetches, and a pipeline that fails before its first sample says nothing (_decode_chunk
+        decodes the guess alone to find out)."""
         start = 0
         if self.last_label is not None:
             owner = self.slots[self.last_label][0]
@@ -122,8 +125,8 @@ class _Shard:
 class _ReaderShard(_Shard):
     """Reader API: one reader's file_list; a slot is (job, window or frame index)."""
 
-    def __init__(self, jobs: list[VideoJob], rule: str, folder: str, k: int):
-        super().__init__(jobs)
+    def __init__(self, jobs: list[VideoJob], rule: str, folder: str, k: int, left=VideoJob.active_windows):
+        super().__init__(jobs, left)
         self.rule = rule
         lines = []
         for job in jobs:
@@ -134,7 +137,7 @@ class _ReaderShard(_Shard):
                 link = os.path.join(folder, f"r{k}-{len(lines)}{'' if any(c.isspace() for c in suffix) else suffix}")
                 os.symlink(path, link)
                 path = link
-            active = job.active_windows()  # windows a killed job already embedded are not decoded again
+            active = left(job)  # not those a killed job already embedded (nor, retried, those delivered)
             if rule == "index":
                 for w in active:
                     a, b = job.plan.ranges[w]
@@ -153,9 +156,9 @@ class _ReaderShard(_Shard):
         return self.pipe.epoch_size("reader")
 
 
-def video_parts(job: VideoJob, part_windows: int) -> list[np.ndarray]:
-    """The job's windows still to decode, in runs of at most `part_windows` (one sample each)."""
-    active = job.active_windows()  # windows a killed job already embedded are not decoded again
+def video_parts(job: VideoJob, part_windows: int, left=VideoJob.active_windows) -> list[np.ndarray]:
+    """The job's windows still to decode (`left`), in runs of at most `part_windows` (one sample each)."""
+    active = left(job)  # windows a killed job already embedded are not decoded again
     return [active[s:s + part_windows] for s in range(0, len(active), part_windows)]
 
 
@@ -194,10 +197,10 @@ class _DecoderShard(_Shard):
     distinct frame indices [f] sorted)), packed in order into batches of at most `batch_size` windows,
     and the external_source callback that feeds them (`source`)."""
 
-    def __init__(self, jobs: list[VideoJob], batch_size: int, part_windows: int):
-        super().__init__(jobs)
+    def __init__(self, jobs: list[VideoJob], batch_size: int, part_windows: int, left=VideoJob.active_windows):
+        super().__init__(jobs, left)
         for job in jobs:
-            for part in video_parts(job, part_windows):
+            for part in video_parts(job, part_windows, left):
                 # Distinct and sorted: DALI sorts them anyway, and decodes the file again for a repeat.
                 self.slots.append((job, part, np.unique(job.plan.frames[part])))
         self.batches: list[list[int]] = []
@@ -379,12 +382,6 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads, p
     rule, T = spec.rule, spec.frames
     seq_len = T if rule == "index" else 1
     with tempfile.TemporaryDirectory(prefix="lvmae_dali_") as folder:
-        def make_shard(group: list[VideoJob], k: int) -> _Shard:
-            if part_windows is not None:
-                return _DecoderShard(group, batch_size, part_windows)
-            return _ReaderShard(group, rule, folder, k)
-
-        shards = [make_shard(s, k) for k, s in enumerate(split_over_readers(jobs, readers))]
         # rule "time", reader API: frames wait here until their window is complete; windows complete in order.
         cache: dict[int, dict[int, object]] = {id(j): {} for j in jobs}
         todo_windows = {id(j): j.active_windows() for j in jobs}
@@ -392,6 +389,18 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads, p
         done_jobs: set[int] = set()
         delivered: dict[int, list[int]] = {id(j): [] for j in jobs}  # windows already yielded, per job
         broken: list[VideoJob] = []
+
+        def left(job: VideoJob) -> np.ndarray:
+            """Windows of `job` to decode: a retried video's delivered ones are not decoded again."""
+            todo = job.active_windows()
+            return todo[~np.isin(todo, delivered[id(job)])] if delivered[id(job)] else todo
+
+        def make_shard(group: list[VideoJob], k: int) -> _Shard:
+            if part_windows is not None:
+                return _DecoderShard(group, batch_size, part_windows, left)
+            return _ReaderShard(group, rule, folder, k, left)
+
+        shards = [make_shard(s, k) for k, s in enumerate(split_over_readers(jobs, readers))]
 
         def build(shard: _Shard, k: int) -> bool:
             try:
@@ -415,21 +424,25 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads, p
                         copies.before_next_run()  # the last run's outputs are copied out before DALI reuses them
                     outputs = shard.pipe.run()
                 except Exception as err:  # noqa: BLE001
-                    # One damaged file must not send the rest of its reader to PyAV: that file goes
-                    # (only its windows not delivered yet), the reader restarts after it.
-                    culprit, rest = shard.after_failure(done_jobs)
-                    log.warning("DALI failed on a batch (%s); %s goes to PyAV%s", err,
-                                culprit.path if culprit is not None else "no video",
-                                f", the reader restarts for the {len(rest)} videos after it" if rest else "")
-                    if culprit is not None:
-                        broken.append(culprit)
+                    # One damaged file must not send the rest of its pipeline to PyAV, nor a good one go
+                    # there on a guess: the likely file decodes alone (its windows not delivered yet),
+                    # the pipeline restarts after it, and only a file DALI fails on alone goes to PyAV.
+                    suspect, rest = shard.after_failure(done_jobs)
                     shard.pipe = None
                     active.remove(shard)
-                    if rest:
-                        retry = make_shard(rest, readers_made)
-                        if build(retry, readers_made):
-                            active.append(retry)
-                        readers_made += 1
+                    if suspect is not None and len(shard.jobs) == 1:
+                        log.warning("DALI failed on %s alone (%s); it goes to PyAV", suspect.path, err)
+                        broken.append(suspect)
+                        continue
+                    log.warning("DALI failed on a batch (%s); %s%s", err,
+                                f"{suspect.path} decodes alone next" if suspect is not None else "no video left",
+                                f", the pipeline restarts for the {len(rest)} videos after it" if rest else "")
+                    for group in ([suspect] if suspect is not None else [], rest):
+                        if group:
+                            retry = make_shard(group, readers_made)
+                            if build(retry, readers_made):
+                                active.append(retry)
+                            readers_made += 1
                     continue
                 video, label = outputs[0], outputs[1]
                 labels = _host_array(label).reshape(-1)
