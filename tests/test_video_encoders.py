@@ -201,6 +201,8 @@ def test_languagebind_temporal_branch_is_used(tmp_path, transformers):
 def test_languagebind_wrong_layout_is_explained(tmp_path, transformers):
     transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=dict(VISION, add_time_attn=True),
                                                    projection_dim=24)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())  # its model type, without the temporal tensors
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="LanguageBindVideo")))
     with pytest.raises(ValueError, match="LanguageBind video layout"):
         build_encoder("languagebind", weights=str(tmp_path))
 
@@ -430,3 +432,163 @@ def test_damaged_weights_are_one_line_errors(tmp_path, transformers, name, capsy
 def test_an_unknown_resize_filter_is_refused():
     with pytest.raises(ValueError, match="resample must be one of"):
         frames_to_input(torch.zeros(1, 1, 8, 8, 3, dtype=torch.uint8), 4, (0.5,) * 3, (0.5,) * 3, resample="lanczos")
+
+
+def _xclip(transformers):
+    vision = dict(VISION, num_frames=4, mit_hidden_size=24, mit_intermediate_size=48, mit_num_hidden_layers=1,
+                  mit_num_attention_heads=2)
+    return transformers.XCLIPModel(transformers.XCLIPConfig(text_config=TEXT, vision_config=vision, projection_dim=24,
+                                                            prompt_layers=1))
+
+
+def _write_preprocessor(path, **settings):
+    (path / "preprocessor_config.json").write_text(json.dumps(settings))
+
+
+@pytest.mark.parametrize("name", ["clip-mean", "xclip"])
+def test_the_settings_transformers_5_processors_save_are_read(tmp_path, transformers, name):
+    """CLIPProcessor / XCLIPProcessor.save_pretrained (transformers 5) write the image processor's settings
+    under "image_processor" in processor_config.json, and no preprocessor_config.json: size, mean, std and
+    resample fell back to the defaults. Against the image processor transformers loads from the same dir."""
+    from lvmae_fast.video.encoders.hf import PIL_RESAMPLE
+
+    model, proc_cls, image_cls = ((_clip(transformers), transformers.CLIPProcessor, transformers.CLIPImageProcessor)
+                                  if name == "clip-mean" else
+                                  (_xclip(transformers), transformers.XCLIPProcessor,
+                                   transformers.VideoMAEImageProcessor))
+    model.save_pretrained(tmp_path)
+    _write_tokenizer(tmp_path)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
+    code = 2 if name == "clip-mean" else 3  # not the encoder's default filter
+    image_proc = image_cls(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, resample=code,
+                           image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6])
+    proc_cls(image_processor=image_proc, tokenizer=tokenizer).save_pretrained(tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+
+    def check():
+        ref = image_cls.from_pretrained(str(tmp_path))
+        enc = build_encoder(name, weights=str(tmp_path))
+        assert enc.mean == pytest.approx(tuple(ref.image_mean)) and enc.std == pytest.approx(tuple(ref.image_std))
+        assert (enc.image_size, enc.resize, enc.resample) == (
+            ref.crop_size["height"], ref.size["shortest_edge"], PIL_RESAMPLE[int(ref.resample)])
+        frame = _smooth_frame(48, 64)
+        want = torch.as_tensor(ref(images=[frame], return_tensors="pt")["pixel_values"][0])
+        got = frames_to_input(torch.from_numpy(frame)[None, None], enc.image_size, enc.mean, enc.std,
+                              resample=enc.resample, resize=enc.resize)[0, 0]
+        assert (got - want).abs().max() < 0.03
+        return enc
+
+    assert check().mean == pytest.approx((0.1, 0.2, 0.3))
+    # Beside a preprocessor_config.json too: the one transformers reads (the nested settings, in 5.x).
+    _write_preprocessor(tmp_path, crop_size=32, size={"shortest_edge": 48}, image_mean=[0.7] * 3,
+                        image_std=[0.2] * 3, resample=3 if code == 2 else 2)
+    check()
+
+
+def test_weights_that_do_not_fit_their_config_are_refused(tmp_path, transformers):
+    """A config.json with fewer layers than the weights: transformers drops the extra layers' tensors with a
+    warning and the encoder was a shortened network (exit 0). A save_pretrained dir still loads."""
+    _clip(transformers).save_pretrained(tmp_path)
+    build_encoder("clip-mean", weights=str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["vision_config"]["num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"encoder 'clip-mean': {tmp_path} holds 16 tensors the CLIPModel of its "
+                                         r"config.json has no place for \(e.g. vision_model.encoder.layers.1."):
+        build_encoder("clip-mean", weights=str(tmp_path))
+
+
+@pytest.mark.parametrize("step", ["do_normalize", "do_rescale"])
+def test_processor_steps_that_would_be_done_anyway_are_refused(tmp_path, transformers, step):
+    _clip(transformers).save_pretrained(tmp_path)
+    _write_preprocessor(tmp_path, crop_size=32, **{step: False})
+    with pytest.raises(ValueError, match=f"preprocessor_config.json: {step}=false is not supported"):
+        build_encoder("clip-mean", weights=str(tmp_path))
+
+
+def test_mean_and_std_are_checked_when_the_checkpoint_loads(tmp_path, transformers):
+    """A wrong-length mean built and failed mid-job in preprocess.py; a single number (which transformers
+    takes for every channel) raised "'float' object is not iterable"."""
+    _clip(transformers).save_pretrained(tmp_path)
+    for key, value in [("image_mean", [0.5]), ("image_std", [0.5, 0.5, 0.5, 0.5]), ("image_mean", "0.5"),
+                       ("image_std", [0.5, 0.0, 0.5])]:
+        _write_preprocessor(tmp_path, crop_size=32, **{key: value})
+        with pytest.raises(ValueError, match=rf"preprocessor_config.json: {key}=.* (is not supported|must be)"):
+            build_encoder("clip-mean", weights=str(tmp_path))
+    _write_preprocessor(tmp_path, crop_size=32, size=32, image_mean=0.5, image_std=0.25)
+    enc = build_encoder("clip-mean", weights=str(tmp_path))
+    assert (enc.mean, enc.std) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    ref = transformers.CLIPImageProcessor.from_pretrained(str(tmp_path))
+    frame = _smooth_frame(48, 64)
+    want = torch.as_tensor(ref(images=[frame], return_tensors="pt")["pixel_values"][0])
+    got = frames_to_input(torch.from_numpy(frame)[None, None], 32, enc.mean, enc.std, resample=enc.resample)[0, 0]
+    assert (got - want).abs().max() < 0.03
+    torch.jit.save(torch.jit.script(MeanTower()), str(tmp_path / "video_tower.pt"))
+    (tmp_path / "internvideo2.json").write_text(json.dumps({"dim": 16, "image_size": 32, "mean": [0.5]}))
+    with pytest.raises(ValueError, match=r"internvideo2.json: mean=\[0.5\] is not supported"):
+        build_encoder("internvideo2", weights=str(tmp_path))
+
+
+def test_a_crop_other_than_the_models_input_is_refused_at_load(tmp_path, transformers):
+    _clip(transformers).save_pretrained(tmp_path)
+    _write_preprocessor(tmp_path, crop_size={"height": 24, "width": 24})
+    with pytest.raises(ValueError, match=rf"encoder 'clip-mean': {tmp_path}: the image processor's crop_size 24 "
+                                         r"is not the vision model's image_size 32"):
+        build_encoder("clip-mean", weights=str(tmp_path))
+    _write_preprocessor(tmp_path, crop_size={"height": 32, "width": 24})
+    with pytest.raises(ValueError, match="crop_size=.* is not supported"):
+        build_encoder("clip-mean", weights=str(tmp_path))
+
+
+@pytest.mark.parametrize("file", ["config.json", "preprocessor_config.json", "processor_config.json",
+                                  "internvideo2.json"])
+def test_a_settings_file_that_is_not_json_is_named(tmp_path, transformers, file):
+    if file == "internvideo2.json":
+        torch.jit.save(torch.jit.script(MeanTower()), str(tmp_path / "video_tower.pt"))
+    else:
+        _clip(transformers).save_pretrained(tmp_path)
+    (tmp_path / file).write_text("")
+    with pytest.raises(ValueError, match=f"{tmp_path / file}: not valid JSON"):
+        build_encoder("internvideo2" if file == "internvideo2.json" else "clip-mean", weights=str(tmp_path))
+
+
+def test_internvideo2_json_values_are_checked_at_load(tmp_path):
+    torch.jit.save(torch.jit.script(MeanTower()), str(tmp_path / "video_tower.pt"))
+    for meta, problem in [({"dim": 16, "num_frames": "8"}, "num_frames='8' is not supported"),
+                          ({"dim": 16, "num_frames": 0}, "num_frames=0 is not supported"),
+                          ({"dim": "16"}, "dim='16' is not supported"),
+                          ({"image_size": 32}, "no 'dim'")]:
+        (tmp_path / "internvideo2.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=f"internvideo2.json: {problem}"):
+            build_encoder("internvideo2", weights=str(tmp_path))
+    (tmp_path / "internvideo2.json").write_text(json.dumps({"dim": 16, "num_frames": None}))
+    assert build_encoder("internvideo2", weights=str(tmp_path)).num_frames is None
+
+
+def test_weights_that_are_not_a_checkpoint_dir_of_the_encoder_are_explained(tmp_path, transformers):
+    _clip(transformers).save_pretrained(tmp_path)
+    # A plain CLIP checkpoint for languagebind: no temporal layers, and model_type 'clip'.
+    with pytest.raises(ValueError, match="holds a 'clip' checkpoint, not 'LanguageBindVideo'"):
+        build_encoder("languagebind", weights=str(tmp_path))
+    with pytest.raises(ValueError, match="--weights must be the checkpoint directory"):
+        build_encoder("clip-mean", weights=str(tmp_path / "model.safetensors"))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["model_type"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"{tmp_path}/config.json has no model_type \(expected 'clip'"):
+        build_encoder("clip-mean", weights=str(tmp_path))
+    (tmp_path / "only_config").mkdir()
+    _clip(transformers).config.save_pretrained(tmp_path / "only_config")
+    with pytest.raises(ValueError, match=f"encoder 'clip-mean': cannot load the checkpoint at {tmp_path}/only_config"):
+        build_encoder("clip-mean", weights=str(tmp_path / "only_config"))
+
+
+def test_no_captions_encode_to_an_empty_batch(tmp_path, transformers):
+    _clip(transformers).save_pretrained(tmp_path / "clip")
+    _xclip(transformers).save_pretrained(tmp_path / "xclip")
+    for name in ("clip", "xclip"):
+        _write_tokenizer(tmp_path / name)
+    for enc in (build_encoder("tiny"), build_encoder("clip-mean", weights=str(tmp_path / "clip")),
+                build_encoder("xclip", weights=str(tmp_path / "xclip"))):
+        out = enc.encode_text([])  # was an IndexError (clip-mean, xclip) or torch.cat's error (tiny)
+        assert out.shape == (0, enc.dim) and out.dtype == enc.encode_text(["a dog"]).dtype, enc.name

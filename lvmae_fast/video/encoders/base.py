@@ -1,6 +1,8 @@
 """What every frozen short-video encoder provides: a video tower and a text tower in one space."""
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -46,3 +48,30 @@ class VideoEncoder(nn.Module):
 def pooled(output) -> torch.Tensor:
     """transformers < 5 returns a tensor from get_*_features, 5.x a ModelOutput with pooler_output."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def read_json(file) -> dict:
+    """A checkpoint's JSON settings file; a damaged one is one line naming it (json's own message,
+    'Expecting value: line 1 column 1 (char 0)', says nothing of which file)."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def channel_stats(value, key: str, source) -> tuple[float, float, float]:
+    """A per-channel mean or std as three floats, checked when the checkpoint loads (a wrong length failed
+    mid-job in preprocess.py). A single number means every channel, as transformers' processors take it."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if number(value):
+        value = [value] * 3
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(number(v) for v in value):
+        raise ValueError(f"{source}: {key}={value!r} is not supported (three numbers, one per RGB channel, "
+                         "or one number for all)")
+    if key.endswith("std") and not all(v > 0 for v in value):
+        raise ValueError(f"{source}: {key}={list(value)!r} must be positive (frames are divided by it)")
+    return tuple(float(v) for v in value)

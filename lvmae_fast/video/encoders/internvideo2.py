@@ -11,17 +11,30 @@ Anything else raises a ValueError explaining this layout. Unverified against rea
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, VideoEncoder
+from .base import IMAGENET_MEAN, IMAGENET_STD, VideoEncoder, channel_stats, read_json
 from .hf import HFTextTower
 
 LAYOUT = ("expected --weights DIR with video_tower.pt, text_tower.pt (TorchScript exports of the "
           "InternVideo2 towers) and internvideo2.json {dim, image_size, num_frames, mean, std}; see "
           "lvmae_fast/video/encoders/internvideo2.py")
+
+
+def _count(meta: dict, key: str, default, meta_file: Path, optional: bool = False) -> int | None:
+    """An int >= 1 of internvideo2.json, checked when it loads ("num_frames": "8", a string, was compared
+    with T and refused every window: "needs 8 frames per window, got T=8"); None = any, where optional."""
+    value = meta.get(key, default)
+    if value is None and optional:
+        return None
+    if key not in meta and default is None:
+        raise ValueError(f"{meta_file}: no {key!r}; {LAYOUT}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{meta_file}: {key}={value!r} is not supported (an integer >= 1"
+                         + (", or null for any" if optional else "") + ")")
+    return value
 
 
 def _load_tower(file: Path):
@@ -42,10 +55,13 @@ class InternVideo2Encoder(VideoEncoder):
         video_file = next((f for f in (path / "video_tower.pt2", path / "video_tower.pt") if f.is_file()), None)
         if not meta_file.is_file() or video_file is None:
             raise ValueError(f"internvideo2 checkpoint not loadable from {path}: {LAYOUT}")
-        meta = json.loads(meta_file.read_text())
-        self.dim, self.image_size = int(meta["dim"]), int(meta.get("image_size", 224))
-        self.num_frames = meta.get("num_frames")
-        self.mean, self.std = tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))  # its default
+        meta = read_json(meta_file)
+        self.dim = _count(meta, "dim", None, meta_file)
+        self.image_size = _count(meta, "image_size", 224, meta_file)
+        self.num_frames = _count(meta, "num_frames", None, meta_file, optional=True)
+        # Checked here: a wrong length failed only mid-job, in preprocess.py. ImageNet's: its default.
+        self.mean = channel_stats(meta["mean"], "mean", meta_file) if "mean" in meta else IMAGENET_MEAN
+        self.std = channel_stats(meta["std"], "std", meta_file) if "std" in meta else IMAGENET_STD
         self.video_tower = _load_tower(video_file)
         text_file = next((f for f in (path / "text_tower.pt2", path / "text_tower.pt") if f.is_file()), None)
         self.text_tower = _load_tower(text_file) if text_file is not None else None
@@ -57,6 +73,8 @@ class InternVideo2Encoder(VideoEncoder):
     def encode_text(self, texts):
         if self.text_tower is None:
             raise ValueError(f"internvideo2: no text_tower.pt; {LAYOUT}")
+        if not texts:  # the tokenizer takes no empty batch
+            return torch.empty(0, self.dim)
         device = next(iter(self.text_tower.parameters()), torch.empty(0)).device
         batch = self.text.tokenize(texts, device, 40)
         return self.text_tower(batch["input_ids"], batch["attention_mask"])

@@ -1,8 +1,9 @@
 """`languagebind`: LanguageBind video tower rebuilt on transformers' CLIP classes (no languagebind package).
 
 Expected --weights DIR (the published LanguageBind_Video / LanguageBind_Video_FT layout):
-  config.json     {"text_config": {...CLIP text...}, "vision_config": {...CLIP vision..., "add_time_attn":
-                  true, "num_frames": 8}, "projection_dim": 768}
+  config.json     {"model_type": "LanguageBindVideo", "text_config": {...CLIP text...},
+                  "vision_config": {...CLIP vision..., "add_time_attn": true, "num_frames": 8},
+                  "projection_dim": 768}
   model.safetensors or pytorch_model.bin   keys of a CLIPModel (text_model.*, vision_model.*,
                   visual_projection.weight, text_projection.weight, logit_scale) plus, per vision layer i,
                   vision_model.encoder.layers.{i}.temporal_embedding [1, T, D],
@@ -15,14 +16,15 @@ Checked here against a random-weight checkpoint in that layout, not against rele
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .base import CLIP_MEAN, CLIP_STD
-from .hf import TextTowerEncoder, offline_transformers, require_dir
+from .hf import TextTowerEncoder, offline_transformers, require_dir, require_model_type
+
+MODEL_TYPE = "LanguageBindVideo"
 
 
 def load_state_dict(path: Path) -> dict:
@@ -43,7 +45,9 @@ class LanguageBindVideoEncoder(TextTowerEncoder):
         transformers = offline_transformers()
         from transformers.models.clip.modeling_clip import CLIPAttention
 
-        cfg = json.loads((path / "config.json").read_text())
+        # The published checkpoints' config.json has LanguageBindVideoConfig's model_type: a plain CLIP
+        # checkpoint (model_type "clip") has no temporal layers, and would load as another model.
+        cfg = require_model_type(path, self.name, MODEL_TYPE, "the LanguageBind video layout")
         if "vision_config" not in cfg or "text_config" not in cfg:
             raise ValueError(f"{path}/config.json lacks text_config/vision_config (LanguageBind layout expected)")
         vision = dict(cfg["vision_config"])

@@ -49,6 +49,8 @@ class TinyVideoEncoder(VideoEncoder):
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         device = self.text_proj.weight.device
+        if not texts:  # torch.cat takes no empty list
+            return torch.empty(0, self.dim, device=device, dtype=self.text_proj.weight.dtype)
         ids = [torch.tensor(list(t.encode("utf-8")) or [0], dtype=torch.long) for t in texts]
         offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
         emb = self.text_embed(torch.cat(ids).to(device), offsets.to(device))
