@@ -297,6 +297,14 @@ def main(argv=None):
     compare_compile = comma_list("--compare-compile-modes", args.compare_compile_modes, COMPILE_MODES, "mode")
     if compare_compile and not args.compile:
         p.error("--compare-compile-modes needs --compile")
+    if args.compile:
+        # Every compiled row (another mode, another attention backend, each batch size) adds versions of
+        # the blocks' forward; past dynamo's limit (8) the blocks silently run uncompiled and the row
+        # would time eager code under a compiled label.
+        import torch._dynamo.config as dynamo_config   # (binds no local `torch`)
+
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     try:
         device = resolve_device(args.device)  # auto | cpu | cuda[:N], as every lvmae command
     except ValueError as err:
