@@ -848,11 +848,10 @@ def test_a_killed_writers_forked_children_do_not_keep_its_lock(tmp_path):
         import os, time
         from lvmae_fast.store import StoreWriter
         w = StoreWriter({str(path)!r}, 4)
-        child = os.fork()
-        if child == 0:
+        if os.fork() == 0:   # the child says its pid once fork returned there, i.e. after the at-fork hooks
+            print(os.getpid(), flush=True)   # (on a busy machine it may run long after the parent)
             time.sleep(60)
             os._exit(0)
-        print(child, flush=True)
         time.sleep(60)
     """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
