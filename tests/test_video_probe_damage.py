@@ -165,7 +165,7 @@ def test_recordings_joined_without_re_timing_are_refused(tmp_path):
     assert probe_video(first).duration == pytest.approx(12.0)
     joined = tmp_path / "joined.ts"
     joined.write_bytes(first.read_bytes() + _write(tmp_path / "b.ts", ["h264"], frames=120, value=200).read_bytes())
-    with pytest.raises(VideoError, match=r"timestamps go back: .*\(\d+ such frames; recordings joined"):
+    with pytest.raises(VideoError, match=r"timestamps go back: .*\(\d+ frames out of order beyond decoder reordering; recordings joined"):
         probe_video(joined)
 
 
@@ -213,18 +213,39 @@ def test_cover_pictures_and_unknown_codecs_get_a_reason(tmp_path):
 
 
 def test_a_few_stray_timestamps_are_sorted_into_place_not_refused():
-    """One frame of a long recording stamped far back (a glitching muxer; muxers refuse to write one, so
-    the rule is fed timestamps) is not a second timeline: sorted into place, harmless. A second
-    timeline is many such frames, however short."""
+    """One frame of a long recording stamped far back or far ahead (a glitching muxer; the late one is
+    also tested as a file below) is not a second timeline: sorted into place, harmless. A second
+    timeline is many frames out of order both ways, however short."""
     from lvmae_fast.video.probe import _timestamps_go_back
 
     base = Fraction(1, 10)
-    glitch = list(range(300))
-    glitch[150] = 0
-    assert _timestamps_go_back(glitch, base) is None
+    for stray in (0, 299, 10_000):   # one frame far too early, or too late (every later frame is below it)
+        glitch = list(range(300))
+        glitch[150] = stray
+        assert _timestamps_go_back(glitch, base) is None, stray
     # Past the reorder window every frame of a second timeline counts: 10 (under 16 frames, 1 s) pass,
     # 40 do not.
     assert _timestamps_go_back(list(range(300)) + list(range(10)), base) is None
     said = _timestamps_go_back(list(range(300)) + list(range(40)), base)
     assert said.startswith("timestamps go back: a frame timed 0.00 s follows frames timed up to 29.90 s "
-                           "in the file (40 such frames;"), said
+                           "in the file (40 frames out of order"), said
+
+
+@pytest.mark.parametrize("fmt,suffix", [("matroska", "mkv"), ("mpegts", "ts")])
+def test_one_frame_stamped_seconds_late_is_sorted_into_place(tmp_path, fmt, suffix):
+    """A review's file: packet 300 of 600 stamped 10 s late. Every frame after it is then timed below
+    it, which the first form of the check counted as a second timeline and refused the whole video."""
+    import av
+
+    src = _write(tmp_path / "src.mkv", ["h264"], frames=600)
+    out = tmp_path / f"stray.{suffix}"
+    with av.open(str(src)) as i, av.open(str(out), "w", format=fmt) as o:
+        stream = i.streams.video[0]
+        copy = o.add_stream_from_template(stream)
+        for k, packet in enumerate(p for p in i.demux(stream) if p.size):
+            if k == 300:
+                packet.pts += int(10 / stream.time_base)
+            packet.stream = copy
+            o.mux(packet)
+    index = probe_video(out)
+    assert index.num_frames == 600 and index.duration == pytest.approx(60.0, abs=0.2)

@@ -145,23 +145,28 @@ def _video_stream(container):
 
 
 def _timestamps_go_back(demuxed: list[int], time_base: Fraction) -> str | None:
-    """Why the timestamps (pts in demux order) cannot be windowed, None when they can: many frames shown
-    before frames demuxed more than _MAX_REORDER packets earlier (joined recordings, a timestamp reset:
-    sorting by pts would interleave the parts and the windows would cover the first only)."""
+    """Why the timestamps (pts in demux order) cannot be windowed, None when they can: a second timeline
+    (joined recordings, a timestamp reset), i.e. many frames shown before frames demuxed more than
+    _MAX_REORDER packets earlier *and* many shown after frames demuxed that far later. Sorting by pts
+    would interleave the timelines and the windows would cover the first only. One stray timestamp
+    (a glitching muxer, a bit error in an mpeg-ts header) is out of order one way only, however far:
+    it is sorted into place and sampled where it says, as before."""
     pts = np.asarray(demuxed, dtype=np.int64)
-    if len(pts) <= _MAX_REORDER + 1:
+    lag = _MAX_REORDER + 1
+    if len(pts) <= lag:
         return None
-    running = np.maximum.accumulate(pts)
-    back = np.flatnonzero(pts[_MAX_REORDER + 1:] < running[:-(_MAX_REORDER + 1)])
-    # A few stray timestamps (a glitching muxer) are sorted into place and sampled where they say:
-    # harmless. Many are a second timeline.
-    if len(back) <= max(_MAX_REORDER, len(pts) // 100):
+    running_max = np.maximum.accumulate(pts)
+    behind = np.flatnonzero(pts[lag:] < running_max[:-lag]) + lag   # below a frame demuxed `lag` earlier
+    ahead = np.count_nonzero(pts[:-lag] > np.minimum.accumulate(pts[::-1])[::-1][lag:])   # above one `lag` later
+    out_of_order = min(len(behind), ahead)
+    if out_of_order <= max(_MAX_REORDER, len(pts) // 100):
         return None
-    i = int(back[0]) + _MAX_REORDER + 1
-    at, after = (float(v * time_base) for v in (pts[i], running[i - 1]))
+    i = int(behind[0])
+    at, after = (float(v * time_base) for v in (pts[i], running_max[i - 1]))
     return (f"timestamps go back: a frame timed {at:.2f} s follows frames timed up to {after:.2f} s in the file "
-            f"({len(back)} such frames; recordings joined without re-timing, or a timestamp reset), "
-            f"which windows by timestamp cannot follow; remux it with increasing timestamps")
+            f"({out_of_order} frames out of order beyond decoder reordering; recordings joined without "
+            f"re-timing, or a timestamp reset), which windows by timestamp cannot follow; remux it with "
+            f"increasing timestamps")
 
 
 def probe_video(path) -> VideoIndex:
