@@ -151,7 +151,8 @@ def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, s
     if not items:
         # Nothing to do is almost always a wrong path or pattern: say so instead of "0 done".
         raise ValueError(f"no videos found in {', '.join(map(str, inputs))} "
-                         f"(folders are searched recursively for {', '.join(sorted(VIDEO_SUFFIXES))})")
+                         f"(folders are searched recursively for {', '.join(sorted(VIDEO_SUFFIXES))}; "
+                         "a .txt/.csv list needs one path per line, '#' lines being comments)")
     return items, clashes
 
 
@@ -772,7 +773,10 @@ def register(subparsers) -> None:
                     "when it covers >= --min-last of a window), decode T frames per window, embed them with a "
                     "frozen encoder and write one row per window to STORE. Unreadable files are listed in "
                     "STORE/failures.jsonl and skipped; re-running resumes.")
-    p.add_argument("input", help="folder (recursive), glob (quote it), video file, or .txt/.csv list of videos")
+    p.add_argument("input", help="folder (recursive; hidden files and folders left out), glob (quote it), video "
+                                 "file, or a UTF-8 list of videos: .txt, one path per line ('#' lines are comments), or "
+                                 ".csv with a 'path' column and an optional 'video_id' column; relative paths "
+                                 "resolve against the list's folder")
     p.add_argument("--encoder", required=True, help="tiny | clip-mean | xclip | languagebind | internvideo2")
     p.add_argument("--weights", default=None, help="local checkpoint dir (never downloaded); tiny needs none")
     p.add_argument("--out", required=True, help="embedding store directory (created or resumed)")

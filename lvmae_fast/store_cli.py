@@ -74,7 +74,7 @@ def _load_torch_embedding(path: Path):
 
 
 def load_array(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
+    if path.suffix.lower() == ".npy":
         try:
             return np.load(path, allow_pickle=False)
         except Exception as err:
@@ -86,8 +86,8 @@ def iter_directory(src: Path):
     """(video_id, source path, loader) for each <video_id>.npy / .pt in a directory, sorted by id."""
     # Sorted by (id, suffix): of an id with both a .npy and a .pt, the .npy is imported and the .pt is
     # reported as a repeated id (import_embeddings), like any other repeat.
-    files = sorted((p for p in src.iterdir() if p.suffix in (".npy", ".pt") and p.is_file()),
-                   key=lambda p: (p.stem, p.suffix))
+    files = sorted((p for p in src.iterdir() if p.suffix.lower() in (".npy", ".pt") and p.is_file()),
+                   key=lambda p: (p.stem, p.suffix.lower()))   # any case, as extract's folder input
     for p in files:
         yield p.stem, str(p.resolve()), (lambda p=p: load_array(p))  # source: absolute, wherever the import ran
 
@@ -142,7 +142,7 @@ def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float
     src, out = Path(src), Path(out)
     if not src.exists():
         raise FileNotFoundError(f"import source {src} does not exist")
-    if src.is_file() and src.suffix != ".csv":
+    if src.is_file() and src.suffix.lower() != ".csv":
         raise ValueError(f"import source {src} is a file but not a .csv: give a directory of <video_id>.npy/.pt "
                          "files or a reference segments CSV")
     items = iter_reference_csv(src) if src.is_file() else iter_directory(src)

@@ -1073,3 +1073,50 @@ def test_links_keep_their_names_and_broken_ones_are_inputs_in_globs_too(tmp_path
     (root / "broken.mp4").symlink_to(tmp_path / "nowhere.mp4")  # a glob dropped it without a word
     want = [(n, str(root / f"{n}.mp4")) for n in ("broken", "clip_1", "clip_2")]
     assert list_videos(root) == want and list_videos(f"{root}/*.mp4") == want
+
+
+def test_list_files_users_make_get_clear_errors_or_warnings(tmp_path, caplog):
+    """From a review of list inputs: a `ls > list.txt` line '#1 clip.mp4' was dropped as a comment without a
+    word; an unclosed quote in a CSV swallowed the rows after it into one path, or ended in a csv.Error
+    traceback; a UTF-16 list (PowerShell's `>`) gave only "'utf-8' codec can't decode..."; a ';'-separated
+    CSV made its header a failed video; an 'id' column was ignored silently."""
+    from lvmae_fast.video.inputs import list_videos
+
+    (tmp_path / "#1 clip.mp4").write_bytes(b"x")
+    listed = tmp_path / "list.txt"
+    listed.write_text("#1 clip.mp4\n# a note\nb.mp4\n./#1 clip.mp4\n")
+    with caplog.at_level("WARNING"):
+        assert list_videos(listed) == [("b", str(tmp_path / "b.mp4")), ("#1 clip", str(tmp_path / "./#1 clip.mp4"))]
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 1 and "list.txt, line 1: '#1 clip.mp4' is a comment" in told[0], told
+
+    cases = {
+        "quote.csv": ('path\n"a.mp4\nb.mp4\nc.mp4\n', r"quote.csv, line 2: a path cell spans lines"),
+        "huge.csv": ('path\n"' + "v.mp4\n" * 30000, r"huge.csv, line \d+: not a valid CSV \(field larger"),
+        "semi.csv": ("path;video_id\na.mp4;x\n", r"semi.csv: its first row 'path;video_id' is one cell holding a ';'"),
+    }
+    for name, (text, error) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=error):
+            list_videos(tmp_path / name)
+    (tmp_path / "utf16.txt").write_bytes("a.mp4\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=r"utf16.txt: a list file must be UTF-8 text \(.*save it as UTF-8\)"):
+        list_videos(tmp_path / "utf16.txt")
+
+    caplog.clear()
+    (tmp_path / "ids.csv").write_text("Video ID,path\nx1,a.mp4\n")
+    with caplog.at_level("WARNING"):
+        assert list_videos(tmp_path / "ids.csv") == [("a", str(tmp_path / "a.mp4"))]
+    assert any("column 'Video ID' is not used for ids" in r.getMessage() for r in caplog.records)
+
+
+def test_folder_inputs_leave_hidden_files_and_folders_out(tmp_path):
+    """A USB drive's .Trash-1000/files/ and macOS' ._clip.mp4 were extracted as videos (a glob already left
+    them out); folder inputs now agree with globs."""
+    from lvmae_fast.video.inputs import list_videos
+
+    for name in ("x.mp4", "sub/Y.MP4", ".Trash-1000/files/deleted.mp4", "._x.mp4", "sub/.hidden/z.mp4"):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    assert [vid for vid, _ in list_videos(tmp_path / "in")] == ["sub/Y", "x"]
+    assert [vid for vid, _ in list_videos(str(tmp_path / "in" / "**" / "*.*"))] == ["sub/Y", "x"]

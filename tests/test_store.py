@@ -1218,3 +1218,28 @@ def test_the_docs_numpy_only_reader_reads_a_killed_writers_store_and_refuses_a_d
     scope = {}
     exec(compile(snippet, "docs/store.md", "exec"), scope)
     assert len(scope["index"]["videos"]) == len(videos)
+
+
+def test_import_takes_suffixes_in_any_case(tmp_path):
+    """B.NPY, c.Npy and D.PT were skipped without a word (extract's folder input takes .MP4 alike), and a
+    reference CSV named ref.CSV was refused as 'a file but not a .csv'."""
+    src = tmp_path / "emb"
+    src.mkdir()
+    arrays = {name: np.full((2, 4), k, np.float32) for k, name in enumerate(["a", "B", "c", "D"])}
+    for name, suffix in (("a", ".npy"), ("B", ".NPY"), ("c", ".Npy")):
+        np.save(src / f"{name}.npy", arrays[name])
+        (src / f"{name}.npy").rename(src / f"{name}{suffix}")
+    torch.save(torch.from_numpy(arrays["D"]), src / "D.PT")
+    added, _, failures = import_embeddings(src, tmp_path / "s")
+    assert (added, failures) == (4, [])
+    store = Store(tmp_path / "s")
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(store.get(name), arr.astype(np.float16))
+    seg = tmp_path / "seg.pt"
+    torch.save({"embedding": torch.ones(4)}, seg)
+    with open(tmp_path / "ref.CSV", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["segment_idx", "video_filename", "segment_paths", "number_of_segments", "label", "label_name"])
+        writer.writerow([0, "movie", str([str(seg)]), 1, 0, "x"])
+    added, _, failures = import_embeddings(tmp_path / "ref.CSV", tmp_path / "r", encoder="languagebind")
+    assert (added, failures) == (1, [])

@@ -1,15 +1,17 @@
 """INPUT -> [(video_id, path)]: a folder (recursive), a glob, or a .txt/.csv list of videos.
 
 Video ids (the store key, stable across re-runs so resume works):
-- folder: the path relative to the folder, without its extension ("sub/clip");
+- folder: the path relative to the folder, without its extension ("sub/clip"); hidden files and folders
+  (".Trash-1000/", "._clip.mp4") are left out, as a glob leaves them out;
 - glob: relative to the glob's fixed leading directory, same form;
 - list: a `video_id` column when the CSV has one, else the file stem.
 Two files with one id (clip.mp4 and clip.webm, say): the first keeps it, the others are reported by
 `lvmae extract` as failures (rename them, or give a `video_id` column) and the job goes on.
 List files: .txt = one path per line ('#' comments); .csv = header with a `path` column (optional
 `video_id`), or headerless first column. In a CSV, '#' lines are comments before its first row and, in a
-headerless one, anywhere; below a header every row is data (an id "#7" is an id). Relative paths resolve
-against the list file's folder.
+headerless one, anywhere; below a header every row is data (an id "#7" is an id). A '#' line naming an
+existing file is still a comment, with a warning (list it as "./#name"). Relative paths resolve
+against the list file's folder. Lists are UTF-8 (a BOM is fine); a CSV is comma-separated.
 Links: a folder input does not follow links to folders (Path.rglob), a glob does (glob.glob); every name
 a listing finds is an input of its own, also two links to one file. A broken link is an input too: the
 job lists it as failed, with the reason.
@@ -18,7 +20,11 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
+import re
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Folder inputs take files with these suffixes (any case): camera (AVCHD .mts/.m2ts, .mxf, .dv), disc
 # (.vob), web and container formats FFmpeg demuxes. A glob or a list takes any file.
@@ -42,7 +48,8 @@ def list_videos(spec) -> list[tuple[str, str]]:
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if _is_input_file(p) and p.suffix.lower() in VIDEO_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if _is_input_file(p) and p.suffix.lower() in VIDEO_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         return [(_id_from(p, path), str(p)) for p in files]
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         return _from_list(path)
@@ -61,22 +68,46 @@ def list_videos(spec) -> list[tuple[str, str]]:
     raise FileNotFoundError(f"input {spec!r} is not a folder, a glob, a video or a .txt/.csv list")
 
 
+# Header cells that look meant as ids but are not the `video_id` column ids come from.
+_ID_LIKE = re.compile(r"(video)?[ _-]?id|name|key", re.IGNORECASE)
+
+
 def _from_list(list_file: Path) -> list[tuple[str, str]]:
+    try:
+        return _read_list(list_file)
+    except UnicodeDecodeError as err:   # PowerShell 5's `> list.txt` writes UTF-16, Excel a code page
+        raise ValueError(f"{list_file}: a list file must be UTF-8 text ({err.reason} at byte {err.start}: "
+                         "UTF-16 or a legacy code page? save it as UTF-8)") from None
+
+
+def _read_list(list_file: Path) -> list[tuple[str, str]]:
     base = list_file.parent
     rows: list[tuple[str | None, str]] = []
     if list_file.suffix.lower() == ".csv":
         with open(list_file, newline="", encoding="utf-8-sig") as fh:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.reader(fh)
-            table = []   # (line number, stripped cells, is a '#' line) of rows with content
-            for row in reader:
-                cells = [c.strip() for c in row]
-                first = next((c for c in cells if c), None)  # pandas' to_csv starts its header with ""
-                if first is not None and (table or not first.startswith("#")):  # comments before the first row
-                    table.append((reader.line_num, cells, first.startswith("#")))
+            table = []   # (line number the row starts on, stripped cells, is a '#' line) of rows with content
+            ended = 0    # the line the last row ended on (a quoted cell may span lines)
+            try:
+                for row in reader:
+                    start, ended = ended + 1, reader.line_num
+                    cells = [c.strip() for c in row]
+                    first = next((c for c in cells if c), None)  # pandas' to_csv starts its header with ""
+                    if first is not None and (table or not first.startswith("#")):  # comments before the first row
+                        table.append((start, cells, first.startswith("#")))
+            except csv.Error as err:   # e.g. an unclosed quote running into the field size limit
+                raise ValueError(f"{list_file}, line {reader.line_num}: not a valid CSV ({err})") from None
         header = [c.lower() for c in table[0][1]] if table else []
+        if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
+            raise ValueError(f"{list_file}: its first row {table[0][1][0]!r} is one cell holding a ';' or a tab: "
+                             "a list CSV is comma-separated (save it with commas, or as a .txt list of paths)")
         if "path" in header:
             p_col = header.index("path")
             id_col = header.index("video_id") if "video_id" in header else None
+            if id_col is None:
+                for cell in (c for c in table[0][1] if _ID_LIKE.fullmatch(c)):
+                    log.warning("%s: column %r is not used for ids: they come from a 'video_id' column, else "
+                                "each file's name", list_file, cell)
             table = table[1:]
         else:  # headerless: '#' lines are comments, as in a .txt list
             p_col, id_col = 0, None
@@ -86,12 +117,18 @@ def _from_list(list_file: Path) -> list[tuple[str, str]]:
             if not p:
                 raise ValueError(f"{list_file}, line {line}: no path in column {p_col + 1}"
                                  + (" ('path')" if header and "path" in header else ""))
+            if "\n" in p:   # a quote opened and never closed swallows the rows after it into one cell
+                raise ValueError(f"{list_file}, line {line}: a path cell spans lines (a quote that is never "
+                                 "closed?)")
             vid = cells[id_col] if id_col is not None and id_col < len(cells) else ""
             rows.append((vid or None, p))  # an empty video_id: the file's stem, as without the column
     else:
-        for line in list_file.read_text(encoding="utf-8-sig").splitlines():
+        for number, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), 1):
             line = line.strip()
-            if line and not line.startswith("#"):
+            if line.startswith("#") and (base / line).is_file():   # `ls > list.txt` of a "#1 clip.mp4"
+                log.warning("%s, line %d: %r is a comment ('#' lines are skipped), though a file of that name "
+                            "exists: list it as './%s' to extract it", list_file, number, line, line)
+            elif line and not line.startswith("#"):
                 rows.append((None, line))
     out = []
     for vid, p in rows:
