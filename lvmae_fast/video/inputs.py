@@ -82,56 +82,66 @@ def _from_list(list_file: Path) -> list[tuple[str, str]]:
 
 def _read_list(list_file: Path) -> list[tuple[str, str]]:
     base = list_file.parent
-    rows: list[tuple[str | None, str]] = []
-    if list_file.suffix.lower() == ".csv":
-        with open(list_file, newline="", encoding="utf-8-sig") as fh:  # Excel's "CSV UTF-8" starts with a BOM
-            reader = csv.reader(fh)
-            table = []   # (line number the row starts on, stripped cells, is a '#' line) of rows with content
-            ended = 0    # the line the last row ended on (a quoted cell may span lines)
-            try:
-                for row in reader:
-                    start, ended = ended + 1, reader.line_num
-                    cells = [c.strip() for c in row]
-                    first = next((c for c in cells if c), None)  # pandas' to_csv starts its header with ""
-                    if first is not None and (table or not first.startswith("#")):  # comments before the first row
-                        table.append((start, cells, first.startswith("#")))
-            except csv.Error as err:   # e.g. an unclosed quote running into the field size limit
-                raise ValueError(f"{list_file}, line {reader.line_num}: not a valid CSV ({err})") from None
-        header = [c.lower() for c in table[0][1]] if table else []
-        if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
-            raise ValueError(f"{list_file}: its first row {table[0][1][0]!r} is one cell holding a ';' or a tab: "
-                             "a list CSV is comma-separated (save it with commas, or as a .txt list of paths)")
-        if "path" in header:
-            p_col = header.index("path")
-            id_col = header.index("video_id") if "video_id" in header else None
-            if id_col is None:
-                for cell in (c for c in table[0][1] if _ID_LIKE.fullmatch(c)):
-                    log.warning("%s: column %r is not used for ids: they come from a 'video_id' column, else "
-                                "each file's name", list_file, cell)
-            table = table[1:]
-        else:  # headerless: '#' lines are comments, as in a .txt list
-            p_col, id_col = 0, None
-            table = [row for row in table if not row[2]]
-        for line, cells, _ in table:
-            p = cells[p_col] if p_col < len(cells) else ""
-            if not p:
-                raise ValueError(f"{list_file}, line {line}: no path in column {p_col + 1}"
-                                 + (" ('path')" if header and "path" in header else ""))
-            if "\n" in p:   # a quote opened and never closed swallows the rows after it into one cell
-                raise ValueError(f"{list_file}, line {line}: a path cell spans lines (a quote that is never "
-                                 "closed?)")
-            vid = cells[id_col] if id_col is not None and id_col < len(cells) else ""
-            rows.append((vid or None, p))  # an empty video_id: the file's stem, as without the column
-    else:
-        for number, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), 1):
-            line = line.strip()
-            if line.startswith("#") and (base / line).is_file():   # `ls > list.txt` of a "#1 clip.mp4"
-                log.warning("%s, line %d: %r is a comment ('#' lines are skipped), though a file of that name "
-                            "exists: list it as './%s' to extract it", list_file, number, line, line)
-            elif line and not line.startswith("#"):
-                rows.append((None, line))
+    rows = _csv_rows(list_file) if list_file.suffix.lower() == ".csv" else _txt_rows(list_file)
     out = []
     for vid, p in rows:
         full = Path(p) if Path(p).is_absolute() else base / p
         out.append((vid or Path(p).stem, str(full)))
     return out
+
+
+def _txt_rows(list_file: Path) -> list[tuple[None, str]]:
+    """(None, path) per line of a .txt list; '#' lines are comments."""
+    rows = []
+    for number, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), 1):
+        line = line.strip()
+        if line.startswith("#") and (list_file.parent / line).is_file():   # `ls > list.txt` of a "#1 clip.mp4"
+            log.warning("%s, line %d: %r is a comment ('#' lines are skipped), though a file of that name "
+                        "exists: list it as './%s' to extract it", list_file, number, line, line)
+        elif line and not line.startswith("#"):
+            rows.append((None, line))
+    return rows
+
+
+def _csv_rows(list_file: Path) -> list[tuple[str | None, str]]:
+    """(video id or None, path) per data row of a .csv list (module docstring)."""
+    with open(list_file, newline="", encoding="utf-8-sig") as fh:  # Excel's "CSV UTF-8" starts with a BOM
+        reader = csv.reader(fh)
+        table = []   # (line number the row starts on, stripped cells, is a '#' line) of rows with content
+        ended = 0    # the line the last row ended on (a quoted cell may span lines)
+        try:
+            for row in reader:
+                start, ended = ended + 1, reader.line_num
+                cells = [c.strip() for c in row]
+                first = next((c for c in cells if c), None)  # pandas' to_csv starts its header with ""
+                if first is not None and (table or not first.startswith("#")):  # comments before the first row
+                    table.append((start, cells, first.startswith("#")))
+        except csv.Error as err:   # e.g. an unclosed quote running into the field size limit
+            raise ValueError(f"{list_file}, line {reader.line_num}: not a valid CSV ({err})") from None
+    header = [c.lower() for c in table[0][1]] if table else []
+    if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
+        raise ValueError(f"{list_file}: its first row {table[0][1][0]!r} is one cell holding a ';' or a tab: "
+                         "a list CSV is comma-separated (save it with commas, or as a .txt list of paths)")
+    if "path" in header:
+        p_col = header.index("path")
+        id_col = header.index("video_id") if "video_id" in header else None
+        if id_col is None:
+            for cell in (c for c in table[0][1] if _ID_LIKE.fullmatch(c)):
+                log.warning("%s: column %r is not used for ids: they come from a 'video_id' column, else "
+                            "each file's name", list_file, cell)
+        table = table[1:]
+    else:  # headerless: '#' lines are comments, as in a .txt list
+        p_col, id_col = 0, None
+        table = [row for row in table if not row[2]]
+    rows: list[tuple[str | None, str]] = []
+    for line, cells, _ in table:
+        p = cells[p_col] if p_col < len(cells) else ""
+        if not p:
+            raise ValueError(f"{list_file}, line {line}: no path in column {p_col + 1}"
+                             + (" ('path')" if header and "path" in header else ""))
+        if "\n" in p:   # a quote opened and never closed swallows the rows after it into one cell
+            raise ValueError(f"{list_file}, line {line}: a path cell spans lines (a quote that is never "
+                             "closed?)")
+        vid = cells[id_col] if id_col is not None and id_col < len(cells) else ""
+        rows.append((vid or None, p))  # an empty video_id: the file's stem, as without the column
+    return rows
