@@ -33,6 +33,18 @@ def save_model_dir(model, directory) -> None:
     atomic_write_text(directory / CONFIG_NAME, config_text)
 
 
+def read_json(file) -> dict:
+    """A JSON settings file (a model's or an encoder checkpoint's config) as a dict; a damaged one is one
+    line naming it (json's own message, 'Expecting value: line 1 column 1 (char 0)', names no file)."""
+    try:
+        data = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_model_dir(directory, map_location="cpu", **overrides):
     from .model import LVMAE, LVMAEConfig
 
@@ -40,12 +52,7 @@ def load_model_dir(directory, map_location="cpu", **overrides):
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{directory} is not a model directory: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        values = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{config_path}: expected a JSON object of config values")
+    values = read_json(config_path)
     try:
         config = LVMAEConfig.from_dict({**values, **overrides})
     except ValueError as err:

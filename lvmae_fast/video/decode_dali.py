@@ -392,7 +392,7 @@ def _decode_chunk(jobs, spec, device, device_id, readers, batch_size, threads, p
 
         def left(job: VideoJob) -> np.ndarray:
             """Windows of `job` to decode: a retried video's delivered ones are not decoded again."""
-            todo = job.active_windows()
+            todo = todo_windows[id(job)]
             return todo[~np.isin(todo, delivered[id(job)])] if delivered[id(job)] else todo
 
         def make_shard(group: list[VideoJob], k: int) -> _Shard:

@@ -1,8 +1,6 @@
 """What every frozen short-video encoder provides: a video tower and a text tower in one space."""
 from __future__ import annotations
 
-import json
-
 import torch
 from torch import nn
 
@@ -48,18 +46,6 @@ class VideoEncoder(nn.Module):
 def pooled(output) -> torch.Tensor:
     """transformers < 5 returns a tensor from get_*_features, 5.x a ModelOutput with pooler_output."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def read_json(file) -> dict:
-    """A checkpoint's JSON settings file; a damaged one is one line naming it (json's own message,
-    'Expecting value: line 1 column 1 (char 0)', says nothing of which file)."""
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def channel_stats(value, key: str, source) -> tuple[float, float, float]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .base import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VideoEncoder, channel_stats, pooled,
-                   read_json)
+from ...checkpoint import read_json
+from .base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VideoEncoder, channel_stats, pooled
 
 
 def offline_transformers():

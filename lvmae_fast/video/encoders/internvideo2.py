@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, VideoEncoder, channel_stats, read_json
+from ...checkpoint import read_json
+from .base import IMAGENET_MEAN, IMAGENET_STD, VideoEncoder, channel_stats
 from .hf import HFTextTower
 
 LAYOUT = ("expected --weights DIR with video_tower.pt, text_tower.pt (TorchScript exports of the "
