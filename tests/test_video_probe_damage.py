@@ -113,7 +113,7 @@ def test_cut_mkv_with_audio_is_truncated(tmp_path, codec):
 
 
 def _write(path, tracks, frames=30, fmt=None, value=10):
-    """A file of `tracks` in order: 'h264' or 'mjpeg' (10 fps, `frames` frames of grey `value`), 'cover'
+    """A file of `tracks` in order: 'h264', 'mpeg2' or 'mjpeg' (10 fps, `frames` frames of grey `value`), 'cover'
     (one mjpeg picture, attached-picture disposition) or 'audio' (aac silence); `fmt`: the muxer."""
     import av
 
@@ -123,8 +123,9 @@ def _write(path, tracks, frames=30, fmt=None, value=10):
             if kind == "audio":
                 streams.append(out.add_stream("aac", rate=16000))
                 continue
-            s = out.add_stream("libx264" if kind == "h264" else "mjpeg", rate=1 if kind == "cover" else 10)
-            s.width, s.height, s.pix_fmt = 64, 48, "yuv420p" if kind == "h264" else "yuvj420p"
+            encoder = {"h264": "libx264", "mpeg2": "mpeg2video"}.get(kind, "mjpeg")
+            s = out.add_stream(encoder, rate=1 if kind == "cover" else 10)
+            s.width, s.height, s.pix_fmt = 64, 48, "yuvj420p" if encoder == "mjpeg" else "yuv420p"
             if kind == "cover":
                 s.disposition = av.stream.Disposition.attached_pic
             streams.append(s)
@@ -249,3 +250,20 @@ def test_one_frame_stamped_seconds_late_is_sorted_into_place(tmp_path, fmt, suff
             o.mux(packet)
     index = probe_video(out)
     assert index.num_frames == 600 and index.duration == pytest.approx(60.0, abs=0.2)
+
+
+def test_h264_in_mpeg_ps_with_untimed_frames_is_refused(tmp_path):
+    """MPEG-PS stamps one time per PES packet and FFmpeg's H.264 parser fills in none for the frames
+    after the first: 6 of 200 frames were indexed, the windows sampled from those and the duration was
+    guessed, silently. MPEG-2 in the same muxer is timed by its parser and still indexed whole."""
+    import av
+
+    h264 = _write(tmp_path / "cam.mpg", ["h264"], frames=200, fmt="mpeg")
+
+    with av.open(str(h264)) as c:
+        untimed = sum(p.pts is None and p.dts is None for p in c.demux(c.streams.video[0]) if p.size)
+    assert untimed > 100  # the muxer still leaves most frames untimed (else this test checks nothing)
+    with pytest.raises(VideoError, match=rf"^{untimed} of 200 frames have no timestamps \(h264 in mpeg\); remux or re-encode"):
+        probe_video(h264)
+    mpeg2 = _write(tmp_path / "dvd.mpg", ["mpeg2"], frames=50, fmt="mpeg")
+    assert probe_video(mpeg2).num_frames == 50

@@ -191,6 +191,7 @@ def probe_video(path) -> VideoIndex:
                              "whatever their rate; remux it with its frame rate, e.g. "
                              "`ffmpeg -r 10 -i IN -c copy OUT.mkv`")
         codec = stream.codec_context.name
+        container_format = container.format.name
         decode_order = "avi" in container.format.name.split(",")
         seeks = bool(set(container.format.name.split(",")) & set(SEEKABLE_FORMATS)) and not decode_order
         width, height = stream.codec_context.width, stream.codec_context.height
@@ -229,6 +230,13 @@ def probe_video(path) -> VideoIndex:
                          f"with its frame rate, e.g. `ffmpeg -r 25 -i IN -c copy OUT.mp4`")
     if not pts:
         raise VideoError("video stream has no frames")
+    if untimed > max(1, (len(pts) + untimed) // 100):
+        # H.264/HEVC in MPEG-PS (.mpg/.vob): one timestamp per PES packet, which FFmpeg's parsers do not
+        # fill in for the frames after the first. Those frames could not be placed in time: windows would
+        # sample from the few timed ones and the duration would be guessed.
+        raise VideoError(f"{untimed} of {len(pts) + untimed} frames have no timestamps ({codec} in "
+                         f"{container_format}); remux or re-encode it into mp4/mkv, e.g. "
+                         f"`ffmpeg -i IN -c:v libx264 OUT.mp4`")
     if not decode_order:  # AVI's "pts" are packet numbers, in order by construction
         went_back = _timestamps_go_back(pts, time_base)
         if went_back:
