@@ -45,7 +45,9 @@ def _master_adamw_body(grad_ptr, master_ptr, m_ptr, v_ptr, low_ptr, n,
         # bf16 = fp32 rounded to nearest even, as torch's .to(bfloat16), by hand on the bits: Triton's
         # interpreter truncates in .to() (and rounds ties up with fp_downcast_rounding="rtne").
         bits = p.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # NaN stays NaN (quiet, sign kept): rounding 0x7FFFFFFF, the GPU's NaN, would carry into -0.0.
+        bits = tl.where(p != p, (bits >> 16) | 0x40, rounded)
         tl.store(low_ptr + offs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=keep)
 
 

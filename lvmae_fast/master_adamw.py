@@ -20,7 +20,9 @@ master. Moments are flat fp32 buffers. Gradients are gathered into one flat buff
 torch.cat), so the update is one launch per segment.
 
 Limits: the matrix weights are bf16 from construction on, so the model then runs under bf16 autocast
-(training); `master_of(p)` gives a parameter's fp32 weights. Optimizer state is not saved or loaded
+(training); `master_of(p)` gives a parameter's fp32 weights. Writing a weight in place after construction
+(`load_state_dict`, `nn.init`) is picked up by the next `step()`; replacing a parameter's `.data` or
+writing through `.data` is not (the write is not counted: build the optimizer after loading). Optimizer state is not saved or loaded
 (`state_dict` refuses rather than writing a checkpoint that resumes wrong).
 """
 from __future__ import annotations
@@ -50,6 +52,20 @@ class _Segment:
             for p, (a, b) in zip(params, self.bounds):
                 p.data = storage[a:b].view(p.shape)  # the model reads (and autograd fills grads for) these views
         self.grad: torch.Tensor | None = None
+        self.versions = [p._version for p in params]  # in-place writes into a parameter count here
+
+    @torch.no_grad()
+    def adopt_weights_written_in_place(self) -> None:
+        """A write into a bf16 weight since the last update (model.load_state_dict, an nn.init call) changed
+        only the bf16 copy: the update would rebuild it from the stale master and undo the write. A
+        written parameter's bf16 values become its master, as an fp32 weight loaded with them would be.
+        Our own updates write through the flat buffer, which the parameters' version counters do not see."""
+        if self.low is None:
+            return
+        for i, (p, (a, b)) in enumerate(zip(self.params, self.bounds)):
+            if p._version != self.versions[i]:
+                self.master[a:b].copy_(self.low[a:b])
+                self.versions[i] = p._version
 
     def gather_grads(self) -> torch.Tensor:
         missing = [tuple(p.shape) for p in self.params if p.grad is None]
@@ -91,6 +107,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self._prepared = False
         self._where = {id(p): (seg, a, b) for seg in self.segments for p, (a, b) in zip(seg.params, seg.bounds)}
 
+    def add_param_group(self, param_group):
+        # Segments are built once, from the groups given at construction: a group added later would never
+        # be updated (its parameters are not in any flat buffer).
+        if hasattr(self, "segments"):
+            raise NotImplementedError("MasterWeightAdamW cannot take a param group after construction; "
+                                      "pass every group to its constructor")
+        super().add_param_group(param_group)
+
     def master_of(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 master weights of parameter `p` (a view: it follows the updates)."""
         seg, a, b = self._where[id(p)]
@@ -115,6 +139,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             raise ValueError("MasterWeightAdamW.step does not take a closure")
         if not self._prepared:
             self.prepare_grads(0.0)
+        for seg in self.segments:
+            seg.adopt_weights_written_in_place()
         skip = getattr(self, "found_inf", None)
         skip = self._no_skip if skip is None else skip.to(torch.float32).reshape(())
         self.step_count += 1.0 - skip

@@ -101,6 +101,45 @@ def test_refuses_what_it_cannot_do():
         opt.state_dict()
     with pytest.raises(ValueError, match="bfloat16 only"):
         MasterWeightAdamW(groups(small_model()), low_dtype=torch.float16)
+    # a group added later was never updated (it is in no flat buffer)
+    with pytest.raises(NotImplementedError, match="cannot take a param group after construction"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, 3))]})
+
+
+def test_weights_loaded_after_construction_are_kept(kernels):
+    """model.load_state_dict after building the optimizer wrote only the bf16 copies of the matrix
+    weights: the next update rebuilt them from the stale masters (a Linear weight went back by 1.7)."""
+    ours, ref = small_model(), small_model(seed=1)
+    opt = MasterWeightAdamW(groups(ours), lr=LR, betas=BETAS, kernels=kernels)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=LR, betas=BETAS)
+    give_grads(ours, ref, seed=0)
+    opt.step()
+    ref_opt.step()
+    pretrained = small_model(seed=2).state_dict()
+    ours.load_state_dict(pretrained)                      # bf16-rounded into the matrix weights
+    ref.load_state_dict({k: v.to(torch.bfloat16).float() if v.ndim == 2 else v for k, v in pretrained.items()})
+    for step in (1, 2):
+        give_grads(ours, ref, seed=step)
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(opt.master_of(p), q.detach(), rtol=2e-6, atol=1e-7)
+            assert torch.equal(p.detach(), opt.master_of(p).to(p.dtype))
+
+
+def test_a_nan_master_stays_nan_in_the_bf16_weights(kernels):
+    """The kernel rounds to bf16 on the bits: 0x7FFFFFFF (the NaN GPUs produce) carried into -0.0 and
+    0xFFFFFFFF into +0.0, so a diverged weight became a finite zero."""
+    model = small_model()
+    opt = MasterWeightAdamW(groups(model), lr=LR, kernels=kernels)
+    seg = next(s for s in opt.segments if s.low is not None)
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7F800001], dtype=torch.int32).view(torch.float32)
+    seg.master[:4] = nans
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.isnan(seg.low[:4].float()).all()
+    assert torch.equal(seg.low[4:], seg.master[4:].to(torch.bfloat16))
 
 
 def lvmae_batch(seed):
