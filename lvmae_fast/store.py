@@ -367,8 +367,11 @@ class StoreWriter:
         """settings: how the embeddings were made (e.g. extraction window seconds, frames, sampling rule),
         recorded in the index; resuming with different settings is refused, so one store never mixes
         embeddings made two ways."""
-        if int(dim) < 1 or shard_rows < 1 or not segment_seconds > 0:
-            raise ValueError(f"dim ({dim}), shard_rows ({shard_rows}) and segment_seconds ({segment_seconds}) must be > 0")
+        # segment_seconds finite in float32, as window times are stored: an inf one wrote "Infinity" into
+        # index.json, which no reader then opened ("malformed index").
+        if int(dim) < 1 or shard_rows < 1 or not 0 < segment_seconds < np.finfo(TIMES_DTYPE).max:
+            raise ValueError(f"dim ({dim}), shard_rows ({shard_rows}) and segment_seconds ({segment_seconds}) must be > 0 "
+                             "(segment_seconds finite)")
         self.path, self.dim, self.encoder = Path(path), int(dim), str(encoder)
         self._closed = True  # until the lock is held and the index read: close() then only unlocks
         if not (self.path / INDEX_NAME).exists():
@@ -476,16 +479,15 @@ class StoreWriter:
             raise ValueError(f"video {video_id!r} is already in the store")
         emb16 = stored_embeddings(video_id, emb, self.dim)
         n = emb16.shape[0]
-        if window_times is None:
-            times = default_window_times(n, self.segment_seconds)
-        else:
-            times = np.asarray(window_times, dtype=np.float64)
-            with np.errstate(over="ignore"):  # checked as stored: a value beyond float32 becomes inf there
-                stored = times.astype(TIMES_DTYPE) if times.shape == (n, 2) else times
-            if times.shape != (n, 2) or not np.isfinite(stored).all() or (stored[:, 1] < stored[:, 0]).any():
-                raise ValueError(f"video {video_id!r}: window_times must be finite in float32 [n={n}, 2] (start, "
-                                 f"end) with end >= start, got shape {list(times.shape)}")
-            times = np.ascontiguousarray(stored)
+        with np.errstate(over="ignore"):  # checked as stored: a value beyond float32 becomes inf there
+            times = (default_window_times(n, self.segment_seconds) if window_times is None
+                     else np.asarray(window_times, dtype=np.float64))
+            stored = times.astype(TIMES_DTYPE) if times.shape == (n, 2) else times
+        if times.shape != (n, 2) or not np.isfinite(stored).all() or (stored[:, 1] < stored[:, 0]).any():
+            given = "" if window_times is not None else f" (by default row i covers i * {self.segment_seconds} s)"
+            raise ValueError(f"video {video_id!r}: window_times must be finite in float32 [n={n}, 2] (start, "
+                             f"end) with end >= start, got shape {list(times.shape)}{given}")
+        times = np.ascontiguousarray(stored)
         entry = {"id": video_id, "n": int(n), "segment_seconds": self.segment_seconds, "source": str(source_path)}
         self._pending.append((entry, emb16, times))
         self._pending_ids.add(video_id)

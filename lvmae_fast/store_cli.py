@@ -13,11 +13,13 @@ code is then 1 and everything valid is committed.
 """
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,18 @@ _ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "t": "\t"}
 CSV_FIELD_LIMIT = 1 << 30
 
 
+def _python_string(literal: str) -> str:
+    """One quoted string literal as Python reads it (repr writes \\xa0, \\u200b, \\r for such characters in
+    names). A hand-written one Python would not read (a Windows path: 'C:\\data\\x1.pt') keeps its unknown
+    escapes as written."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "invalid escape sequence": kept as written, as below
+            return ast.literal_eval(literal)
+    except (SyntaxError, ValueError):
+        return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), "\\" + m.group(1)), literal[1:-1])
+
+
 def parse_path_list(text: str) -> list[str]:
     """A JSON list of strings, or a Python list repr of string literals (what pandas writes for a list)."""
     text = text.strip()
@@ -41,8 +55,7 @@ def parse_path_list(text: str) -> list[str]:
     except json.JSONDecodeError:
         if not _PY_LIST.match(text):
             raise ValueError(f"segment_paths is neither a JSON list nor a list of quoted strings: {text[:80]!r}") from None
-        value = [re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), "\\" + m.group(1)), s[1:-1])
-                 for s in re.findall(_PY_STRING, text)]
+        value = [_python_string(s) for s in re.findall(_PY_STRING, text)]
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise ValueError(f"segment_paths must be a list of paths, got {text[:80]!r}")
     return value
@@ -86,7 +99,10 @@ def iter_directory(src: Path):
     """(video_id, source path, loader) for each <video_id>.npy / .pt in a directory, sorted by id."""
     # Sorted by (id, suffix): of an id with both a .npy and a .pt, the .npy is imported and the .pt is
     # reported as a repeated id (import_embeddings), like any other repeat.
-    files = sorted((p for p in src.iterdir() if p.suffix.lower() in (".npy", ".pt") and p.is_file()),
+    # Hidden names left out, as extract's folder inputs do (macOS's ._clip.npy beside clip.npy); a broken
+    # link is listed, so its failure is reported rather than the video dropped without a word.
+    files = sorted((p for p in src.iterdir() if p.suffix.lower() in (".npy", ".pt") and not p.name.startswith(".")
+                    and (p.is_file() or not p.exists())),
                    key=lambda p: (p.stem, p.suffix.lower()))   # any case, as extract's folder input
     for p in files:
         yield p.stem, str(p.resolve()), (lambda p=p: load_array(p))  # source: absolute, wherever the import ran

@@ -1243,3 +1243,37 @@ def test_import_takes_suffixes_in_any_case(tmp_path):
         writer.writerow([0, "movie", str([str(seg)]), 1, 0, "x"])
     added, _, failures = import_embeddings(tmp_path / "ref.CSV", tmp_path / "r", encoder="languagebind")
     assert (added, failures) == (1, [])
+
+
+def test_parse_path_list_reads_every_escape_python_writes():
+    """pandas writes a list column as str(list): a no-break space, a zero-width space or a carriage
+    return in a name comes out as \\xa0, \\u200b, \\r, which were kept literally (file not found). A
+    hand-written Windows path Python would not read keeps its backslashes."""
+    names = ["clip\xa01_s0.pt", "zw\u200bsp.pt", "cr\rx.pt", "tab\there.pt", "it's.pt", 'q"d.pt', "C:\\x\\y.pt"]
+    assert parse_path_list(str(names)) == names
+    assert parse_path_list(r"['C:\data\x1.pt']") == ["C:\\data\\x1.pt"]
+
+
+def test_import_folder_reports_broken_links_and_leaves_hidden_files_out(tmp_path):
+    """A dangling link (its target moved) was dropped without a word and the import exited 0; macOS's
+    ._a.npy beside a.npy failed the import and a hidden .b.npy became the id '.b'."""
+    src = tmp_path / "emb"
+    src.mkdir()
+    np.save(src / "a.npy", np.ones((2, 4), np.float32))
+    (src / "._a.npy").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    np.save(src / ".b.npy", np.ones((2, 4), np.float32))
+    (src / "moved.npy").symlink_to(tmp_path / "gone" / "moved.npy")
+    added, _, failures = import_embeddings(src, tmp_path / "s")
+    assert added == 1 and Store(tmp_path / "s").video_ids == ["a"]
+    assert len(failures) == 1 and failures[0].startswith("moved (") and "No such file" in failures[0]
+
+
+@pytest.mark.parametrize("seconds", [float("inf"), float("nan"), 1e39])
+def test_segment_seconds_must_be_finite_as_stored(tmp_path, seconds):
+    """An inf segment length wrote 'Infinity' into index.json, which no reader then opened; 1e39 made every
+    default window time inf in float32."""
+    with pytest.raises(ValueError, match=r"segment_seconds \(.*\) must be > 0 \(segment_seconds finite\)"):
+        StoreWriter(tmp_path / "s", 4, segment_seconds=seconds)
+    with StoreWriter(tmp_path / "s", 4, segment_seconds=3e38) as w:  # finite, but row 2's times overflow
+        with pytest.raises(ValueError, match=r"window_times must be finite in float32 .*by default row i covers"):
+            w.add("v", np.ones((3, 4), np.float32))
