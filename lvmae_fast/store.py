@@ -33,6 +33,7 @@ resumes (dim, encoder and segment_seconds must match the store): `contains(video
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -602,9 +603,12 @@ class StoreWriter:
             current.append(v)
             rows += v["n"]
         groups.append(current)
+        @functools.lru_cache(maxsize=8)  # one map per shard, not per video (a shard holds many short ones)
+        def shard_map(shard: int, kind: str) -> np.ndarray:
+            return np.load(self.path / index["shards"][shard][kind], mmap_mode="r")
+
         def rows(v: dict, kind: str) -> np.ndarray:  # v still holds its old shard/offset here
-            data = np.load(self.path / index["shards"][v["shard"]][kind], mmap_mode="r")
-            return data[v["offset"]: v["offset"] + v["n"]]
+            return shard_map(v["shard"], kind)[v["offset"]: v["offset"] + v["n"]]
 
         written = []
         try:
