@@ -109,8 +109,16 @@ class Crop:
     out_len: int
 
 
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([k % (1 << 32) for k in key]))
+def _seed_words(seed: int) -> list[int]:
+    """The run's seed as SeedSequence words: all 64 bits (torch's range), the high word only where it is
+    set, so seeds in [0, 2^32) key the same plans as when only the low word was used (runs resume)."""
+    seed %= 1 << 64
+    return [seed & 0xFFFFFFFF] + ([seed >> 32] if seed >> 32 else [])
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    low, *high = _seed_words(seed)
+    return np.random.default_rng(np.random.SeedSequence([low, *(k % (1 << 32) for k in key), *high]))
 
 
 def plan_crops(num_segments: np.ndarray, segment_seconds: np.ndarray, cfg: SamplerConfig, epoch: int) -> list[Crop]:
@@ -183,7 +191,8 @@ def _deal_token_batches(batches: list[list[Crop]], world: int) -> list[list[Crop
 
 
 def mask_seed(seed: int, epoch: int, rank: int, batch_index: int) -> int:
-    return int(np.random.SeedSequence([seed % (1 << 32), epoch % (1 << 32), rank, batch_index, 0x3A5]).generate_state(1)[0])
+    low, *high = _seed_words(seed)
+    return int(np.random.SeedSequence([low, epoch % (1 << 32), rank, batch_index, 0x3A5, *high]).generate_state(1)[0])
 
 
 class CropBatches(Dataset):

@@ -631,6 +631,7 @@ def _pretrain(cfg: tc.PretrainConfig, resume: bool, resume_from: str | None, loc
     check_something_to_mask(store, train_ids, cfg, model_cfg.mask_ratio)
     sampler = LongVideoSampler(store, train_ids, scfg)
     val_lengths = np.array([store.num_segments(v) for v in val_ids])
+    held_out = len(val_ids)  # neither trained nor, where short_video_policy leaves them out, validated on
     if val_ids and not (kept_by_policy(val_lengths, cfg.short_video_policy, model_cfg.mask_ratio)
                         & ((val_lengths >= 2) | (cfg.short_video_policy == "repeat"))).any():
         # drop: the sampler would drop every one of them and refuse to start; keep: their 1-token crops mask
@@ -717,8 +718,10 @@ def _pretrain(cfg: tc.PretrainConfig, resume: bool, resume_from: str | None, loc
         print(f"lvmae pretrain: nothing to do: {out} is already at step {progress['step']} of {total_steps}; {hint}",
               file=sys.stderr)
     left_out = len(train_ids) - len(sampler.video_ids)  # by short_video_policy
-    log.info("pretraining %s (%.2fM params, in_dim %d) on %d videos (%d held out%s) from %s; %d steps, lr %.3g, "
-             "device %s%s", cfg.preset, model.num_params() / 1e6, store.dim, len(sampler.video_ids), len(val_ids),
+    validated = len(val_sampler.video_ids) if val_sampler is not None else 0
+    log.info("pretraining %s (%.2fM params, in_dim %d) on %d videos (%d held out%s%s) from %s; %d steps, lr %.3g, "
+             "device %s%s", cfg.preset, model.num_params() / 1e6, store.dim, len(sampler.video_ids), held_out,
+             f", {validated} of them validated" if validated != held_out else "",
              f", {left_out} too short for short_video_policy={cfg.short_video_policy}" if left_out else "",
              store.path, total_steps, base_lr, device, f", resuming at step {progress['step']}" if state is not None else "")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext

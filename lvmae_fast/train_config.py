@@ -152,7 +152,7 @@ class PretrainConfig:
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
-        if not in_torch_seed_range(self.seed):  # (the sampler reduces it mod 2^32)
+        if not in_torch_seed_range(self.seed):  # torch.manual_seed's range; the sampler keys all 64 bits too
             raise ValueError(f"seed={self.seed} must be in [-2^63, 2^64)")
         for key, low in (("num_workers", 0), ("cpu_threads", 0), ("prefetch_factor", 1)):
             if getattr(self, key) < low:

@@ -255,3 +255,20 @@ def test_config_refuses_ratios_and_durations_that_fail_later(bad):
     planning time with a numpy OverflowError (infinite duration)."""
     with pytest.raises(ValueError, match="mask_ratio|duration"):
         SamplerConfig(**bad)
+
+
+def test_every_bit_of_the_seed_keys_the_plans():
+    """Only seed mod 2^32 reached the sampler: seeds 1 and 1 + 2^32, or -1 and 2^32 - 1, gave the same batch
+    order, crops, masks and validation split. Seeds in [0, 2^32) key what they keyed before (runs resume)."""
+    from lvmae_fast.sampler import _rng, mask_seed
+
+    n, seconds, ids = np.arange(2, 42), np.full(40, 5.0), [f"v{i}" for i in range(40)]
+    for a, b in ((1, 1 + 2**32), (-1, 2**32 - 1), (7, 7 - 2**64)):
+        same = (plan_epoch(n, seconds, SamplerConfig(seed=a, duration_max=200), 0)
+                == plan_epoch(n, seconds, SamplerConfig(seed=b, duration_max=200), 0),
+                split_videos(ids, 5, a) == split_videos(ids, 5, b), mask_seed(a, 0, 0, 0) == mask_seed(b, 0, 0, 0))
+        assert same == ((True,) * 3 if b == 7 - 2**64 else (False,) * 3), (a, b)  # 7 - 2^64 is 7 mod 2^64
+    for seed in (0, 12345, 2**32 - 1):
+        assert np.array_equal(_rng(seed, 3, 0xC0).integers(0, 1 << 30, 8),
+                              np.random.default_rng(np.random.SeedSequence([seed, 3, 0xC0])).integers(0, 1 << 30, 8))
+        assert mask_seed(seed, 2, 1, 9) == int(np.random.SeedSequence([seed, 2, 1, 9, 0x3A5]).generate_state(1)[0])

@@ -1,6 +1,7 @@
 """Pretraining loop: lr schedule, config layering, run dir, exact resume after SIGTERM/SIGKILL, refusals."""
 import hashlib
 import json
+import logging
 import math
 import shutil
 import signal
@@ -866,7 +867,6 @@ def test_backends_this_device_cannot_run_are_refused_before_the_run_dir_is_writt
 def test_held_out_videos_all_dropped_as_too_short_turn_validation_off(tmp_path, capsys, caplog, restore_threads):
     """short_video_policy=drop with only 1-segment held-out videos: the validation sampler refused to start
     ("no videos to sample from"), which stopped the run; it now trains without validation, with a warning."""
-    import logging
 
     from lvmae_fast.cli import main
     from lvmae_fast.sampler import split_videos
@@ -1072,6 +1072,26 @@ def test_validation_off_says_why_under_the_reference_policy(tmp_path, caplog, re
                  "--set", "tensorboard=false"]) == 0
     assert ("none of the 2 held-out videos can be validated: short_video_policy=reference leaves out videos of n "
             "segments with n x (1 - mask_ratio) < 1 (mask_ratio 0.7)") in caplog.text
+
+
+def test_the_log_says_how_many_held_out_videos_are_validated(tmp_path, caplog, restore_threads):
+    """Held-out videos are picked before the short-video policy: a 1-segment one is then neither trained
+    nor validated on, and the log said "2 held out" of a validation over 1 video."""
+    from lvmae_fast.cli import main
+    from lvmae_fast.sampler import split_videos
+
+    path, rng = tmp_path / "store", np.random.default_rng(0)
+    with StoreWriter(path, 8) as w:
+        for k in range(6):
+            for kind, n in (("one", 1), ("long", 60)):
+                w.add(f"{kind}{k}", rng.standard_normal((n, 8)).astype(np.float32))
+    ids = [f"{kind}{k}" for k in range(6) for kind in ("one", "long")]
+    seed = next(s for s in range(500) if sorted(v.rstrip("012345") for v in split_videos(ids, 2, s)[1]) == ["long", "one"])
+    with caplog.at_level(logging.INFO):
+        assert main(["pretrain", "--preset", "tiny", "--store", str(path), "--out", str(tmp_path / "run"),
+                     "--no-progress", "--max-steps", "1", "--seed", str(seed), "--val-videos", "2",
+                     "--set", "tensorboard=false"]) == 0
+    assert "on 5 videos (2 held out, 1 of them validated, 5 too short for short_video_policy=reference)" in caplog.text
 
 
 def test_val_json_follows_every_evaluation_and_a_rewind(store, tmp_path, monkeypatch, restore_threads):
