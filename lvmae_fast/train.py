@@ -573,6 +573,23 @@ class RunDirLock:
             self._lock = None
 
 
+
+# Model settings that only pick an implementation of the same math (as compile, cuda_graphs and device do
+# for the run): a run started on flash/torch_varlen must resume on a machine without them.
+BACKEND_MODEL_KEYS = ("attn_impl", "kernels")
+
+
+def check_model_config_resumes(out, saved: dict, now: dict) -> None:
+    """Refuse a resume whose model differs from the checkpoint's, naming the keys; backends may change."""
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in BACKEND_MODEL_KEYS)
+    if changed:
+        raise ValueError(f"cannot resume {out}: the model differs from the checkpoint's: " + ", ".join(
+            f"model.{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}" for k in changed))
+    backends = [k for k in BACKEND_MODEL_KEYS if saved.get(k) != now.get(k)]
+    if backends:
+        log.info("resuming with changed backends: %s", ", ".join(f"model.{k}={now.get(k)}" for k in backends))
+
+
 def pretrain(cfg: tc.PretrainConfig, resume: bool = False, resume_from: str | None = None) -> int:
     """Train per cfg; returns an exit code (0 done, 3 non-finite loss, 130/143 interrupted).
     resume_from: a checkpoint of the run ('step-N' or N) to continue from instead of the latest (a
@@ -618,8 +635,8 @@ def _pretrain(cfg: tc.PretrainConfig, resume: bool, resume_from: str | None, loc
         if changed:
             log.info("resuming with changed settings: %s", ", ".join(sorted(changed)))
     model_cfg = build_model_config(cfg, store.dim)
-    if state is not None and state["model_config"] != model_cfg.to_dict():
-        raise ValueError(f"cannot resume {out}: checkpoint model config {state['model_config']} differs from {model_cfg.to_dict()}")
+    if state is not None:
+        check_model_config_resumes(out, state["model_config"], model_cfg.to_dict())
     device = resolve_device(cfg.device)
     use_graphs, use_whole_step = cfg.graphs_for(device.type)
     if device.type == "cuda" and "auto" in (cfg.cuda_graphs, cfg.cuda_graphs_optimizer):
@@ -937,8 +954,8 @@ def _flag_default(key: str) -> str:
 
 def config_from_args(args) -> tc.PretrainConfig:
     layers = []
-    if args.config:
-        layers.append((args.config, tc.load_yaml(args.config)))
+    for path in args.config or []:  # stacked in order, as --set: a later file overrides an earlier one's keys
+        layers.append((path, tc.load_yaml(path)))
     layers.append(("--set", tc.parse_set(args.set)))
     flags = {key: getattr(args, key) for _, key, _, _ in FLAGS if getattr(args, key) is not None}
     if args.compile:
@@ -980,8 +997,9 @@ def register(sub) -> None:
                                    "preset's; `--preset NAME --print-config` prints every value of a preset. "
                                    "Run dir: config.yaml, metrics.jsonl, tb/, loss.png, val.json (with validation videos), model files, "
                                    "checkpoints/.")
-    p.add_argument("--config", help="YAML file of config keys, or a preset name (write one to edit with "
-                                    "--preset paper --print-config > my.yaml)")
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML file of config keys, or a preset name (write one to edit with "
+                        "--preset paper --print-config > my.yaml); repeatable: later files override earlier ones")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable); model.KEY sets a model config field")
     for flag, key, kind, help_text in FLAGS:

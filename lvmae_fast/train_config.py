@@ -281,8 +281,9 @@ def check_model_overrides(model: dict, preset: str):
     # preset's model values (as --print-config writes them) is the preset's config, equal and resumable.
     base = preset_model(preset)
     model = {key: value for key, value in model.items() if base[key] != value}
-    # Raises on a bad choice or width/heads; in_dim: the store's, not known here.
-    return model, LVMAEConfig.from_preset(preset, in_dim=1, **model)
+    # Raises on a bad choice or width/heads. in_dim is the store's, not known here: 2 stands in (the
+    # smallest that norm_targets allows; build_model_config checks against the store's dim).
+    return model, LVMAEConfig.from_preset(preset, in_dim=2, **model)
 
 
 def preset_model(preset: str) -> dict:
@@ -315,6 +316,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged by safe_load's own rule
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, collections.abc.Hashable):   # `[a, b]: 1`: safe_load's own error, not a TypeError
                 raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,

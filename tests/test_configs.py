@@ -321,6 +321,19 @@ def test_config_file_keys_given_twice_or_dotted_are_named(tmp_path, capsys):
         assert_one_line_error(code, err, f"at line {line}", "found unhashable key")
 
 
+def test_config_files_stack_and_take_yaml_merge_keys(tmp_path, capsys):
+    """A second --config replaced the first silently (epochs: 3 dropped); a merge key `<<:` (which
+    yaml.safe_load reads) was refused as 'not valid YAML'. An explicit key overrides a merged one, as in YAML."""
+    (tmp_path / "a.yaml").write_text("epochs: 3\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("seed: 5\nmodel:\n  <<: {mask_ratio: 0.3, masking: random}\n  masking: semantic\n")
+    code, out, err = run_cli(capsys, "pretrain", "--config", tmp_path / "a.yaml", "--config", tmp_path / "b.yaml",
+                             "--print-config")
+    assert code == 0, err
+    printed = yaml.safe_load(out)
+    assert (printed["epochs"], printed["seed"]) == (3, 5)
+    assert (printed["model"]["mask_ratio"], printed["model"]["masking"]) == (0.3, "semantic")
+
+
 def test_store_and_out_expand_the_home_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = tc.resolve([("--set", tc.parse_set(["store=~/stores/a", "out=~/runs/b"]))])  # no shell expands these

@@ -169,12 +169,30 @@ def test_resume_extends_max_steps_and_refuses_other_configs(store, reference_run
 
     before = _snapshot(run)
     for extra, expect in ((["--resume", "--seed", "9"], "seed"),
-                          (["--resume", "--set", "model.mask_ratio=0.3"], "model"),
+                          (["--resume", "--set", "model.mask_ratio=0.3"], "the model differs from the checkpoint's: "
+                           "model.mask_ratio: checkpoint has 0.5, now 0.3"),  # (was two 15-key dicts)
                           (["--resume", "--preset", "base"], "preset"),
                           ([], "already holds a run")):
         r = lvmae(*base, "--max-steps", 60, *extra)
         assert r.returncode == 1 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert _snapshot(run) == before  # refusals write nothing
+    # Backends only pick an implementation of the same math: a run started on flash must resume without it.
+    r = lvmae(*base, "--max-steps", 50, "--resume", "--set", "model.attn_impl=sdpa", "--set", "model.kernels=torch")
+    assert r.returncode == 0 and "resuming with changed backends: model.attn_impl=sdpa, model.kernels=torch" in r.stderr, r.stderr
+    assert curve(run) == curve(reference_run)[:50]
+
+
+def test_pretrain_with_norm_targets(store, tmp_path, restore_threads):
+    """model.norm_targets=true (the reference's --norm_pix_loss) was refused for every store: the config
+    check built the model with a stand-in in_dim of 1, which norm_targets refuses."""
+    from lvmae_fast.cli import main
+
+    out = tmp_path / "nt"
+    assert main(["pretrain", "--preset", "tiny", "--store", str(store), "--out", str(out), "--no-progress",
+                 "--max-steps", "3", "--set", "model.norm_targets=true", "--set", "tensorboard=false"]) == 0
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert LVMAE.from_pretrained(out).config.norm_targets
 
 
 def test_resume_from_another_working_directory(store, reference_run, tmp_path):
