@@ -293,7 +293,8 @@ class LVMAE(nn.Module):
     def encode(self, seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """No masking: (cls [B, D], tokens [sum L_i, D]) after the encoder's final LayerNorm, input order.
         `seqs` are used as given: a model trained by `lvmae pretrain` saw L2-normalised rows (the sampler
-        normalises store rows), so normalise raw embeddings the same way (F.normalize(x, dim=-1))."""
+        normalises store rows), so normalise raw embeddings the same way (F.normalize(x, dim=-1)).
+        Inference only (no gradients): to fine-tune, call forward_encoder on a PackedBatch."""
         validate_sequences(seqs, self.config.in_dim, self.config.max_len)
         batch = self._batch_from(seqs, None)
         enc_out = self.forward_encoder(batch)
@@ -302,7 +303,9 @@ class LVMAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, seqs: Sequence[torch.Tensor], visible: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Decoder predictions (after decoder_pred) for every position given an explicit visible set.
-        `seqs` as in encode: L2-normalised rows for a model trained by `lvmae pretrain`."""
+        `seqs` as in encode: L2-normalised rows for a model trained by `lvmae pretrain`. A model trained
+        with norm_targets predicts each row standardised (zero mean, unit variance over its dims), not
+        the row itself: compare with targets standardised the same way."""
         # Sequences first, so that an empty batch or an empty sequence is named as such.
         validate_sequences(seqs, self.config.in_dim, self.config.max_len)
         if isinstance(visible, torch.Tensor) and visible.dim() == 2:
