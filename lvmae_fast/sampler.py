@@ -293,7 +293,10 @@ def _worker_init(_):
 def _batch_loader(dataset: Dataset, keys, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
     """Items are whole batches (built by the dataset), fetched in `keys` order by worker processes."""
     extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
-    return DataLoader(dataset, batch_size=None, sampler=keys, num_workers=num_workers, pin_memory=pin_memory, **extra)
+    # Its own generator: iter() draws the workers' base seed from it, not from the global torch RNG, which
+    # a resumed run restores bit for bit and an uninterrupted one never draws from there.
+    return DataLoader(dataset, batch_size=None, sampler=keys, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(0), **extra)
 
 
 class LongVideoSampler:

@@ -39,6 +39,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from pathlib import Path
@@ -165,11 +166,19 @@ def latest_checkpoint(out: Path) -> Path | None:
         # A kill between a first checkpoint's rename and its `latest` leaves a complete step-N and no pointer.
         done = complete_checkpoints(out / "checkpoints")
         return out / "checkpoints" / done[-1] if done else None
-    path = out / "checkpoints" / pointer.read_text().strip()
-    if not is_complete(path):
-        raise ValueError(f"{pointer} names {path.name}, which is missing or incomplete (a rewind killed "
-                         f"midway: run the same --resume-from again to finish it)")
-    return path
+    name = pointer.read_text().strip()
+    path = out / "checkpoints" / name
+    if name and is_complete(path):
+        return path
+    if name and (out / "checkpoints" / REWOUND_DIR / name).exists():  # moved aside by a rewind killed midway
+        raise ValueError(f"{pointer} names {name}, which a rewind killed midway moved to {REWOUND_DIR}/: "
+                         f"run the same --resume-from again to finish it")
+    missing = [f for f in (STATE_NAME, WEIGHTS_NAME, CONFIG_NAME) if not (path / f).is_file()] if name else []
+    what = ("is empty" if not name else f"names {name}, which is missing" if not path.is_dir()
+            else f"names {name}, which lacks {', '.join(missing)}")
+    others = [n for n in complete_checkpoints(out / "checkpoints") if n != name]
+    raise ValueError(f"{pointer} {what}; " + (f"resume a complete one with --resume-from ({', '.join(others[-3:])})"
+                                              if others else "no complete checkpoint to resume from"))
 
 
 def _rng_state() -> dict:
@@ -286,6 +295,11 @@ def portable_optimizer_state(optimizer) -> dict:
 
 def load_train_state(ckpt: Path) -> dict:
     try:
+        # torch.load does not check the zip's CRCs: flipped bits (disk, copy) would resume silently.
+        with zipfile.ZipFile(ckpt / STATE_NAME) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise ValueError(f"damaged data (CRC mismatch in {bad})")
         return torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch's messages (cut zip, empty file) run over many lines
         raise damaged_checkpoint(ckpt, STATE_NAME, err) from None

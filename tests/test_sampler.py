@@ -105,6 +105,17 @@ def test_deterministic_and_worker_independent(store):
         [c.__dict__ for c in a.batches(2)[0]]
 
 
+def test_starting_a_loader_leaves_the_global_rng_alone(store):
+    """iter(DataLoader) drew the workers' base seed from the global torch RNG: a resumed run (RNG restored,
+    then a new loader) saved other RNG states in its checkpoints than the uninterrupted run."""
+    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, batch_videos=4, masking="random", seed=7)
+    sampler = LongVideoSampler(store, store.video_ids, cfg)
+    before = torch.get_rng_state()
+    for loader in (sampler.loader(0, num_workers=0), sampler.stream(0, 0, 1, num_workers=2)):
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("max_tokens", [0, 150])
 def test_stream_is_the_epoch_loaders_back_to_back(store, max_tokens):
     """One loader across epochs (workers persist) serves exactly what per-epoch loaders serve, in order,

@@ -195,6 +195,32 @@ def test_pretrain_with_norm_targets(store, tmp_path, restore_threads):
     assert LVMAE.from_pretrained(out).config.norm_targets
 
 
+def test_a_latest_pointer_to_an_incomplete_checkpoint_names_what_to_resume(tmp_path):
+    """latest naming a checkpoint that lost a file always blamed a killed rewind ("run the same --resume-from
+    again") and named no checkpoint to resume; an empty pointer named the checkpoints folder itself."""
+    from lvmae_fast.train import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, latest_checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (7, 14, 20):
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        for name in (STATE_NAME, WEIGHTS_NAME, CONFIG_NAME):
+            (root / f"step-{step:08d}" / name).write_bytes(b"x")
+    (root / "latest").write_text("step-00000020\n")
+    assert latest_checkpoint(tmp_path / "run") == root / "step-00000020"
+    (root / "step-00000020" / STATE_NAME).unlink()
+    with pytest.raises(ValueError, match=rf"names step-00000020, which lacks {STATE_NAME}; resume a complete one "
+                                         r"with --resume-from \(step-00000007, step-00000014\)$"):
+        latest_checkpoint(tmp_path / "run")
+    (root / "latest").write_text("")
+    with pytest.raises(ValueError, match=r"latest is empty; resume a complete one with --resume-from"):
+        latest_checkpoint(tmp_path / "run")
+    (root / "rewound").mkdir()
+    (root / "step-00000020").rename(root / "rewound" / "step-00000020")  # a rewind to step 14, killed midway
+    (root / "latest").write_text("step-00000020\n")
+    with pytest.raises(ValueError, match=r"which a rewind killed midway moved to rewound/: run the same --resume-from"):
+        latest_checkpoint(tmp_path / "run")
+
+
 def test_resume_from_another_working_directory(store, reference_run, tmp_path):
     """A run started with relative paths resumes from anywhere with just --out and --resume
     (config.yaml holds absolute paths)."""
@@ -969,7 +995,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(store
     assert sorted(p.name for p in (tmp_path / "nonfinite" / "checkpoints").iterdir()) == ["latest", "step-00000004"]
 
 
-@pytest.mark.parametrize("damage", ["state_cut", "state_empty", "weights_cut", "optimizer_groups"])
+@pytest.mark.parametrize("damage", ["state_cut", "state_empty", "state_bits_flipped", "weights_cut", "optimizer_groups"])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_others(store, tmp_path, capsys, restore_threads,
                                                                         damage):
     """A cut or emptied train state, cut weights (tracebacks from torch / safetensors before), or an optimizer
@@ -987,6 +1013,11 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_others(store, 
         state_file.write_bytes(state_file.read_bytes()[:5000])
     elif damage == "state_empty":
         state_file.write_bytes(b"")
+    elif damage == "state_bits_flipped":  # torch.load reads it without a word: only the zip's CRCs tell
+        data = bytearray(state_file.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+        state_file.write_bytes(bytes(data))
     elif damage == "weights_cut":
         weights_file.write_bytes(weights_file.read_bytes()[:100])
     else:  # the first group's last parameter moved into the second group
@@ -1002,6 +1033,8 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_others(store, 
     assert err[0].endswith("Resume an earlier one with --resume-from (step-00000004)"), err
     if damage == "optimizer_groups":
         assert "other AdamW parameter groups" in err[0]
+    if damage == "state_bits_flipped":
+        assert "damaged data (CRC mismatch in " in err[0]
     assert main([*args, "--out", str(out), "--resume-from", "4"]) == 0
 
 
