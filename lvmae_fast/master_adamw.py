@@ -147,7 +147,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            lr = lr.reshape(()) if torch.is_tensor(lr) else torch.tensor(float(lr), device=self.step_count.device)
+            lr = lr.reshape(()) if torch.is_tensor(lr) else torch.tensor(float(lr), dtype=torch.float64, device=self.step_count.device)  # as a tensor lr: no fp32 rounding
             # Bias corrections in double, as torch's AdamW: in fp32 a beta2 near 1 (0.9999 -> 0.99989998)
             # skews 1 - beta2**t by 1.7e-4 relative. Device scalars: still no host sync.
             t = self.step_count.to(torch.float64)
