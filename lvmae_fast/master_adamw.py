@@ -22,8 +22,8 @@ torch.cat), so the update is one launch per segment.
 Limits: the matrix weights are bf16 from construction on, so the model then runs under bf16 autocast
 (training); `master_of(p)` gives a parameter's fp32 weights. Writing a weight in place after construction
 (`load_state_dict`, `nn.init`) is picked up by the next `step()`; replacing a parameter's `.data` or
-writing through `.data` is not (the write is not counted: build the optimizer after loading). Optimizer state is not saved or loaded
-(`state_dict` refuses rather than writing a checkpoint that resumes wrong).
+writing through `.data` is not (the write is not counted: build the optimizer after loading). Optimizer
+state is not saved or loaded (`state_dict` refuses rather than writing a checkpoint that resumes wrong).
 """
 from __future__ import annotations
 
@@ -147,7 +147,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            lr = lr.reshape(()) if torch.is_tensor(lr) else torch.tensor(float(lr), dtype=torch.float64, device=self.step_count.device)  # as a tensor lr: no fp32 rounding
+            # A float lr in float64, as GraphedTrainStep's tensor lr (no fp32 rounding before the corrections).
+            lr = (lr.reshape(()) if torch.is_tensor(lr)
+                  else torch.tensor(float(lr), dtype=torch.float64, device=self.step_count.device))
             # Bias corrections in double, as torch's AdamW: in fp32 a beta2 near 1 (0.9999 -> 0.99989998)
             # skews 1 - beta2**t by 1.7e-4 relative. Device scalars: still no host sync.
             t = self.step_count.to(torch.float64)
