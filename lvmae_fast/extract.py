@@ -156,22 +156,45 @@ def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, s
     return items, clashes
 
 
-def warn_ids_held_by_other_files(items: list[tuple[str, str]], sources: dict[str, str]) -> None:
-    """Log each input whose id the store holds from another file that still exists and differs in size
-    (two files with one id across runs; within a run that is a failure line). A copy of the stored file
-    (same size: a staged or rsynced dataset) is the same video. They all stay skipped as stored: the
-    store keeps no more of its source than the path, so it cannot tell a different video from the same
-    one moved and replaced."""
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def settle_ids_with_the_store(items: list[tuple[str, str]], clashes: list[tuple[str, str, str]],
+                              sources: dict[str, str]) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """Id clashes against what the store holds (expand_inputs settles them by listing order alone):
+    - two inputs with one id, the stored one listed second: the stored file keeps its id (skipped as
+      stored) and the other is the failure, as when both were new;
+    - an input whose id the store holds from another file that still exists and differs in size: a
+      failure naming the stored file (it was skipped as stored, with a log warning only). A copy of the
+      stored file (same size: a staged or rsynced dataset) stays the same video, skipped; the store keeps
+      no more of its source than the path, so a file replaced in place is skipped too."""
+    items, clashes = list(items), list(clashes)
+    position = {vid: k for k, (vid, _) in enumerate(items)}
+    for c, (vid, path, _) in enumerate(clashes):
+        source = sources.get(vid)
+        if source and vid in position and _same_file(source, path):
+            other = items[position[vid]][1]
+            items[position[vid]] = (vid, path)
+            clashes[c] = (vid, other, f"video id {vid!r} is already used by {path} (in the store): rename one of "
+                                      "the files, or list them in a CSV with a video_id column")
+    kept = []
     for vid, path in items:
         source = sources.get(vid, "")
         try:
-            other = (source and Path(source).is_file() and Path(path).is_file() and not os.path.samefile(source, path)
+            other = (source and Path(source).is_file() and Path(path).is_file() and not _same_file(source, path)
                      and os.path.getsize(source) != os.path.getsize(path))
         except OSError:
             other = False
         if other:
-            log.warning("skip %s: video id %r is in the store already, from %s, a file of another size (rename "
-                        "one of them, or list them in a CSV with a video_id column)", path, vid, source)
+            clashes.append((vid, path, f"video id {vid!r} is in the store already, from {source}, a file of another "
+                                       "size: rename one of them, or list them in a CSV with a video_id column"))
+        else:
+            kept.append((vid, path))
+    return kept, clashes
 
 
 def recorded_fingerprint(out: Path, weights) -> str:
@@ -554,7 +577,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                                                            "precision": str(dtype).replace("torch.", ""),
                                                            "frame_index": INDEX_VERSION})
         partials.remove_committed(writer.contains)
-        warn_ids_held_by_other_files(items, writer.sources())
+        items, clashes = settle_ids_with_the_store(items, clashes, writer.sources())
         todo = []
         for vid, path in items:
             if writer.contains(vid):
@@ -759,8 +782,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                "decoded_by": dict(decoded_by), "device": str(dev),
                "decode_workers": workers if backend in PYAV_BACKENDS else None,
                "nvdec_workers": nvdec_slots if backend == "hybrid" else None}
-    log.info("extract finished: %d done, %d skipped (already in store), %d failed (see %s); %d windows, "
-             "%.1f video-s in %.1f s (%.1fx realtime)", counts["done"], counts["skipped"], counts["failed"],
+    log.info("extract finished: %d done, %d skipped (already in store), %d failed (see %s); %d windows "
+             "encoded, %.1f video-s in %.1f s (%.1fx realtime)", counts["done"], counts["skipped"], counts["failed"],
              summary["failures"], bar.windows, bar.video_seconds, wall, summary["realtime_factor"])
     return summary
 

@@ -1,4 +1,5 @@
 """End to end: `lvmae extract` on real files, the failure corpus, resume after a hard kill."""
+import csv
 import json
 import subprocess
 import sys
@@ -462,6 +463,21 @@ def test_two_files_with_one_video_id_fail_the_second_only(tmp_path):
     assert sorted(Store(tmp_path / "s").video_ids) == ["clip", "other"]
     [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
     assert failure["path"].endswith("clip.webm") and "already used by" in failure["reason"]
+
+
+def test_a_stored_file_keeps_its_id_when_a_new_one_sorts_before_it(tmp_path):
+    """a.webm stored, then a.mp4 added beside it: the listing puts a.mp4 first, so a.mp4 was "skipped as
+    stored" and the stored a.webm listed as the failure; every later run repeated it. Now the stored file
+    keeps its id and the new one is the failure, as when both were new."""
+    folder = tmp_path / "v"
+    synth.write_video(folder / "a.webm", duration=2.0, fps=10, codec="vp9")
+    extract_videos(folder, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    synth.write_video(folder / "a.mp4", duration=3.0, fps=10, codec="h264")
+    s = extract_videos(folder, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["skipped"], s["failed"], s["total"]) == (0, 1, 1, 2)
+    [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert failure["path"].endswith("a.mp4")
+    assert failure["reason"].startswith(f"video id 'a' is already used by {folder / 'a.webm'} (in the store)")
 
 
 def test_every_clash_of_video_ids_is_a_failure_line(tmp_path):
@@ -1022,15 +1038,17 @@ def test_a_file_name_that_is_not_utf8_is_extracted_and_resumed(tmp_path):
     assert (s["done"], s["skipped"], s["failed"]) == (0, 2, 0)
 
 
-def test_a_store_id_held_from_another_file_is_skipped_with_a_warning_across_runs(tmp_path, caplog):
+def test_a_store_id_held_from_another_file_is_a_failure_across_runs(tmp_path, caplog):
+    """An input whose id the store holds from another, still existing file of another size was skipped as
+    stored (a log warning only: nothing in failures.jsonl, and every later run repeated it)."""
     one = synth.write_video(tmp_path / "sub1" / "clip.mp4", duration=1.0, fps=10, codec="h264").path
     other = synth.write_video(tmp_path / "sub2" / "clip.mp4", duration=2.0, fps=10, codec="h264", seed=1).path
     extract_videos(tmp_path / "sub1", tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
-    with caplog.at_level("WARNING"):
-        s = extract_videos(other, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
-    assert (s["done"], s["skipped"], s["failed"]) == (0, 1, 0)  # was skipped without a word
-    assert any("is in the store already, from" in r.getMessage() and str(Path(one).resolve()) in r.getMessage()
-               for r in caplog.records)
+    s = extract_videos(other, tmp_path / "s", encoder="tiny", seconds=1.0, decoder="pyav")
+    assert (s["done"], s["skipped"], s["failed"], s["total"]) == (0, 0, 1, 1)
+    [failure] = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert failure["path"] == str(other) and failure["reason"].startswith(
+        f"video id 'clip' is in the store already, from {Path(one).resolve()}, a file of another size")
     # A copy of the stored file (a staged dataset) or the file moved: the video the store holds, no warning.
     import shutil
 
@@ -1102,6 +1120,12 @@ def test_list_files_users_make_get_clear_errors_or_warnings(tmp_path, caplog):
     (tmp_path / "utf16.txt").write_bytes("a.mp4\n".encode("utf-16"))
     with pytest.raises(ValueError, match=r"utf16.txt: a list file must be UTF-8 text \(.*save it as UTF-8\)"):
         list_videos(tmp_path / "utf16.txt")
+
+    # A file whose name holds a newline, quoted by csv.writer: a real path, not an unclosed quote.
+    (tmp_path / "new\nline.mp4").write_bytes(b"x")
+    with open(tmp_path / "newline.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "video_id"], ["new\nline.mp4", "nl"], ["b.mp4", "b"]])
+    assert list_videos(tmp_path / "newline.csv") == [("nl", str(tmp_path / "new\nline.mp4")), ("b", str(tmp_path / "b.mp4"))]
 
     caplog.clear()
     (tmp_path / "ids.csv").write_text("Video ID,path\nx1,a.mp4\n")

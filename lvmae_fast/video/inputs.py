@@ -139,7 +139,9 @@ def _csv_rows(list_file: Path) -> list[tuple[str | None, str]]:
         if not p:
             raise ValueError(f"{list_file}, line {line}: no path in column {p_col + 1}"
                              + (" ('path')" if header and "path" in header else ""))
-        if "\n" in p:   # a quote opened and never closed swallows the rows after it into one cell
+        # A quote opened and never closed swallows the rows after it into one cell; a file whose name
+        # holds a newline (csv.writer quotes it) is a real path.
+        if "\n" in p and not (list_file.parent / p).exists():
             raise ValueError(f"{list_file}, line {line}: a path cell spans lines (a quote that is never "
                              "closed?)")
         vid = cells[id_col] if id_col is not None and id_col < len(cells) else ""
