@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from . import train_config as tc
 from .store_cli import import_embeddings
@@ -111,7 +114,7 @@ def _looks_like_demo_stage(folder: Path) -> bool:
         names = _LEGACY_FILES[folder.name]
         return all(entry.is_file() and names.fullmatch(entry.name) for entry in folder.iterdir())
     if folder.name == "run":
-        return (folder / "config.yaml").is_file()
+        return _is_demo_run(folder)
     try:
         return json.loads((folder / "index.json").read_text()).get("encoder") in _DEMO_ENCODERS
     except FileNotFoundError:
@@ -120,12 +123,28 @@ def _looks_like_demo_stage(folder: Path) -> bool:
         return False
 
 
-def is_demo_dir(out: Path, stage_dirs: list[Path]) -> bool:
-    """`out` was written by the demo: it has the marker, or (a demo from before the marker) it holds
-    nothing but the demo's stage folders, each holding what the demo writes there."""
-    if (out / DEMO_MARKER).is_file():
+def _is_demo_run(folder: Path) -> bool:
+    """The demo's run: the tiny preset trained on the store beside it (any `lvmae pretrain` run has a
+    config.yaml), or one killed before it wrote its config (only its lock)."""
+    if {entry.name for entry in folder.iterdir()} <= {".lock"}:
         return True
-    return all(entry in stage_dirs and entry.is_dir() and _looks_like_demo_stage(entry) for entry in out.iterdir())
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return (isinstance(cfg, dict) and cfg.get("preset") == "tiny"
+            and Path(str(cfg.get("store") or "")).resolve() == (folder.parent / "store").resolve())
+
+
+def is_demo_dir(out: Path, stage_dirs: list[Path]) -> bool:
+    """`out`'s stage folders are a demo's: each holds what the demo writes there. The marker says the
+    demo wrote into `out`, so other entries beside them are the user's and stay; without it (a demo from
+    before the marker) `out` must hold nothing else. The marker alone never makes a folder the demo's: a
+    user may have replaced the demo's videos/ with their own."""
+    stages_ok = all(d.is_dir() and _looks_like_demo_stage(d) for d in stage_dirs if d.exists())
+    if (out / DEMO_MARKER).is_file():
+        return stages_ok
+    return stages_ok and all(entry in stage_dirs for entry in out.iterdir())
 
 
 def _run(args) -> int:
@@ -139,9 +158,9 @@ def _run(args) -> int:
     if existing and not is_demo_dir(out, stage_dirs):
         # --overwrite deletes folders: only ever a demo's (a project folder with its own videos/ or store/
         # passed as --out by mistake must keep them).
-        raise ValueError(f"{out} holds {', '.join(d.name for d in existing)} but was not written by `lvmae demo` "
-                         f"(no {DEMO_MARKER} file, and files the demo does not write): --overwrite deletes only "
-                         f"a demo's folders; give another --out")
+        raise ValueError(f"{out} holds {', '.join(d.name for d in existing)} but not as `lvmae demo` wrote them "
+                         f"(files the demo does not write, or no {DEMO_MARKER} file and other entries beside them): "
+                         f"--overwrite deletes only a demo's folders; give another --out")
     if existing and not args.overwrite:
         raise ValueError(f"{out} already holds a demo ({', '.join(d.name for d in existing)}); "
                          f"pass --overwrite or another --out")
@@ -173,7 +192,7 @@ def _run(args) -> int:
                                     val_videos=demo_val_videos(num_videos))
         dim = args.dim
     if code != 0:  # interrupted (Ctrl-C, SIGTERM) or stopped by a non-finite loss: no "demo done"
-        how = (f"its run continues with: lvmae pretrain --out {run} --resume" if code in EXIT_SIGNAL.values() else
+        how = (f"its run continues with: lvmae pretrain --out {shlex.quote(str(run))} --resume" if code in EXIT_SIGNAL.values() else
                "pretrain's message above says how to rewind its run")  # a non-finite stop fails again on --resume
         print(f"demo stopped in its pretraining (exit {code}); {how}", file=sys.stderr)
         return code

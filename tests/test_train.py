@@ -399,7 +399,7 @@ def test_demo_overwrite_deletes_only_a_demos_folders(tmp_path, capsys):
     args = ["demo", "--source", "embeddings", "--videos", "12", "--epochs", "1", "--no-progress", "--overwrite"]
     assert main([*args, "--out", str(project)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "was not written by `lvmae demo`" in err[0], err
+    assert len(err) == 1 and "but not as `lvmae demo` wrote them" in err[0], err
     assert (project / "videos" / "mine.mp4").read_bytes() == b"precious" and not (project / "store").exists()
 
     # Only a demo's stage folders, no marker: still not a demo when they hold what the demo never writes (the
@@ -410,7 +410,7 @@ def test_demo_overwrite_deletes_only_a_demos_folders(tmp_path, capsys):
         (mine / name / inside).write_bytes(b"precious")
         for flags in (args, [a for a in args if a != "--overwrite"]):
             assert main([*flags, "--out", str(mine)]) == 1
-            assert "was not written by `lvmae demo`" in capsys.readouterr().err
+            assert "but not as `lvmae demo` wrote them" in capsys.readouterr().err
         assert (mine / name / inside).read_bytes() == b"precious" and not (mine / DEMO_MARKER).exists()
 
     own_store = tmp_path / "own_store"   # a store of the user's own (another encoder): not a demo's either
@@ -435,6 +435,25 @@ def test_demo_overwrite_deletes_only_a_demos_folders(tmp_path, capsys):
     assert not (legacy / "store" / "stale").exists() and (legacy / ".lvmae-demo").is_file()
     assert not (legacy / "videos").exists()   # --source embeddings writes none
     (legacy / "notes.txt").write_text("added later")  # the marker still says it is a demo
+    assert main([*args, "--out", str(legacy)]) == 0     # (and run/ is the demo's: tiny, on legacy/store)
+
+    # The marker alone made any videos/, store/ or run/ the demo's: a user who had removed the demo's
+    # folders and made their own lost their clips, and a real run (any run has a config.yaml) was deleted.
+    shutil.rmtree(legacy / "run")
+    (legacy / "videos").mkdir()
+    (legacy / "videos" / "my_holiday.mp4").write_bytes(b"precious")
+    assert main([*args, "--out", str(legacy)]) == 1
+    assert "but not as `lvmae demo` wrote them" in capsys.readouterr().err
+    assert (legacy / "videos" / "my_holiday.mp4").read_bytes() == b"precious"
+    shutil.rmtree(legacy / "videos")
+    (legacy / "run").mkdir()
+    (legacy / "run" / "config.yaml").write_text(f"preset: base\nstore: {tmp_path / 'their_store'}\n")
+    (legacy / "run" / "NOTES.txt").write_text("precious")
+    assert main([*args, "--out", str(legacy)]) == 1 and (legacy / "run" / "NOTES.txt").exists()
+    capsys.readouterr()
+    shutil.rmtree(legacy / "run")
+    (legacy / "run").mkdir()
+    (legacy / "run" / ".lock").write_text("pid 1")  # a demo killed before its run wrote config.yaml
     assert main([*args, "--out", str(legacy)]) == 0
 
 
