@@ -11,6 +11,7 @@ index survives, a file with a damaged middle).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -39,6 +40,15 @@ class SynthVideo:
     duration: float              # last frame time + its display duration
     scene_starts: list[float]    # time each scene begins (first is 0.0)
     codec: str
+
+
+def check_video_args(duration: float, fps: float, size) -> None:
+    """Refuse what would write no frame, loop forever or fail inside numpy/FFmpeg with another message."""
+    for name, value in (("duration", duration), ("fps", fps)):
+        if not (isinstance(value, (int, float, np.number)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if len(size) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 and v % 2 == 0 for v in size):
+        raise ValueError(f"size must be (width, height), positive even integers (4:2:0 chroma), got {tuple(size)}")
 
 
 def frame_times_for(duration: float, fps: float, vfr: bool = False, seed: int = 0) -> np.ndarray:
@@ -82,11 +92,12 @@ def write_video(path, duration: float = 6.0, fps: float = 10.0, size: tuple[int,
     path = Path(path)
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose from {sorted(CODECS)}")
-    if size[0] % 2 or size[1] % 2:
-        raise ValueError("width and height must be even (4:2:0 chroma)")
+    check_video_args(duration, fps, size)
     scene_starts = list(scene_starts) if scene_starts is not None else list(np.arange(0.0, duration, 2.0))
-    if not scene_starts or scene_starts[0] != 0.0 or any(b <= a for a, b in zip(scene_starts, scene_starts[1:])):
-        raise ValueError(f"scene_starts must begin with 0.0 and increase, got {scene_starts}")
+    if (not scene_starts or scene_starts[0] != 0.0 or not all(a < b for a, b in zip(scene_starts, scene_starts[1:]))
+            or not scene_starts[-1] < duration):   # (a NaN fails every comparison)
+        raise ValueError(f"scene_starts must begin with 0.0 and increase, all below the duration ({duration} s), "
+                         f"got {scene_starts}")
     times = frame_times_for(duration, fps, vfr=vfr, seed=seed)
     if len(times) == 0:
         raise ValueError(f"duration={duration} s at fps={fps} gives no frame")
@@ -195,9 +206,8 @@ def write_camera_like(path, duration: float = 30.0, fps: float = 30.0, size: tup
     non-IDR I frames that B-frames shown before them predict across."""
     av = require("av", "video", "writing test videos")
     path = Path(path)
+    check_video_args(duration, fps, size)
     width, height = size
-    if width % 2 or height % 2:
-        raise ValueError("width and height must be even (4:2:0 chroma)")
     keyint = keyint or int(round(2 * fps))
     bitrate = bitrate or int(8e6 * width * height / (1920 * 1080))
     rng = np.random.default_rng(seed)

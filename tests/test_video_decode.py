@@ -478,15 +478,27 @@ def test_every_decoder_reads_the_best_video_stream(tmp_path, decoder):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(scene_starts=[0.0, 4.0, 2.0]), r"scene_starts must begin with 0.0 and increase, got \[0.0, 4.0, 2.0\]"),
+    (dict(scene_starts=[0.0, 4.0, 2.0]), r"scene_starts must begin with 0.0 and increase, .*got \[0.0, 4.0, 2.0\]"),
     (dict(scene_starts=[1.0]), "scene_starts must begin with 0.0"),
-    (dict(duration=0.0, fps=10, scene_starts=[0.0]), "duration=0.0 s at fps=10 gives no frame"),  # was a TypeError after writing
-    (dict(size=(63, 48)), "width and height must be even"),
+    # (below: the metadata listed a scene the file does not have, or NaN)
+    (dict(scene_starts=[0.0, float("nan")]), r"scene_starts must .* all below the duration \(6.0 s\)"),
+    (dict(scene_starts=[0.0, 10.0]), r"scene_starts must .* all below the duration \(6.0 s\)"),
+    (dict(duration=0.0, fps=10, scene_starts=[0.0]), "duration must be a finite number > 0, got 0.0"),  # was a TypeError after writing
+    (dict(duration=float("nan")), "duration must be a finite number > 0, got nan"),   # numpy's arange error
+    (dict(fps=float("inf")), "fps must be a finite number > 0, got inf"),             # OverflowError
+    (dict(size=(63, 48)), r"size must be \(width, height\), positive even integers"),
+    (dict(size=(0, 0)), r"size must be \(width, height\), positive even integers"),  # IndexError
+    (dict(size=(-2, 4)), r"size must be \(width, height\), positive even integers"),  # OverflowError
 ])
 def test_the_generator_refuses_what_it_cannot_write(tmp_path, kwargs, message):
     pytest.importorskip("av")
     with pytest.raises(ValueError, match=message):
         synth.write_video(tmp_path / "v.mp4", **kwargs)
+    if "size" in kwargs or "scene_starts" in kwargs:
+        return
+    with pytest.raises(ValueError, match=message):  # it returned a path and wrote no file
+        synth.write_camera_like(tmp_path / "c.mp4", size=(64, 48), **kwargs)
+    assert not (tmp_path / "c.mp4").exists()
 
 
 def _vp9_numbered(path, n, gop):
