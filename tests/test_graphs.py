@@ -332,6 +332,22 @@ def test_overlapped_update_matches_the_eager_trainer_chunk_by_chunk_during_backw
     assert float(step.halted) == 0.0
 
 
+def test_an_overlapped_step_is_freed_with_its_last_reference():
+    """The gradient hooks held the step by a bound method, in autograd's C++ where the collector cannot
+    see the cycle: every overlapped step built stayed alive with its model and optimizer state (~5 GiB at
+    paper size; bench/pretrain.py's later rows counted it in their peak memory). Its hooks go with it."""
+    import gc
+    import weakref
+
+    _, _, model, step = whole_step_pair(overlap_update=True, overlap_chunks=3)
+    step(pad_to_bucket(make_batch([5, 9, 12], seed=40)))
+    gone, optimizer = weakref.ref(step), weakref.ref(step.optimizer)
+    del step
+    gc.collect()
+    assert gone() is None and optimizer() is None
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
 def test_overlapped_update_stops_at_the_first_nonfinite_chunk_and_stays_stopped():
     """A NaN gradient with a finite loss (in the encoder's first block, reached late in backward): the
     chunks queued before it keep their update, that chunk and all after it are skipped, and the next
