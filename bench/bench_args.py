@@ -28,7 +28,7 @@ def positive_ints(parser: argparse.ArgumentParser, flag: str, text: str) -> list
 
 
 def writable_json(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
-    """The folder a JSON result goes to exists and takes files."""
+    """The folder a result file (JSON, a profile table) goes to exists and takes files."""
     if path is None:
         return
     folder = Path(path).parent

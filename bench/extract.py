@@ -46,7 +46,7 @@ from lvmae_fast import extract as extract_module
 from lvmae_fast.extract import cuda_index, decoded_by_text, extract_videos, pyav_events, pyav_threads
 from lvmae_fast.video import decode_pyav
 from lvmae_fast.video.decode_dali import DEFAULT_DALI_API, dali_available
-from lvmae_fast.video.jobs import VideoJob, Window, WindowSpec, prepare_job
+from lvmae_fast.video.jobs import Failed, VideoJob, Window, WindowSpec, prepare_job
 from lvmae_fast.video.ordered import default_decode_workers, ordered_parallel
 
 NOT_MEASURED = "not measured"
@@ -119,19 +119,29 @@ def _bench_pyav_decode(paths, spec, workers: int, threads: int | None, hwaccel=N
     threads = pyav_threads() if threads is None else threads
     frames = [0]
     software = set()   # NVDEC rows: videos FFmpeg decoded in software instead (then not NVDEC's rate)
+    failed = {}        # path -> reason: a video whose decode failed counts no frames (it did not decode them)
     lock = threading.Lock()
 
     def video(p):
         job = prepare_job(VideoJob(p.stem, str(p)), spec)
+        reason = None
+        for event in pyav_events(job, threads, hwaccel=hwaccel, on_software=lambda: software.add(job.path)):
+            if isinstance(event, Failed):
+                reason = event.reason
+            yield event
         with lock:
-            frames[0] += job.index.num_frames  # a sequential decode decodes every frame
-        yield from pyav_events(job, threads, hwaccel=hwaccel, on_software=lambda: software.add(job.path))
+            if reason is None:
+                frames[0] += job.index.num_frames  # a sequential decode decodes every frame
+            else:
+                failed[job.path] = reason
 
     t0 = time.perf_counter()
     windows = sum(isinstance(e, Window) for e in ordered_parallel(paths, video, workers=workers, depth=16))
     dt = time.perf_counter() - t0
+    if failed and len(failed) == len(paths):
+        raise RuntimeError(f"every video's decode failed, e.g. {next(iter(failed.values()))}")
     row = {"frames_per_s": frames[0] / dt, "windows_per_s": windows / dt, "seconds": dt, "workers": workers,
-           "frame_threads": threads or "auto"}
+           "frame_threads": threads or "auto", "failed_videos": len(failed)}
     if hwaccel is not None:
         row["software_fallback_videos"] = len(software)
     return row
@@ -503,7 +513,10 @@ def main(argv=None) -> int:
         save()
 
     def cell(r, key, fmt="{:.0f}"):
-        return fmt.format(r[key]) if isinstance(r, dict) else r
+        if not isinstance(r, dict):
+            return r
+        failed = r.get("failed_videos", 0)  # decode rows: frames of failed videos are not counted
+        return fmt.format(r[key]) + (f" ({failed} videos failed, their frames not counted)" if failed else "")
 
     e2e = results["end_to_end"]
     print(f"\n### Ingestion benchmark ({results['resolution']} H.264 @ {fps:g} fps, {args.content} content, "

@@ -64,7 +64,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
                   --epochs 20 2>&1 | grep -E 'device|\[|error|Error' ;;
       graphs)   # (the graph GPU tests are in the tests part) batch 16 (the 10x target): eager, forward/backward graphs, whole-step graphs (update captured)
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 \
-                  --long-len 0 --cuda-graphs --graph-optimizer --master-weights --compile --json "$OUT/pretrain_graphs.json" 2>&1 | grep -E '^\||rror|recompile_limit' ;
+                  --long-len 0 --cuda-graphs --graph-optimizer --master-weights --compile --json "$OUT/pretrain_graphs.json" 2>&1 | grep -E '^\||rror|recompile_limit|\[bench\]' ; echo "[bench] exit ${PIPESTATUS[0]} (124: cut by its timeout)" ;
                 for mode in graphs eager; do  # graphs: every timed shape is captured before the clock
                   flags=(); [ "$mode" = graphs ] && flags=(--cuda-graphs --graph-optimizer)
                   timeout 110 python3 bench/pretrain.py --mode data --preset paper --device cuda --dim 1024 --videos 512 \
@@ -73,7 +73,7 @@ for part in "${@:-tests kernels extract pretrain}"; do
       overlap)  # issue 2: batch 16 with the AdamW update on a second stream during backward (row +overlap) beside
                 # whole-step graphs (row +opt) and the padded baseline, in one run; then its GPU test (captured vs eager)
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 --long-len 0 \
-                  --cuda-graphs --graph-optimizer --overlap-update --overlap-chunks 32,8 --compile --json "$OUT/pretrain_overlap.json" 2>&1 | grep -E '^\||rror|recompile_limit' ;
+                  --cuda-graphs --graph-optimizer --overlap-update --overlap-chunks 32,8 --compile --json "$OUT/pretrain_overlap.json" 2>&1 | grep -E '^\||rror|recompile_limit|\[bench\]' ; echo "[bench] exit ${PIPESTATUS[0]} (124: cut by its timeout)" ;
                 timeout 150 python3 -m pytest -q -m gpu tests/test_graphs.py -k whole_step_graphs_update -p no:cacheprovider \
                   2>&1 | tail -15 | tee "$OUT/gpu_overlap_tests.log" ;;
       fa4)      # issue 2: FlashAttention-4 (attn_impl=fa4, its Hopper kernels) beside torch's FlashAttention-2 varlen
@@ -86,35 +86,35 @@ for part in "${@:-tests kernels extract pretrain}"; do
                 timeout 120 python3 -m pytest -q -m gpu tests/test_attention.py -p no:cacheprovider 2>&1 | tail -15 \
                   | tee "$OUT/gpu_fa4_tests.log" ;
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 10 --warmup 3 --skip-padded \
-                  --long-len 0 --compile --compare-attn fa4 --json "$OUT/pretrain_fa4_b256.json" 2>&1 | grep -E '^\||rror|recompile_limit' ;
+                  --long-len 0 --compile --compare-attn fa4 --json "$OUT/pretrain_fa4_b256.json" 2>&1 | grep -E '^\||rror|recompile_limit|\[bench\]' ; echo "[bench] exit ${PIPESTATUS[0]} (124: cut by its timeout)" ;
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 --skip-padded \
                   --long-len 0 --cuda-graphs --graph-optimizer --overlap-update --compile --compare-attn fa4 \
-                  --json "$OUT/pretrain_fa4_b16.json" 2>&1 | grep -E '^\||rror|recompile_limit' ;;
+                  --json "$OUT/pretrain_fa4_b16.json" 2>&1 | grep -E '^\||rror|recompile_limit|\[bench\]' ; echo "[bench] exit ${PIPESTATUS[0]} (124: cut by its timeout)" ;;
       autotune) # issue 2: the blocks compiled with inductor's max-autotune (GEMMs as Triton templates where they
                 # time faster, so GELU can run in the fc1 GEMM's epilogue: GELU forward+backward were 8% of the b256
                 # step, unfused) beside the default compile, same run: batch 256 (the 400 TFLOP/s target), then 16
                 export ENABLE_PERSISTENT_TMA_MATMUL=1 ;  # Hopper's TMA persistent GEMM templates among the choices
                 timeout 330 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 10 --warmup 3 --skip-padded \
                   --long-len 0 --compile --compare-compile-modes max-autotune-no-cudagraphs \
-                  --json "$OUT/pretrain_autotune_b256.json" 2>&1 | grep -E '^\||rror|recompile_limit' ;
+                  --json "$OUT/pretrain_autotune_b256.json" 2>&1 | grep -E '^\||rror|recompile_limit|\[bench\]' ; echo "[bench] exit ${PIPESTATUS[0]} (124: cut by its timeout)" ;
                 timeout 240 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 20 --warmup 5 --skip-padded \
                   --long-len 0 --cuda-graphs --graph-optimizer --overlap-update --compile \
                   --compare-compile-modes max-autotune-no-cudagraphs --json "$OUT/pretrain_autotune_b16.json" 2>&1 \
-                  | grep -E '^\||rror|recompile_limit' ;;
+                  | grep -E '^\||rror|recompile_limit|\[bench\]' ; echo "[bench] exit ${PIPESTATUS[0]} (124: cut by its timeout)" ;;
       profile16) # issue 2, batch 16: where the overlapped step and the MasterWeightAdamW step spend GPU time (their rows
                 # were never profiled: MasterWeightAdamW removes ~1.6 ms of weight/gradient casts per step on paper but
                 # gained 0.2 ms; --profile takes the last mode asked for since 2026-11-27)
                 for extra in --overlap-update --master-weights; do
                   timeout 120 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 3 --warmup 2 --skip-padded \
                     --long-len 0 --cuda-graphs --graph-optimizer --compile "$extra" --profile "$OUT/profile_b16_${extra#--}.txt" \
-                    2>&1 | grep -E '^\||rror|recompile_limit' ; head -25 "$OUT/profile_b16_${extra#--}.txt" | cut -c1-60,150-230 ; done ;;
+                    2>&1 | grep -E '^\||rror|recompile_limit|\[bench\]' ; echo "[bench] exit ${PIPESTATUS[0]} (124: cut by its timeout)" ; head -25 "$OUT/profile_b16_${extra#--}.txt" | cut -c1-57,128-200 ; done ;;
       profile)  # where a compute-bound batch-256 step (compiled: its fastest, 369 TFLOP/s vs the 400 target) and a
                 # launch-bound batch-16 step spend GPU time
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 256 --steps 3 --warmup 2 \
-                  --skip-padded --long-len 0 --compile --profile "$OUT/profile_b256.txt" 2>&1 | grep -E '^\||rror|recompile_limit' ;
+                  --skip-padded --long-len 0 --compile --profile "$OUT/profile_b256.txt" 2>&1 | grep -E '^\||rror|recompile_limit|\[bench\]' ; echo "[bench] exit ${PIPESTATUS[0]} (124: cut by its timeout)" ;
                 timeout 200 python3 bench/pretrain.py --preset paper --batch-sizes 16 --steps 3 --warmup 2 \
                   --skip-padded --long-len 0 --cuda-graphs --graph-optimizer --compile \
-                  --profile "$OUT/profile_b16.txt" 2>&1 | grep -E '^\||rror|recompile_limit' ;  # the fastest b16 step: what is left in it
+                  --profile "$OUT/profile_b16.txt" 2>&1 | grep -E '^\||rror|recompile_limit|\[bench\]' ; echo "[bench] exit ${PIPESTATUS[0]} (124: cut by its timeout)" ;  # the fastest b16 step: what is left in it
                 head -30 "$OUT/profile_b256.txt" ;;
       *) echo "unknown part $p" >&2 ;;
     esac

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import platform
@@ -161,6 +162,7 @@ def run_padded(config, batches, device, steps, warmup, num_patches: int):
 
 def _time_steps(step, items, device, steps, warmup):
     if device.type == "cuda":
+        gc.collect()   # earlier rows' models and optimizers, freed: not in this row's peak
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -269,12 +271,13 @@ def main(argv=None):
                         "until 2026-11-27 whole-step graphs even when overlap or master rows followed)")
     args = p.parse_args(argv)
     batch_sizes = positive_ints(p, "--batch-sizes", args.batch_sizes)
-    at_least(p, args, steps=1, warmup=0, min_len=1, long_len=0, padded_max_batch=0)
+    at_least(p, args, steps=1, warmup=0, min_len=1, long_len=0, padded_max_batch=0, in_dim=1)
     if args.max_len < args.min_len:
         p.error(f"--max-len ({args.max_len}) must be >= --min-len ({args.min_len})")
     if not 0 < args.mask_ratio < 1:
         p.error(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
     writable_json(p, "--json", args.json)
+    writable_json(p, "--profile", args.profile)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
     if args.master_weights and not args.graph_optimizer:

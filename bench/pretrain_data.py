@@ -191,6 +191,7 @@ def parse_args(argv):
     at_least(p, args, videos=1, dim=1, steps=1, warmup=0, batch_videos=0, max_tokens=0, num_workers=0,
              prefetch_factor=1, threads=0)
     writable_json(p, "--json-out", args.json_out)
+    writable_json(p, "--profile", args.profile)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
     try:
