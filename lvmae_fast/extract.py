@@ -815,8 +815,10 @@ def register(subparsers) -> None:
                    help="auto = pyav (several videos at once; on an H200 host with 16 cores, 1080p camera-like "
                         "H.264: 61.6-62.9x realtime end to end with 16 at once, against 24.5x for DALI's decoder API "
                         "and 21.1x for its reader); nvdec = the same PyAV decodes on the GPU's NVDEC through FFmpeg's "
-                        "CUDA hwaccel (--device cuda; 58x there); hybrid = both at once, each video on NVDEC while "
-                        "fewer than --nvdec-workers NVDEC decodes run, else on the CPU (not yet timed on a GPU); "
+                        "CUDA hwaccel (--device cuda; 43-58x there, rates that may have been FFmpeg's silent software "
+                        "fallback, which extract now checks for); hybrid = both at once, each video on NVDEC while "
+                        "fewer than --nvdec-workers NVDEC decodes run, else on the CPU (47.3x there, against 57.3x "
+                        "for pyav in the same run); "
                         "dali = NVDEC on GPU (needs nvidia-dali), DALI CPU on --device cpu (VP8/VP9/MJPEG; other "
                         "codecs fall back to PyAV)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per encoder batch (default 32)")
