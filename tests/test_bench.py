@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_kernels import interp  # noqa: F401 - fixture (and triton's interpreter mode without CUDA)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -521,6 +523,47 @@ def test_kernels_bench_checks_the_gradient_of_its_fwd_bwd_rows(monkeypatch):
         assert {row["impl"]: row["ok"] for row in rows} == {"torch eager": True, "triton": ok}
 
 
+def test_kernels_bench_checks_which_rows_its_loss_reads(monkeypatch):
+    """pred and target were independent draws (a loss of ~2 whatever the pairing, checked to 1%): a forward
+    kernel pairing prediction i with target row i, or dropping rows, read "ok"; the fwd+bwd rows checked
+    only the gradient, which the backward kernel recomputes without the forward's value."""
+    kb = load_bench("kernels")
+    for fn, ok in ((lambda p, t, r: kb._mse_eager(p, t, torch.arange(len(r))), False),   # rows ignored
+                   (lambda p, t, r: kb._mse_eager(p[1:], t, r[1:]), False),             # one row dropped
+                   (kb._mse_eager, True)):
+        monkeypatch.setattr(kb.K, "masked_mse_rows", fn)
+        for backward in (False, True):
+            rows = kb.bench_masked_mse("4x16", 16, torch.float32, torch.device("cpu"), True, False, True, backward)
+            assert {row["impl"]: row["ok"] for row in rows} == {"torch eager": True, "triton": ok}, backward
+
+
+def test_kernels_bench_peak_bandwidth_by_device_name():
+    """Matched by substring: every A100 read 2.0 TB/s (the 40 GB ones have 1.555: a true 80% of peak
+    showed as 62%), and an "RTX A1000 Laptop GPU" matched "A100"."""
+    kb = load_bench("kernels")
+    for name, tbs in (("NVIDIA H100 80GB HBM3", 3.35), ("NVIDIA H100 PCIe", 2.0), ("NVIDIA H100 NVL", 3.9),
+                      ("NVIDIA H200", 4.8), ("NVIDIA GH200 480GB", 4.0), ("NVIDIA GH200 144G HBM3e", 4.9),
+                      ("NVIDIA A100-SXM4-40GB", 1.555), ("NVIDIA A100-PCIE-40GB", 1.555),
+                      ("NVIDIA A100 80GB PCIe", 1.935), ("NVIDIA A100-SXM4-80GB", 2.039), ("NVIDIA L40S", 0.864),
+                      ("NVIDIA L4", 0.3), ("NVIDIA RTX A1000 6GB Laptop GPU", None)):
+        assert kb.peak_bandwidth_of(name) == (tbs * 1e12 if tbs else None), name
+
+
+def test_kernels_bench_exits_1_on_a_mismatch_in_any_triton_row(monkeypatch, interp):
+    """Only the rows named exactly "triton" counted: a wrong radix selection (rows "triton (radix select)",
+    "triton radix") read MISMATCH and the run exited 0."""
+    kb = load_bench("kernels")
+    from lvmae_fast.kernels import _triton as KT
+
+    real = KT.select_lowest
+
+    def inverted(keys, *args, impl="hist", **kwargs):
+        return real(-keys if impl == "radix" else keys, *args, impl=impl, **kwargs)
+
+    monkeypatch.setattr(KT, "select_lowest", inverted)
+    assert kb.main(["--device", "cpu", "--cases", "4x16", "--dim", "16", "--no-compile"]) == 1
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("pretrain.py", ["--steps", "0"], "--steps must be >= 1, got 0"),
     ("pretrain.py", ["--batch-sizes", "4,x"], "--batch-sizes must be integers >= 1"),
@@ -535,6 +578,13 @@ def test_kernels_bench_checks_the_gradient_of_its_fwd_bwd_rows(monkeypatch):
     ("extract.py", ["--duration", "0"], "--duration must be >= 1.0, got 0.0"),
     ("extract.py", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     ("extract.py", ["--json", "/nonexistent/x.json"], "does not exist or is not writable"),
+    # kernels.py: a traceback after the first case, 0 put back to the default width, rows reading ERROR
+    ("kernels.py", ["--json", "/nonexistent/x.json"], "does not exist or is not writable"),
+    ("kernels.py", ["--dim", "0"], "--dim must be >= 1, got 0"),
+    ("kernels.py", ["--cases", "abc"], "--cases: 'abc' is not COUNTxLEN or COUNTxUlo-hi"),
+    ("kernels.py", ["--cases", "4x0"], "--cases: '4x0' is not COUNTxLEN"),
+    ("kernels.py", ["--cases", "4xU5-2"], "--cases: '4xU5-2' is not COUNTxLEN"),
+    ("kernels.py", ["--sweep-sim", "--sweep-budget", "-1"], "--sweep-budget must be >= 0 seconds"),
 ])
 def test_bench_flags_out_of_range_are_one_argparse_error_before_anything_runs(script, args, message):
     # Were tracebacks after a measurement, fake "failed" rows with exit 0, or defaults put in their place.
