@@ -549,7 +549,8 @@ def test_kernels_bench_peak_bandwidth_by_device_name():
         assert kb.peak_bandwidth_of(name) == (tbs * 1e12 if tbs else None), name
 
 
-def test_kernels_bench_exits_1_on_a_mismatch_in_any_triton_row(monkeypatch, interp):
+@pytest.mark.usefixtures("interp")
+def test_kernels_bench_exits_1_on_a_mismatch_in_any_triton_row(monkeypatch):
     """Only the rows named exactly "triton" counted: a wrong radix selection (rows "triton (radix select)",
     "triton radix") read MISMATCH and the run exited 0."""
     kb = load_bench("kernels")
