@@ -110,7 +110,9 @@ def test_languagebind_preprocessing_is_its_own_transform(tmp_path, transformers)
     (mean 0.07, max 0.5 off at 1080p)."""
     _languagebind_dir(tmp_path, transformers, zero_temporal=True)
     enc = build_encoder("languagebind", weights=str(tmp_path))
-    for h, w in [(1080, 1920), (480, 854), (640, 480), (480, 495)]:  # 495: the crop at an odd 3.5-pixel offset
+    # 495: the crop at an odd 3.5-pixel offset; 224x488, 392x854: transformers' int(size * long / short) is a
+    # pixel wider than pytorchvideo's floor(long / short * size) there
+    for h, w in [(1080, 1920), (480, 854), (640, 480), (480, 495), (224, 488), (392, 854)]:
         frames = torch.from_numpy(_smooth_frame(h, w))[None]
         want = _pytorchvideo_short_side_scale(frames, 224, enc.mean, enc.std)
         got = frames_to_input(frames[None], 224, enc.mean, enc.std, resample=enc.resample, resize=enc.resize,
@@ -235,6 +237,49 @@ def test_internvideo2_torchscript_layout(tmp_path):
     assert (enc.mean, enc.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
+def test_internvideo2_sees_the_whole_frame_squashed_as_its_test_transform(tmp_path):
+    """InternVideo2's test transform is Resize((S, S), BICUBIC) of the whole frame: the short-side resize and
+    centre crop used before cut 44% of a 16:9 frame's width (a left-to-right ramp read 55..198, not 0..254)."""
+    import torch.nn.functional as F
+
+    torch.jit.save(torch.jit.script(MeanTower()), str(tmp_path / "video_tower.pt"))
+    (tmp_path / "internvideo2.json").write_text(json.dumps({"dim": 16, "image_size": 32}))
+    enc = build_encoder("internvideo2", weights=str(tmp_path))
+    frame = torch.zeros(72, 128, 3, dtype=torch.uint8)
+    frame[..., 0] = torch.linspace(0, 255, 128).round().to(torch.uint8)  # red rises left to right
+    got = frames_to_input(frame[None, None], enc.image_size, enc.mean, enc.std, resample=enc.resample,
+                          resize=enc.resize, style=enc.preprocess_style)[0, 0]
+    x = F.interpolate(frame.permute(2, 0, 1)[None].float() / 255, size=(32, 32), mode="bicubic",
+                      align_corners=False, antialias=True).clamp(0, 1)[0]
+    want = (x - torch.tensor(enc.mean).view(3, 1, 1)) / torch.tensor(enc.std).view(3, 1, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    red = got[0, 16] * enc.std[0] + enc.mean[0]   # the middle row, back in [0, 1]
+    assert red[0] < 0.02 and red[-1] > 0.98
+
+
+def test_internvideo2_captions_are_padded_to_its_40_tokens(tmp_path):
+    """A text tower exported at InternVideo2's fixed 40 tokens failed on every batch whose longest caption
+    was shorter ("Guard failed: input_ids.size()[1] == 40"): captions were padded to the longest only."""
+    transformers = pytest.importorskip("transformers")
+
+    class LengthTower(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return torch.stack([attention_mask.sum(1).float(), torch.full((len(input_ids),), float(input_ids.shape[1]))], 1)
+
+    torch.jit.save(torch.jit.script(MeanTower()), str(tmp_path / "video_tower.pt"))
+    torch.jit.save(torch.jit.script(LengthTower()), str(tmp_path / "text_tower.pt"))
+    (tmp_path / "internvideo2.json").write_text(json.dumps({"dim": 2, "image_size": 32}))
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "runs"]))
+    transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    enc = build_encoder("internvideo2", weights=str(tmp_path))
+    out = enc.encode_text(["a dog", "a dog runs"])
+    assert out[:, 1].tolist() == [40.0, 40.0] and out[:, 0].tolist() == [4.0, 5.0]  # [CLS] ... [SEP]
+    with pytest.raises(ValueError, match="encode_text takes a list of captions, got one string"):
+        enc.encode_text("a dog")   # embedded each character
+    with pytest.raises(ValueError, match="encode_text takes a list of captions, got one string"):
+        build_encoder("tiny").encode_text("a dog")
+
+
 def test_internvideo2_exported_program_layout(tmp_path):
     # build_encoder's eval() raised NotImplementedError: a torch.export module refuses train(False).
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -262,6 +307,10 @@ def test_the_weights_fingerprint_reads_every_byte_and_skips_tokenizer_files(tmp_
     before = weights_fingerprint(tmp_path / "a")
     _write_tokenizer(tmp_path / "a")  # what encode_text asks for: the video embeddings stay the same
     (tmp_path / "a" / "README.md").write_text("notes")
+    # InternVideo2's BERT vocabulary and text tower, or a sentencepiece model, added later (were hashed:
+    # the extract job's resume was refused)
+    for name in ("vocab.txt", "tokenizer.model", "text_tower.pt", "text_tower.pt2"):
+        (tmp_path / "a" / name).write_bytes(b"text side")
     assert weights_fingerprint(tmp_path / "a") == before
 
 

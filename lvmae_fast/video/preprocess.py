@@ -12,6 +12,8 @@ processors put it (rounding made 640x480 299 pixels wide instead of 298, half a 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +38,7 @@ def frames_to_input(frames_NTHWC: torch.Tensor, size: int, mean, std,
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     N, T, H, W, C = frames_NTHWC.shape
-    resized = resized_shape(H, W, size if resize is None else resize)
+    resized = resized_shape(H, W, size if resize is None else resize, style)
     if min(resized) < size:
         raise ValueError(f"resize to {resized[0]}x{resized[1]} is smaller than the {size}x{size} crop")
     flat = frames_NTHWC.reshape(N * T, H, W, C)
@@ -45,11 +47,14 @@ def frames_to_input(frames_NTHWC: torch.Tensor, size: int, mean, std,
     return out.reshape(N, T, C, size, size)
 
 
-def resized_shape(H: int, W: int, size: int | tuple[int, int]) -> tuple[int, int]:
-    """(height, width) with the shorter side `size` and the longer int(size * long / short); a
-    (height, width) pair is returned as it is."""
+def resized_shape(H: int, W: int, size: int | tuple[int, int], style: str = "transformers") -> tuple[int, int]:
+    """(height, width) with the shorter side `size` and the longer int(size * long / short) as transformers
+    computes it, or floor(long / short * size) as pytorchvideo's ShortSideScale does (the two differ by a
+    pixel at some sizes: 224x488, 392x854); a (height, width) pair is returned as it is."""
     if not isinstance(size, int):
         return int(size[0]), int(size[1])
+    if style == "pytorchvideo":
+        return (size, int(math.floor(W / H * size))) if H <= W else (int(math.floor(H / W * size)), size)
     return (size, int(size * W / H)) if H <= W else (int(size * H / W), size)
 
 

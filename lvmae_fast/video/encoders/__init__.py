@@ -63,11 +63,11 @@ def build_encoder(name: str, weights=None, seed: int = 0) -> VideoEncoder:
     return encoder
 
 
-# Files of a checkpoint dir that do not decide its video embeddings: adding the tokenizer files that
-# encode_text asks for must not refuse the resume of an extract job.
-TEXT_ONLY_FILES = frozenset({"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                             "special_tokens_map.json", "added_tokens.json", "spiece.model",
-                             "sentencepiece.bpe.model"})
+# Files of a checkpoint dir that do not decide its video embeddings: adding the tokenizer files (or the
+# InternVideo2 text tower) that encode_text asks for must not refuse the resume of an extract job.
+TEXT_ONLY_FILES = frozenset({"vocab.json", "vocab.txt", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                             "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "spiece.model",
+                             "sentencepiece.bpe.model", "text_tower.pt", "text_tower.pt2"})
 FINGERPRINT_VERSION = "v2:"
 
 

@@ -43,6 +43,13 @@ class VideoEncoder(nn.Module):
             raise ValueError(f"encoder {self.name!r} needs {self.num_frames} frames per window, got T={T}")
 
 
+def captions(texts) -> list[str]:
+    """encode_text's input as a list; one string is refused (list("a dog") would embed each character)."""
+    if isinstance(texts, str):
+        raise ValueError("encode_text takes a list of captions, got one string: pass [text]")
+    return list(texts)
+
+
 def pooled(output) -> torch.Tensor:
     """transformers < 5 returns a tensor from get_*_features, 5.x a ModelOutput with pooler_output."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output

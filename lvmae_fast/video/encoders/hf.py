@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ...checkpoint import read_json
-from .base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VideoEncoder, channel_stats, pooled
+from .base import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, VideoEncoder, captions, channel_stats,
+                   pooled)
 
 
 def offline_transformers():
@@ -144,7 +145,7 @@ class HFTextTower:
         # it from tokenizer_config.json / config.json (and fails on a model type it does not know).
         self.path, self.name, self.tokenizer_class, self._tok = path, name, tokenizer_class, None
 
-    def tokenize(self, texts, device, max_length: int):
+    def tokenize(self, texts, device, max_length: int, padding: bool | str = True):
         if self._tok is None:
             # transformers 5 builds an *empty* tokenizer from config.json alone (every word becomes
             # the end-of-text token, no error): require a vocabulary file first.
@@ -157,7 +158,7 @@ class HFTextTower:
                 self._tok = loader.from_pretrained(str(self.path), local_files_only=True)
             except (OSError, ValueError) as err:
                 raise ValueError(f"encoder {self.name!r}: no tokenizer in {self.path} ({err})") from None
-        batch = self._tok(list(texts), padding=True, truncation=True, max_length=max_length,
+        batch = self._tok(captions(texts), padding=padding, truncation=True, max_length=max_length,
                           return_tensors="pt")
         return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 

@@ -46,6 +46,9 @@ def _load_tower(file: Path):
 
 class InternVideo2Encoder(VideoEncoder):
     name = "internvideo2"
+    # Its test transform: Resize((image_size, image_size), BICUBIC), the whole frame squashed to a square,
+    # no crop (a centre crop of the short side dropped 44% of a 16:9 frame's width).
+    resample = "bicubic"
 
     def __init__(self, weights):
         super().__init__()
@@ -59,6 +62,7 @@ class InternVideo2Encoder(VideoEncoder):
         meta = read_json(meta_file)
         self.dim = _count(meta, "dim", None, meta_file)
         self.image_size = _count(meta, "image_size", 224, meta_file)
+        self.resize = (self.image_size, self.image_size)
         self.num_frames = _count(meta, "num_frames", None, meta_file, optional=True)
         # Checked here: a wrong length failed only mid-job, in preprocess.py. ImageNet's: its default.
         self.mean = channel_stats(meta["mean"], "mean", meta_file) if "mean" in meta else IMAGENET_MEAN
@@ -77,7 +81,8 @@ class InternVideo2Encoder(VideoEncoder):
         if not texts:  # the tokenizer takes no empty batch
             return torch.empty(0, self.dim)
         device = next(iter(self.text_tower.parameters()), torch.empty(0)).device
-        batch = self.text.tokenize(texts, device, 40)
+        # Padded to 40 tokens, as InternVideo2 tokenises (an export traced at that length takes no other).
+        batch = self.text.tokenize(texts, device, 40, padding="max_length")
         return self.text_tower(batch["input_ids"], batch["attention_mask"])
 
 

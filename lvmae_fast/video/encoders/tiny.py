@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import VideoEncoder
+from .base import VideoEncoder, captions
 
 
 class TinyVideoEncoder(VideoEncoder):
@@ -49,6 +49,7 @@ class TinyVideoEncoder(VideoEncoder):
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         device = self.text_proj.weight.device
+        texts = captions(texts)
         if not texts:  # torch.cat takes no empty list
             return torch.empty(0, self.dim, device=device, dtype=self.text_proj.weight.dtype)
         ids = [torch.tensor(list(t.encode("utf-8")) or [0], dtype=torch.long) for t in texts]
