@@ -1,6 +1,8 @@
 """Atomic, durable file replacement: nothing written is ever seen half-done or lost to a crash."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -121,6 +123,21 @@ def atomic_write(path, write) -> None:
         # Only its survival across a power cut is in doubt, so say that and go on.
         log.warning("wrote %s, but could not sync its directory (%s): the new file may not survive a "
                     "power cut", path, err.strerror or err)
+
+
+def stale_temp_files(folder, names) -> list[Path]:
+    """atomic_write's temp files for these file names in `folder`: a writer killed mid-write leaves its
+    temp file (the cleanup never runs), as large as what it was writing."""
+    folder = Path(folder)
+    return [p for name in names for p in folder.glob(f".{glob.escape(name)}.*.tmp")]
+
+
+def remove_stale_temps(folder, names) -> None:
+    """Delete what stale_temp_files finds. Only by the folder's one writer (under its lock), before it
+    writes: another writer's live temp file would go too."""
+    for p in stale_temp_files(folder, names):
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write, atomic_write_text, fsync_dir, remove_stale_temps
 
 log = logging.getLogger(__name__)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -26,9 +26,16 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 def save_model_dir(model, directory) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(directory, (WEIGHTS_NAME, CONFIG_NAME))   # a killed save's (weights-sized)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # config.json last, and an old one removed first: a directory with a config always has the weights that
+    # go with it. Replacing a model (convert-reference again) left the new weights under the old config when
+    # the config write failed or was killed: head counts and the recipe are not in the tensor shapes, so it
+    # loaded without a word. Now such a folder has weights and no config, which from_pretrained refuses.
+    if (directory / CONFIG_NAME).exists():
+        (directory / CONFIG_NAME).unlink()
+        fsync_dir(directory)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    # config.json last: a directory with a config always has the weights that go with it.
     config_text = json.dumps(model.config.to_dict(), indent=2, sort_keys=True)
     atomic_write_text(directory / CONFIG_NAME, config_text)
 

@@ -107,6 +107,12 @@ _LEGACY_FILES = {"videos": re.compile(r"video\d{3,}\.mp4"), "embeddings": re.com
 _DEMO_ENCODERS = ("tiny", "synthetic")   # the videos demo extracts with `tiny`; the embeddings demo imports
 # A store the demo's extraction was killed in before its first commit: no index yet, only a writer's files.
 _UNCOMMITTED_STORE = {".lock", "failures.jsonl", "shards", "partial"}
+_ATOMIC_TEMP = re.compile(r"\..+\.tmp")
+
+
+def _names_but_temps(folder: Path) -> set[str]:
+    """Entry names, less atomic writes' temp files (`.index.json.x1y2.tmp`): a demo killed mid-write leaves one."""
+    return {entry.name for entry in folder.iterdir() if not _ATOMIC_TEMP.fullmatch(entry.name)}
 
 
 def _looks_like_demo_stage(folder: Path) -> bool:
@@ -118,7 +124,7 @@ def _looks_like_demo_stage(folder: Path) -> bool:
     try:
         return json.loads((folder / "index.json").read_text()).get("encoder") in _DEMO_ENCODERS
     except FileNotFoundError:
-        return {entry.name for entry in folder.iterdir()} <= _UNCOMMITTED_STORE
+        return _names_but_temps(folder) <= _UNCOMMITTED_STORE
     except (OSError, ValueError, AttributeError):   # unreadable, not JSON, not an object: not the demo's
         return False
 
@@ -126,7 +132,7 @@ def _looks_like_demo_stage(folder: Path) -> bool:
 def _is_demo_run(folder: Path) -> bool:
     """The demo's run: the tiny preset trained on the store beside it (any `lvmae pretrain` run has a
     config.yaml), or one killed before it wrote its config (only its lock)."""
-    if {entry.name for entry in folder.iterdir()} <= {".lock"}:
+    if _names_but_temps(folder) <= {".lock"}:
         return True
     try:
         cfg = yaml.safe_load((folder / "config.yaml").read_text())

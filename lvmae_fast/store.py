@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import WRITE_ERRORS, append_whole, atomic_write, write_error
+from .atomic import WRITE_ERRORS, append_whole, atomic_write, remove_stale_temps, write_error, write_reason
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +385,7 @@ class StoreWriter:
             raise
 
     def _open(self, settings, segment_seconds, shard_rows) -> None:
+        remove_stale_temps(self.path, (INDEX_NAME,))   # a killed writer's index-sized temp file (lock held)
         self.segment_seconds, self.shard_rows = float(segment_seconds), int(shard_rows)
         settings = json.loads(json.dumps(settings)) if settings is not None else None  # as it reads back from JSON
         record_settings, replaced_seq = False, None
@@ -657,10 +658,22 @@ class StoreWriter:
     def __enter__(self) -> "StoreWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         # Every buffered video passed validation in add(), so committing on an exception keeps only
         # complete videos; a re-run resumes after them.
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except WRITE_ERRORS as err:
+            # The job's own error (a full disk, say) is what the user must see, not this second one that
+            # follows from it (the same disk, when committing what was buffered): log it, let the first go on.
+            log.warning("store %s: the videos buffered since the last commit were not saved (%s); "
+                        "a re-run redoes them", self.path, write_reason(err, self.path))
+            if not self._closed:
+                self._closed = True
+                self._lock.release()
 
 
 class Store:

@@ -49,13 +49,15 @@ import torch
 from safetensors.torch import load_file
 
 from . import train_config as tc
-from .atomic import WRITE_ERRORS, WriteError, append_whole, atomic_write, atomic_write_text, fsync_dir, write_error
+from .atomic import (WRITE_ERRORS, WriteError, append_whole, atomic_write, atomic_write_text, fsync_dir,
+                     remove_stale_temps, write_error)
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
 from .model import LVMAE, LVMAEConfig
 from .sampler import VAL_EPOCH, LongVideoSampler, kept_by_policy, max_crop_segments, split_videos
 from .store import Store, WriterLock, scan_nonfinite
+from .tb_log import TensorBoardLog
 
 log = logging.getLogger(__name__)
 STATE_NAME, LATEST_NAME = "train_state.pt", "latest"
@@ -728,6 +730,7 @@ def _pretrain(cfg: tc.PretrainConfig, resume: bool, resume_from: str | None, loc
         check_run_dir(out, Path(cfg.store), resume)
         if latest_checkpoint(out) is not None:   # (with --resume an empty dir passes: not one a run has used)
             raise ValueError(f"{out} was started by another run meanwhile; pass --resume to continue it")
+    remove_stale_temps(out, RUN_ENTRIES)  # a killed run's half-written config.yaml, loss.png, ... (lock held)
     if rewind:
         rewind_to(out, ckpt)
     atomic_write_text(out / "config.yaml", tc.dump_yaml(cfg))
@@ -735,10 +738,7 @@ def _pretrain(cfg: tc.PretrainConfig, resume: bool, resume_from: str | None, loc
     if resume:  # drop records logged after the checkpoint (all of them when there is none yet)
         truncate_metrics(metrics_path, progress["step"])
         drop_later_val(out, progress["step"])
-    tb = None
-    if cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(out / "tb"), purge_step=progress["step"] + 1 if resume else None)
+    tb = TensorBoardLog(out / "tb", purge_step=progress["step"] + 1 if resume else None) if cfg.tensorboard else None
 
     full = sum(sampler.num_batches(e) for e in range(cfg.epochs))  # where the lr schedule ends
     total_steps = min(full, cfg.max_steps) if cfg.max_steps else full

@@ -322,3 +322,31 @@ def test_a_damaged_model_dir_is_one_value_error_naming_the_file(tmp_path):
         assert str(path) in str(err.value)
     config.write_text(good_config), weights.write_bytes(good_weights)
     assert LVMAE.from_pretrained(tmp_path / "m").config == model.config
+
+
+def test_replacing_a_model_whose_config_write_fails_leaves_no_old_config(tmp_path, monkeypatch):
+    """A model folder replaced (convert-reference again) kept its old config.json when the new config's write
+    failed or was killed: the new weights loaded under the old head count without a word (heads are not in
+    the tensor shapes). A killed save's weights-sized temp file is removed by the next save."""
+    import errno
+
+    from lvmae_fast import checkpoint
+
+    first = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, num_heads=4))
+    save_model_dir(first, tmp_path / "m")
+    (tmp_path / "m" / ".model.safetensors.k1ll.tmp").write_bytes(b"half of a killed save")
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", full)
+    second = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=8, num_heads=2))
+    with pytest.raises(OSError):
+        save_model_dir(second, tmp_path / "m")
+    assert not (tmp_path / "m" / "config.json").exists()
+    assert not (tmp_path / "m" / ".model.safetensors.k1ll.tmp").exists()
+    with pytest.raises((FileNotFoundError, ValueError)):
+        LVMAE.from_pretrained(tmp_path / "m")
+    monkeypatch.undo()
+    save_model_dir(second, tmp_path / "m")
+    assert LVMAE.from_pretrained(tmp_path / "m").config.num_heads == 2

@@ -1277,3 +1277,38 @@ def test_segment_seconds_must_be_finite_as_stored(tmp_path, seconds):
     with StoreWriter(tmp_path / "s", 4, segment_seconds=3e38) as w:  # finite, but row 2's times overflow
         with pytest.raises(ValueError, match=r"window_times must be finite in float32 .*by default row i covers"):
             w.add("v", np.ones((3, 4), np.float32))
+
+
+def test_a_killed_writers_index_temp_file_is_removed_by_the_next_writer(tmp_path):
+    """A writer killed inside an index write leaves an index-sized .index.json.*.tmp; nothing removed it."""
+    with StoreWriter(tmp_path / "s", 4) as w:
+        w.add("a", np.ones((2, 4), np.float32))
+    stale = tmp_path / "s" / ".index.json.k1ll.tmp"
+    stale.write_text('{"videos": [')
+    with StoreWriter(tmp_path / "s", 4) as w:
+        w.add("b", np.ones((2, 4), np.float32))
+    assert not stale.exists() and Store(tmp_path / "s").video_ids == ["a", "b"]
+
+
+def test_a_job_error_is_not_hidden_by_the_writers_failing_close(tmp_path, monkeypatch, caplog):
+    """A full disk stopped an extract job with 'could not save embedded windows ...'; the writer's close
+    then failed on the same disk and its 'could not write index.json' was the error shown."""
+    import errno
+
+    from lvmae_fast import store as store_module
+
+    w = StoreWriter(tmp_path / "s", 4)
+    w.add("a", np.ones((2, 4), np.float32))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_atomic_save_json", full)
+    monkeypatch.setattr(StoreWriter, "commit", lambda self: full())
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="the job's own error"):
+        with w:
+            raise ValueError("the job's own error")
+    assert "were not saved (No space left on device); a re-run redoes them" in caplog.text
+    monkeypatch.undo()
+    with StoreWriter(tmp_path / "s", 4) as again:   # the lock was released
+        again.add("b", np.ones((2, 4), np.float32))

@@ -182,6 +182,48 @@ def test_resume_extends_max_steps_and_refuses_other_configs(store, reference_run
     assert curve(run) == curve(reference_run)[:50]
 
 
+def test_a_tensorboard_write_that_fails_turns_it_off_and_the_run_goes_on(store, tmp_path, monkeypatch, caplog,
+                                                                        restore_threads):
+    """A full disk under RUN/tb stopped the run with "[Errno 28] No space left on device", naming no file
+    (and a traceback from tensorboard's thread); metrics.jsonl holds the same values."""
+    import errno
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lvmae_fast.cli import main
+
+    calls = []
+
+    def full(self, *args, **kwargs):
+        calls.append(args)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        assert main(["pretrain", "--preset", "tiny", "--store", str(store), "--out", str(out), "--no-progress",
+                     "--max-steps", "4", "--set", "log_every=1"]) == 0
+    assert len(calls) == 1  # off after the first failure
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    told = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(told) == 1 and f"not written to {out / 'tb'}" in told[0] and "No space left on device" in told[0]
+
+
+def test_a_killed_runs_temp_files_are_removed_on_resume(store, tmp_path, restore_threads):
+    """A run killed inside an atomic write of config.yaml, loss.png or its model files left the temp file
+    (as large as the model, for model.safetensors) for good."""
+    from lvmae_fast.cli import main
+
+    args = ["pretrain", "--preset", "tiny", "--store", str(store), "--out", str(tmp_path / "run"), "--no-progress",
+            "--set", "tensorboard=false"]
+    assert main([*args, "--max-steps", "2"]) == 0
+    stale = [tmp_path / "run" / f".{name}.k1ll.tmp" for name in ("config.yaml", "loss.png", "model.safetensors")]
+    for p in stale:
+        p.write_bytes(b"half")
+    assert main([*args, "--max-steps", "3", "--resume"]) == 0
+    assert not any(p.exists() for p in stale)
+
+
 def test_pretrain_with_norm_targets(store, tmp_path, restore_threads):
     """model.norm_targets=true (the reference's --norm_pix_loss) was refused for every store: the config
     check built the model with a stand-in in_dim of 1, which norm_targets refuses."""
@@ -422,6 +464,7 @@ def test_demo_overwrite_deletes_only_a_demos_folders(tmp_path, capsys):
     killed = tmp_path / "killed"   # an older demo killed in extraction before the store's first commit
     (killed / "store" / "shards").mkdir(parents=True)
     (killed / "store" / ".lock").write_text("pid 1")
+    (killed / "store" / ".index.json.a8x2.tmp").write_text("{")   # killed inside that commit
     (killed / "store" / "failures.jsonl").write_text("")
     assert main([*args, "--out", str(killed)]) == 0 and (killed / ".lvmae-demo").is_file()
 
@@ -453,7 +496,8 @@ def test_demo_overwrite_deletes_only_a_demos_folders(tmp_path, capsys):
     capsys.readouterr()
     shutil.rmtree(legacy / "run")
     (legacy / "run").mkdir()
-    (legacy / "run" / ".lock").write_text("pid 1")  # a demo killed before its run wrote config.yaml
+    (legacy / "run" / ".lock").write_text("pid 1")  # a demo killed before its run wrote config.yaml,
+    (legacy / "run" / ".config.yaml.k1f2.tmp").write_text("preset: ti")  # while writing it (refused forever)
     assert main([*args, "--out", str(legacy)]) == 0
 
 
