@@ -133,7 +133,10 @@ def plan_crops(num_segments: np.ndarray, segment_seconds: np.ndarray, cfg: Sampl
     start = np.minimum(np.floor(u * (n - length + 1)).astype(np.int64), n - length)
     repeats = repeats_for(n, cfg.short_video_policy)
     out_len = np.minimum(length * repeats, cfg.max_len)
-    return [Crop(int(v), int(start[v]), int(length[v]), int(repeats[v]), int(out_len[v])) for v in order]
+    # Gathered in order as numpy, then plain ints: indexing numpy arrays one element at a time was 85% of
+    # planning an epoch (1 s at 200k videos, paid per epoch by a --max-tokens run's start-up).
+    columns = [a.tolist() for a in (order, start[order], length[order], repeats[order], out_len[order])]
+    return [Crop(*fields) for fields in zip(*columns)]
 
 
 def split_batches(crops: list[Crop], cfg: SamplerConfig) -> list[list[Crop]]:

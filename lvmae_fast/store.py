@@ -609,7 +609,10 @@ class StoreWriter:
             return np.load(self.path / index["shards"][shard][kind], mmap_mode="r")
 
         def rows(v: dict, kind: str) -> np.ndarray:  # v still holds its old shard/offset here
-            return shard_map(v["shard"], kind)[v["offset"]: v["offset"] + v["n"]]
+            # A copy: a view would keep its shard's map (an open file) alive until the group is written,
+            # and a group gathers up to shard_rows rows from as many small shards ("Too many open files"
+            # at the end of an extract job of ~1000 batches).
+            return np.array(shard_map(v["shard"], kind)[v["offset"]: v["offset"] + v["n"]])
 
         written = []
         try:

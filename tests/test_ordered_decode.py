@@ -1048,3 +1048,25 @@ def test_a_rotated_video_is_embedded_as_stored_with_one_warning_however_many_par
             assert [w.frames.shape for w in windows] == [(2, 48, 64, 3)] * 4   # as stored
     told = [r.getMessage() for r in caplog.records if "display matrix" in r.getMessage()]
     assert len(told) == 1 and "portrait.mp4: its player shows it rotated by 90 degrees" in told[0], told
+
+
+def test_items_in_flight_are_capped_while_one_long_item_holds_the_order():
+    """While one worker decoded a long video that cannot be cut into parts, the other ran through every
+    later video, each holding its windows until the consumer reached it: memory grew with the number of
+    videos behind the long one (2102 windows, 840 MB on 2000 short videos). At most `ahead` items are
+    started and not yet consumed."""
+    release, started = threading.Event(), []
+
+    def produce(i):
+        started.append(i)
+        if i == 0:
+            release.wait(10)   # the long video
+        yield i
+
+    gen = ordered_parallel(range(50), produce, workers=2, ahead=4)
+    threading.Timer(0.5, release.set).start()
+    first = next(gen)          # blocks until item 0 is released
+    assert first == 0 and max(started) < 4, started   # items 0..3 only, not all 50
+    assert list(gen) == list(range(1, 50))
+    with pytest.raises(ValueError, match="ahead must be >= workers"):
+        next(ordered_parallel(range(3), produce, workers=2, ahead=1))

@@ -1312,3 +1312,23 @@ def test_a_job_error_is_not_hidden_by_the_writers_failing_close(tmp_path, monkey
     monkeypatch.undo()
     with StoreWriter(tmp_path / "s", 4) as again:   # the lock was released
         again.add("b", np.ones((2, 4), np.float32))
+
+
+def test_compaction_keeps_few_shard_files_open(tmp_path):
+    """Compaction gathered views of every small shard into one group, keeping each shard's map (an open
+    file) alive: ~1000 shards failed with 'Too many open files' under the default limit of 1024."""
+    import resource
+
+    with StoreWriter(tmp_path / "s", 4, shard_rows=1 << 16) as w:
+        for k in range(120):
+            w.add(f"v{k}", np.full((1, 4), k, np.float32))
+            w.commit()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))   # fewer than the 240 shard files
+    try:
+        with StoreWriter(tmp_path / "s", 4) as w:
+            w.compact()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    store = Store(tmp_path / "s")
+    assert len(store.video_ids) == 120 and all(store.get(f"v{k}")[0, 0] == k for k in range(120))

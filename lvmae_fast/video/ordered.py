@@ -4,8 +4,12 @@ One PyAV decode is bound by one video's frame threading, which scales poorly (th
 each other, and a small frame gives each little to do); decodes side by side use the cores fully.
 The consumer still sees exactly the sequential order: all of video 0's events, then video 1's, ...
 so encoder batches, store rows and failures.jsonl are the same as with one worker, whatever the
-thread timing. Memory stays bounded: each video in flight has its own queue of `depth` items, and a
-worker whose queue is full waits while the consumer drains the videos before it.
+thread timing. Memory stays bounded: each video in flight has its own queue of `depth` items, a
+worker whose queue is full waits while the consumer drains the videos before it, and at most `ahead`
+videos are in flight at once (started and not yet consumed to their end). Without that cap, while one
+worker decoded a long video that could not be cut into parts (MPEG-TS), the others ran through every
+later short video, each holding its windows until the consumer got there (2102 windows held, 840 MB,
+on 2000 short videos behind one 3-hour one).
 """
 from __future__ import annotations
 
@@ -48,15 +52,22 @@ def default_decode_workers(cpus: int | None = None) -> int:
 
 
 def ordered_parallel(items: Iterable, produce: Callable[[object], Iterator], workers: int = 1,
-                     depth: int = 8) -> Iterator:
+                     depth: int = 8, ahead: int | None = None) -> Iterator:
     """Yield everything `produce(item)` yields, for each item in `items` order, running up to `workers`
-    of those generators at once in threads. An exception from `items` or from a generator is raised
+    of those generators at once in threads, and at most `ahead` items (default 2 x workers) in flight:
+    started and not yet consumed to their end. An exception from `items` or from a generator is raised
     here at its place in the order. Closing this generator early stops the workers (each closes its
     generator, releasing open files) and closes `items` before it returns."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
+    ahead = 2 * workers if ahead is None else ahead
+    if ahead < workers:
+        raise ValueError(f"ahead must be >= workers ({workers}), got {ahead}")
+    # One permit per item in flight: taken before a worker takes an item, given back when the consumer
+    # has had the item's last event. The consumer's item always has its permit, so it always progresses.
+    in_flight = threading.Semaphore(ahead)
     source = iter(items)
     take = threading.Lock()          # pulls from `source` and numbers the item in one step
     ready = threading.Condition()    # a new slot, or the end of `source`
@@ -94,8 +105,16 @@ def ordered_parallel(items: Iterable, produce: Callable[[object], Iterator], wor
             ready.notify_all()
         return q
 
+    def acquire_permit() -> bool:
+        while not stop.is_set():
+            if in_flight.acquire(timeout=0.1):
+                return True
+        return False
+
     def work():
-        while acquire_take():
+        while acquire_permit():
+            if not acquire_take():
+                return
             try:  # numbering under the lock: slot k always holds the k-th item
                 if stop.is_set():
                     close_source()
@@ -103,6 +122,7 @@ def ordered_parallel(items: Iterable, produce: Callable[[object], Iterator], wor
                 try:
                     item = next(source)
                 except StopIteration:
+                    in_flight.release()  # no item taken
                     with ready:
                         state["total"] = state["next"]
                         ready.notify_all()
@@ -158,6 +178,7 @@ def ordered_parallel(items: Iterable, produce: Callable[[object], Iterator], wor
                 if isinstance(out, _Raised):
                     raise out.err
                 yield out
+            in_flight.release()   # item k consumed to its end: another may start
             k += 1
     finally:
         stop.set()
