@@ -55,6 +55,11 @@ class SamplerConfig:
     masking: str = "semantic"
     seed: int = 0
     pad_to_buckets: bool = False      # pad each batch to a bucketed shape (buckets.py; for CUDA graphs)
+    # The longest crop (rows) this store's videos can give, the buckets' attention-length floor; 0: max_len.
+    # LongVideoSampler sets it: with durations capping crops far below max_len (max_len raised for long
+    # videos), a floor of max_len made every bucketed batch attend over max_len rows (sdpa's padded block
+    # on CUDA: 2000x the work at max_len 16000 for crops of 251).
+    crop_cap: int = 0
 
     def __post_init__(self):
         if not 0 < self.duration_min <= self.duration_max < math.inf:
@@ -227,7 +232,7 @@ def build_batch(store, video_ids: list[str], crops: list[Crop], cfg: SamplerConf
     batch = build_masked_batch(x_Td, cu_seqlens_from_lengths(lengths), lengths, cfg.masking,
                                cfg.mask_ratio, generator=generator, kernels="torch")
     if cfg.pad_to_buckets:
-        batch = pad_to_bucket(batch, **seqlen_floors(cfg.max_len, cfg.mask_ratio))
+        batch = pad_to_bucket(batch, **seqlen_floors(cfg.crop_cap or cfg.max_len, cfg.mask_ratio))
     return share_storages(batch)
 
 
@@ -314,6 +319,12 @@ class LongVideoSampler:
         self.segment_seconds = np.array([store.meta(v)["segment_seconds"] for v in self.video_ids], dtype=np.float64)
         if not self.video_ids:
             raise ValueError("no videos to sample from (empty store or split, or every video dropped as too short)")
+        if not cfg.crop_cap:  # plan_crops' longest out_len: the video's length, the durations' cap, tiling, max_len
+            longest = {sec: max_crop_segments(cfg.duration_min, cfg.duration_max, sec)
+                       for sec in np.unique(self.segment_seconds).tolist()}
+            caps = np.minimum(self.num_segments, [longest[sec] for sec in self.segment_seconds.tolist()])
+            caps = caps * repeats_for(self.num_segments, cfg.short_video_policy)
+            self.cfg = replace(cfg, crop_cap=int(min(cfg.max_len, caps.max())))
         self._plans: dict[int, list[list[Crop]]] = {}
         self._counts: dict[int, int] = {}
 

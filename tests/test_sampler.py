@@ -1,4 +1,6 @@
 """Long-video sampler: the crop recipe, batch contents vs a numpy reference, determinism, ranks, budgets."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -283,3 +285,22 @@ def test_every_bit_of_the_seed_keys_the_plans():
         assert np.array_equal(_rng(seed, 3, 0xC0).integers(0, 1 << 30, 8),
                               np.random.default_rng(np.random.SeedSequence([seed, 3, 0xC0])).integers(0, 1 << 30, 8))
         assert mask_seed(seed, 2, 1, 9) == int(np.random.SeedSequence([seed, 2, 1, 9, 0x3A5]).generate_state(1)[0])
+
+
+def test_bucket_floors_follow_the_longest_crop_the_durations_allow(store):
+    """With max_len raised far above what duration_max lets a crop span, every bucketed batch attended over
+    max_len + 1 rows (sdpa's one padded block on CUDA: ~2000x the work at max_len 16000 for crops of 251).
+    The floor is the longest crop this sampler's videos can give, never below a real one."""
+    cfg = SamplerConfig(duration_min=10, duration_max=60, max_len=4096, batch_videos=4, masking="random", seed=2,
+                        pad_to_buckets=True)
+    sampler = LongVideoSampler(store, store.video_ids, cfg)
+    assert sampler.cfg.crop_cap <= 11 * 3   # 60 s at 5 s: at most 11 segments, tiled x3 at most
+    for epoch in range(4):
+        crops = [c for batch in sampler.batches(epoch) for c in batch]
+        assert max(c.out_len for c in crops) <= sampler.cfg.crop_cap
+        for batch in sampler.loader(epoch, num_workers=0):   # (dummies holding the padding may set it)
+            assert max(batch.lengths) < batch.dec_max_seqlen <= 128
+    as_before = LongVideoSampler(store, store.video_ids, replace(cfg, crop_cap=cfg.max_len))
+    assert {b.dec_max_seqlen for b in as_before.loader(0, num_workers=0)} == {4097}
+    # durations that allow max_len: the floor is max_len, as before
+    assert LongVideoSampler(store, store.video_ids, SamplerConfig(max_len=16)).cfg.crop_cap == 16
