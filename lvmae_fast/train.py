@@ -364,8 +364,13 @@ def truncate_metrics(path: Path, step: int, keep_dropped: Path | None = None) ->
 
 
 def append_atomically(path: Path, text: str) -> None:
-    """path's text + `text`, rewritten whole (temp + rename): a kill leaves the old file or the new one."""
-    atomic_write_text(path, (path.read_text() if path.exists() else "") + text)
+    """path's text + `text`, rewritten whole (temp + rename): a kill leaves the old file or the new one.
+    Not again when the file already ends with `text`: a rewind killed after this append, then run again,
+    appended its abandoned records twice (a later rewind's records differ, in time_s at least)."""
+    old = path.read_text() if path.exists() else ""
+    if text and old.endswith(text):
+        return
+    atomic_write_text(path, old + text)
 
 
 def plot_loss(run: Path) -> Path | None:

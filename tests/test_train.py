@@ -1388,3 +1388,18 @@ def test_a_run_dir_another_pretrain_is_using_is_refused(store, reference_run, tm
     r = lvmae("pretrain", *COMMON, "--store", store, "--out", run, "--max-steps", STEPS + 10, "--resume")
     assert r.returncode == 0, r.stderr
     assert read_metrics(run / "metrics.jsonl")[-1]["step"] == STEPS + 10
+
+
+def test_a_rewind_run_again_after_a_kill_keeps_its_abandoned_records_once(tmp_path):
+    """A rewind killed after appending the abandoned records to metrics.rewound.jsonl, but before rewriting
+    metrics.jsonl, appended them a second time when run again."""
+    from lvmae_fast.train import truncate_metrics
+
+    metrics, rewound = tmp_path / "metrics.jsonl", tmp_path / "metrics.rewound.jsonl"
+    records = [{"step": s, "loss": 1.0 / s, "time_s": 0.1 * s} for s in range(1, 13)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    truncate_metrics(metrics, 8, keep_dropped=rewound)
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))  # as if killed before the rewrite
+    truncate_metrics(metrics, 8, keep_dropped=rewound)
+    assert [r["step"] for r in read_metrics(rewound)] == [9, 10, 11, 12]
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, 9))
