@@ -61,8 +61,18 @@ STORE_FORMAT, STORE_VERSION = "lvmae-embedding-store", 1
 EMB_DTYPE, TIMES_DTYPE = np.dtype(np.float16), np.dtype(np.float32)
 DEFAULT_SHARD_ROWS = 1 << 16  # 128 MiB per shard at d=1024 in float16
 # Memory maps a Store keeps open (each holds a file descriptor and a kernel mapping). An extracted store
-# has about one shard per commit, so an unbounded cache runs out of descriptors on large stores.
+# has about one shard per commit, so an unbounded cache runs out of descriptors on large stores. A quarter
+# of the process's descriptor limit at most (`ulimit -n 64`: `store verify` of 125 shards ran out).
 MAX_OPEN_MAPS = 256
+
+
+def _max_open_maps() -> int:
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):   # not Unix
+        return MAX_OPEN_MAPS
+    return MAX_OPEN_MAPS if soft == resource.RLIM_INFINITY else max(8, min(MAX_OPEN_MAPS, soft // 4))
 
 
 def _write_with(write_to_file):
@@ -696,7 +706,8 @@ class Store:
         self._shards = index["shards"]
         self._entries = {v["id"]: v for v in index["videos"]}
         self.video_ids = [v["id"] for v in index["videos"]]
-        self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()  # LRU, at most MAX_OPEN_MAPS
+        self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()  # LRU, at most _map_limit
+        self._map_limit = _max_open_maps()
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -720,7 +731,7 @@ class Store:
             self._maps.move_to_end(key)
         else:
             # An evicted map closes once no slice handed out from it is alive.
-            while len(self._maps) >= MAX_OPEN_MAPS:
+            while len(self._maps) >= self._map_limit:
                 self._maps.popitem(last=False)
             self._maps[key] = np.load(self.path / self._shards[shard][kind], mmap_mode="r")
         return self._maps[key]

@@ -1332,3 +1332,19 @@ def test_compaction_keeps_few_shard_files_open(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     store = Store(tmp_path / "s")
     assert len(store.video_ids) == 120 and all(store.get(f"v{k}")[0, 0] == k for k in range(120))
+
+
+def test_a_reader_keeps_its_maps_within_the_descriptor_limit(tmp_path):
+    """256 maps whatever the limit: under `ulimit -n 64`, store verify of a 125-shard store ran out of
+    descriptors. A quarter of the soft limit at most."""
+    import resource
+
+    write_store(tmp_path / "s", {f"v{i}": np.full((2, 4), i, np.float32) for i in range(60)}, 4, shard_rows=2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, hard))
+    try:
+        store = Store(tmp_path / "s")
+        assert store._map_limit == 12
+        assert verify_store(tmp_path / "s").problems == []   # every shard read, within 48 descriptors
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
