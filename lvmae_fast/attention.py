@@ -70,10 +70,16 @@ def _torch_varlen():
     return varlen_attn
 
 
-def _usable_impls(device: torch.device, dtype: torch.dtype) -> Iterator[str]:
-    """Backends that can run on this device/dtype, fastest first, each probed only when asked for: a
-    caller that stops at the first (auto) never imports the ones after it (FA4's import takes seconds)."""
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+# FlashAttention-2 (flash-attn and torch's varlen copy of it) and FA4 take head dims up to 256.
+MAX_FLASH_HEAD_DIM = 256
+
+
+def _usable_impls(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> Iterator[str]:
+    """Backends that can run on this device/dtype (and head dim, when known), fastest first, each probed
+    only when asked for: a caller that stops at the first (auto) never imports the ones after it (FA4's
+    import takes seconds)."""
+    if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and (head_dim is None or head_dim <= MAX_FLASH_HEAD_DIM)):
         if _flash_varlen() is not None:
             yield "flash"
         if _torch_varlen() is not None:
@@ -85,9 +91,9 @@ def _usable_impls(device: torch.device, dtype: torch.dtype) -> Iterator[str]:
     yield "sdpa"
 
 
-def available_impls(device: torch.device, dtype: torch.dtype) -> list[str]:
+def available_impls(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> list[str]:
     """Backends that can run on this device/dtype, fastest first."""
-    return list(_usable_impls(device, dtype))
+    return list(_usable_impls(device, dtype, head_dim))
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,20 +101,28 @@ def _log_choice(requested: str, chosen: str, device_type: str, dtype: torch.dtyp
     log.info("attention: attn_impl=%s -> %s (%s, %s)", requested, chosen, device_type, dtype)
 
 
-def resolve_impl(attn_impl: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_impl(attn_impl: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"unknown attn_impl {attn_impl!r}; choose one of {ATTN_IMPLS}")
     if attn_impl == "auto":
-        chosen = next(_usable_impls(device, dtype))
-    elif attn_impl in _usable_impls(device, dtype):
+        chosen = next(_usable_impls(device, dtype, head_dim))
+    elif attn_impl in _usable_impls(device, dtype, head_dim):
         chosen = attn_impl
+    elif device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        # First: installing the package would not help here (a model trained with flash, loaded on a CPU).
+        raise RuntimeError(f"attn_impl={attn_impl!r} needs a CUDA device and fp16/bf16 activations "
+                           f"(got {device.type}, {dtype}); use attn_impl='sdpa' or 'auto' (a saved model: "
+                           f"LVMAE.from_pretrained(DIR, attn_impl='auto'))")
+    elif head_dim is not None and head_dim > MAX_FLASH_HEAD_DIM:
+        raise RuntimeError(f"attn_impl={attn_impl!r} takes head dims up to {MAX_FLASH_HEAD_DIM}, this model's "
+                           f"are {head_dim}; use attn_impl='sdpa' or 'auto'")
     elif attn_impl == "flash" and _flash_varlen() is None:
         raise RuntimeError("attn_impl='flash' needs flash-attn: pip install 'lvmae_fast[flash]' (CUDA source build)")
     elif attn_impl == "fa4" and _fa4_varlen() is None:
         raise RuntimeError("attn_impl='fa4' needs flash-attn-4 and the CuTe DSL: pip install 'lvmae_fast[fa4]'")
     else:
-        raise RuntimeError(f"attn_impl={attn_impl!r} needs a CUDA device and fp16/bf16 activations "
-                           f"(got {device.type}, {dtype}); use attn_impl='sdpa' or 'auto'")
+        raise RuntimeError(f"attn_impl={attn_impl!r} is not available here (torch_varlen needs torch >= 2.10); "
+                           "use attn_impl='sdpa' or 'auto'")
     _log_choice(attn_impl, chosen, device.type, dtype)
     if chosen == "fa4":
         _fa4_opaque()  # wrapped here, outside any compiled region
@@ -189,7 +203,7 @@ def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, layout=None):
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, attn_impl: str = "auto", layout=None, resolved=False):
     """q, k, v: [T, H, Dh] packed; returns [T, H, Dh]. resolved=True: attn_impl is already a concrete
     backend (the model resolves once per step, outside any torch.compile region)."""
-    impl = attn_impl if resolved else resolve_impl(attn_impl, q.device, q.dtype)
+    impl = attn_impl if resolved else resolve_impl(attn_impl, q.device, q.dtype, q.shape[-1])
     if impl == "flash":
         return _flash_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0)
     if impl == "torch_varlen":

@@ -52,6 +52,11 @@ def read_json(file) -> dict:
     return data
 
 
+# The network itself: what its weights were trained as (widths, depths and head counts).
+ARCHITECTURE_KEYS = ("in_dim", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+                     "decoder_num_heads", "mlp_ratio")
+
+
 def load_model_dir(directory, map_location="cpu", **overrides):
     from .model import LVMAE, LVMAEConfig
 
@@ -61,9 +66,21 @@ def load_model_dir(directory, map_location="cpu", **overrides):
         raise FileNotFoundError(f"{directory} is not a model directory: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
     values = read_json(config_path)
     try:
-        config = LVMAEConfig.from_dict({**values, **overrides})
+        saved = LVMAEConfig.from_dict(values)
     except ValueError as err:
         raise ValueError(f"{config_path}: {err}") from None
+    # Overrides may change how the saved network runs or trains (backends, max_len, the masking and loss
+    # recipe), not the network: head counts are in no tensor shape, so another num_heads loaded without a
+    # word and computed something else.
+    changed = sorted(k for k in ARCHITECTURE_KEYS if k in overrides and overrides[k] != getattr(saved, k))
+    if changed:
+        raise ValueError(f"from_pretrained({directory}): {', '.join(f'{k}={overrides[k]!r}' for k in changed)} would "
+                         f"change the saved network ({', '.join(f'{k}={getattr(saved, k)!r}' for k in changed)}); "
+                         f"only {', '.join(sorted(set(values) - set(ARCHITECTURE_KEYS)))} may be overridden")
+    try:
+        config = LVMAEConfig.from_dict({**saved.to_dict(), **overrides})
+    except ValueError as err:
+        raise ValueError(f"from_pretrained({directory}) override: {err}") from None
     model = LVMAE(config)
     try:
         state = load_file(str(weights_path), device=str(map_location) if not isinstance(map_location, str) else map_location)

@@ -133,9 +133,9 @@ class VarlenMeta:
     once per step, outside any compiled region) and, for sdpa, the padded layout built once per step."""
 
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, attn_impl: str,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, head_dim: int | None = None):
         self.cu_seqlens, self.max_seqlen = cu_seqlens, max_seqlen
-        self.impl = resolve_impl(attn_impl, device, dtype)
+        self.impl = resolve_impl(attn_impl, device, dtype, head_dim)
         self.layout = _padded_layout(cu_seqlens, total, max_seqlen) if self.impl == "sdpa" else None
 
 
@@ -243,7 +243,7 @@ class LVMAE(nn.Module):
         src = torch.cat([self.cls_token.view(1, -1), tokens.to(self.cls_token.dtype)], 0)
         h = src.index_select(0, batch.enc_src) + self.pos_embed.index_select(0, batch.enc_pos)
         meta = VarlenMeta(batch.enc_cu_seqlens, batch.enc_max_seqlen, h.shape[0], self.config.attn_impl,
-                          h.device, _compute_dtype(h))
+                          h.device, _compute_dtype(h), self.config.embed_dim // self.config.num_heads)
         for block in self.blocks:
             h = block(h, meta)
         return self.norm(h)
@@ -254,7 +254,7 @@ class LVMAE(nn.Module):
         src = torch.cat([e.to(self.mask_token.dtype), self.mask_token.view(1, -1)], 0)  # as CLS above
         h = src.index_select(0, batch.dec_src) + self.decoder_pos_embed.index_select(0, batch.dec_pos)
         meta = VarlenMeta(batch.dec_cu_seqlens, batch.dec_max_seqlen, h.shape[0], self.config.attn_impl,
-                          h.device, _compute_dtype(h))
+                          h.device, _compute_dtype(h), self.config.decoder_embed_dim // self.config.decoder_num_heads)
         for block in self.decoder_blocks:
             h = block(h, meta)
         # The norm and head are per-token: run them only on the rows asked for.

@@ -549,7 +549,9 @@ def check_model_backends(model_cfg: LVMAEConfig, device: torch.device, dtype: to
     from .attention import resolve_impl
 
     try:
-        resolve_impl(model_cfg.attn_impl, device, dtype)
+        for width, heads in ((model_cfg.embed_dim, model_cfg.num_heads),
+                             (model_cfg.decoder_embed_dim, model_cfg.decoder_num_heads)):
+            resolve_impl(model_cfg.attn_impl, device, dtype, width // heads)
         kernels.use_triton(model_cfg.kernels, torch.empty(0, device=device))
     except RuntimeError as err:
         raise ValueError(f"model config on {device} ({str(dtype).replace('torch.', '')}): {err}") from None

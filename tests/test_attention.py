@@ -157,3 +157,16 @@ def test_sdpa_groups_lengths_into_classes_and_matches_one_block_and_naive():
         torch.testing.assert_close(got, ref)
     single = _padded_layout(cu_seqlens_from_lengths([5, 9, 16]), 30, 16)
     assert len(single) == 1 and single[0].rows is None  # one class: one block
+
+
+def test_an_impl_that_cannot_run_here_says_why_first():
+    """A model trained with flash, loaded on a CPU: the message said to install flash-attn, which cannot
+    help there; head dims above 256 (which the flash kernels do not take) are left to sdpa by auto."""
+    cpu = torch.device("cpu")
+    for impl in ("flash", "fa4", "torch_varlen"):
+        with pytest.raises(RuntimeError, match=rf"attn_impl='{impl}' needs a CUDA device .*attn_impl='auto'\)\)$"):
+            resolve_impl(impl, cpu, torch.float32)
+    cuda = torch.device("cuda")
+    assert available_impls(cuda, torch.bfloat16, head_dim=512) == ["sdpa"]
+    with pytest.raises(RuntimeError, match="takes head dims up to 256, this model's are 512"):
+        resolve_impl("flash", cuda, torch.bfloat16, 512)

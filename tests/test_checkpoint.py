@@ -134,9 +134,27 @@ def test_save_load_round_trip_and_missing_dir(tmp_path):
 def test_weights_that_do_not_fit_the_config_are_one_value_error(tmp_path, override, names):
     model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=12))
     model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **override}))  # edited by hand
     with pytest.raises(ValueError, match="does not match its config") as err:
-        LVMAE.from_pretrained(tmp_path / "m", **override)
+        LVMAE.from_pretrained(tmp_path / "m")
     assert names in str(err.value) and "\n" not in str(err.value)
+
+
+def test_from_pretrained_overrides_may_not_change_the_network(tmp_path):
+    """num_heads=1 on a 3-head model loaded without a word (head counts are in no tensor shape) and
+    encode differed by 0.52; an override's own mistake was blamed on the saved config.json."""
+    model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=12))
+    model.save_pretrained(tmp_path / "m")
+    heads = model.config.num_heads
+    for override in ({"num_heads": 1}, {"decoder_num_heads": 1}, {"embed_dim": 32}):
+        with pytest.raises(ValueError, match=rf"from_pretrained\(.*\): {list(override)[0]}=.* would change the saved "
+                                             r"network .*; only .*attn_impl.* may be overridden"):
+            LVMAE.from_pretrained(tmp_path / "m", **override)
+    with pytest.raises(ValueError, match=r"from_pretrained\(.*\) override: config: unknown keys \['foo'\]"):
+        LVMAE.from_pretrained(tmp_path / "m", foo=1)
+    again = LVMAE.from_pretrained(tmp_path / "m", num_heads=heads, attn_impl="sdpa", max_len=64, masking="random")
+    assert (again.config.max_len, again.config.masking, again.config.attn_impl) == (64, "random", "sdpa")
 
 
 def test_missing_reference_checkpoint_is_named(tmp_path):
