@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from . import __version__
 from .optional import MissingDependency
 
 # Each module exposes register(subparsers) and sets `func` on the parsers it adds.
@@ -29,6 +30,7 @@ INTERRUPTED_HINTS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lvmae", description="LV-MAE: long-video masked-embedding autoencoders, packed and fast.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"lvmae_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

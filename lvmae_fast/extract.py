@@ -481,7 +481,10 @@ class _Progress:
         self.bar = None
         if enabled:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="video", dynamic_ncols=True, desc="extract")
+            # disable=None: no bar when stderr is not a terminal (a CI log or `2>log` got a frame glued to
+            # every log line); the log lines say the same.
+            self.bar = tqdm(total=total, initial=initial, unit="video", dynamic_ncols=True, desc="extract",
+                            disable=None)
         self.start = time.perf_counter()
         self.windows = 0
         self.video_seconds = 0.0
@@ -838,7 +841,7 @@ def register(subparsers) -> None:
                    help=f"--decoder hybrid: NVDEC decodes run at once, beside the --decode-workers CPU ones "
                         f"(0 = {DEFAULT_NVDEC_SLOTS}, which saturated an H200's NVDEC engines)")
     p.add_argument("--seed", type=int, default=0, help="init seed of the tiny encoder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a terminal: logs get plain lines)")
     p.set_defaults(func=run)
 
 

@@ -734,9 +734,13 @@ def test_unsupported_devices_are_one_line_errors_before_anything_is_written(corp
         assert "Traceback" not in err and not out.exists(), device
 
 
-def test_progress_shows_how_far_the_video_in_flight_is(tmp_path, capsys):
-    """One long video kept the bar at 0/1 video until its end: the postfix names it and its windows."""
+def test_progress_shows_how_far_the_video_in_flight_is(tmp_path, capsys, monkeypatch):
+    """One long video kept the bar at 0/1 video until its end: the postfix names it and its windows. When
+    stderr is not a terminal (a CI log) there is no bar: its frames were glued to the log lines."""
     synth.write_video(tmp_path / "v" / "long.mp4", duration=6.0, fps=4, codec="h264")
+    extract_videos(tmp_path / "v", tmp_path / "plain", encoder="tiny", seconds=1.0, batch_size=2, progress=True)
+    assert "windows" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     extract_videos(tmp_path / "v", tmp_path / "store", encoder="tiny", seconds=1.0, batch_size=2, progress=True)
     err = capsys.readouterr().err
     for done in (2, 4):  # after each 2-window batch of its 6 windows; the last batch completes it
