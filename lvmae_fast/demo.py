@@ -198,7 +198,8 @@ def _run(args) -> int:
                                     val_videos=demo_val_videos(num_videos))
         dim = args.dim
     if code != 0:  # interrupted (Ctrl-C, SIGTERM) or stopped by a non-finite loss: no "demo done"
-        how = (f"its run continues with: lvmae pretrain --out {shlex.quote(str(run))} --resume" if code in EXIT_SIGNAL.values() else
+        how = (f"its run continues with: lvmae pretrain --out {shlex.quote(str(run))} --resume"
+               if code in EXIT_SIGNAL.values() else
                "pretrain's message above says how to rewind its run")  # a non-finite stop fails again on --resume
         print(f"demo stopped in its pretraining (exit {code}); {how}", file=sys.stderr)
         return code

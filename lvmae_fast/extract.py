@@ -841,7 +841,8 @@ def register(subparsers) -> None:
                    help=f"--decoder hybrid: NVDEC decodes run at once, beside the --decode-workers CPU ones "
                         f"(0 = {DEFAULT_NVDEC_SLOTS}, which saturated an H200's NVDEC engines)")
     p.add_argument("--seed", type=int, default=0, help="init seed of the tiny encoder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a terminal: logs get plain lines)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (none either when stderr is not a terminal: logs get plain lines)")
     p.set_defaults(func=run)
 
 

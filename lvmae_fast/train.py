@@ -1039,7 +1039,8 @@ def register(sub) -> None:
     p.add_argument("--overlap-update", action="store_true",
                    help="with whole-step graphs: run the AdamW update chunk by chunk on a second stream during "
                         "backward (config key overlap_update; no --grad-clip; 2.4%% faster at batch 16 on an H200, opt-in)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a terminal: logs get plain lines)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (none either when stderr is not a terminal: logs get plain lines)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (starts fresh if it has none)")
