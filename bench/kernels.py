@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]  # bench_args; the checkout
+# bench/ for bench_args; the checkout, if lvmae_fast is not installed
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from bench_args import at_least, writable_json  # noqa: E402
 
@@ -108,14 +109,20 @@ def time_ms(fn, device: torch.device, quick: bool, warmup: int = 10, rep: int = 
 # ----------------------------------------------------------------------------------------------------
 # cases
 # ----------------------------------------------------------------------------------------------------
+CASE_SPEC = re.compile(r"(\d+)x(?:(\d+)|U(\d+)-(\d+))")
+
+
 def make_lengths(spec: str, seed: int = 0) -> list[int]:
-    """'16x256' = 16 videos of 256 segments; '256xU2-256' = 256 videos with L ~ U[2, 256]."""
-    count, length = spec.split("x")
-    if length.startswith("U"):
-        lo, hi = (int(v) for v in length[1:].split("-"))
+    """'16x256' = 16 videos of 256 segments; '256xU2-256' = 256 videos with L ~ U[2, 256]. Anything else
+    (a count or length of 0, lo > hi) is a ValueError naming the spec."""
+    m = CASE_SPEC.fullmatch(spec)
+    count, length, lo, hi = (None if v is None else int(v) for v in (m.groups() if m else (None,) * 4))
+    if not m or min(v for v in (count, length, lo, hi) if v is not None) < 1 or (lo is not None and lo > hi):
+        raise ValueError(f"{spec!r} is not COUNTxLEN or COUNTxUlo-hi with COUNT, LEN >= 1 and lo <= hi")
+    if lo is not None:
         g = torch.Generator().manual_seed(seed)
-        return torch.randint(lo, hi + 1, (int(count),), generator=g).tolist()
-    return [int(length)] * int(count)
+        return torch.randint(lo, hi + 1, (count,), generator=g).tolist()
+    return [length] * count
 
 
 def randn(shape, device, seed):
@@ -766,10 +773,10 @@ def main(argv=None) -> int:
     if not args.sweep_budget >= 0:
         ap.error(f"--sweep-budget must be >= 0 seconds, got {args.sweep_budget}")
     for spec in (args.cases.split(",") if args.cases else []):
-        m = re.fullmatch(r"(\d+)x(?:(\d+)|U(\d+)-(\d+))", spec)
-        numbers = [int(v) for v in m.groups() if v is not None] if m else []
-        if not numbers or min(numbers) < 1 or (m.group(3) is not None and int(m.group(3)) > int(m.group(4))):
-            ap.error(f"--cases: {spec!r} is not COUNTxLEN or COUNTxUlo-hi with COUNT, LEN >= 1 and lo <= hi")
+        try:
+            make_lengths(spec)
+        except ValueError as err:
+            ap.error(f"--cases: {err}")
     writable_json(ap, "--json", args.json)
     started = time.perf_counter()
 

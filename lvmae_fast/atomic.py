@@ -125,19 +125,19 @@ def atomic_write(path, write) -> None:
                     "power cut", path, err.strerror or err)
 
 
-def stale_temp_files(folder, names) -> list[Path]:
-    """atomic_write's temp files for these file names in `folder`: a writer killed mid-write leaves its
-    temp file (the cleanup never runs), as large as what it was writing."""
-    folder = Path(folder)
-    return [p for name in names for p in folder.glob(f".{glob.escape(name)}.*.tmp")]
+def is_temp_file_name(name: str) -> bool:
+    """Whether `name` is one of atomic_write's temp files (`.NAME.RANDOM.tmp`)."""
+    return name.startswith(".") and name.endswith(".tmp") and len(name) > len("..tmp")
 
 
 def remove_stale_temps(folder, names) -> None:
-    """Delete what stale_temp_files finds. Only by the folder's one writer (under its lock), before it
-    writes: another writer's live temp file would go too."""
-    for p in stale_temp_files(folder, names):
-        with contextlib.suppress(OSError):
-            p.unlink()
+    """Delete atomic_write's temp files for these file names in `folder`: a writer killed mid-write leaves
+    its temp file (the cleanup never runs), as large as what it was writing. Only by the folder's one
+    writer (under its lock), before it writes: another writer's live temp file would go too."""
+    for name in names:
+        for p in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def atomic_write_text(path, text: str) -> None:

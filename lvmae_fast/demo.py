@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from . import train_config as tc
+from .atomic import is_temp_file_name
 from .store_cli import import_embeddings
 from .synthetic import synthetic_corpus, write_corpus
 from .train import EXIT_SIGNAL, pretrain, read_metrics
@@ -107,12 +108,11 @@ _LEGACY_FILES = {"videos": re.compile(r"video\d{3,}\.mp4"), "embeddings": re.com
 _DEMO_ENCODERS = ("tiny", "synthetic")   # the videos demo extracts with `tiny`; the embeddings demo imports
 # A store the demo's extraction was killed in before its first commit: no index yet, only a writer's files.
 _UNCOMMITTED_STORE = {".lock", "failures.jsonl", "shards", "partial"}
-_ATOMIC_TEMP = re.compile(r"\..+\.tmp")
 
 
 def _names_but_temps(folder: Path) -> set[str]:
     """Entry names, less atomic writes' temp files (`.index.json.x1y2.tmp`): a demo killed mid-write leaves one."""
-    return {entry.name for entry in folder.iterdir() if not _ATOMIC_TEMP.fullmatch(entry.name)}
+    return {entry.name for entry in folder.iterdir() if not is_temp_file_name(entry.name)}
 
 
 def _looks_like_demo_stage(folder: Path) -> bool:

@@ -111,6 +111,11 @@ class LVMAEConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        """(encoder, decoder) attention head dims: what the flash kernels' limit is checked against."""
+        return self.embed_dim // self.num_heads, self.decoder_embed_dim // self.decoder_num_heads
+
 
 def sincos_table(dim: int, num_positions: int, chunk_rows: int = 1 << 13) -> torch.Tensor:
     """[num_positions + 1, dim]: row 0 zeros (CLS), row p+1 = [sin(p w), cos(p w)], w_i = 10000^(-i/(dim/2)).
@@ -243,7 +248,7 @@ class LVMAE(nn.Module):
         src = torch.cat([self.cls_token.view(1, -1), tokens.to(self.cls_token.dtype)], 0)
         h = src.index_select(0, batch.enc_src) + self.pos_embed.index_select(0, batch.enc_pos)
         meta = VarlenMeta(batch.enc_cu_seqlens, batch.enc_max_seqlen, h.shape[0], self.config.attn_impl,
-                          h.device, _compute_dtype(h), self.config.embed_dim // self.config.num_heads)
+                          h.device, _compute_dtype(h), self.config.head_dims[0])
         for block in self.blocks:
             h = block(h, meta)
         return self.norm(h)
@@ -254,7 +259,7 @@ class LVMAE(nn.Module):
         src = torch.cat([e.to(self.mask_token.dtype), self.mask_token.view(1, -1)], 0)  # as CLS above
         h = src.index_select(0, batch.dec_src) + self.decoder_pos_embed.index_select(0, batch.dec_pos)
         meta = VarlenMeta(batch.dec_cu_seqlens, batch.dec_max_seqlen, h.shape[0], self.config.attn_impl,
-                          h.device, _compute_dtype(h), self.config.decoder_embed_dim // self.config.decoder_num_heads)
+                          h.device, _compute_dtype(h), self.config.head_dims[1])
         for block in self.decoder_blocks:
             h = block(h, meta)
         # The norm and head are per-token: run them only on the rows asked for.

@@ -674,12 +674,11 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         # Every buffered video passed validation in add(), so committing on an exception keeps only
         # complete videos; a re-run resumes after them.
-        if exc_type is None:
-            self.close()
-            return
         try:
             self.close()
         except WRITE_ERRORS as err:
+            if exc_type is None:
+                raise
             # The job's own error (a full disk, say) is what the user must see, not this second one that
             # follows from it (the same disk, when committing what was buffered): log it, let the first go on.
             log.warning("store %s: the videos buffered since the last commit were not saved (%s); "

@@ -91,6 +91,11 @@ def complete_checkpoints(ckpt_root: Path) -> list[str]:
     return sorted(p.name for p in ckpt_root.glob("step-*") if is_complete(p)) if ckpt_root.is_dir() else []
 
 
+def other_checkpoints(ckpt_root: Path, name: str) -> str:
+    """The latest three complete checkpoints other than `name`, for a message naming what to resume ("" if none)."""
+    return ", ".join([n for n in complete_checkpoints(ckpt_root) if n != name][-3:])
+
+
 def checkpoint_by_name(out: Path, name: str) -> Path:
     """RUN/checkpoints/step-N for name 'step-N' or 'N'; ValueError listing the checkpoints otherwise
     (also for a path: a rewind moves checkpoints and rewrites `latest`, which must stay in this run)."""
@@ -178,8 +183,8 @@ def latest_checkpoint(out: Path) -> Path | None:
     missing = [f for f in (STATE_NAME, WEIGHTS_NAME, CONFIG_NAME) if not (path / f).is_file()] if name else []
     what = ("is empty" if not name else f"names {name}, which is missing" if not path.is_dir()
             else f"names {name}, which lacks {', '.join(missing)}")
-    others = [n for n in complete_checkpoints(out / "checkpoints") if n != name]
-    raise ValueError(f"{pointer} {what}; " + (f"resume a complete one with --resume-from ({', '.join(others[-3:])})"
+    others = other_checkpoints(out / "checkpoints", name)
+    raise ValueError(f"{pointer} {what}; " + (f"resume a complete one with --resume-from ({others})"
                                               if others else "no complete checkpoint to resume from"))
 
 
@@ -311,9 +316,9 @@ def damaged_checkpoint(ckpt: Path, name: str, err: BaseException) -> ValueError:
     """One line for a checkpoint file that cannot be read or does not fit: which, why, and what else
     there is to resume from."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    others = [n for n in complete_checkpoints(ckpt.parent) if n != ckpt.name]
+    others = other_checkpoints(ckpt.parent, ckpt.name)
     return ValueError(f"checkpoint {ckpt} cannot be resumed: {name}: {first}. "
-                      + (f"Resume an earlier one with --resume-from ({', '.join(others[-3:])})" if others
+                      + (f"Resume an earlier one with --resume-from ({others})" if others
                          else "No other checkpoint to resume from"))
 
 
@@ -549,9 +554,8 @@ def check_model_backends(model_cfg: LVMAEConfig, device: torch.device, dtype: to
     from .attention import resolve_impl
 
     try:
-        for width, heads in ((model_cfg.embed_dim, model_cfg.num_heads),
-                             (model_cfg.decoder_embed_dim, model_cfg.decoder_num_heads)):
-            resolve_impl(model_cfg.attn_impl, device, dtype, width // heads)
+        for head_dim in model_cfg.head_dims:   # encoder's, decoder's
+            resolve_impl(model_cfg.attn_impl, device, dtype, head_dim)
         kernels.use_triton(model_cfg.kernels, torch.empty(0, device=device))
     except RuntimeError as err:
         raise ValueError(f"model config on {device} ({str(dtype).replace('torch.', '')}): {err}") from None
@@ -594,7 +598,6 @@ class RunDirLock:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-
 
 
 # Model settings that only pick an implementation of the same math (as compile, cuda_graphs and device do
