@@ -13,6 +13,20 @@ from lvmae_fast.store import Store, StoreWriter
 LENGTHS = [1, 3, 4, 5, 40, 120, 300, 2, 77, 9, 16, 250]
 
 
+class FakeStore:
+    """What LongVideoSampler reads of a store before any batch is built: ids "0".. with these lengths."""
+
+    def __init__(self, lengths, segment_seconds=5.0):
+        self.lengths, self.segment_seconds = [int(n) for n in lengths], segment_seconds
+        self.video_ids = [str(i) for i in range(len(self.lengths))]
+
+    def num_segments(self, video_id):
+        return self.lengths[int(video_id)]
+
+    def meta(self, video_id):
+        return {"segment_seconds": self.segment_seconds}
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("store") / "s"
@@ -135,17 +149,47 @@ def test_stream_is_the_epoch_loaders_back_to_back(store, max_tokens):
     assert list(LongVideoSampler(store, store.video_ids, cfg).stream(5, 0, 5, num_workers=0)) == []
 
 
-def test_token_budget_batch_counts_are_planned_once_per_epoch(store, monkeypatch):
-    """The stream's key iterator runs into the next epoch while the loop asks about the current one:
-    alternating questions must not re-plan an epoch each time."""
+def naive_greedy_count(out_len, budget):
+    count, tokens = 0, None
+    for n in out_len:
+        if tokens is None or tokens + n > budget:
+            count, tokens = count + 1, 0
+        tokens += n
+    return count
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_token_budget_batch_counts_match_the_plans_without_planning(monkeypatch, world):
+    """The trainer asks for every epoch's batch count at start-up (its step total): counted without
+    planning, they must be the plans' counts on every rank, for ragged lengths, short-video tiling and
+    fewer crops than ranks."""
     import lvmae_fast.sampler as sampler_mod
 
-    calls, real_plan = [], sampler_mod.plan_epoch
+    rng = np.random.default_rng(world)
+    lengths = np.concatenate([rng.integers(1, 400, size=60), [1, 2, 3, 4]])
+    real_plan, calls = sampler_mod.plan_epoch, []
     monkeypatch.setattr(sampler_mod, "plan_epoch", lambda *a, **k: calls.append(a[3]) or real_plan(*a, **k))
-    cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, max_tokens=150, seed=3)
-    s = LongVideoSampler(store, store.video_ids, cfg)
-    counts = [s.num_batches(e) for e in (2, 3, 2, 3, 2)]
-    assert calls == [2, 3] and counts[0] == counts[2] == len(real_plan(s.num_segments, s.segment_seconds, cfg, 2))
+    for ids, budget, policy in [(64, 150, "repeat"), (64, 64, "keep"), (2, 64, "keep"), (64, 1000, "reference")]:
+        store = FakeStore(lengths[:ids])
+        cfg = SamplerConfig(duration_min=10, duration_max=900, max_len=64, max_tokens=budget, seed=world,
+                            short_video_policy=policy)
+        samplers = [LongVideoSampler(store, store.video_ids, cfg, rank=r, world=world) for r in range(world)]
+        counts = [[s.num_batches(e) for e in range(4)] for s in samplers]
+        assert calls == []
+        for s, rank_counts in zip(samplers, counts):
+            assert rank_counts == [len(real_plan(s.num_segments, s.segment_seconds, s.cfg, e, s.rank, world))
+                                   for e in range(4)]
+
+
+def test_greedy_batch_count_matches_a_crop_by_crop_fill():
+    from lvmae_fast.sampler import count_token_batches
+
+    rng = np.random.default_rng(0)
+    for budget in (64, 100, 1000):
+        for _ in range(50):
+            out_len = rng.integers(1, 65, size=int(rng.integers(1, 80)))
+            assert count_token_batches(out_len, budget) == naive_greedy_count(out_len.tolist(), budget)
+    assert count_token_batches(np.array([64, 64, 1, 63, 1]), 64) == 4  # exact fits close a batch
 
 
 def test_ranks_partition_the_epoch():
@@ -249,9 +293,8 @@ def test_token_budget_videos_per_batch_agree_across_ranks():
     n, seg = np.array(LENGTHS), np.full(len(LENGTHS), 5.0)
     cfg = SamplerConfig(duration_min=10, duration_max=600, max_len=64, max_tokens=64, seed=0,
                         short_video_policy="repeat")  # every video planned, as plan_epoch below
-    fake = type("FakeStore", (), {"num_segments": lambda self, v: int(n[int(v)]),
-                                  "meta": lambda self, v: {"segment_seconds": 5.0}})()
-    ids = [str(i) for i in range(len(n))]
+    fake = FakeStore(n)
+    ids = fake.video_ids
     for world in (2, 3):
         means = {LongVideoSampler(fake, ids, cfg, rank=r, world=world).mean_videos_per_batch() for r in range(world)}
         plans = [plan_epoch(n, seg, cfg, 0, rank=r, world=world) for r in range(world)]
