@@ -104,18 +104,19 @@ def make_videos(folder: Path, count: int, duration: float, size, fps: float, con
 
 
 def bench_pyav_decode(paths, spec, workers: int = 1, threads: int | None = None, skip_nonref: bool = True,
-                      hwaccel=None) -> dict:
+                      hwaccel=None, deblock: bool = True) -> dict:
     """PyAV decode of every window, `workers` videos at once with `threads` frame threads each (default:
     as `lvmae extract --decode-workers`; 0 = FFmpeg's own count, extract's one decode before 2026-11-26).
-    skip_nonref=False decodes every frame, as extract did before 2026-11-26 (decode_pyav.SKIP_UNNEEDED_NONREF)."""
+    skip_nonref=False decodes every frame, as extract did before 2026-11-26 (decode_pyav.SKIP_UNNEEDED_NONREF);
+    deblock=False as `lvmae extract --skip-deblocking`."""
     decode_pyav.SKIP_UNNEEDED_NONREF = skip_nonref
     try:
-        return _bench_pyav_decode(paths, spec, workers, threads, hwaccel)
+        return _bench_pyav_decode(paths, spec, workers, threads, hwaccel, deblock)
     finally:
         decode_pyav.SKIP_UNNEEDED_NONREF = True
 
 
-def _bench_pyav_decode(paths, spec, workers: int, threads: int | None, hwaccel=None) -> dict:
+def _bench_pyav_decode(paths, spec, workers: int, threads: int | None, hwaccel=None, deblock: bool = True) -> dict:
     threads = pyav_threads() if threads is None else threads
     frames = [0]
     software = set()   # NVDEC rows: videos FFmpeg decoded in software instead (then not NVDEC's rate)
@@ -123,7 +124,7 @@ def _bench_pyav_decode(paths, spec, workers: int, threads: int | None, hwaccel=N
     lock = threading.Lock()
 
     def video(p):
-        job = prepare_job(VideoJob(p.stem, str(p)), spec)
+        job = prepare_job(VideoJob(p.stem, str(p), deblock=deblock), spec)
         reason = None
         for event in pyav_events(job, threads, hwaccel=hwaccel, on_software=lambda: software.add(job.path)):
             if isinstance(event, Failed):
@@ -163,7 +164,8 @@ def ratio_cell(r) -> str:
 
 
 # --variant: the decode settings a variant may change, each with its allowed values (a type: an int >= 0).
-VARIANT_SETTINGS = {"gop_tails": ("skip", "decode"), "nvdec_context": ("own", "shared"), "side_streams": ("0", "1"),
+VARIANT_SETTINGS = {"gop_tails": ("skip", "decode"), "deblocking": ("keep", "skip"),
+                    "nvdec_context": ("own", "shared"), "side_streams": ("0", "1"),
                     "frame_threads": int, "cpu_decode_nice": int, "decode_workers": int, "nvdec_workers": int}
 # The rows a variant times again (those of them --only selects), under the variant's settings.
 VARIANT_ROWS = ("end_to_end_pyav", "end_to_end_hybrid", "end_to_end_nvdec", "decode_pyav_parallel", "decode_nvdec")
@@ -286,6 +288,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gop-tails", choices=VARIANT_SETTINGS["gop_tails"], default="skip",
                     help="skip (default, as lvmae extract since 2026-11-27) or decode the GOP tails after each GOP's "
                          "last sampled frame (decode_pyav.SKIP_GOP_TAILS): run twice to see what skipping gains")
+    ap.add_argument("--deblocking", choices=VARIANT_SETTINGS["deblocking"], default="keep",
+                    help="keep (default, as lvmae extract) or skip the in-loop deblocking filter in the PyAV rows "
+                         "(lvmae extract --skip-deblocking; H.264, HEVC, VP8): run twice, or --variant deblocking=skip, "
+                         "to see what skipping gains")
     ap.add_argument("--frame-threads", type=int, default=0,
                     help="frame threads per PyAV decode in the parallel and end-to-end rows (0 = lvmae extract's "
                          "own count, extract.pyav_threads: 2 on a 16-CPU host): run twice to see what it costs")
@@ -332,7 +338,7 @@ def main(argv=None) -> int:
         repeats = sum(name == label or name.startswith(f"{label}#") for name, _ in variants)
         variants.append((f"{label}#{repeats + 1}" if repeats else label, settings))  # 'base' twice: base, base#2
     logging.basicConfig(level=logging.WARNING)
-    base_settings = {"gop_tails": args.gop_tails, "nvdec_context": args.nvdec_context,
+    base_settings = {"gop_tails": args.gop_tails, "deblocking": args.deblocking, "nvdec_context": args.nvdec_context,
                      "side_streams": "1" if args.side_streams else "0", "frame_threads": args.frame_threads,
                      "cpu_decode_nice": args.cpu_decode_nice, "decode_workers": args.decode_workers,
                      "nvdec_workers": args.nvdec_workers}
@@ -346,7 +352,8 @@ def main(argv=None) -> int:
     spec = WindowSpec(seconds=5.0, frames=8)
     workers = args.decode_workers or default_decode_workers()
     # The pass running: the run's own (base) or a --variant's; each pass writes stores of its own.
-    current = {"decode_workers": workers, "nvdec_workers": args.nvdec_workers, "stores": ""}
+    current = {"decode_workers": workers, "nvdec_workers": args.nvdec_workers, "deblocking": args.deblocking,
+               "stores": ""}
     batch = args.batch_size or (8 if args.quick else 64)
     results = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                "dtype": str(dtype).replace("torch.", ""), "videos": count, "video_seconds_each": duration,
@@ -354,7 +361,7 @@ def main(argv=None) -> int:
                "frames_per_window": spec.frames, "decode_workers": workers, "gop_tails": args.gop_tails,
                "nvdec_context": args.nvdec_context, "cpu_decode_nice": args.cpu_decode_nice,
                "side_streams": args.side_streams,
-               "frame_threads": pyav_threads(),
+               "frame_threads": pyav_threads(), "deblocking": args.deblocking,
                "python": platform.python_version(), "torch": torch.__version__}
 
     with tempfile.TemporaryDirectory(prefix="lvmae_bench_") as tmp:
@@ -423,11 +430,14 @@ def main(argv=None) -> int:
         if model is not None:
             def end_to_end(decoder: str, store: str, dali_api: str = DEFAULT_DALI_API, videos=None):
                 videos = paths if videos is None else videos
+                if current["deblocking"] == "skip" and decoder not in ("pyav", "auto"):  # auto: PyAV
+                    return f"{NOT_MEASURED} (deblocking is skipped in PyAV's software decodes only)"
                 summary = extract_videos([(p.stem, str(p)) for p in videos], tmp / (store + current["stores"]), encoder=model,
                                          seconds=spec.seconds, frames=spec.frames, batch_size=batch,
                                          device=str(device), readers=args.readers, decoder=decoder,
                                          decode_workers=current["decode_workers"], dali_api=dali_api,
-                                         nvdec_workers=current["nvdec_workers"])
+                                         nvdec_workers=current["nvdec_workers"],
+                                         skip_deblocking=current["deblocking"] == "skip")
                 if not summary["done"]:  # a rate over no video would read as a measurement of 0x
                     return f"{NOT_MEASURED} (all {summary['failed']} videos failed to extract)"
                 return {k: summary[k] for k in ("decoder", "decoded_by", "decode_workers", "nvdec_workers", "windows",
@@ -458,8 +468,10 @@ def main(argv=None) -> int:
         # Both PyAV rows decode the same files: enough of them to keep every worker busy.
         decode_set = paths[:max(len(originals), 2 * workers)]
         results["decode_pyav_videos"] = len(decode_set)
-        stage("decode_pyav", lambda: bench_pyav_decode(decode_set, spec, 1, threads=0))
-        stage("decode_pyav_every_frame", lambda: bench_pyav_decode(decode_set, spec, 1, threads=0, skip_nonref=False))
+        deblock = args.deblocking == "keep"
+        stage("decode_pyav", lambda: bench_pyav_decode(decode_set, spec, 1, threads=0, deblock=deblock))
+        stage("decode_pyav_every_frame", lambda: bench_pyav_decode(decode_set, spec, 1, threads=0, skip_nonref=False,
+                                                                   deblock=deblock))
         one = results["decode_pyav"]
         results["decode_pyav_skip_over_every_frame"] = frames_ratio(one, results["decode_pyav_every_frame"])
         def parallel():  # 2 videos per worker of this pass (a variant may raise the count), as many as there are
@@ -467,7 +479,7 @@ def main(argv=None) -> int:
             if n == 1:
                 return f"{NOT_MEASURED} (1 decode worker: the decode_pyav row is that decode)"
             subset = paths[:max(len(originals), 2 * n)]
-            return {**bench_pyav_decode(subset, spec, n), "videos": len(subset)}
+            return {**bench_pyav_decode(subset, spec, n, deblock=current["deblocking"] == "keep"), "videos": len(subset)}
 
         if workers > 1:
             stage("decode_pyav_parallel", parallel)
@@ -502,14 +514,16 @@ def main(argv=None) -> int:
             merged = {**base_settings, **settings}
             apply_settings(merged)
             current.update(decode_workers=merged["decode_workers"] or default_decode_workers(),
-                           nvdec_workers=merged["nvdec_workers"], stores=f"_variant{number}")
+                           nvdec_workers=merged["nvdec_workers"], deblocking=merged["deblocking"],
+                           stores=f"_variant{number}")
             try:
                 for key in VARIANT_ROWS:
                     if key in measures and (only is None or key in only):
                         stage(f"{key}@{label}", measures[key])
             finally:
                 apply_settings(base_settings)
-                current.update(decode_workers=workers, nvdec_workers=args.nvdec_workers, stores="")
+                current.update(decode_workers=workers, nvdec_workers=args.nvdec_workers, deblocking=args.deblocking,
+                               stores="")
         save()
 
     def cell(r, key, fmt="{:.0f}"):

@@ -158,33 +158,34 @@ def restore_decode_switches(monkeypatch):
 def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
     """--gop-tails decode turns GOP-tail skipping off for the run's decodes, --frame-threads sets each
     decode's frame threads, --nvdec-context the NVDEC decodes' CUDA context and --cpu-decode-nice the CPU
-    decodes' nice value (the A/Bs a GPU host runs); the defaults are lvmae extract's own."""
+    decodes' nice value, --deblocking skip the PyAV decodes' loop filter (the A/Bs a GPU host runs); the defaults are lvmae extract's own."""
     from lvmae_fast import extract
     from lvmae_fast.video import decode_pyav
 
     extract_bench = load_extract_bench()
-    tails_seen, threads_seen = [], []
+    tails_seen, threads_seen, deblock_seen = [], [], []
     real_decoded, real_stream = decode_pyav._decoded, decode_pyav._video_stream
 
     def spy_decoded(container, stream, keep, tails=None, errors=None, on_software=None):
         tails_seen.append(tails is not None)
         return real_decoded(container, stream, keep, tails, errors, on_software)
 
-    def spy_stream(container, index, threads):
+    def spy_stream(container, index, threads, deblock=True):
         threads_seen.append(threads)
-        return real_stream(container, index, threads)
+        deblock_seen.append(deblock)
+        return real_stream(container, index, threads, deblock)
 
     monkeypatch.setattr(decode_pyav, "_decoded", spy_decoded)
     monkeypatch.setattr(decode_pyav, "_video_stream", spy_stream)
     restore_decode_switches(monkeypatch)
     for mode, threads in (("decode", 0), ("skip", 3)):
-        tails_seen.clear(), threads_seen.clear()
+        tails_seen.clear(), threads_seen.clear(), deblock_seen.clear()
         out = tmp_path / f"{mode}.json"
         assert extract_bench.main(["--quick", "--device", "cpu", "--videos", "1", "--duration", "6", "--video-dir",
                                    str(tmp_path / "videos"), "--only", "end_to_end_pyav", "--gop-tails", mode,
                                    "--frame-threads", str(threads), "--nvdec-context", "shared" if threads else "own",
                                    "--cpu-decode-nice", str(threads), *(["--side-streams"] if threads else []),
-                                   "--json", str(out)]) == 0
+                                   "--deblocking", "skip" if threads else "keep", "--json", str(out)]) == 0
         result = json.loads(out.read_text())
         # (no NVDEC on a CPU box: the flag is checked to reach the module switch the NVDEC settings read)
         assert decode_pyav.NVDEC_SHARED_CONTEXT == bool(threads) and result["nvdec_context"] == ("shared" if threads else "own")
@@ -194,6 +195,7 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
         assert result["gop_tails"] == mode and result["frame_threads"] == expected_threads
         assert tails_seen and set(tails_seen) == {mode == "skip"}, (mode, tails_seen)
         assert threads_seen and set(threads_seen) == {expected_threads}, (threads, threads_seen)
+        assert set(deblock_seen) == {not threads} and result["deblocking"] == ("skip" if threads else "keep")
 
 
 def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_path, monkeypatch, capsys):
@@ -210,7 +212,7 @@ def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_pat
 
     def spy(inputs, out, **kw):
         calls.append((Path(out).name, kw["decode_workers"], extract.CPU_DECODE_NICE, extract.SIDE_STREAMS,
-                      decode_pyav.SKIP_GOP_TAILS, extract.FRAME_THREADS))
+                      decode_pyav.SKIP_GOP_TAILS, extract.FRAME_THREADS, kw["skip_deblocking"]))
         return real(inputs, out, **kw)
 
     monkeypatch.setattr(extract_bench, "extract_videos", spy)
@@ -218,13 +220,15 @@ def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_pat
     assert extract_bench.main(["--quick", "--device", "cpu", "--videos", "1", "--duration", "6", "--video-dir",
                                str(tmp_path / "videos"), "--only", "end_to_end_pyav", "--decode-workers", "2",
                                "--variant", "cpu_decode_nice=3,side_streams=1,decode_workers=1",
-                               "--variant", "gop-tails=decode,frame_threads=1", "--variant", "base",
+                               "--variant", "gop-tails=decode,frame_threads=1,deblocking=skip", "--variant", "base",
                                "--variant", "base", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    first, second = "cpu_decode_nice=3,side_streams=1,decode_workers=1", "gop-tails=decode,frame_threads=1"
-    assert calls == [("store_warmup", 2, 0, False, True, None), ("store_pyav", 2, 0, False, True, None),
-                     ("store_pyav_variant1", 1, 3, True, True, None), ("store_pyav_variant2", 2, 0, False, False, 1),
-                     ("store_pyav_variant3", 2, 0, False, True, None), ("store_pyav_variant4", 2, 0, False, True, None)]
+    first, second = "cpu_decode_nice=3,side_streams=1,decode_workers=1", "gop-tails=decode,frame_threads=1,deblocking=skip"
+    assert calls == [("store_warmup", 2, 0, False, True, None, False), ("store_pyav", 2, 0, False, True, None, False),
+                     ("store_pyav_variant1", 1, 3, True, True, None, False),
+                     ("store_pyav_variant2", 2, 0, False, False, 1, True),
+                     ("store_pyav_variant3", 2, 0, False, True, None, False),
+                     ("store_pyav_variant4", 2, 0, False, True, None, False)]
     for label in (first, second, "base", "base#2"):   # a repeated variant keeps both rows
         row = result[f"end_to_end_pyav@{label}"]
         assert row["done"] == 1 and row["realtime_factor"] > 0, (label, row)

@@ -1148,3 +1148,35 @@ def test_folder_inputs_leave_hidden_files_and_folders_out(tmp_path):
         (tmp_path / "in" / name).write_bytes(b"x")
     assert [vid for vid, _ in list_videos(tmp_path / "in")] == ["sub/Y", "x"]
     assert [vid for vid, _ in list_videos(str(tmp_path / "in" / "**" / "*.*"))] == ["sub/Y", "x"]
+
+
+def test_skip_deblocking_is_recorded_refused_where_it_cannot_apply_and_reaches_the_decodes(tmp_path, monkeypatch, capsys):
+    """--skip-deblocking: the store records it (a later run with the filter on is refused, as any setting
+    that changes the pixels), it changes a camera-like H.264 clip's embeddings, and decoders that cannot
+    skip the filter (NVDEC, DALI) refuse it up front instead of ignoring it."""
+    from lvmae_fast import extract as extract_module
+
+    video = synth.write_camera_like(tmp_path / "c.mp4", duration=2.0, fps=10, size=(160, 96), seed=4)
+    assert main(["extract", str(video), "--encoder", "tiny", "--out", str(tmp_path / "skip"), "--seconds", "1",
+                 "--skip-deblocking", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "skip" / "index.json").read_text())["settings"]["deblocking"] == "skipped"
+    extract_videos(str(video), tmp_path / "plain", seconds=1.0)
+    # Not recorded when off: stores from before the option still resume.
+    assert "deblocking" not in json.loads((tmp_path / "plain" / "index.json").read_text())["settings"]
+    skipped, plain = Store(tmp_path / "skip"), Store(tmp_path / "plain")
+    assert not np.array_equal(skipped.get("c"), plain.get("c"))
+    with pytest.raises(ValueError, match=r"deblocking='skipped' \(now None\)"):
+        extract_videos(str(video), tmp_path / "skip", seconds=1.0)
+    monkeypatch.setattr(extract_module, "resolve_decoder", lambda decoder, device: decoder)
+    for decoder in ("nvdec", "hybrid", "dali"):
+        with pytest.raises(ValueError, match=f"not --decoder {decoder}: NVDEC always deblocks"):
+            extract_videos(str(video), tmp_path / decoder, seconds=1.0, decoder=decoder, skip_deblocking=True)
+        assert not (tmp_path / decoder).exists()
+
+
+@pytest.mark.parametrize("flags", [["--readers", "2"], ["--dali-api", "decoder"], ["--decoder", "auto", "--readers", "4"]])
+def test_dali_flags_with_another_decoder_are_refused_not_ignored(corpus, tmp_path, flags, capsys):
+    _, good, _ = corpus
+    assert main(["extract", str(good["a"].path), "--encoder", "tiny", "--out", str(tmp_path / "s"), *flags]) == 1
+    assert f"{flags[-2]} applies to --decoder dali only" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -764,3 +764,40 @@ def test_tagged_colour_is_converted_with_the_streams_matrix(tmp_path, colorspace
     index = probe_video(str(path))
     _, frames, _ = next(decode_windows_pyav(index, plan_windows(index.times, index.duration)))
     assert np.abs(frames[0, 24, 32].astype(float) - expected).max() <= 2, (frames[0, 24, 32], expected)
+
+
+@pytest.mark.parametrize("codec, suffix, skippable", [("libx264", ".mp4", True), ("libvpx-vp9", ".webm", False)])
+def test_skipping_deblocking_gives_the_frames_an_unfiltered_decode_shows(tmp_path, codec, suffix, skippable):
+    """extract --skip-deblocking: the windows hold exactly the frames a decode without FFmpeg's loop
+    filter shows at the planned positions, at the same times; for H.264 those differ from the filtered
+    ones (the option took), for VP9 (its decoder ignores the option) they are the usual frames."""
+    import av
+
+    path = tmp_path / f"c{suffix}"
+    source = synth.write_camera_like(tmp_path / "src.mp4", duration=3.0, fps=10, size=(160, 96), seed=2)
+    with av.open(str(source)) as src, av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 160, 96, "yuv420p", 150_000
+        for frame in src.decode(video=0):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")):
+                out.mux(packet)
+        out.mux(stream.encode())
+
+    def reference(options):
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.options = options
+            return {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(stream)}
+
+    unfiltered, filtered = reference({"skip_loop_filter": "all"}), reference({})
+    job = prepare_job(VideoJob("c", str(path)), WindowSpec(seconds=1.0, frames=4))
+    plain = list(decode_windows_pyav(job.index, job.plan))
+    skipped = list(decode_windows_pyav(job.index, job.plan, threads=2, deblock=False))
+    assert [(w, list(t)) for w, _, t in skipped] == [(w, list(t)) for w, _, t in plain] and len(skipped) == 3
+    for w, frames, _ in skipped:
+        assert np.array_equal(frames, np.stack([unfiltered[int(p)] for p in job.index.pts[job.plan.frames[w]]]))
+    differs = [not np.array_equal(a, b) for (_, a, _), (_, b, _) in zip(skipped, plain)]
+    assert all(differs) if skippable else not any(differs)
+    assert any(not np.array_equal(unfiltered[p], filtered[p]) for p in filtered) == skippable
+    with pytest.raises(ValueError, match="NVDEC always deblocks"):
+        next(decode_windows_pyav(job.index, job.plan, deblock=False, hwaccel=lambda: None))

@@ -51,6 +51,11 @@ SKIP_GOP_TAILS = True
 # NONREF there dropped sampled frames, and every AV1 video was refused as damaged (until 2026-11-27).
 # Their videos decode every frame.
 PER_PACKET_SKIP_DECODERS = frozenset({"h264", "hevc", "vp8", "vp9"})
+# extract --skip-deblocking sets FFmpeg's skip_loop_filter, which its H.264, HEVC and VP8 decoders honour
+# (checked by decoding with and without: VP9, AV1 through libdav1d and MPEG-4 part 2 come out the same).
+# Without the loop filter 1080p camera-like H.264 decoded 1.18-1.25x as fast on this project's 2-core box
+# (bench/extract.py --variant deblocking=skip); the frames differ by the blocking the filter smooths
+# (0.75 levels of 255 on average there).
 # Frames a decoder may output before one it decoded earlier (H.264/HEVC reorder at most their DPB's 16):
 # how long a part holds a window back (decode_windows_pyav).
 REORDER_FRAMES = 16
@@ -325,15 +330,15 @@ def _tail_counts(index: VideoIndex, keep: set[int] | None) -> dict[int, int] | N
 
 
 def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int] | None = None,
-            hwaccel=None, errors: list[str] | None = None, on_software: Callable[[], None] | None = None
-            ) -> Iterator:
+            hwaccel=None, errors: list[str] | None = None, on_software: Callable[[], None] | None = None,
+            deblock: bool = True) -> Iterator:
     """Decoded frames of the video stream, from `seek_to` (a keyframe's pts) when the container can
     seek there exactly, else from the start. `keep`: the pts the caller needs; other non-reference
     frames, and GOP tails after the last needed frame, are skipped (SKIP_UNNEEDED_NONREF,
     SKIP_GOP_TAILS). `hwaccel`: a callable giving PyAV HWAccel settings (nvdec_accel), None = software
     decode. `errors`: as _decoded's (a seek that is given up leaves none there); `on_software`: called
     at the first frame FFmpeg's software decoder made though NVDEC settings were given (default: a
-    warning is logged)."""
+    warning is logged). `deblock`: False skips the in-loop deblocking filter (H.264, HEVC, VP8)."""
     import av
 
     tails = _tail_counts(index, keep)
@@ -349,7 +354,7 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
         with container:
             names = set(container.format.name.split(","))
             if names & set(SEEKABLE_FORMATS):
-                stream = _video_stream(container, index, threads)
+                stream = _video_stream(container, index, threads, deblock)
                 noted = None if errors is None else len(errors)
                 try:  # a seek FFmpeg refuses (a damaged index) falls back to the decode from the start too
                     container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
@@ -369,21 +374,25 @@ def _frames(index: VideoIndex, threads: int, seek_to: int | None, keep: set[int]
                     del errors[noted:]
     container, software = opened()
     with container:
-        yield from _decoded(container, _video_stream(container, index, threads), keep, tails, errors, software)
+        yield from _decoded(container, _video_stream(container, index, threads, deblock), keep, tails, errors,
+                            software)
 
 
-def _video_stream(container, index: VideoIndex, threads: int):
+def _video_stream(container, index: VideoIndex, threads: int, deblock: bool = True):
     stream = indexed_stream(container, index)
     stream.thread_type = "AUTO"
     if threads:
         stream.thread_count = threads
+    if not deblock:  # read when the decoder opens, at the first packet
+        stream.codec_context.options = {"skip_loop_filter": "all"}
     return stream
 
 
 def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, skip: np.ndarray | None = None,
                         damage: SharedDamage | None = None, redo: int | None = None, through: int | None = None,
                         hwaccel=None, one_pass_skip: np.ndarray | None = None,
-                        on_software: Callable[[], None] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+                        on_software: Callable[[], None] | None = None,
+                        deblock: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (window index, uint8 frames [T, H, W, 3] RGB, seconds [T] of the frames actually decoded)
     for every window of `plan` not marked in `skip`, in order. `damage`: this decode is one part of the
     video (SharedDamage): it stops once an earlier part has handed the rest of the video to one decode,
@@ -396,9 +405,12 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     `on_software`: called if FFmpeg decodes the video in software instead (default: a warning is logged).
     `one_pass_skip` (a redo's): the windows one pass over the video would skip; the redo then decodes
     (and skips: non-reference frames, GOP tails) exactly the frames that pass would, those of the windows
-    already delivered included, so that it meets the same damage."""
+    already delivered included, so that it meets the same damage. `deblock`: False skips the in-loop
+    deblocking filter where the decoder allows it (H.264, HEVC, VP8; software decodes only)."""
     import av
 
+    if hwaccel is not None and not deblock:
+        raise ValueError("NVDEC always deblocks: skipping the deblocking filter is for software decodes only")
     active = windows_to_decode(len(plan), skip)
     if len(active) == 0:
         return
@@ -493,7 +505,8 @@ def decode_windows_pyav(index: VideoIndex, plan: WindowPlan, threads: int = 0, s
     # so there the first refusal ends the decode (the frames after it are stood in, as a damaged tail).
     errors: list[str] | None = None if strict or index.pts_in_decode_order else []
     try:
-        for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel, errors=errors, on_software=on_software):
+        for frame in _frames(index, threads, seek_to, keep, hwaccel=hwaccel, errors=errors, on_software=on_software,
+                             deblock=deblock):
             if damage is not None and damage.superseded(part):
                 return  # an earlier part decodes the rest of the video, these windows included
             if strict and frame.is_corrupt:  # concealed: its pixels (and the frames after) may not be one pass's

@@ -22,6 +22,8 @@ class VideoJob:
     resumed_decoder: str = ""               # the decoded_by of the windows in saved_emb (hybrid keeps it)
     # Given NVDEC, FFmpeg decoded it in software on the CPU instead (decode_pyav.HW_FRAME_FORMAT).
     software_fallback: bool = False
+    # False: PyAV decodes skip the in-loop deblocking filter (extract --skip-deblocking).
+    deblock: bool = True
 
     def active_windows(self) -> np.ndarray:
         """Indices of the windows to decode, in order."""
