@@ -641,3 +641,24 @@ def test_no_captions_encode_to_an_empty_batch(tmp_path, transformers):
                 build_encoder("xclip", weights=str(tmp_path / "xclip"))):
         out = enc.encode_text([])  # was an IndexError (clip-mean, xclip) or torch.cat's error (tiny)
         assert out.shape == (0, enc.dim) and out.dtype == enc.encode_text(["a dog"]).dtype, enc.name
+
+
+@pytest.mark.parametrize("factor", [1 / 127.5, 1.0])
+def test_a_processors_rescale_factor_reaches_the_frames(tmp_path, transformers, factor):
+    """rescale_factor was not read: frames were always x / 255, so a processor mapping pixels to [-1, 1]
+    (1/127.5, mean 1, std 1) gave inputs up to 0.94 off, silently. Against the processor itself."""
+    _clip(transformers).save_pretrained(tmp_path)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+                                    rescale_factor=factor, image_mean=[1.0, 1.0, 1.0],
+                                    image_std=[1.0, 0.5, 2.0]).save_pretrained(tmp_path)
+    enc = build_encoder("clip-mean", weights=str(tmp_path))
+    ref = transformers.CLIPImageProcessor.from_pretrained(str(tmp_path))
+    frame = _smooth_frame(48, 64)
+    want = torch.as_tensor(ref(images=[frame], return_tensors="pt")["pixel_values"][0])
+    got = frames_to_input(torch.from_numpy(frame)[None, None], enc.image_size, enc.mean, enc.std,
+                          resample=enc.resample, resize=enc.resize)[0, 0]
+    assert (got - want).abs().max() < 0.03 * 255 * factor, (got - want).abs().max()
+    for bad in (0, -1.0, "1/255", True):
+        _write_preprocessor(tmp_path, crop_size=32, rescale_factor=bad)
+        with pytest.raises(ValueError, match=r"rescale_factor=.* must be a positive number"):
+            build_encoder("clip-mean", weights=str(tmp_path))

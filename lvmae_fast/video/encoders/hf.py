@@ -6,6 +6,7 @@ preprocessor_config.json, or the "image_processor" entry of processor_config.jso
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -105,7 +106,18 @@ def normalisation(path: Path, default_size: int, mean=CLIP_MEAN, std=CLIP_STD,
         raise ValueError(f"{cfg_file}: size={cfg['size']!r} is smaller than crop_size {size}")
     mean = channel_stats(cfg["image_mean"], "image_mean", cfg_file) if "image_mean" in cfg else mean
     std = channel_stats(cfg["image_std"], "image_std", cfg_file) if "image_std" in cfg else std
+    scale = rescale_to_unit(cfg.get("rescale_factor", 1 / 255), cfg_file)
+    if scale != 1.0:  # (x * f - mean) / std == (x / 255 - mean / s) / (std / s), s = 255 f: one normalisation
+        mean, std = tuple(m / scale for m in mean), tuple(d / scale for d in std)
     return mean, std, size, PIL_RESAMPLE.get(code, resample), resize
+
+
+def rescale_to_unit(factor, cfg_file) -> float:
+    """A processor's rescale_factor relative to frames_to_input's 1/255 (1.0 for 1/255 as JSON writes it)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+        raise ValueError(f"{cfg_file}: rescale_factor={factor!r} must be a positive number")
+    scale = 255.0 * factor
+    return 1.0 if math.isclose(scale, 1.0, rel_tol=1e-9) else scale
 
 
 def _crop_size(crop, cfg_file) -> int:
