@@ -648,6 +648,10 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                         continue
                     st["done"] = True
                     st.pop("emb")
+                    # The job object stays (state is keyed by its id), its frame index need not: ~2 MB per hour
+                    # of 30 fps video, held for the whole job (10 GB over 5000 hours). Decodes still running
+                    # hold their own reference; nothing reads a finished job's index again.
+                    job.index = None
                     counts["done"] += 1
                     decoded_by[NVDEC_FALLBACK if job.software_fallback else job.decoded_by or backend] += 1
                     completed.append(job)

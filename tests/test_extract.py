@@ -1180,3 +1180,39 @@ def test_dali_flags_with_another_decoder_are_refused_not_ignored(corpus, tmp_pat
     assert main(["extract", str(good["a"].path), "--encoder", "tiny", "--out", str(tmp_path / "s"), *flags]) == 1
     assert f"{flags[-2]} applies to --decoder dali only" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_finished_videos_frame_index_is_not_held_for_the_rest_of_the_job(corpus, tmp_path, monkeypatch):
+    """Every job object stays referenced for the whole run; its frame index (~2 MB per hour of 30 fps) was
+    kept with it, so a job over thousands of hours grew by gigabytes. Once a video is stored, its index
+    goes; the store is unchanged."""
+    from lvmae_fast import extract as extract_module
+    from lvmae_fast.video.encoders import build_encoder
+
+    folder, good, _ = corpus
+    jobs, seen = [], []
+
+    class Recorded(extract_module.VideoJob):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            jobs.append(self)
+
+    monkeypatch.setattr(extract_module, "VideoJob", Recorded)
+    model = build_encoder("tiny")
+    encode = model.encode_video
+
+    def spy(frames):
+        seen.append([job.index is None for job in jobs])
+        return encode(frames)
+
+    model.encode_video = spy
+    paths = [(vid, str(good[vid].path)) for vid in ("a", "d", "b")]
+    summary = extract_videos(paths, tmp_path / "s", encoder=model, seconds=1.0, batch_size=3, decode_workers=1)
+    assert summary["done"] == 3 and len(seen) == 3  # one batch per video (3 windows each)
+    assert seen == [[False, False, False], [True, False, False], [True, True, False]]
+    assert all(job.index is None for job in jobs)
+    reference = extract_videos(paths, tmp_path / "ref", encoder=build_encoder("tiny"), seconds=1.0, batch_size=3,
+                               decode_workers=1)
+    assert reference["done"] == 3
+    for vid, _ in paths:
+        assert np.array_equal(Store(tmp_path / "s").get(vid), Store(tmp_path / "ref").get(vid))
