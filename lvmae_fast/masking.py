@@ -10,8 +10,8 @@ Every strategy reduces to "per video, mask the k_i rows with the lowest score, t
 The first token of a video has no predecessor; its similarity is defined as 0.0 (as the reference code
 does). A zero vector has similarity 0.0 with anything (no NaN). The formula is dot / max(|a| |b|, 1e-8) in
 fp32, so for rows of tiny norm (|a| |b| < 1e-8) the value is dot / 1e-8 (near 0, ordered by the dot
-product); rows of huge norm (>= 2^63) are scaled by 2^-80 first by the public, validating
-kernels.semantic_mask (scale_huge_rows: their true cosine, no overflow).
+product); rows of huge norm (>= 2^63) are scaled by a power of two to a norm in [0.5, 1) first by the
+public, validating kernels.semantic_mask (scale_huge_rows: their true cosine, no overflow).
 k_i = L_i - keep_i with keep_i = max(1, int(L_i * (1 - ratio))) (an empty video masks nothing).
 Exact ties (equal scores) go to the lower row, here and in the Triton kernel. The reference breaks ties by
 torch.argsort order (not stable): on CPU it keeps the lower rows of a tie for L <= 16, as semantic_inverted
