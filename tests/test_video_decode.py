@@ -182,6 +182,38 @@ def _numbered_video(path, n, size=(64, 48), fmt=None, first=0, **options):
     return path
 
 
+def test_an_h264_avi_with_dropped_frames_times_each_frame_by_its_chunk(tmp_path):
+    """An AVI gap (a camera's dropped frames: empty chunks) after frame 19: FFmpeg's H.264 parser gave
+    frame 19 the pts of the next chunk (the end of the gap), so the index timed it 60 s late and every
+    window in the gap took frame 18. The chunk numbers time it: each window shows the frame on screen."""
+    from fractions import Fraction
+
+    import av
+
+    ticks = list(range(20)) + list(range(620, 660))   # 1/10 s: frames 0-19, a 60 s gap, frames 20-59
+    path = tmp_path / "gap.avi"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=10, options={"qp": "0", "bf": "0"})
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i, tick in enumerate(ticks):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = tick, Fraction(1, 10)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    index = probe_video(path)
+    np.testing.assert_allclose(index.times, np.asarray(ticks) / 10, atol=1e-9)
+    plan = plan_windows(index.times, index.duration, 5.0, 4)
+    true_times = np.asarray(ticks) / 10
+    for w, frames, _ in decode_windows_pyav(index, plan):
+        start, end = plan.times[w]
+        centres = start + (np.arange(4) + 0.5) * (end - start) / 4
+        on_screen = np.searchsorted(true_times, centres + 1e-9, side="right") - 1
+        shown = np.round(frames.reshape(4, -1).mean(1) / 4).astype(int)
+        assert shown.tolist() == on_screen.tolist(), w
+
+
 def test_avi_with_b_frames_decodes_the_planned_frames(tmp_path):
     """AVI has no presentation timestamps: with B-frames the decoded frames' pts are shuffled decode
     numbers. Frames must be matched by output order (frame k of the decoder = frame k of the index)."""

@@ -19,8 +19,9 @@ import numpy as np
 
 # Which frames the index holds and how they are numbered: windows saved by a killed job (video/partial.py)
 # are reused only under the same version. 2 (2026-11-27): negative pts kept, only discard-flagged packets
-# left out (1 left out every negative pts: a webm's lead-in).
-INDEX_VERSION = 2
+# left out (1 left out every negative pts: a webm's lead-in). 3 (2026-11-28): AVI frames timed by their
+# chunk numbers (dts), not the pts FFmpeg's H.264/HEVC parsers derive (wrong around dropped frames).
+INDEX_VERSION = 3
 
 
 class VideoError(Exception):
@@ -206,7 +207,11 @@ def probe_video(path) -> VideoIndex:
             for packet in container.demux(stream):
                 if packet.size == 0:          # the demuxer's end-of-stream flush packet
                     continue
-                p = packet.pts if packet.pts is not None else packet.dts
+                # AVI: the packet numbers (dts) are its timeline. FFmpeg's H.264/HEVC parsers derive a pts from
+                # the next packet's number, which after a run of empty chunks (dropped frames) timed the frame
+                # before the gap at its end.
+                first, second = (packet.dts, packet.pts) if decode_order else (packet.pts, packet.dts)
+                p = first if first is not None else second
                 untimed += p is None
                 if p is None or packet.is_discard:
                     continue
