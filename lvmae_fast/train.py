@@ -342,8 +342,10 @@ def write_val(out: Path, step: int, val_loss: float | None) -> None:
 
 
 def drop_later_val(out: Path, step: int, keep_dropped: Path | None = None) -> None:
-    """Remove val.json when it is of a step after `step` (the checkpoint resumed): that evaluation is redone
-    (resume) or abandoned (rewind: appended to keep_dropped, a JSON line per rewind, first)."""
+    """When val.json is of a step after `step` (the checkpoint resumed; metrics.jsonl already cut there):
+    that evaluation is redone (resume) or abandoned (rewind: appended to keep_dropped, a JSON line per
+    rewind, first), and val.json goes back to the last evaluation metrics.jsonl keeps (none: removed), as
+    a run that stopped at `step` had it."""
     path = out / VAL_NAME
     try:
         text = path.read_text()
@@ -354,7 +356,11 @@ def drop_later_val(out: Path, step: int, keep_dropped: Path | None = None) -> No
         return
     if keep_dropped is not None:
         append_atomically(keep_dropped, text.strip() + "\n")
-    path.unlink()
+    kept = [r for r in read_metrics(out / "metrics.jsonl") if r.get("val_loss") is not None and r.get("step", 0) <= step]
+    if kept:
+        write_val(out, kept[-1]["step"], kept[-1]["val_loss"])
+    else:
+        path.unlink()
 
 
 def truncate_metrics(path: Path, step: int, keep_dropped: Path | None = None) -> None:

@@ -13,6 +13,7 @@ import collections.abc
 
 import math
 import operator
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Union
@@ -283,7 +284,15 @@ def check_model_overrides(model: dict, preset: str):
     model = {key: value for key, value in model.items() if base[key] != value}
     # Raises on a bad choice or width/heads. in_dim is the store's, not known here: 2 stands in (the
     # smallest that norm_targets allows; build_model_config checks against the store's dim).
-    return model, LVMAEConfig.from_preset(preset, in_dim=2, **model)
+    try:
+        return model, LVMAEConfig.from_preset(preset, in_dim=2, **model)
+    except ValueError as err:  # LVMAEConfig says "config: max_len=0 ...": the key here is model.max_len
+        text = str(err)
+        if not text.startswith("config: "):
+            raise
+        rest = text[len("config: "):]
+        key = re.match(r"[a-z_]+", rest)
+        raise ValueError(f"model.{rest}" if key and key.group() in kinds else f"model: {rest}") from None
 
 
 def preset_model(preset: str) -> dict:

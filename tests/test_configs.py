@@ -357,6 +357,20 @@ def test_crops_longer_than_the_models_max_len_are_refused_naming_both_keys(tmp_p
     assert tc.resolve([("t", {"max_len": 100, "model": {"max_len": 100}})]).max_len == 100  # equal: fine
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("model.max_len=0", "model.max_len=0 must be >= 1"),
+    ("model.masking=foo", "model.masking='foo' is not one of"),
+    ("model.num_heads=7", "model.embed_dim/num_heads = 64/7 must divide evenly"),
+    ("model.decoder_embed_dim=33,model.decoder_num_heads=3",
+     "model: sin-cos positions need even embed_dim and decoder_embed_dim")])
+def test_a_model_settings_own_mistake_names_it_as_a_model_key(capsys, setting, message):
+    """The model's checks said "config: max_len=0 must be >= 1": max_len is also a top-level key (segments per
+    crop), so the message sent users to the wrong setting."""
+    sets = [arg for item in setting.split(",") for arg in ("--set", item)]
+    code, _, err = run_cli(capsys, "pretrain", "--preset", "tiny", *sets, "--print-config")
+    assert_one_line_error(code, err, message)
+
+
 def test_resume_compares_the_model_it_builds_not_how_its_overrides_spell_it():
     """A checkpoint saved with `model: {depth: 2}` under tiny (its preset value, kept as an override before
     overrides were made canonical) resumes under `model: {}`; train.py refuses a different model config."""

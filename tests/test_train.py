@@ -1240,6 +1240,28 @@ def test_val_json_follows_every_evaluation_and_a_rewind(store, tmp_path, monkeyp
         {"step": r["step"], "val_loss": r["val_loss"]} for r in read_metrics(out / "metrics.jsonl") if r["step"] == 6)
 
 
+def test_a_resume_before_the_last_evaluation_gives_val_json_back_its_earlier_result(tmp_path):
+    """A run evaluated at 4, 8 and 12, checkpointed at 9 and was killed: resumed there (or rewound), val.json
+    (12's) was deleted and nothing rewrote it, so a run stopped before its next evaluation had none; the
+    one a run stopped at 9 holds is step 8's (metrics.jsonl, already cut at the checkpoint, keeps it)."""
+    from lvmae_fast.train import drop_later_val, write_val
+
+    out = tmp_path / "run"
+    out.mkdir()
+    records = [{"step": s, "loss": 1.0 / s, **({"val_loss": 0.1 * s} if s % 4 == 0 else {})} for s in range(1, 10)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_val(out, 12, 1.2)
+    drop_later_val(out, 9, keep_dropped=out / "val.rewound.jsonl")
+    assert json.loads((out / "val.json").read_text()) == {"step": 8, "val_loss": 0.8}
+    assert [json.loads(line) for line in (out / "val.rewound.jsonl").read_text().splitlines()] == [
+        {"step": 12, "val_loss": 1.2}]
+    drop_later_val(out, 9)  # val.json is not later: kept
+    assert json.loads((out / "val.json").read_text()) == {"step": 8, "val_loss": 0.8}
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    drop_later_val(out, 3)  # no evaluation up to the checkpoint: none
+    assert not (out / "val.json").exists()
+
+
 def test_a_checkpoint_without_its_latest_pointer_is_resumed(store, tmp_path, restore_threads, caplog):
     """A kill between a first checkpoint's rename and the write of `latest`: --resume started again from
     step 0 beside the complete step-N (and its metrics). It now resumes the newest complete checkpoint."""
