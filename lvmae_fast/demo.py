@@ -159,7 +159,10 @@ def _run(args) -> int:
     stage_dirs = [out / "videos", out / "embeddings", out / "store", out / "run"]
     if args.source == "videos":  # before anything is written: a failed start must not block --source embeddings
         from .optional import require
-        require("av", "video", "writing the demo's test videos")
+        from .video.decode_pyav import PYAV_MINIMUM, PYAV_MINIMUM_WHY
+
+        # The version extract needs too: an older PyAV wrote every video and then failed at extraction.
+        require("av", "video", "the demo's test videos", minimum=PYAV_MINIMUM, why=PYAV_MINIMUM_WHY)
     existing = [d for d in stage_dirs if d.exists()]
     if existing and not is_demo_dir(out, stage_dirs):
         # --overwrite deletes folders: only ever a demo's (a project folder with its own videos/ or store/

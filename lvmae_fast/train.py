@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -249,7 +250,8 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
     try:
         model.save_pretrained(tmp)
         state = {"progress": dict(progress), "optimizer": portable_optimizer_state(optimizer), "rng": _rng_state(),
-                 "config": cfg.to_dict(), "model_config": model.config.to_dict(), "store_fingerprint": store_fingerprint}
+                 "config": cfg.to_dict(), "model_config": model.config.to_dict(), "store_fingerprint": store_fingerprint,
+                 "file_sha256": model_file_digests(tmp)}
         # Fsynced like the weights: `latest` (itself fsynced) must never name a state still in the page cache,
         # after pruning has removed the checkpoints before it.
         atomic_write(tmp / STATE_NAME, lambda path: torch.save(state, path))
@@ -300,16 +302,41 @@ def portable_optimizer_state(optimizer) -> dict:
     return state
 
 
+def model_file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of the checkpoint's weights and model config, kept in its train_state.pt (whose zip CRCs are
+    checked): safetensors has no checksum, and a flipped bit in the weights resumed silently."""
+    return {name: sha256_of(folder / name) for name in (WEIGHTS_NAME, CONFIG_NAME)}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_train_state(ckpt: Path) -> dict:
+    """The checkpoint's train_state.pt, after checking it and the model files it vouches for."""
     try:
         # torch.load does not check the zip's CRCs: flipped bits (disk, copy) would resume silently.
         with zipfile.ZipFile(ckpt / STATE_NAME) as archive:
             bad = archive.testzip()
         if bad is not None:
             raise ValueError(f"damaged data (CRC mismatch in {bad})")
-        return torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
+        state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch's messages (cut zip, empty file) run over many lines
         raise damaged_checkpoint(ckpt, STATE_NAME, err) from None
+    saved = state.get("file_sha256") if isinstance(state, dict) else None
+    for name, digest in (saved or {}).items():  # checkpoints from before 2026-11-28 have none
+        try:
+            found = sha256_of(ckpt / name)
+        except OSError as err:
+            raise damaged_checkpoint(ckpt, name, err) from None
+        if found != digest:
+            raise damaged_checkpoint(ckpt, name, ValueError("damaged data (its sha256 differs from the one saved "
+                                                            "with the checkpoint)"))
+    return state
 
 
 def damaged_checkpoint(ckpt: Path, name: str, err: BaseException) -> ValueError:

@@ -813,6 +813,21 @@ def test_demo_without_pyav_writes_nothing_and_the_embedding_demo_still_runs(tmp_
     assert main(["demo", "--out", str(out), "--source", "embeddings", "--no-progress", "--epochs", "2"]) == 0
 
 
+def test_demo_with_a_pyav_too_old_for_extract_writes_nothing(tmp_path, monkeypatch):
+    """The demo checked only that PyAV imports: with one older than extract needs it wrote every video and
+    then failed, and the same command after upgrading was refused (the folder held a demo's videos)."""
+    import av
+
+    from lvmae_fast.demo import _run
+    from lvmae_fast.optional import MissingDependency
+
+    monkeypatch.setattr(av, "__version__", "16.0.1")
+    out = tmp_path / "demo"
+    with pytest.raises(MissingDependency, match=r"needs 'av' >= 17, found 16.0.1"):
+        _run(build_parser().parse_args(["demo", "--out", str(out), "--no-progress"]))
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_a_rewind_killed_halfway_is_completed_by_running_it_again(store, tmp_path, restore_threads):
     """A kill after the rewind moved some later checkpoints but before it repointed `latest`: `latest`
     names a moved checkpoint, and --resume-from the same step must still finish the rewind."""
@@ -1058,7 +1073,8 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(store
     assert sorted(p.name for p in (tmp_path / "nonfinite" / "checkpoints").iterdir()) == ["latest", "step-00000004"]
 
 
-@pytest.mark.parametrize("damage", ["state_cut", "state_empty", "state_bits_flipped", "weights_cut", "optimizer_groups"])
+@pytest.mark.parametrize("damage", ["state_cut", "state_empty", "state_bits_flipped", "weights_cut", "weights_bit_flipped",
+                                    "config_edited", "optimizer_groups"])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_others(store, tmp_path, capsys, restore_threads,
                                                                         damage):
     """A cut or emptied train state, cut weights (tracebacks from torch / safetensors before), or an optimizer
@@ -1083,12 +1099,19 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_others(store, 
         state_file.write_bytes(bytes(data))
     elif damage == "weights_cut":
         weights_file.write_bytes(weights_file.read_bytes()[:100])
+    elif damage == "weights_bit_flipped":  # a low mantissa bit of the last weight: safetensors has no checksum
+        data = bytearray(weights_file.read_bytes())
+        data[-4] ^= 0x01
+        weights_file.write_bytes(bytes(data))
+    elif damage == "config_edited":
+        (last / "config.json").write_text((last / "config.json").read_text() + " ")
     else:  # the first group's last parameter moved into the second group
         state = load_train_state(last)
         groups = state["optimizer"]["param_groups"]
         groups[1]["params"].insert(0, groups[0]["params"].pop())
         torch.save(state, state_file)
-    name = "model.safetensors" if damage == "weights_cut" else "train_state.pt"
+    name = {"weights_cut": "model.safetensors", "weights_bit_flipped": "model.safetensors",
+            "config_edited": "config.json"}.get(damage, "train_state.pt")
     capsys.readouterr()
     assert main([*args, "--out", str(out), "--resume", "--max-steps", "12"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -1098,6 +1121,8 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_others(store, 
         assert "other AdamW parameter groups" in err[0]
     if damage == "state_bits_flipped":
         assert "damaged data (CRC mismatch in " in err[0]
+    if damage in ("weights_bit_flipped", "config_edited"):
+        assert "damaged data (its sha256 differs from the one saved with the checkpoint)" in err[0]
     assert main([*args, "--out", str(out), "--resume-from", "4"]) == 0
 
 
