@@ -113,16 +113,19 @@ def read_npy_header(path: Path) -> tuple[tuple, np.dtype]:
     """(shape, dtype) of a .npy file without reading or mapping its data; a file shorter than its
     header says (cut by a full disk or a bad copy) is refused, since mapping it fails only later."""
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in reader:
-            raise ValueError(f"{path}: unsupported .npy version {version}")
-        shape, fortran_order, dtype = reader[version](f)
+        try:
+            version = np.lib.format.read_magic(f)
+            reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in reader:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, fortran_order, dtype = reader[version](f)
+        except Exception as err:  # noqa: BLE001 - numpy's parser raises ValueError, TokenError, SyntaxError...
+            raise ValueError(f"{path}: not a readable .npy header ({err})") from None
         data_start = f.tell()
         size = os.fstat(f.fileno()).st_size
     if fortran_order:
         raise ValueError(f"{path}: Fortran-ordered array; shards must be C-contiguous")
-    needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    needed = math.prod(int(n) for n in shape) * dtype.itemsize  # Python ints: a damaged shape cannot overflow
     if size - data_start < needed:
         raise ValueError(f"{path}: truncated: holds {size - data_start} data bytes, its header needs {needed}")
     return shape, dtype
@@ -946,7 +949,9 @@ def summarize(store: Store) -> dict:
     lengths = np.array([store.num_segments(v) for v in store.video_ids], dtype=np.int64)
     size = store.despite_compaction(
         lambda: sum((store.path / s[k]).stat().st_size for s in store._shards for k in ("emb", "times")))
-    hours = float(sum(store.num_segments(v) * store._entry(v)["segment_seconds"] for v in store.video_ids)) / 3600
+    # The windows' own lengths: a kept partial last window (extract --min-last) is not a whole segment.
+    hours = float(sum(float(np.nansum(t[:, 1] - t[:, 0], dtype=np.float64))
+                      for t in map(store.window_times, store.video_ids))) / 3600
     return {
         "path": str(store.path), "videos": len(store), "dim": store.dim, "dtype": store.dtype, "encoder": store.encoder,
         "segment_seconds": store.segment_seconds, "segments": int(lengths.sum()), "hours": round(hours, 3),

@@ -224,7 +224,10 @@ def _run_import(args) -> int:
             raise ValueError(f"{args.src} holds no video rows (a reference segments CSV: a header with a "
                              f"`segment_paths` column, then one row per video)")
         raise ValueError(f"{args.src} holds no <video_id>.npy/.pt files")
-    print(f"imported {added} videos into {args.out} ({skipped} already present)")
+    if added + skipped:
+        print(f"imported {added} videos into {args.out} ({skipped} already present)")
+    else:  # not "imported 0 videos into OUT": no store is made when every file failed
+        print(f"imported nothing into {args.out}: every file failed")
     for line in failures:
         print(f"  failed: {line}", file=sys.stderr)
     if failures:

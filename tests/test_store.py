@@ -902,6 +902,48 @@ def test_truncated_shard_is_named_by_verify(tmp_path):
     assert r.returncode == 2 and "b" in r.stdout + r.stderr and "truncated" in r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("damage", ["header_zeroed", "header_paren", "shape_overflow", "empty", "times_zeroed"])
+def test_a_damaged_shard_header_is_a_problem_naming_the_file(tmp_path, damage):
+    """A shard header zeroed past its magic (power cut, bad copy) raised tokenize.TokenError from numpy's
+    parser through verify, info, compact and every reader; an over-long shape overflowed np.prod; other
+    header errors said "shard N" without the file (after a compaction N is not the file's number)."""
+    path = write_store(tmp_path / "s", {"a": np.ones((3, 4), np.float32), "b": np.ones((2, 4), np.float32)}, 4,
+                       shard_rows=3)
+    index = json.loads((path / "index.json").read_text())
+    shard = index["shards"][index["videos"][1]["shard"]]
+    target = path / shard["times" if damage == "times_zeroed" else "emb"]
+    data = target.read_bytes()
+    if damage in ("header_zeroed", "times_zeroed"):
+        damaged = data[:40] + bytes(len(data) - 40)
+    elif damage == "header_paren":
+        damaged = data.replace(b"}", b"(", 1)
+    elif damage == "shape_overflow":  # the header's padding absorbs the longer shape: only the number is wrong
+        longer = b"(99999999999999999999, 4)"
+        damaged = data.replace(b"(2, 4)", longer, 1).replace(b" " * (len(longer) - 6) + b"\n", b"\n", 1)
+        assert len(damaged) == len(data) and damaged != data
+    else:
+        damaged = b""
+    target.write_bytes(damaged)
+    with pytest.raises(ValueError, match=re.escape(str(target))):
+        Store(path)
+    assert verify_store(path).bad_videos == ["b"]
+    for command in (("verify",), ("info",)):
+        r = lvmae("store", *command, path)
+        assert "Traceback" not in r.stderr and str(target) in r.stdout + r.stderr, (command, r.stderr)
+        assert r.returncode == (2 if command == ("verify",) else 1), (command, r.returncode)
+
+
+def test_info_hours_are_the_windows_own_lengths(tmp_path):
+    """A kept partial last window (extract --min-last) counted as a whole segment: 4 videos of 7.5 s read
+    as 40 s of video."""
+    times = np.array([[0, 5], [5, 7.5]], np.float32)
+    with StoreWriter(tmp_path / "s", 4, segment_seconds=5.0) as writer:
+        for vid in ("a", "b", "c", "d"):
+            writer.add(vid, np.ones((2, 4), np.float32), window_times=times)
+    r = lvmae("store", "info", tmp_path / "s", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["hours"] == round(30.0 / 3600, 3)
+
+
 def test_store_files_follow_the_umask(tmp_path):
     import os
     import stat
