@@ -232,6 +232,11 @@ def convert_reference(ckpt_path, out_dir=None, **config_overrides):
     config = config_from_reference(state, args, **config_overrides)
     for key, width in (("pos_embed", config.embed_dim), ("decoder_pos_embed", config.decoder_embed_dim)):
         if key in state:
+            shape = tuple(state[key].shape)
+            if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != width:
+                token = "cls_token" if key == "pos_embed" else "mask_token"
+                raise ValueError(f"{ckpt_path}: {key} has shape {list(shape)}, expected [1, positions, {width}] "
+                                 f"({token} is {width} wide)")
             ref_table = state.pop(key)[0]
             ours = sincos_table(width, ref_table.shape[0] - 1)
             # A checkpoint saved in fp16/bf16 holds the table rounded to that precision (values in [-1, 1]).
@@ -239,7 +244,8 @@ def convert_reference(ckpt_path, out_dir=None, **config_overrides):
             if not torch.allclose(ref_table, ours, atol=atol):
                 raise ValueError(f"{ckpt_path}: {key} is not the fixed 1-D sin-cos table this model uses")
     if config.in_dim != config.embed_dim:
-        raise ValueError("reference checkpoints have encoder width == embedding dim; got a mismatch")
+        raise ValueError(f"{ckpt_path}: decoder_pred.weight predicts {config.in_dim}-dim rows but the encoder is "
+                         f"{config.embed_dim} wide; reference checkpoints have encoder width == embedding dim")
     model = LVMAE(config)
     load_matching_state(model, state, f"{ckpt_path}: keys do not match the reference layout")
     if out_dir is not None:

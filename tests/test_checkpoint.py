@@ -1,6 +1,7 @@
 """Reference checkpoint import: key names/shapes of amazon-science/lv-mae, round trip, safe loading."""
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from lvmae_fast.checkpoint import convert_reference, save_model_dir
+from lvmae_fast.cli import main
 from lvmae_fast.model import LVMAE, LVMAEConfig
 
 from naive_lvmae import naive_forward, naive_sincos
@@ -112,6 +114,24 @@ def test_refuses_unsafe_pickles_and_wrong_positions(tmp_path):
         save_reference(tmp_path / "missing.pth", sd)
         with pytest.raises(ValueError, match=rf"lacks keys \['{key}'\]"):
             convert_reference(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("key, shape, message", [
+    ("cls_token", (1, 1, 48), r"pos_embed has shape \[1, 257, 32\], expected \[1, positions, 48\] \(cls_token is 48 wide\)"),
+    ("mask_token", (1, 1, 32), r"decoder_pos_embed has shape \[1, 257, 16\], expected \[1, positions, 32\] "
+                               r"\(mask_token is 32 wide\)"),
+    ("decoder_pred.weight", (24, 16), r"decoder_pred.weight predicts 24-dim rows but the encoder is 32 wide")])
+def test_a_width_that_disagrees_with_the_position_tables_is_named(tmp_path, capsys, key, shape, message):
+    """cls_token / mask_token of another width than their position tables: a RuntimeError traceback from
+    comparing tables of two widths; a decoder_pred of another width: a message naming no key."""
+    sd = reference_state_dict()
+    sd[key] = torch.zeros(shape)
+    if key == "decoder_pred.weight":
+        sd["decoder_pred.bias"] = torch.zeros(shape[0])
+    save_reference(tmp_path / "bad.pth", sd)
+    assert main(["convert-reference", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
 
 
 def test_save_load_round_trip_and_missing_dir(tmp_path):
