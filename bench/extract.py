@@ -132,7 +132,9 @@ def _bench_pyav_decode(paths, spec, workers: int, threads: int | None, hwaccel=N
             yield event
         with lock:
             if reason is None:
-                frames[0] += job.index.num_frames  # a sequential decode decodes every frame
+                # Every frame of the file, the rows' stated unit: a decode that skips frames it does not need
+                # (non-references, GOP tails, the frames after the last window) is credited with them too.
+                frames[0] += job.index.num_frames
             else:
                 failed[job.path] = reason
 
@@ -167,6 +169,9 @@ def ratio_cell(r) -> str:
 VARIANT_SETTINGS = {"gop_tails": ("skip", "decode"), "deblocking": ("keep", "skip"),
                     "nvdec_context": ("own", "shared"), "side_streams": ("0", "1"),
                     "frame_threads": int, "cpu_decode_nice": int, "decode_workers": int, "nvdec_workers": int}
+# lvmae extract's own settings (each flag's default): the table's heading names those a run changes.
+DEFAULT_SETTINGS = {"gop_tails": "skip", "deblocking": "keep", "nvdec_context": "own", "side_streams": "0",
+                    "frame_threads": 0, "cpu_decode_nice": 0, "decode_workers": 0, "nvdec_workers": 0}
 # The rows a variant times again (those of them --only selects), under the variant's settings.
 VARIANT_ROWS = ("end_to_end_pyav", "end_to_end_hybrid", "end_to_end_nvdec", "decode_pyav_parallel", "decode_nvdec")
 
@@ -285,17 +290,17 @@ def main(argv=None) -> int:
                     help="comma-separated measurement keys to run (e.g. end_to_end_hybrid,end_to_end_pyav; the JSON's "
                          "keys); the others read 'not measured (not in --only)'. For a second look at a few rows "
                          "on a GPU host without paying for the rest")
-    ap.add_argument("--gop-tails", choices=VARIANT_SETTINGS["gop_tails"], default="skip",
+    ap.add_argument("--gop-tails", choices=VARIANT_SETTINGS["gop_tails"], default=DEFAULT_SETTINGS["gop_tails"],
                     help="skip (default, as lvmae extract since 2026-11-27) or decode the GOP tails after each GOP's "
                          "last sampled frame (decode_pyav.SKIP_GOP_TAILS): run twice to see what skipping gains")
-    ap.add_argument("--deblocking", choices=VARIANT_SETTINGS["deblocking"], default="keep",
+    ap.add_argument("--deblocking", choices=VARIANT_SETTINGS["deblocking"], default=DEFAULT_SETTINGS["deblocking"],
                     help="keep (default, as lvmae extract) or skip the in-loop deblocking filter in the PyAV rows "
                          "(lvmae extract --skip-deblocking; H.264, HEVC, VP8): run twice, or --variant deblocking=skip, "
                          "to see what skipping gains")
     ap.add_argument("--frame-threads", type=int, default=0,
                     help="frame threads per PyAV decode in the parallel and end-to-end rows (0 = lvmae extract's "
                          "own count, extract.pyav_threads: 2 on a 16-CPU host): run twice to see what it costs")
-    ap.add_argument("--nvdec-context", choices=VARIANT_SETTINGS["nvdec_context"], default="own",
+    ap.add_argument("--nvdec-context", choices=VARIANT_SETTINGS["nvdec_context"], default=DEFAULT_SETTINGS["nvdec_context"],
                     help="NVDEC decodes each in a CUDA context of their own (default, as lvmae extract) or in torch's "
                          "(decode_pyav.NVDEC_SHARED_CONTEXT): run twice to see which is faster")
     ap.add_argument("--cpu-decode-nice", type=int, default=0,
@@ -306,7 +311,7 @@ def main(argv=None) -> int:
                     help="uploads and preprocessing on each decode thread's CUDA stream, the encoder on its own "
                          "(extract.SIDE_STREAMS; off = the default stream, as lvmae extract): run twice to see what it changes")
     ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE...]",
-                    help="after every other row, time the end-to-end and parallel decode rows (those --only selects) "
+                    help="after every other row, time the rows " + ", ".join(VARIANT_ROWS) + " (those --only selects) "
                          "again with these settings changed, in this process, on the same videos: rows "
                          "'<row>@<variant>'. Keys: " + ", ".join(VARIANT_SETTINGS) + " (as the flags of the same "
                          "name; side_streams=0|1). 'base' repeats the run's own settings. Repeatable: one pass each, "
@@ -328,6 +333,8 @@ def main(argv=None) -> int:
     if only is not None and not only <= STAGE_KEYS:
         ap.error(f"--only: unknown measurement {', '.join(sorted(only - STAGE_KEYS))} (choose from "
                  f"{', '.join(sorted(STAGE_KEYS))})")
+    if args.variant and only is not None and not only & set(VARIANT_ROWS):  # else the passes time nothing
+        ap.error(f"--variant re-times {', '.join(VARIANT_ROWS)}; --only selects none of them")
     variants = []
     for text in args.variant:
         try:
@@ -533,9 +540,13 @@ def main(argv=None) -> int:
         return fmt.format(r[key]) + (f" ({failed} videos failed, their frames not counted)" if failed else "")
 
     e2e = results["end_to_end"]
+    # The run's decode settings that are not lvmae extract's defaults: two runs' tables must tell apart.
+    changed = [f"{key} {value}" for key, value in base_settings.items()
+               if key not in ("decode_workers", "nvdec_workers") and value != DEFAULT_SETTINGS[key]]
     print(f"\n### Ingestion benchmark ({results['resolution']} H.264 @ {fps:g} fps, {args.content} content, "
           f"{len(paths)} x {duration:g} s; "
-          f"{results['device']} {results['gpu'] or ''}; T={spec.frames}, S={spec.seconds:g} s)\n")
+          f"{results['device']} {results['gpu'] or ''}; T={spec.frames}, S={spec.seconds:g} s"
+          f"{'; ' + ', '.join(changed) if changed else ''})\n")
     print("| measurement | value |")
     print("|---|---|")
     print(f"| decode, PyAV CPU, one video at a time, FFmpeg's thread count (frames/s, all frames of the files) | "
@@ -545,7 +556,8 @@ def main(argv=None) -> int:
           f"{cell(results['decode_pyav_parallel'], 'frames_per_s')} |")
     print(f"| decode, PyAV CPU, one video at a time, every frame decoded (before 2026-11-26) (frames/s) | "
           f"{cell(results['decode_pyav_every_frame'], 'frames_per_s')} |")
-    print(f"| decode ratio, unneeded frames skipped (unsampled non-reference ones; GOP tails since 2026-11-27) / every frame decoded | "
+    skipped = "unsampled non-reference frames" + (" and GOP tails" if args.gop_tails == "skip" else "")
+    print(f"| decode ratio, {skipped} skipped / every frame decoded | "
           f"{ratio_cell(results['decode_pyav_skip_over_every_frame'])} |")
     nvdec = results["decode_nvdec"]
     fell_back = nvdec.get("software_fallback_videos", 0) if isinstance(nvdec, dict) else 0

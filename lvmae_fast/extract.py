@@ -599,7 +599,9 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
         log.info("extract: %d videos (%d already in %s), encoder %s (d=%d) on %s %s, decoder %s%s",
                  len(items), counts["skipped"], out, encoder, model.dim, dev, str(dtype).replace("torch.", ""),
                  backend, f" ({workers} videos at once)" if backend in ("pyav", "nvdec") else
-                 f" ({workers} videos at once on the CPU, {nvdec_slots} on NVDEC)" if backend == "hybrid" else "")
+                 f" ({workers} decodes at once: new videos on NVDEC while fewer than {nvdec_slots} NVDEC decodes "
+                 "run, else on the CPU; a long video's parts stay on its first part's decoder)" if backend == "hybrid"
+                 else "")
 
         state: dict[int, dict] = {}          # id(job) -> {"emb": [n, d], "filled": bool[n], "failed": bool}
         batch: list[Window] = []
@@ -851,8 +853,10 @@ def register(subparsers) -> None:
                    help="PyAV decodes run at once: videos, or parts of a long one (0 = one per CPU, at most 16); "
                         "windows still reach the encoder in input order, so the store is the same for any value")
     p.add_argument("--nvdec-workers", type=int, default=0,
-                   help=f"--decoder hybrid: NVDEC decodes run at once, beside the --decode-workers CPU ones "
-                        f"(0 = {DEFAULT_NVDEC_SLOTS}, which saturated an H200's NVDEC engines)")
+                   help=f"--decoder hybrid: a new video goes to NVDEC while fewer than this many NVDEC decodes run, "
+                        f"else to the CPU (0 = {DEFAULT_NVDEC_SLOTS}, which saturated an H200's NVDEC engines); the "
+                        "parts of a long video stay on its first part's decoder, so either side may run up to "
+                        "--decode-workers + --nvdec-workers decodes at once")
     p.add_argument("--skip-deblocking", action="store_true",
                    help="PyAV decodes skip the in-loop deblocking filter of H.264, HEVC and VP8 (other codecs decode "
                         "as usual): 1.18-1.25x the decode rate on 1080p camera-like H.264 (a 2-core CPU box), frames "

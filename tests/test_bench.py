@@ -155,7 +155,7 @@ def restore_decode_switches(monkeypatch):
     monkeypatch.setattr(extract, "SIDE_STREAMS", False)
 
 
-def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
+def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch, capsys):
     """--gop-tails decode turns GOP-tail skipping off for the run's decodes, --frame-threads sets each
     decode's frame threads, --nvdec-context the NVDEC decodes' CUDA context and --cpu-decode-nice the CPU
     decodes' nice value, --deblocking skip the PyAV decodes' loop filter (the A/Bs a GPU host runs); the defaults are lvmae extract's own."""
@@ -196,6 +196,13 @@ def test_extract_bench_decode_flags_reach_the_decoder(tmp_path, monkeypatch):
         assert tails_seen and set(tails_seen) == {mode == "skip"}, (mode, tails_seen)
         assert threads_seen and set(threads_seen) == {expected_threads}, (threads, threads_seen)
         assert set(deblock_seen) == {not threads} and result["deblocking"] == ("skip" if threads else "keep")
+        # The table says which settings differ from lvmae extract's (two runs' tables looked alike).
+        printed = capsys.readouterr().out
+        heading = next(line for line in printed.splitlines() if line.startswith("### Ingestion benchmark"))
+        want = (["gop_tails decode"] if mode == "decode" else
+                ["deblocking skip", "nvdec_context shared", "side_streams 1", "frame_threads 3", "cpu_decode_nice 3"])
+        assert all(item in heading for item in want) and ("gop_tails" in heading) == (mode == "decode"), heading
+        assert ("and GOP tails skipped" in printed) == (mode == "skip")
 
 
 def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_path, monkeypatch, capsys):
@@ -237,6 +244,15 @@ def test_extract_bench_variants_time_the_rows_again_under_their_settings(tmp_pat
     assert "decode_pyav_parallel@base" not in result and "variant base: decode_pyav_parallel" not in capsys.readouterr().out
     assert (extract.CPU_DECODE_NICE, extract.SIDE_STREAMS, decode_pyav.SKIP_GOP_TAILS, extract.FRAME_THREADS) == (
         0, False, True, None)
+
+
+def test_a_variant_with_only_rows_it_does_not_time_is_refused(capsys):
+    """--only end_to_end --variant ...: no variant row ran, exit 0, and the JSON listed the variant as run."""
+    extract_bench = load_extract_bench()
+    with pytest.raises(SystemExit) as exit_info:
+        extract_bench.main(["--quick", "--device", "cpu", "--only", "end_to_end,encoder_fp", "--variant",
+                            "deblocking=skip"])
+    assert exit_info.value.code == 2 and "--only selects none of them" in capsys.readouterr().err
 
 
 def test_a_decode_workers_variant_times_the_parallel_row_with_its_own_workers_and_videos(tmp_path, monkeypatch):
