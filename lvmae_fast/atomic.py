@@ -87,6 +87,26 @@ def _process_umask() -> int:
 _FILE_MODE = 0o666 & ~_process_umask()
 
 
+class _WriteOnly:
+    """A file seen by numpy as a plain writable object: np.save then writes through its write(), which
+    raises when the disk is full or the file too large. Given the file itself, numpy writes the data with
+    C stdio (ndarray.tofile) and ignores the error of the final flush: a file cut short by up to 4 KiB came
+    back from np.save without a word (RLIMIT_FSIZE, numpy 2.4), and a store committed it."""
+
+    def __init__(self, file):
+        self.write = file.write
+
+
+def atomic_save_npy(path, array) -> None:
+    """np.save(path, array) (no pickles) as atomic_write does, every write error raised."""
+    import numpy as np
+
+    def write(tmp_path):
+        with open(tmp_path, "wb") as f:  # a path would get ".npy" appended to the temp name
+            np.save(_WriteOnly(f), array, allow_pickle=False)
+    atomic_write(path, write)
+
+
 def atomic_write(path, write) -> None:
     """write(tmp_path) fills a temp file in the same directory; it is fsynced, renamed over `path`, and
     the directory is fsynced. Readers see the old file or the complete new one, never a partial one."""

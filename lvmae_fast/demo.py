@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -139,7 +140,7 @@ def _is_demo_run(folder: Path) -> bool:
     except (OSError, ValueError, yaml.YAMLError):
         return False
     return (isinstance(cfg, dict) and cfg.get("preset") == "tiny"
-            and Path(str(cfg.get("store") or "")).resolve() == (folder.parent / "store").resolve())
+            and os.path.realpath(str(cfg.get("store") or "")) == os.path.realpath(folder.parent / "store"))
 
 
 def is_demo_dir(out: Path, stage_dirs: list[Path]) -> bool:

@@ -135,7 +135,7 @@ def expand_inputs(inputs) -> tuple[list[tuple[str, str]], list[tuple[str, str, s
             vid, path = str(vid), str(path)
             if vid in seen:
                 first = items[seen[vid]][1]
-                if Path(first).resolve() == Path(path).resolve():  # one file listed twice is one input
+                if os.path.realpath(first) == os.path.realpath(path):  # one file listed twice is one input
                     continue
                 missing = not_a_file(first)
                 if missing and not not_a_file(path):
@@ -160,7 +160,7 @@ def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
-        return Path(a).resolve() == Path(b).resolve()
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def settle_ids_with_the_store(items: list[tuple[str, str]], clashes: list[tuple[str, str, str]],
@@ -643,7 +643,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                 if st["filled"].all():
                     job = win.job
                     try:
-                        writer.add(job.video_id, st["emb"], source_path=str(Path(job.path).resolve()),
+                        writer.add(job.video_id, st["emb"], source_path=os.path.realpath(job.path),
                                    window_times=job.plan.times)
                     except ValueError as err:  # e.g. NaN/Inf from the encoder: this video only
                         fail(job, f"embedding rejected: {err}")

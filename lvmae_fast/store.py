@@ -47,7 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import WRITE_ERRORS, append_whole, atomic_write, remove_stale_temps, write_error, write_reason
+from .atomic import (WRITE_ERRORS, append_whole, atomic_save_npy, atomic_write_text, remove_stale_temps, write_error,
+                     write_reason)
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +76,8 @@ def _max_open_maps() -> int:
     return MAX_OPEN_MAPS if soft == resource.RLIM_INFINITY else max(8, min(MAX_OPEN_MAPS, soft // 4))
 
 
-def _write_with(write_to_file):
-    # np.save(path) would append ".npy" to the temp name: write through a file object instead.
-    def write(tmp_path):
-        with open(tmp_path, "wb") as f:
-            write_to_file(f)
-    return write
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, _write_with(lambda f: np.save(f, array, allow_pickle=False)))
-
-
 def _atomic_save_json(path: Path, obj) -> None:
-    text = json.dumps(obj, separators=(",", ":")).encode()
-    atomic_write(path, _write_with(lambda f: f.write(text)))
+    atomic_write_text(path, json.dumps(obj, separators=(",", ":")))  # ASCII: no locale's encoding matters
 
 
 def _remove_files(paths) -> None:
@@ -580,9 +568,9 @@ class StoreWriter:
         number = self._next_shard_number
         self._next_shard_number += 1
         emb_name, times_name = f"{SHARD_DIR}/emb-{number:05d}.npy", f"{SHARD_DIR}/times-{number:05d}.npy"
-        _atomic_save_npy(self.path / emb_name, emb)
+        atomic_save_npy(self.path / emb_name, emb)
         written.append(self.path / emb_name)
-        _atomic_save_npy(self.path / times_name, times)
+        atomic_save_npy(self.path / times_name, times)
         written.append(self.path / times_name)
         return {"emb": emb_name, "times": times_name, "rows": int(emb.shape[0])}
 

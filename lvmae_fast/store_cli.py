@@ -17,6 +17,7 @@ import ast
 import csv
 import json
 import math
+import os
 import re
 import sys
 import warnings
@@ -105,7 +106,7 @@ def iter_directory(src: Path):
                     and (p.is_file() or not p.exists())),
                    key=lambda p: (p.stem, p.suffix.lower()))   # any case, as extract's folder input
     for p in files:
-        yield p.stem, str(p.resolve()), (lambda p=p: load_array(p))  # source: absolute, wherever the import ran
+        yield p.stem, os.path.realpath(p), (lambda p=p: load_array(p))  # source: absolute, wherever the import ran
 
 
 def _one_segment(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -146,7 +147,7 @@ def iter_reference_csv(csv_path: Path):
                 raise ValueError(f"segments have mixed dims {sorted({s.shape[0] for s in segs})}")
             return np.stack(segs)
 
-        yield video_id, f"{csv_path.resolve()}#row={i}", load
+        yield video_id, f"{os.path.realpath(csv_path)}#row={i}", load
 
 
 def import_embeddings(src, out, encoder: str = "unknown", segment_seconds: float = 5.0,

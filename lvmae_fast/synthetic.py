@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_save_npy
+
 
 def synthetic_video(rng: np.random.Generator, themes: np.ndarray, n: int) -> np.ndarray:
     dim = themes.shape[1]
@@ -42,5 +44,5 @@ def write_corpus(corpus: dict[str, np.ndarray], directory, dtype=np.float16) -> 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for video_id, emb in corpus.items():
-        np.save(directory / f"{video_id}.npy", emb.astype(dtype))
+        atomic_save_npy(directory / f"{video_id}.npy", emb.astype(dtype))  # a failed write names the file
     return directory

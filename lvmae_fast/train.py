@@ -665,7 +665,7 @@ def _pretrain(cfg: tc.PretrainConfig, resume: bool, resume_from: str | None, loc
         raise ValueError("pretrain needs --store STORE and --out RUN")
     resume = resume or resume_from is not None
     # Absolute paths in the run's config.yaml: --resume may be run from another working directory.
-    cfg = dataclasses.replace(cfg, store=str(Path(cfg.store).resolve()), out=str(Path(cfg.out).resolve()))
+    cfg = dataclasses.replace(cfg, store=os.path.realpath(cfg.store), out=os.path.realpath(cfg.out))
     out = Path(cfg.out)
     check_run_dir(out, Path(cfg.store), resume)
     if out.is_dir():

@@ -1216,3 +1216,22 @@ def test_a_finished_videos_frame_index_is_not_held_for_the_rest_of_the_job(corpu
     assert reference["done"] == 3
     for vid, _ in paths:
         assert np.array_equal(Store(tmp_path / "s").get(vid), Store(tmp_path / "ref").get(vid))
+
+
+def test_a_symlink_loop_among_the_inputs_is_a_failure_not_a_traceback(corpus, tmp_path):
+    """Path.resolve() raises RuntimeError on a link loop (Python <= 3.12): a looping clip.mp4 beside a real
+    clip.webm (the same id) stopped extract before any video with a traceback. It is now a failure line
+    saying it is a loop, and the real file is extracted."""
+    import shutil
+
+    _, good, _ = corpus
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(good["a"].path, folder / "clip.webm")
+    (folder / "clip.mp4").symlink_to("clip.mp4")
+    (folder / "alone.mp4").symlink_to("alone.mp4")
+    summary = extract_videos(str(folder), tmp_path / "s", seconds=1.0)
+    assert (summary["done"], summary["failed"]) == (1, 2)
+    reasons = {Path(f["path"]).name: f["reason"] for f in map(json.loads, (tmp_path / "s" / "failures.jsonl").open())}
+    assert set(reasons) == {"clip.mp4", "alone.mp4"}
+    assert reasons["alone.mp4"].startswith("symbolic link loop"), reasons

@@ -209,6 +209,41 @@ def test_a_tensorboard_write_that_fails_turns_it_off_and_the_run_goes_on(store, 
     assert len(told) == 1 and f"not written to {out / 'tb'}" in told[0] and "No space left on device" in told[0]
 
 
+def test_a_failed_tensorboard_file_write_prints_no_thread_traceback(tmp_path, monkeypatch, caplog, capfd):
+    """The real failure path: the event file's write fails in TensorBoard's writer thread, which printed
+    "Exception in thread ... Traceback ... OSError" before the one warning; and a run folder whose name
+    is not UTF-8 stopped the run (TensorBoard raised UnicodeEncodeError, not an OSError)."""
+    import errno
+    import os
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from lvmae_fast.tb_log import TensorBoardLog
+
+    def full(self, data):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(RecordWriter, "write", full)
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # prints, as outside pytest
+    with caplog.at_level(logging.WARNING):
+        tb = TensorBoardLog(tmp_path / "tb")
+        for step in range(1, 4):
+            tb.add_scalar("loss", 1.0, step)
+            time.sleep(0.2)  # the writer thread fails meanwhile; the next call meets its error
+        tb.close()
+    assert tb.writer is None
+    told = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(told) == 1 and "File too large" in told[0], told
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        odd = TensorBoardLog(os.fsdecode(bytes(tmp_path / "run") + b"\xff") + "/tb")
+    assert odd.writer is None and any("TensorBoard events are not written" in r.getMessage() for r in caplog.records)
+
+
 def test_a_killed_runs_temp_files_are_removed_on_resume(store, tmp_path, restore_threads):
     """A run killed inside an atomic write of config.yaml, loss.png or its model files left the temp file
     (as large as the model, for model.safetensors) for good."""

@@ -43,7 +43,7 @@ _OWN_FOLDER = re.compile(r"^[0-9a-f]{20}$")  # the folder names _folder() makes
 
 def _source(path: str) -> dict:
     st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 class PartialVideos:
@@ -146,7 +146,7 @@ class PartialVideos:
         folder = self._folder(video_id)
         if path is not None:
             try:
-                if json.loads((folder / "meta.json").read_text())["path"] != str(Path(path).resolve()):
+                if json.loads((folder / "meta.json").read_text())["path"] != os.path.realpath(path):
                     return
             except (OSError, ValueError, KeyError):
                 pass

@@ -11,6 +11,8 @@ avoid_negative_ts) are frames like any other, shown by every decoder and indexed
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -111,8 +113,16 @@ def not_a_file(path) -> str | None:
     path = Path(path)
     if path.is_file():
         return None
-    return ("a folder, not a video file" if path.is_dir() else
-            "broken symbolic link (its target is missing)" if path.is_symlink() else "file not found")
+    if path.is_dir():
+        return "a folder, not a video file"
+    if not path.is_symlink():
+        return "file not found"
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself)"
+    return "broken symbolic link (its target is missing)"
 
 
 # AV_DISPOSITION_ATTACHED_PIC: a stream holding one cover picture, not moving video.
