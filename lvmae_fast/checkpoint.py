@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, atomic_write_text, fsync_dir, remove_stale_temps
@@ -83,11 +85,22 @@ def load_model_dir(directory, map_location="cpu", **overrides):
         raise ValueError(f"from_pretrained({directory}) override: {err}") from None
     model = LVMAE(config)
     try:
-        state = load_file(str(weights_path), device=str(map_location) if not isinstance(map_location, str) else map_location)
+        state = read_safetensors(weights_path, str(map_location))
     except SafetensorError as err:  # a truncated or overwritten file (its header, its length)
         raise ValueError(f"{weights_path}: unreadable safetensors file ({type(err).__name__}: {err})") from None
     load_matching_state(model, state, f"{weights_path} does not match its config")
     return model.to(map_location)
+
+
+def read_safetensors(path, device: str = "cpu") -> dict:
+    """safetensors' load_file, also for a path that is not UTF-8 (a folder named in another encoding),
+    which safetensors cannot open by name: such a file is read into memory first."""
+    name = os.fsdecode(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return {key: tensor.to(device) for key, tensor in safetensors_load(Path(path).read_bytes()).items()}
+    return load_file(name, device=device)
 
 
 def load_matching_state(model, state: dict, what: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -50,6 +51,12 @@ def main(argv=None) -> int:
         print("lvmae: interrupted while starting", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
+    # Paths are printed as given: a file name that is not UTF-8 (os.fsdecode's surrogates) must not turn
+    # a finished job's last print into an exit 1 under a strict stdout; its bytes are written back as they
+    # are in the name, as `ls` does.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):   # a replaced stream (pytest's, a StringIO)
+            stream.reconfigure(errors="surrogateescape")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):

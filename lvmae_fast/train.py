@@ -47,12 +47,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from . import train_config as tc
 from .atomic import (WRITE_ERRORS, WriteError, append_whole, atomic_write, atomic_write_text, fsync_dir,
                      remove_stale_temps, write_error)
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_safetensors
 from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
 from .model import LVMAE, LVMAEConfig
@@ -729,7 +728,7 @@ def _pretrain(cfg: tc.PretrainConfig, resume: bool, resume_from: str | None, loc
     model = LVMAE(model_cfg)
     if state is not None:
         try:
-            model.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME)))
+            model.load_state_dict(read_safetensors(ckpt / WEIGHTS_NAME))
         except Exception as err:  # noqa: BLE001 - a cut or damaged file (safetensors' own error types)
             raise damaged_checkpoint(ckpt, WEIGHTS_NAME, err) from None
     model.to(device).train()

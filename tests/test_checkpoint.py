@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,14 +135,18 @@ def test_a_width_that_disagrees_with_the_position_tables_is_named(tmp_path, caps
     assert len(err) == 1 and re.search(message, err[0]), err
 
 
-def test_save_load_round_trip_and_missing_dir(tmp_path):
+@pytest.mark.parametrize("name", [b"m", b"mod\xe9le"])  # the second is not UTF-8: safetensors cannot open it by name
+def test_save_load_round_trip_and_missing_dir(tmp_path, name):
+    import os
+
+    folder = os.fsdecode(bytes(tmp_path) + b"/" + name)
     model = LVMAE(LVMAEConfig.from_preset("tiny", in_dim=12))
-    model.save_pretrained(tmp_path / "m")
-    again = LVMAE.from_pretrained(tmp_path / "m")
+    model.save_pretrained(folder)
+    again = LVMAE.from_pretrained(folder)
     assert again.config == model.config
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
-    assert not list(tmp_path.glob("m/*.tmp"))
+    assert not list(Path(folder).glob("*.tmp"))
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         LVMAE.from_pretrained(tmp_path / "nope")
 

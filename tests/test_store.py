@@ -1444,3 +1444,20 @@ def test_a_shard_cut_short_by_the_file_size_limit_is_an_error_not_a_committed_st
     assert verify_store(store).ok
     for k in range(4 if command == "compact" else 1):
         np.testing.assert_array_equal(Store(store).get(f"v{k}"), np.load(src / f"v{k}.npy").astype(np.float16))
+
+
+def test_a_path_that_is_not_utf8_is_printed_escaped_not_an_error(tmp_path):
+    """Under a strict UTF-8 stdout (PYTHONIOENCODING=utf-8, or a UTF-8 locale's default) printing a store path
+    holding a non-UTF-8 byte raised UnicodeEncodeError: a finished import/extract/pretrain exited 1."""
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    np.save(src / "a.npy", np.ones((3, 4), np.float32))
+    out = os.fsdecode(bytes(tmp_path) + b"/st\xff")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    for args in (["store", "import", src, "--out", out], ["store", "info", out], ["store", "verify", out]):
+        r = subprocess.run([sys.executable, "-m", "lvmae_fast", *map(str, args)], capture_output=True, timeout=120,
+                           cwd=REPO, env=env)
+        assert r.returncode == 0, (args, r.stderr.decode(errors="replace"))
+        assert b"st\xff" in r.stdout + r.stderr, (args, r.stdout)  # the name's own byte
