@@ -21,6 +21,7 @@ import yaml
 
 from . import train_config as tc
 from .atomic import is_temp_file_name
+from .store import WriterLock
 from .store_cli import import_embeddings
 from .synthetic import synthetic_corpus, write_corpus
 from .train import EXIT_SIGNAL, pretrain, read_metrics
@@ -154,9 +155,31 @@ def is_demo_dir(out: Path, stage_dirs: list[Path]) -> bool:
     return stages_ok and all(entry in stage_dirs for entry in out.iterdir())
 
 
+class _DemoLock(WriterLock):
+    """One demo per --out at a time: --overwrite deleted a running demo's folders, and the two runs then
+    shared run/ (a deleted run/.lock is no lock). Taken before an existing demo is touched, or right
+    after a new one's marker is written (a legacy folder must not get a file before it passes as a demo)."""
+
+    NAME = ".lvmae-demo.lock"
+
+
+DEMO_BUSY = ("{path} holds a demo that is still running ({holder}); wait for it to finish, or give another "
+             "--out")
+
+
 def _run(args) -> int:
     check_args(args)
     out = Path(args.out)
+    held = [_DemoLock(out, busy=DEMO_BUSY)] if (out / DEMO_MARKER).is_file() else []
+    try:
+        return _run_demo(args, out, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _run_demo(args, out: Path, held: list) -> int:
+    """The demo; `held`: its _DemoLock, taken here after a new demo's marker is written when empty."""
     stage_dirs = [out / "videos", out / "embeddings", out / "store", out / "run"]
     if args.source == "videos":  # before anything is written: a failed start must not block --source embeddings
         from .optional import require
@@ -179,6 +202,8 @@ def _run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text("written by `lvmae demo`: --overwrite may replace videos/, embeddings/, store/ "
                                    "and run/ here\n")
+    if not held:
+        held.append(_DemoLock(out, busy=DEMO_BUSY))
     t0 = time.perf_counter()
     progress = not args.no_progress
     if args.source == "videos":

@@ -251,6 +251,11 @@ def _coerce_value(key: str, kind: str, value):
     if kind == "str":
         if value is None and key in ("store", "out"):  # `store:` left empty in a YAML file: not set
             return ""
+        if key in ("store", "out") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            # YAML read the path as a number: `out: 0700` is octal 448, `out: 1.10` is 1.1; str() of it
+            # would send the run to another folder without a word.
+            raise ValueError(f"config key {key}: YAML read this path as the number {value!r}; quote it "
+                             f"({key}: '...') so it stays the name you wrote")
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     expected = "true, false or auto" if kind == "AutoBool" else kind

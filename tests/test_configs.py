@@ -377,3 +377,16 @@ def test_resume_compares_the_model_it_builds_not_how_its_overrides_spell_it():
     cfg = tc.resolve([("p", {"preset": "tiny"})])
     assert tc.resume_conflicts({**cfg.to_dict(), "model": {"depth": 2}}, cfg) == []
     assert tc.resume_conflicts({**cfg.to_dict(), "epochs": 7}, cfg) == [f"epochs: checkpoint has 7, now {cfg.epochs!r}"]
+
+
+@pytest.mark.parametrize("text, number", [("out: 0700", "448"), ("out: 1.10", "1.1"), ("store: 0123", "83")])
+def test_a_path_yaml_reads_as_a_number_is_refused_not_renamed(tmp_path, capsys, text, number):
+    """`out: 0700` in a config file is octal 448 to YAML 1.1: the run went to ./448 without a word."""
+    (tmp_path / "c.yaml").write_text(text + "\n")
+    code, _, err = run_cli(capsys, "pretrain", "--config", tmp_path / "c.yaml", "--print-config")
+    assert_one_line_error(code, err, f"YAML read this path as the number {number}; quote it")
+    quoted = text.replace(": ", ": '") + "'"
+    (tmp_path / "c.yaml").write_text(quoted + "\n")
+    code, out, _ = run_cli(capsys, "pretrain", "--config", tmp_path / "c.yaml", "--print-config")
+    key, value = text.split(": ")
+    assert code == 0 and yaml.safe_load(out)[key] == value

@@ -462,6 +462,34 @@ def test_demo_on_a_small_embedding_corpus(tmp_path, restore_threads):
     assert json.loads((tmp_path / "demo" / "run" / "val.json").read_text())["val_loss"] > 0
 
 
+def test_demo_overwrite_refuses_while_the_demo_in_that_folder_runs(tmp_path, capsys, restore_threads):
+    """--overwrite deleted a running demo's store/ and run/ (its run/.lock went with the folder), and both
+    demos then trained into one run dir. A second demo on the same --out is refused while one runs, and
+    runs once it has finished."""
+    import subprocess
+
+    from lvmae_fast.cli import main
+
+    out = tmp_path / "demo"
+    args = ["demo", "--source", "embeddings", "--videos", "12", "--epochs", "1", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(out / ".lvmae-demo.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"   # as a demo running there holds it
+        before = sorted(p.name for p in (out / "run" / "checkpoints").iterdir())
+        capsys.readouterr()
+        assert main([*args, "--overwrite"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds a demo that is still running" in err[0], err
+        assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == before  # nothing deleted
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main([*args, "--overwrite"]) == 0
+
+
 def test_demo_overwrite_deletes_only_a_demos_folders(tmp_path, capsys):
     """--overwrite removes videos/, embeddings/, store/ and run/: only in a folder the demo wrote (its
     marker, or nothing but those folders holding what the demo writes: a demo from before the marker),
