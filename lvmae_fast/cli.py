@@ -9,6 +9,7 @@ import os
 import sys
 
 from . import __version__
+from .interrupts import caused_by_interrupt, interrupts_noted
 from .optional import MissingDependency
 
 # Each module exposes register(subparsers) and sets `func` on the parsers it adds.
@@ -46,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     try:
-        parser = build_parser()  # imports torch and the feature modules: seconds on a small machine
+        with interrupts_noted() as noted:  # torch's start-up would swallow a KeyboardInterrupt
+            parser = build_parser()  # imports torch and the feature modules: seconds on a small machine
     except KeyboardInterrupt:
+        noted = [True]
+    if noted:
         print("lvmae: interrupted while starting", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
@@ -63,19 +67,27 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     command = " ".join(filter(None, (args.command, getattr(args, "store_command", None))))
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+
+    def interrupted() -> int:
         # Ctrl-C: what was written is consistent (atomic writes, committed videos, saved windows): no traceback.
         hint = INTERRUPTED_HINTS.get(args.command)
         print(f"lvmae {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
+
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return interrupted()
     except BrokenPipeError:
         # `lvmae store info S | head`: the reader has gone, which is no error of ours. Python's recipe: point
         # stdout at /dev/null so the interpreter's final flush does not raise again, and exit quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, OSError, MissingDependency) as err:
+    except Exception as err:
+        if caused_by_interrupt(err):  # a Ctrl-C a library turned into another error (interrupts.py)
+            return interrupted()
+        if not isinstance(err, (ValueError, OSError, MissingDependency)):
+            raise
         # Bad input (or a path the system refuses: missing, not writable, disk full) is the user's to
         # fix: one clear line, no traceback. OSError covers FileNotFoundError, PermissionError, ...
         print(f"lvmae {command}: error: {err}", file=sys.stderr)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import WriteError
+from .interrupts import caused_by_interrupt
 from .store import Store, StoreWriter, load_index, show_id, stored_embeddings, summarize, verify_store
 
 _PY_STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""
@@ -92,6 +93,8 @@ def load_array(path: Path) -> np.ndarray:
         try:
             return np.load(path, allow_pickle=False)
         except Exception as err:
+            if caused_by_interrupt(err):  # numpy turns a Ctrl-C while it reads into a TypeError
+                raise KeyboardInterrupt from err
             raise _cannot_read(path, err) from err
     return _load_torch_embedding(path)
 

@@ -235,17 +235,15 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
     name = f"step-{progress['step']:08d}"
     final, pointer = ckpt_root / name, ckpt_root / LATEST_NAME
     if final.exists() and pointer.is_file() and pointer.read_text().strip() == name:
-        # Already the latest; a kill between the pointer and the links may have left RUN's model older.
+        # Already the latest; a kill between the pointer and the links may have left RUN's model older, and
+        # one after them the pruning undone (a resume with nothing left to do ends here: the last chance).
         link_model_files(out, final)
+        _remove_stale_temps(ckpt_root)
+        if prune:
+            _prune(ckpt_root, name, cfg.keep_checkpoints)
         return final
     tmp = ckpt_root / f".{name}.tmp"
-    # What killed runs left under temp names (one writer per run dir, RunDirLock): half-written or half-pruned
-    # checkpoints (.step-N.tmp folders) and a `latest` cut mid-write (atomic_write_text's .latest.*.tmp).
-    for stale in ckpt_root.glob(".*.tmp"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+    _remove_stale_temps(ckpt_root)
     try:
         model.save_pretrained(tmp)
         state = {"progress": dict(progress), "optimizer": portable_optimizer_state(optimizer), "rng": _rng_state(),
@@ -275,15 +273,31 @@ def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.
     except OSError as err:
         raise write_error(f"wrote checkpoint {final} but could not link its model files into {out}", err, out,
                           " (the checkpoint is complete: --resume relinks them)") from err
+    if prune:
+        _prune(ckpt_root, name, cfg.keep_checkpoints)
+    return final
+
+
+def _remove_stale_temps(ckpt_root: Path) -> None:
+    """What killed runs left under temp names (one writer per run dir, RunDirLock): half-written or
+    half-pruned checkpoints (.step-N.tmp folders) and a `latest` cut mid-write (.latest.*.tmp)."""
+    for stale in ckpt_root.glob(".*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _prune(ckpt_root: Path, name: str, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (and `name`, the one just written)."""
     steps = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    for old in (steps[:-cfg.keep_checkpoints] if prune else []):
+    for old in steps[:-keep]:
         if old.name != name:
             # Out of sight first: a kill midway through deleting leaves a temp name the next save clears
-            # (its stale-temp sweep above), not a step-N missing some of its files.
+            # (_remove_stale_temps), not a step-N missing some of its files.
             doomed = ckpt_root / f".{old.name}.tmp"
             os.replace(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
-    return final
 
 
 def _intact(ckpt_root: Path, name: str) -> str:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1461,3 +1462,55 @@ def test_a_path_that_is_not_utf8_is_printed_escaped_not_an_error(tmp_path):
                            cwd=REPO, env=env)
         assert r.returncode == 0, (args, r.stderr.decode(errors="replace"))
         assert b"st\xff" in r.stdout + r.stderr, (args, r.stdout)  # the name's own byte
+
+
+def test_a_ctrl_c_numpy_turns_into_a_type_error_is_an_interrupt(tmp_path, monkeypatch, capsys):
+    """numpy's fromfile/tofile read a KeyboardInterrupt raised in their os.PathLike check as "not a path" and
+    raise TypeError: a Ctrl-C while `store import` read a file made that (good) file a failure and the
+    import went on (exit 1); one while a shard was written was a TypeError traceback. Both are interrupts."""
+    import lvmae_fast.store_cli as store_cli
+    from lvmae_fast.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for vid in ("a", "b"):
+        np.save(src / f"{vid}.npy", np.ones((3, 4), np.float32))
+
+    def as_numpy_does(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise TypeError("expected str, bytes or os.PathLike object, not BufferedReader")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_cli.np, "load", as_numpy_does)
+        assert main(["store", "import", str(src), "--out", str(tmp_path / "s")]) == 130
+    assert capsys.readouterr().err.strip() == "lvmae store import: interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(StoreWriter, "commit", as_numpy_does)
+        assert main(["store", "import", str(src), "--out", str(tmp_path / "s2")]) == 130
+    assert capsys.readouterr().err.strip() == "lvmae store import: interrupted"
+    assert main(["store", "import", str(src), "--out", str(tmp_path / "s")]) == 0
+
+
+def test_a_ctrl_c_while_torch_loads_stops_the_command(monkeypatch, capsys):
+    """torch's C start-up imports numpy and clears an error raised there: a Ctrl-C landing in it was lost
+    and the command ran to its end (hours, for pretrain). It is noted while the CLI starts."""
+    import os
+
+    from lvmae_fast import cli
+
+    real = cli.build_parser
+
+    def swallowing_start_up():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass   # as torch's start-up does
+        return real()
+
+    monkeypatch.setattr(cli, "build_parser", swallowing_start_up)
+    assert cli.main(["store", "info", "/nonexistent"]) == 130  # not 1: the command did not run
+    assert capsys.readouterr().err.strip() == "lvmae: interrupted while starting"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

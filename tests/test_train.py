@@ -244,6 +244,26 @@ def test_a_failed_tensorboard_file_write_prints_no_thread_traceback(tmp_path, mo
     assert odd.writer is None and any("TensorBoard events are not written" in r.getMessage() for r in caplog.records)
 
 
+def test_a_kill_while_pruning_after_the_last_checkpoint_is_cleaned_up_by_a_resume(store, tmp_path, restore_threads):
+    """Killed after the last checkpoint's `latest` but before pruning (or halfway through deleting one): the
+    run's end was never reached again, since a resume with nothing left to do found that checkpoint already
+    the latest and returned early, so the old checkpoint (GBs at paper size) stayed for good."""
+    import shutil
+
+    from lvmae_fast.cli import main
+
+    args = ["pretrain", "--preset", "tiny", "--store", str(store), "--no-progress", "--max-steps", "8",
+            "--set", "ckpt_every=2", "--set", "keep_checkpoints=2", "--set", "tensorboard=false"]
+    out = tmp_path / "run"
+    assert main([*args, "--out", str(out)]) == 0
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000006", "step-00000008"]
+    shutil.copytree(root / "step-00000006", root / "step-00000004")       # not pruned: killed before
+    shutil.copytree(root / "step-00000006", root / ".step-00000002.tmp")  # killed while deleting it
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000006", "step-00000008"]
+
+
 def test_a_killed_runs_temp_files_are_removed_on_resume(store, tmp_path, restore_threads):
     """A run killed inside an atomic write of config.yaml, loss.png or its model files left the temp file
     (as large as the model, for model.safetensors) for good."""
