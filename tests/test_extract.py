@@ -1235,3 +1235,44 @@ def test_a_symlink_loop_among_the_inputs_is_a_failure_not_a_traceback(corpus, tm
     reasons = {Path(f["path"]).name: f["reason"] for f in map(json.loads, (tmp_path / "s" / "failures.jsonl").open())}
     assert set(reasons) == {"clip.mp4", "alone.mp4"}
     assert reasons["alone.mp4"].startswith("symbolic link loop"), reasons
+
+
+def test_list_entries_keep_the_blanks_a_file_is_named_with(corpus, tmp_path):
+    """List lines and CSV cells were stripped: " lead.mp4" and "trail.mp4 " (real names) were "file not found",
+    with no way to list the second. Blanks around an entry are still cut when no file has them."""
+    import shutil
+
+    _, good, _ = corpus
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in (" lead.mp4", "trail.mp4 ", "plain.mp4"):
+        shutil.copy(good["a"].path, folder / name)
+    (folder / "list.txt").write_text(" lead.mp4\ntrail.mp4 \n   plain.mp4  \n")
+    (folder / "list.csv").write_text('path,video_id\n" lead.mp4",x\n"trail.mp4 ",y\n  plain.mp4 ,z\n')
+    for listed, ids in (("list.txt", {" lead", "trail", "plain"}), ("list.csv", {"x", "y", "z"})):
+        summary = extract_videos(str(folder / listed), tmp_path / listed, seconds=1.0)
+        assert (summary["done"], summary["failed"]) == (3, 0), listed
+        assert set(Store(tmp_path / listed).video_ids) == ids
+
+
+def test_a_folder_too_deep_to_list_is_logged_not_the_end_of_the_job(corpus, tmp_path, monkeypatch, caplog):
+    """A folder input holding a path longer than PATH_MAX (4096 bytes): Path.rglob raised ENAMETOOLONG and the
+    job stopped before its first video. The folder it cannot list is logged with the reason and left out."""
+    import os
+    import shutil
+
+    _, good, _ = corpus
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(good["a"].path, folder / "a.mp4")
+    monkeypatch.chdir(folder)
+    for _ in range(18):  # 18 x 250 bytes: past PATH_MAX, made one relative step at a time
+        os.mkdir("d" * 249)
+        os.chdir("d" * 249)
+    with open("deep.mp4", "wb") as f:
+        f.write(b"not read")
+    monkeypatch.chdir(tmp_path)
+    summary = extract_videos(str(folder), tmp_path / "s", seconds=1.0)
+    assert (summary["done"], summary["failed"]) == (1, 0)
+    told = [r.getMessage() for r in caplog.records if "cannot list the folder" in r.getMessage()]
+    assert len(told) == 1 and "File name too long" in told[0] and str(folder) in told[0], told

@@ -18,9 +18,11 @@ job lists it as failed, with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -40,17 +42,19 @@ def _id_from(path: Path, root: Path) -> str:
 
 
 def _is_input_file(p: Path) -> bool:
-    # A broken link to a video is an input too: the job lists it as failed, with the reason.
-    return p.is_file() or (p.is_symlink() and not p.exists())
+    # A broken link to a video is an input too: the job lists it as failed, with the reason; so is a path
+    # the system will not even look up (ENAMETOOLONG), which stopped the whole job before its first video.
+    try:
+        return p.is_file() or (p.is_symlink() and not p.exists())
+    except OSError:
+        return True
 
 
 def list_videos(spec) -> list[tuple[str, str]]:
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if _is_input_file(p) and p.suffix.lower() in VIDEO_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        return [(_id_from(p, path), str(p)) for p in files]
+        return [(_id_from(p, path), str(p)) for p in _folder_videos(path)]
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         return _from_list(path)
     if path.is_file():
@@ -66,6 +70,21 @@ def list_videos(spec) -> list[tuple[str, str]]:
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if _is_input_file(Path(p)))
         return [(_id_from(p, root), str(p)) for p in files]
     raise FileNotFoundError(f"input {spec!r} is not a folder, a glob, a video or a .txt/.csv list")
+
+
+def _folder_videos(root: Path) -> list[Path]:
+    """Video files under `root`, sorted; hidden files and folders left out, folder links not followed. A
+    folder that cannot be listed (a path past PATH_MAX, no permission) is logged and left out: Path.rglob
+    raised there and the whole job stopped before its first video."""
+    def unlisted(err: OSError) -> None:
+        log.warning("cannot list the folder %s (%s): its videos are left out", err.filename, err.strerror or err)
+
+    files = []
+    for folder, subfolders, names in os.walk(root, onerror=unlisted):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [Path(folder, name) for name in names if not name.startswith(".")
+                  and Path(name).suffix.lower() in VIDEO_SUFFIXES and _is_input_file(Path(folder, name))]
+    return sorted(files)
 
 
 # Header cells that look meant as ids but are not the `video_id` column ids come from.
@@ -93,14 +112,25 @@ def _read_list(list_file: Path) -> list[tuple[str, str]]:
 def _txt_rows(list_file: Path) -> list[tuple[None, str]]:
     """(None, path) per line of a .txt list; '#' lines are comments."""
     rows = []
-    for number, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), 1):
-        line = line.strip()
+    for number, raw in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), 1):
+        line = _listed_name(list_file.parent, raw)
         if line.startswith("#") and (list_file.parent / line).is_file():   # `ls > list.txt` of a "#1 clip.mp4"
             log.warning("%s, line %d: %r is a comment ('#' lines are skipped), though a file of that name "
                         "exists: list it as './%s' to extract it", list_file, number, line, line)
         elif line and not line.startswith("#"):
             rows.append((None, line))
     return rows
+
+
+def _listed_name(base: Path, entry: str) -> str:
+    """A list entry with its surrounding blanks cut (an editor's stray spaces), unless a file is named
+    with them (" lead.mp4", "trail.mp4 "), which the cut entry would miss."""
+    cut = entry.strip()
+    if cut != entry and cut:
+        with contextlib.suppress(OSError):
+            if (Path(entry) if Path(entry).is_absolute() else base / entry).exists():
+                return entry
+    return cut
 
 
 def _csv_rows(list_file: Path) -> list[tuple[str | None, str]]:
@@ -112,7 +142,7 @@ def _csv_rows(list_file: Path) -> list[tuple[str | None, str]]:
         try:
             for row in reader:
                 start, ended = ended + 1, reader.line_num
-                cells = [c.strip() for c in row]
+                cells = [_listed_name(list_file.parent, c) for c in row]
                 first = next((c for c in cells if c), None)  # pandas' to_csv starts its header with ""
                 if first is not None and (table or not first.startswith("#")):  # comments before the first row
                     table.append((start, cells, first.startswith("#")))
