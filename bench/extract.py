@@ -496,8 +496,9 @@ def main(argv=None) -> int:
         results["decode_pyav_parallel_over_one"] = frames_ratio(results["decode_pyav_parallel"], one)
         save()
         if nvdec_ok is None:
-            stage("decode_nvdec", lambda: bench_pyav_decode(decode_set, spec, current["decode_workers"],
-                                                            hwaccel=lambda: decode_pyav.nvdec_accel(cuda_index(device))))
+            stage("decode_nvdec", lambda: f"{NOT_MEASURED} (NVDEC always deblocks)" if current["deblocking"] == "skip"
+                  else bench_pyav_decode(decode_set, spec, current["decode_workers"],
+                                         hwaccel=lambda: decode_pyav.nvdec_accel(cuda_index(device))))
         else:
             results["decode_nvdec"] = f"{NOT_MEASURED} ({nvdec_ok})"
         results["decode_nvdec_over_pyav"] = frames_ratio(results["decode_nvdec"], one)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import importlib
 import logging
@@ -55,12 +56,45 @@ def main(argv=None) -> int:
         print("lvmae: interrupted while starting", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
-    # Paths are printed as given: a file name that is not UTF-8 (os.fsdecode's surrogates) must not turn
-    # a finished job's last print into an exit 1 under a strict stdout; its bytes are written back as they
-    # are in the name, as `ls` does.
+    with names_printable():
+        return _run(parser, args)
+
+
+def _name_bytes_else_escaped(err: UnicodeError):
+    """Encoding error handler: a file name's bytes that are not UTF-8 (os.fsdecode's lone surrogates
+    U+DC80..U+DCFF) are written back as those bytes, as `ls` shows them; any other character the stream
+    cannot encode is escaped (backslashreplace, Python's default for stderr)."""
+    if isinstance(err, UnicodeEncodeError):
+        chunk = err.object[err.start:err.end]
+        if all(0xDC80 <= ord(c) <= 0xDCFF for c in chunk):
+            return bytes(ord(c) - 0xDC00 for c in chunk), err.end
+        return codecs.backslashreplace_errors(err)
+    raise err
+
+
+codecs.register_error("lvmae_names", _name_bytes_else_escaped)
+
+
+@contextlib.contextmanager
+def names_printable():
+    """stdout and stderr print any path: a name that is not UTF-8 turned a finished job's last print
+    into an exit 1 under a strict UTF-8 stdout. The streams' own settings come back after (main() may be
+    called from a Python program)."""
+    changed = []
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):   # a replaced stream (pytest's, a StringIO)
-            stream.reconfigure(errors="surrogateescape")
+            before = stream.errors
+            stream.reconfigure(errors="lvmae_names")
+            changed.append((stream, before))
+    try:
+        yield
+    finally:
+        for stream, before in changed:
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(errors=before)
+
+
+def _run(parser, args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):

@@ -352,15 +352,18 @@ def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None, on_so
         return
     from .video.decode_pyav import decode_windows_pyav
 
+    index = job.index  # read once: extract releases it when the video is stored
+    if index is None:
+        return  # stored already: an earlier part's decode of the rest delivered these windows too
     damage, first = part.damage, int(part.windows[0])
     start = first   # the first window not delivered yet
     skip = np.ones(job.num_windows, bool)
     skip[part.windows] = False
     later = job.active_windows()
     later = later[later > part.windows[-1]]   # the next part starts at later[0]
-    through = int(job.index.pts[job.plan.frames[later[0]]].min()) if len(later) else None
+    through = int(index.pts[job.plan.frames[later[0]]].min()) if len(later) else None
     try:
-        for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads, skip=skip,
+        for w, frames, times in decode_windows_pyav(index, job.plan, threads=threads, skip=skip,
                                                     damage=damage, through=through, hwaccel=hwaccel,
                                                     on_software=on_software, deblock=job.deblock):
             yield Window(job, w, frames, times)
@@ -376,7 +379,7 @@ def decode_part(part: DecodePart | Failed, threads: int = 0, hwaccel=None, on_so
     rest = one_pass.copy()
     rest[:start] = True
     try:
-        for w, frames, times in decode_windows_pyav(job.index, job.plan, threads=threads, skip=rest,
+        for w, frames, times in decode_windows_pyav(index, job.plan, threads=threads, skip=rest,
                                                     damage=damage, redo=first, hwaccel=hwaccel,
                                                     one_pass_skip=one_pass, on_software=on_software,
                                                     deblock=job.deblock):
@@ -652,7 +655,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
                     st.pop("emb")
                     # The job object stays (state is keyed by its id), its frame index need not: ~2 MB per hour
                     # of 30 fps video, held for the whole job (10 GB over 5000 hours). Decodes still running
-                    # hold their own reference; nothing reads a finished job's index again.
+                    # hold their own reference; a part of it that starts later finds None and stops
+                    # (decode_part: an earlier part's redo delivered its windows).
                     job.index = None
                     counts["done"] += 1
                     decoded_by[NVDEC_FALLBACK if job.software_fallback else job.decoded_by or backend] += 1

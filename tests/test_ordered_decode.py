@@ -449,6 +449,25 @@ def test_a_decoder_error_midway_gives_the_store_of_one_pass(tmp_path, monkeypatc
     assert_same_runs(runs)
 
 
+def test_parts_that_start_after_a_redo_stored_their_video_stop(tmp_path):
+    """A damaged first part decodes the rest of the video; when its last window filled an encoder batch the
+    video was stored (and its frame index released) before the later parts had started, and the next one
+    to start read the released index: AttributeError, the whole job stopped. Later parts now see the video
+    is stored and stop; the video after it is extracted too."""
+    pytest.importorskip("av")
+    from lvmae_fast import synth
+    from lvmae_fast.extract import extract_videos
+    from lvmae_fast.store import Store
+
+    src = synth.write_video(tmp_path / "src.mp4", duration=64.0, fps=10, codec="h264", gop=12, seed=2).path
+    video = damaged_copy(src, tmp_path / "v" / "broken.mp4", near=3.1, keyframe=False)
+    synth.write_video(tmp_path / "v" / "next.mp4", duration=3.0, fps=10, codec="h264", seed=1)
+    summary = extract_videos([("broken", str(video)), ("next", str(tmp_path / "v" / "next.mp4"))], tmp_path / "s",
+                             seconds=1.0, batch_size=8, decode_workers=2)   # 64 windows: 8 parts, 8 batches
+    assert (summary["done"], summary["failed"]) == (2, 0)
+    assert Store(tmp_path / "s").num_segments("broken") == 64
+
+
 def test_a_damaged_keyframe_where_a_part_starts_gives_the_frames_of_one_pass(tmp_path, monkeypatch):
     """FFmpeg conceals a damaged keyframe from the frames before it, which a part that starts there (a seek)
     does not have: its frames then differ from one pass. The seek is not used when its first frame is

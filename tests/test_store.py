@@ -1514,3 +1514,21 @@ def test_a_ctrl_c_while_torch_loads_stops_the_command(monkeypatch, capsys):
     assert cli.main(["store", "info", "/nonexistent"]) == 130  # not 1: the command did not run
     assert capsys.readouterr().err.strip() == "lvmae: interrupted while starting"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_path_the_terminal_cannot_encode_is_escaped_and_the_streams_come_back(tmp_path):
+    """surrogateescape alone (the first fix for non-UTF-8 names) raised on any other character the stream
+    cannot encode: under a latin-1 or ASCII stderr an error naming 视频store was lost ("lost sys.stderr")
+    where Python's default escapes it. And main() left a Python caller's streams reconfigured."""
+    import os
+
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    r = subprocess.run([sys.executable, "-m", "lvmae_fast", "store", "info", str(tmp_path / "视频store")],
+                       capture_output=True, timeout=120, cwd=REPO, env=env)
+    assert r.returncode == 1 and b"no embedding store at" in r.stderr and b"\\u89c6\\u9891store" in r.stderr, r.stderr
+    probe = ("import sys; from lvmae_fast.cli import main; before = sys.stderr.errors; "
+             "main(['store', 'info', sys.argv[1]]); assert sys.stderr.errors == before, sys.stderr.errors; "
+             "print('caf\\u00e9', file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "none")], capture_output=True, timeout=120,
+                       cwd=REPO, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and r.stderr.strip().endswith(b"caf\\xe9"), r.stderr

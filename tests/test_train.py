@@ -1225,6 +1225,7 @@ def test_the_train_state_is_written_atomically_and_fsynced(store, tmp_path, monk
 
 def test_a_full_disk_while_logging_metrics_is_one_line_without_a_torn_record(store, tmp_path, monkeypatch, capsys,
                                                                             restore_threads):
+    import builtins
     import errno
     import io
 
@@ -1238,7 +1239,10 @@ def test_a_full_disk_while_logging_metrics_is_one_line_without_a_torn_record(sto
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super().write(data)
 
-    monkeypatch.setattr(train_mod, "open", lambda path, mode="r", buffering=-1: FillsUp(path, "a"), raising=False)
+    def appends_fill_up(path, mode="r", buffering=-1):  # train.py's appends; its reads (checkpoint hashes) as usual
+        return FillsUp(path, "a") if "a" in mode else builtins.open(path, mode, buffering)
+
+    monkeypatch.setattr(train_mod, "open", appends_fill_up, raising=False)
     out = tmp_path / "run"
     args = ["pretrain", "--preset", "tiny", "--store", str(store), "--no-progress", "--max-steps", "8",
             "--set", "ckpt_every=2", "--set", "tensorboard=false"]
