@@ -160,9 +160,10 @@ def test_dali_decodes_paths_with_spaces(videos, tmp_path, api):
     np.testing.assert_allclose(events[0].times, [0.6, 1.8, 3.1, 4.3], atol=1e-6)
 
 
-def _numbered_video(path, n, size=(64, 48), fmt=None, first=0, **options):
+def _numbered_video(path, n, size=(64, 48), fmt=None, first=0, ticks=None, **options):
     """Frame i is flat grey level 4*i: the decoded pixels say which frame came out. `first`: pts of the
-    first frame in 1/10 s (a second part of a joined recording continues the first's clock)."""
+    first frame in 1/10 s (a second part of a joined recording continues the first's clock); `ticks`:
+    each frame's own pts in 1/10 s instead (gaps)."""
     from fractions import Fraction
 
     import av
@@ -174,7 +175,7 @@ def _numbered_video(path, n, size=(64, 48), fmt=None, first=0, **options):
         s.options = {"qp": "0", **options}
         for i in range(n):
             frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 4 * i, np.uint8), format="rgb24")
-            frame.pts, frame.time_base = first + i, Fraction(1, 10)
+            frame.pts, frame.time_base = (first + i if ticks is None else ticks[i]), Fraction(1, 10)
             for p in s.encode(frame):
                 c.mux(p)
         for p in s.encode():
@@ -186,22 +187,8 @@ def test_an_h264_avi_with_dropped_frames_times_each_frame_by_its_chunk(tmp_path)
     """An AVI gap (a camera's dropped frames: empty chunks) after frame 19: FFmpeg's H.264 parser gave
     frame 19 the pts of the next chunk (the end of the gap), so the index timed it 60 s late and every
     window in the gap took frame 18. The chunk numbers time it: each window shows the frame on screen."""
-    from fractions import Fraction
-
-    import av
-
     ticks = list(range(20)) + list(range(620, 660))   # 1/10 s: frames 0-19, a 60 s gap, frames 20-59
-    path = tmp_path / "gap.avi"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=10, options={"qp": "0", "bf": "0"})
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for i, tick in enumerate(ticks):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
-            frame.pts, frame.time_base = tick, Fraction(1, 10)
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    path = _numbered_video(tmp_path / "gap.avi", len(ticks), ticks=ticks, bf="0")
     index = probe_video(path)
     np.testing.assert_allclose(index.times, np.asarray(ticks) / 10, atol=1e-9)
     plan = plan_windows(index.times, index.duration, 5.0, 4)
