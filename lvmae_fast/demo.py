@@ -21,10 +21,11 @@ import yaml
 
 from . import train_config as tc
 from .atomic import is_temp_file_name
+from .run_metrics import read_metrics
 from .store import WriterLock
 from .store_cli import import_embeddings
 from .synthetic import synthetic_corpus, write_corpus
-from .train import EXIT_SIGNAL, pretrain, read_metrics
+from .train import EXIT_SIGNAL, pretrain
 
 
 def make_videos(out: Path, num_videos: int, duration: float, seed: int) -> Path:

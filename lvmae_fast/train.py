@@ -1,46 +1,20 @@
 """`lvmae pretrain`: LV-MAE pretraining on an embedding store, with exact resume.
 
-Run directory (RUN = --out)::
-
-    RUN/config.yaml                  resolved PretrainConfig (what --resume starts from)
-    RUN/config.json, model.safetensors   latest model: LVMAE.from_pretrained(RUN)
-    RUN/metrics.jsonl                one JSON object per logged step: step, epoch, loss, lr, tokens_per_s,
-                                     samples_per_s, time_s (seconds of training, summed over resumed
-                                     sessions), grad_norm (before clipping; + val_loss at evaluation steps and the last)
-    RUN/val.json                     the last validation loss and its step (written at every evaluation)
-    RUN/tb/                          TensorBoard events
-    RUN/loss.png                     loss curve, drawn at the end
-    RUN/checkpoints/step-XXXXXXXX/   config.json + model.safetensors + train_state.pt (optimizer, progress,
-                                     RNG, config, store fingerprint); RUN/checkpoints/latest names the newest
-    RUN/checkpoints/rewound/, RUN/metrics.rewound.jsonl, RUN/val.rewound.jsonl   what --resume-from STEP
-                                     moved aside (each rewind appends; nothing is overwritten)
-
-A checkpoint directory is built under a temp name and renamed into place, then `latest` is replaced
-(temp + rename), then the model files are linked into RUN; a kill at any point leaves the previous
-checkpoint intact. Checkpoints are written every ckpt_every steps, at the end, on SIGINT/SIGTERM and on a
-non-finite loss or gradient norm. Resume is exact: the sampler is a pure function of (seed, epoch, batch index), the lr
-of (epoch, batch index), and model/optimizer/RNG state is restored bit for bit, so an interrupted and
-resumed run logs the same losses as an uninterrupted one. metrics.jsonl lines written after the
-checkpoint a run resumes from are dropped (they are recomputed). A rewind (--resume-from an earlier
-checkpoint, e.g. with a lower lr after a non-finite step) abandons a branch instead: its later
-checkpoints and metrics are moved aside, not deleted.
+Resume is exact: the sampler is a pure function of (seed, epoch, batch index), the lr of (epoch, batch
+index), and model/optimizer/RNG state is restored bit for bit, so an interrupted and resumed run logs the
+same losses as an uninterrupted one. The run directory (its layout, checkpoint writes, rewinds, lock):
+run_dir.py; metrics.jsonl, val.json and the loss plot: run_metrics.py.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
-import random
-import re
-import shutil
 import signal
 import sys
 import time
-import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from pathlib import Path
@@ -49,24 +23,20 @@ import numpy as np
 import torch
 
 from . import train_config as tc
-from .atomic import (WRITE_ERRORS, WriteError, append_whole, atomic_write, atomic_write_text, fsync_dir,
-                     remove_stale_temps, write_error)
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_safetensors
+from .atomic import WriteError, atomic_write_text, remove_stale_temps
+from .checkpoint import WEIGHTS_NAME, read_safetensors
 from .devices import resolve_device
 from .graphs import GraphedTrainStep, fused_step, grad_norm_, nonfinite
 from .model import LVMAE, LVMAEConfig
+from .run_dir import (RUN_ENTRIES, STATE_NAME, RunDirLock, check_run_dir, checkpoint_by_name, complete_checkpoints,
+                      damaged_checkpoint, latest_checkpoint, load_train_state, needs_rewind, rewind_to, save_checkpoint,
+                      set_rng_state)
+from .run_metrics import Throughput, drop_later_val, log_metrics, plot_loss, read_metrics, truncate_metrics, write_val
 from .sampler import VAL_EPOCH, LongVideoSampler, kept_by_policy, max_crop_segments, split_videos
-from .store import Store, WriterLock, scan_nonfinite
+from .store import Store, scan_nonfinite
 from .tb_log import TensorBoardLog
 
 log = logging.getLogger(__name__)
-STATE_NAME, LATEST_NAME = "train_state.pt", "latest"
-REWOUND_DIR, REWOUND_METRICS, REWOUND_VAL = "rewound", "metrics.rewound.jsonl", "val.rewound.jsonl"
-VAL_NAME = "val.json"
-# What a run dir holds: --out must be new, empty, or hold only these (dot-files are atomic-write temps;
-# val.rewound.json: one rewind's val.json, as runs before 2026-11-27c kept it).
-RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", REWOUND_METRICS, "checkpoints", "tb", "loss.png",
-                         "model.safetensors", "config.json", VAL_NAME, REWOUND_VAL, "val.rewound.json"})
 EXIT_NONFINITE, EXIT_SIGNAL = 3, {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -80,377 +50,7 @@ def lr_at(epoch_progress: float, base_lr: float, cfg: tc.PretrainConfig) -> floa
     return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-# ---- checkpoints --------------------------------------------------------------------------------
-def is_complete(ckpt: Path) -> bool:
-    """A checkpoint folder holding all its files (a kill while pruning one used to leave some)."""
-    return all((ckpt / f).is_file() for f in (STATE_NAME, WEIGHTS_NAME, CONFIG_NAME))
-
-
-def complete_checkpoints(ckpt_root: Path) -> list[str]:
-    """Names of the complete checkpoints (step-N holding all its files) in RUN/checkpoints, oldest first."""
-    return sorted(p.name for p in ckpt_root.glob("step-*") if is_complete(p)) if ckpt_root.is_dir() else []
-
-
-def other_checkpoints(ckpt_root: Path, name: str) -> str:
-    """The latest three complete checkpoints other than `name`, for a message naming what to resume ("" if none)."""
-    return ", ".join([n for n in complete_checkpoints(ckpt_root) if n != name][-3:])
-
-
-def checkpoint_by_name(out: Path, name: str) -> Path:
-    """RUN/checkpoints/step-N for name 'step-N' or 'N'; ValueError listing the checkpoints otherwise
-    (also for a path: a rewind moves checkpoints and rewrites `latest`, which must stay in this run)."""
-    root = out / "checkpoints"
-    have = complete_checkpoints(root)
-    number = re.fullmatch(r"(?:step-)?(\d+)", name)
-    if not number:
-        raise ValueError(f"--resume-from takes the name of a checkpoint in {root}: step-N or N, got {name!r} "
-                         f"(have: {', '.join(have) or 'none'})")
-    name = f"step-{int(number.group(1)):08d}"  # 36, step-36 and step-00000036 name one checkpoint
-    path = root / name
-    if not is_complete(path):
-        raise ValueError(f"--resume-from {name}: no such complete checkpoint in {root} (have: {', '.join(have) or 'none'})")
-    return path
-
-
-def later_checkpoints(ckpt: Path) -> list[Path]:
-    return sorted(p for p in ckpt.parent.glob("step-*") if p.is_dir() and p.name > ckpt.name)
-
-
-def needs_rewind(out: Path, ckpt: Path) -> bool:
-    """Whether --resume-from `ckpt` has work to do: `latest` names another checkpoint, or later ones are
-    still in place (a rewind killed after moving some of them, whose `latest` may name a moved one)."""
-    pointer = out / "checkpoints" / LATEST_NAME
-    latest = pointer.read_text().strip() if pointer.is_file() else None
-    return latest != ckpt.name or bool(later_checkpoints(ckpt))
-
-
-def rewind_to(out: Path, ckpt: Path) -> None:
-    """Make `ckpt` the latest: later checkpoints move to checkpoints/rewound/ and later metrics records
-    to metrics.rewound.jsonl, a later val.json to val.rewound.jsonl (kept, not deleted: that branch of the
-    run is abandoned, not recomputed)."""
-    root = ckpt.parent
-    later = later_checkpoints(ckpt)
-    if later:
-        (root / REWOUND_DIR).mkdir(exist_ok=True)
-    for p in later:
-        target = root / REWOUND_DIR / p.name
-        if target.exists():  # rewound past this step before: keep both
-            target = target.with_name(f"{p.name}.{int(time.time())}")
-        os.replace(p, target)
-    step = int(ckpt.name.split("-")[1])
-    truncate_metrics(out / "metrics.jsonl", step, keep_dropped=out / REWOUND_METRICS)
-    drop_later_val(out, step, keep_dropped=out / REWOUND_VAL)
-    atomic_write_text(root / LATEST_NAME, ckpt.name)
-    link_model_files(out, ckpt)
-    log.info("rewound %s to %s (%d later checkpoints moved to %s/)", out, ckpt.name, len(later), root / REWOUND_DIR)
-
-
-def check_run_dir(out: Path, store_path: Path, resume: bool) -> None:
-    """--out must be a new or empty directory, or (with --resume) one that holds only a run's files:
-    a model folder or any other data there would be overwritten."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory for the run")
-    if out == store_path or store_path in out.parents:
-        raise ValueError(f"--out {out} is inside the store {store_path}; keep runs outside the store")
-    if not out.is_dir():
-        return
-    entries = [p.name for p in out.iterdir() if not p.name.startswith(".")]
-    foreign = sorted(set(entries) - RUN_ENTRIES)
-    if foreign:
-        raise ValueError(f"--out {out} holds files that are not a run's ({', '.join(foreign[:5])}"
-                         f"{' ...' if len(foreign) > 5 else ''}); choose a new or empty directory")
-    if {"model.safetensors", "config.json"} & set(entries) and "checkpoints" not in entries:
-        # A run links its model files from a checkpoint: these belong to a model folder.
-        raise ValueError(f"--out {out} holds a model (model.safetensors / config.json) but no run "
-                         "(no checkpoints/); choose a new or empty directory")
-    if entries and not resume:
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / LATEST_NAME
-    if not pointer.is_file():
-        # A kill between a first checkpoint's rename and its `latest` leaves a complete step-N and no pointer.
-        done = complete_checkpoints(out / "checkpoints")
-        return out / "checkpoints" / done[-1] if done else None
-    name = pointer.read_text().strip()
-    path = out / "checkpoints" / name
-    if name and is_complete(path):
-        return path
-    if name and (out / "checkpoints" / REWOUND_DIR / name).exists():  # moved aside by a rewind killed midway
-        raise ValueError(f"{pointer} names {name}, which a rewind killed midway moved to {REWOUND_DIR}/: "
-                         f"run the same --resume-from again to finish it")
-    missing = [f for f in (STATE_NAME, WEIGHTS_NAME, CONFIG_NAME) if not (path / f).is_file()] if name else []
-    what = ("is empty" if not name else f"names {name}, which is missing" if not path.is_dir()
-            else f"names {name}, which lacks {', '.join(missing)}")
-    others = other_checkpoints(out / "checkpoints", name)
-    raise ValueError(f"{pointer} {what}; " + (f"resume a complete one with --resume-from ({others})"
-                                              if others else "no complete checkpoint to resume from"))
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    random.setstate(state["python"])
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.link(src, tmp)  # no second copy of the weights where the filesystem allows
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-        # rename(2) does nothing when both names are links to one file (dst already is src's link): the
-        # temp name would stay behind.
-        tmp.unlink(missing_ok=True)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a copy cut short by a full disk
-        raise
-
-
-def link_model_files(out: Path, ckpt: Path) -> None:
-    """RUN/model.safetensors + RUN/config.json: the checkpoint's, so LVMAE.from_pretrained(RUN) loads it."""
-    for f in (WEIGHTS_NAME, CONFIG_NAME):  # config last, as save_pretrained does
-        _link_or_copy(ckpt / f, out / f)
-
-
-def save_checkpoint(out: Path, model: LVMAE, optimizer, progress: dict, cfg: tc.PretrainConfig,
-                    store_fingerprint: str, prune: bool = True) -> Path:
-    """Write RUN/checkpoints/step-N, point `latest` at it, link its model files into RUN, and (prune)
-    keep only the newest keep_checkpoints."""
-    ckpt_root = out / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{progress['step']:08d}"
-    final, pointer = ckpt_root / name, ckpt_root / LATEST_NAME
-    if final.exists() and pointer.is_file() and pointer.read_text().strip() == name:
-        # Already the latest; a kill between the pointer and the links may have left RUN's model older, and
-        # one after them the pruning undone (a resume with nothing left to do ends here: the last chance).
-        link_model_files(out, final)
-        _remove_stale_temps(ckpt_root)
-        if prune:
-            _prune(ckpt_root, name, cfg.keep_checkpoints)
-        return final
-    tmp = ckpt_root / f".{name}.tmp"
-    _remove_stale_temps(ckpt_root)
-    try:
-        model.save_pretrained(tmp)
-        state = {"progress": dict(progress), "optimizer": portable_optimizer_state(optimizer), "rng": _rng_state(),
-                 "config": cfg.to_dict(), "model_config": model.config.to_dict(), "store_fingerprint": store_fingerprint,
-                 "file_sha256": model_file_digests(tmp)}
-        # Fsynced like the weights: `latest` (itself fsynced) must never name a state still in the page cache,
-        # after pruning has removed the checkpoints before it.
-        atomic_write(tmp / STATE_NAME, lambda path: torch.save(state, path))
-        shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step from a killed run
-        os.replace(tmp, final)
-        fsync_dir(ckpt_root)
-    except BaseException as err:
-        # A full disk (ENOSPC; torch.save's zip writer reports it as RuntimeError "unexpected pos") must not
-        # leave a multi-GB half-written checkpoint behind; `latest` and earlier checkpoints are untouched.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, WRITE_ERRORS):
-            raise write_error(f"could not write checkpoint {name} to {ckpt_root}", err, ckpt_root,
-                              f" ({_intact(ckpt_root, name)})") from err
-        raise
-    try:
-        atomic_write_text(pointer, name)
-    except OSError as err:
-        raise write_error(f"wrote checkpoint {final} but could not update {pointer}", err, ckpt_root,
-                          f" (it still names the previous checkpoint; {_intact(ckpt_root, name)})") from err
-    try:
-        link_model_files(out, final)
-    except OSError as err:
-        raise write_error(f"wrote checkpoint {final} but could not link its model files into {out}", err, out,
-                          " (the checkpoint is complete: --resume relinks them)") from err
-    if prune:
-        _prune(ckpt_root, name, cfg.keep_checkpoints)
-    return final
-
-
-def _remove_stale_temps(ckpt_root: Path) -> None:
-    """What killed runs left under temp names (one writer per run dir, RunDirLock): half-written or
-    half-pruned checkpoints (.step-N.tmp folders) and a `latest` cut mid-write (.latest.*.tmp)."""
-    for stale in ckpt_root.glob(".*.tmp"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-
-
-def _prune(ckpt_root: Path, name: str, keep: int) -> None:
-    """Keep the newest `keep` checkpoints (and `name`, the one just written)."""
-    steps = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    for old in steps[:-keep]:
-        if old.name != name:
-            # Out of sight first: a kill midway through deleting leaves a temp name the next save clears
-            # (_remove_stale_temps), not a step-N missing some of its files.
-            doomed = ckpt_root / f".{old.name}.tmp"
-            os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _intact(ckpt_root: Path, name: str) -> str:
-    """Which checkpoints a failed save left to resume from, for its error message."""
-    done = [n for n in complete_checkpoints(ckpt_root) if n != name]
-    return f"earlier checkpoints are intact: {', '.join(done[-3:])}" if done else "no earlier checkpoint"
-
-
-def portable_optimizer_state(optimizer) -> dict:
-    """optimizer.state_dict() with plain-float learning rates and capturable off, whatever the running
-    optimizer uses (whole-step CUDA graphs make both device-side): a checkpoint resumes with or
-    without graphs, on any device."""
-    state = optimizer.state_dict()
-    state["param_groups"] = [{**g, "lr": float(g["lr"]), "capturable": False} for g in state["param_groups"]]
-    return state
-
-
-def model_file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of the checkpoint's weights and model config, kept in its train_state.pt (whose zip CRCs are
-    checked): safetensors has no checksum, and a flipped bit in the weights resumed silently."""
-    return {name: sha256_of(folder / name) for name in (WEIGHTS_NAME, CONFIG_NAME)}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_train_state(ckpt: Path) -> dict:
-    """The checkpoint's train_state.pt, after checking it and the model files it vouches for."""
-    try:
-        # torch.load does not check the zip's CRCs: flipped bits (disk, copy) would resume silently.
-        with zipfile.ZipFile(ckpt / STATE_NAME) as archive:
-            bad = archive.testzip()
-        if bad is not None:
-            raise ValueError(f"damaged data (CRC mismatch in {bad})")
-        state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch's messages (cut zip, empty file) run over many lines
-        raise damaged_checkpoint(ckpt, STATE_NAME, err) from None
-    saved = state.get("file_sha256") if isinstance(state, dict) else None
-    for name, digest in (saved or {}).items():  # checkpoints from before 2026-11-28 have none
-        try:
-            found = sha256_of(ckpt / name)
-        except OSError as err:
-            raise damaged_checkpoint(ckpt, name, err) from None
-        if found != digest:
-            raise damaged_checkpoint(ckpt, name, ValueError("damaged data (its sha256 differs from the one saved "
-                                                            "with the checkpoint)"))
-    return state
-
-
-def damaged_checkpoint(ckpt: Path, name: str, err: BaseException) -> ValueError:
-    """One line for a checkpoint file that cannot be read or does not fit: which, why, and what else
-    there is to resume from."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    others = other_checkpoints(ckpt.parent, ckpt.name)
-    return ValueError(f"checkpoint {ckpt} cannot be resumed: {name}: {first}. "
-                      + (f"Resume an earlier one with --resume-from ({others})" if others
-                         else "No other checkpoint to resume from"))
-
-
-# ---- metrics ------------------------------------------------------------------------------------
-def read_metrics(path: Path) -> list[dict]:
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a kill: it and anything after is not trusted
-    return records
-
-
-def write_val(out: Path, step: int, val_loss: float | None) -> None:
-    """RUN/val.json: the last validation loss and its step, written at every evaluation (a run stopped
-    early keeps its last one)."""
-    if val_loss is not None:
-        atomic_write_text(out / VAL_NAME, json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-
-
-def drop_later_val(out: Path, step: int, keep_dropped: Path | None = None) -> None:
-    """When val.json is of a step after `step` (the checkpoint resumed; metrics.jsonl already cut there):
-    that evaluation is redone (resume) or abandoned (rewind: appended to keep_dropped, a JSON line per
-    rewind, first), and val.json goes back to the last evaluation metrics.jsonl keeps (none: removed), as
-    a run that stopped at `step` had it."""
-    path = out / VAL_NAME
-    try:
-        text = path.read_text()
-        later = json.loads(text)["step"] > step
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if not later:
-        return
-    if keep_dropped is not None:
-        append_atomically(keep_dropped, text.strip() + "\n")
-    kept = [r for r in read_metrics(out / "metrics.jsonl") if r.get("val_loss") is not None and r.get("step", 0) <= step]
-    if kept:
-        write_val(out, kept[-1]["step"], kept[-1]["val_loss"])
-    else:
-        path.unlink()
-
-
-def truncate_metrics(path: Path, step: int, keep_dropped: Path | None = None) -> None:
-    """Keep only records up to `step` (the checkpoint we resume from); later ones will be recomputed.
-    keep_dropped: append the dropped records there first (a rewind abandons them; they are not redone)."""
-    records = read_metrics(path)
-    kept = [r for r in records if r.get("step", 0) <= step]
-    dropped = [r for r in records if r.get("step", 0) > step]
-    if keep_dropped is not None and dropped:
-        append_atomically(keep_dropped, "".join(json.dumps(r) + "\n" for r in dropped))
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def append_atomically(path: Path, text: str) -> None:
-    """path's text + `text`, rewritten whole (temp + rename): a kill leaves the old file or the new one.
-    Not again when the file already ends with `text`: a rewind killed after this append, then run again,
-    appended its abandoned records twice (a later rewind's records differ, in time_s at least)."""
-    old = path.read_text() if path.exists() else ""
-    if text and old.endswith(text):
-        return
-    atomic_write_text(path, old + text)
-
-
-def plot_loss(run: Path) -> Path | None:
-    records = read_metrics(run / "metrics.jsonl")
-    if not records:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train loss")
-    val = [r for r in records if "val_loss" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (fixed crops/masks)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("masked reconstruction loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = run / "loss.png"
-    try:  # atomically: a full disk leaves the previous plot, not a cut-off file
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-    return path
-
-
+# ---- step scalars ----------------------------------------------------------------------------------
 class HostScalars:
     """Device scalars on their way to the host: the copy is queued now (into pinned memory, behind an
     event), so reading them later waits only for the work queued before it. (A plain .item() would
@@ -471,48 +71,6 @@ class HostScalars:
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
-
-
-class Throughput:
-    """Tokens/s and samples/s since the last report. Steps are counted when their loss has been read
-    back, i.e. once the device has finished them, so no extra synchronisation is needed."""
-
-    def __init__(self, time_before: float = 0.0):
-        """time_before: seconds of training before this process (a resumed run's last record): time_s
-        counts on from there instead of starting again at 0."""
-        self.start = time.perf_counter() - time_before
-        self.t, self.tokens, self.samples = time.perf_counter(), 0, 0
-
-    def add(self, tokens: int, samples: int) -> None:
-        self.tokens += tokens
-        self.samples += samples
-
-    def rates(self, now: float | None = None) -> dict:
-        """Rates over the steps added since the last call; `now`: when the last of them finished (default:
-        this call). On the CPU a step has finished when it is queued, and is settled only after the next
-        step's forward/backward has run: timed at settle, each record would measure the next step's compute
-        (and the last record almost none: a made-up rate)."""
-        now = time.perf_counter() if now is None else now
-        elapsed = max(now - self.t, 1e-9)
-        rates = {"tokens_per_s": round(self.tokens / elapsed, 1), "samples_per_s": round(self.samples / elapsed, 2),
-                 "time_s": round(now - self.start, 3)}
-        self.t, self.tokens, self.samples = now, 0, 0
-        return rates
-
-
-def log_metrics(record: dict, metrics_file, tb) -> None:
-    """One line of metrics.jsonl (unbuffered: a killed run keeps what it logged) and the TensorBoard scalars.
-    metrics_file: opened "ab" with buffering=0. A failed write (disk full) is cut back off, so the file
-    never ends in a torn line, and reported as one line naming the file."""
-    try:
-        append_whole(metrics_file, (json.dumps(record) + "\n").encode())
-    except OSError as err:
-        raise write_error(f"could not write step {record['step']} to {metrics_file.name}", err,
-                          then=" (the run stops here; --resume continues from the latest checkpoint)") from err
-    if tb is not None:
-        for key, value in record.items():
-            if key not in ("step", "epoch", "time_s"):
-                tb.add_scalar("val/loss" if key == "val_loss" else f"train/{key}", value, record["step"])
 
 
 # ---- signals ------------------------------------------------------------------------------------
@@ -621,29 +179,6 @@ def evaluate(model, sampler: LongVideoSampler, device, autocast, num_workers: in
     return total / weight if weight else None  # nothing masked: no loss was measured
 
 
-RUN_BUSY = ("run {path} is in use by another `lvmae pretrain` ({holder}); one run per run dir at a time: wait "
-            "for it to finish, or choose another --out")
-
-
-class RunDirLock:
-    """One `lvmae pretrain` per run dir: store.WriterLock's flock on RUN/.lock. Two runs in one dir deleted
-    each other's half-written checkpoints and interleaved their metrics. Taken before an existing run's
-    checkpoints are read, or right after a new run dir is made (nothing else is written to RUN before)."""
-
-    def __init__(self):
-        self._lock: WriterLock | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._lock is not None
-
-    def take(self, out: Path) -> None:
-        self._lock = WriterLock(out, busy=RUN_BUSY)
-
-    def release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
 
 
 # Model settings that only pick an implementation of the same math (as compile, cuda_graphs and device do
@@ -763,7 +298,7 @@ def _pretrain(cfg: tc.PretrainConfig, resume: bool, resume_from: str | None, loc
             raise damaged_checkpoint(ckpt, f"{STATE_NAME} (optimizer state)", ValueError(
                 f"{err}: it was saved with other AdamW parameter groups (before 2026-11-27 the cls/mask tokens "
                 "had no weight decay; now they decay, as in the reference)")) from None
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         progress = dict(state["progress"])
     if cfg.compile:
         model.compile_blocks()  # per-block, in place: state-dict names and checkpoints are unchanged

@@ -18,9 +18,11 @@ from safetensors.torch import load_file
 from lvmae_fast import train_config as tc
 from lvmae_fast.cli import build_parser
 from lvmae_fast.model import LVMAE
+from lvmae_fast.run_dir import load_train_state
+from lvmae_fast.run_metrics import read_metrics
 from lvmae_fast.store import StoreWriter
 from lvmae_fast.synthetic import synthetic_corpus
-from lvmae_fast.train import config_from_args, load_train_state, lr_at, pretrain, read_metrics
+from lvmae_fast.train import config_from_args, lr_at, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 300
@@ -295,7 +297,8 @@ def test_pretrain_with_norm_targets(store, tmp_path, restore_threads):
 def test_a_latest_pointer_to_an_incomplete_checkpoint_names_what_to_resume(tmp_path):
     """latest naming a checkpoint that lost a file always blamed a killed rewind ("run the same --resume-from
     again") and named no checkpoint to resume; an empty pointer named the checkpoints folder itself."""
-    from lvmae_fast.train import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, latest_checkpoint
+    from lvmae_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from lvmae_fast.run_dir import STATE_NAME, latest_checkpoint
 
     root = tmp_path / "run" / "checkpoints"
     for step in (7, 14, 20):
@@ -1033,10 +1036,12 @@ def test_logged_rates_time_each_step_itself_on_the_cpu(store, tmp_path, monkeypa
     advances 1 s per forward, every step takes exactly 1 s: samples_per_s is the batch's video count."""
     import types
 
+    import lvmae_fast.run_metrics as metrics_mod
     import lvmae_fast.train as T
 
     clock = [0.0]
-    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
+    for module in (T, metrics_mod):  # the loop times each step's end, Throughput its start and rates
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
     forward = LVMAE.forward
 
     def timed_forward(self, *args, **kwargs):
@@ -1212,11 +1217,11 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_others(store, 
 def test_the_train_state_is_written_atomically_and_fsynced(store, tmp_path, monkeypatch, restore_threads):
     """train_state.pt goes through atomic_write (temp file, fsync, rename) like the weights: `latest` must
     never name a state that a power cut could lose after the earlier checkpoints were pruned."""
-    from lvmae_fast import train
+    from lvmae_fast import run_dir
     from lvmae_fast.cli import main
 
-    written, real = [], train.atomic_write
-    monkeypatch.setattr(train, "atomic_write", lambda path, write: (written.append(Path(path).name), real(path, write)))
+    written, real = [], run_dir.atomic_write
+    monkeypatch.setattr(run_dir, "atomic_write", lambda path, write: (written.append(Path(path).name), real(path, write)))
     args = ["pretrain", "--preset", "tiny", "--store", str(store), "--no-progress", "--max-steps", "4",
             "--set", "ckpt_every=2", "--set", "tensorboard=false", "--out", str(tmp_path / "run")]
     assert main(args) == 0
@@ -1239,7 +1244,7 @@ def test_a_full_disk_while_logging_metrics_is_one_line_without_a_torn_record(sto
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super().write(data)
 
-    def appends_fill_up(path, mode="r", buffering=-1):  # train.py's appends; its reads (checkpoint hashes) as usual
+    def appends_fill_up(path, mode="r", buffering=-1):  # train.py's appends (metrics.jsonl); any reads as usual
         return FillsUp(path, "a") if "a" in mode else builtins.open(path, mode, buffering)
 
     monkeypatch.setattr(train_mod, "open", appends_fill_up, raising=False)
@@ -1356,7 +1361,7 @@ def test_a_resume_before_the_last_evaluation_gives_val_json_back_its_earlier_res
     """A run evaluated at 4, 8 and 12, checkpointed at 9 and was killed: resumed there (or rewound), val.json
     (12's) was deleted and nothing rewrote it, so a run stopped before its next evaluation had none; the
     one a run stopped at 9 holds is step 8's (metrics.jsonl, already cut at the checkpoint, keeps it)."""
-    from lvmae_fast.train import drop_later_val, write_val
+    from lvmae_fast.run_metrics import drop_later_val, write_val
 
     out = tmp_path / "run"
     out.mkdir()
@@ -1436,7 +1441,7 @@ def test_a_checkpoint_missing_a_file_is_not_a_resume_target_and_pruning_never_le
                                                                                         monkeypatch, restore_threads):
     import shutil
 
-    import lvmae_fast.train as T
+    from lvmae_fast.run_dir import is_complete
 
     settings = dict(max_steps=12, ckpt_every=4, keep_checkpoints=2)
     run = tmp_path / "run"
@@ -1450,13 +1455,13 @@ def test_a_checkpoint_missing_a_file_is_not_a_resume_target_and_pruning_never_le
             raise KeyboardInterrupt
         return real_rmtree(path, *a, **k)
 
-    monkeypatch.setattr(T.shutil, "rmtree", killed_rmtree)
+    monkeypatch.setattr(shutil, "rmtree", killed_rmtree)
     with pytest.raises(KeyboardInterrupt):
         pretrain(_cfg(store, run, **settings))
     monkeypatch.undo()
     # Pruning renames first: no step-N folder lacks a file, whatever moment the kill came at.
     steps = [p for p in (run / "checkpoints").glob("step-*")]
-    assert steps and all(T.is_complete(p) for p in steps), [sorted(f.name for f in p.iterdir()) for p in steps]
+    assert steps and all(is_complete(p) for p in steps), [sorted(f.name for f in p.iterdir()) for p in steps]
     # A step-N missing its config (a run killed by the old pruning) is refused before anything is written.
     last = sorted(steps)[-1]
     (last / "config.json").unlink()
@@ -1499,7 +1504,7 @@ def test_a_run_dir_another_pretrain_is_using_is_refused(store, reference_run, tm
     """Two `lvmae pretrain` in one run dir deleted each other's half-written checkpoints and interleaved
     their metrics. A second one (resuming, or starting a new run in a folder another has just made) is
     refused in one line, and the run's files are left as they were; once the first has ended, it goes."""
-    from lvmae_fast.train import RunDirLock
+    from lvmae_fast.run_dir import RunDirLock
 
     run = tmp_path / "busy"
     shutil.copytree(reference_run, run)
@@ -1527,7 +1532,7 @@ def test_a_run_dir_another_pretrain_is_using_is_refused(store, reference_run, tm
 def test_a_rewind_run_again_after_a_kill_keeps_its_abandoned_records_once(tmp_path):
     """A rewind killed after appending the abandoned records to metrics.rewound.jsonl, but before rewriting
     metrics.jsonl, appended them a second time when run again."""
-    from lvmae_fast.train import truncate_metrics
+    from lvmae_fast.run_metrics import truncate_metrics
 
     metrics, rewound = tmp_path / "metrics.jsonl", tmp_path / "metrics.rewound.jsonl"
     records = [{"step": s, "loss": 1.0 / s, "time_s": 0.1 * s} for s in range(1, 13)]
