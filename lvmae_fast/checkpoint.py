@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -133,21 +134,38 @@ def _load_reference_state(path) -> dict:
     if Path(path).stat().st_size == 0:
         raise ValueError(f"{path} is empty (0 bytes), not {REFERENCE_KIND}")
     torch.serialization.add_safe_globals([argparse.Namespace])
+    if zipfile.is_zipfile(path):  # torch.load does not check the zip's CRCs: a flipped bit converted silently
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, ValueError, EOFError) as err:
+            raise ValueError(f"{path} is not {REFERENCE_KIND}: damaged zip ({err})") from None
+        if bad is not None:
+            raise ValueError(f"{path}: damaged data (CRC mismatch in {bad}); not converted")
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol N": a multi-line warning about plain pickles
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - never fall back to a full unpickle
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # torch words a blocked module's callable "Trying to load unsupported GLOBAL posix.system whose module ..."
+        unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err))
         if unsafe:
             raise ValueError(f"{path}: refused: it pickles {unsafe.group(1)}, which torch.load(weights_only=True) "
                              f"does not load; only {REFERENCE_KIND} is supported") from err
         raise ValueError(f"{path} is not {REFERENCE_KIND}: torch.load cannot read it") from err
     if isinstance(ckpt, dict) and "model" in ckpt:
-        return ckpt["model"], ckpt.get("args")
-    if isinstance(ckpt, dict) and "cls_token" in ckpt:
-        return ckpt, None
-    raise ValueError(f"{path}: no reference state dict found (expected a dict with key 'model')")
+        state, args, where = ckpt["model"], ckpt.get("args"), "its 'model' entry"
+    elif isinstance(ckpt, dict) and "cls_token" in ckpt:
+        state, args, where = ckpt, None, "its state dict"
+    else:
+        raise ValueError(f"{path}: no reference state dict found (expected a dict with key 'model')")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: {where} is a {type(state).__name__}, not a state dict of tensors")
+    for key, value in state.items():  # a complex or integer tensor would be cast silently by .float()
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            what = f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{path}: {where} holds {key!r} ({what}), not a floating-point tensor")
+    return state, args
 
 
 def _count_blocks(state: dict, prefix: str) -> int:
@@ -189,6 +207,10 @@ def config_from_reference(state: dict, args=None, num_heads: int | None = None, 
     Dd = state["mask_token"].shape[-1]
     in_dim = state["decoder_pred.weight"].shape[0]
     mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    empty = [k for k, n in (("cls_token", D), ("mask_token", Dd), ("decoder_pred.weight", in_dim),
+                            ("blocks.0.mlp.fc1.weight", mlp_hidden)) if n == 0]
+    if empty:
+        raise ValueError(f"reference state dict: {', '.join(empty)} has a width of 0")
     for name, value in (("num_heads", num_heads), ("decoder_num_heads", decoder_num_heads)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -311,6 +311,63 @@ def test_model_dir_files_follow_the_umask(tmp_path):
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
 
 
+class RunsCode:
+    """A pickle that would call os.system on load: torch blocks the module (a message other than Evil's)."""
+
+    def __reduce__(self):
+        import os
+        return (os.system, ("true",))
+
+
+def _flip_a_byte_of(archive_path, member_suffix: str) -> None:
+    """Flip one byte inside a stored (uncompressed) zip member, as a bad disk or copy would."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(archive_path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member_suffix))
+    data = bytearray(Path(archive_path).read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len] ^= 0x40
+    Path(archive_path).write_bytes(bytes(data))
+
+
+def test_damaged_or_malformed_reference_checkpoints_are_one_line_errors(tmp_path, capsys):
+    """A flipped bit in the weights converted silently (torch.load does not check zip CRCs: cls_token came
+    out -1.6e38); non-tensor entries, a 'model' that is no dict and a zero width were tracebacks; a pickled
+    os.system was refused but called unreadable."""
+    from lvmae_fast.cli import main
+
+    save_reference(tmp_path / "flipped.pth", reference_state_dict())
+    _flip_a_byte_of(tmp_path / "flipped.pth", "data/0")
+    with_epoch = reference_state_dict()
+    with_epoch["epoch"] = 3
+    torch.save(with_epoch, tmp_path / "epoch.pth")
+    torch.save({"model": None}, tmp_path / "none.pth")
+    integer = reference_state_dict()
+    integer["norm.bias"] = integer["norm.bias"].long()
+    save_reference(tmp_path / "integer.pth", integer)
+    zero = reference_state_dict()
+    zero["cls_token"] = torch.zeros(1, 1, 0)
+    save_reference(tmp_path / "zero.pth", zero)
+    torch.save({"model": reference_state_dict(), "args": RunsCode()}, tmp_path / "runs_code.pth")
+    expected = {"flipped.pth": "damaged data (CRC mismatch in ",
+                "epoch.pth": "its state dict holds 'epoch' (int), not a floating-point tensor",
+                "none.pth": "its 'model' entry is a NoneType, not a state dict of tensors",
+                "integer.pth": "holds 'norm.bias' (torch.int64 tensor), not a floating-point tensor",
+                "zero.pth": "cls_token has a width of 0",
+                "runs_code.pth": "refused: it pickles "}
+    for name, message in expected.items():
+        capsys.readouterr()
+        assert main(["convert-reference", str(tmp_path / name), "--out", str(tmp_path / "D")]) == 1, name
+        err = capsys.readouterr().err
+        assert err.startswith("lvmae convert-reference: error: ") and message in err, (name, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "D").exists()
+    save_reference(tmp_path / "intact.pth", reference_state_dict())  # the same save, undamaged, converts
+    assert main(["convert-reference", str(tmp_path / "intact.pth"), "--out", str(tmp_path / "D")]) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_reference_checkpoint_converts(tmp_path, dtype):
     """A checkpoint saved in fp16/bf16 holds the sin-cos tables rounded to that precision (up to 2e-3 off in
