@@ -371,7 +371,7 @@ class StoreWriter:
         embeddings made two ways."""
         # segment_seconds finite in float32, as window times are stored: an inf one wrote "Infinity" into
         # index.json, which no reader then opened ("malformed index").
-        if int(dim) < 1 or shard_rows < 1 or not 0 < segment_seconds < np.finfo(TIMES_DTYPE).max:
+        if int(dim) < 1 or shard_rows < 1 or not 0 < segment_seconds < float(np.finfo(TIMES_DTYPE).max):
             raise ValueError(f"dim ({dim}), shard_rows ({shard_rows}) and segment_seconds ({segment_seconds}) must be > 0 "
                              "(segment_seconds finite)")
         self.path, self.dim, self.encoder = Path(path), int(dim), str(encoder)

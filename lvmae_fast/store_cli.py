@@ -78,24 +78,43 @@ def _load_torch_embedding(path: Path):
     except Exception as err:
         raise _cannot_read(path, err) from err
     if isinstance(obj, dict):
-        if "embedding" not in obj:
-            raise ValueError(f"{path}: dict without an 'embedding' key (keys {sorted(obj)[:5]})")
+        if "embedding" not in obj:  # keys as text: sorting {1: .., 'x': ..} itself was a TypeError
+            raise ValueError(f"{path}: dict without an 'embedding' key (keys {sorted(map(repr, obj))[:5]})")
         obj = obj["embedding"]
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"{path}: expected a tensor or {{'embedding': tensor}}, got {type(obj).__name__}")
     if not obj.is_floating_point():  # .float() would silently turn ids, masks or complex values into "embeddings"
         raise ValueError(f"{path}: embeddings must be floating point, got {obj.dtype}")
-    return obj.detach().float().numpy()
+    if obj.layout != torch.strided or obj.device.type == "meta":  # no values to convert (a TypeError stopped the import)
+        what = "a meta tensor (no data)" if obj.device.type == "meta" else f"a {str(obj.layout).replace('torch.', '')} tensor"
+        raise ValueError(f"{path}: embeddings must be a dense tensor with data, got {what}")
+    return obj.detach().to("cpu", torch.float32).resolve_neg().numpy()  # a negated view is valid data too
+
+
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+
+
+def _not_npy(path: Path) -> str | None:
+    """What a file named .npy is instead, or None: np.load reads a zip (.npz, a torch file) as an archive
+    (a 1-D object array, "got [1]") and anything else as a pickle ("contains pickled data")."""
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if head == NPY_MAGIC or not head:  # (an empty file: np.load's own message)
+        return None
+    return "a zip archive (an .npz or a torch file?)" if head.startswith(ZIP_MAGIC[:len(head)]) else "no .npy header"
 
 
 def load_array(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         try:
-            return np.load(path, allow_pickle=False)
+            instead = _not_npy(path)
+            if instead is None:
+                return np.load(path, allow_pickle=False)
         except Exception as err:
             if caused_by_interrupt(err):  # numpy turns a Ctrl-C while it reads into a TypeError
                 raise KeyboardInterrupt from err
             raise _cannot_read(path, err) from err
+        raise ValueError(f"{path}: not a .npy array file: {instead}")
     return _load_torch_embedding(path)
 
 
@@ -130,6 +149,8 @@ def iter_reference_csv(csv_path: Path):
             except csv.Error as err:
                 # reader.reader: DictReader.line_num only advances after a good row
                 raise ValueError(f"{csv_path}: line {reader.reader.line_num}: malformed CSV ({err})") from None
+            except UnicodeDecodeError as err:  # e.g. a cp1252 CSV as Excel saves it
+                raise ValueError(f"{csv_path}: not UTF-8 text ({err}); save it as UTF-8") from None
     finally:
         csv.field_size_limit(old_limit)
     if rows and "segment_paths" not in rows[0]:

@@ -700,6 +700,43 @@ def test_corrupt_or_non_plain_pt_files_are_reported_not_a_traceback(tmp_path):
     assert "failed: pickled (" in r.stderr and "pickled.pt: cannot read embeddings (UnpicklingError" in r.stderr
 
 
+def test_odd_torch_and_misnamed_files_are_failures_of_their_own(tmp_path):
+    """A sparse or meta tensor and a dict with mixed key types stopped the whole import with a TypeError; a
+    negated view (valid data) was refused; an .npz or a text file named .npy was called a [1]-shaped array
+    or pickled data."""
+    rng = np.random.default_rng(9)
+    src = tmp_path / "src"
+    src.mkdir()
+    videos = random_videos(rng, 4, [3, 5])
+    np.save(src / "v0.npy", videos["v0"])
+    torch.save(torch.from_numpy(videos["v1"]).neg().conj_physical()._neg_view(), src / "negview.pt")
+    torch.save(torch.eye(4).to_sparse(), src / "sparse.pt")
+    torch.save(torch.empty(3, 4, device="meta"), src / "meta.pt")
+    torch.save({1: torch.ones(2, 4), "x": torch.ones(2, 4)}, src / "mixedkeys.pt")
+    with open(src / "archive.npy", "wb") as f:
+        np.savez(f, a=videos["v0"])
+    (src / "notes.npy").write_text("one embedding per line\n")
+    added, skipped, failures = import_embeddings(src, tmp_path / "s")
+    by_id = {f.split(" ")[0]: f for f in failures}
+    assert set(by_id) == {"sparse", "meta", "mixedkeys", "archive", "notes"} and (added, skipped) == (2, 0), failures
+    assert "embeddings must be a dense tensor with data, got a sparse_coo tensor" in by_id["sparse"]
+    assert "embeddings must be a dense tensor with data, got a meta tensor (no data)" in by_id["meta"]
+    assert "dict without an 'embedding' key (keys [\"'x'\", '1'])" in by_id["mixedkeys"]
+    assert by_id["archive"].endswith("archive.npy: not a .npy array file: a zip archive (an .npz or a torch file?)")
+    assert by_id["notes"].endswith("notes.npy: not a .npy array file: no .npy header")
+    np.testing.assert_array_equal(Store(tmp_path / "s").get("negview"), videos["v1"].astype(np.float16))  # -(-x)
+
+
+def test_a_reference_csv_that_is_not_utf8_names_the_file_and_the_encoding(tmp_path):
+    seg = tmp_path / "segs"
+    paths = segment_files(seg, "good", 2)
+    text = "video_filename,segment_paths,number_of_segments\n" + f'caf\u00e9,"{json.dumps(paths)}",2\n'.replace('"[', "'[").replace(']"', "]'")
+    (tmp_path / "train.csv").write_bytes(text.encode("cp1252"))
+    r = lvmae("store", "import", tmp_path / "train.csv", "--out", tmp_path / "s")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{tmp_path / 'train.csv'}: not UTF-8 text (" in r.stderr and "save it as UTF-8" in r.stderr, r.stderr
+
+
 def test_reference_csv_with_one_bad_segment_file_fails_that_row_only(tmp_path):
     seg = tmp_path / "segs"
     good, bad = segment_files(seg, "good", 3), segment_files(seg, "bad", 3, seed=1)
