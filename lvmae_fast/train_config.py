@@ -319,6 +319,12 @@ def parse_set(items: list[str]) -> dict:
         key = key.strip()
         if key.startswith("model."):
             out.setdefault("model", {})[key[len("model."):]] = _yaml_scalar(value)
+        elif key == "model" and isinstance(_yaml_scalar(value), dict):
+            # Merged in command-line order with model.KEY items, as layers merge (replacing the dict dropped
+            # earlier model.KEY values; a later model.KEY hit the text and was a TypeError).
+            out["model"] = {**out.get("model", {}), **_yaml_scalar(value)}
+        elif key == "model":
+            raise ValueError(f"--set: config key model: expected dict, got {value}")
         else:
             out[key] = value
     return out

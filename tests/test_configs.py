@@ -390,3 +390,17 @@ def test_a_path_yaml_reads_as_a_number_is_refused_not_renamed(tmp_path, capsys, 
     code, out, _ = run_cli(capsys, "pretrain", "--config", tmp_path / "c.yaml", "--print-config")
     key, value = text.split(": ")
     assert code == 0 and yaml.safe_load(out)[key] == value
+
+
+def test_set_model_mapping_and_model_keys_combine_in_command_line_order(capsys):
+    """`--set model={...}` replaced what earlier `--set model.KEY=...` items gave (mask_ratio dropped
+    silently), and a later `model.KEY` item was a TypeError traceback; as layers do, they now merge."""
+    both = tc.parse_set(["model={masking: random}", "model.mask_ratio=0.4"])
+    assert both == tc.parse_set(["model.mask_ratio=0.4", "model={masking: random}"]) == \
+        {"model": {"masking": "random", "mask_ratio": 0.4}}
+    assert tc.parse_set(["model.mask_ratio=0.4", "model={mask_ratio: 0.3}"]) == {"model": {"mask_ratio": 0.3}}
+    cfg = tc.resolve([("--set", both)])
+    assert (cfg.model["masking"], cfg.model["mask_ratio"]) == ("random", 0.4)
+    code, _, err = run_cli(capsys, "pretrain", "--preset", "tiny", "--print-config", "--set", "model=3",
+                           "--set", "model.mask_ratio=0.4")
+    assert_one_line_error(code, err, "--set: config key model: expected dict, got 3")

@@ -153,9 +153,8 @@ def test_xclip(tmp_path, transformers):
         enc.check_frames(8)
 
 
-def _languagebind_dir(path, transformers, zero_temporal: bool):
+def _languagebind_dir(path, transformers, zero_temporal: bool, T: int = 4):
     """A checkpoint in LanguageBind_Video's published layout, random weights."""
-    T = 4
     clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=VISION,
                                                           projection_dim=24)).eval()
     state = dict(clip.state_dict())
@@ -198,6 +197,26 @@ def test_languagebind_temporal_branch_is_used(tmp_path, transformers):
     out = enc.encode_video(x)
     assert out.shape == (2, 24)
     assert not torch.allclose(out, per_frame.reshape(2, 4, 24).mean(1), atol=1e-3)
+
+
+def test_languagebind_adds_no_temporal_position_to_a_single_frame(tmp_path, transformers):
+    """LanguageBind's layer adds its temporal embedding only `if t != 1`; a num_frames=1 checkpoint was
+    encoded with it (up to 0.94 off). Its temporal attention still runs: out_proj matters, the table not."""
+    from safetensors.torch import load_file, save_file
+
+    _languagebind_dir(tmp_path, transformers, zero_temporal=False, T=1)
+    x = torch.randn(2, 1, 3, 32, 32)
+    before = build_encoder("languagebind", weights=str(tmp_path)).encode_video(x)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    for key in [k for k in state if k.endswith("temporal_embedding")]:
+        state[key] = state[key] + 3.0
+    save_file(state, str(tmp_path / "model.safetensors"))
+    torch.testing.assert_close(build_encoder("languagebind", weights=str(tmp_path)).encode_video(x), before,
+                               rtol=0, atol=0)
+    for key in [k for k in state if k.endswith("temporal_attn.out_proj.weight")]:
+        state[key] = state[key] + torch.randn(state[key].shape, generator=torch.Generator().manual_seed(1))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert not torch.allclose(build_encoder("languagebind", weights=str(tmp_path)).encode_video(x), before, atol=1e-3)
 
 
 def test_languagebind_wrong_layout_is_explained(tmp_path, transformers):

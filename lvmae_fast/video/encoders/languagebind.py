@@ -89,7 +89,8 @@ class LanguageBindVideoEncoder(TextTowerEncoder):
         for layer in vm.encoder.layers:
             if self.time_attn:
                 h = x.reshape(N, T, n, d).transpose(1, 2).reshape(N * n, T, d)
-                h = h + layer.temporal_embedding[:, :T]
+                if T != 1:  # as LanguageBind's layer: one frame gets no temporal position (its attention still runs)
+                    h = h + layer.temporal_embedding[:, :T]
                 h = h + layer.temporal_attn(hidden_states=layer.temporal_layer_norm1(h))[0]
                 x = h.reshape(N, n, T, d).transpose(1, 2).reshape(N * T, n, d)
             x = x + layer.self_attn(hidden_states=layer.layer_norm1(x))[0]
