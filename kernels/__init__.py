@@ -132,8 +132,9 @@ def semantic_mask(x: torch.Tensor, cu_seqlens: torch.Tensor, mask_ratio: float, 
     keeping the max(1, int(L_i * (1 - ratio))) lowest, ties kept from the lower row, as the reference).
 
     Equals masking.semantic_mask_torch (same fp32 similarity formula, same tie rule): exactly wherever
-    the similarities do not depend on summation order (e.g. integer-valued rows); two similarities that
-    differ only in the last bit (near-duplicate rows) may rank differently than in torch's reduction.
+    the similarities do not depend on summation order (e.g. integer-valued rows), and for exact copies of
+    the previous row (similarity exactly 1.0 in both); two similarities that differ only in the last bit
+    (near-duplicate rows) may rank differently than in torch's reduction.
     max_seqlen (host int, optional) only picks a block size; validate=False skips the value checks on
     cu_seqlens and x (host reads) and the rescale of rows of norm >= 2^63 (masking.scale_huge_rows), for
     hot loops that built cu_seqlens themselves from checked, normalised embeddings. sim_config (tuning,

@@ -33,7 +33,9 @@ from triton.runtime.jit import JITFunction
 # The clamps of the torch paths, shared: semantic similarity (F.cosine_similarity's 1e-8) and the
 # cosine loss (the reference's nn.CosineSimilarity eps, 1e-6).
 from lvmae_fast.loss import LOSS_COSINE_EPS
-from lvmae_fast.masking import COSINE_EPS
+from lvmae_fast.masking import COSINE_EPS, FP32_MAX as _FP32_MAX
+
+FP32_MAX = tl.constexpr(_FP32_MAX)  # a global a kernel reads must be a constexpr
 
 # The mode triton itself was imported in (tl.standard.cdiv is @triton.jit'd at that import).
 INTERPRETED = isinstance(_tl_standard.cdiv, InterpretedFunction)
@@ -43,6 +45,14 @@ _jit = InterpretedFunction if INTERPRETED else JITFunction
 # ----------------------------------------------------------------------------------------------------
 # kernel bodies
 # ----------------------------------------------------------------------------------------------------
+def _cosine_denominator_body(sq_a, sq_b, EPS: tl.constexpr):
+    """masking.adjacent_cosine's denominator: sqrt(max(|a|^2 |b|^2, eps^2)), so that a row equal to its
+    predecessor (dot == |a|^2 == |b|^2, summed alike) has cosine exactly 1.0 (sqrt_rn(fl(r * r)) == r);
+    where the product overflows fp32, sqrt(|a|^2) sqrt(|b|^2)."""
+    prod = sq_a * sq_b
+    return tl.where(prod <= FP32_MAX, tl.sqrt_rn(tl.maximum(prod, EPS * EPS)), tl.sqrt_rn(sq_a) * tl.sqrt_rn(sq_b))
+
+
 def _adjacent_key_body(x_ptr, key_ptr, T, D, stride_x,
                        INVERTED: tl.constexpr, EPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """key[t] = sortable int32 of score(t), score = +-cos(x_t, x_{t-1}) in fp32, ignoring video starts
@@ -64,10 +74,8 @@ def _adjacent_key_body(x_ptr, key_ptr, T, D, stride_x,
         dot += tl.sum(a * b, axis=1)
         sq_cur += tl.sum(a * a, axis=1)
         sq_prev += tl.sum(b * b, axis=1)
-    # Same formula as masking.adjacent_cosine: dot / clamp(|a| * |b|, eps); IEEE sqrt/div (not approx)
-    # so the GPU rounds like torch does.
-    denom = tl.maximum(tl.sqrt_rn(sq_cur) * tl.sqrt_rn(sq_prev), EPS)
-    s = tl.div_rn(dot, denom)
+    # Same formula as masking.adjacent_cosine (IEEE sqrt/div, not approx, so the GPU rounds like torch does).
+    s = tl.div_rn(dot, _cosine_denominator(sq_cur, sq_prev, EPS))
     if INVERTED:
         s = -s
     s = tl.where(s == 0.0, 0.0, s)                  # -0.0 -> +0.0: torch's sort sees them as equal
@@ -98,8 +106,7 @@ def _adjacent_key_stream_body(x_ptr, key_ptr, T, D, stride_x, INVERTED: tl.const
         cur = tl.load(x_ptr + row_off + cols, mask=in_D & (zeros + r0 + i < T), other=0.0).to(tl.float32)
         dot = tl.sum(cur * prev, axis=0)
         sq_cur = tl.sum(cur * cur, axis=0)
-        denom = tl.maximum(tl.sqrt_rn(sq_cur) * tl.sqrt_rn(sq_prev), EPS)
-        scores = tl.where(slots == i, tl.div_rn(dot, denom), scores)
+        scores = tl.where(slots == i, tl.div_rn(dot, _cosine_denominator(sq_cur, sq_prev, EPS)), scores)
         prev, sq_prev = cur, sq_cur
     if INVERTED:
         scores = -scores
@@ -220,6 +227,7 @@ def _mark_body(key, valid, thr, need, k, seen):
     return hit & valid & (k[:, None] > 0), tl.sum(eq, axis=1)
 
 
+_cosine_denominator = _jit(_cosine_denominator_body)  # device functions (inlined into the kernels below)
 _video_keys = _jit(_video_keys_body)
 _digit_hist = _jit(_digit_hist_body)
 _narrow = _jit(_narrow_body)

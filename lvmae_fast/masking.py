@@ -8,10 +8,12 @@ Every strategy reduces to "per video, mask the k_i rows with the lowest score, t
   reference's importance_masking does it: the keep_i rows of lowest similarity are kept (ties to the
   lower row, a stable ascending sort) and the rest masked, so among tied rows the higher ones go.
 The first token of a video has no predecessor; its similarity is defined as 0.0 (as the reference code
-does). A zero vector has similarity 0.0 with anything (no NaN). The formula is dot / max(|a| |b|, 1e-8) in
-fp32, so for rows of tiny norm (|a| |b| < 1e-8) the value is dot / 1e-8 (near 0, ordered by the dot
-product); rows of huge norm (>= 2^63) are scaled by a power of two to a norm in [0.5, 1) first by the
-public, validating kernels.semantic_mask (scale_huge_rows: their true cosine, no overflow).
+does). A zero vector has similarity 0.0 with anything (no NaN). The formula is dot / sqrt(max(|a|^2 |b|^2,
+1e-16)) in fp32 (|a| |b| clamped at 1e-8, as F.cosine_similarity's eps; where |a|^2 |b|^2 overflows, the two
+roots' product), so an exact copy of the previous row has similarity exactly 1.0 (copies of different rows
+tie, and the row rule below decides), and for rows of tiny norm (|a| |b| < 1e-8) the value is dot / 1e-8
+(near 0, ordered by the dot product); rows of huge norm (>= 2^63) are scaled by a power of two to a norm
+in [0.5, 1) first by the public, validating kernels.semantic_mask (scale_huge_rows: their true cosine).
 k_i = L_i - keep_i with keep_i = max(1, int(L_i * (1 - ratio))) (an empty video masks nothing).
 Exact ties (equal scores) go to the lower row, here and in the Triton kernel. The reference breaks ties by
 torch.argsort order (not stable): on CPU it keeps the lower rows of a tie for L <= 16, as semantic_inverted
@@ -28,6 +30,7 @@ from .packing import keep_counts, video_of_rows
 
 MASKING_STRATEGIES = ("random", "semantic", "semantic_inverted")
 COSINE_EPS = 1e-8
+FP32_MAX = float(torch.finfo(torch.float32).max)
 # Rows whose fp32 norm reaches 2^63 (squared norm 2^126, or overflowed to inf: |x| ~ 1e19 and up, fp32 or
 # bf16) would give inf/inf = NaN similarities. scale_huge_rows scales each to a norm in [0.5, 1) by a power
 # of two (exact; cosine is scale-invariant) before the similarity is taken; the public kernels.semantic_mask
@@ -52,6 +55,13 @@ def scale_huge_rows(x_Td: torch.Tensor) -> torch.Tensor:
     return x * scale.float()[:, None]
 
 
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """fp32 square root correctly rounded, as the kernels' sqrt_rn: torch's CPU sqrt is not always (sqrt(162.0)
+    1 ulp low), so exact ties of integer-valued rows were broken there. Through float64: rounding twice is
+    harmless for sqrt (53 >= 2 x 24 + 2 bits)."""
+    return x.double().sqrt().float()
+
+
 def adjacent_cosine(x_Td: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """fp32 [T]: cos(x_t, x_{t-1}) inside each video; 0.0 for each video's first row and for zero vectors."""
     x = x_Td.float()
@@ -60,9 +70,18 @@ def adjacent_cosine(x_Td: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tenso
     # no-ops, as in the kernel; the packed batch builder rejects them).
     sim = torch.zeros(T + 1, dtype=torch.float32, device=x.device)
     if T > 1:
-        dot = (x[1:] * x[:-1]).sum(-1)
-        norm = x.norm(dim=-1)
-        sim[1:T] = dot / (norm[1:] * norm[:-1]).clamp_min(COSINE_EPS)
+        # Dot products and squared norms in one reduction, so each row's are summed alike: a row equal to its
+        # predecessor then has dot == |a|^2 == |b|^2, and sqrt(fl(r * r)) == r makes its cosine exactly 1.0
+        # (|a| |b| from two roots is 1 ulp off for about half of all r: exact copies ranked by rounding).
+        products = torch.empty(2 * T - 1, x.shape[1], dtype=x.dtype, device=x.device)
+        torch.mul(x[1:], x[:-1], out=products[:T - 1])
+        torch.mul(x, x, out=products[T - 1:])
+        sums = products.sum(-1)
+        dot, sq = sums[:T - 1], sums[T - 1:]
+        prod = sq[1:] * sq[:-1]
+        denom = torch.where(prod <= FP32_MAX, _sqrt_rn(prod.clamp_min(COSINE_EPS * COSINE_EPS)),
+                            _sqrt_rn(sq[1:]) * _sqrt_rn(sq[:-1]))  # the product overflows at norms of ~2^32 and up
+        sim[1:T] = (dot.double() / denom.double()).float()  # correctly rounded, as the kernel's div_rn
     sim[cu_seqlens[:-1].long()] = 0.0
     return sim[:T]
 

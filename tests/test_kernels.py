@@ -325,6 +325,37 @@ def test_ties_equal_embeddings(interp, sim_kernel, select_impl, inverted):
     assert torch.equal(m, want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [7, 100, 768])
+def test_exact_copies_of_the_previous_row_score_one_and_tie(interp, sim_kernel, dtype, d):
+    """Runs of exact copies (the windows of a static scene): |a| |b| taken as the product of two roots is
+    1 ulp off for about half of all norms, so copies scored 1 - 6e-8, 1.0 or 1 + 1.2e-7 by rounding, and
+    Triton and torch kept different copies. Each copy now scores exactly 1.0 in both, the copies of
+    different rows tie, and the lower-row rule decides, as a naive ranking by (score, row) does."""
+    g = torch.Generator().manual_seed(d)
+    run_lengths = [5, 3, 6, 4, 7, 5]
+    x = torch.cat([torch.randn(1, d, generator=g).repeat(n, 1) for n in run_lengths]).to(dtype)
+    L = len(x)
+    cu = cu_seqlens_from_lengths([L])
+    starts = torch.zeros(L, dtype=torch.bool)
+    starts[torch.tensor([0, *torch.tensor(run_lengths).cumsum(0)[:-1].tolist()])] = True
+    sim = adjacent_cosine(x, cu)
+    assert (sim[~starts] == 1.0).all(), sim[~starts].tolist()
+    naive = torch.where(starts, F.cosine_similarity(x.double(), x.double().roll(1, 0), dim=-1), 1.0)
+    naive[0] = 0.0
+    for inverted in (False, True):
+        for ratio in (0.25, 0.5, 0.9):
+            keep = max(1, int(L * (1 - ratio)))
+            order = sorted(range(L), key=lambda i: (float(naive[i]), i))
+            want = torch.zeros(L, dtype=torch.bool)
+            if inverted:  # the reference keeps the `keep` lowest, ties from the lower row
+                want[order[keep:]] = True
+            else:
+                want[order[:L - keep]] = True
+            assert torch.equal(semantic_mask_torch(x, cu, ratio, inverted=inverted), want), (inverted, ratio)
+            assert torch.equal(K.semantic_mask(x, cu, ratio, inverted=inverted), want), (inverted, ratio)
+
+
 @pytest.mark.parametrize("inverted", [False, True])
 def test_ties_alternating_negative_similarity(interp, sim_kernel, select_impl, inverted):
     """A, B, A, B, ...: identical negative similarities (cos is symmetric bit-for-bit)."""
