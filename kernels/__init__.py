@@ -229,6 +229,10 @@ def _loss_torch(pred, target, rows, masked, cosine: bool) -> torch.Tensor:
     """The torch path of masked_mse (masked bool [N]) / masked_mse_rows (rows [N])."""
     loss = "cosine" if cosine else "mse"
     if rows is not None:
+        # A half-precision target that needs a gradient is gathered in fp32, so a repeated row's gradients
+        # add up before one rounding, as in the kernel path (in fp16 one of them alone could overflow to inf).
+        if target.requires_grad:
+            target = target.to(torch.promote_types(target.dtype, torch.float32))
         return _row_loss_torch(pred, target.index_select(0, rows), loss).mean()
     # Unmasked rows are never read (as in the kernel): zeroing them with torch.where, not multiplying
     # their loss by 0, keeps a NaN/Inf there out of the loss and the gradient (NaN * 0 = NaN), with

@@ -1144,3 +1144,20 @@ def test_bf16_loss_gradients_are_rounded_to_nearest_as_on_a_gpu(interp, cosine):
         want_loss = ((p32 - target.float()) ** 2).mean(-1).mean()
     want, = torch.autograd.grad(want_loss, p32)
     assert (got == want.to(torch.bfloat16)).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["mse", "cosine"])
+def test_torch_path_adds_a_repeated_target_rows_gradients_in_fp32(monkeypatch, dtype, loss):
+    """The torch path gathered a half-precision target before the fp32 loss, so a repeated row's gradients
+    were added in fp16/bf16 (each rounded; one alone could overflow to -inf where the kernel path, which
+    adds in fp32, gave -36896). Now: the fp32 gradient rounded once, as a float32 target gets it."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    g = torch.Generator().manual_seed(5)
+    target = (torch.randn(40, 24, generator=g) * 3).to(dtype).requires_grad_()
+    pred = torch.randn(200, 24, generator=g).to(dtype)
+    rows = torch.randint(0, 40, (200,), generator=g)  # every target row gathered ~5 times
+    K.masked_mse_rows(pred, target, rows, loss=loss).backward()
+    target32 = target.detach().float().requires_grad_()
+    K.masked_mse_rows(pred.float(), target32, rows, loss=loss).backward()
+    assert torch.equal(target.grad, target32.grad.to(dtype))
