@@ -303,7 +303,11 @@ def register(sub) -> None:
                                    "DIR/config.json + DIR/model.safetensors, loadable with LVMAE.from_pretrained(DIR).")
     p.add_argument("checkpoint", help="reference checkpoint (.pth)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--num-heads", type=int, default=None, help="encoder heads (default: from the saved args or --model name, else 16)")
-    p.add_argument("--decoder-num-heads", type=int, default=None, help="decoder heads (default: from the saved args or --model name, else 16)")
+    # --model is the reference's training flag, saved in its checkpoint's args: not an option here.
+    for flag, side, saved in (("--num-heads", "encoder", "num_heads"), ("--decoder-num-heads", "decoder",
+                                                                         "decoder_num_heads")):
+        p.add_argument(flag, type=int, default=None,
+                       help=f"{side} heads (default: the checkpoint's saved args, i.e. the reference run's "
+                            f"--{saved} or the fixed heads of its --model; else 16)")
     p.add_argument("--max-len", type=int, default=None, help="max sequence length (default: the reference's table size)")
     p.set_defaults(func=_run_convert)

@@ -95,10 +95,13 @@ def names_printable():
 
 
 def _run(parser, args) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # -v: our debug lines only (the root at DEBUG printed matplotlib's font search, line by line); NOTSET
+    # otherwise, so a later main() in the same process without -v is not left at DEBUG.
+    logging.getLogger("lvmae_fast").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)  # a usage error (exit 2), as argparse's own: nothing on stdout for a pipe
         return 2
     command = " ".join(filter(None, (args.command, getattr(args, "store_command", None))))
 

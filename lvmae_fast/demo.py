@@ -83,6 +83,8 @@ def run_pretraining(store: Path, out: Path, epochs: int, seed: int, progress: bo
 
 
 MIN_DURATION = 7.5  # seconds per demo video
+DEFAULT_DURATION = 60.0
+DEFAULT_DIM = 64  # of --source embeddings
 
 
 def check_args(args) -> None:
@@ -90,7 +92,13 @@ def check_args(args) -> None:
     for flag, value, low in (("--videos", args.videos, 1), ("--epochs", args.epochs, 1), ("--dim", args.dim, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if args.source == "videos" and not (math.isfinite(args.duration) and args.duration >= MIN_DURATION):
+    # Each source's own flag: given to the other it was silently ignored (a 128-d request trained on 64-d).
+    for flag, value, source, why in (("--dim", args.dim, "embeddings", "the videos' dim is the tiny encoder's"),
+                                     ("--duration", args.duration, "videos", "sequences have random lengths")):
+        if value is not None and args.source != source:
+            raise ValueError(f"{flag} applies to --source {source} only ({why}), got --source {args.source}")
+    if args.source == "videos" and args.duration is not None and not (math.isfinite(args.duration)
+                                                                      and args.duration >= MIN_DURATION):
         # Two 5-second windows (the last may be half a window): pretraining leaves out 1-window videos
         # (short_video_policy=reference, as the reference's loader).
         raise ValueError(f"--duration must be a number of seconds >= {MIN_DURATION:g} (two 5-second windows per "
@@ -209,8 +217,9 @@ def _run_demo(args, out: Path, held: list) -> int:
     progress = not args.no_progress
     if args.source == "videos":
         num_videos = args.videos or 24
-        videos = make_videos(out, num_videos, args.duration, args.seed)
-        print(f"[1/3] wrote {num_videos} synthetic {args.duration:g}-second H.264 videos to {videos}")
+        duration = args.duration or DEFAULT_DURATION
+        videos = make_videos(out, num_videos, duration, args.seed)
+        print(f"[1/3] wrote {num_videos} synthetic {duration:g}-second H.264 videos to {videos}")
         store, ext = extract_store(videos, out, progress)
         print(f"[2/3] extracted {ext['windows']} 5-second windows with the tiny encoder (random weights) into {store} "
               f"({ext['realtime_factor']:.0f}x realtime; done {ext['done']}, skipped {ext['skipped']}, failed {ext['failed']})")
@@ -220,13 +229,13 @@ def _run_demo(args, out: Path, held: list) -> int:
         dim = Store(store).dim
     else:
         num_videos = args.videos or 512
-        embeddings = make_embeddings(out, num_videos, args.dim, args.seed)
-        print(f"[1/3] wrote {num_videos} synthetic videos ({args.dim}-d embeddings) to {embeddings}")
+        dim = args.dim or DEFAULT_DIM
+        embeddings = make_embeddings(out, num_videos, dim, args.seed)
+        print(f"[1/3] wrote {num_videos} synthetic videos ({dim}-d embeddings) to {embeddings}")
         store = build_store(embeddings, out)
         print(f"[2/3] imported them into the embedding store {store}")
         code, run = run_pretraining(store, out, args.epochs or 60, args.seed, progress,
                                     val_videos=demo_val_videos(num_videos))
-        dim = args.dim
     if code != 0:  # interrupted (Ctrl-C, SIGTERM) or stopped by a non-finite loss: no "demo done"
         how = (f"its run continues with: lvmae pretrain --out {shlex.quote(str(run))} --resume"
                if code in EXIT_SIGNAL.values() else
@@ -256,8 +265,9 @@ def register(sub) -> None:
     p.add_argument("--source", choices=["videos", "embeddings"], default="videos",
                    help="videos: start from synthetic mp4 files (default); embeddings: synthetic embedding sequences")
     p.add_argument("--videos", type=int, default=None, help="number of videos (default 24 videos / 512 sequences)")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds per synthetic video (default 60)")
-    p.add_argument("--dim", type=int, default=64, help="embedding dim for --source embeddings (default 64)")
+    p.add_argument("--duration", type=float, default=None,
+                   help=f"--source videos: seconds per synthetic video (default {DEFAULT_DURATION:g})")
+    p.add_argument("--dim", type=int, default=None, help=f"--source embeddings: embedding dim (default {DEFAULT_DIM})")
     p.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default 300 / 60)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the pretraining (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")

@@ -536,6 +536,8 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
         raise ValueError(f"--decode-workers must be >= 0 (0 = one per CPU, at most 16), got {decode_workers}")
     if nvdec_workers < 0:
         raise ValueError(f"--nvdec-workers must be >= 0 (0 = {DEFAULT_NVDEC_SLOTS}), got {nvdec_workers}")
+    if readers < 1:  # 0 DALI pipelines would decode nothing; checked for any decoder, as the other counts
+        raise ValueError(f"--readers (DALI pipelines) must be >= 1, got {readers}")
     workers = decode_workers or default_decode_workers()
     nvdec_slots = nvdec_workers or DEFAULT_NVDEC_SLOTS
     if dali_api not in DALI_APIS:
@@ -818,7 +820,8 @@ def register(subparsers) -> None:
                     "STORE/failures.jsonl and skipped; re-running resumes.")
     p.add_argument("input", help="folder (recursive; hidden files and folders left out), glob (quote it), video "
                                  "file, or a UTF-8 list of videos: .txt, one path per line ('#' lines are comments), or "
-                                 ".csv with a 'path' column and an optional 'video_id' column; relative paths "
+                                 ".csv with a 'path' column and an optional 'video_id' column, or headerless with paths in its "
+                                 "first column; relative paths "
                                  "resolve against the list's folder")
     p.add_argument("--encoder", required=True, help="tiny | clip-mean | xclip | languagebind | internvideo2")
     p.add_argument("--weights", default=None, help="local checkpoint dir (never downloaded); tiny needs none")

@@ -295,11 +295,33 @@ def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
     # pretraining left every 1-window video out, after extracting them all
     (["--source", "videos", "--duration", "inf"], "--duration must be a number of seconds >= 7.5"),  # hung
     (["--seed", "-1"], "--seed must be >= 0, got -1"),       # numpy's error, after --overwrite had deleted
+    # each source's own flag, given to the other: was silently ignored
+    (["--source", "videos", "--dim", "128"], "--dim applies to --source embeddings only"),
+    (["--duration", "30"], "--duration applies to --source videos only"),
 ])
 def test_demo_refuses_bad_numbers_before_writing_anything(args, message, tmp_path, capsys):
     code, _, err = run_cli(capsys, "demo", "--source", "embeddings", *args, "--out", tmp_path / "demo", "--no-progress")
     assert_one_line_error(code, err, "lvmae demo: error:", message)
     assert not (tmp_path / "demo").exists()
+
+
+def test_verbose_turns_on_our_debug_lines_only(tmp_path):
+    """-v set the root logger to DEBUG: a tiny demo printed ~2000 lines of matplotlib's font search."""
+    script = ("import logging, sys\nfrom lvmae_fast.cli import main\nrc = main(sys.argv[1:])\n"
+              "print('debug on:', logging.getLogger('lvmae_fast.train').isEnabledFor(logging.DEBUG))\n"
+              "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", script, "-v", "demo", "--source", "embeddings", "--videos", "4",
+                          "--dim", "8", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "demo")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "debug on: True" in out.stdout and (tmp_path / "demo" / "run" / "loss.png").is_file()  # matplotlib ran
+    assert [line for line in out.stderr.splitlines() if "DEBUG" in line and "lvmae_fast" not in line] == []
+
+
+def test_no_command_is_a_usage_error_on_stderr():
+    out = subprocess.run([sys.executable, "-m", "lvmae_fast"], capture_output=True, text=True)
+    assert (out.returncode, out.stdout) == (2, "")  # was the help on stdout: a pipe read it as output
+    assert out.stderr.startswith("usage: lvmae") and "convert-reference" in out.stderr
 
 
 def test_demo_out_naming_a_file(tmp_path, capsys):

@@ -157,6 +157,20 @@ def test_csv_rows_without_a_path_are_one_line_errors_naming_the_line(tmp_path):
     assert "list.csv, line 4: no path in column 2 ('path')" in out.stderr
 
 
+@pytest.mark.parametrize("header", ["video_id,file", "id,video", "name,File_Path", "url"])
+def test_a_csv_header_without_a_path_column_is_refused_not_read_as_a_video(tmp_path, header):
+    from lvmae_fast.video.inputs import list_videos
+
+    (tmp_path / "list.csv").write_text(f"{header}\nx,a.mp4\n")
+    with pytest.raises(ValueError, match=r"list.csv: its first row looks like a header \(columns: '"
+                                         + header.split(",")[0] + r"'.*\) but has no 'path' column"):
+        list_videos(tmp_path / "list.csv")
+    # a headerless list whose first video is named like a column is still headerless
+    (tmp_path / "video").write_bytes(b"")
+    (tmp_path / "list.csv").write_text("video,x\nb.mp4\n")
+    assert list_videos(tmp_path / "list.csv") == [("video", str(tmp_path / "video")), ("b", str(tmp_path / "b.mp4"))]
+
+
 @pytest.mark.parametrize("seconds", ["inf", "nan", "0"])
 def test_window_seconds_must_be_finite_and_positive(tmp_path, capsys, seconds):
     video = synth.write_video(tmp_path / "v.mp4", duration=2.0, fps=10, codec="h264").path

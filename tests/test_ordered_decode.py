@@ -218,6 +218,11 @@ def test_decode_workers_flag(mixed_corpus, tmp_path, capsys):
                  "--decode-workers", "-1"]) == 1
     assert "--decode-workers must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()  # refused before anything is written
+    for readers in ("0", "-1"):  # zero DALI pipelines: refused before DALI's absence is even looked at
+        assert main(["extract", str(mixed_corpus / "v0.mp4"), "--encoder", "tiny", "--out", str(tmp_path / "t"),
+                     "--decoder", "dali", "--readers", readers]) == 1
+        assert f"--readers (DALI pipelines) must be >= 1, got {readers}" in capsys.readouterr().err
+        assert not (tmp_path / "t").exists()
 
 
 # ------------------------------------------------------------------------ long videos cut into parts

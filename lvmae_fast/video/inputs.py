@@ -8,8 +8,9 @@ Video ids (the store key, stable across re-runs so resume works):
 Two files with one id (clip.mp4 and clip.webm, say): the first keeps it, the others are reported by
 `lvmae extract` as failures (rename them, or give a `video_id` column) and the job goes on.
 List files: .txt = one path per line ('#' comments); .csv = header with a `path` column (optional
-`video_id`), or headerless first column. In a CSV, '#' lines are comments before its first row and, in a
-headerless one, anywhere; below a header every row is data (an id "#7" is an id). A '#' line naming an
+`video_id`), or headerless first column (a first row of header-like names without `path`, e.g.
+"video_id,file", is refused rather than read as a video). In a CSV, '#' lines are comments before its
+first row and, in a headerless one, anywhere; below a header every row is data (an id "#7" is an id). A '#' line naming an
 existing file is still a comment, with a warning (list it as "./#name"). Relative paths resolve
 against the list file's folder. Lists are UTF-8 (a BOM is fine); a CSV is comma-separated.
 Links: a folder input does not follow links to folders (Path.rglob), a glob does (glob.glob); every name
@@ -89,6 +90,18 @@ def _folder_videos(root: Path) -> list[Path]:
 
 # Header cells that look meant as ids but are not the `video_id` column ids come from.
 _ID_LIKE = re.compile(r"(video)?[ _-]?id|name|key", re.IGNORECASE)
+# First-row cells that say the row is a header (one without the `path` column paths are read from).
+_HEADER_LIKE = re.compile(r"(video|file)?[ _-]?(id|name|key|path|file|filename|url|uri|location)s?|videos?|files?",
+                          re.IGNORECASE)
+
+
+def _reads_as_header(base: Path, cells: list[str]) -> bool:
+    """A headerless CSV's first row whose cells name columns ('video_id', 'file'...), not a video."""
+    first = cells[0]
+    with contextlib.suppress(OSError):
+        if first and (Path(first) if Path(first).is_absolute() else base / first).exists():
+            return False  # a video named 'video' is still a video
+    return any(_HEADER_LIKE.fullmatch(c) for c in cells)
 
 
 def _from_list(list_file: Path) -> list[tuple[str, str]]:
@@ -160,6 +173,13 @@ def _csv_rows(list_file: Path) -> list[tuple[str | None, str]]:
                 log.warning("%s: column %r is not used for ids: they come from a 'video_id' column, else "
                             "each file's name", list_file, cell)
         table = table[1:]
+    elif table and _reads_as_header(list_file.parent, table[0][1]):
+        # Read as headerless, the header's first cell became a video that failed, and every other row
+        # was extracted under ids from file names: a run that looks fine with the ids the user did not ask for.
+        raise ValueError(f"{list_file}: its first row looks like a header (columns: "
+                         f"{', '.join(repr(c) for c in table[0][1])}) but has no 'path' column: name the column "
+                         "of video paths 'path' (ids from an optional 'video_id' column), or leave the header out "
+                         "(a headerless CSV takes paths from its first column)")
     else:  # headerless: '#' lines are comments, as in a .txt list
         p_col, id_col = 0, None
         table = [row for row in table if not row[2]]
