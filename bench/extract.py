@@ -553,7 +553,10 @@ def main(argv=None) -> int:
     print(f"| decode, PyAV CPU, one video at a time, FFmpeg's thread count (frames/s, all frames of the files) | "
           f"{cell(results['decode_pyav'], 'frames_per_s')} |")
     par_threads = results["decode_pyav_parallel"].get("frame_threads") if isinstance(results["decode_pyav_parallel"], dict) else "-"
-    print(f"| decode, PyAV CPU, {workers} videos at once, {par_threads} frame threads each (frames/s) | "
+    # The decode rows run whole videos, so no more of them at once than there are; extract's end-to-end rows
+    # also cut long videos into parts, so their label is the flag.
+    at_once = min(workers, len(paths))
+    print(f"| decode, PyAV CPU, {at_once} videos at once, {par_threads} frame threads each (frames/s) | "
           f"{cell(results['decode_pyav_parallel'], 'frames_per_s')} |")
     print(f"| decode, PyAV CPU, one video at a time, every frame decoded (before 2026-11-26) (frames/s) | "
           f"{cell(results['decode_pyav_every_frame'], 'frames_per_s')} |")
@@ -562,11 +565,11 @@ def main(argv=None) -> int:
           f"{ratio_cell(results['decode_pyav_skip_over_every_frame'])} |")
     nvdec = results["decode_nvdec"]
     fell_back = nvdec.get("software_fallback_videos", 0) if isinstance(nvdec, dict) else 0
-    print(f"| decode, PyAV on NVDEC (--decoder nvdec), {workers} videos at once (frames/s) | {cell(nvdec, 'frames_per_s')}"
+    print(f"| decode, PyAV on NVDEC (--decoder nvdec), {at_once} videos at once (frames/s) | {cell(nvdec, 'frames_per_s')}"
           f"{f' ({fell_back} videos decoded in software: FFmpeg fell back)' if fell_back else ''} |")
-    print(f"| decode ratio, NVDEC {workers} at once / PyAV CPU one at a time | "
+    print(f"| decode ratio, NVDEC {at_once} at once / PyAV CPU one at a time | "
           f"{ratio_cell(results['decode_nvdec_over_pyav'])} |")
-    print(f"| decode ratio, PyAV {workers} at once / one at a time | {ratio_cell(results['decode_pyav_parallel_over_one'])} |")
+    print(f"| decode ratio, PyAV {at_once} at once / one at a time | {ratio_cell(results['decode_pyav_parallel_over_one'])} |")
     print(f"| decode, DALI GPU, --dali-api reader, {args.readers} readers, --sampling time (frames/s, all frames of the "
           f"files) | {cell(results['decode_dali_gpu'], 'frames_per_s')} |")
     print(f"| decode, DALI GPU, --dali-api reader, {args.readers} readers, --sampling index (frames/s, all frames of "
@@ -583,16 +586,17 @@ def main(argv=None) -> int:
     how = decoded_by_text(e2e["decoded_by"]) + f"; {e2e['failed']} failed" if isinstance(e2e, dict) else "-"
     print(f"| end to end, videos decoded by: {how}{dali_api} (x realtime) | {cell(e2e, 'realtime_factor', '{:.1f}')} |")
     e2e_pyav = results["end_to_end_pyav"]
-    print(f"| end to end, --decoder pyav, {workers} videos at once (x realtime) | "
+    print(f"| end to end, --decoder pyav --decode-workers {workers} (x realtime) | "
           f"{cell(e2e_pyav, 'realtime_factor', '{:.1f}')} |")
     e2e_nvdec = results.get("end_to_end_nvdec", NOT_MEASURED)
     by_nvdec = f" ({decoded_by_text(e2e_nvdec['decoded_by'])} videos)" if isinstance(e2e_nvdec, dict) else ""
-    print(f"| end to end, --decoder nvdec, {workers} videos at once{by_nvdec} (x realtime) | "
+    print(f"| end to end, --decoder nvdec --decode-workers {workers}{by_nvdec} (x realtime) | "
           f"{cell(e2e_nvdec, 'realtime_factor', '{:.1f}')} |")
     hybrid = results.get("end_to_end_hybrid", NOT_MEASURED)
     split = f" ({decoded_by_text(hybrid['decoded_by'])} videos)" if isinstance(hybrid, dict) else ""
     nvdec_at_once = hybrid["nvdec_workers"] if isinstance(hybrid, dict) else args.nvdec_workers or "default"
-    print(f"| end to end, --decoder hybrid, {workers} on the CPU + {nvdec_at_once} on NVDEC at once{split} (x realtime) | "
+    print(f"| end to end, --decoder hybrid --decode-workers {workers} --nvdec-workers {nvdec_at_once}{split} "
+          "(x realtime) | "
           f"{cell(hybrid, 'realtime_factor', '{:.1f}')} |")
     e2e_dec = results.get("end_to_end_dali_decoder", NOT_MEASURED)
     how_dec = decoded_by_text(e2e_dec["decoded_by"]) if isinstance(e2e_dec, dict) else "-"

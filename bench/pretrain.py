@@ -276,6 +276,11 @@ def main(argv=None):
         p.error(f"--max-len ({args.max_len}) must be >= --min-len ({args.min_len})")
     if not 0 < args.mask_ratio < 1:
         p.error(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    if max(1, int(args.max_len * (1 - args.mask_ratio))) >= args.max_len:  # keep = max(1, int(L * (1 - ratio)))
+        # No sequence has a masked token: no loss to time (the padded row's mean over none is nan, as the
+        # reference's, and that row read "failed").
+        p.error(f"--max-len {args.max_len} with --mask-ratio {args.mask_ratio} masks no token of any sequence; "
+                "raise either")
     writable_json(p, "--json", args.json)
     writable_json(p, "--profile", args.profile)
     if args.graph_optimizer and not args.cuda_graphs:
@@ -315,9 +320,12 @@ def main(argv=None):
 
     width = LVMAEConfig.from_preset(args.preset, in_dim=8).embed_dim
     in_dim = args.in_dim or width
-    config = LVMAEConfig.from_preset(args.preset, in_dim=in_dim, max_len=max(args.max_len, args.long_len),
-                                     mask_ratio=args.mask_ratio, masking="random", attn_impl=args.attn_impl,
-                                     kernels=args.kernels)
+    try:  # the model's own range checks (a --max-len/--long-len past the position table's limit...): one line
+        config = LVMAEConfig.from_preset(args.preset, in_dim=in_dim, max_len=max(args.max_len, args.long_len),
+                                         mask_ratio=args.mask_ratio, masking="random", attn_impl=args.attn_impl,
+                                         kernels=args.kernels)
+    except ValueError as err:
+        p.error(str(err))
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "preset": args.preset, "in_dim": in_dim, "mask_ratio": args.mask_ratio,
             "lengths": [args.min_len, args.max_len], "steps": args.steps, "warmup": args.warmup,

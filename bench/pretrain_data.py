@@ -194,9 +194,15 @@ def parse_args(argv):
     writable_json(p, "--profile", args.profile)
     if args.graph_optimizer and not args.cuda_graphs:
         p.error("--graph-optimizer needs --cuda-graphs")
+    max_len = PRESETS[args.preset]["max_len"]
+    if 0 < args.max_tokens < max_len:  # was the sampler's traceback, after the synthetic store was written
+        p.error(f"--max-tokens must be 0 (no cap) or >= the {args.preset} preset's max_len {max_len}, so every "
+                f"crop fits a batch; got {args.max_tokens}")
     try:
         resolve_device(args.device)  # auto | cpu | cuda[:N], as every lvmae command
-    except ValueError as err:
+        if args.store:
+            Store(args.store)  # opened again by run(): here a missing store is one line, not a traceback
+    except (ValueError, OSError) as err:
         p.error(str(err))
     return args
 

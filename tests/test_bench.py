@@ -129,10 +129,13 @@ def test_data_bench_receives_its_own_flags(tmp_path):
 
 def test_extract_bench_links_copies(tmp_path):
     out = tmp_path / "extract.json"
-    bench("bench/extract.py", "--quick", "--device", "cpu", "--videos", 1, "--duration", 6, "--copies", 3,
-          "--video-dir", tmp_path / "videos", "--json", out)
+    r = bench("bench/extract.py", "--quick", "--device", "cpu", "--videos", 1, "--duration", 6, "--copies", 3,
+              "--decode-workers", 8, "--video-dir", tmp_path / "videos", "--json", out)
     result = json.loads(out.read_text())
     assert result["copies"] == 3 and result["end_to_end"]["done"] == 3  # the original and two links
+    # Whole-video decode rows run at most one decode per video (the label said 8); end to end, the flag.
+    assert "| decode, PyAV CPU, 3 videos at once," in r.stdout and "8 videos at once" not in r.stdout
+    assert "| end to end, --decoder pyav --decode-workers 8 (x realtime) |" in r.stdout
     assert result["end_to_end"]["windows"] == 3 * 1  # 6 s at 5 s windows: one full window each (+ 1 s dropped)
     assert result["decode_dali_gpu"].startswith("not measured")
     assert len(list((tmp_path / "videos").iterdir())) == 3
@@ -594,6 +597,15 @@ def test_kernels_bench_exits_1_on_a_mismatch_in_any_triton_row(monkeypatch):
     ("pretrain.py", ["--mask-ratio", "1.0"], "--mask-ratio must be in (0, 1)"),
     ("pretrain.py", ["--json", "/nonexistent/dir/x.json"], "folder /nonexistent/dir does not exist"),
     ("pretrain.py", ["--mode", "data", "--steps", "0"], "--steps must be >= 1, got 0"),
+    # tracebacks, a "failed" row, or a result file that could not be written after the whole run
+    ("pretrain.py", ["--long-len", "5000000"], "max_len=5000000 is beyond"),
+    ("pretrain.py", ["--min-len", "1", "--max-len", "1"], "--max-len 1 with --mask-ratio 0.5 masks no token"),
+    ("pretrain.py", ["--json", "bench"], "--json bench is a folder: give a file name"),
+    ("pretrain.py", ["--mode", "data", "--max-tokens", "10"], "--max-tokens must be 0 (no cap) or >= the tiny "),
+    ("pretrain.py", ["--mode", "data", "--store", "/nonexistent"], "no embedding store at /nonexistent"),
+    ("pretrain.py", ["--mode", "data", "--profile", "bench"], "--profile bench is a folder"),
+    ("extract.py", ["--duration", "nan"], "--duration must be a finite number >= 1.0, got nan"),
+    ("extract.py", ["--duration", "inf"], "--duration must be a finite number >= 1.0, got inf"),
     ("pretrain.py", ["--mode", "data", "--json-out", "/nonexistent/x.json"], "does not exist or is not writable"),
     ("extract.py", ["--videos", "0"], "--videos must be >= 1, got 0"),
     ("extract.py", ["--duration", "0"], "--duration must be >= 1.0, got 0.0"),
