@@ -258,7 +258,7 @@ def bench_masked_mse(spec, d, dtype, device, quick, use_compile, have_triton, ba
     ref_grad = torch.autograd.grad(_mse_eager(pred, target, rows_idx), pred)[0].float() if backward else None
 
     def loss_close(loss) -> bool:
-        return math.isclose(float(loss), ref, rel_tol=1e-3)
+        return math.isclose(float(loss.detach()), ref, rel_tol=1e-3)
 
     def grad_close(res) -> bool:
         # The loss, then the gradient against eager torch's, 1% of its largest entry (fp16/bf16 rounding
