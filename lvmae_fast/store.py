@@ -61,6 +61,10 @@ SHARD_DIR = "shards"
 STORE_FORMAT, STORE_VERSION = "lvmae-embedding-store", 1
 EMB_DTYPE, TIMES_DTYPE = np.dtype(np.float16), np.dtype(np.float32)
 DEFAULT_SHARD_ROWS = 1 << 16  # 128 MiB per shard at d=1024 in float16
+# Seconds per row, at least: a millisecond (per-frame embeddings at any frame rate fit). Far below, float32
+# window times read 0 for every row (1e-300), and an extract window count or a crop's duration / seconds
+# left int64.
+MIN_SEGMENT_SECONDS = 1e-3
 # Memory maps a Store keeps open (each holds a file descriptor and a kernel mapping). An extracted store
 # has about one shard per commit, so an unbounded cache runs out of descriptors on large stores. A quarter
 # of the process's descriptor limit at most (`ulimit -n 64`: `store verify` of 125 shards ran out).
@@ -371,9 +375,9 @@ class StoreWriter:
         embeddings made two ways."""
         # segment_seconds finite in float32, as window times are stored: an inf one wrote "Infinity" into
         # index.json, which no reader then opened ("malformed index").
-        if int(dim) < 1 or shard_rows < 1 or not 0 < segment_seconds < float(np.finfo(TIMES_DTYPE).max):
-            raise ValueError(f"dim ({dim}), shard_rows ({shard_rows}) and segment_seconds ({segment_seconds}) must be > 0 "
-                             "(segment_seconds finite)")
+        if int(dim) < 1 or shard_rows < 1 or not MIN_SEGMENT_SECONDS <= segment_seconds < float(np.finfo(TIMES_DTYPE).max):
+            raise ValueError(f"dim ({dim}), shard_rows ({shard_rows}) must be > 0 and segment_seconds ({segment_seconds}) "
+                             f"finite and >= {MIN_SEGMENT_SECONDS:g}")
         self.path, self.dim, self.encoder = Path(path), int(dim), str(encoder)
         self._closed = True  # until the lock is held and the index read: close() then only unlocks
         if not (self.path / INDEX_NAME).exists():

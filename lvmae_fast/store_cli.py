@@ -27,7 +27,7 @@ import numpy as np
 
 from .atomic import WriteError
 from .interrupts import caused_by_interrupt
-from .store import Store, StoreWriter, load_index, show_id, stored_embeddings, summarize, verify_store
+from .store import MIN_SEGMENT_SECONDS, Store, StoreWriter, load_index, show_id, stored_embeddings, summarize, verify_store
 
 _PY_STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""
 _PY_LIST = re.compile(rf"^\[\s*(?:(?:{_PY_STRING})\s*(?:,\s*(?:{_PY_STRING})\s*)*,?\s*)?\]$", re.S)
@@ -239,8 +239,9 @@ def _check_shard_rows(shard_rows) -> None:
 
 def _run_import(args) -> int:
     # Settings are checked once here, before any file is read (not reported again for every video).
-    if not (math.isfinite(args.segment_seconds) and args.segment_seconds > 0):
-        raise ValueError(f"--segment-seconds must be a number of seconds > 0, got {args.segment_seconds}")
+    if not (math.isfinite(args.segment_seconds) and args.segment_seconds >= MIN_SEGMENT_SECONDS):
+        raise ValueError(f"--segment-seconds must be a finite number of seconds >= {MIN_SEGMENT_SECONDS:g}, got "
+                         f"{args.segment_seconds}")
     _check_shard_rows(args.shard_rows)
     added, skipped, failures = import_embeddings(args.src, args.out, encoder=args.encoder,
                                                  segment_seconds=args.segment_seconds, shard_rows=args.shard_rows)

@@ -220,8 +220,10 @@ def test_store_import_settings_and_out_errors_are_reported_once(npy_dir, tmp_pat
     cases = [
         (["--out", tmp_path / "afile"], "is a file, not a directory"),           # was one failure line per video
         (["--out", tmp_path / "foreign"], "is not an embedding store and not empty"),
-        (["--out", tmp_path / "s1", "--segment-seconds", "0"], "--segment-seconds must be a number of seconds > 0"),
-        (["--out", tmp_path / "s2", "--segment-seconds", "nan"], "--segment-seconds must be a number of seconds > 0"),
+        (["--out", tmp_path / "s1", "--segment-seconds", "0"], "--segment-seconds must be a finite number of seconds >= 0.001"),
+        (["--out", tmp_path / "s2", "--segment-seconds", "nan"], "--segment-seconds must be a finite number of seconds"),
+        # every window time read 0.0 in float32
+        (["--out", tmp_path / "s4", "--segment-seconds", "1e-300"], "--segment-seconds must be a finite number of seconds"),
         (["--out", tmp_path / "s3", "--shard-rows", "0"], "--shard-rows must be >= 1, got 0"),  # 0 was the default
     ]
     for args, message in cases:

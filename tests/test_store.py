@@ -1348,11 +1348,11 @@ def test_import_folder_reports_broken_links_and_leaves_hidden_files_out(tmp_path
     assert len(failures) == 1 and failures[0].startswith("moved (") and "No such file" in failures[0]
 
 
-@pytest.mark.parametrize("seconds", [float("inf"), float("nan"), 1e39])
+@pytest.mark.parametrize("seconds", [float("inf"), float("nan"), 1e39, 1e-300, 0.0])
 def test_segment_seconds_must_be_finite_as_stored(tmp_path, seconds):
     """An inf segment length wrote 'Infinity' into index.json, which no reader then opened; 1e39 made every
-    default window time inf in float32."""
-    with pytest.raises(ValueError, match=r"segment_seconds \(.*\) must be > 0 \(segment_seconds finite\)"):
+    default window time inf in float32, 1e-300 every one 0.0."""
+    with pytest.raises(ValueError, match=r"segment_seconds \(.*\) finite and >= 0.001"):
         StoreWriter(tmp_path / "s", 4, segment_seconds=seconds)
     with StoreWriter(tmp_path / "s", 4, segment_seconds=3e38) as w:  # finite, but row 2's times overflow
         with pytest.raises(ValueError, match=r"window_times must be finite in float32 .*by default row i covers"):
