@@ -276,7 +276,7 @@ def main(argv=None):
         p.error(f"--max-len ({args.max_len}) must be >= --min-len ({args.min_len})")
     if not 0 < args.mask_ratio < 1:
         p.error(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
-    if max(1, int(args.max_len * (1 - args.mask_ratio))) >= args.max_len:  # keep = max(1, int(L * (1 - ratio)))
+    if keep_counts([args.max_len], args.mask_ratio)[0] >= args.max_len:
         # No sequence has a masked token: no loss to time (the padded row's mean over none is nan, as the
         # reference's, and that row read "failed").
         p.error(f"--max-len {args.max_len} with --mask-ratio {args.mask_ratio} masks no token of any sequence; "

@@ -35,7 +35,7 @@ import numpy as np
 
 from .atomic import append_whole, write_error
 from .devices import resolve_device
-from .store import MIN_SEGMENT_SECONDS
+from .store import MIN_SEGMENT_SECONDS, segment_seconds_ok
 from .train_config import in_torch_seed_range
 from .video.decode_dali import DALI_APIS, DEFAULT_DALI_API
 from .video.decode_pyav import PYAV_MINIMUM, PYAV_MINIMUM_WHY
@@ -529,7 +529,7 @@ def extract_videos(inputs, out_store, encoder: str = "tiny", weights=None, secon
     from .video.encoders import build_encoder
     from .video.preprocess import frames_to_input
 
-    if not math.isfinite(seconds) or seconds < MIN_SEGMENT_SECONDS:  # inf would reach the store's settings
+    if not segment_seconds_ok(seconds):  # inf would reach the store's settings
         raise ValueError(f"window seconds must be a finite number >= {MIN_SEGMENT_SECONDS:g}, got {seconds}")
     if frames < 1 or batch_size < 1:
         raise ValueError("frames per window and batch size must be >= 1")

@@ -65,6 +65,12 @@ DEFAULT_SHARD_ROWS = 1 << 16  # 128 MiB per shard at d=1024 in float16
 # window times read 0 for every row (1e-300), and an extract window count or a crop's duration / seconds
 # left int64.
 MIN_SEGMENT_SECONDS = 1e-3
+
+
+def segment_seconds_ok(seconds) -> bool:
+    """Seconds per row a new store, an import or an extraction accepts (StoreWriter also bounds them by
+    float32's largest, as window times are stored)."""
+    return math.isfinite(seconds) and seconds >= MIN_SEGMENT_SECONDS
 # Memory maps a Store keeps open (each holds a file descriptor and a kernel mapping). An extracted store
 # has about one shard per commit, so an unbounded cache runs out of descriptors on large stores. A quarter
 # of the process's descriptor limit at most (`ulimit -n 64`: `store verify` of 125 shards ran out).
@@ -375,7 +381,8 @@ class StoreWriter:
         embeddings made two ways."""
         # segment_seconds finite in float32, as window times are stored: an inf one wrote "Infinity" into
         # index.json, which no reader then opened ("malformed index").
-        if int(dim) < 1 or shard_rows < 1 or not MIN_SEGMENT_SECONDS <= segment_seconds < float(np.finfo(TIMES_DTYPE).max):
+        if int(dim) < 1 or shard_rows < 1 or not (segment_seconds_ok(segment_seconds)
+                                                  and segment_seconds < float(np.finfo(TIMES_DTYPE).max)):
             raise ValueError(f"dim ({dim}), shard_rows ({shard_rows}) must be > 0 and segment_seconds ({segment_seconds}) "
                              f"finite and >= {MIN_SEGMENT_SECONDS:g}")
         self.path, self.dim, self.encoder = Path(path), int(dim), str(encoder)

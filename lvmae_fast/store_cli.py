@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import csv
 import json
-import math
 import os
 import re
 import sys
@@ -27,7 +26,8 @@ import numpy as np
 
 from .atomic import WriteError
 from .interrupts import caused_by_interrupt
-from .store import MIN_SEGMENT_SECONDS, Store, StoreWriter, load_index, show_id, stored_embeddings, summarize, verify_store
+from .store import (MIN_SEGMENT_SECONDS, Store, StoreWriter, load_index, segment_seconds_ok, show_id, stored_embeddings,
+                    summarize, verify_store)
 
 _PY_STRING = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*\""""
 _PY_LIST = re.compile(rf"^\[\s*(?:(?:{_PY_STRING})\s*(?:,\s*(?:{_PY_STRING})\s*)*,?\s*)?\]$", re.S)
@@ -239,7 +239,7 @@ def _check_shard_rows(shard_rows) -> None:
 
 def _run_import(args) -> int:
     # Settings are checked once here, before any file is read (not reported again for every video).
-    if not (math.isfinite(args.segment_seconds) and args.segment_seconds >= MIN_SEGMENT_SECONDS):
+    if not segment_seconds_ok(args.segment_seconds):
         raise ValueError(f"--segment-seconds must be a finite number of seconds >= {MIN_SEGMENT_SECONDS:g}, got "
                          f"{args.segment_seconds}")
     _check_shard_rows(args.shard_rows)

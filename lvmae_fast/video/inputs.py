@@ -19,7 +19,6 @@ job lists it as failed, with the reason.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import glob
 import logging
@@ -95,12 +94,19 @@ _HEADER_LIKE = re.compile(r"(video|file)?[ _-]?(id|name|key|path|file|filename|u
                           re.IGNORECASE)
 
 
+def _listed_path_exists(base: Path, entry: str) -> bool:
+    """Whether a list entry names something that exists (a relative one against the list's folder; an
+    absolute one replaces `base` in the join)."""
+    try:
+        return (base / entry).exists()
+    except OSError:   # e.g. a name too long to look up
+        return False
+
+
 def _reads_as_header(base: Path, cells: list[str]) -> bool:
     """A headerless CSV's first row whose cells name columns ('video_id', 'file'...), not a video."""
-    first = cells[0]
-    with contextlib.suppress(OSError):
-        if first and (Path(first) if Path(first).is_absolute() else base / first).exists():
-            return False  # a video named 'video' is still a video
+    if cells[0] and _listed_path_exists(base, cells[0]):
+        return False  # a video named 'video' is still a video
     return any(_HEADER_LIKE.fullmatch(c) for c in cells)
 
 
@@ -139,10 +145,8 @@ def _listed_name(base: Path, entry: str) -> str:
     """A list entry with its surrounding blanks cut (an editor's stray spaces), unless a file is named
     with them (" lead.mp4", "trail.mp4 "), which the cut entry would miss."""
     cut = entry.strip()
-    if cut != entry and cut:
-        with contextlib.suppress(OSError):
-            if (Path(entry) if Path(entry).is_absolute() else base / entry).exists():
-                return entry
+    if cut != entry and cut and _listed_path_exists(base, entry):
+        return entry
     return cut
 
 
